@@ -15,8 +15,9 @@ from .core import CheckpointError, ConfigError
 from .distributions import DiagonalGaussianDistribution
 
 # %% auto 0
-__all__ = ['DEFAULT_DDCONFIG', 'DEFAULT_EMBED_DIM', 'Normalize', 'swish', 'ResnetBlock', 'Downsample', 'Upsample', 'AttnBlock',
-           'Encoder', 'Decoder', 'AutoencoderKL']
+__all__ = ['DEFAULT_DDCONFIG', 'DEFAULT_EMBED_DIM', 'logger', 'MODEL_PREFIXES', 'Normalize', 'swish', 'ResnetBlock', 'Downsample',
+           'Upsample', 'AttnBlock', 'Encoder', 'Decoder', 'AutoencoderKL', 'infer_ddconfig', 'load_upstream_state_dict',
+           'upstream_loss_state_dict', 'save_autoencoder']
 
 # %% ../nbs/07_autoencoder.ipynb 5
 def Normalize(in_channels: int) -> nn.GroupNorm:
@@ -245,3 +246,151 @@ class AutoencoderKL(nn.Module):
     def get_last_layer(self) -> torch.Tensor:
         "The decoder's last conv weight (the adaptive GAN weight is computed there)."
         return self.decoder.conv_out.weight
+
+# %% ../nbs/07_autoencoder.ipynb 27
+logger = logging.getLogger(__name__)
+MODEL_PREFIXES = ('encoder.', 'decoder.', 'quant_conv.', 'post_quant_conv.')
+_WRAPPER_PREFIXES = ('module.', '_orig_mod.', 'model.')
+_EMA_BOOKKEEPING = ('initted', 'step')
+
+def _strip_wrappers(sd: dict) -> dict:
+    "Drop `module.` / `_orig_mod.` / `model.` prefixes that every key carries (DDP, torch.compile, wrappers)."
+    changed = True
+    while changed and sd:
+        changed = False
+        for p in _WRAPPER_PREFIXES:
+            if all(k.startswith(p) for k in sd):
+                sd, changed = {k[len(p):]: v for k, v in sd.items()}, True
+    return sd
+
+def _split_ema(sd: dict) -> tuple[dict, list[str]]:
+    "From an EMA wrapper's state dict keep the `ema_model.` weights; return them and the other (ignored) keys."
+    if not any(k.startswith('ema_model.') for k in sd): return sd, []
+    kept = {k[len('ema_model.'):]: v for k, v in sd.items() if k.startswith('ema_model.')}
+    return kept, [k for k in sd if not k.startswith('ema_model.')]
+
+def _is_ignorable(key: str) -> bool:
+    "Upstream extras that are not part of the autoencoder: loss-module copies (incl. LPIPS) and EMA bookkeeping."
+    return key.split('.', 1)[0].startswith('loss') or key in _EMA_BOOKKEEPING or key.startswith('online_model.')
+
+def _prefix_counts(keys) -> str:
+    "`loss.* (56), loss_pinn.* (56)`: how many keys under each top-level prefix."
+    c = Counter(k.split('.', 1)[0] + ('.*' if '.' in k else '') for k in keys)
+    return ', '.join(f'{p} ({n})' for p, n in c.items())
+
+# %% ../nbs/07_autoencoder.ipynb 29
+def infer_ddconfig(sd: dict) -> dict:
+    "The architecture (`ddconfig` + `embed_dim`) a model state dict appears to have, from its tensor names and shapes."
+    sd = _split_ema(_strip_wrappers(dict(sd)))[0]
+    try:
+        ch, in_channels = sd['encoder.conv_in.weight'].shape[:2]
+        levels = sorted({int(k.split('.')[2]) for k in sd if k.startswith('encoder.down.')})
+        blocks = {int(k.split('.')[4]) for k in sd if k.startswith('encoder.down.0.block.')}
+        return dict(ch=int(ch), in_channels=int(in_channels), ch_mult=[int(sd[f'encoder.down.{i}.block.0.conv1.weight'].shape[0]) // int(ch) for i in levels],
+                    num_res_blocks=len(blocks), z_channels=int(sd['decoder.conv_in.weight'].shape[1]),
+                    out_ch=int(sd['decoder.conv_out.weight'].shape[0]), embed_dim=int(sd['quant_conv.weight'].shape[0]) // 2,
+                    attention_levels=sorted({int(k.split('.')[2]) for k in sd if k.startswith('encoder.down.') and '.attn.' in k}))
+    except (KeyError, IndexError, ValueError, AttributeError) as e:
+        return {'error': f'cannot infer the architecture ({type(e).__name__}: {e})'}
+
+# %% ../nbs/07_autoencoder.ipynb 31
+def load_upstream_state_dict(model: AutoencoderKL, sd: dict, strict: bool = True, source=None) -> dict:
+    "Load an upstream/our/EMA state dict into `model`; ignore (and report) loss copies; strict: raise `CheckpointError` on any mismatch."
+    where = f'{source}: ' if source is not None else ''
+    if not isinstance(sd, dict): raise CheckpointError(f'{where}expected a state dict (name -> tensor), got {type(sd).__name__}')
+    sd, ignored = _split_ema(_strip_wrappers(dict(sd)))
+    sd = _strip_wrappers(sd)
+    ignored += [k for k in sd if _is_ignorable(k)]
+    sd = {k: v for k, v in sd.items() if not _is_ignorable(k)}
+    own = model.state_dict()
+    unexpected = [k for k in sd if k not in own]
+    missing = [k for k in own if k not in sd]
+    mismatched = [(k, list(sd[k].shape), list(own[k].shape)) for k in sd if k in own and tuple(getattr(sd[k], 'shape', ())) != tuple(own[k].shape)]
+    report = dict(missing=missing, unexpected=unexpected, ignored=ignored, mismatched=mismatched)
+    if strict and (missing or unexpected or mismatched): raise CheckpointError(where + _mismatch_message(model, sd, report))
+    if ignored: logger.warning(f'{where}ignored {len(ignored)} tensors that are not part of the autoencoder: {_prefix_counts(ignored)}')
+    bad = {k for k, *_ in mismatched}
+    model.load_state_dict({k: v for k, v in sd.items() if k in own and k not in bad}, strict=strict)
+    return report
+
+def _mismatch_message(model, sd, report) -> str:
+    "A readable account of what does not fit, with the architecture the checkpoint appears to have."
+    def few(xs, n=6): return ', '.join(map(str, xs[:n])) + (f', ... ({len(xs) - n} more)' if len(xs) > n else '')
+    parts = []
+    if report['mismatched']:
+        k, got, want = report['mismatched'][0]
+        parts.append(f'checkpoint of another architecture: {k} has shape {got}, model expects {want}'
+                     + (f' ({len(report["mismatched"])} tensors differ in shape: {few([m[0] for m in report["mismatched"]])})' if len(report['mismatched']) > 1 else ''))
+    if report['missing']: parts.append(f'{len(report["missing"])} missing key(s): {few(report["missing"])}')
+    if report['unexpected']: parts.append(f'{len(report["unexpected"])} unexpected key(s): {few(report["unexpected"])}')
+    dd = model.ddconfig
+    ours = dict(ch=dd['ch'], ch_mult=list(dd['ch_mult']), num_res_blocks=dd['num_res_blocks'], z_channels=dd['z_channels'], embed_dim=model.embed_dim)
+    return '; '.join(parts) + f'. Model: {ours}; checkpoint looks like: {infer_ddconfig(sd)}. Pass the matching ddconfig/embed_dim.'
+
+# %% ../nbs/07_autoencoder.ipynb 33
+def upstream_loss_state_dict(sd: dict) -> dict:
+    "The `loss.` entries of an upstream state dict (logvar, discriminator), prefix removed, LPIPS tensors excluded."
+    if isinstance(sd.get('model'), dict): sd = sd['model']
+    sd = _strip_wrappers(dict(sd))
+    return {k[len('loss.'):]: v for k, v in sd.items() if k.startswith('loss.') and not k.startswith('loss.perceptual_loss.')}
+
+# %% ../nbs/07_autoencoder.ipynb 35
+def _torch_load(path: Path, map_location='cpu'):
+    "`torch.load` a checkpoint; any unreadable file becomes a `CheckpointError` naming it."
+    if not path.exists(): raise CheckpointError(f'{path}: no such checkpoint file')
+    if path.is_dir(): raise CheckpointError(f'{path}: is a folder; expected a checkpoint file such as model-30.pt')
+    if path.stat().st_size == 0: raise CheckpointError(f'{path}: empty file (0 bytes), probably an interrupted save')
+    try:
+        try: return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            if 'weights only' not in str(e).lower() and 'weights_only' not in str(e): raise
+            # our checkpoints also carry plain-Python state (config, RNG) that the safe unpickler refuses
+            return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f'{path}: not a readable torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""})') from e
+
+def _config_architecture(ckpt: dict):
+    "(ddconfig, embed_dim) recorded in a checkpoint's `config` (ours: config.model.ddconfig; also top-level or upstream `params`)."
+    cfg = ckpt.get('config')
+    if not isinstance(cfg, dict): return None, None
+    for node in (cfg.get('model'), cfg):
+        if isinstance(node, dict) and isinstance(node.get('params'), dict): node = node['params']
+        if isinstance(node, dict) and isinstance(node.get('ddconfig'), dict): return dict(node['ddconfig']), node.get('embed_dim')
+    return None, None
+
+def _select_state_dict(ckpt: dict, use_ema: bool, path: Path) -> dict:
+    "The model state dict inside a checkpoint dict (`ema` when `use_ema`, else `model` / `state_dict` / the dict itself)."
+    if use_ema:
+        if not isinstance(ckpt.get('ema'), dict): raise CheckpointError(f"{path}: use_ema=True but the checkpoint has no 'ema' entry (top-level keys: {sorted(map(str, ckpt))})")
+        return ckpt['ema']
+    for key in ('model', 'state_dict'):
+        if key in ckpt:
+            sd = ckpt[key]
+            if isinstance(sd, nn.Module): sd = sd.state_dict()
+            if not isinstance(sd, dict): raise CheckpointError(f"{path}: '{key}' holds a {type(sd).__name__}, expected a state dict")
+            return sd
+    if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()): return ckpt
+    raise CheckpointError(f"{path}: no model weights found; expected a 'model', 'ema' or 'state_dict' entry (top-level keys: {sorted(map(str, ckpt))[:20]})")
+
+# %% ../nbs/07_autoencoder.ipynb 36
+@classmethod
+def _from_checkpoint(cls, path, use_ema: bool = False, ddconfig: dict | None = None, embed_dim: int | None = None,
+                     map_location='cpu', gradient_checkpointing: bool = False) -> AutoencoderKL:
+    "Build an `AutoencoderKL` from an upstream `model-N.pt`, one of ours, or a bare state dict file."
+    path = Path(path)
+    ckpt = _torch_load(path, map_location)
+    if not isinstance(ckpt, dict): raise CheckpointError(f'{path}: holds a {type(ckpt).__name__}, expected a dict with model weights')
+    cfg_dd, cfg_embed = _config_architecture(ckpt)
+    ddconfig = ddconfig if ddconfig is not None else (cfg_dd if cfg_dd is not None else DEFAULT_DDCONFIG)
+    embed_dim = embed_dim if embed_dim is not None else (cfg_embed if cfg_embed is not None else DEFAULT_EMBED_DIM)
+    model = cls(ddconfig, embed_dim, gradient_checkpointing=gradient_checkpointing)
+    model.load_report = load_upstream_state_dict(model, _select_state_dict(ckpt, use_ema, path), source=path)
+    return model
+
+AutoencoderKL.from_checkpoint = _from_checkpoint
+
+def save_autoencoder(model: AutoencoderKL, path, **extra) -> Path:
+    "Atomically save `model` as a checkpoint `from_checkpoint` rebuilds without arguments (`model` + `config.model`)."
+    from radiodiff_vae.core import atomic_torch_save
+    cfg = {'model': {'ddconfig': copy.deepcopy(model.ddconfig), 'embed_dim': model.embed_dim}}
+    return atomic_torch_save({'model': model.state_dict(), 'config': cfg, **extra}, Path(path))
