@@ -11,7 +11,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from .core import CheckpointError, ConfigError
+from .core import CheckpointError, ConfigError, DataError
 from .distributions import DiagonalGaussianDistribution
 
 # %% auto 0
@@ -229,8 +229,18 @@ class AutoencoderKL(nn.Module):
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, on: bool): self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = bool(on)
 
+    @property
+    def downsampling_factor(self) -> int: return 2 ** (self.encoder.num_resolutions - 1)
+
+    def _check_input(self, x):
+        "Raise `DataError` unless `x` is [B, in_channels, H, W] with H, W divisible by the downsampling factor."
+        f, c = self.downsampling_factor, self.encoder.in_channels
+        if x.ndim != 4 or x.shape[1] != c or x.shape[2] % f or x.shape[3] % f:
+            raise DataError(f'AutoencoderKL input: expected [B, {c}, H, W] with H and W divisible by {f}, got {list(x.shape)}')
+
     def encode(self, x) -> DiagonalGaussianDistribution:
         "The posterior q(z|x)."
+        self._check_input(x)
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
 
     def decode(self, z) -> torch.Tensor:

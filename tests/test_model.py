@@ -203,3 +203,11 @@ def test_missing_tensor_named(tiny, tmp_path):
     torch.save({'model': sd}, tmp_path / 'model-6.pt')
     with pytest.raises(CheckpointError, match=r'model-6.pt: 10 missing key\(s\): decoder.mid.attn_1.norm.weight'):
         AutoencoderKL.from_checkpoint(tmp_path / 'model-6.pt', ddconfig=TINY)
+
+
+def test_bad_input_shapes(tiny):
+    from radiodiff_vae.core import DataError
+    with pytest.raises(DataError, match=r'divisible by 2, got \[1, 1, 33, 32\]'): tiny.encode(torch.zeros(1, 1, 33, 32))
+    with pytest.raises(DataError, match=r'expected \[B, 1, H, W\]'): tiny(torch.zeros(1, 32, 32))
+    with torch.device('meta'):
+        with pytest.raises(DataError, match='divisible by 4'): AutoencoderKL().encode(torch.empty(1, 1, 250, 256))
