@@ -211,3 +211,74 @@ def test_bad_input_shapes(tiny):
     with pytest.raises(DataError, match=r'expected \[B, 1, H, W\]'): tiny(torch.zeros(1, 32, 32))
     with torch.device('meta'):
         with pytest.raises(DataError, match='divisible by 4'): AutoencoderKL().encode(torch.empty(1, 1, 250, 256))
+
+
+# --- an independent, functional transcription of latent-diffusion's forward pass, reading tensors by name ---
+# It checks configurations the golden file does not cover (attention inside levels, 4 levels, 3 res blocks,
+# non-square maps, z/embed channels that differ), and that our module tree applies blocks in upstream's order.
+
+def _ref_norm(sd, p, x): return torch.nn.functional.group_norm(x, 32, sd[p + '.weight'], sd[p + '.bias'], eps=1e-6)
+def _ref_conv(sd, p, x, stride=1, padding=None):
+    w = sd[p + '.weight']
+    return torch.nn.functional.conv2d(x, w, sd[p + '.bias'], stride=stride, padding=w.shape[-1] // 2 if padding is None else padding)
+def _ref_swish(x): return x * torch.sigmoid(x)
+
+def _ref_resblock(sd, p, x):
+    h = _ref_conv(sd, p + '.conv1', _ref_swish(_ref_norm(sd, p + '.norm1', x)))
+    h = _ref_conv(sd, p + '.conv2', _ref_swish(_ref_norm(sd, p + '.norm2', h)))
+    if p + '.nin_shortcut.weight' in sd: x = _ref_conv(sd, p + '.nin_shortcut', x)
+    return x + h
+
+def _ref_attn(sd, p, x):
+    h_ = _ref_norm(sd, p + '.norm', x)
+    q, k, v = (_ref_conv(sd, f'{p}.{n}', h_) for n in 'qkv')
+    b, c, h, w = q.shape
+    q = q.reshape(b, c, h * w).permute(0, 2, 1)
+    w_ = torch.softmax(torch.bmm(q, k.reshape(b, c, h * w)) * (int(c) ** (-0.5)), dim=2)
+    h_ = torch.bmm(v.reshape(b, c, h * w), w_.permute(0, 2, 1)).reshape(b, c, h, w)
+    return x + _ref_conv(sd, p + '.proj_out', h_)
+
+def _ref_encode(sd, cfg, x):
+    n_levels, n_blocks = len(cfg['ch_mult']), cfg['num_res_blocks']
+    hs = [_ref_conv(sd, 'encoder.conv_in', x)]
+    for i in range(n_levels):
+        for j in range(n_blocks):
+            h = _ref_resblock(sd, f'encoder.down.{i}.block.{j}', hs[-1])
+            if f'encoder.down.{i}.attn.{j}.q.weight' in sd: h = _ref_attn(sd, f'encoder.down.{i}.attn.{j}', h)
+            hs.append(h)
+        if i != n_levels - 1:
+            hs.append(_ref_conv(sd, f'encoder.down.{i}.downsample.conv', torch.nn.functional.pad(hs[-1], (0, 1, 0, 1)), stride=2, padding=0))
+    h = _ref_resblock(sd, 'encoder.mid.block_2', _ref_attn(sd, 'encoder.mid.attn_1', _ref_resblock(sd, 'encoder.mid.block_1', hs[-1])))
+    return _ref_conv(sd, 'quant_conv', _ref_conv(sd, 'encoder.conv_out', _ref_swish(_ref_norm(sd, 'encoder.norm_out', h))))
+
+def _ref_decode(sd, cfg, z):
+    n_levels, n_blocks = len(cfg['ch_mult']), cfg['num_res_blocks']
+    h = _ref_conv(sd, 'decoder.conv_in', _ref_conv(sd, 'post_quant_conv', z))
+    h = _ref_resblock(sd, 'decoder.mid.block_2', _ref_attn(sd, 'decoder.mid.attn_1', _ref_resblock(sd, 'decoder.mid.block_1', h)))
+    for i in reversed(range(n_levels)):
+        for j in range(n_blocks + 1):
+            h = _ref_resblock(sd, f'decoder.up.{i}.block.{j}', h)
+            if f'decoder.up.{i}.attn.{j}.q.weight' in sd: h = _ref_attn(sd, f'decoder.up.{i}.attn.{j}', h)
+        if i != 0: h = _ref_conv(sd, f'decoder.up.{i}.upsample.conv', torch.nn.functional.interpolate(h, scale_factor=2.0, mode='nearest'))
+    return _ref_conv(sd, 'decoder.conv_out', _ref_swish(_ref_norm(sd, 'decoder.norm_out', h)))
+
+
+@pytest.mark.parametrize('cfg,embed_dim,hw', [
+    (dict(TINY, ch_mult=[1, 2, 1, 2], num_res_blocks=1, attn_resolutions=[8, 4], resolution=[32, 32]), 3, (32, 24)),
+    (dict(TINY, ch=32, ch_mult=[1, 1], num_res_blocks=3, z_channels=4, out_ch=2, in_channels=2, attn_resolutions=[16], resolution=16), 2, (16, 16)),
+])
+def test_other_configurations_equal_reference(cfg, embed_dim, hw):
+    torch.manual_seed(7)
+    model = AutoencoderKL(cfg, embed_dim).eval()
+    with torch.no_grad():  # randomise norm affines so that every tensor matters
+        for n, p in model.named_parameters():
+            if 'norm' in n: p.add_(torch.randn_like(p) * 0.3)
+    sd = model.state_dict()
+    assert any('.attn.' in k and k.startswith('encoder.down.') for k in sd) and any('.attn.' in k and k.startswith('decoder.up.') for k in sd)
+    x = torch.randn(2, cfg['in_channels'], *hw)
+    with torch.no_grad():
+        post = model.encode(x)
+        moments = _ref_encode(sd, cfg, x)
+        torch.testing.assert_close(post.parameters, moments, rtol=1e-4, atol=1e-5)
+        z = post.sample(torch.Generator().manual_seed(0))
+        torch.testing.assert_close(model.decode(z), _ref_decode(sd, cfg, z), rtol=1e-4, atol=1e-5)
