@@ -9,25 +9,28 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from scipy import ndimage
 from torch.utils.data import Dataset
 from .core import DataError, ConfigError, RunFolderError, atomic_write_bytes, atomic_write_text
 from .data import scale_gain
 
 # %% auto 0
-__all__ = ['DEFAULT_PARAMS', 'MARKER', 'resolve_params', 'random_city', 'place_transmitter', 'polar_buildings',
-           'shadow_loss_polar', 'path_gain_db', 'db_to_gray', 'radio_map', 'generate_radio_map', 'generation_speed',
+__all__ = ['DEFAULT_PARAMS', 'MARKER', 'resolve_params', 'random_city', 'place_transmitter', 'polar_buildings', 'corner_geometry',
+           'path_gain_db', 'db_to_gray', 'shadow_loss', 'radio_map', 'generate_radio_map', 'generation_speed',
            'SyntheticRadioMaps', 'write_radiomapseer_layout', 'add_make_data_args', 'run_make_data']
 
 # %% ../nbs/09a_synthetic.ipynb 6
 DEFAULT_PARAMS = dict(
-    # city (lengths in metres = pixels at 256×256)
-    n_districts=(1, 4), pitch=(30.0, 95.0), street=(6.0, 18.0), gap=(1.0, 7.0), min_side=4.0,
-    park_prob=0.12, solid_prob=0.2, courtyard_prob=0.5, courtyard_depth=(8.0, 16.0), cell_fill=0.85, max_cells=3,
+    extent_m=256.0,
+    # city: 1-3 districts, each a rotated street grid; blocks are parks, solid (courtyard) buildings or rows of lots
+    n_districts=(1, 3), pitch=(40.0, 110.0), street=(8.0, 22.0), lot=(10.0, 40.0), gap=(1.5, 6.0), min_side=6.0,
+    park_prob=0.1, solid_prob=0.15, courtyard_prob=0.6, courtyard_depth=(8.0, 16.0), cell_fill=0.85, cut_prob=0.35,
+    max_lots=6,
     # transmitter: a street pixel inside the central [tx_lo, tx_hi] fraction of the map
     tx_lo=0.2, tx_hi=0.8,
-    # propagation (dB)
+    # propagation (dB) and its discretisation
     exponent=2.5, gain_1m_db=-48.0, d_min=0.5, floor_db=-147.0, max_db=-47.0,
-    edge_db=6.0, angle_db=40.0, extra_db=4.0, n_theta=720, blur=1,
+    edge_db=6.0, angle_db=18.0, extra_db=4.5, n_theta=720, blur=1,
 )
 
 def resolve_params(**params) -> dict:
@@ -41,55 +44,94 @@ def random_city(rng, size=256, **params):
     "Random city: (buildings, open) boolean size×size masks; `open` marks streets and parks (where a transmitter may stand)."
     p = resolve_params(**params)
     yy, xx = np.divmod(np.arange(size * size, dtype=np.int32), size)
-    yy, xx = yy.astype(np.float32), xx.astype(np.float32)
+    scale = np.float32(p['extent_m'] / size)
+    yy, xx = yy.astype(np.float32) * scale, xx.astype(np.float32) * scale
     k = int(rng.integers(p['n_districts'][0], p['n_districts'][1] + 1))
-    seeds = rng.uniform(0, size, (k, 2)).astype(np.float32)
+    seeds = rng.uniform(0, p['extent_m'], (k, 2)).astype(np.float32)
+    buildings, open_ = np.zeros(size * size, bool), np.zeros(size * size, bool)
     district = (np.argmin((yy[None] - seeds[:, :1])**2 + (xx[None] - seeds[:, 1:])**2, 0) if k > 1
                 else np.zeros(size * size, np.int64))
-    buildings, open_ = np.zeros(size * size, bool), np.zeros(size * size, bool)
     for d in range(k):
-        sel = np.flatnonzero(district == d)
-        buildings[sel], open_[sel] = _district(rng, yy[sel], xx[sel], size, p)
+        sel = np.flatnonzero(district == d) if k > 1 else slice(None)
+        buildings[sel], open_[sel] = _district(rng, yy[sel], xx[sel], p)
     return buildings.reshape(size, size), open_.reshape(size, size)
 
 # %% ../nbs/09a_synthetic.ipynb 10
-def _district(rng, y, x, size, p):
-    "Buildings and open space of one district at pixel coordinates (y, x): a rotated street grid with lots."
-    nb, M = int(np.ceil(2 * size / p['pitch'][0])) + 2, p['max_cells']
+def _district(rng, y, x, p):
+    "Buildings and open space at coordinates (y, x) in metres for one district: a rotated street grid of blocks."
     phi = rng.uniform(0, np.pi / 2)
     pu, pv = rng.uniform(*p['pitch'], 2)
     w = rng.uniform(*p['street'])
     c, s = np.float32(np.cos(phi)), np.float32(np.sin(phi))
-    u = x * c + y * s + np.float32(rng.uniform(0, pu) + size)   # + size keeps block indices positive
-    v = y * c - x * s + np.float32(rng.uniform(0, pv) + size)
-    bu, bv = (u // pu).astype(np.int32), (v // pv).astype(np.int32)
-    lu, lv = u - bu * np.float32(pu) - np.float32(w / 2), v - bv * np.float32(pv) - np.float32(w / 2)
-    blk = (bu % nb) * nb + (bv % nb)
-    bw, bh = pu - w, pv - w
-    kind = rng.random(nb * nb)[blk]
-    solid, park = kind < p['solid_prob'], (kind >= p['solid_prob']) & (kind < p['solid_prob'] + p['park_prob'])
+    u = x * c + y * s + np.float32(rng.uniform(0, pu))
+    v = y * c - x * s + np.float32(rng.uniform(0, pv))
+    bu, bv = np.floor(u * np.float32(1 / pu)), np.floor(v * np.float32(1 / pv))
+    lu, lv = u - bu * np.float32(pu) - np.float32(w / 2), v - bv * np.float32(pv) - np.float32(w / 2)  # block-local
+    u0, v0 = int(bu.min()), int(bv.min())
+    nbv = int(bv.max()) - v0 + 1
+    blk = (bu.astype(np.int32) - u0) * nbv + (bv.astype(np.int32) - v0)
+    blocks = _block_table(rng, (int(bu.max()) - u0 + 1) * nbv, np.float32(pu - w), np.float32(pv - w), p)
+    b = _lot_buildings(rng, lu, lv, blk, blocks, p)
+    bw, bh = blocks['size']
     inside = (lu >= 0) & (lu <= bw) & (lv >= 0) & (lv <= bh)
-    lots = _lots(rng, lu, lv, blk, bw, bh, nb, M, p)
-    court = (rng.random(nb * nb) < p['courtyard_prob'])[blk]
-    depth = rng.uniform(*p['courtyard_depth'], nb * nb).astype(np.float32)[blk]
-    edge = np.minimum(np.minimum(lu, bw - lu), np.minimum(lv, bh - lv))
-    b = inside & ~park & np.where(solid, ~(court & (edge > depth)), lots)
-    return b, ~inside | park
+    return b, ~inside | blocks['park'][blk]
 
 # %% ../nbs/09a_synthetic.ipynb 11
-def _lots(rng, lu, lv, blk, bw, bh, nb, M, p):
-    "Buildings on a grid of up to M×M lots per block, each with random setbacks; lots narrower than `min_side` stay empty."
-    nu, nv = rng.integers(1, M + 1, nb * nb)[blk], rng.integers(1, M + 1, nb * nb)[blk]
-    cw, ch = (bw / nu).astype(np.float32), (bh / nv).astype(np.float32)
-    cu, cv = (lu / cw).astype(np.int32).clip(0, M - 1), (lv / ch).astype(np.int32).clip(0, M - 1)
-    cell = (blk * M + cu) * M + cv
-    fill = (rng.random(nb * nb * M * M) < p['cell_fill'])[cell]
-    g = rng.uniform(*p['gap'], (nb * nb * M * M, 4)).astype(np.float32)[cell]
-    xu, xv = lu - cu * cw, lv - cv * ch
-    big = (cw - g[:, 0] - g[:, 1] >= p['min_side']) & (ch - g[:, 2] - g[:, 3] >= p['min_side'])
-    return fill & big & (xu >= g[:, 0]) & (xu <= cw - g[:, 1]) & (xv >= g[:, 2]) & (xv <= ch - g[:, 3])
+def _block_table(rng, n_blocks, bw, bh, p) -> dict:
+    "Per-block kind (park / solid / lots), lot grid and courtyard depth."
+    M = p['max_lots']
+    kind = rng.random(n_blocks)
+    solid, park = kind < p['solid_prob'], (kind >= p['solid_prob']) & (kind < p['solid_prob'] + p['park_prob'])
+    lot = rng.uniform(*p['lot'])
+    nu = np.clip(np.rint(bw / (lot * rng.uniform(0.7, 1.4, n_blocks))), 1, M).astype(np.int32)
+    nv = np.clip(np.rint(bh / (lot * rng.uniform(0.7, 1.4, n_blocks))), 1, M).astype(np.int32)
+    nu[solid] = 1; nv[solid] = 1
+    court = solid & (rng.random(n_blocks) < p['courtyard_prob'])
+    depth = rng.uniform(*p['courtyard_depth'], n_blocks).astype(np.float32)
+    return dict(size=(bw, bh), solid=solid, park=park, nu=nu, nv=nv, cw=(bw / nu).astype(np.float32),
+                ch=(bh / nv).astype(np.float32), court=court, depth=depth)
 
-# %% ../nbs/09a_synthetic.ipynb 14
+# %% ../nbs/09a_synthetic.ipynb 12
+def _lot_table(rng, blocks, p) -> dict:
+    "Per-lot building rectangle (block-local), whether it is built, and an optional corner cut (L-shape)."
+    M, nB = p['max_lots'], len(blocks['nu'])
+    lb = np.repeat(np.arange(nB), M * M)
+    lcu, lcv = np.tile(np.repeat(np.arange(M), M), nB), np.tile(np.arange(M), nB * M)
+    cw, ch, solid = blocks['cw'][lb], blocks['ch'][lb], blocks['solid'][lb]
+    g = rng.uniform(*p['gap'], (4, nB * M * M)).astype(np.float32)
+    g[:, solid] = 1.0
+    u0, u1, v0, v1 = lcu * cw + g[0], (lcu + 1) * cw - g[1], lcv * ch + g[2], (lcv + 1) * ch - g[3]
+    built = (rng.random(len(lb)) < p['cell_fill']) | solid
+    built &= (u1 - u0 >= p['min_side']) & (v1 - v0 >= p['min_side']) & ~blocks['park'][lb]
+    built &= (lcu < blocks['nu'][lb]) & (lcv < blocks['nv'][lb])
+    cut = (rng.random(len(lb)) < p['cut_prob']) & ~solid
+    f = rng.uniform(0.35, 0.65, (2, len(lb))).astype(np.float32); side = rng.random((2, len(lb))) < 0.5
+    su, sv = u0 + f[0] * (u1 - u0), v0 + f[1] * (v1 - v0)
+    cu0, cu1 = np.where(side[0], su, -1e9), np.where(side[0], 1e9, su)
+    cv0, cv1 = np.where(side[1], sv, -1e9), np.where(side[1], 1e9, sv)
+    cu0[~cut] = 1e9                                                     # an empty cut
+    return dict(built=built, rect=(u0, u1, v0, v1), cut=(cu0, cu1, cv0, cv1))
+
+# %% ../nbs/09a_synthetic.ipynb 13
+def _lot_buildings(rng, lu, lv, blk, blocks, p) -> np.ndarray:
+    "Building mask of pixels at block-local (lu, lv) in block `blk`: inside their lot's rectangle, outside its cut and courtyard."
+    M, lots = p['max_lots'], _lot_table(rng, blocks, p)
+    cu = np.minimum((lu / blocks['cw'][blk]).astype(np.int32), M - 1); cu[lu < 0] = 0
+    cv = np.minimum((lv / blocks['ch'][blk]).astype(np.int32), M - 1); cv[lv < 0] = 0
+    cand = np.flatnonzero(lots['built'][blk * (M * M) + cu * M + cv])
+    c, a, b = (blk * (M * M) + cu * M + cv)[cand], lu[cand], lv[cand]
+    (u0, u1, v0, v1), (cu0, cu1, cv0, cv1) = lots['rect'], lots['cut']
+    keep = (a >= u0[c]) & (a <= u1[c]) & (b >= v0[c]) & (b <= v1[c])
+    keep &= ~((a >= cu0[c]) & (a <= cu1[c]) & (b >= cv0[c]) & (b <= cv1[c]))
+    bc = blk[cand]
+    if blocks['court'][bc].any():
+        bw, bh = blocks['size']
+        edge = np.minimum(np.minimum(a, bw - a), np.minimum(b, bh - b))
+        keep &= ~(blocks['court'][bc] & (edge > blocks['depth'][bc]))
+    out = np.zeros(len(lu), bool); out[cand[keep]] = True
+    return out
+
+# %% ../nbs/09a_synthetic.ipynb 16
 def place_transmitter(rng, buildings, open_, lo=0.2, hi=0.8):
     "(row, col) of a transmitter: a random open, non-building pixel in the central [lo, hi] window (with fallbacks)."
     size = buildings.shape[0]
@@ -100,45 +142,53 @@ def place_transmitter(rng, buildings, open_, lo=0.2, hi=0.8):
         if len(free): return tuple(int(v) for v in divmod(int(free[rng.integers(len(free))]), size))
     raise DataError(f'the generated {size}x{size} city is all buildings; lower cell_fill/solid_prob')
 
-# %% ../nbs/09a_synthetic.ipynb 17
-_CIRC = {}
-def _circular_distance(n):
-    "n×n int16 matrix of index distances on a circle of n rays (cached)."
-    if n not in _CIRC:
-        i = np.arange(n, dtype=np.int16); d = np.abs(i[:, None] - i[None]); _CIRC[n] = np.minimum(d, n - d).astype(np.int16)
-    return _CIRC[n]
+# %% ../nbs/09a_synthetic.ipynb 19
+_GEOMETRY = {}
+def _geometry(size, n_theta) -> dict:
+    "Cached tables for `size`: polar sample offsets into a padded map, and each pixel offset's ray, radius and distance."
+    if (size, n_theta) not in _GEOMETRY:
+        R = int(np.ceil(np.sqrt(2) * size)) + 2
+        W = size + 2 * R
+        th, r = np.arange(n_theta) * (2 * np.pi / n_theta), np.arange(R)
+        oy, ox = (np.floor(0.5 + f(th)[:, None] * r).astype(np.int64) for f in (np.sin, np.cos))
+        dy, dx = np.mgrid[-(size - 1):size, -(size - 1):size].astype(np.float64)
+        dist = np.hypot(dy, dx)
+        ray = np.floor(np.arctan2(dy, dx) * (n_theta / (2 * np.pi)) + 0.5).astype(np.int64) % n_theta
+        radius = np.minimum(np.floor(dist + 0.5).astype(np.int64), R - 1)
+        i = np.arange(n_theta)
+        circ = np.minimum(np.abs(i[:, None] - i[None]), n_theta - np.abs(i[:, None] - i[None])).astype(np.int16)
+        _GEOMETRY[size, n_theta] = dict(R=R, W=W, polar=(oy * W + ox).astype(np.int32), dist=dist.astype(np.float32),
+                                        ray=ray.astype(np.int32), flat=(ray * R + radius).astype(np.int32), circ=circ, logd={})
+    return _GEOMETRY[size, n_theta]
 
-def polar_buildings(buildings, tx, n_theta=720):
+def polar_buildings(buildings, tx, n_theta=720) -> np.ndarray:
     "Building mask sampled on `n_theta` rays from `tx`, one sample per pixel of radius: bool [n_theta, R]."
-    size = buildings.shape[0]
-    R = int(np.ceil(np.hypot(max(tx[0], size - 1 - tx[0]), max(tx[1], size - 1 - tx[1])))) + 2
-    th = np.arange(n_theta, dtype=np.float32) * np.float32(2 * np.pi / n_theta)
-    r = np.arange(R, dtype=np.float32)
-    py = np.floor(tx[0] + 0.5 + np.sin(th)[:, None] * r).astype(np.int32)
-    px = np.floor(tx[1] + 0.5 + np.cos(th)[:, None] * r).astype(np.int32)
-    padded = np.zeros((size + 2, size + 2), bool); padded[1:-1, 1:-1] = buildings   # outside the map: no buildings
-    return padded[np.clip(py + 1, 0, size + 1), np.clip(px + 1, 0, size + 1)]
+    size = buildings.shape[0]; G = _geometry(size, n_theta); R, W = G['R'], G['W']
+    padded = np.zeros((W, W), bool); padded[R:R + size, R:R + size] = buildings       # outside the map: no buildings
+    return padded.ravel()[G['polar'] + np.int32((tx[0] + R) * W + (tx[1] + R))]
 
-# %% ../nbs/09a_synthetic.ipynb 18
-def shadow_loss_polar(B, edge_db=6.0, angle_db=40.0, extra_db=4.0, slack=2) -> np.ndarray:
-    "Extra loss in dB on the polar grid `B` [n_theta, R]: 0 in line of sight, diffraction + penetration loss in shadow."
-    n_theta, R = B.shape
+# %% ../nbs/09a_synthetic.ipynb 20
+def corner_geometry(B, slack=2):
+    "Per ray of the polar mask `B`: buildings crossed by radius r [n_θ, R], Δ to the nearest passing ray, corner radius."
+    n, R = B.shape
     entries = B.copy(); entries[:, 1:] &= ~B[:, :-1]
-    crossed = np.cumsum(entries, 1, dtype=np.int16)                     # buildings entered up to radius r
-    r_hit = np.where(B.any(1), np.argmax(B, 1), R + slack + 1).astype(np.int32)
-    cand = np.where(r_hit[None, :] > r_hit[:, None] + slack, _circular_distance(n_theta), np.int16(n_theta))
-    lit = np.argmin(cand, 1)                                             # nearest ray lit beyond this ray's obstacle
-    delta = cand[np.arange(n_theta), lit].astype(np.float32) * np.float32(2 * np.pi / n_theta)
-    step = np.sign((lit - np.arange(n_theta) + n_theta // 2) % n_theta - n_theta // 2)
-    r_corner = r_hit[(lit - step) % n_theta].astype(np.float32)
-    r = np.arange(R, dtype=np.float32)[None]
-    along = r * np.cos(np.minimum(delta, np.pi))[:, None] - r_corner[:, None]
-    across = r * np.sin(np.minimum(delta, np.pi / 2))[:, None]
-    alpha = np.arctan2(across, np.maximum(along, 0.5))
-    loss = edge_db + angle_db * alpha + extra_db * (crossed - 1)
-    return np.where(crossed > 0, loss, np.float32(0)).astype(np.float32)
+    crossed = np.cumsum(entries, 1, dtype=np.uint8)                        # < 256: at most R/2 entries
+    any_hit = B.any(1)
+    r_hit = np.where(any_hit, np.argmax(B, 1), R + slack + 1).astype(np.int32)
+    r_exit = np.where(any_hit, np.argmax((crossed > 0) & ~B, 1), R + slack + 1).astype(np.int32)
+    cand = np.where(r_hit[None, :] > r_exit[:, None] + slack, _circular_distance(n), np.int16(n))
+    passing = np.argmin(cand, 1)
+    delta = np.minimum(cand[np.arange(n), passing].astype(np.float32) * np.float32(2 * np.pi / n), np.float32(np.pi / 2))
+    step = np.sign((passing - np.arange(n) + n // 2) % n - n // 2)
+    return crossed, delta, r_hit[(passing - step) % n].astype(np.float32)
 
-# %% ../nbs/09a_synthetic.ipynb 22
+def _circular_distance(n):
+    "n×n int16 matrix of index distances on a circle of n rays (cached with the geometry)."
+    for (s, m), G in _GEOMETRY.items():
+        if m == n: return G['circ']
+    i = np.arange(n); return np.minimum(np.abs(i[:, None] - i[None]), n - np.abs(i[:, None] - i[None])).astype(np.int16)
+
+# %% ../nbs/09a_synthetic.ipynb 24
 def path_gain_db(d, exponent=2.5, gain_1m_db=-48.0, d_min=0.5):
     "Log-distance path gain in dB at distance `d` metres (distances below `d_min` count as `d_min`)."
     return gain_1m_db - 10 * exponent * np.log10(np.maximum(d, d_min))
@@ -147,29 +197,36 @@ def db_to_gray(g_db, floor_db=-147.0, max_db=-47.0) -> np.ndarray:
     "Path gain in dB -> uint8 gray levels: clip to [floor, max], map linearly onto 0..255 (RadioMapSeer's scaling)."
     return np.rint(np.clip((g_db - floor_db) * (255.0 / (max_db - floor_db)), 0, 255)).astype(np.uint8)
 
-def _box_blur(a, r):
-    "Separable (2r+1)² box blur with edge replication, via cumulative sums."
-    if r <= 0: return a
-    k, p = 2 * r + 1, np.pad(a, r, mode='edge')
-    c = np.cumsum(p, 0); c = np.concatenate([c[k - 1:k], c[k:] - c[:-k]], 0)
-    c = np.cumsum(c, 1); return np.concatenate([c[:, k - 1:k], c[:, k:] - c[:, :-k]], 1) / (k * k)
+# %% ../nbs/09a_synthetic.ipynb 26
+def shadow_loss(buildings, tx, edge_db=6.0, angle_db=18.0, extra_db=4.5, n_theta=720, blur=1) -> np.ndarray:
+    "Extra loss in dB at every pixel for a transmitter at `tx`: 0 in line of sight, diffraction + penetration in shadow."
+    size = buildings.shape[0]; G = _geometry(size, n_theta)
+    crossed, delta, r_corner = corner_geometry(polar_buildings(buildings, tx, n_theta))
+    window = (slice(size - 1 - tx[0], 2 * size - 1 - tx[0]), slice(size - 1 - tx[1], 2 * size - 1 - tx[1]))
+    m = crossed.ravel()[G['flat'][window]].ravel()
+    shadow = np.flatnonzero(m)
+    ray, d = G['ray'][window].ravel()[shadow], G['dist'][window].ravel()[shadow]
+    alpha = np.arctan2(d * np.sin(delta)[ray], np.maximum(d * np.cos(delta)[ray] - r_corner[ray], np.float32(0.5)))
+    loss = np.zeros(size * size, np.float32)
+    loss[shadow] = np.float32(edge_db - extra_db) + np.float32(angle_db) * alpha + np.float32(extra_db) * m[shadow]
+    loss = loss.reshape(size, size)
+    return ndimage.uniform_filter(loss, 2 * blur + 1, mode='nearest') if blur > 0 else loss
 
-# %% ../nbs/09a_synthetic.ipynb 24
+# %% ../nbs/09a_synthetic.ipynb 28
 def radio_map(buildings, tx, **params) -> np.ndarray:
     "uint8 path-gain map of the city `buildings` (bool H×W) for a transmitter at `tx` (row, col)."
     p = resolve_params(**params)
-    size = buildings.shape[0]
-    loss_polar = shadow_loss_polar(polar_buildings(buildings, tx, p['n_theta']), p['edge_db'], p['angle_db'], p['extra_db'])
-    yy, xx = np.mgrid[:size, :size].astype(np.float32)
-    dy, dx = yy - tx[0], xx - tx[1]
-    d = np.hypot(dy, dx)
-    ti = (np.arctan2(dy, dx) * np.float32(p['n_theta'] / (2 * np.pi)) + np.float32(p['n_theta'] + 0.5)).astype(np.int32) % p['n_theta']
-    loss = _box_blur(loss_polar[ti, np.minimum((d + 0.5).astype(np.int32), loss_polar.shape[1] - 1)], p['blur'])
-    gray = db_to_gray(path_gain_db(d, p['exponent'], p['gain_1m_db'], p['d_min']) - loss, p['floor_db'], p['max_db'])
+    size = buildings.shape[0]; G = _geometry(size, p['n_theta'])
+    loss = shadow_loss(buildings, tx, p['edge_db'], p['angle_db'], p['extra_db'], p['n_theta'], p['blur'])
+    key = (p['d_min'], p['extent_m'])
+    if key not in G['logd']: G['logd'][key] = np.log10(np.maximum(G['dist'] * np.float32(p['extent_m'] / size), p['d_min']))
+    window = (slice(size - 1 - tx[0], 2 * size - 1 - tx[0]), slice(size - 1 - tx[1], 2 * size - 1 - tx[1]))
+    gain_db = p['gain_1m_db'] - 10 * p['exponent'] * G['logd'][key][window] - loss
+    gray = db_to_gray(gain_db, p['floor_db'], p['max_db'])
     gray[buildings] = 0
     return gray
 
-# %% ../nbs/09a_synthetic.ipynb 25
+# %% ../nbs/09a_synthetic.ipynb 29
 def generate_radio_map(seed, index, size=256, tx_index=0, **params) -> dict:
     "Map `index` of stream `seed`: dict(gain, buildings, antenna: uint8 size×size, tx=(row, col)). Deterministic."
     p = resolve_params(**params)
@@ -178,7 +235,7 @@ def generate_radio_map(seed, index, size=256, tx_index=0, **params) -> dict:
     antenna = np.zeros((size, size), np.uint8); antenna[tx] = 255
     return dict(gain=radio_map(buildings, tx, **params), buildings=buildings.astype(np.uint8) * 255, antenna=antenna, tx=tx)
 
-# %% ../nbs/09a_synthetic.ipynb 28
+# %% ../nbs/09a_synthetic.ipynb 32
 def generation_speed(n=20, size=256, seed=0, **params) -> float:
     "Maps per second of `generate_radio_map` measured as this process's CPU time over `n` maps."
     generate_radio_map(seed, 10**6, size, **params)   # warm caches
@@ -186,7 +243,7 @@ def generation_speed(n=20, size=256, seed=0, **params) -> float:
     for i in range(n): generate_radio_map(seed, i, size, **params)
     return n / max(time.process_time() - t0, 1e-9)
 
-# %% ../nbs/09a_synthetic.ipynb 31
+# %% ../nbs/09a_synthetic.ipynb 35
 class SyntheticRadioMaps(Dataset):
     "`n` synthetic maps generated on the fly; item i = map `offset + i` of stream `seed`: {'image': 1×S×S in [-1, 1), 'name'}."
     def __init__(self, n, seed=0, size=256, offset=0, **params):
@@ -204,7 +261,7 @@ class SyntheticRadioMaps(Dataset):
 
     def __repr__(self): return f'SyntheticRadioMaps(n={self.n}, seed={self.seed}, size={self.size}, offset={self.offset})'
 
-# %% ../nbs/09a_synthetic.ipynb 34
+# %% ../nbs/09a_synthetic.ipynb 38
 MARKER = 'make_data.json'
 
 def _layout_files(n, num_tx):
@@ -227,7 +284,7 @@ def _png_bytes(a) -> bytes:
     "uint8 H×W array -> PNG bytes."
     buf = io.BytesIO(); Image.fromarray(a, mode='L').save(buf, format='PNG'); return buf.getvalue()
 
-# %% ../nbs/09a_synthetic.ipynb 35
+# %% ../nbs/09a_synthetic.ipynb 39
 def write_radiomapseer_layout(out, n, seed=0, size=256, num_tx=1, progress=True, **params) -> Path:
     "Write `n` synthetic maps × `num_tx` transmitters to `out` in RadioMapSeer layout; return `out`."
     out = Path(out)
@@ -250,7 +307,7 @@ def write_radiomapseer_layout(out, n, seed=0, size=256, num_tx=1, progress=True,
     atomic_write_text(out/MARKER, json.dumps({**info, 'complete': True}, indent=1))
     return out
 
-# %% ../nbs/09a_synthetic.ipynb 38
+# %% ../nbs/09a_synthetic.ipynb 42
 def add_make_data_args(parser):
     "Arguments of `radiodiff-vae make-data`."
     parser.add_argument('--out', required=True, help='output folder (new, empty, or an earlier make-data output)')
