@@ -18,6 +18,7 @@ class DiagonalGaussianDistribution:
     def __init__(self, parameters: torch.Tensor, deterministic: bool = False):
         if parameters.ndim < 2 or parameters.shape[1] % 2:
             raise ValueError(f'parameters must have an even number of channels on dim 1 (mean ‖ logvar), got shape {tuple(parameters.shape)}')
+        if parameters.dtype in (torch.float16, torch.bfloat16): parameters = parameters.float()
         self.parameters, self.deterministic = parameters, deterministic
         self.mean, logvar = torch.chunk(parameters, 2, dim=1)
         self.logvar = torch.clamp(logvar, LOGVAR_MIN, LOGVAR_MAX)

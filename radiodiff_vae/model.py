@@ -244,8 +244,8 @@ class AutoencoderKL(nn.Module):
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
 
     def decode(self, z) -> torch.Tensor:
-        "Reconstruct a map from a latent."
-        return self.decoder(self.post_quant_conv(z))
+        "Reconstruct a map from a latent (cast to the weights' dtype: posteriors keep float32 statistics)."
+        return self.decoder(self.post_quant_conv(z.to(self.post_quant_conv.weight.dtype)))
 
     def forward(self, x, sample_posterior: bool = True, generator: torch.Generator | None = None):
         "`(reconstruction, posterior)`, decoding a posterior sample (or the mode when `sample_posterior=False`)."
