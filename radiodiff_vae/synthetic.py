@@ -15,9 +15,10 @@ from .core import DataError, ConfigError, RunFolderError, atomic_write_bytes, at
 from .data import scale_gain
 
 # %% auto 0
-__all__ = ['DEFAULT_PARAMS', 'MARKER', 'resolve_params', 'random_city', 'place_transmitter', 'polar_buildings', 'corner_geometry',
-           'path_gain_db', 'db_to_gray', 'shadow_loss', 'radio_map', 'generate_radio_map', 'generation_speed',
-           'SyntheticRadioMaps', 'write_radiomapseer_layout', 'add_make_data_args', 'run_make_data']
+__all__ = ['DEFAULT_PARAMS', 'MARKER', 'DISTANCE_BINS', 'resolve_params', 'random_city', 'place_transmitter', 'polar_buildings',
+           'corner_geometry', 'path_gain_db', 'db_to_gray', 'shadow_loss', 'radio_map', 'generate_radio_map',
+           'generation_speed', 'SyntheticRadioMaps', 'write_radiomapseer_layout', 'add_make_data_args', 'run_make_data',
+           'pixel_histogram', 'histogram_distance', 'estimate_transmitter', 'gain_vs_distance']
 
 # %% ../nbs/09a_synthetic.ipynb 6
 DEFAULT_PARAMS = dict(
@@ -295,7 +296,7 @@ def write_radiomapseer_layout(out, n, seed=0, size=256, num_tx=1, progress=True,
     for sub in ('gain/DPM', 'png/buildings_complete', 'png/antennas'): (out/sub).mkdir(parents=True, exist_ok=True)
     info = dict(n=int(n), seed=int(seed), size=int(size), num_tx=int(num_tx), params=params, complete=False)
     atomic_write_text(out/MARKER, json.dumps(info, indent=1))
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
     with tqdm(total=n * num_tx, desc='make-data', unit='map', disable=not progress) as bar:
         for m in range(1, n + 1):
             for t in range(num_tx):
@@ -325,3 +326,29 @@ def run_make_data(args) -> int:
     print(f'wrote {args.n} maps x {args.num_tx} transmitters to {out} in {time.perf_counter() - t0:.1f} s; '
           f'load with RadioMapSeer({str(out)!r}, maps=range(1, {args.n + 1}), num_tx={args.num_tx}, size={args.size})')
     return 0
+
+# %% ../nbs/09a_synthetic.ipynb 45
+def pixel_histogram(maps, exclude_buildings=False) -> np.ndarray:
+    "Probability of each gray level 0..255 over uint8 `maps`; with `exclude_buildings`, over pixels > 0 only."
+    h = sum(np.bincount(np.asarray(m, np.uint8).ravel(), minlength=256) for m in maps).astype(np.float64)
+    if exclude_buildings: h[0] = 0
+    return h / h.sum()
+
+def histogram_distance(h, g) -> dict:
+    "Wasserstein-1 distance (in gray levels) and total variation between two gray-level histograms."
+    return dict(w1=float(np.abs(np.cumsum(h) - np.cumsum(g)).sum()), tv=float(0.5 * np.abs(h - g).sum()))
+
+def estimate_transmitter(gain) -> tuple:
+    "(row, col) of the brightest pixel: the transmitter of a RadioMapSeer map."
+    return tuple(int(v) for v in np.unravel_index(int(np.argmax(gain)), np.shape(gain)))
+
+# %% ../nbs/09a_synthetic.ipynb 47
+DISTANCE_BINS = (0, 2, 4, 8, 16, 32, 64, 128, 256, 400)
+
+def gain_vs_distance(gain, tx=None, bins=DISTANCE_BINS) -> np.ndarray:
+    "Median gray level of non-building pixels per distance bin (pixels) from `tx` (default: the brightest pixel); NaN if empty."
+    gain = np.asarray(gain); tx = estimate_transmitter(gain) if tx is None else tx
+    yy, xx = np.indices(gain.shape)
+    which = np.digitize(np.hypot(yy - tx[0], xx - tx[1]), bins) - 1
+    ok = gain > 0
+    return np.array([np.median(gain[ok & (which == k)]) if (ok & (which == k)).any() else np.nan for k in range(len(bins) - 1)])

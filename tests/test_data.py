@@ -1,0 +1,214 @@
+"""RadioMapSeer split and scaling, the layout and folder datasets, and every bad-input error they raise."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from radiodiff_vae.core import ConfigError, DataError, RadioDiffError, real_maps_dir
+from radiodiff_vae.data import MapFolder, RadioMapSeer, radiomapseer_split, read_gray_png, scale_gain, unscale_gain
+
+
+def png(path, array, mode=None):
+    "Write `array` as a PNG at `path` (parents created) and return the path."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array, np.uint8), mode=mode).save(path)
+    return path
+
+
+def layout(root, maps=(1, 2), num_tx=2, size=16, simulation='DPM', cond=True):
+    "A small RadioMapSeer-layout folder: gain value = 10*map + tx, buildings and antenna masks."
+    for m in maps:
+        if cond: png(root / 'png' / 'buildings_complete' / f'{m}.png', np.full((size, size), 255))
+        for t in range(num_tx):
+            png(root / 'gain' / simulation / f'{m}_{t}.png', np.full((size, size), 10 * m + t))
+            if cond: png(root / 'png' / 'antennas' / f'{m}_{t}.png', np.zeros((size, size)))
+    return root
+
+
+# ---------------------------------------------------------------- split
+
+def upstream_split():
+    "Upstream's loader, transcribed independently: global seed, shuffle, inclusive position ranges, id = index + 1."
+    state = np.random.get_state()
+    try:
+        np.random.seed(42)
+        inds = np.arange(0, 700, dtype=np.int16)
+        np.random.shuffle(inds)
+    finally:
+        np.random.set_state(state)
+    return {'train': inds[0:601] + 1, 'val': inds[501:601] + 1, 'test': inds[600:700] + 1}
+
+
+@pytest.mark.parametrize('phase,size', [('train', 601), ('val', 100), ('test', 100)])
+def test_split_matches_upstream(phase, size):
+    expected = upstream_split()[phase]
+    got = radiomapseer_split(phase)
+    assert len(got) == size
+    assert got == [int(v) for v in expected]
+    assert got[:3] == [int(v) for v in expected[:3]]
+
+
+def test_split_first_ids_and_overlap():
+    up = upstream_split()
+    for phase in ('train', 'val', 'test'):
+        assert radiomapseer_split(phase)[0] == int(up[phase][0])
+    train, val, test = (set(radiomapseer_split(p)) for p in ('train', 'val', 'test'))
+    assert val <= train                          # upstream's val maps are train maps too (positions 501..600)
+    assert len(train & test) == 1                # position 600 is in both
+    assert train | test == set(range(1, 701))
+
+
+def test_split_other_sizes_and_errors():
+    ids = radiomapseer_split('train', n_maps=20)
+    assert set(ids) <= set(range(1, 21)) and len(ids) == len(set(ids))
+    assert radiomapseer_split('test', seed=1) != radiomapseer_split('test')
+    with pytest.raises(ConfigError, match='train, val, test'):
+        radiomapseer_split('validation')
+
+
+# ---------------------------------------------------------------- scaling
+
+def test_scaling_round_trip_and_range():
+    g = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    x = scale_gain(g)
+    assert x.shape == (1, 16, 16) and x.dtype == torch.float32
+    assert x.min().item() == -1.0 and x.max().item() == pytest.approx(255 / 128 - 1) and x.max().item() < 1
+    assert torch.allclose(x, torch.from_numpy(g).float()[None] / 256 * 2 - 1)
+    assert torch.allclose(unscale_gain(x) * 256, torch.from_numpy(g).float()[None])
+    assert unscale_gain(torch.tensor([-3.0, 3.0])).tolist() == [0.0, 1.0]
+
+
+def test_scaling_rejects_non_uint8_and_bad_shapes():
+    with pytest.raises(DataError, match='uint8'):
+        scale_gain(np.zeros((4, 4), np.float32))
+    with pytest.raises(DataError, match='shape'):
+        scale_gain(np.zeros((2, 4, 4), np.uint8))
+
+
+# ---------------------------------------------------------------- RadioMapSeer layout
+
+def test_radiomapseer_items_lengths_and_cond(tmp_path):
+    root = layout(tmp_path / 'rms', maps=(1, 2, 3), num_tx=2)
+    ds = RadioMapSeer(root, maps=[3, 1], num_tx=2, size=16, with_cond=True)
+    assert len(ds) == 4
+    item = ds[1]
+    assert item['name'] == '3_1'
+    assert torch.allclose(item['image'], scale_gain(np.full((16, 16), 31, np.uint8)))
+    assert item['cond'].shape == (2, 16, 16)
+    assert ds[-1]['name'] == '1_1'
+    with pytest.raises(IndexError):
+        ds[4]
+    assert len(RadioMapSeer(root, maps=[1], num_tx=1, size=16)) == 1
+
+
+def test_radiomapseer_phase_uses_split(tmp_path):
+    ids = radiomapseer_split('val')
+    root = layout(tmp_path / 'rms', maps=ids, num_tx=1, size=8, cond=False)
+    ds = RadioMapSeer(root, phase='val', num_tx=1, size=8)
+    assert len(ds) == 100 and ds[0]['name'] == f'{ids[0]}_0'
+
+
+def test_missing_root_and_simulation(tmp_path):
+    with pytest.raises(DataError, match='does not exist'):
+        RadioMapSeer(tmp_path / 'nowhere', maps=[1])
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(DataError, match='no gain/ folder'):
+        RadioMapSeer(tmp_path / 'empty', maps=[1])
+    root = layout(tmp_path / 'rms', maps=(1,), num_tx=1, simulation='IRT2')
+    (root / 'gain' / 'IRT4').mkdir()
+    with pytest.raises(DataError, match=r'DPM.*IRT2, IRT4') as e:
+        RadioMapSeer(root, simulation='DPM', maps=[1], num_tx=1, size=16)
+    assert str(root / 'gain' / 'DPM') in str(e.value)
+
+
+def test_missing_files_fail_at_construction(tmp_path):
+    root = layout(tmp_path / 'rms', maps=(1, 2), num_tx=2)
+    (root / 'gain' / 'DPM' / '2_1.png').unlink()
+    with pytest.raises(DataError, match=r'1 of 4 expected files are missing: .*2_1\.png'):
+        RadioMapSeer(root, maps=[1, 2], num_tx=2, size=16)
+    with pytest.raises(DataError, match=r'7_0\.png'):
+        RadioMapSeer(root, maps=[1, 7], num_tx=1, size=16)
+    (root / 'png' / 'antennas' / '1_0.png').unlink()
+    with pytest.raises(DataError, match=r'antennas.*1_0\.png'):
+        RadioMapSeer(root, maps=[1], num_tx=1, size=16, with_cond=True)
+    with pytest.raises(DataError, match='empty'):
+        RadioMapSeer(root, maps=[], num_tx=1, size=16)
+
+
+def test_wrong_size_at_construction_and_at_read(tmp_path):
+    root = layout(tmp_path / 'rms', maps=(1, 2), num_tx=1, size=16, cond=False)
+    with pytest.raises(DataError, match=r'1_0\.png: image is 16x16 \(HxW\), expected 32x32'):
+        RadioMapSeer(root, maps=[1, 2], num_tx=1, size=32)
+    ds = RadioMapSeer(root, maps=[1, 2], num_tx=1, size=16)
+    png(root / 'gain' / 'DPM' / '2_0.png', np.zeros((8, 16)))
+    with pytest.raises(DataError, match=r'2_0\.png: image is 8x16'):
+        ds[1]
+
+
+def test_colour_unreadable_and_16bit_images(tmp_path):
+    grey = np.full((8, 8), 77, np.uint8)
+    ok = png(tmp_path / 'rgb_equal.png', np.stack([grey] * 3, -1))
+    assert read_gray_png(ok, 8)[0, 0] == 77
+    assert read_gray_png(png(tmp_path / 'rgba.png', np.dstack([grey] * 3 + [np.full((8, 8), 255)])), 8)[0, 0] == 77
+    bad = png(tmp_path / 'rgb.png', np.dstack([grey, grey, grey + 1]))
+    with pytest.raises(DataError, match=r'rgb\.png: colour image \(RGB\) whose channels differ'):
+        read_gray_png(bad, 8)
+    junk = tmp_path / 'junk.png'
+    junk.write_bytes(b'\x89PNG\r\n\x1a\n truncated')
+    with pytest.raises(DataError, match=r'junk\.png: cannot read it as an image'):
+        read_gray_png(junk, 8)
+    deep = tmp_path / 'deep.png'
+    Image.fromarray(np.full((8, 8), 4000, np.uint16)).save(deep)
+    with pytest.raises(DataError, match=r'deep\.png: image mode I'):
+        read_gray_png(deep, 8)
+    assert issubclass(DataError, RadioDiffError)
+
+
+def test_unreadable_file_in_layout_at_read(tmp_path):
+    root = layout(tmp_path / 'rms', maps=(1, 2), num_tx=1, size=16, cond=False)
+    ds = RadioMapSeer(root, maps=[1, 2], num_tx=1, size=16)
+    (root / 'gain' / 'DPM' / '2_0.png').write_bytes(b'garbage')
+    with pytest.raises(DataError, match=r'2_0\.png: cannot read'):
+        ds[1]
+
+
+# ---------------------------------------------------------------- MapFolder
+
+def test_mapfolder_on_bundled_real_maps():
+    ds = MapFolder(real_maps_dir())
+    assert len(ds) == 26
+    assert ds.names[:3] == ['1_0', '3_0', '5_0'] and ds.names[-1] == '61_0'
+    item = ds[0]
+    assert item['image'].shape == (1, 256, 256) and -1 <= item['image'].min() and item['image'].max() < 1
+    flat = MapFolder(real_maps_dir() / 'gain' / 'DPM', recursive=False)
+    assert torch.equal(flat[5]['image'], ds[5]['image'])
+
+
+def test_mapfolder_skips_masks_of_a_layout_and_names(tmp_path):
+    root = layout(tmp_path / 'rms', maps=(1, 2), num_tx=1, size=16)
+    ds = MapFolder(root, size=16)
+    assert ds.names == ['1_0', '2_0']             # png/buildings_complete and png/antennas are not maps
+    png(tmp_path / 'f' / 'a' / 'x.png', np.zeros((4, 4)))
+    png(tmp_path / 'f' / 'b' / 'x.png', np.zeros((4, 4)))
+    assert MapFolder(tmp_path / 'f', size=4).names == ['a/x', 'b/x']
+
+
+def test_mapfolder_errors(tmp_path):
+    with pytest.raises(DataError, match='does not exist'):
+        MapFolder(tmp_path / 'nope')
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'empty' / 'notes.txt').write_text('x')
+    with pytest.raises(DataError, match=r'empty: no \.png maps found'):
+        MapFolder(tmp_path / 'empty')
+    png(tmp_path / 'sub' / 'deep' / '1.png', np.zeros((4, 4)))
+    with pytest.raises(DataError, match='no .png maps'):
+        MapFolder(tmp_path / 'sub', size=4, recursive=False)
+    assert len(MapFolder(tmp_path / 'sub', size=4)) == 1
+    with pytest.raises(DataError, match='expected 8x8'):
+        MapFolder(tmp_path / 'sub', size=8)
+    file = png(tmp_path / 'one.png', np.zeros((4, 4)))
+    with pytest.raises(DataError, match='expected a folder'):
+        MapFolder(file)
