@@ -1,0 +1,451 @@
+"""Time one VAE-GAN training step three ways on the same weights and batch (issue 8).
+
+(a) `upstream`: RadioDiff's train_vae.py loop rebuilt from our modules: the discriminator pass runs the
+    whole autoencoder forward again (fresh posterior sample, LPIPS/NLL/KL recomputed and thrown away),
+    the adaptive GAN weight is always computed, both losses are divided by 2
+    (gradient_accumulate_every=2) and the gradients are clipped after the optimizer steps.
+(b) `ours`: our trainer's step: one forward serves both passes (detached reconstruction for D), clipping
+    before each optimizer step, the adaptive weight only while the GAN term is on (or on logged steps).
+(c) `ours` plus one user option each: channels_last, bf16 autocast, gradient checkpointing.
+
+Every variant starts from a deep copy of the same weights and optimizer state and sees the same batch;
+timing interleaves the variants step by step so that load from other processes hits all of them alike.
+Peak resident memory is measured per variant in a fresh subprocess.
+
+    python benchmarks/bench_step.py --size quickstart           # prints JSON
+    python benchmarks/bench_step.py --size tiny --steps 2 --warmup 1
+"""
+from __future__ import annotations
+import argparse, contextlib, copy, json, os, platform, resource, statistics, subprocess, sys, time, warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = ('upstream', 'ours', 'ours+channels_last', 'ours+bf16', 'ours+checkpointing')
+PHASES = ('gan_off', 'gan_on')
+# what each size is: the config file it comes from and what the benchmark changes in it
+SIZES = {
+    'tiny': dict(config='configs/quickstart.yaml', batch_size=2, map_size=32,
+                 ddconfig=dict(ch=32, ch_mult=[1, 2], num_res_blocks=1, resolution=32), loss=dict(disc_ndf=8)),
+    'quickstart': dict(config='configs/quickstart.yaml'),
+    # upstream's full size; LPIPS on with a *random* VGG16 backbone (same FLOPs; the pretrained weights
+    # must be downloaded and are not available offline)
+    'full': dict(config='configs/radiodiff.yaml', loss=dict(perceptual_weight=1.0, lpips_pretrained=False)),
+}
+
+
+# ----------------------------------------------------------------------------------------------- machine
+def cpu_flags() -> set[str]:
+    "The CPU feature flags of /proc/cpuinfo (empty set where there is none)."
+    try: text = Path('/proc/cpuinfo').read_text()
+    except OSError: return set()
+    for line in text.splitlines():
+        if line.startswith('flags'): return set(line.split(':', 1)[1].split())
+    return set()
+
+def cpu_has_bf16() -> bool:
+    "Whether the CPU computes bf16 natively (AVX-512 BF16 or AMX); elsewhere torch emulates it, slowly."
+    return bool(cpu_flags() & {'avx512_bf16', 'amx_bf16'})
+
+def machine_info(device: str = 'cpu') -> dict:
+    "CPU model, cores, threads, torch version, bf16 support, GPU name: what the figures were measured on."
+    model = platform.processor() or '?'
+    try:
+        out = subprocess.run(['lscpu'], capture_output=True, text=True, timeout=10).stdout
+        fields = dict(l.split(':', 1) for l in out.splitlines() if ':' in l)
+        model = fields.get('Model name', model).strip()
+    except (OSError, subprocess.SubprocessError): pass
+    info = dict(cpu=model, logical_cpus=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+                python=platform.python_version(), cpu_bf16=cpu_has_bf16(),
+                cpu_isa=sorted(cpu_flags() & {'avx2', 'fma', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile'}),
+                load_average=list(os.getloadavg()) if hasattr(os, 'getloadavg') else None)
+    if device.startswith('cuda'):
+        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda, gpu_bf16=torch.cuda.is_bf16_supported())
+    return info
+
+def sync(device: str):
+    if device.startswith('cuda'): torch.cuda.synchronize()
+
+def _best_time(fn, device, reps: int) -> list[float]:
+    "Wall times of `reps` calls of `fn` after one warm-up call."
+    fn(); sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter(); fn(); sync(device); times.append(time.perf_counter() - t0)
+    return times
+
+def measure_peaks(device: str = 'cpu', reps: int = 5, matmul_n: int = 2048, conv_shape=(2, 128, 128, 128)) -> dict:
+    "GFLOP/s of a large fp32 matmul and a large fp32 3x3 convolution (contiguous and channels_last): the machine's peak."
+    n = matmul_n if device == 'cpu' else 8192
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    mm = 2 * n**3 / min(_best_time(lambda: a @ b, device, reps)) / 1e9
+    bsz, c, h, w = conv_shape if device == 'cpu' else (8, 256, 128, 128)
+    x, wt = torch.randn(bsz, c, h, w, device=device), torch.randn(c, c, 3, 3, device=device)
+    conv_flops = 2 * bsz * c * h * w * c * 9
+    res = dict(matmul=dict(n=n, gflops=mm), conv3x3=dict(shape=[bsz, c, h, w], flops=conv_flops))
+    for fmt in ('contiguous', 'channels_last'):
+        mf = torch.channels_last if fmt == 'channels_last' else torch.contiguous_format
+        xx, ww = x.contiguous(memory_format=mf), wt.contiguous(memory_format=mf)
+        with torch.no_grad():
+            res['conv3x3'][fmt] = conv_flops / min(_best_time(lambda: F.conv2d(xx, ww, padding=1), device, reps)) / 1e9
+    res['conv_peak_gflops'] = max(res['conv3x3']['contiguous'], res['conv3x3']['channels_last'])
+    return res
+
+
+# ----------------------------------------------------------------------------------------------- setup
+def bench_config(size: str) -> dict:
+    "The model/loss/batch settings of `size` (tiny, quickstart, full), from the project's config files."
+    from radiodiff_vae.config import load_config
+    if size not in SIZES: raise ValueError(f'size {size!r}: expected one of {", ".join(SIZES)}')
+    spec = SIZES[size]
+    cfg = load_config(REPO / spec['config'])
+    ddconfig = {**cfg['model']['ddconfig'], **spec.get('ddconfig', {})}
+    lossconfig = {**cfg['model']['lossconfig'], **spec.get('loss', {})}
+    return dict(size=size, config=spec['config'], ddconfig=ddconfig, embed_dim=cfg['model']['embed_dim'],
+                lossconfig=lossconfig, trainer=cfg['trainer'],
+                batch_size=spec.get('batch_size', cfg['data']['batch_size']),
+                map_size=spec.get('map_size', cfg['data']['size']))
+
+def real_batch(batch_size: int, map_size: int) -> torch.Tensor:
+    "A batch of the bundled real RadioMapSeer maps, scaled to [-1, 1) (area-resized when `map_size` < 256)."
+    from radiodiff_vae.core import real_maps_dir
+    from radiodiff_vae.data import read_gray_png, scale_gain
+    files = sorted((real_maps_dir() / 'gain' / 'DPM').glob('*.png'))
+    if not files: raise FileNotFoundError(f'{real_maps_dir()}/gain/DPM: no maps found')
+    x = torch.stack([scale_gain(read_gray_png(files[i % len(files)], size=None)) for i in range(batch_size)])
+    return x if x.shape[-1] == map_size else F.interpolate(x, size=(map_size, map_size), mode='area')
+
+class FixedMaps(torch.utils.data.Dataset):
+    "The benchmark batch as a dataset (items like MapFolder's), so the trainer's own batch stream serves it."
+    def __init__(self, x): self.x = x
+    def __len__(self): return len(self.x)
+    def __getitem__(self, i): return {'image': self.x[i], 'name': f'bench-{i}'}
+
+def trainer_config(cfg: dict, variant: str, device: str) -> dict:
+    "The trainer config of `variant`: the size's config, in-memory data, no TensorBoard, checkpointing when asked."
+    from radiodiff_vae.config import load_config, resolve_config
+    c = load_config(REPO / cfg['config'])
+    c['model']['ddconfig'], c['model']['lossconfig'] = copy.deepcopy(cfg['ddconfig']), copy.deepcopy(cfg['lossconfig'])
+    c['model']['gradient_checkpointing'] = variant.endswith('checkpointing')
+    c['model']['ckpt_path'] = None
+    c['data'].update(batch_size=cfg['batch_size'], size=cfg['map_size'], num_workers=0)
+    c['trainer'].update(cfg['trainer'])
+    c['trainer'].update(tensorboard=False, cpu=not device.startswith('cuda'), mixed_precision='no', fp16=False,
+                        gradient_accumulate_every=1)
+    return resolve_config(c)
+
+class StepState:
+    "One variant: a real `Trainer` (model, loss, optimizers, batch stream) and the variant's options."
+    def __init__(self, trainer, variant: str, folder):
+        self.tr, self.variant, self.folder = trainer, variant, folder
+        self.device = str(trainer.device)
+        self.channels_last, self.bf16 = variant.endswith('channels_last'), variant.endswith('bf16')
+
+    @property
+    def model(self): return self.tr.ae
+
+    @property
+    def loss(self): return self.tr.loss
+
+    def autocast(self):
+        return torch.autocast(self.device.split(':')[0], dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+    def next_batch(self):
+        x = self.tr._next_batch()[0]
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def close(self):
+        "Release the trainer's run folder (lock, log files)."
+        import shutil
+        if getattr(self.tr, 'logs', None) is not None: self.tr.logs.close()
+        self.tr.lock.release()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+def build_state(cfg: dict, variant: str, x, device: str = 'cpu') -> StepState:
+    "A fresh trainer for `variant` (weights from the config's seed: identical for every variant) serving batch `x`."
+    import tempfile
+    from radiodiff_vae.trainer import Trainer
+    folder = tempfile.mkdtemp(prefix=f'bench-{variant}-')
+    tr = Trainer(trainer_config(cfg, variant, device), folder, progress=False, dataset=FixedMaps(x))
+    tr.ema = None   # EMA is not part of the timed step (upstream updates it every 10 steps, ours in fit())
+    st = StepState(tr, variant, folder)
+    if st.channels_last:
+        tr.ae.to(memory_format=torch.channels_last); tr.loss.to(memory_format=torch.channels_last)
+    if st.bf16:   # the trainer's own autocast placement (forward + losses), in bf16
+        tr.acc.autocast = lambda *a, **k: torch.autocast(st.device.split(':')[0], dtype=torch.bfloat16)
+    return st
+
+
+# ----------------------------------------------------------------------------------------------- the steps
+def _floats(log: dict) -> dict:
+    "A loss log as plain floats (taken before the optimizer step changes logged parameters such as logvar)."
+    return {k: float(v) for k, v in log.items()}
+
+def phase_step(cfg: dict, phase: str, logged: bool = False) -> int:
+    "A global step with the GAN term off (< disc_start) or on, that the trainer logs (`logged`) or does not."
+    freq = int(cfg['trainer']['log_freq'])
+    s = 0 if phase == 'gan_off' else int(cfg['lossconfig']['disc_start'])
+    while (s % freq == 0) != logged: s += 1
+    if phase == 'gan_off' and s >= int(cfg['lossconfig']['disc_start']): raise ValueError('disc_start too small for a GAN-off step')
+    return s
+
+def upstream_step(st: StepState, global_step: int) -> dict:
+    "(a) RadioDiff's train_vae.py step: AE pass, then a D pass that runs the AE forward again; losses / 2; clip after the steps."
+    from radiodiff_vae.nll import reconstruction_loss, nll_loss, batch_sum
+    model, loss, tr = st.model, st.loss, st.tr
+    x = st.next_batch()
+    t0 = time.perf_counter()
+    tr.opt_ae.zero_grad(set_to_none=True)
+    with st.autocast():
+        rec, post = model(x)
+        ae_loss, ae_log = loss(x, rec, post, 0, global_step, last_layer=model.get_last_layer(), split='train')
+    (ae_loss / 2).backward()      # gradient_accumulate_every = 2 divided each pass's loss
+    ae_log = _floats(ae_log)
+    tr.opt_ae.step()
+    sync(st.device); t1 = time.perf_counter()
+    tr.opt_disc.zero_grad(set_to_none=True)
+    with st.autocast():
+        rec2, post2 = model(x)    # defect 1: a second forward with a fresh posterior sample ...
+        r = reconstruction_loss(x, rec2, loss.perceptual_loss, loss.perceptual_weight)   # ... and the NLL, LPIPS, KL
+        nll_loss(r, loss.logvar, None); batch_sum(post2.kl())                            # upstream computes, then drops
+        d_loss, d_log = loss(x, rec2, post2, 1, global_step, last_layer=model.get_last_layer(), split='train')
+    (d_loss / 2).backward()
+    d_log = _floats(d_log)
+    tr.opt_disc.step()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)   # defect 2: after the steps, so it clips nothing
+    torch.nn.utils.clip_grad_norm_(loss.discriminator.parameters(), 1.0)
+    sync(st.device)
+    return dict(ae_log=ae_log, d_log=d_log, t_ae=t1 - t0, t_disc=time.perf_counter() - t1)
+
+def ours_step(st: StepState, global_step: int) -> dict:
+    "(b)/(c) our trainer's own `Trainer.train_step` (its AE pass and D pass timed apart)."
+    tr, marks = st.tr, {}
+    disc_pass = type(tr)._disc_pass
+    def timed_disc_pass(*a, **k):
+        sync(st.device); marks['disc'] = time.perf_counter()
+        return disc_pass(tr, *a, **k)
+    tr._disc_pass = timed_disc_pass
+    if st.channels_last:   # the trainer's batches are contiguous: hand it channels_last ones
+        next_batch = type(tr)._next_batch
+        def cl_batch():
+            x, names = next_batch(tr)
+            return x.contiguous(memory_format=torch.channels_last), names
+        tr._next_batch = cl_batch
+    tr.step = global_step
+    t0 = time.perf_counter()
+    try: vals = tr.train_step()
+    finally: del tr._disc_pass; tr.__dict__.pop('_next_batch', None)
+    sync(st.device); t2 = time.perf_counter()
+    t1 = marks.get('disc', t2)
+    ae_log = {k: v for k, v in vals.items() if k.startswith('train/') and k.split('/')[1] not in ('disc_loss', 'logits_real', 'logits_fake')}
+    d_log = {k: v for k, v in vals.items() if k.split('/')[-1] in ('disc_loss', 'logits_real', 'logits_fake')}
+    return dict(ae_log=ae_log, d_log=d_log, t_ae=t1 - t0, t_disc=t2 - t1)
+
+def run_step(variant: str, st: StepState, global_step: int, seed: int = 0) -> dict:
+    "One step of `variant`; the global RNG (posterior noise) seeded with `seed` first."
+    torch.manual_seed(seed)
+    return (upstream_step if variant == 'upstream' else ours_step)(st, global_step)
+
+
+# ----------------------------------------------------------------------------------------------- measurements
+def compare_losses(cfg: dict, x, device: str = 'cpu', seed: int = 0) -> dict:
+    "AE-pass losses of (a) and (b) on fresh, identical weights, the same batch and noise, per phase (logged steps)."
+    out = {}
+    for phase in PHASES:
+        gs, logs = phase_step(cfg, phase, logged=True), {}
+        for v in ('upstream', 'ours'):
+            st = build_state(cfg, v, x, device)
+            try: logs[v] = _floats(run_step(v, st, gs, seed=seed)['ae_log'])
+            finally: st.close()
+        la, lb = logs['upstream'], logs['ours']
+        keys = [k for k in la if k in lb and not k.endswith('d_weight_clamped')]
+        if not keys: raise RuntimeError(f'no common loss keys to compare: upstream {sorted(la)}, ours {sorted(lb)}')
+        rel = {k: abs(la[k] - lb[k]) / max(abs(la[k]), 1e-12) for k in keys}
+        out[phase] = dict(global_step=gs, max_rel_diff=max(rel.values()), worst_key=max(rel, key=rel.get),
+                          upstream=la, ours=lb, compared=keys)
+    return out
+
+def count_flops(variant: str, st: StepState, global_step: int) -> int:
+    "FLOPs of one step (forward, backward, adaptive-weight autograd), counted by torch's FlopCounterMode."
+    with FlopCounterMode(display=False) as fc:
+        run_step(variant, st, global_step)
+    return int(fc.get_total_flops())
+
+def conv_peak_once(device: str = 'cpu', shape=(2, 128, 128, 128)) -> float:
+    "GFLOP/s of one warm channels_last 3x3 convolution: the peak sampled between timed steps, under the same load."
+    bsz, c, h, w = shape
+    x = torch.randn(bsz, c, h, w, device=device).contiguous(memory_format=torch.channels_last)
+    wt = torch.randn(c, c, 3, 3, device=device).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        F.conv2d(x, wt, padding=1); sync(device)
+        t0 = time.perf_counter(); F.conv2d(x, wt, padding=1); sync(device)
+    return 2 * bsz * c * h * w * c * 9 / (time.perf_counter() - t0) / 1e9
+
+def _summary(times: list[dict], flops) -> dict:
+    med = lambda k: statistics.median(t[k] for t in times)
+    return dict(step_s=[t['total'] for t in times], median_s=med('total'), median_ae_s=med('ae'),
+                median_disc_s=med('disc'), median_cpu_s=med('cpu'), flops=flops)
+
+def time_variants(cfg: dict, x, variants, warmup: int, steps: int, device: str = 'cpu') -> dict:
+    "Median s/step of each variant and phase, the variants interleaved step by step; FLOPs counted in the first warm-up step."
+    if warmup < 1: raise ValueError('warmup must be >= 1 (the first step is the FLOP-counted warm-up)')
+    res = {}
+    for phase in PHASES:
+        gs = phase_step(cfg, phase)
+        states = {v: build_state(cfg, v, x, device) for v in variants}
+        times, flops, peaks = {v: [] for v in variants}, {}, []
+        try:
+            for i in range(warmup + steps):
+                for v in variants:
+                    if i == 0: flops[v] = count_flops(v, states[v], gs); continue
+                    c0 = time.process_time()
+                    r = run_step(v, states[v], gs, seed=i)
+                    if i >= warmup: times[v].append(dict(total=r['t_ae'] + r['t_disc'], ae=r['t_ae'], disc=r['t_disc'], cpu=time.process_time() - c0))
+                if i >= warmup: peaks.append(conv_peak_once(device))
+        finally:
+            for st in states.values(): st.close()
+        del states
+        res[phase] = dict(global_step=gs, conv_peak_gflops_samples=peaks, conv_peak_gflops_median=statistics.median(peaks),
+                          variants={v: _summary(times[v], flops[v]) for v in variants})
+    return res
+
+def derive(timing: dict) -> None:
+    "Add speed-ups vs (a), achieved GFLOP/s, fraction of the in-run conv peak and the FLOPs/peak floor to each variant."
+    for phase, ph in timing.items():
+        per, peak = ph['variants'], ph['conv_peak_gflops_median']
+        ref = per['upstream']['median_s'] if 'upstream' in per else None
+        for v, r in per.items():
+            # useful work: our step's FLOPs for every ours+option variant (checkpointing's recompute is not useful
+            # work, and FlopCounterMode misses some channels_last backward kernels)
+            r['useful_flops'] = per['ours']['flops'] if v.startswith('ours') and 'ours' in per else r['flops']
+            r['speedup_vs_upstream'] = ref / r['median_s'] if ref else None
+            r['gflops_achieved'] = r['useful_flops'] / r['median_s'] / 1e9
+            r['fraction_of_conv_peak'] = r['gflops_achieved'] / peak if peak else None
+            r['floor_s'] = r['useful_flops'] / (peak * 1e9) if peak else None
+            r['ratio_to_floor'] = r['median_s'] / r['floor_s'] if r['floor_s'] else None
+
+def peak_rss_mb() -> float:
+    "Peak resident set size of this process so far, MiB (Linux: ru_maxrss is in KiB)."
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def memory_worker(size: str, variant: str, device: str = 'cpu') -> dict:
+    "Peak memory of one variant alone: build it, then one GAN-off and one GAN-on step."
+    import psutil
+    cfg = bench_config(size)
+    st = build_state(cfg, variant, real_batch(cfg['batch_size'], cfg['map_size']), device)
+    if device.startswith('cuda'): torch.cuda.reset_peak_memory_stats()
+    after_build, peak_build = psutil.Process().memory_info().rss / 2**20, peak_rss_mb()
+    try:
+        for phase in PHASES: run_step(variant, st, phase_step(cfg, phase))
+    finally: st.close()
+    out = dict(variant=variant, size=size, rss_after_build_mb=after_build, peak_rss_build_mb=peak_build, peak_rss_mb=peak_rss_mb())
+    if device.startswith('cuda'): out['peak_cuda_mb'] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+def measure_memory(size: str, variants, device: str = 'cpu', timeout: float = 3600) -> dict:
+    "Peak RSS (and CUDA peak) of each variant, each in its own subprocess."
+    res = {}
+    for v in variants:
+        cmd = [sys.executable, str(Path(__file__).resolve()), '--memory-worker', v, '--size', size, '--device', device]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        if p.returncode != 0: raise RuntimeError(f'memory worker {v} failed (exit {p.returncode}): {p.stderr[-3000:]}')
+        res[v] = json.loads(p.stdout.strip().splitlines()[-1])
+    return res
+
+def bf16_deviation(size: str = 'quickstart', steps: int = 50, device: str = 'cpu') -> dict:
+    "Train fp32 and bf16-autocast trainers from the same weights on the same batches (as fit() does); loss deviation per step."
+    cfg = copy.deepcopy(bench_config(size))
+    cfg['lossconfig']['disc_start'] = steps // 2          # half the steps without, half with the GAN term
+    cfg['trainer']['log_freq'] = 1                       # every step's losses
+    x = real_batch(26, cfg['map_size'])
+    states = {name: build_state(cfg, v, x, device) for name, v in (('fp32', 'ours'), ('bf16', 'ours+bf16'))}
+    rows, secs = [], {'fp32': 0.0, 'bf16': 0.0}
+    keys = ('total_loss', 'rec_loss', 'nll_loss', 'kl_loss', 'g_loss')
+    try:
+        for i in range(steps):
+            r = {}
+            for name, st in states.items():
+                t0 = time.perf_counter()
+                r[name] = _floats(run_step('ours', st, i, seed=i)['ae_log'])
+                with warnings.catch_warnings():   # the D optimizer has not stepped while the GAN term is off
+                    warnings.simplefilter('ignore', UserWarning)
+                    st.tr.sched_ae.step(); st.tr.sched_disc.step()
+                secs[name] += time.perf_counter() - t0
+            rows.append({k: (r['fp32'][f'train/{k}'], r['bf16'][f'train/{k}']) for k in keys})
+    finally:
+        for st in states.values(): st.close()
+    rel = {k: [abs(b - a) / max(abs(a), 1e-12) for a, b in (row[k] for row in rows)] for k in keys}
+    return dict(size=size, steps=steps, disc_start=cfg['lossconfig']['disc_start'], seconds=secs,
+                max_rel_dev={k: max(v) for k, v in rel.items()}, median_rel_dev={k: statistics.median(v) for k, v in rel.items()},
+                final={k: rows[-1][k] for k in keys}, first={k: rows[0][k] for k in keys},
+                rec_loss_curve=[row['rec_loss'] for row in rows])
+
+def profile_step(size: str, variant: str = 'ours', phase: str = 'gan_on', device: str = 'cpu', top: int = 15) -> str:
+    "torch.profiler table (self time) of one step of `variant` after a warm-up step: where the time goes."
+    from torch.profiler import profile, ProfilerActivity
+    cfg = bench_config(size)
+    st = build_state(cfg, variant, real_batch(cfg['batch_size'], cfg['map_size']), device)
+    gs = phase_step(cfg, phase)
+    try:
+        run_step(variant, st, gs)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith('cuda') else [])
+        with profile(activities=acts) as prof: run_step(variant, st, gs, seed=1)
+    finally: st.close()
+    key = 'self_cuda_time_total' if device.startswith('cuda') else 'self_cpu_time_total'
+    return prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=40)
+
+def available_variants(device: str) -> list[str]:
+    "All variants, bf16 only where the hardware computes it natively (CPU: AVX-512 BF16/AMX; CUDA: bf16 support)."
+    bf16_ok = torch.cuda.is_bf16_supported() if device.startswith('cuda') else cpu_has_bf16()
+    return [v for v in VARIANTS if v != 'ours+bf16' or bf16_ok]
+
+def run_benchmark(size: str, warmup: int = 1, steps: int = 5, variants=None, device: str = 'cpu', memory: bool = True,
+                  peaks: bool = True) -> dict:
+    "The step benchmark at `size`: losses (a) vs (b), interleaved timings, FLOPs, achieved vs peak GFLOP/s, memory."
+    cfg = bench_config(size)
+    variants = list(variants or available_variants(device))
+    if 'upstream' not in variants or 'ours' not in variants: raise ValueError("variants must include 'upstream' and 'ours'")
+    started = time.time()
+    out = dict(size=size, device=device, config=cfg['config'], ddconfig=cfg['ddconfig'], batch_size=cfg['batch_size'],
+               map_size=cfg['map_size'], perceptual_weight=cfg['lossconfig'].get('perceptual_weight'),
+               lpips_pretrained=cfg['lossconfig'].get('lpips_pretrained'), warmup=warmup, steps=steps, variants=variants,
+               machine=machine_info(device), argv=sys.argv)
+    out['peaks'] = measure_peaks(device) if peaks else None
+    x = real_batch(cfg['batch_size'], cfg['map_size'])
+    out['losses'] = compare_losses(cfg, x, device)
+    out['timing'] = time_variants(cfg, x, variants, warmup, steps, device)
+    derive(out['timing'])
+    if memory: out['memory'] = measure_memory(size, variants, device)
+    out['machine']['load_average_end'] = list(os.getloadavg()) if hasattr(os, 'getloadavg') else None
+    out['seconds'] = time.time() - started
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--size', default='quickstart', choices=list(SIZES))
+    p.add_argument('--warmup', type=int, default=1)
+    p.add_argument('--steps', type=int, default=5)
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--variants', nargs='*', default=None, choices=list(VARIANTS))
+    p.add_argument('--no-memory', action='store_true', help='skip the per-variant peak-memory subprocesses')
+    p.add_argument('--bf16-steps', type=int, default=0, help='also run the fp32-vs-bf16 loss deviation over N quickstart steps')
+    p.add_argument('--profile', action='store_true', help='also print a torch.profiler table of our step')
+    p.add_argument('--out', default=None, help='write the JSON here too')
+    p.add_argument('--memory-worker', default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.memory_worker:
+        print(json.dumps(memory_worker(a.size, a.memory_worker, a.device))); return 0
+    res = run_benchmark(a.size, a.warmup, a.steps, a.variants, a.device, memory=not a.no_memory)
+    if a.bf16_steps: res['bf16_deviation'] = bf16_deviation(a.size if a.size != 'full' else 'quickstart', a.bf16_steps, a.device)
+    if a.profile: res['profile'] = profile_step(a.size, device=a.device)
+    text = json.dumps(res, indent=1, default=str)
+    if a.out: Path(a.out).write_text(text)
+    print(text)
+    return 0
+
+if __name__ == '__main__':
+    sys.exit(main())
