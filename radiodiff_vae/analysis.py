@@ -13,10 +13,12 @@ from .core import ConfigError, LogParseError, atomic_write_text
 from .logs import read_run
 
 # %% auto 0
-__all__ = ['UPSTREAM_RADIODIFF_CONFIG', 'UPSTREAM_CONFIG_NOTE', 'PARAM_ALIASES', 'PARAM_DEFAULTS', 'training_params',
-           'debiased_ema', 'value_quantum', 'schedule_lr', 'print_step', 'lr_analysis', 'phases', 'steps_and_gaps',
-           'pixels_per_image', 'd_weight_clamp', 'logvar_movement', 'loss_composition', 'metric_columns',
-           'metric_stats', 'trend', 'analyze_run', 'statements']
+__all__ = ['UPSTREAM_RADIODIFF_CONFIG', 'UPSTREAM_CONFIG_NOTE', 'PARAM_ALIASES', 'PARAM_DEFAULTS', 'BOOKKEEPING',
+           'FIGURE_CAPTIONS', 'training_params', 'debiased_ema', 'value_quantum', 'schedule_lr', 'print_step',
+           'lr_analysis', 'phases', 'steps_and_gaps', 'pixels_per_image', 'd_weight_clamp', 'logvar_movement',
+           'loss_composition', 'metric_columns', 'metric_stats', 'trend', 'analyze_run', 'statements', 'group_inputs',
+           'display_path', 'resolve_config_arg', 'load_runs', 'report_markdown', 'summary_text', 'write_analysis',
+           'add_analyze_args', 'run_analyze']
 
 # %% ../nbs/13_analysis.ipynb 5
 UPSTREAM_RADIODIFF_CONFIG = {
@@ -109,8 +111,7 @@ def schedule_lr(steps, params: dict) -> np.ndarray | None:
 # %% ../nbs/13_analysis.ipynb 19
 def print_step(df: pd.DataFrame) -> float | None:
     "The log's print step: the finest `value_quantum` of its metric columns, `None` if any has full precision."
-    quanta = [value_quantum(df[c]) for c in df.columns if pd.api.types.is_numeric_dtype(df[c]) and c != 'wall_time'
-              and np.any(np.nan_to_num(df[c].to_numpy(float)) != 0)]
+    quanta = [value_quantum(df[c]) for c in metric_columns(df) if np.any(np.nan_to_num(df[c].to_numpy(float)) != 0)]
     return None if not quanta or any(q is None for q in quanta) else min(quanta)
 
 def lr_analysis(df: pd.DataFrame, params: dict) -> tuple[dict, np.ndarray | None]:
@@ -243,8 +244,9 @@ def loss_composition(df: pd.DataFrame, params: dict) -> dict | None:
     c = {k: _col(df, k) for k in ('total_loss', 'nll_loss', 'kl_loss', 'd_weight', 'disc_factor', 'g_loss')}
     if any(v is None for v in c.values()): return None
     x = {k: df[v].to_numpy(float) for k, v in c.items()}
-    adv = x['d_weight'] * x['disc_factor'] * x['g_loss']
-    implied = (x['total_loss'] - x['nll_loss'] - adv) / x['kl_loss']
+    with np.errstate(invalid='ignore', divide='ignore'):  # inf * 0 and x / 0 become NaN and are filtered below
+        adv = x['d_weight'] * x['disc_factor'] * x['g_loss']
+        implied = (x['total_loss'] - x['nll_loss'] - adv) / x['kl_loss']
     # the adversarial term carries lambda (up to 1e4) times g's rounding error, so use rows where it is off
     quiet = np.isfinite(implied) & (x['disc_factor'] == 0) & (x['kl_loss'] > 0)
     use = quiet if quiet.any() else np.isfinite(implied)
@@ -259,9 +261,11 @@ def loss_composition(df: pd.DataFrame, params: dict) -> dict | None:
     return out
 
 # %% ../nbs/13_analysis.ipynb 31
+BOOKKEEPING = ('timestamp', 'source', 'wall_time', 'elapsed_s', 'session', 'epoch', 'milestone', 'total_steps')
+
 def metric_columns(df: pd.DataFrame) -> list[str]:
-    "The numeric metric columns of a run table (not time, source or wall-clock columns)."
-    return [c for c in df.columns if c not in ('timestamp', 'source', 'wall_time') and pd.api.types.is_numeric_dtype(df[c])]
+    "The numeric metric columns of a run table (not time, source or the trainer's bookkeeping columns)."
+    return [c for c in df.columns if c not in BOOKKEEPING and pd.api.types.is_numeric_dtype(df[c])]
 
 def metric_stats(df: pd.DataFrame) -> dict:
     "Count, NaN/inf counts, first/final/min/max/mean/std (and their steps) of every metric column."
@@ -388,7 +392,7 @@ def statements(a: dict) -> list[str]:
                    + (f" (print step {_fmt(lv['quantum'])})." if lv['quantum'] else '.'))
     lc = a['loss_composition']
     if lc and lc.get('implied_kl_weight') is not None:
-        out.append(f"The logged terms imply a KL weight of {_fmt(lc['implied_kl_weight'], 3)} (5th-95th percentile {_fmt(lc['implied_kl_weight_p05'], 3)}-{_fmt(lc['implied_kl_weight_p95'], 3)})"
+        out.append(f"The logged terms imply a KL weight of {_fmt(lc['implied_kl_weight'], 3)} (5th-95th percentile {_fmt(lc['implied_kl_weight_p05'], 5)} to {_fmt(lc['implied_kl_weight_p95'], 5)})"
                    + (f"; the config says {_fmt(lc['config_kl_weight'])}." if lc.get('config_kl_weight') is not None else '.'))
     if lc and lc.get('mean_adversarial_term') is not None:
         out.append(f"In the adversarial phase the term d_weight x disc_factor x g_loss averages {_fmt(lc['mean_adversarial_term'])} against a mean nll_loss of "
@@ -403,3 +407,159 @@ def statements(a: dict) -> list[str]:
     out.append(f"Infinite values: {', '.join(f'{c} {n}' for c, n in bad.items())}." if bad else 'No metric is ever infinite.')
     out.append(f"NaN or missing values: {', '.join(f'{c} {n}' for c, n in nan.items())}." if nan else 'No metric is ever NaN or missing.')
     return out
+
+# %% ../nbs/13_analysis.ipynb 43
+def group_inputs(paths) -> list[tuple[str, list[Path]]]:
+    "Group inputs into runs: each folder is a run; files in the same folder are one run. Returns `(name, paths)`."
+    groups, names = {}, []
+    for p in map(Path, paths):
+        key = p.resolve() if p.is_dir() else p.resolve().parent
+        if key not in groups: groups[key] = []; names.append(key)
+        groups[key].append(p)
+    out, used = [], set()
+    for key in names:
+        name = key.name or 'run'; n = 2
+        while name in used: name = f'{key.name}-{n}'; n += 1
+        used.add(name); out.append((name, groups[key]))
+    return out
+
+# %% ../nbs/13_analysis.ipynb 45
+def display_path(p) -> str:
+    "A path as shown in reports: relative to the repository (or the working folder) when inside it."
+    from radiodiff_vae.core import data_dir
+    p = Path(p).resolve()
+    for root in (data_dir().resolve().parent, Path.cwd().resolve()):
+        try: return str(p.relative_to(root))
+        except ValueError: pass
+    return str(p)
+
+def resolve_config_arg(config):
+    "`--config` value -> `(config dict or None, note)`: 'upstream' is `UPSTREAM_RADIODIFF_CONFIG`."
+    if config is None: return None, None
+    if isinstance(config, dict): return config, 'given as a dict'
+    if str(config).lower() == 'upstream': return UPSTREAM_RADIODIFF_CONFIG, 'UPSTREAM_RADIODIFF_CONFIG (' + UPSTREAM_CONFIG_NOTE + ')'
+    from radiodiff_vae.logs import load_config_file
+    if not Path(config).is_file(): raise ConfigError(f"--config {config}: no such file (give a YAML/JSON config file or 'upstream')")
+    return load_config_file(config), display_path(config)
+
+# %% ../nbs/13_analysis.ipynb 46
+def load_runs(inputs, config=None, smoothing: float = 0.9) -> list:
+    "Read and analyse each run in `inputs`; return `RunData` objects for the figures."
+    from radiodiff_vae.figures import RunData
+    debiased_ema([0.0], smoothing)  # validate early, before any reading
+    cfg, note = resolve_config_arg(config)
+    runs = []
+    for name, paths in group_inputs(inputs):
+        df, info = read_run(*paths, config=cfg)
+        info['sources'] = [display_path(s) for s in info['sources']]
+        if cfg is None and info.get('config_source'): note_run = display_path(info['config_source'].split(' (')[0]) + (' (first line)' if 'first line' in info['config_source'] else '')
+        else: note_run = note
+        a, table = analyze_run(df, info, cfg, note_run, name=name)
+        a['samples'] = [display_path(s) for s in info['samples']]
+        runs.append(RunData(name, table, a, info['samples']))
+    return runs
+
+# %% ../nbs/13_analysis.ipynb 47
+def _table_csv(runs) -> str:
+    "The tidy table(s) as CSV text: a `step` column first, a `run` column when there are several runs."
+    frames = []
+    for r in runs:
+        t = r.table.reset_index()
+        if len(runs) > 1: t.insert(0, 'run', r.name)
+        frames.append(t)
+    return pd.concat(frames, ignore_index=True).to_csv(index=False)
+
+def _md_table(header, rows) -> str:
+    "A Markdown table."
+    return '\n'.join(['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)] + ['| ' + ' | '.join(map(str, r)) + ' |' for r in rows])
+
+# %% ../nbs/13_analysis.ipynb 48
+FIGURE_CAPTIONS = {
+    'figure_1_training_phases.png': 'Total loss per image against step (symmetric-log axis where it crosses zero); the dashed line is the discriminator start, the shaded span the reconstruction-only phase.',
+    'figure_2_loss_components.png': 'Loss components: (a) total loss and the NLL (reconstruction) term, (b) KL divergence, (c) generator loss, (d) learning rate (logged where usable, else recomputed from the config\'s schedule).',
+    'figure_3_multi_axis.png': 'The differently scaled components on their own y axes (colour-matched).',
+    'figure_4_normalized_comparison.png': 'Each smoothed component scaled to its own [min, max], to compare shapes.',
+    'figure_5_dashboard.png': 'Summary dashboard: six metric panels, the derived key numbers and the last sample image.',
+}
+
+def _run_section(a: dict, level: str = '##') -> str:
+    "The Markdown report section of one run."
+    p, out = a['params'], []
+    out.append(f"{level} Inputs\n\n" + '\n'.join(f"- `{s}`" for s in a['inputs'] or [])
+               + f"\n\nKinds: {', '.join(a['input_kinds'] or [])}; {a['records']:,} records -> {a['rows']:,} logged steps; "
+               f"{a['skipped_lines']:,} non-blank line(s) skipped (progress bars, garbage, cut-off lines); {len(a['steps']['resumes'])} resume(s).")
+    cfg_rows = [(k, f'`{p[k]}`', 'default' if k in p['_defaulted'] else ('config' if p[k] is not None else 'not given'))
+                for k in PARAM_ALIASES if k in p]
+    out.append(f"{level} Configuration\n\nSource: {a['config_source'] or 'none found (config-dependent quantities are omitted)'}.\n\n"
+               + _md_table(('parameter', 'value', 'from'), cfg_rows))
+    ph = a['phases']
+    if ph['phases']:
+        out.append(f"{level} Phases\n\n" + _md_table(('phase', 'first step', 'last step', 'logged steps'),
+                   [(x['name'], f"{x['first_step']:,}", f"{x['last_step']:,}", f"{x['rows']:,}") for x in ph['phases']]))
+    rows = []
+    for c, s in a['metrics'].items():
+        if 'final' not in s: rows.append((c, *(['-'] * 5), s['missing_or_nan'], s['pos_inf'] + s['neg_inf'])); continue
+        rows.append((f'`{c}`', _fmt(s['first']), _fmt(s['final']), f"{_fmt(s['min'])} @ {s['min_step']:,}", f"{_fmt(s['max'])} @ {s['max_step']:,}",
+                     _fmt(s['mean']), s['missing_or_nan'], s['pos_inf'] + s['neg_inf']))
+    out.append(f"{level} Metrics\n\n" + _md_table(('metric', 'first', 'final', 'min @ step', 'max @ step', 'mean', 'NaN/missing', 'inf'), rows))
+    out.append(f"{level} What the data show\n\nEach statement is computed from the table and the configuration above "
+               "(`training_analysis.json` holds the numbers).\n\n" + '\n'.join(f'- {s}' for s in a['statements']))
+    return '\n\n'.join(out)
+
+def report_markdown(runs, figures: dict, smoothing: float) -> str:
+    "`REPORT.md` for one run or several overlaid by step."
+    names = ', '.join(r.name for r in runs)
+    head = (f"# Training report: {names}\n\nGenerated by `radiodiff-vae analyze` (module `radiodiff_vae.analysis`). Every number and "
+            f"statement below is computed from the logged data and the stated configuration; curves are smoothed with a debiased "
+            f"EMA of factor {smoothing} (raw values drawn faint)." + (' Runs are overlaid aligned by step.' if len(runs) > 1 else ''))
+    body = [_run_section(runs[0].analysis)] if len(runs) == 1 else [f"## Run `{r.name}`\n\n" + _run_section(r.analysis, '###') for r in runs]
+    figs = [f"![{n}]({n})\n\n*{FIGURE_CAPTIONS.get(n, 'Sample images in milestone order (milestone m is step m x save_every).')}*"
+            for n in figures]
+    return '\n\n'.join([head] + body + ['## Figures\n\n' + '\n\n'.join(figs)]) + '\n'
+
+def summary_text(runs) -> str:
+    "`training_summary.txt`: the statements and key numbers of each run in plain text."
+    parts = []
+    for r in runs:
+        a = r.analysis
+        parts.append(f"Run: {r.name}\nInputs: {', '.join(a['inputs'] or [])}\nConfig: {a['config_source'] or 'none'}\n\n"
+                     + '\n'.join(f'* {s}' for s in a['statements']) + '\n\nFinal values:\n'
+                     + '\n'.join(f"  {c:<24} {_fmt(s.get('final'))}  (min {_fmt(s.get('min'))}, max {_fmt(s.get('max'))}, mean {_fmt(s.get('mean'))})"
+                                 for c, s in a['metrics'].items()))
+    return '\n\n'.join(parts) + '\n'
+
+# %% ../nbs/13_analysis.ipynb 49
+def write_analysis(inputs, out_dir, config=None, smoothing: float = 0.9, dpi: int = 110) -> dict:
+    "Analyse `inputs` (runs) and write the CSV, JSON, summary, figures and `REPORT.md` into `out_dir`."
+    from radiodiff_vae.figures import save_figures
+    runs = load_runs(inputs, config, smoothing)
+    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    figures = save_figures(runs, out, smoothing, dpi=dpi)
+    analyses = [dict(r.analysis, figures=list(figures), smoothing=smoothing) for r in runs]
+    doc = analyses[0] if len(runs) == 1 else dict(runs=analyses, aligned_by='step', figures=list(figures), smoothing=smoothing)
+    written = dict(figures)
+    for name, text in (('training_data_parsed.csv', _table_csv(runs)), ('training_analysis.json', json.dumps(_jsonable(doc), indent=1, allow_nan=False)),
+                       ('training_summary.txt', summary_text(runs)), ('REPORT.md', report_markdown(runs, figures, smoothing))):
+        written[name] = atomic_write_text(out/name, text)
+    return dict(runs=runs, written=written)
+
+# %% ../nbs/13_analysis.ipynb 51
+def add_analyze_args(parser):
+    "Arguments of `radiodiff-vae analyze`."
+    parser.add_argument('inputs', nargs='+', metavar='RUN_OR_LOG',
+                        help='run folders or log files (upstream *.log, metrics.jsonl, parsed *.csv, TensorBoard events); '
+                             'files in one folder form one run, several runs are overlaid by step')
+    parser.add_argument('--out', required=True, help='output folder for the CSV, JSON, summary, figures and REPORT.md')
+    parser.add_argument('--smoothing', type=float, default=0.9, help='debiased-EMA smoothing factor in [0, 1) (default 0.9)')
+    parser.add_argument('--config', default=None,
+                        help="YAML/JSON config of the run(s), or 'upstream' for upstream RadioDiff's published config "
+                             '(for data without a config, such as the published parsed CSV)')
+    parser.add_argument('--dpi', type=int, default=110, help='figure resolution (default 110)')
+    return parser
+
+def run_analyze(args) -> int:
+    "Run `radiodiff-vae analyze`; returns the exit status."
+    res = write_analysis(args.inputs, args.out, config=args.config, smoothing=args.smoothing, dpi=args.dpi)
+    for r in res['runs']: print(f"{r.name}: {r.analysis['rows']:,} logged steps, {r.analysis['skipped_lines']:,} skipped lines")
+    print(f"wrote {len(res['written'])} files to {args.out}")
+    return 0

@@ -109,7 +109,7 @@ def _timestamp_from(value):
 def read_jsonl(path) -> tuple[list[dict], dict]:
     "Parse this project's `metrics.jsonl` (one JSON object per logged step)."
     path = Path(path)
-    records, skipped, blank = [], 0, 0
+    records, skipped, blank, total = [], 0, 0, None
     for seg, _ in _segments(path.read_bytes().decode('utf-8', errors='replace')):
         if not seg.strip(): blank += 1; continue
         try: obj = json.loads(seg) if len(seg) <= MAX_SEGMENT_CHARS else None
@@ -119,13 +119,13 @@ def read_jsonl(path) -> tuple[list[dict], dict]:
         rec = {'step': obj['step'], '_line': len(records)}
         for k, v in obj.items():
             if k == 'step': continue
+            if k == 'total_steps' and isinstance(v, int): total = max(total or 0, v); continue
             if k in ('timestamp', 'wall_time', 'time'):
                 if (ts := _timestamp_from(v)) is not None: rec['timestamp'] = ts
                 if k == 'wall_time' and isinstance(v, (int, float)) and not isinstance(v, bool): rec['wall_time'] = float(v)
             elif isinstance(v, (int, float)) and not isinstance(v, bool): rec[RENAMES.get(k, k)] = float(v)
             elif v is None: rec[RENAMES.get(k, k)] = float('nan')
         records.append(rec)
-    total = None
     return records, dict(path=str(path), kind='jsonl', records=len(records), skipped_lines=skipped,
                          blank_lines=blank, config=None, total_steps=total)
 
