@@ -1,0 +1,204 @@
+"""The docs site: README generation, the notebook-to-page converter, and the built site in a headless browser.
+
+The browser test builds the site with `python docs/build_docs.py` (executing every notebook in a fresh kernel;
+executed notebooks are cached in build/docs/executed/), serves site/ on 127.0.0.1 and drives Debian's Chromium
+through selenium + chromedriver. Screenshots go to $DOCS_SCREENSHOTS (default build/docs/screenshots/).
+"""
+import base64, functools, http.server, importlib.util, json, os, re, shutil, socket, subprocess, sys, tempfile
+import threading, time, urllib.error, urllib.parse, urllib.request
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SITE = ROOT / 'site'
+
+
+def _load_builder():
+    spec = importlib.util.spec_from_file_location('build_docs', ROOT / 'docs' / 'build_docs.py')
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    return mod
+
+
+bd = _load_builder()
+
+
+# ------------------------------------------------------------------ fast tests
+def test_readme_is_the_index_notebook():
+    "README.md is exactly nbs/index.ipynb after nbdev's processing (regenerate with `make readme`)."
+    expected = bd.build_readme(out=None)
+    actual = (ROOT / 'README.md').read_text(encoding='utf-8')
+    assert actual == expected, 'README.md differs from nbs/index.ipynb: run `make readme`'
+    assert expected.startswith('# ') and 'DO NOT EDIT' in expected
+
+
+def _png_1x1():
+    return base64.b64encode(bytes.fromhex(
+        '89504e470d0a1a0a0000000d4948445200000001000000010806000000'
+        '1f15c4890000000d49444154789c63f8cfc0f01f0005000201a5e36d0a0000000049454e44ae426082')).decode()
+
+
+def test_converter_renders_directives_outputs_and_links():
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_raw_cell('---\ntitle: Demo\ndescription: A demo page\noutput-file: demo.html\n---\n'),
+        nbformat.v4.new_markdown_cell(f'See [`f`]({bd.doc_prefix()}core.html#f) and [the model](07_autoencoder.ipynb#top).'),
+        nbformat.v4.new_code_cell('#| echo: false\n#| output: asis\nshow_doc(f)', outputs=[
+            nbformat.v4.new_output('execute_result', data={'text/markdown': '---\n\n### f\n\n>      f (x)\n\n*Doc.*',
+                                                            'text/plain': '<...>'}, execution_count=1)]),
+        nbformat.v4.new_code_cell('print("a")', outputs=[nbformat.v4.new_output('stream', name='stdout',
+                                                                                text='10%\r50%\r100%\ndone\n')]),
+        nbformat.v4.new_code_cell('plot()', outputs=[nbformat.v4.new_output('display_data', data={
+            'image/png': _png_1x1(), 'text/plain': '<Figure size 10x10 with 1 Axes>'})]),
+        nbformat.v4.new_code_cell('#| include: false\nsecret()'),
+        nbformat.v4.new_code_cell('#| output: false\nnoisy()', outputs=[nbformat.v4.new_output('stream', name='stdout', text='noise')]),
+    ]
+    conv = bd.Converter({'07_autoencoder.ipynb': 'model.md'})
+    md, files = conv.convert(nb, 'pipelines/demo.md')
+    assert md.startswith('# Demo\n') and '> A demo page' in md
+    assert '(../core.html#f)' in md and '(../model.html#top)' in md and bd.doc_prefix() not in md
+    assert 'show_doc' not in md and '### f { #f }' in md          # echo: false hides the call, asis keeps the doc
+    assert '100%\ndone' in md and '10%' not in md                 # carriage returns as a terminal shows them
+    assert 'secret' not in md and 'noise' not in md and 'noisy()' in md
+    (name, data), = files.items()
+    assert name == 'demo_files/cell4_out0.png' and data.startswith(b'\x89PNG') and f']({name})' in md
+    assert bd.page_name(Path('07_autoencoder.ipynb'), {}) == 'autoencoder.md'
+    assert bd.page_name(Path('index.ipynb'), {'output-file': 'index.html'}) == 'index.md'
+
+
+def test_notebook_order_and_scratch_notebooks_left_out():
+    rels = bd.find_notebooks()
+    top = [r for r in rels if not bd.is_pipeline(r)]
+    assert top == sorted(top, key=lambda r: r.name) and all(not r.name.startswith('_') for r in rels)
+    assert Path('index.ipynb') in rels and Path('00_core.ipynb') in rels
+
+
+# ------------------------------------------------------------------ the site in a browser
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+
+def _fresh_build():
+    "build_info.json of a complete build newer than every notebook, package and docs source, else None."
+    f = ROOT / 'build' / 'docs' / 'build_info.json'
+    if not f.exists(): return None
+    info = json.loads(f.read_text())
+    if os.environ.get('DOCS_REUSE') == '1': return info  # developers: reuse whatever was built last
+    sources = [*(ROOT / 'nbs').rglob('*.ipynb'), *(ROOT / 'radiodiff_vae').rglob('*.py'), *(ROOT / 'docs').iterdir(),
+               ROOT / 'settings.ini']
+    if info.get('left_out') or info.get('allow_errors') or f.stat().st_mtime < max(p.stat().st_mtime for p in sources):
+        return None
+    return info
+
+
+@pytest.fixture(scope='module')
+def built_site():
+    info = _fresh_build()
+    if info is not None:
+        print(f'\nreusing the docs build of {info["seconds"]} s (`make docs`); per notebook (s): {info["timings"]}')
+        return info
+    t0 = time.time()
+    r = subprocess.run([sys.executable, str(ROOT / 'docs' / 'build_docs.py')], cwd=ROOT, capture_output=True,
+                       text=True, timeout=3600)
+    assert r.returncode == 0, f'docs build failed:\n{r.stdout[-5000:]}\n{r.stderr[-5000:]}'
+    info = json.loads((ROOT / 'build' / 'docs' / 'build_info.json').read_text())
+    print(f'\ndocs build: {time.time() - t0:.1f} s; per notebook (s): {info["timings"]}')
+    return info
+
+
+@pytest.fixture(scope='module')
+def server(built_site):
+    handler = functools.partial(QuietHandler, directory=str(SITE))
+    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', _free_port()), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True); thread.start()
+    yield f'http://127.0.0.1:{httpd.server_address[1]}/'
+    httpd.shutdown(); httpd.server_close(); thread.join(10)
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args): pass
+
+
+@pytest.fixture(scope='module')
+def browser():
+    webdriver = pytest.importorskip('selenium.webdriver')
+    from selenium.webdriver.chrome.service import Service
+    chromium = shutil.which('chromium') or shutil.which('chromium-browser')
+    driver_path = shutil.which('chromedriver')
+    assert chromium and driver_path, 'install Debian packages chromium and chromium-driver (.ci/run does)'
+    profile = tempfile.mkdtemp(prefix='docs-chromium-')
+    opts = webdriver.ChromeOptions(); opts.binary_location = chromium
+    for flag in ('--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+                 '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-quic',
+                 '--disable-dev-shm-usage', f'--user-data-dir={profile}', '--window-size=1280,900'):
+        opts.add_argument(flag)
+    drv = webdriver.Chrome(service=Service(executable_path=driver_path), options=opts)
+    drv.set_page_load_timeout(60)
+    yield drv
+    drv.quit(); shutil.rmtree(profile, ignore_errors=True)
+
+
+def _screenshot(drv, path):
+    height = drv.execute_script('return Math.min(document.documentElement.scrollHeight, 4000)')
+    drv.set_window_size(1280, max(900, height)); drv.save_screenshot(str(path)); drv.set_window_size(1280, 900)
+
+
+@pytest.mark.slow
+def test_site_in_headless_chromium(built_site, server, browser):
+    info = built_site
+    assert not info['left_out'], f'pages left out: {info["left_out"]}'
+    pages = [p.replace('.md', '.html') for p in info['pages']]
+    nb_pages = {bd.page_name(Path(r), bd.front_matter(nbformat.read(ROOT / 'build/docs/proc' / r, as_version=4)))
+                for r in info['notebooks']}
+    assert {p.replace('.html', '.md') for p in pages} == nb_pages, 'every notebook of nbs/ is a page'
+    shots = Path(os.environ.get('DOCS_SCREENSHOTS', ROOT / 'build' / 'docs' / 'screenshots'))
+    shots.mkdir(parents=True, exist_ok=True)
+    links, problems = set(), []
+    component = next((p for p in pages if p != 'index.html' and list((SITE / Path(p).parent).glob(
+        f'{Path(p).stem}_files/*.png'))), next((p for p in pages if p != 'index.html'), None))
+    for page in pages:
+        browser.get(server + page)
+        title = info['titles'][page.replace('.html', '.md')]
+        if not browser.title.startswith(title): problems.append(f'{page}: title {browser.title!r}, expected {title!r}')
+        deadline = time.time() + 20
+        while time.time() < deadline and not browser.execute_script(
+                'return [...document.images].every(i => i.complete)'): time.sleep(0.2)
+        for src, width in browser.execute_script(
+                'return [...document.images].map(i => [i.currentSrc || i.src, i.naturalWidth])'):
+            if not width: problems.append(f'{page}: image did not load: {src}')
+        if not browser.find_elements('css selector', 'article h1'): problems.append(f'{page}: no h1 heading')
+        links |= {h for h in browser.execute_script('return [...document.querySelectorAll("a[href]")].map(a => a.href)')
+                  if h.startswith(server)}
+        if page == 'index.html': _screenshot(browser, shots / 'home.png')
+        if page == component: _screenshot(browser, shots / f'component_{Path(page).stem}.png')
+    missing_anchors = []
+    for link in sorted(links):
+        url, _, frag = link.partition('#')
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                status, body = r.status, r.read().decode('utf-8', 'replace')
+        except urllib.error.HTTPError as e: status, body = e.code, ''
+        if status != 200: problems.append(f'link {link}: HTTP {status}'); continue
+        if frag and url.endswith('.html') and f'id="{urllib.parse.unquote(frag)}"' not in body:
+            missing_anchors.append(link)
+    print(f'\n{len(pages)} pages, {len(links)} internal links; screenshots in {shots}')
+    if missing_anchors: print(f'links to anchors that do not exist (not a failure): {missing_anchors}')
+    assert not problems, '\n'.join(problems)
+    assert (shots / 'home.png').stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_every_exported_name_is_documented(built_site):
+    "Each top-level name in _modidx has its show_doc entry on the page and anchor nbdev links to."
+    from radiodiff_vae._modidx import d
+    missing = []
+    for mod, syms in d['syms'].items():
+        for name, (doc, _src) in syms.items():
+            if name.count('.') != 2: continue  # methods are documented where the notebook shows them
+            page, _, anchor = doc.partition('#')
+            html = SITE / page
+            if not html.exists() or f'id="{anchor}"' not in html.read_text(encoding='utf-8'):
+                missing.append(f'{name} -> {doc}')
+    assert not missing, 'not documented in the site:\n' + '\n'.join(missing)
