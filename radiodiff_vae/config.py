@@ -101,6 +101,7 @@ TRAINER_SCHEMA = {
     'seed': ('int', 0, 'seed of weights, noise and data order'),
     'mixed_precision': ('choice:no|bf16|fp16?', None, 'null: fp16 if trainer.fp16 else no'),
     'cpu': ('bool', False, 'force the CPU even where a GPU exists'),
+    'num_threads': ('int?', None, 'torch CPU threads (null: torch default; 1 is fastest on a busy machine)'),
     'skip_nonfinite': ('bool', False, 'skip a batch with a NaN/inf loss instead of stopping'),
     'max_nonfinite_skips': ('int', 100, 'stop anyway after this many skipped batches'),
     'tensorboard': ('bool', True, 'write TensorBoard scalars'),
@@ -229,6 +230,7 @@ def validate_config(cfg: dict) -> dict:
     _require(0 <= t['ema_decay'] < 1, f"trainer.ema_decay: must be in [0, 1), got {t['ema_decay']}")
     _require(t['grad_clip_norm'] is None or t['grad_clip_norm'] > 0, f"trainer.grad_clip_norm: must be > 0 or null, got {t['grad_clip_norm']}")
     _require(len(t['betas']) == 2 and all(0 <= b < 1 for b in t['betas']), f"trainer.betas: expected two values in [0, 1), got {t['betas']}")
+    _require(t['num_threads'] is None or t['num_threads'] > 0, f"trainer.num_threads: must be positive or null, got {t['num_threads']}")
     for key in ('warmup_steps', 'resume_milestone', 'max_nonfinite_skips', 'sample_maps'):
         _require(t[key] >= 0, f'trainer.{key}: must be >= 0, got {t[key]}')
     disc_start = m['lossconfig']['disc_start']
@@ -316,7 +318,7 @@ def dump_config(cfg: dict) -> str:
 # %% ../nbs/10_config.ipynb 43
 RESUME_MUTABLE = {('trainer', k) for k in ('train_num_steps', 'save_and_sample_every', 'log_freq', 'results_folder',
                                            'resume_milestone', 'skip_nonfinite', 'max_nonfinite_skips', 'tensorboard',
-                                           'sample_maps', 'cpu', 'amp')} | {('data', 'num_workers'), ('data', 'root')}
+                                           'sample_maps', 'cpu', 'amp', 'num_threads')} | {('data', 'num_workers'), ('data', 'root')}
 
 def config_differences(a: dict, b: dict) -> list[str]:
     "Dotted keys whose values differ between resolved configs `a` and `b`, ignoring RESUME_MUTABLE keys."
