@@ -233,6 +233,9 @@ def validate_config(cfg: dict) -> dict:
     _require(t['num_threads'] is None or t['num_threads'] > 0, f"trainer.num_threads: must be positive or null, got {t['num_threads']}")
     for key in ('warmup_steps', 'resume_milestone', 'max_nonfinite_skips', 'sample_maps'):
         _require(t[key] >= 0, f'trainer.{key}: must be >= 0, got {t[key]}')
+    _require(t['warmup_steps'] < t['train_num_steps'], f"trainer.warmup_steps: must be < trainer.train_num_steps={t['train_num_steps']}, got {t['warmup_steps']}")
+    _require(t['schedule'] not in ('poly', 'cosine') or t['min_lr'] <= min(t['lr'], t['disc_lr'] or t['lr']),
+             f"trainer.min_lr: for schedule {t['schedule']!r} it is an absolute learning rate and must be <= trainer.lr, got {t['min_lr']} > {t['lr']}")
     disc_start = m['lossconfig']['disc_start']
     _require(0 <= disc_start <= t['train_num_steps'], f'model.lossconfig.disc_start: must be in [0, trainer.train_num_steps'
              f"={t['train_num_steps']}] or the discriminator never trains; got {disc_start}")

@@ -281,8 +281,7 @@ def _line(self, message: str):
 
 def _record(self, record: dict):
     "Append one JSON record to metrics.jsonl and its numbers to TensorBoard."
-    record = {k: (_clean(v) if isinstance(v, (float, int, torch.Tensor, np.floating)) and not isinstance(v, bool) and k != 'step' else v)
-              for k, v in record.items()}
+    record = {k: (_clean(v) if isinstance(v, (float, torch.Tensor, np.floating)) else v) for k, v in record.items()}
     record['session'] = self.session
     self._append(self.metrics_path, json.dumps(record) + '\n')
     if self.writer is not None:

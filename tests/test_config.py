@@ -86,3 +86,9 @@ def test_config_differences_ignores_bookkeeping():
 def test_schema_table_covers_every_leaf():
     keys = [r[0] for r in schema_table()]
     assert 'model.ddconfig.ch' in keys and 'trainer.skip_nonfinite' in keys and len(keys) == len(set(keys))
+
+def test_schedule_settings_checked_at_load():
+    with pytest.raises(ConfigError, match='trainer.warmup_steps'):
+        load_config(CONFIGS/'quickstart.yaml', ['trainer.warmup_steps=400'])
+    with pytest.raises(ConfigError, match='trainer.min_lr'):
+        load_config(CONFIGS/'quickstart.yaml', ['trainer.min_lr=0.1'])

@@ -1,0 +1,245 @@
+"Trainer: exact resume, logs, checkpoints, run-folder safety, numerical faults, write failures, upstream checkpoints."
+import ast, copy, errno, json, os, re, shutil, socket
+from pathlib import Path
+import pytest, torch
+from radiodiff_vae import trainer as tr
+from radiodiff_vae.trainer import train, Trainer, NonFiniteLossError, list_checkpoints
+from radiodiff_vae.config import resolve_config
+from radiodiff_vae.core import RunFolderError, CheckpointError, ConfigError, RadioDiffError
+from radiodiff_vae.schedules import lr_at
+
+TINY = {'model': {'ddconfig': {'ch': 32, 'ch_mult': [1, 2], 'num_res_blocks': 1, 'resolution': 32},
+                  'lossconfig': {'disc_start': 6, 'perceptual_weight': 0.0, 'lpips_pretrained': False, 'disc_ndf': 8}},
+        'data': {'source': 'synthetic', 'size': 32, 'n_maps': 24, 'val_maps': 2, 'batch_size': 4},
+        'trainer': {'lr': 1e-3, 'min_lr': 1e-5, 'schedule': 'cosine', 'warmup_steps': 2, 'train_num_steps': 12,
+                    'save_and_sample_every': 3, 'log_freq': 1, 'ema_update_every': 1, 'learn_logvar': True,
+                    'tensorboard': False, 'num_threads': 1}}
+
+def tiny(**changes):
+    "TINY with dotted-key changes, e.g. tiny(**{'trainer.seed': 3})."
+    cfg = copy.deepcopy(TINY)
+    for key, value in changes.items():
+        node = cfg
+        *path, last = key.split('.')
+        for k in path: node = node.setdefault(k, {})
+        node[last] = value
+    return cfg
+
+def snapshot(folder):
+    "name -> (size, mtime) of every file under `folder`."
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in Path(folder).rglob('*') if p.is_file()}
+
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory):
+    "An uninterrupted 12-step run (TensorBoard on)."
+    out = tmp_path_factory.mktemp('runs')/'straight'
+    summary = train(tiny(**{'trainer.tensorboard': True}), out, progress=False)
+    return out, summary
+
+def load(path): return torch.load(path, map_location='cpu', weights_only=False)
+
+def test_interrupted_run_resumes_to_identical_weights(straight, tmp_path):
+    out, _ = straight
+    first = train(TINY, tmp_path/'b', progress=False, stop_at=6)
+    assert first['step'] == 6 and [m for m, _ in list_checkpoints(tmp_path/'b')] == [1, 2]
+    second = train(TINY, tmp_path/'b', progress=False, resume='latest')
+    assert second['start_step'] == 6 and second['step'] == 12
+    a, b = load(out/'model-4.pt'), load(tmp_path/'b'/'model-4.pt')
+    for key in ('model', 'loss', 'ema'):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]: assert torch.equal(a[key][k], b[key][k]), f'{key}.{k} differs'
+    for opt in ('opt_ae', 'opt_disc'):
+        for pid, st in a[opt]['state'].items():
+            for k, v in st.items(): assert torch.equal(v, b[opt]['state'][pid][k]), f'{opt} state {pid}.{k} differs'
+    assert a['lr_scheduler_ae'] == b['lr_scheduler_ae'] and a['data_state'] == b['data_state'] and a['step'] == b['step'] == 12
+    assert torch.equal(a['rng'][0]['torch'], b['rng'][0]['torch'])
+
+def test_checkpoint_has_upstream_and_our_keys(straight):
+    out, summary = straight
+    ck = load(out/'model-4.pt')
+    upstream = {'model', 'opt_ae', 'opt_disc', 'lr_scheduler_ae', 'lr_scheduler_disc', 'ema', 'scaler', 'step'}
+    assert upstream | {'config', 'rng', 'data_state', 'loss', 'version'} <= set(ck)
+    assert ck['config'] == resolve_config(TINY | {'trainer': TINY['trainer'] | {'tensorboard': True}})
+    assert all(k.startswith('ema_model.') for k in ck['ema'] if k not in ('step', 'initted', 'updates'))
+    assert 'logvar' in ck['loss'] and any(k.startswith('discriminator.') for k in ck['loss'])
+    assert sorted(p.name for p in out.glob('sample-*.png')) == [f'sample-{i}.png' for i in range(1, 5)]
+    assert not list(out.glob('.*.tmp')) and not (out/'.lock').exists()
+    from radiodiff_vae.model import AutoencoderKL
+    ema = AutoencoderKL.from_checkpoint(out/'model-4.pt', use_ema=True)
+    assert torch.equal(ema.decoder.conv_out.weight, ck['ema']['ema_model.decoder.conv_out.weight'])
+    assert summary['val'] is not None and summary['val']['val/psnr'] > 0
+
+def test_text_log_upstream_format_and_readable_lr(straight):
+    out, _ = straight
+    lines = next(out.glob('*_.log')).read_text().splitlines()
+    assert re.fullmatch(r'\d{4}-\d\d-\d\d-\d\d-\d\d_\.log', next(out.glob('*_.log')).name)
+    stamp = r'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} '
+    assert re.match(stamp + r'\{', lines[0])
+    assert ast.literal_eval(lines[0][24:]) == load(out/'model-4.pt')['config']
+    steps = [l for l in lines if '[Train Step]' in l]
+    assert len(steps) == 2 * 12
+    ae_keys = ['train/total_loss', 'train/logvar', 'train/kl_loss', 'train/nll_loss', 'train/rec_loss', 'train/d_weight',
+               'train/disc_factor', 'train/g_loss', 'lr']
+    for i in range(12):
+        ae, disc = steps[2 * i], steps[2 * i + 1]
+        assert re.match(stamp + rf'\[Train Step\] {i}/12: ', ae) and ae.endswith(', ')
+        assert re.findall(r'([\w/]+): ', ae.split(': ', 1)[1]) == ae_keys
+        assert re.findall(r'([\w/]+): ', disc.split(': ', 1)[1]) == ['train/disc_loss', 'train/logits_real', 'train/logits_fake', 'lr']
+        lr = float(re.search(r'lr: ([^,]+),', ae).group(1))
+        assert lr > 0 and lr == pytest.approx(lr_at('cosine', i, 12, base_lr=1e-3, min_lr=1e-5, warmup_steps=2), rel=1e-9)
+    assert 'train/disc_factor: 1' in steps[2 * 6] and 'train/disc_factor: 0' in steps[2 * 5]
+
+def test_metrics_jsonl_and_tensorboard(straight):
+    out, _ = straight
+    recs = [json.loads(l) for l in (out/'metrics.jsonl').read_text().splitlines()]
+    train_recs = [r for r in recs if 'train/total_loss' in r]
+    assert [r['step'] for r in train_recs] == list(range(12))
+    for r in train_recs:
+        assert {'lr_ae', 'lr_disc', 'wall_time', 'steps_per_s', 'train/disc_loss', 'train/logits_real', 'grad_norm_ae'} <= set(r)
+    assert all(r['train/rec_loss'] is not None for r in train_recs)
+    assert [r['step'] for r in recs if 'val/psnr' in r] == [3, 6, 9, 12]
+    assert list((out/'tb').glob('events.out.tfevents.*'))
+    from radiodiff_vae.logs import read_run
+    df, info = read_run(out)
+    assert list(df.index) == list(range(13)) and df.loc[5, 'lr'] == pytest.approx(train_recs[5]['lr_ae'])
+
+def test_other_run_in_folder_is_refused_untouched(straight):
+    out, _ = straight
+    before = snapshot(out)
+    with pytest.raises(RunFolderError, match='model.ddconfig.ch'):
+        train(tiny(**{'model.ddconfig.ch': 64}), out, progress=False, resume='latest')
+    with pytest.raises(RunFolderError, match='--resume latest'):
+        train(TINY | {'trainer': TINY['trainer'] | {'tensorboard': True}}, out, progress=False)
+    assert snapshot(out) == before
+
+def test_checkpoint_of_another_architecture(straight, tmp_path):
+    out, _ = straight
+    with pytest.raises(CheckpointError, match='another architecture'):
+        train(tiny(**{'model.ddconfig.ch': 64}), tmp_path/'new', progress=False, resume=str(out/'model-4.pt'))
+    assert not (tmp_path/'new').exists() or list((tmp_path/'new').iterdir()) == []
+
+def test_damaged_latest_checkpoint(straight, tmp_path):
+    out, _ = straight
+    run = tmp_path/'copy'; shutil.copytree(out, run)
+    (run/'model-4.pt').write_bytes(b'\x00garbage')
+    before = snapshot(run)
+    with pytest.raises(CheckpointError, match='model-4.pt'):
+        train(TINY | {'trainer': TINY['trainer'] | {'tensorboard': True}}, run, progress=False, resume='latest')
+    assert snapshot(run) == before
+    s = train(TINY | {'trainer': TINY['trainer'] | {'tensorboard': True}}, run, progress=False, resume='latest',
+              skip_damaged=True, stop_at=9)
+    assert s['resumed_from'].endswith('model-3.pt') and s['step'] == 9
+
+def test_lock_refuses_live_owner_and_replaces_stale(tmp_path):
+    out = tmp_path/'locked'; out.mkdir()
+    (out/'.lock').write_text(json.dumps({'pid': os.getpid(), 'host': socket.gethostname()}))
+    with pytest.raises(RunFolderError, match=f'pid {os.getpid()}'):
+        train(TINY, out, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ['.lock']
+    (out/'.lock').write_text(json.dumps({'pid': 2**22 + 4321, 'host': socket.gethostname()}))
+    s = train(tiny(**{'trainer.train_num_steps': 2, 'trainer.warmup_steps': 0, 'model.lossconfig.disc_start': 1}), out, progress=False)
+    assert s['step'] == 2 and not (out/'.lock').exists()
+
+class PoisonedMaps(torch.utils.data.Dataset):
+    "Synthetic-like maps; every item drawn after the first `clean` draws is NaN (or only at draws in `at`)."
+    def __init__(self, n=16, clean=8, at=None): self.n, self.clean, self.at, self.draws = n, clean, at, 0
+    def __len__(self): return self.n
+    def __getitem__(self, i):
+        self.draws += 1
+        g = torch.Generator().manual_seed(i)
+        x = torch.rand(1, 32, 32, generator=g) * 2 - 1
+        bad = (self.draws in self.at) if self.at is not None else self.draws > self.clean
+        return {'image': x * float('nan') if bad else x, 'name': f'map{i}'}
+
+def test_nan_stops_with_step_term_and_diagnostic(tmp_path):
+    out = tmp_path/'nan'
+    cfg = tiny(**{'trainer.save_and_sample_every': 2, 'data.val_maps': 0})
+    with pytest.raises(NonFiniteLossError) as e:
+        train(cfg, out, progress=False, dataset=PoisonedMaps(clean=8))
+    msg = str(e.value)
+    assert 'step 2' in msg and 'train/nll_loss' in msg and 'model-1.pt' in msg and 'skip_nonfinite' in msg
+    diag = json.loads((out/'nonfinite-step2.json').read_text())
+    assert diag['step'] == 2 and diag['terms'][0] == 'train/nll_loss' and len(diag['batch']) == 4 and 'train/rec_loss' in diag['losses']
+    assert [m for m, _ in list_checkpoints(out)] == [1] and load(out/'model-1.pt')['step'] == 2
+    assert not (out/'.lock').exists()
+    assert '[Stop] step 2' in next(out.glob('*_.log')).read_text()
+
+def test_skip_nonfinite_counts_skips(tmp_path):
+    out = tmp_path/'skip'
+    cfg = tiny(**{'trainer.skip_nonfinite': True, 'trainer.train_num_steps': 6, 'trainer.save_and_sample_every': 6, 'model.lossconfig.disc_start': 3, 'data.val_maps': 0})
+    s = train(cfg, out, progress=False, dataset=PoisonedMaps(at={5, 14}))   # draws 5 and 14: steps 1 and 3
+    assert s['step'] == 6 and s['nonfinite_skips'] == 2
+    log = next(out.glob('*_.log')).read_text()
+    assert log.count('[Skip]') == 2 and 'skipped 2 so far' in log
+    recs = [json.loads(l) for l in (out/'metrics.jsonl').read_text().splitlines()]
+    assert max(r['nonfinite_skips'] for r in recs) == 2 and {1, 3}.isdisjoint(r['step'] for r in recs)
+    assert all(torch.isfinite(v).all() for v in load(out/'model-1.pt')['model'].values())
+
+def test_failed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
+    out = tmp_path/'full'
+    real, calls = tr.atomic_torch_save, []
+    def failing(obj, path):
+        calls.append(path)
+        if len(calls) == 2: raise OSError(errno.ENOSPC, 'No space left on device')
+        return real(obj, path)
+    monkeypatch.setattr(tr, 'atomic_torch_save', failing)
+    with pytest.raises(RunFolderError, match=r'model-2\.pt.*No space left.*model-1\.pt is intact'):
+        train(TINY, out, progress=False)
+    assert [m for m, _ in list_checkpoints(out)] == [1] and load(out/'model-1.pt')['step'] == 3
+    assert not list(out.glob('.*.tmp')) and not (out/'.lock').exists()
+
+def test_failed_log_write_is_a_run_folder_error(tmp_path, monkeypatch):
+    out = tmp_path/'ro'
+    def failing_open(path, mode='r', *a, **k):
+        if 'a' in mode and str(path).endswith('_.log') and failing_open.appends >= 5: raise OSError(errno.EROFS, 'Read-only file system')
+        failing_open.appends += 'a' in mode and str(path).endswith('_.log')
+        return open(path, mode, *a, **k)
+    failing_open.appends = 0
+    monkeypatch.setattr(tr, 'open', failing_open, raising=False)   # the trainer module's `open` only
+    with pytest.raises(RunFolderError, match=r'_\.log: cannot write the log \(Read-only file system\)'):
+        train(TINY, out, progress=False)
+    assert not (out/'.lock').exists()
+
+def make_upstream_checkpoint(ours: dict, path):
+    "An upstream-style model-N.pt (no config/rng; loss inside `model`; EMA of the whole model, LPIPS tensors) from one of ours."
+    model = dict(ours['model'])
+    model.update({f'loss.{k}': v for k, v in ours['loss'].items()})
+    model['loss.perceptual_loss.net.slice1.0.weight'] = torch.zeros(64, 3, 3, 3)
+    ema = {k: v for k, v in ours['ema'].items() if k.startswith('ema_model.')}
+    ema.update({'ema_model.loss.logvar': torch.tensor(0.), 'initted': torch.tensor(True), 'step': torch.tensor(12)})
+    opt_ae = copy.deepcopy(ours['opt_ae'])
+    logvar_id = opt_ae['param_groups'][1]['params'][0]
+    opt_ae['param_groups'] = opt_ae['param_groups'][:1]; opt_ae['state'].pop(logvar_id, None)
+    up = {'step': ours['step'], 'model': model, 'opt_ae': opt_ae, 'lr_scheduler_ae': ours['lr_scheduler_ae'],
+          'opt_disc': ours['opt_disc'], 'lr_scheduler_disc': ours['lr_scheduler_disc'], 'ema': ema, 'scaler': None}
+    torch.save(up, path)
+    return up
+
+def test_resume_from_upstream_checkpoint(straight, tmp_path):
+    out, _ = straight
+    up = make_upstream_checkpoint(load(out/'model-4.pt'), tmp_path/'model-4.pt')
+    cfg = tiny(**{'trainer.train_num_steps': 14, 'trainer.save_and_sample_every': 7})
+    t = Trainer(resolve_config(cfg), tmp_path/'cont', resume=str(tmp_path/'model-4.pt'), progress=False)
+    try:
+        assert t.step == 12 and t.batches_drawn == 12
+        for k, v in t.ae.state_dict().items(): assert torch.equal(v, up['model'][k])
+        assert torch.equal(t.loss.logvar.detach(), up['model']['loss.logvar'])
+        assert torch.equal(t.ema.ema_model.decoder.conv_out.weight, up['ema']['ema_model.decoder.conv_out.weight'])
+        assert len(t.opt_ae.param_groups) == 2 and t.sched_ae.last_epoch == 12
+        s = t.fit()
+    finally: t.lock.release()
+    assert s['step'] == 14 and (tmp_path/'cont'/'model-2.pt').exists()
+
+def test_bad_input_is_clear(tmp_path):
+    with pytest.raises(ConfigError, match='not found'): train(tmp_path/'nope.yaml', tmp_path/'x')
+    with pytest.raises(ConfigError, match='trainer.lrate'): train(tiny(**{'trainer.lrate': 1}), tmp_path/'x')
+    with pytest.raises(ConfigError, match='trainer.lr'): train(tiny(**{'trainer.lr': 'fast'}), tmp_path/'x')
+    with pytest.raises(CheckpointError, match='model-7.pt'): train(TINY, tmp_path/'x', resume=7, progress=False)
+    assert not (tmp_path/'x').exists() or [p.name for p in (tmp_path/'x').iterdir()] == []
+
+def test_cli_exit_codes(tmp_path, capsys):
+    assert tr.main(['--config', str(tmp_path/'missing.yaml')]) == 2
+    assert 'missing.yaml' in capsys.readouterr().err
+    from radiodiff_vae.cli import main as cli_main
+    assert cli_main(['train', '--config', 'configs/quickstart.yaml', '--set', 'trainer.bogus=1']) == 2
+    assert 'trainer.bogus' in capsys.readouterr().err
