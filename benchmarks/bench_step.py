@@ -274,9 +274,9 @@ def count_flops(variant: str, st: StepState, global_step: int) -> int:
         run_step(variant, st, global_step)
     return int(fc.get_total_flops())
 
-def conv_peak_once(device: str = 'cpu', shape=(2, 128, 128, 128)) -> float:
+def conv_peak_once(device: str = 'cpu', shape=None) -> float:
     "GFLOP/s of one warm channels_last 3x3 convolution: the peak sampled between timed steps, under the same load."
-    bsz, c, h, w = shape
+    bsz, c, h, w = shape or ((2, 128, 128, 128) if device == 'cpu' else (8, 256, 128, 128))
     x = torch.randn(bsz, c, h, w, device=device).contiguous(memory_format=torch.channels_last)
     wt = torch.randn(c, c, 3, 3, device=device).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
@@ -394,8 +394,9 @@ def profile_step(size: str, variant: str = 'ours', phase: str = 'gan_on', device
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith('cuda') else [])
         with profile(activities=acts) as prof: run_step(variant, st, gs, seed=1)
     finally: st.close()
-    key = 'self_cuda_time_total' if device.startswith('cuda') else 'self_cpu_time_total'
-    return prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=40)
+    for key in (('self_device_time_total', 'self_cuda_time_total') if device.startswith('cuda') else ()) + ('self_cpu_time_total',):
+        try: return prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=40)
+        except (AttributeError, KeyError, ValueError): continue
 
 def available_variants(device: str) -> list[str]:
     "All variants, bf16 only where the hardware computes it natively (CPU: AVX-512 BF16/AMX; CUDA: bf16 support)."
@@ -403,7 +404,7 @@ def available_variants(device: str) -> list[str]:
     return [v for v in VARIANTS if v != 'ours+bf16' or bf16_ok]
 
 def run_benchmark(size: str, warmup: int = 1, steps: int = 5, variants=None, device: str = 'cpu', memory: bool = True,
-                  peaks: bool = True) -> dict:
+                  peaks: bool = True, peak_reps: int = 5) -> dict:
     "The step benchmark at `size`: losses (a) vs (b), interleaved timings, FLOPs, achieved vs peak GFLOP/s, memory."
     cfg = bench_config(size)
     variants = list(variants or available_variants(device))
@@ -413,7 +414,7 @@ def run_benchmark(size: str, warmup: int = 1, steps: int = 5, variants=None, dev
                map_size=cfg['map_size'], perceptual_weight=cfg['lossconfig'].get('perceptual_weight'),
                lpips_pretrained=cfg['lossconfig'].get('lpips_pretrained'), warmup=warmup, steps=steps, variants=variants,
                machine=machine_info(device), argv=sys.argv)
-    out['peaks'] = measure_peaks(device) if peaks else None
+    out['peaks'] = measure_peaks(device, reps=peak_reps) if peaks else None
     x = real_batch(cfg['batch_size'], cfg['map_size'])
     out['losses'] = compare_losses(cfg, x, device)
     out['timing'] = time_variants(cfg, x, variants, warmup, steps, device)

@@ -1,0 +1,333 @@
+"""Run every benchmark of the project and regenerate benchmarks/RESULTS.md (issue 8).
+
+    python benchmarks/run_all.py            # quickstart-size step benchmark + bf16 deviation + data + log analysis (~15-25 min here)
+    python benchmarks/run_all.py --full     # also the full-size (ch 128, 256x256, batch 2, LPIPS) step benchmark (~1 h on 2 cores)
+    python benchmarks/run_all.py --render   # only rewrite RESULTS.md from the stored results
+    python benchmarks/run_all.py --device cuda --results-dir $OUT   # on a GPU machine: full + quickstart + bf16, on CUDA
+
+Each part stores its raw figures as JSON in benchmarks/results/ (with the command, date and machine), and
+RESULTS.md is rendered from all stored parts, so a default run keeps the last full-size and GPU figures
+(their dates and machines are printed beside them).
+"""
+from __future__ import annotations
+import argparse, datetime, json, os, runpy, shlex, subprocess, sys, time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RESULTS_DIR = HERE / 'results'
+RESULTS_MD = HERE / 'RESULTS.md'
+ORIGINAL_STEPS_PER_HOUR = 19_600   # the original run on its GPU, batch 2 (issue 8)
+sys.path.insert(0, str(HERE))
+import bench_step  # noqa: E402
+
+
+def _stamp(payload: dict, command: str) -> dict:
+    return {'command': command, 'date_utc': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'), **payload}
+
+def save(results_dir: Path, name: str, payload: dict, command: str) -> Path:
+    "Write one part's results as JSON (atomically)."
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path, tmp = results_dir / f'{name}.json', results_dir / f'.{name}.json.tmp'
+    tmp.write_text(json.dumps(_stamp(payload, command), indent=1, default=str)); os.replace(tmp, path)
+    return path
+
+def load(results_dir: Path, name: str) -> dict | None:
+    path = results_dir / f'{name}.json'
+    return json.loads(path.read_text()) if path.exists() else None
+
+def call_in_subprocess(script: Path, function: str, kwargs: dict, timeout: float = 3600) -> dict:
+    "Run `function(**kwargs)` of another benchmark script in a child process (its thread settings stay there); its JSON result."
+    code = (f"import json, runpy, sys; m = runpy.run_path({str(script)!r}); r = m[{function!r}](**json.loads(sys.argv[1])); "
+            "print('@@RESULT@@' + json.dumps(r, default=str))")
+    p = subprocess.run([sys.executable, '-c', code, json.dumps(kwargs)], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    lines = [l for l in p.stdout.splitlines() if l.startswith('@@RESULT@@')]
+    if p.returncode != 0 or not lines:
+        raise RuntimeError(f'{script.name}:{function} failed (exit {p.returncode}): {p.stderr[-2000:]}')
+    return json.loads(lines[-1][len('@@RESULT@@'):])
+
+def find_main_job(runs: Path = REPO / 'runs') -> dict | None:
+    "Wall time of the main job (`radiodiff-vae reproduce`): the stage seconds in the newest runs/*/reproduce.json."
+    manifests = sorted(runs.glob('*/reproduce.json'), key=lambda p: p.stat().st_mtime) if runs.is_dir() else []
+    for path in reversed(manifests):
+        try: m = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError): continue
+        stages = {k: v.get('seconds') for k, v in m.get('stages', {}).items()}
+        if stages and all(v is not None for v in stages.values()):
+            return dict(source=str(path.relative_to(REPO)), seconds=sum(stages.values()), stages=stages, settings=m.get('settings'))
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- rendering
+def _f(v, fmt='{:.3g}', none='n/a'):
+    return none if v is None else fmt.format(v)
+
+def _gb(mb): return None if mb is None else mb / 1024
+
+def _step_table(r: dict) -> list[str]:
+    "Markdown table of one step benchmark (one row per variant, both phases)."
+    mem = r.get('memory') or {}
+    rows = ['| variant | GAN off s/step | × vs (a) | GAN on s/step | × vs (a) | GFLOP/step (on) | GFLOP/s (on) | % of conv peak (on) | × FLOPs/peak floor (on) | peak RSS GB |',
+            '|---|---|---|---|---|---|---|---|---|---|']
+    off, on = r['timing']['gan_off']['variants'], r['timing']['gan_on']['variants']
+    for v in r['variants']:
+        a, b = off[v], on[v]
+        m = mem.get(v, {})
+        peak = m.get('peak_cuda_mb') if r['device'].startswith('cuda') else m.get('peak_rss_mb')
+        rows.append(f"| {v} | {a['median_s']:.3f} | {_f(a['speedup_vs_upstream'], '{:.2f}')} | {b['median_s']:.3f} | "
+                    f"{_f(b['speedup_vs_upstream'], '{:.2f}')} | {b['flops'] / 1e9:.1f} | {_f(b['gflops_achieved'], '{:.1f}')} | "
+                    f"{_f(b['fraction_of_conv_peak'] and 100 * b['fraction_of_conv_peak'], '{:.0f}%')} | {_f(b['ratio_to_floor'], '{:.2f}')} | "
+                    f"{_f(_gb(peak), '{:.2f}')} |")
+    return rows
+
+def _step_section(title: str, r: dict | None, how: str) -> list[str]:
+    if r is None: return [f'## {title}', '', f'Not measured yet: run `{how}`.', '']
+    m = r['machine']
+    hw = m.get('gpu') or f"{m['cpu']}, {m['logical_cpus']} logical CPUs, {m['torch_threads']} torch threads"
+    pk = r.get('peaks') or {}
+    conv = pk.get('conv3x3', {})
+    lines = [f'## {title}', '',
+             f"`{r['command']}` — {r['date_utc']} — {hw}, torch {m['torch']}; load average {', '.join(f'{x:.1f}' for x in m.get('load_average') or [])} at the start, "
+             f"{', '.join(f'{x:.1f}' for x in m.get('load_average_end') or [])} at the end.", '',
+             f"Model: ddconfig ch={r['ddconfig']['ch']}, ch_mult={r['ddconfig']['ch_mult']}, num_res_blocks={r['ddconfig']['num_res_blocks']}; "
+             f"{r['map_size']}×{r['map_size']} maps, batch {r['batch_size']}, perceptual_weight {r['perceptual_weight']}"
+             + (' (LPIPS with a **random** VGG16 backbone: same FLOPs as the pretrained one, whose weights are not available offline)' if r['perceptual_weight'] and r.get('lpips_pretrained') is False else '')
+             + f"; {r['warmup']} warm-up step(s) (the first one FLOP-counted) + {r['steps']} timed steps per variant and phase, interleaved.", '',
+             f"Peaks at the start: fp32 matmul {pk.get('matmul', {}).get('n')}² {_f(pk.get('matmul', {}).get('gflops'), '{:.0f}')} GFLOP/s; "
+             f"3×3 conv {conv.get('shape')} {_f(conv.get('contiguous'), '{:.0f}')} GFLOP/s contiguous, {_f(conv.get('channels_last'), '{:.0f}')} channels_last. "
+             f"Channels-last conv peak sampled between the timed rounds (median, used for % of peak and the floor): "
+             f"GAN off {r['timing']['gan_off']['conv_peak_gflops_median']:.0f}, GAN on {r['timing']['gan_on']['conv_peak_gflops_median']:.0f} GFLOP/s.", '']
+    lines += _step_table(r) + ['']
+    lines += ['Time split (median s, AE pass / D pass incl. its optimizer step):', '']
+    for ph in ('gan_off', 'gan_on'):
+        per = r['timing'][ph]['variants']
+        lines.append(f"- {ph}: " + '; '.join(f"{v} {per[v]['median_ae_s']:.3f} / {per[v]['median_disc_s']:.3f}" for v in r['variants']))
+    lc = r['losses']
+    lines += ['', 'Losses of (b) vs (a), same weights, batch and posterior noise (AE pass, logged step): max relative difference '
+              + ', '.join(f"{ph} {lc[ph]['max_rel_diff']:.2e} ({lc[ph]['worst_key']})" for ph in lc)
+              + f" over {', '.join(k.split('/')[-1] for k in lc['gan_on']['compared'])}.", '']
+    return lines
+
+def _targets(full, quick, bf16, gpu) -> list[str]:
+    "The issue's targets, each with its measured figure and met / missed."
+    def ok(c): return '**met**' if c else '**missed**'
+    rows = ['| target | measured | status |', '|---|---|---|']
+    src, name = (full, 'full size') if full else (quick, 'quickstart size (full size not run yet)')
+    if src:
+        on, off = src['timing']['gan_on']['variants'], src['timing']['gan_off']['variants']
+        rows.append(f"| fp32 (b) ≥ 1.33× (a) with GAN on, {name} | {on['ours']['speedup_vs_upstream']:.2f}× | {ok(on['ours']['speedup_vs_upstream'] >= 1.33)} |")
+        rows.append(f"| fp32 (b) ≥ 1.38× (a) with GAN off, {name} | {off['ours']['speedup_vs_upstream']:.2f}× | {ok(off['ours']['speedup_vs_upstream'] >= 1.38)} |")
+        best = min(('ours', 'ours+channels_last'), key=lambda v: on[v]['median_s'] if v in on else 1e9)
+        rows.append(f"| (b) within 1.15× of FLOPs ÷ conv peak (GAN on), {name} | ours {on['ours']['ratio_to_floor']:.2f}×, {best} {on[best]['ratio_to_floor']:.2f}× | {ok(on[best]['ratio_to_floor'] <= 1.15)} |")
+        rows.append(f"| (b) fp32 ≥ 85% of channels-last conv peak (GAN on), {name} | ours {100 * on['ours']['fraction_of_conv_peak']:.0f}%, {best} {100 * on[best]['fraction_of_conv_peak']:.0f}% | {ok(on[best]['fraction_of_conv_peak'] >= 0.85)} |")
+        mem = src.get('memory') or {}
+        if 'ours+checkpointing' in mem and 'ours' in mem:
+            m0, m1 = mem['ours']['peak_rss_mb'], mem['ours+checkpointing']['peak_rss_mb']
+            mu = mem['upstream']['peak_rss_mb']
+            t0, t1 = on['ours']['median_s'], on['ours+checkpointing']['median_s']
+            rows.append(f"| checkpointing: ≥ 40% less peak memory at ≤ 40% more time, {name} | peak RSS {m0 / 1024:.2f} → {m1 / 1024:.2f} GB "
+                        f"({100 * (1 - m1 / m0):.0f}% less than (b), {100 * (1 - m1 / mu):.0f}% less than (a)'s {mu / 1024:.2f} GB); time {t1 / t0:.2f}× (b) | "
+                        f"{ok(1 - m1 / m0 >= 0.40 and t1 / t0 <= 1.40)} |")
+    cpu_bf16 = (src or {}).get('machine', {}).get('cpu_bf16')
+    if src and not cpu_bf16:
+        dev = f"; loss deviation over {bf16['steps']} quickstart steps: max {100 * max(bf16['max_rel_dev'].values()):.2f}%, {bf16['seconds']['bf16'] / bf16['seconds']['fp32']:.1f}× the fp32 time (emulated)" if bf16 else ''
+        rows.append(f"| bf16 ≥ 1.8× (a)'s fp32 on a CPU with AVX-512 BF16 | this CPU has no avx512_bf16/amx_bf16 flag (bf16 would be emulated){dev} | not applicable here |")
+    if gpu:
+        g = gpu['full']['timing']['gan_on']['variants']
+        if 'ours+bf16' in g:
+            rows.append(f"| bf16 ≥ 1.8× (a)'s fp32 on the GPU ({gpu['full']['machine'].get('gpu')}), full size, GAN on | {g['ours+bf16']['speedup_vs_upstream']:.2f}× | {ok(g['ours+bf16']['speedup_vs_upstream'] >= 1.8)} |")
+        sph = 3600 / g['ours']['median_s']
+        rows.append(f"| GPU steps/hour at full size (original run: ~{ORIGINAL_STEPS_PER_HOUR:,}/h, batch 2) | ours fp32 {sph:,.0f}/h (GAN on) | {ok(sph >= ORIGINAL_STEPS_PER_HOUR)} |")
+    else:
+        rows.append('| GPU: the benchmark on a lent GPU, fp32 and bf16 | not run | see the GPU section |')
+    return rows
+
+def _bf16_section(b: dict | None, machine: dict | None) -> list[str]:
+    if b is None: return ['## bf16 autocast', '', 'Not measured yet.', '']
+    keys = list(b['max_rel_dev'])
+    lines = ['## bf16 autocast: loss deviation from fp32', '',
+             f"`{b['command']}` — {b['date_utc']}. Two trainers from the same weights, the same batches and noise, "
+             f"{b['steps']} {b['size']} steps (GAN term on from step {b['disc_start']}), schedulers stepped as in `fit()`; "
+             "relative deviation of each logged loss, bf16 vs fp32:", '',
+             '| loss | median | max | first step fp32 / bf16 | last step fp32 / bf16 |', '|---|---|---|---|---|']
+    for k in keys:
+        lines.append(f"| {k} | {100 * b['median_rel_dev'][k]:.3f}% | {100 * b['max_rel_dev'][k]:.3f}% | "
+                     f"{b['first'][k][0]:.5g} / {b['first'][k][1]:.5g} | {b['final'][k][0]:.5g} / {b['final'][k][1]:.5g} |")
+    ratio = b['seconds']['bf16'] / b['seconds']['fp32']
+    native = (machine or {}).get('cpu_bf16')
+    lines += ['', f"Time for these steps: fp32 {b['seconds']['fp32']:.1f} s, bf16 {b['seconds']['bf16']:.1f} s ({ratio:.2f}×)"
+              + ('' if native else ' — this CPU has no native bf16 (no avx512_bf16/amx_bf16 flag), so bf16 is emulated and slower.'), '']
+    return lines
+
+def _recommendation(bf16: dict | None, gpu: dict | None, machine: dict | None) -> list[str]:
+    lines = ['**Recommendation.** ']
+    dev = max(bf16['max_rel_dev'][k] for k in ('rec_loss', 'nll_loss')) if bf16 else None
+    small = dev is not None and dev < 0.02
+    g = gpu['full']['timing']['gan_on']['variants'] if gpu else {}
+    parts = []
+    if not (machine or {}).get('cpu_bf16'):
+        parts.append("On this CPU (no AVX-512 BF16) keep fp32: bf16 is emulated and slower.")
+    if 'ours+bf16' in g:
+        sp = g['ours']['median_s'] / g['ours+bf16']['median_s']
+        parts.append(f"On the GPU bf16 is {sp:.2f}× our fp32 step" + (f" and the reconstruction-loss deviation stays under {100 * dev:.1f}%: use `trainer.mixed_precision: bf16` there." if sp > 1.05 and small else
+                                                                   ": not worth it." if sp <= 1.05 else f", but the loss deviation ({100 * dev:.1f}%) is not small: keep fp32."))
+    if dev is not None: parts.append(f"(Criterion: faster, and max deviation of rec/nll loss under 2%; measured {100 * dev:.2f}%.)")
+    return [lines[0] + ' '.join(parts), '']
+
+def render(results_dir: Path = RESULTS_DIR) -> str:
+    "RESULTS.md from the stored parts."
+    quick, full = load(results_dir, 'step_quickstart'), load(results_dir, 'step_full')
+    bf16, gpu = load(results_dir, 'bf16_deviation'), load(results_dir, 'gpu')
+    data, analysis, main_job = load(results_dir, 'data'), load(results_dir, 'analysis'), load(results_dir, 'main_job')
+    machine = (full or quick or {}).get('machine')
+    out = ['# Benchmark results', '',
+           'Regenerate: `python benchmarks/run_all.py` (quickstart step, bf16 deviation, data, log analysis; ~15-25 min on the 2-core CPU) '
+           'and `python benchmarks/run_all.py --full` (adds the full-size step, about an hour here). Each part below names the command, date and machine that produced it; '
+           'raw figures are in `benchmarks/results/*.json`. Method: `benchmarks/README.md`.', '']
+    if machine:
+        out += [f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs ({', '.join(machine.get('cpu_isa', []))}; "
+                f"native bf16: {'yes' if machine.get('cpu_bf16') else 'no'}), torch {machine['torch']}, Python {machine['python']}.", '']
+    out += ['## Targets (issue 8)', ''] + _targets(full, quick, bf16, gpu) + ['']
+    out += _step_section('Training step, full size (CPU)', full, 'python benchmarks/run_all.py --full')
+    out += _step_section('Training step, quickstart size (CPU)', quick, 'python benchmarks/run_all.py')
+    out += _bf16_section(bf16, machine)
+    out += _recommendation(bf16, gpu, machine)
+    out += _gpu_section(gpu)
+    out += _profile_section(full or quick)
+    out += _data_section(data) + _analysis_section(analysis) + _main_job_section(main_job)
+    out += _notes()
+    return '\n'.join(out) + '\n'
+
+def _gpu_section(gpu: dict | None) -> list[str]:
+    if gpu is None:
+        return ['## GPU', '', 'Not run. On a GPU machine: `python benchmarks/run_all.py --device cuda --results-dir OUT`, '
+                'then copy OUT/gpu.json to benchmarks/results/ and run `python benchmarks/run_all.py --render`.', '']
+    f = gpu['full']
+    lines = [f"## GPU: {f['machine'].get('gpu')}", '',
+             f"`{gpu['command']}` — {gpu['date_utc']} — torch {f['machine']['torch']}, CUDA {f['machine'].get('cuda')}. "
+             "fp32 means PyTorch's defaults: cuDNN convolutions may use TF32 (`torch.backends.cudnn.allow_tf32` is on by default), matmuls do not.", '']
+    per = f['timing']['gan_on']['variants']
+    lines += [f"Steps per hour at full size (batch 2, GAN on / off), vs the original run's ~{ORIGINAL_STEPS_PER_HOUR:,}/h:", '']
+    for v in f['variants']:
+        on, off = per[v]['median_s'], f['timing']['gan_off']['variants'][v]['median_s']
+        lines.append(f"- {v}: {3600 / on:,.0f} / {3600 / off:,.0f} steps/h ({3600 / on / ORIGINAL_STEPS_PER_HOUR:.2f}× the original's rate with GAN on)")
+    lines += [''] + _step_section('GPU, full size', f, '')[2:]
+    if gpu.get('quickstart'): lines += _step_section('GPU, quickstart size', gpu['quickstart'], '')
+    if gpu.get('bf16_deviation'): lines += _bf16_section({**gpu['bf16_deviation'], 'command': gpu['command'], 'date_utc': gpu['date_utc']}, {'cpu_bf16': True})
+    if gpu.get('profile'): lines += ['GPU profile of our step (full size, GAN on):', '', '```', gpu['profile'], '```', '']
+    return lines
+
+def _profile_section(r: dict | None) -> list[str]:
+    if not r or not r.get('profile'): return []
+    return [f"## Where the time goes: torch.profiler, our step, {r['size']} size, GAN on", '', '```', r['profile'], '```', '']
+
+def _data_section(d: dict | None) -> list[str]:
+    if d is None: return ['## Data throughput', '', 'Not measured (benchmarks/bench_data.py missing or failed).', '']
+    if 'error' in d: return ['## Data throughput', '', f"Failed: {d['error']}", '']
+    g = d['generate']
+    lines = ['## Data throughput (benchmarks/bench_data.py)', '', f"`{d['command']}` — {d['date_utc']}; maps {d['size']}×{d['size']}, batch {d['batch_size']}.", '',
+             f"- synthetic generation, one core: {g['maps_per_s_cpu']:.1f} maps/s (CPU time), {g['maps_per_s_wall']:.1f} maps/s (wall)"]
+    for key, label in (('load_png', 'RadioMapSeer-layout PNG loading'), ('synthetic_loader', 'on-the-fly synthetic dataset')):
+        if key in d: lines.append(f"- {label}: " + ', '.join(f"{w} workers {v:.1f} maps/s" for w, v in d[key]['maps_per_s'].items()))
+    return lines + ['']
+
+def _analysis_section(a: dict | None) -> list[str]:
+    if a is None: return ['## Log analysis', '', 'Not measured (benchmarks/bench_analysis.py missing or failed).', '']
+    if 'error' in a: return ['## Log analysis', '', f"Failed: {a['error']}", '']
+    body = {k: v for k, v in a.items() if k not in ('command', 'date_utc')}
+    return ['## Log analysis (benchmarks/bench_analysis.py)', '', f"`{a['command']}` — {a['date_utc']}", '', '```json', json.dumps(body, indent=1, default=str)[:3000], '```', '']
+
+def _main_job_section(m: dict | None) -> list[str]:
+    if m is None or m.get('seconds') is None:
+        return ['## Main job wall time', '', 'No finished main-job run found in runs/. Run `radiodiff-vae reproduce --out runs/<name>` (its `reproduce.json` records '
+                'each stage\'s seconds), then `python benchmarks/run_all.py --render`; or pass the figure with `--main-job-seconds S`.', '']
+    lines = ['## Main job wall time', '', f"{m['seconds'] / 60:.1f} min in total ({m.get('source', 'given on the command line')})."]
+    for k, v in (m.get('stages') or {}).items(): lines.append(f"- {k}: {v / 60:.1f} min")
+    return lines + ['']
+
+def _notes() -> list[str]:
+    return ['## Notes', '',
+            '- (a) is upstream\'s train_vae.py step rebuilt from our modules: the discriminator pass runs the autoencoder forward again with a fresh '
+            'posterior sample and recomputes LPIPS/NLL/KL (thrown away), the adaptive weight is always computed, both losses are divided by 2, and the '
+            'gradients are clipped after the optimizer steps. (b) is `radiodiff_vae.trainer.Trainer.train_step` itself (one forward, detached '
+            'reconstruction for D, no D pass while the GAN term is off on unlogged steps, D weights frozen during the AE backward, clip before each step, '
+            'adaptive weight only with the GAN on or on logged steps). Timed steps are unlogged steps; EMA and the LR-scheduler step are outside both.',
+            '- Every variant is a fresh trainer from the same seed (identical weights), fed the same bundled real RadioMapSeer maps; the variants run '
+            'interleaved, one step each in turn, so that load from other processes on this shared machine falls on all of them alike. Ratios are '
+            'therefore more trustworthy than absolute times; the load average is printed with each part.',
+            '- FLOPs: `torch.utils.flop_counter.FlopCounterMode` over one whole step (forward, backward, adaptive-weight autograd); it counts matmuls '
+            'and convolutions only (GroupNorm, SiLU, the optimizer are memory-bound and uncounted). The "useful" FLOPs of every ours+option variant are '
+            'our step\'s (checkpointing\'s recomputation is not useful work).',
+            '- Peak memory: each variant alone in a fresh subprocess (build, one GAN-off and one GAN-on step), `ru_maxrss`; it includes the Python/torch baseline.',
+            '']
+
+
+# ----------------------------------------------------------------------------------------------- running
+def run_cpu(args, command: str):
+    rd = Path(args.results_dir)
+    if not args.skip_step:
+        print('[run_all] quickstart step benchmark', flush=True)
+        r = bench_step.run_benchmark('quickstart', warmup=2, steps=args.quick_steps)
+        if not args.full: r['profile'] = bench_step.profile_step('quickstart')
+        save(rd, 'step_quickstart', r, command); render_to(rd)
+        print('[run_all] bf16 deviation', flush=True)
+        save(rd, 'bf16_deviation', bench_step.bf16_deviation('quickstart', args.bf16_steps), command); render_to(rd)
+    if args.full:
+        print('[run_all] full-size step benchmark', flush=True)
+        r = bench_step.run_benchmark('full', warmup=1, steps=args.full_steps)
+        r['profile'] = bench_step.profile_step('full')
+        save(rd, 'step_full', r, command); render_to(rd)
+    if not args.skip_data:
+        for name, script, fn, kw in (('data', HERE / 'bench_data.py', 'measure_data_throughput', {}),
+                                     ('analysis', HERE / 'bench_analysis.py', 'measure_analysis', {})):
+            if not script.exists(): print(f'[run_all] {script.name} not found: skipped', flush=True); continue
+            print(f'[run_all] {script.name}', flush=True)
+            try: res = call_in_subprocess(script, fn, kw)
+            except (RuntimeError, subprocess.TimeoutExpired) as e: res = {'error': str(e)[-1500:]}
+            save(rd, name, res if isinstance(res, dict) else {'result': res}, command)
+    mj = find_main_job()
+    if args.main_job_seconds is not None: mj = dict(source='given with --main-job-seconds', seconds=args.main_job_seconds)
+    if mj: save(rd, 'main_job', mj, command)
+
+def run_gpu(args, command: str):
+    "Full size (fp32 + bf16 + channels_last + checkpointing), quickstart, bf16 deviation, profile: one gpu.json."
+    dev = args.device
+    out = dict(full=bench_step.run_benchmark('full', warmup=3, steps=args.gpu_steps, device=dev))
+    print(json.dumps({v: r['median_s'] for v, r in out['full']['timing']['gan_on']['variants'].items()}), flush=True)
+    save(Path(args.results_dir), 'gpu', out, command)
+    out['bf16_deviation'] = bench_step.bf16_deviation('quickstart', args.bf16_steps, dev)
+    save(Path(args.results_dir), 'gpu', out, command)
+    out['quickstart'] = bench_step.run_benchmark('quickstart', warmup=3, steps=args.gpu_steps, device=dev)
+    save(Path(args.results_dir), 'gpu', out, command)
+    out['profile'] = bench_step.profile_step('full', device=dev)
+    save(Path(args.results_dir), 'gpu', out, command)
+
+def render_to(results_dir: Path):
+    "Write RESULTS.md next to the stored parts' default location (only for the repository's results folder)."
+    if results_dir.resolve() == RESULTS_DIR.resolve():
+        tmp = RESULTS_MD.with_suffix('.md.tmp'); tmp.write_text(render(results_dir)); os.replace(tmp, RESULTS_MD)
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--full', action='store_true', help='also the full-size step benchmark (about an hour on 2 cores)')
+    p.add_argument('--render', action='store_true', help='only rewrite RESULTS.md from benchmarks/results/')
+    p.add_argument('--device', default='cpu', help="'cuda' on a GPU machine: full + quickstart + bf16 there, into gpu.json")
+    p.add_argument('--results-dir', default=str(RESULTS_DIR))
+    p.add_argument('--quick-steps', type=int, default=5, help='timed steps per variant and phase at quickstart size')
+    p.add_argument('--full-steps', type=int, default=3, help='timed steps per variant and phase at full size (after 1 warm-up)')
+    p.add_argument('--gpu-steps', type=int, default=20)
+    p.add_argument('--bf16-steps', type=int, default=50)
+    p.add_argument('--skip-step', action='store_true', help='skip the quickstart step benchmark and bf16 deviation')
+    p.add_argument('--skip-data', action='store_true', help='skip bench_data / bench_analysis')
+    p.add_argument('--main-job-seconds', type=float, default=None, help="the main job's wall time, if measured elsewhere")
+    a = p.parse_args(argv)
+    command = 'python benchmarks/run_all.py ' + ' '.join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+    t0 = time.time()
+    if not a.render:
+        (run_gpu if a.device.startswith('cuda') else run_cpu)(a, command.strip())
+    render_to(Path(a.results_dir))
+    print(f'[run_all] done in {time.time() - t0:.0f} s; {RESULTS_MD if Path(a.results_dir).resolve() == RESULTS_DIR.resolve() else a.results_dir}', flush=True)
+    return 0
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The step benchmark (benchmarks/bench_step.py) and its report (benchmarks/run_all.py) at a tiny size, so they cannot rot."""
+import json, sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / 'benchmarks'
+sys.path.insert(0, str(BENCH))
+import bench_step  # noqa: E402
+import run_all  # noqa: E402
+
+
+@pytest.fixture(scope='module')
+def tiny_result():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # tiny ops on a shared machine: one thread avoids OpenMP stalls
+    try:
+        yield bench_step.run_benchmark('tiny', warmup=1, steps=1, variants=['upstream', 'ours', 'ours+checkpointing'],
+                                       memory=False, peaks=False)
+    finally: torch.set_num_threads(threads)
+
+
+def test_losses_of_our_step_equal_upstream(tiny_result):
+    "Same weights, batch and noise: (b)'s AE-pass losses are (a)'s, including d_weight on a logged step."
+    for phase, c in tiny_result['losses'].items():
+        assert c['max_rel_diff'] < 1e-5, (phase, c['worst_key'], c['upstream'], c['ours'])
+        assert {'train/total_loss', 'train/rec_loss', 'train/d_weight', 'train/g_loss'} <= set(c['compared'])
+    on = tiny_result['losses']['gan_on']
+    assert on['ours']['train/disc_factor'] == 1.0 and on['ours']['train/d_weight'] > 0
+
+
+def test_timing_and_flops_are_consistent(tiny_result):
+    "Every variant timed in both phases; upstream does more FLOPs (second forward, adaptive weight), checkpointing recomputes."
+    for phase in bench_step.PHASES:
+        t = tiny_result['timing'][phase]
+        per = t['variants']
+        assert set(per) == {'upstream', 'ours', 'ours+checkpointing'}
+        for v, r in per.items():
+            assert r['median_s'] > 0 and len(r['step_s']) == 1 and r['flops'] > 0
+            assert r['speedup_vs_upstream'] > 0 and r['gflops_achieved'] > 0 and r['floor_s'] > 0
+        assert per['upstream']['flops'] > 1.2 * per['ours']['flops']
+        assert per['ours+checkpointing']['flops'] > per['ours']['flops']
+        assert t['conv_peak_gflops_median'] > 0
+    # GAN off, unlogged: our step skips the discriminator pass entirely
+    assert tiny_result['timing']['gan_off']['variants']['ours']['median_disc_s'] < tiny_result['timing']['gan_off']['variants']['upstream']['median_disc_s']
+
+
+def test_phase_steps():
+    cfg = bench_step.bench_config('tiny')
+    freq, start = cfg['trainer']['log_freq'], cfg['lossconfig']['disc_start']
+    for phase in bench_step.PHASES:
+        for logged in (False, True):
+            s = bench_step.phase_step(cfg, phase, logged)
+            assert (s % freq == 0) == logged and (s >= start) == (phase == 'gan_on')
+
+
+def test_bad_size_and_variants_are_refused():
+    with pytest.raises(ValueError, match='size'): bench_step.bench_config('huge')
+    with pytest.raises(ValueError, match='upstream'): bench_step.run_benchmark('tiny', variants=['ours'], memory=False, peaks=False)
+
+
+def test_memory_worker_subprocess():
+    "Peak RSS of one variant, measured in its own process."
+    r = bench_step.measure_memory('tiny', ['ours'])['ours']
+    assert r['variant'] == 'ours' and r['peak_rss_mb'] >= r['rss_after_build_mb'] > 50
+
+
+def test_results_render(tiny_result, tmp_path):
+    "run_all stores parts as JSON and renders RESULTS.md with the targets table, naming the command and machine."
+    run_all.save(tmp_path, 'step_quickstart', tiny_result, 'pytest tiny')
+    md = run_all.render(tmp_path)
+    assert '## Targets (issue 8)' in md and 'pytest tiny' in md and tiny_result['machine']['cpu'] in md
+    assert '| upstream |' in md and '| ours+checkpointing |' in md
+    assert json.loads((tmp_path / 'step_quickstart.json').read_text())['command'] == 'pytest tiny'
+    assert 'Not run.' in md   # no GPU part stored here
