@@ -13,8 +13,11 @@ from torchmetrics.functional.image import structural_similarity_index_measure, p
 from .core import DataError, CheckpointError, ConfigError, RadioDiffError, atomic_write_text, real_maps_dir
 
 # %% auto 0
-__all__ = ['SSIM_KERNEL_SIZE', 'SSIM_SIGMA', 'METRICS', 'mse_per_map', 'nmse_per_map', 'rmse_per_map', 'psnr_per_map',
-           'ssim_per_map', 'map_metrics', 'summarize']
+__all__ = ['SSIM_KERNEL_SIZE', 'SSIM_SIGMA', 'METRICS', 'LOSS_TERMS', 'RADIODIFF_PAPER', 'mse_per_map', 'nmse_per_map',
+           'rmse_per_map', 'psnr_per_map', 'ssim_per_map', 'map_metrics', 'summarize', 'dataset_from_spec',
+           'read_checkpoint', 'build_model', 'build_loss', 'per_map_losses', 'reconstruct', 'LatentStats',
+           'downsampling_factor', 'evaluate_model', 'summarize_rows', 'plot_reconstructions', 'plot_psnr_histogram',
+           'markdown_section', 'evaluate_checkpoint', 'write_outputs', 'add_evaluate_args', 'run_evaluate']
 
 # %% ../nbs/15_evaluation.ipynb 5
 SSIM_KERNEL_SIZE, SSIM_SIGMA = 11, 1.5
@@ -47,9 +50,10 @@ def psnr_per_map(pred, target):
     return peak_signal_noise_ratio(pred.double(), target.double(), data_range=1.0, reduction="none", dim=(1, 2, 3))
 
 def ssim_per_map(pred, target):
-    "SSIM of each map (Gaussian window 11, sigma 1.5, data range 1), through torchmetrics -> [B]."
-    return structural_similarity_index_measure(pred.double(), target.double(), gaussian_kernel=True, sigma=SSIM_SIGMA,
-                                              kernel_size=SSIM_KERNEL_SIZE, data_range=1.0, reduction="none")
+    "SSIM of each map (Gaussian window 11, sigma 1.5, data range 1), through torchmetrics -> [B] (float64)."
+    # float32: the 11x11 convolutions run ~8x faster than in float64, and SSIM only needs ~1e-6
+    return structural_similarity_index_measure(pred.float(), target.float(), gaussian_kernel=True, sigma=SSIM_SIGMA,
+                                              kernel_size=SSIM_KERNEL_SIZE, data_range=1.0, reduction="none").double()
 
 # %% ../nbs/15_evaluation.ipynb 11
 def map_metrics(pred, target, clamp=True) -> dict:
@@ -75,3 +79,437 @@ def summarize(values, confidence=0.95) -> dict:
         std = float(finite.std(ddof=1)); half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
         out.update(std=std, ci_low=mean - half, ci_high=mean + half)
     return out
+
+# %% ../nbs/15_evaluation.ipynb 17
+def _synthetic_dataset(spec: str, cfg: dict | None):
+    "The `SyntheticRadioMaps` of a `synthetic:N[:SEED[:SIZE]]` spec, held out from `cfg`'s synthetic training maps."
+    from radiodiff_vae.synthetic import SyntheticRadioMaps
+    parts = spec.split(":")[1:]
+    try: n, seed, size = [int(p) if p != "" else None for p in parts] + [None] * (3 - len(parts))
+    except ValueError: raise DataError(f"data spec {spec!r}: expected synthetic:N[:SEED[:SIZE]] with integers") from None
+    if len(parts) > 3 or n is None or n < 1: raise DataError(f"data spec {spec!r}: expected synthetic:N[:SEED[:SIZE]] with N >= 1")
+    data = (cfg or {}).get("data", {})
+    trained_on = data.get("source") == "synthetic"
+    size = size or (data.get("size") if trained_on else None) or 256
+    params = dict(data.get("synthetic") or {}) if trained_on else {}
+    if seed is None: seed = data.get("data_seed", 0) if trained_on else 0
+    offset = data.get("n_maps", 0) + data.get("val_maps", 0) if trained_on and seed == data.get("data_seed") else 0
+    return SyntheticRadioMaps(n, seed=seed, size=size, offset=offset, **params), dict(
+        kind="synthetic", n=n, seed=seed, size=size, offset=offset, params=params, held_out_from_training=trained_on)
+
+# %% ../nbs/15_evaluation.ipynb 18
+def _radiomapseer_dataset(root: Path, simulation: str = "DPM"):
+    "The RadioMapSeer test split under `root`, or (when incomplete) every map found in `root/gain/simulation`."
+    from radiodiff_vae.data import RadioMapSeer, MapFolder
+    try:
+        ds = RadioMapSeer(root, simulation=simulation, phase="test", num_tx=80, size=None)
+        return ds, dict(kind="radiomapseer", root=str(root), simulation=simulation, split="test", complete=True)
+    except DataError as e:
+        if "missing" not in str(e): raise
+        ds = MapFolder(root / "gain" / simulation, size=None, recursive=False)
+        return ds, dict(kind="radiomapseer", root=str(root), simulation=simulation, split="test", complete=False,
+                        note=f"not a complete RadioMapSeer test split ({str(e).split(': ', 1)[1].split(':')[0]}); "
+                             f"evaluated the {len(ds)} maps found in {root / 'gain' / simulation}")
+
+# %% ../nbs/15_evaluation.ipynb 19
+def dataset_from_spec(spec, cfg: dict | None = None):
+    "A dataset of maps (items {'image', 'name'}) and a description of it, from a data spec (see the table above)."
+    from radiodiff_vae.data import MapFolder
+    spec = str(spec)
+    if spec.startswith("synthetic:"): return _synthetic_dataset(spec, cfg)
+    if spec == "real": return _radiomapseer_dataset(real_maps_dir())
+    if spec.startswith("folder:"):
+        path = Path(spec[len("folder:"):])
+        return MapFolder(path, size=None), dict(kind="folder", root=str(path))
+    path = Path(spec[len("radiomapseer:"):] if spec.startswith("radiomapseer:") else spec)
+    if not path.exists(): raise DataError(f"data spec {spec!r}: {path} does not exist; expected a folder of maps, "
+                                          "a RadioMapSeer root, 'real' or synthetic:N[:SEED[:SIZE]]")
+    if (path / "gain").is_dir() or spec.startswith("radiomapseer:"): return _radiomapseer_dataset(path)
+    return MapFolder(path, size=None), dict(kind="folder", root=str(path))
+
+# %% ../nbs/15_evaluation.ipynb 22
+def _evaluation_config(ckpt: dict, path: Path, config=None):
+    "The resolved config for a checkpoint: `config` (a path or dict) if given, else the checkpoint's, else defaults."
+    from radiodiff_vae.config import resolve_config, load_config
+    if config is not None:
+        cfg = load_config(config) if isinstance(config, (str, Path)) else resolve_config(config)
+        return cfg, (str(config) if isinstance(config, (str, Path)) else "given")
+    if isinstance(ckpt.get("config"), dict):
+        try: return resolve_config(ckpt["config"]), "checkpoint"
+        except ConfigError as e: raise CheckpointError(f"{path}: its stored config is not valid ({e}); pass a config file") from None
+    return resolve_config(None), "default (RadioDiff config; the checkpoint carries none)"
+
+# %% ../nbs/15_evaluation.ipynb 23
+def _weights_to_evaluate(use_ema) -> list[str]:
+    "`False` -> ['raw'], `True` -> ['ema'], 'both' -> ['raw', 'ema']."
+    if use_ema == "both": return ["raw", "ema"]
+    if use_ema in (False, True, 0, 1): return ["ema"] if use_ema else ["raw"]
+    raise ConfigError(f"use_ema={use_ema!r}: expected False, True or 'both'")
+
+def read_checkpoint(checkpoint, config=None) -> tuple[dict, dict, dict]:
+    "Read `checkpoint` once -> (its dict, the resolved config, a short description for the summary)."
+    from radiodiff_vae.model import _torch_load
+    path = Path(checkpoint)
+    ckpt = _torch_load(path)
+    if not isinstance(ckpt, dict): raise CheckpointError(f"{path}: holds a {type(ckpt).__name__}, expected a dict with model weights")
+    cfg, source = _evaluation_config(ckpt, path, config)
+    step = ckpt.get("step")
+    return ckpt, cfg, dict(path=str(path), config_source=source, step=int(step) if isinstance(step, (int, float)) else None,
+                           has_ema=isinstance(ckpt.get("ema"), dict))
+
+def build_model(ckpt: dict, cfg: dict, which: str, path, device="cpu"):
+    "The `AutoencoderKL` of `cfg` holding the checkpoint's raw (`which='raw'`) or EMA weights, in eval mode."
+    from radiodiff_vae.model import AutoencoderKL, _select_state_dict, load_upstream_state_dict
+    model = AutoencoderKL(cfg["model"]["ddconfig"], cfg["model"]["embed_dim"])
+    load_upstream_state_dict(model, _select_state_dict(ckpt, which == "ema", Path(path)), source=f"{path} [{which} weights]")
+    return model.to(device).eval().requires_grad_(False)
+
+# %% ../nbs/15_evaluation.ipynb 25
+def build_loss(ckpt: dict, cfg: dict, device="cpu") -> tuple[torch.nn.Module, list[str], float]:
+    "The config's `LPIPSWithDiscriminator` with the checkpoint's loss state; notes on what differs; the LPIPS weight used."
+    from radiodiff_vae.losses import LPIPSWithDiscriminator
+    from radiodiff_vae.perceptual import LPIPSWeightsMissing
+    from radiodiff_vae.model import upstream_loss_state_dict
+    lossconfig, notes = dict(cfg["model"]["lossconfig"]), []
+    perceptual_weight = float(lossconfig["perceptual_weight"])
+    try: loss = LPIPSWithDiscriminator(**lossconfig)
+    except LPIPSWeightsMissing as e:
+        notes.append(f"perceptual term off (the config asks for perceptual_weight {perceptual_weight:g}): {e.args[0].split(' (')[0]}")
+        loss, perceptual_weight = LPIPSWithDiscriminator(**dict(lossconfig, perceptual_weight=0.0)), 0.0
+    state = ckpt["loss"] if isinstance(ckpt.get("loss"), dict) else upstream_loss_state_dict(ckpt)
+    state = {k: v for k, v in state.items() if not k.startswith("perceptual")}
+    own = {k: v for k, v in loss.state_dict().items() if not k.startswith("perceptual")}
+    fits = state and all(k in own and tuple(v.shape) == tuple(own[k].shape) for k, v in state.items())
+    if fits: loss.load_state_dict(state, strict=False)
+    else: notes.append("loss state (log-variance, discriminator) " + ("not in the checkpoint" if not state else
+                       "does not fit the lossconfig") + ": fresh values used (logvar = logvar_init; g_loss meaningless)")
+    return loss.to(device).eval().requires_grad_(False), notes, perceptual_weight
+
+# %% ../nbs/15_evaluation.ipynb 26
+def per_map_losses(loss, x, x_rec, posterior, last_layer) -> dict:
+    "Training loss terms of each map (the batch is split into single maps) -> dict of float lists."
+    from radiodiff_vae.distributions import DiagonalGaussianDistribution
+    keys = dict(rec_loss="rec", kl_loss="kl", nll_loss="nll", total_loss="total", g_loss="g")
+    out = {v: [] for v in keys.values()}
+    for i in range(len(x)):
+        post_i = DiagonalGaussianDistribution(posterior.parameters[i:i + 1])
+        _, log = loss.autoencoder_loss(x[i:i + 1], x_rec[i:i + 1], post_i, 0, last_layer=last_layer,
+                                       split="eval", compute_d_weight=False)
+        for k, short in keys.items(): out[short].append(float(log[f"eval/{k}"]))
+    return out
+
+# %% ../nbs/15_evaluation.ipynb 28
+def _map_noise(shape, index: int, sample_seed: int) -> torch.Tensor:
+    "Standard normal noise of `shape` for map `index`: the same for every batch layout."
+    return torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed * 1_000_003 + index))
+
+@torch.no_grad()
+def reconstruct(model, x, indices, sample_seed: int = 0) -> dict:
+    "Posterior, latents (mode, sample) and reconstructions (mode, sample) of a batch `x` in [-1, 1]."
+    posterior = model.encode(x)
+    eps = torch.stack([_map_noise(posterior.mean.shape[1:], int(i), sample_seed) for i in indices]).to(x.device, x.dtype)
+    z_sample = posterior.mean + posterior.std * eps
+    return dict(posterior=posterior, z_mode=posterior.mode(), z_sample=z_sample,
+                x_mode=model.decode(posterior.mode()), x_sample=model.decode(z_sample))
+
+# %% ../nbs/15_evaluation.ipynb 30
+class LatentStats:
+    "Running per-channel sums of latents -> mean, std per channel and pooled, and the scale factor 1/std."
+    def __init__(self): self.sum = self.sumsq = None; self.count = 0
+
+    def update(self, z: torch.Tensor):
+        "Add a batch of latents BxCxHxW."
+        z = z.detach().double().cpu()
+        s, ss = z.sum((0, 2, 3)), z.pow(2).sum((0, 2, 3))
+        self.sum, self.sumsq = (s, ss) if self.sum is None else (self.sum + s, self.sumsq + ss)
+        self.count += z.numel() // z.shape[1]
+
+    def result(self) -> dict:
+        "Means, stds (population), pooled mean/std and scale_factor = 1/pooled std."
+        if not self.count: return {}
+        mean, var = self.sum / self.count, (self.sumsq / self.count - (self.sum / self.count) ** 2).clamp_min(0)
+        pooled_mean = float(self.sum.sum() / (self.count * len(self.sum)))
+        pooled_std = math.sqrt(max(float(self.sumsq.sum() / (self.count * len(self.sum))) - pooled_mean ** 2, 0.0))
+        return dict(channel_mean=mean.tolist(), channel_std=var.sqrt().tolist(), mean=pooled_mean, std=pooled_std,
+                    scale_factor=(1 / pooled_std) if pooled_std > 0 else None, elements=self.count * len(self.sum))
+
+# %% ../nbs/15_evaluation.ipynb 33
+def downsampling_factor(ddconfig: dict) -> int:
+    "How much the encoder shrinks each side: 2^(levels-1)."
+    return 2 ** (len(ddconfig["ch_mult"]) - 1)
+
+def _check_map(image, name, index, ddconfig):
+    "A DataError if map `name` cannot go through this architecture."
+    c, h, w = image.shape
+    f = downsampling_factor(ddconfig)
+    if c != ddconfig["in_channels"]:
+        raise DataError(f"map {name!r} (item {index}) has {c} channel(s); the model expects in_channels={ddconfig['in_channels']}")
+    if h % f or w % f:
+        raise DataError(f"map {name!r} (item {index}) is {h}x{w}; this model downsamples by {f}, so both sides must be "
+                        f"multiples of {f} (maps are evaluated at their own size, never resized)")
+
+def _batches(dataset, indices, batch_size, ddconfig):
+    "Lists of (index, item) of one map size, at most `batch_size` long, checked against the architecture."
+    batch = []
+    for i in indices:
+        item = dataset[i]
+        _check_map(item["image"], item.get("name", str(i)), i, ddconfig)
+        if batch and (len(batch) == batch_size or item["image"].shape != batch[0][1]["image"].shape):
+            yield batch; batch = []
+        batch.append((i, item))
+    if batch: yield batch
+
+# %% ../nbs/15_evaluation.ipynb 34
+def evaluate_model(model, loss, dataset, indices, *, batch_size=8, device="cpu", sample_seed=0, train_on_sample=True,
+                   progress=True, desc="evaluate") -> tuple[list[dict], dict]:
+    "Per-map rows (metrics, losses) and latent statistics of `model` on `dataset[indices]`."
+    from tqdm.auto import tqdm
+    from radiodiff_vae.data import unscale_gain
+    rows, latents = [], {"sample": LatentStats(), "mode": LatentStats()}
+    with tqdm(total=len(indices), desc=desc, unit="map", disable=not progress) as bar, torch.no_grad():
+        for batch in _batches(dataset, indices, batch_size, model.ddconfig):
+            idx = [i for i, _ in batch]
+            x = torch.stack([item["image"] for _, item in batch]).float().to(device)
+            r = reconstruct(model, x, idx, sample_seed)
+            latents["sample"].update(r["z_sample"]); latents["mode"].update(r["z_mode"])
+            target = unscale_gain(x).cpu()
+            m = {kind: map_metrics(unscale_gain(r[f"x_{kind}"]).cpu(), target) for kind in ("mode", "sample")}
+            losses = per_map_losses(loss, x, r["x_sample" if train_on_sample else "x_mode"], r["posterior"], model.get_last_layer())
+            for j, (i, item) in enumerate(batch):
+                row = dict(index=i, name=item.get("name", str(i)), height=x.shape[-2], width=x.shape[-1])
+                row.update({f"{kind}_{k}": float(v[j]) for kind in ("mode", "sample") for k, v in m[kind].items()})
+                row.update({f"loss_{k}": v[j] for k, v in losses.items()})
+                rows.append(row)
+            bar.update(len(batch))
+    return rows, {k: v.result() for k, v in latents.items()}
+
+# %% ../nbs/15_evaluation.ipynb 36
+LOSS_TERMS = ("rec", "kl", "nll", "total", "g")
+
+def summarize_rows(rows: list[dict], latents: dict) -> dict:
+    "Summary of one model's per-map rows: metric and loss statistics, latent statistics, typical and worst maps."
+    import pandas as pd
+    df = pd.DataFrame(rows)
+    psnr = df["mode_psnr"].replace([np.inf, -np.inf], np.nan)
+    order = psnr.dropna().sort_values(kind="stable")
+    pick = lambda pos: None if order.empty else dict(index=int(df.loc[order.index[pos], "index"]),
+                                                     name=str(df.loc[order.index[pos], "name"]), psnr=float(order.iloc[pos]))
+    sizes = df.groupby(["height", "width"]).size()
+    return dict(n_maps=len(df), sizes={f"{h}x{w}": int(n) for (h, w), n in sizes.items()},
+                metrics={kind: {k: summarize(df[f"{kind}_{k}"]) for k in METRICS + ("mse",)} for kind in ("mode", "sample")},
+                losses={k: summarize(df[f"loss_{k}"]) for k in LOSS_TERMS},
+                latents=latents, scale_factor=latents.get("sample", {}).get("scale_factor"),
+                typical_map=pick((len(order) - 1) // 2), worst_map=pick(0))
+
+# %% ../nbs/15_evaluation.ipynb 39
+def plot_reconstructions(model, dataset, picks: dict, sample_seed=0, device="cpu", title=""):
+    "Figure: rows = picked maps ({label: index}), columns = map, mode and sampled reconstruction, |error|."
+    from matplotlib.figure import Figure
+    from radiodiff_vae.data import unscale_gain
+    picks = {k: v for k, v in picks.items() if v is not None}
+    fig = Figure(figsize=(11, 2.9 * max(len(picks), 1)), layout="constrained")
+    axes = fig.subplots(max(len(picks), 1), 4, squeeze=False)
+    shown = []
+    for row, (label, index) in enumerate(picks.items()):
+        x = dataset[index]["image"][None].float().to(device)
+        r = reconstruct(model, x, [index], sample_seed)
+        maps = [unscale_gain(t)[0, 0].clamp(0, 1).cpu().numpy() for t in (x, r["x_mode"], r["x_sample"])]
+        err = np.abs(maps[1] - maps[0])
+        psnr = float(psnr_per_map(torch.from_numpy(maps[1])[None, None], torch.from_numpy(maps[0])[None, None]))
+        for ax, img, name in zip(axes[row], maps, ("map", "mode reconstruction", "sampled reconstruction")):
+            ax.imshow(img, cmap="gray", vmin=0, vmax=1); ax.set_title(name, fontsize=9)
+        shown.append(axes[row, 3].imshow(err, cmap="magma")); axes[row, 3].set_title(f"|error| (mode), PSNR {psnr:.2f} dB", fontsize=9)
+        axes[row, 0].set_ylabel(f"{label}\n{dataset[index].get('name', index)}", fontsize=9)
+    vmax = max([im.get_array().max() for im in shown] + [1e-6])
+    for im in shown: im.set_clim(0, vmax)
+    if shown: fig.colorbar(shown[0], ax=axes[:, 3].tolist(), shrink=0.8, label="absolute error (0-1 scale)")
+    for ax in axes.flat: ax.set_xticks([]); ax.set_yticks([])
+    if title: fig.suptitle(title, fontsize=10)
+    return fig
+
+# %% ../nbs/15_evaluation.ipynb 40
+def plot_psnr_histogram(df, title=""):
+    "Figure: histogram of per-map PSNR, mode and sampled reconstructions, one panel per weights."
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+    groups = list(df.groupby("weights", sort=False))
+    fig = Figure(figsize=(5 * len(groups), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(groups), squeeze=False)[0]
+    for ax, (weights, g) in zip(axes, groups):
+        values = {k: g[f"{k}_psnr"].replace([np.inf, -np.inf], np.nan).dropna() for k in ("mode", "sample")}
+        lo, hi = min(v.min() for v in values.values()), max(v.max() for v in values.values())
+        bins = np.linspace(lo - 0.5, hi + 0.5, min(40, max(8, len(g) // 3)) + 1)
+        for kind, v in values.items():
+            ax.hist(v, bins=bins, alpha=0.6, label=f"{kind} (median {v.median():.2f} dB)")
+        ax.set_xlabel("PSNR per map (dB)"); ax.set_ylabel("maps"); ax.set_title(f"{weights} weights, {len(g)} maps", fontsize=10)
+        ax.legend(fontsize=8); ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if title: fig.suptitle(title, fontsize=10)
+    return fig
+
+# %% ../nbs/15_evaluation.ipynb 42
+RADIODIFF_PAPER = dict(nmse=0.0049, rmse=0.0190, psnr=35.0, ssim=(0.95, 0.97))
+_FMT = dict(nmse="{:.4g}", rmse="{:.4g}", psnr="{:.2f}", ssim="{:.4f}", mse="{:.4g}", rec="{:.4g}", kl="{:.4g}",
+            nll="{:.5g}", total="{:.5g}", g="{:.4g}")
+
+def _cell(s: dict, key: str) -> str:
+    "'mean ± std [ci_low, ci_high]' of a summarize() dict."
+    f = _FMT.get(key, "{:.4g}").format
+    if s["mean"] is None: return "n/a"
+    text = f(s["mean"]) + (f" ± {f(s['std'])} [{f(s['ci_low'])}, {f(s['ci_high'])}]" if s["std"] is not None else "")
+    return text + (f" ({s['n_nonfinite']} non-finite left out)" if s["n_nonfinite"] else "")
+
+def _describe_data(d: dict) -> str:
+    "One phrase naming the evaluated maps."
+    if d["kind"] == "synthetic":
+        held = f", after the {d['offset']} maps of this stream the model trained and validated on" if d["offset"] else ""
+        return f"{d['n']} synthetic {d['size']}x{d['size']} maps (seed {d['seed']}, maps {d['offset']}..{d['offset'] + d['n'] - 1}{held})"
+    if d["kind"] == "radiomapseer":
+        part = "the RadioMapSeer test split" if d["complete"] else "real RadioMapSeer maps (a subset of the test split)"
+        return f"{part}, {d['simulation']} simulation, under `{d['root']}`"
+    return f"the maps in `{d['root']}`"
+
+# %% ../nbs/15_evaluation.ipynb 43
+def markdown_section(summary: dict, figures: dict | None = None) -> str:
+    "The evaluation as a Markdown section (tables of means ± std with 95% intervals, latents, notes, figures)."
+    ck, data, L = summary["checkpoint"], summary["data"], []
+    step = f" (step {ck['step']})" if ck.get("step") is not None else ""
+    L += [f"## Reconstruction quality on {_describe_data(data)}", "",
+          f"Checkpoint `{ck['path']}`{step}, weights: {', '.join(summary['weights'])}; config: {ck['config_source']}. "
+          f"{summary['n_maps']} maps ({', '.join(f'{n} of {s}' for s, n in summary['sizes'].items())}), each at its own size. "
+          "Metrics on maps scaled to [0, 1], reconstructions clamped to [0, 1]; each cell: mean ± std over maps "
+          "[95% confidence interval of the mean, Student t].", "",
+          "| weights | reconstruction | NMSE | RMSE | PSNR (dB) | SSIM |", "|---|---|---|---|---|---|"]
+    for w, s in summary["results"].items():
+        for kind in ("mode", "sample"):
+            L.append(f"| {w} | {'posterior mode' if kind == 'mode' else 'posterior sample'} | "
+                     + " | ".join(_cell(s["metrics"][kind][k], k) for k in METRICS) + " |")
+    L += ["", f"Training loss terms per map at step 0 ({summary['loss_reconstruction']} reconstruction; "
+          f"`kl_weight` {summary['lossconfig']['kl_weight']:g}, `perceptual_weight` {summary['perceptual_weight_used']:g}):", "",
+          "| weights | rec_loss | kl_loss | nll_loss | total_loss |", "|---|---|---|---|---|"]
+    for w, s in summary["results"].items():
+        L.append(f"| {w} | " + " | ".join(_cell(s["losses"][k], k) for k in ("rec", "kl", "nll", "total")) + " |")
+    L += ["", "Latents (posterior samples, over all evaluated maps) for the second stage:", "",
+          "| weights | per-channel mean | per-channel std | pooled std | scale factor 1/std |", "|---|---|---|---|---|"]
+    for w, s in summary["results"].items():
+        z = s["latents"]["sample"]
+        L.append(f"| {w} | {', '.join(f'{v:.4g}' for v in z['channel_mean'])} | {', '.join(f'{v:.4g}' for v in z['channel_std'])} "
+                 f"| {z['std']:.4g} | {z['scale_factor']:.4g} |" if z.get("scale_factor") else f"| {w} | n/a | n/a | n/a | n/a |")
+    L += [""]
+    for w, s in summary["results"].items():
+        m = s["metrics"]["mode"]
+        if m["rmse"]["mean"] is None: continue
+        cmp = "below" if m["rmse"]["mean"] < RADIODIFF_PAPER["rmse"] else "above"
+        L.append(f"- {w}: typical map `{s['typical_map']['name']}` ({s['typical_map']['psnr']:.2f} dB), worst map "
+                 f"`{s['worst_map']['name']}` ({s['worst_map']['psnr']:.2f} dB). Mean mode RMSE {m['rmse']['mean']:.4g} is {cmp} "
+                 f"the {RADIODIFF_PAPER['rmse']} RadioDiff reports for its whole pipeline on the RadioMapSeer test split"
+                 + (" (different maps: for orientation only)." if data["kind"] != "radiomapseer" else "."))
+    L += [f"- Note: {n}" for n in summary["notes"]]
+    for caption, name in (figures or {}).items(): L += ["", f"![{caption}]({name})"]
+    return "\n".join(L) + "\n"
+
+# %% ../nbs/15_evaluation.ipynb 45
+def _check_limit(limit, n, data):
+    "The indices to evaluate: the first `limit` of `n` maps."
+    if n == 0: raise DataError(f"data {data!r}: the dataset is empty; expected at least one map")
+    if limit is not None and int(limit) < 1: raise ConfigError(f"limit={limit}: expected a positive number of maps (or None for all)")
+    return list(range(n if limit is None else min(int(limit), n)))
+
+def _training_size(cfg) -> int | None:
+    "The map side the model was trained on, from the config's data section."
+    return (cfg.get("data") or {}).get("size")
+
+# %% ../nbs/15_evaluation.ipynb 46
+def evaluate_checkpoint(checkpoint, data, out_dir=None, use_ema=False, batch_size=8, limit=None, device="cpu",
+                        sample_seed=0, progress=True, config=None) -> dict:
+    "Evaluate `checkpoint` (raw, EMA or 'both' weights) on the maps of data spec `data`; write outputs to `out_dir`."
+    import pandas as pd
+    if int(batch_size) < 1: raise ConfigError(f"batch_size={batch_size}: expected at least 1")
+    weights = _weights_to_evaluate(use_ema)
+    ckpt, cfg, ck_info = read_checkpoint(checkpoint, config)
+    dataset, data_info = data if isinstance(data, tuple) else dataset_from_spec(data, cfg)
+    indices = _check_limit(limit, len(dataset), data)
+    loss, notes, perceptual_weight = build_loss(ckpt, cfg, device)
+    if data_info.get("note"): notes.append(data_info["note"])
+    if cfg["model"]["lossconfig"]["disc_start"] <= 0: notes.append("disc_start <= 0: the GAN term is active at step 0 but "
+                                                                    "total_loss here leaves it out (no adaptive weight at evaluation)")
+    train_on_sample = bool(cfg.get("trainer", {}).get("sample_posterior", True))
+    models = {w: build_model(ckpt, cfg, w, checkpoint, device) for w in weights}
+    rows, results = [], {}
+    for w, model in models.items():
+        r, latents = evaluate_model(model, loss, dataset, indices, batch_size=int(batch_size), device=device,
+                                    sample_seed=sample_seed, train_on_sample=train_on_sample, progress=progress, desc=f"evaluate [{w}]")
+        rows += [dict(weights=w, **row) for row in r]
+        results[w] = summarize_rows(r, latents)
+    first = results[weights[0]]
+    trained = _training_size(cfg)
+    if trained and any(s != f"{trained}x{trained}" for s in first["sizes"]):
+        notes.append(f"map size {', '.join(first['sizes'])} differs from the training size {trained}x{trained} in the config "
+                     "(the network is fully convolutional, so it runs, but it never saw maps of this size)")
+    summary = dict(checkpoint=ck_info, data=dict(spec=str(data) if not isinstance(data, tuple) else repr(dataset), **data_info),
+                   weights=weights, n_maps=first["n_maps"], sizes=first["sizes"], results=results, notes=notes,
+                   loss_reconstruction="posterior sample" if train_on_sample else "posterior mode",
+                   lossconfig=dict(cfg["model"]["lossconfig"]), perceptual_weight_used=perceptual_weight,
+                   ddconfig=dict(cfg["model"]["ddconfig"]), embed_dim=cfg["model"]["embed_dim"],
+                   settings=dict(batch_size=int(batch_size), limit=limit, device=str(device), sample_seed=sample_seed))
+    per_map = pd.DataFrame(rows)
+    out = dict(summary=summary, per_map=per_map, files={})
+    if out_dir is not None: out["files"] = write_outputs(out_dir, summary, per_map, models, dataset, sample_seed, device)
+    return out
+
+# %% ../nbs/15_evaluation.ipynb 47
+def _json_safe(obj):
+    "Replace non-finite floats (not valid JSON) by None, recursively."
+    if isinstance(obj, dict): return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)): return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj): return None
+    if isinstance(obj, (np.floating, np.integer)): return _json_safe(obj.item())
+    return obj
+
+def write_outputs(out_dir, summary: dict, per_map, models: dict, dataset, sample_seed=0, device="cpu") -> dict:
+    "Write per_map.csv, summary.json, the figures and evaluation.md into `out_dir`; return their paths."
+    import io
+    from radiodiff_vae.core import atomic_write_bytes
+    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    def save_fig(fig, name):
+        buf = io.BytesIO(); fig.savefig(buf, format="png", dpi=110); atomic_write_bytes(out / name, buf.getvalue())
+        return name
+    figures = {}
+    for w, s in summary["results"].items():
+        picks = {"typical (median PSNR)": (s["typical_map"] or {}).get("index"), "worst (lowest PSNR)": (s["worst_map"] or {}).get("index")}
+        fig = plot_reconstructions(models[w], dataset, picks, sample_seed, device, title=f"{w} weights: typical and worst map")
+        figures[f"{w} weights: typical and worst reconstructions"] = save_fig(fig, f"reconstructions_{w}.png")
+    figures["per-map PSNR"] = save_fig(plot_psnr_histogram(per_map), "psnr_histogram.png")
+    atomic_write_text(out / "per_map.csv", per_map.to_csv(index=False))
+    atomic_write_text(out / "summary.json", json.dumps(_json_safe(dict(summary, figures=figures)), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out / "evaluation.md", markdown_section(summary, figures))
+    return {k: out / k for k in ("per_map.csv", "summary.json", "evaluation.md", *figures.values())}
+
+# %% ../nbs/15_evaluation.ipynb 49
+def add_evaluate_args(parser):
+    "Arguments of `radiodiff-vae evaluate`."
+    parser.add_argument("--checkpoint", required=True, help="model-N.pt (ours or upstream's)")
+    parser.add_argument("--data", required=True, help="'real', a RadioMapSeer root (test split), a folder of maps, "
+                        "folder:PATH, or synthetic:N[:SEED[:SIZE]] (held out from a synthetic training run)")
+    parser.add_argument("--out", required=True, help="output folder (per_map.csv, summary.json, figures, evaluation.md)")
+    parser.add_argument("--config", default=None, help="YAML config for checkpoints that carry none (default: RadioDiff's)")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--ema", action="store_true", help="evaluate the EMA weights instead of the raw ones")
+    weights.add_argument("--both", action="store_true", help="evaluate raw and EMA weights")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N maps")
+    parser.add_argument("--batch-size", type=int, default=8, help="maps per forward pass (default 8)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the posterior samples (default 0)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+def run_evaluate(args) -> int:
+    "Run `radiodiff-vae evaluate`; print where the results are and the headline numbers."
+    res = evaluate_checkpoint(args.checkpoint, args.data, out_dir=args.out, use_ema="both" if args.both else bool(args.ema),
+                              batch_size=args.batch_size, limit=args.limit, device=args.device, sample_seed=args.seed,
+                              progress=not args.no_progress, config=args.config)
+    for w, s in res["summary"]["results"].items():
+        m = s["metrics"]["mode"]
+        print(f"{w}: {s['n_maps']} maps, PSNR {m['psnr']['mean']:.2f} dB, SSIM {m['ssim']['mean']:.4f}, "
+              f"NMSE {m['nmse']['mean']:.4g}, RMSE {m['rmse']['mean']:.4g} (posterior mode); scale factor {s['scale_factor']:.4g}")
+    print(f"wrote {Path(args.out) / 'evaluation.md'}")
+    return 0

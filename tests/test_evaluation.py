@@ -65,8 +65,9 @@ def test_metrics_match_numpy(seed, noise):
     pred, target = _pair(seed, noise=noise)
     ours = map_metrics(_t(pred), _t(target))
     ref = np_metrics(pred, target)
-    for k in ("nmse", "rmse", "ssim"):
+    for k in ("nmse", "rmse"):
         assert ours[k].item() == pytest.approx(ref[k], rel=1e-9, abs=1e-12), k
+    assert ours["ssim"].item() == pytest.approx(ref["ssim"], abs=2e-6)     # computed in float32 for speed
     assert ours["psnr"].item() == pytest.approx(ref["psnr"], abs=1e-4)   # torchmetrics takes log10 in float32
 
 
@@ -76,7 +77,7 @@ def test_metrics_per_map_in_a_batch():
     ours = map_metrics(pred, target)
     for i, (p, t) in enumerate(pairs):
         ref = np_metrics(p, t)
-        assert ours["ssim"][i].item() == pytest.approx(ref["ssim"], rel=1e-9)
+        assert ours["ssim"][i].item() == pytest.approx(ref["ssim"], abs=2e-6)
         assert ours["nmse"][i].item() == pytest.approx(ref["nmse"], rel=1e-9)
     # noisier maps score worse on every metric
     assert (ours["psnr"].diff() < 0).all() and (ours["ssim"].diff() < 0).all() and (ours["rmse"].diff() > 0).all()
