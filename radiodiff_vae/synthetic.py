@@ -16,7 +16,7 @@ from .data import scale_gain
 
 # %% auto 0
 __all__ = ['DEFAULT_PARAMS', 'MARKER', 'DISTANCE_BINS', 'resolve_params', 'random_city', 'place_transmitter', 'polar_buildings',
-           'corner_geometry', 'path_gain_db', 'db_to_gray', 'shadow_loss', 'radio_map', 'generate_radio_map',
+           'obstacles_along_rays', 'path_gain_db', 'db_to_gray', 'shadow_loss', 'radio_map', 'generate_radio_map',
            'generation_speed', 'SyntheticRadioMaps', 'write_radiomapseer_layout', 'add_make_data_args', 'run_make_data',
            'pixel_histogram', 'histogram_distance', 'estimate_transmitter', 'gain_vs_distance']
 
@@ -31,7 +31,8 @@ DEFAULT_PARAMS = dict(
     tx_lo=0.2, tx_hi=0.8,
     # propagation (dB) and its discretisation
     exponent=2.5, gain_1m_db=-48.0, d_min=0.5, floor_db=-147.0, max_db=-47.0,
-    edge_db=6.0, angle_db=18.0, extra_db=4.5, n_theta=720, blur=1,
+    base_db=3.0, edge_db=6.0, alpha_edge=0.05, angle_db=22.0, nlos_exponent=0.0, later=0.5, max_obstacles=2, search_deg=30.0,
+    n_theta=720, blur=1,
 )
 
 def resolve_params(**params) -> dict:
@@ -156,10 +157,8 @@ def _geometry(size, n_theta) -> dict:
         dist = np.hypot(dy, dx)
         ray = np.floor(np.arctan2(dy, dx) * (n_theta / (2 * np.pi)) + 0.5).astype(np.int64) % n_theta
         radius = np.minimum(np.floor(dist + 0.5).astype(np.int64), R - 1)
-        i = np.arange(n_theta)
-        circ = np.minimum(np.abs(i[:, None] - i[None]), n_theta - np.abs(i[:, None] - i[None])).astype(np.int16)
         _GEOMETRY[size, n_theta] = dict(R=R, W=W, polar=(oy * W + ox).astype(np.int32), dist=dist.astype(np.float32),
-                                        ray=ray.astype(np.int32), flat=(ray * R + radius).astype(np.int32), circ=circ, logd={})
+                                        ray=ray.astype(np.int32), radius=radius.astype(np.int32), logd={})
     return _GEOMETRY[size, n_theta]
 
 def polar_buildings(buildings, tx, n_theta=720) -> np.ndarray:
@@ -169,27 +168,45 @@ def polar_buildings(buildings, tx, n_theta=720) -> np.ndarray:
     return padded.ravel()[G['polar'] + np.int32((tx[0] + R) * W + (tx[1] + R))]
 
 # %% ../nbs/09a_synthetic.ipynb 20
-def corner_geometry(B, slack=2):
-    "Per ray of the polar mask `B`: buildings crossed by radius r [n_θ, R], Δ to the nearest passing ray, corner radius."
+def _kth_along_rays(mask, K, fill) -> np.ndarray:
+    "Column of the k-th True in each row of `mask`, k = 1..K: int32 [K, n_rows], `fill` where there is none."
+    rows, cols = np.nonzero(mask)
+    rank = np.arange(len(rows)) - np.searchsorted(rows, np.arange(mask.shape[0]))[rows]
+    out, keep = np.full((K, mask.shape[0]), fill, np.int32), rank < K
+    out[rank[keep], rows[keep]] = cols[keep]
+    return out
+
+_SEARCH = {}
+def _search_window(n, W):
+    "For each ray, the rays at offsets 0, -1, +1, -2, +2 … ±W (cached), and those offsets' sizes."
+    if (n, W) not in _SEARCH:
+        j = np.array([0] + [s * k for k in range(1, W + 1) for s in (-1, 1)])
+        _SEARCH[n, W] = ((np.arange(n)[:, None] + j[None]) % n).astype(np.int32), np.abs(j).astype(np.float32)
+    return _SEARCH[n, W]
+
+# %% ../nbs/09a_synthetic.ipynb 21
+def obstacles_along_rays(B, max_obstacles=2, search_deg=30.0):
+    "Entry radius a_k [K, n_θ] of the k-th building on each ray (R: none) and the angle Δ_k to the nearest way around it."
     n, R = B.shape
     entries = B.copy(); entries[:, 1:] &= ~B[:, :-1]
-    crossed = np.cumsum(entries, 1, dtype=np.uint8)                        # < 256: at most R/2 entries
-    any_hit = B.any(1)
-    r_hit = np.where(any_hit, np.argmax(B, 1), R + slack + 1).astype(np.int32)
-    r_exit = np.where(any_hit, np.argmax((crossed > 0) & ~B, 1), R + slack + 1).astype(np.int32)
-    cand = np.where(r_hit[None, :] > r_exit[:, None] + slack, _circular_distance(n), np.int16(n))
-    passing = np.argmin(cand, 1)
-    delta = np.minimum(cand[np.arange(n), passing].astype(np.float32) * np.float32(2 * np.pi / n), np.float32(np.pi / 2))
-    step = np.sign((passing - np.arange(n) + n // 2) % n - n // 2)
-    return crossed, delta, r_hit[(passing - step) % n].astype(np.float32)
+    exits = ~B; exits[:, 0] = False; exits[:, 1:] &= B[:, :-1]
+    a, b = _kth_along_rays(entries, max_obstacles, R), _kth_along_rays(exits, max_obstacles, R)
+    count = np.zeros((n, R + 1), np.int16); np.cumsum(B, 1, dtype=np.int16, out=count[:, 1:])   # buildings in [0, r)
+    count = count.ravel()
+    W = max(1, int(round(search_deg * n / 360)))
+    near, offset = _search_window(n, W)
+    row = near * np.int32(R + 1)
+    delta = np.full((max_obstacles, n), np.float32(np.pi / 2), np.float32)
+    for k in range(max_obstacles):
+        rays = np.flatnonzero(a[k] < R)
+        if not len(rays): break
+        free = count[row[rays] + b[k, rays, None]] == count[row[rays] + a[k, rays, None]]   # no building over [a_k, b_k)
+        first = np.argmax(free, 1)
+        steps = np.where(free[np.arange(len(rays)), first], offset[first], np.float32(W + 1))
+        delta[k, rays] = np.minimum(steps * np.float32(2 * np.pi / n), np.float32(np.pi / 2))
+    return a, delta
 
-def _circular_distance(n):
-    "n×n int16 matrix of index distances on a circle of n rays (cached with the geometry)."
-    for (s, m), G in _GEOMETRY.items():
-        if m == n: return G['circ']
-    i = np.arange(n); return np.minimum(np.abs(i[:, None] - i[None]), n - np.abs(i[:, None] - i[None])).astype(np.int16)
-
-# %% ../nbs/09a_synthetic.ipynb 24
+# %% ../nbs/09a_synthetic.ipynb 25
 def path_gain_db(d, exponent=2.5, gain_1m_db=-48.0, d_min=0.5):
     "Log-distance path gain in dB at distance `d` metres (distances below `d_min` count as `d_min`)."
     return gain_1m_db - 10 * exponent * np.log10(np.maximum(d, d_min))
@@ -198,27 +215,35 @@ def db_to_gray(g_db, floor_db=-147.0, max_db=-47.0) -> np.ndarray:
     "Path gain in dB -> uint8 gray levels: clip to [floor, max], map linearly onto 0..255 (RadioMapSeer's scaling)."
     return np.rint(np.clip((g_db - floor_db) * (255.0 / (max_db - floor_db)), 0, 255)).astype(np.uint8)
 
-# %% ../nbs/09a_synthetic.ipynb 26
-def shadow_loss(buildings, tx, edge_db=6.0, angle_db=18.0, extra_db=4.5, n_theta=720, blur=1) -> np.ndarray:
-    "Extra loss in dB at every pixel for a transmitter at `tx`: 0 in line of sight, diffraction + penetration in shadow."
+# %% ../nbs/09a_synthetic.ipynb 27
+def shadow_loss(buildings, tx, base_db=3.0, edge_db=6.0, alpha_edge=0.05, angle_db=22.0, nlos_exponent=0.0, later=0.5,
+                max_obstacles=2, search_deg=30.0, n_theta=720, blur=1) -> np.ndarray:
+    "Extra loss in dB at every pixel for a transmitter at `tx`: 0 in line of sight, diffraction around each obstacle in shadow."
     size = buildings.shape[0]; G = _geometry(size, n_theta)
-    crossed, delta, r_corner = corner_geometry(polar_buildings(buildings, tx, n_theta))
+    a, delta = obstacles_along_rays(polar_buildings(buildings, tx, n_theta), max_obstacles, search_deg)
     window = (slice(size - 1 - tx[0], 2 * size - 1 - tx[0]), slice(size - 1 - tx[1], 2 * size - 1 - tx[1]))
-    m = crossed.ravel()[G['flat'][window]].ravel()
-    shadow = np.flatnonzero(m)
-    ray, d = G['ray'][window].ravel()[shadow], G['dist'][window].ravel()[shadow]
-    alpha = np.arctan2(d * np.sin(delta)[ray], np.maximum(d * np.cos(delta)[ray] - r_corner[ray], np.float32(0.5)))
+    px, ray = np.arange(size * size), G['ray'][window].ravel()
+    d, rad = G['dist'][window].ravel(), G['radius'][window].ravel()
     loss = np.zeros(size * size, np.float32)
-    loss[shadow] = np.float32(edge_db - extra_db) + np.float32(angle_db) * alpha + np.float32(extra_db) * m[shadow]
+    for k in range(max_obstacles):
+        behind = rad >= a[k][ray]                                  # the pixels behind obstacle k shrink with k
+        px, ray, d, rad = px[behind], ray[behind], d[behind], rad[behind]
+        if not len(px): break
+        dk = delta[k][ray]
+        alpha = np.arctan2(d * np.sin(dk), np.maximum(d * np.cos(dk) - a[k][ray], np.float32(0.5)))
+        bend = edge_db * np.minimum(alpha * np.float32(1 / alpha_edge), np.float32(1)) + np.float32(angle_db) * alpha
+        if k == 0 and nlos_exponent: bend += np.float32(10 * nlos_exponent) * np.log10(np.maximum(d, 1) / np.maximum(a[0][ray], 1))
+        loss[px] += np.float32(1.0 if k == 0 else later) * (np.float32(base_db) + bend)
     loss = loss.reshape(size, size)
     return ndimage.uniform_filter(loss, 2 * blur + 1, mode='nearest') if blur > 0 else loss
 
-# %% ../nbs/09a_synthetic.ipynb 28
+# %% ../nbs/09a_synthetic.ipynb 29
 def radio_map(buildings, tx, **params) -> np.ndarray:
     "uint8 path-gain map of the city `buildings` (bool H×W) for a transmitter at `tx` (row, col)."
     p = resolve_params(**params)
     size = buildings.shape[0]; G = _geometry(size, p['n_theta'])
-    loss = shadow_loss(buildings, tx, p['edge_db'], p['angle_db'], p['extra_db'], p['n_theta'], p['blur'])
+    loss = shadow_loss(buildings, tx, p['base_db'], p['edge_db'], p['alpha_edge'], p['angle_db'], p['nlos_exponent'], p['later'],
+                       p['max_obstacles'], p['search_deg'], p['n_theta'], p['blur'])
     key = (p['d_min'], p['extent_m'])
     if key not in G['logd']: G['logd'][key] = np.log10(np.maximum(G['dist'] * np.float32(p['extent_m'] / size), p['d_min']))
     window = (slice(size - 1 - tx[0], 2 * size - 1 - tx[0]), slice(size - 1 - tx[1], 2 * size - 1 - tx[1]))
@@ -227,7 +252,7 @@ def radio_map(buildings, tx, **params) -> np.ndarray:
     gray[buildings] = 0
     return gray
 
-# %% ../nbs/09a_synthetic.ipynb 29
+# %% ../nbs/09a_synthetic.ipynb 30
 def generate_radio_map(seed, index, size=256, tx_index=0, **params) -> dict:
     "Map `index` of stream `seed`: dict(gain, buildings, antenna: uint8 size×size, tx=(row, col)). Deterministic."
     p = resolve_params(**params)
@@ -236,7 +261,7 @@ def generate_radio_map(seed, index, size=256, tx_index=0, **params) -> dict:
     antenna = np.zeros((size, size), np.uint8); antenna[tx] = 255
     return dict(gain=radio_map(buildings, tx, **params), buildings=buildings.astype(np.uint8) * 255, antenna=antenna, tx=tx)
 
-# %% ../nbs/09a_synthetic.ipynb 32
+# %% ../nbs/09a_synthetic.ipynb 33
 def generation_speed(n=20, size=256, seed=0, **params) -> float:
     "Maps per second of `generate_radio_map` measured as this process's CPU time over `n` maps."
     generate_radio_map(seed, 10**6, size, **params)   # warm caches
@@ -244,7 +269,7 @@ def generation_speed(n=20, size=256, seed=0, **params) -> float:
     for i in range(n): generate_radio_map(seed, i, size, **params)
     return n / max(time.process_time() - t0, 1e-9)
 
-# %% ../nbs/09a_synthetic.ipynb 35
+# %% ../nbs/09a_synthetic.ipynb 36
 class SyntheticRadioMaps(Dataset):
     "`n` synthetic maps generated on the fly; item i = map `offset + i` of stream `seed`: {'image': 1×S×S in [-1, 1), 'name'}."
     def __init__(self, n, seed=0, size=256, offset=0, **params):
@@ -262,7 +287,7 @@ class SyntheticRadioMaps(Dataset):
 
     def __repr__(self): return f'SyntheticRadioMaps(n={self.n}, seed={self.seed}, size={self.size}, offset={self.offset})'
 
-# %% ../nbs/09a_synthetic.ipynb 38
+# %% ../nbs/09a_synthetic.ipynb 39
 MARKER = 'make_data.json'
 
 def _layout_files(n, num_tx):
@@ -285,7 +310,7 @@ def _png_bytes(a) -> bytes:
     "uint8 H×W array -> PNG bytes."
     buf = io.BytesIO(); Image.fromarray(a, mode='L').save(buf, format='PNG'); return buf.getvalue()
 
-# %% ../nbs/09a_synthetic.ipynb 39
+# %% ../nbs/09a_synthetic.ipynb 40
 def write_radiomapseer_layout(out, n, seed=0, size=256, num_tx=1, progress=True, **params) -> Path:
     "Write `n` synthetic maps × `num_tx` transmitters to `out` in RadioMapSeer layout; return `out`."
     out = Path(out)
@@ -308,7 +333,7 @@ def write_radiomapseer_layout(out, n, seed=0, size=256, num_tx=1, progress=True,
     atomic_write_text(out/MARKER, json.dumps({**info, 'complete': True}, indent=1))
     return out
 
-# %% ../nbs/09a_synthetic.ipynb 42
+# %% ../nbs/09a_synthetic.ipynb 43
 def add_make_data_args(parser):
     "Arguments of `radiodiff-vae make-data`."
     parser.add_argument('--out', required=True, help='output folder (new, empty, or an earlier make-data output)')
@@ -327,7 +352,7 @@ def run_make_data(args) -> int:
           f'load with RadioMapSeer({str(out)!r}, maps=range(1, {args.n + 1}), num_tx={args.num_tx}, size={args.size})')
     return 0
 
-# %% ../nbs/09a_synthetic.ipynb 45
+# %% ../nbs/09a_synthetic.ipynb 46
 def pixel_histogram(maps, exclude_buildings=False) -> np.ndarray:
     "Probability of each gray level 0..255 over uint8 `maps`; with `exclude_buildings`, over pixels > 0 only."
     h = sum(np.bincount(np.asarray(m, np.uint8).ravel(), minlength=256) for m in maps).astype(np.float64)
@@ -342,7 +367,7 @@ def estimate_transmitter(gain) -> tuple:
     "(row, col) of the brightest pixel: the transmitter of a RadioMapSeer map."
     return tuple(int(v) for v in np.unravel_index(int(np.argmax(gain)), np.shape(gain)))
 
-# %% ../nbs/09a_synthetic.ipynb 47
+# %% ../nbs/09a_synthetic.ipynb 48
 DISTANCE_BINS = (0, 2, 4, 8, 16, 32, 64, 128, 256, 400)
 
 def gain_vs_distance(gain, tx=None, bins=DISTANCE_BINS) -> np.ndarray:
