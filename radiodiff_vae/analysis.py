@@ -452,6 +452,8 @@ def load_runs(inputs, config=None, smoothing: float = 0.9) -> list:
     for name, paths in group_inputs(inputs):
         df, info = read_run(*paths, config=cfg)
         info['sources'] = [display_path(s) for s in info['sources']]
+        info['files'] = [dict(f, path=display_path(f['path'])) for f in info['files']]
+        info['ignored'] = [display_path(s) for s in info['ignored']]
         if cfg is None and info.get('config_source'): note_run = display_path(info['config_source'].split(' (')[0]) + (' (first line)' if 'first line' in info['config_source'] else '')
         else: note_run = note
         a, table = analyze_run(df, info, cfg, note_run, name=name)

@@ -208,7 +208,7 @@ def figure_normalised(runs: list[RunData], smoothing: float = 0.9):
                 v = (r.table[c].to_numpy(float) - lo) / (hi - lo); x = r.table.index.to_numpy()
                 ls = ('--' if k == 'nll_loss' else '-') if len(runs) == 1 else ('-', '--', ':', '-.')[i % 4]
                 ax.plot(x, v, color=cmap(j), alpha=0.07, lw=0.7)
-                ax.plot(x, (sm - lo) / (hi - lo), color=cmap(j), lw=2.2 if k != 'nll_loss' else 1.6, ls=ls,
+                ax.plot(x, (sm - lo) / (hi - lo), color=cmap(j), lw=1.9 if k != 'nll_loss' else 1.5, ls=ls,
                         label=(f'{r.name}: ' if len(runs) > 1 else '') + k)
             phase_marker(ax, r, label=i == 0, shade=i == 0)
         ax.set_ylim(-0.15, 1.15)
@@ -246,7 +246,7 @@ def figure_dashboard(runs: list[RunData], smoothing: float = 0.9):
     "Six metric panels, the key derived numbers and the last sample image on one page."
     with plt.rc_context(STYLE):
         fig = plt.figure(figsize=(17, 11.5))
-        gs = fig.add_gridspec(3, 3, height_ratios=[1, 1, 1.05], hspace=0.42, wspace=0.28)
+        gs = fig.add_gridspec(3, 3, height_ratios=[1, 1, 1.05], hspace=0.42, wspace=0.28, left=0.06, right=0.98, top=0.9, bottom=0.03)
         keys = [('total_loss', 'total loss per image'), ('rec_loss', 'reconstruction, mean per pixel'), ('kl_loss', 'KL, sum per image'),
                 ('g_loss', 'generator loss -mean D(x̂)'), ('d_weight', 'adaptive weight λ')]
         for n, (k, ylabel) in enumerate(keys):
@@ -264,7 +264,7 @@ def figure_dashboard(runs: list[RunData], smoothing: float = 0.9):
         _lr_panel(fig.add_subplot(gs[1, 2]), runs, smoothing); fig.axes[-1].set_title('learning rate'); step_axis(fig.axes[-1])
         text_ax = fig.add_subplot(gs[2, :2]); text_ax.axis('off')
         lines = [f'[{r.name}]  ' + line if len(runs) > 1 else line for r in runs for line in _key_numbers(r.analysis or {})]
-        text_ax.text(0, 1, '\n'.join(lines[:18]), va='top', ha='left', family='monospace', fontsize=10.5, transform=text_ax.transAxes)
+        text_ax.text(0, 1, '\n'.join(lines[:18]), va='top', ha='left', family='monospace', fontsize=11.5, transform=text_ax.transAxes)
         img_ax = fig.add_subplot(gs[2, 2]); img_ax.axis('off')
         sample = next((r.samples[-1] for r in runs if r.samples), None)
         if sample is not None:

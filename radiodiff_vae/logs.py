@@ -12,32 +12,32 @@ import pandas as pd
 from .core import LogParseError
 
 # %% auto 0
-__all__ = ['ASCTIME', 'LINE_RE', 'NUMBER', 'PAIR_RE', 'MAX_SEGMENT_CHARS', 'RENAMES', 'READERS', 'LOG_NAME_RE', 'CONFIG_NAMES',
-           'parse_asctime', 'parse_pairs', 'parse_record', 'parse_config_line', 'read_text_log', 'read_jsonl',
-           'read_csv', 'read_tensorboard', 'file_kind', 'find_samples', 'files_of_run', 'order_files', 'find_resumes',
-           'merge_records', 'load_config_file', 'read_run']
+__all__ = ['ASCTIME', 'LINE_RE', 'NUMBER', 'PAIR', 'PAIR_RE', 'PAIRS_RE', 'MAX_SEGMENT_CHARS', 'RENAMES', 'READERS',
+           'LOG_NAME_RE', 'CONFIG_NAMES', 'parse_asctime', 'parse_pairs', 'parse_record', 'parse_config_line',
+           'read_text_log', 'read_jsonl', 'read_csv', 'read_tensorboard', 'file_kind', 'find_samples', 'files_of_run',
+           'order_files', 'find_resumes', 'merge_records', 'load_config_file', 'read_run']
 
 # %% ../nbs/12_logs.ipynb 5
 ASCTIME = r'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:,\d+)?'
 LINE_RE = re.compile(rf'^\s*(?P<asctime>{ASCTIME})\s+\[Train Step\]\s+(?P<step>\d+)/(?P<total>\d+):\s*(?P<body>.*?)\s*$')
 NUMBER = r'[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|nan|inf|infinity)'
-PAIR_RE = re.compile(rf'\s*([^\s:,][^:,]*?):\s*({NUMBER})\s*(?:,|$)', re.IGNORECASE)
+PAIR = rf'\s*([^\s:,][^:,]*?):\s*({NUMBER})\s*(?:,|$)'
+PAIR_RE = re.compile(PAIR, re.IGNORECASE)
+PAIRS_RE = re.compile(rf'(?:{PAIR})+\s*', re.IGNORECASE)   # a whole body of pairs, checked in one C-level match
 MAX_SEGMENT_CHARS = 1_000_000  # a longer "line" is binary junk or a runaway write, never a log record
 
 # %% ../nbs/12_logs.ipynb 6
-def parse_asctime(text: str) -> pd.Timestamp:
-    "`2025-08-15 20:41:04,512` (Python logging's asctime) -> a `pd.Timestamp`."
-    return pd.Timestamp(datetime.strptime(text.replace(',', '.') if ',' in text else text,
-                                          '%Y-%m-%d %H:%M:%S.%f' if ',' in text else '%Y-%m-%d %H:%M:%S'))
+def parse_asctime(text: str) -> datetime:
+    "`2025-08-15 20:41:04,512` (Python logging's asctime) -> a `datetime` (sliced, not `strptime`: 20x faster)."
+    ms = text[20:]
+    return datetime(int(text[0:4]), int(text[5:7]), int(text[8:10]), int(text[11:13]), int(text[14:16]), int(text[17:19]),
+                    int(ms.ljust(6, '0')[:6]) if ms else 0)
 
 # %% ../nbs/12_logs.ipynb 8
 def parse_pairs(body: str) -> dict | None:
     "The `key: value, ` pairs of a record body as floats, or `None` unless the whole body is such pairs."
-    pairs, pos = {}, 0
-    for m in PAIR_RE.finditer(body):
-        if m.start() != pos: return None
-        pairs[m.group(1).strip()] = float(m.group(2)); pos = m.end()
-    return pairs if pairs and not body[pos:].strip() else None
+    if not PAIRS_RE.fullmatch(body): return None
+    return {k.strip(): float(v) for k, v in PAIR_RE.findall(body)}
 
 # %% ../nbs/12_logs.ipynb 10
 def parse_record(segment: str) -> dict | None:
@@ -47,8 +47,9 @@ def parse_record(segment: str) -> dict | None:
     if not m: return None
     pairs = parse_pairs(m.group('body'))
     if pairs is None: return None
-    return {'step': int(m.group('step')), 'total_steps': int(m.group('total')),
-            'timestamp': parse_asctime(m.group('asctime')), **pairs}
+    try: when = parse_asctime(m.group('asctime'))
+    except ValueError: return None   # an impossible date (month 13) is garbage too
+    return {'step': int(m.group('step')), 'total_steps': int(m.group('total')), 'timestamp': when, **pairs}
 
 # %% ../nbs/12_logs.ipynb 13
 def _literal(node):
@@ -246,8 +247,8 @@ def find_resumes(parsed: list) -> list[dict]:
 # %% ../nbs/12_logs.ipynb 32
 def merge_records(parsed: list) -> pd.DataFrame:
     "Stack records of all files and keep, per step and column, the latest written value."
-    rows = [dict({k: v for k, v in r.items() if k not in ('total_steps', '_line')}, source=Path(info['path']).name)
-            for records, info in parsed for r in records]
+    rows = [dict({k: v for k, v in r.items() if k not in ('total_steps', '_line')}, source=name)
+            for records, info in parsed for name in [Path(info['path']).name] for r in records]
     df = pd.DataFrame(rows)
     df = df.groupby('step', sort=True).last()   # `last` = latest non-missing value per column
     cols = [c for c in df.columns if c not in ('timestamp', 'source', 'wall_time')]
