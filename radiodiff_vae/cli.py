@@ -51,3 +51,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f'radiodiff-vae {args.command}: interrupted', file=sys.stderr)
         return 130
+
+# %% ../nbs/16_cli.ipynb 11
+def _in_ipython() -> bool:
+    "True inside an IPython/Jupyter kernel, where `__name__` is also `'__main__'`."
+    import builtins
+    return hasattr(builtins, '__IPYTHON__')
+
+if __name__ == '__main__' and not _in_ipython(): sys.exit(main())
