@@ -86,15 +86,25 @@ def _missing_error(root, missing, total) -> DataError:
     more = f' (and {len(missing) - 5} more)' if len(missing) > 5 else ''
     return DataError(f'{root}: {len(missing)} of {total} expected files are missing: {shown}{more}')
 
-# %% ../nbs/09_data.ipynb 15
+# %% ../nbs/09_data.ipynb 16
+def _make_data_info(root: Path) -> dict:
+    "The `make_data.json` of a folder written by make-data ({} if there is none or it is unreadable)."
+    try:
+        import json
+        return json.loads((root/'make_data.json').read_text())
+    except (OSError, ValueError): return {}
+
+# %% ../nbs/09_data.ipynb 17
 class RadioMapSeer(Dataset):
     "RadioMapSeer maps of `simulation` for `phase` (upstream split) or explicit `maps`; items {'image', 'name'[, 'cond']}."
-    def __init__(self, root, simulation='DPM', phase='train', num_tx=80, maps=None, with_cond=False, size=256):
+    def __init__(self, root, simulation='DPM', phase='train', num_tx=None, maps=None, with_cond=False, size=256):
         self.root = _check_root(root)
+        made = _make_data_info(self.root)                      # a `make-data` folder knows its own size
+        num_tx = num_tx if num_tx is not None else made.get('num_tx', 80)
         self.simulation, self.num_tx, self.with_cond, self.size = simulation, int(num_tx), with_cond, size
         if self.num_tx < 1: raise ConfigError(f'num_tx={num_tx}: expected at least 1 transmitter per map')
         self.gain_dir = self._find_simulation(simulation)
-        self.maps = [int(m) for m in maps] if maps is not None else radiomapseer_split(phase)
+        self.maps = [int(m) for m in maps] if maps is not None else radiomapseer_split(phase, made.get('n', 700))
         if not self.maps: raise DataError(f'{self.root}: the list of maps is empty; expected at least one map id')
         self.phase = phase if maps is None else None
         self._check_files()
@@ -142,7 +152,7 @@ class RadioMapSeer(Dataset):
         return (f'RadioMapSeer({self.root}, {self.simulation}, phase={self.phase}, maps={len(self.maps)}, '
                 f'num_tx={self.num_tx}, items={len(self)})')
 
-# %% ../nbs/09_data.ipynb 19
+# %% ../nbs/09_data.ipynb 21
 def _natural_key(p: Path):
     "Sort key that orders embedded numbers numerically: 2_0 < 10_0."
     return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', p.as_posix())]

@@ -131,3 +131,13 @@ def test_close_to_the_real_maps():
     d = histogram_distance(pixel_histogram(real), pixel_histogram(syn))
     assert d['w1'] < 4.0, d
     assert abs(np.mean([(m == 0).mean() for m in real]) - np.mean([(m == 0).mean() for m in syn])) < 0.06
+
+
+def test_phase_split_of_a_make_data_folder(tmp_path):
+    from radiodiff_vae.data import radiomapseer_split
+    out = write_radiomapseer_layout(tmp_path / 'syn', 12, seed=0, size=32, num_tx=2, progress=False)
+    parts = {ph: RadioMapSeer(out, phase=ph, size=32) for ph in ('train', 'val', 'test')}
+    assert all(ds.num_tx == 2 for ds in parts.values())
+    assert {ph: ds.maps for ph, ds in parts.items()} == {ph: radiomapseer_split(ph, n_maps=12) for ph in parts}
+    assert set(parts['train'].maps) | set(parts['test'].maps) == set(range(1, 13))
+    assert len(parts['train']) == 2 * len(parts['train'].maps)
