@@ -58,7 +58,7 @@ def _rec_nll_kl(self: LPIPSWithDiscriminator, inputs, reconstructions, posterior
 def _d_weight(self: LPIPSWithDiscriminator, nll, g_loss, last_layer, needed: bool):
     "`(d_weight, clamped)`: the adaptive weight if `needed`, else 0; 0 in eval mode when there is no graph."
     if not (needed and self.disc_factor > 0.0):
-        return torch.tensor(0.0), False
+        return torch.zeros((), device=g_loss.device), False
     if last_layer is None:
         raise ValueError("last_layer is required for the adaptive weight: pass model.get_last_layer() "
                          "(decoder.conv_out.weight), or compute_d_weight=False before disc_start")
@@ -66,7 +66,7 @@ def _d_weight(self: LPIPSWithDiscriminator, nll, g_loss, last_layer, needed: boo
         return calculate_adaptive_weight(nll, g_loss, last_layer, self.discriminator_weight, self.d_weight_max)
     except RuntimeError:
         if self.training: raise
-        return torch.tensor(0.0), False  # validation under no_grad, as upstream
+        return torch.zeros((), device=g_loss.device), False  # validation under no_grad, as upstream
 
 # %% ../nbs/06_loss.ipynb 10
 @patch
