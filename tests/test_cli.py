@@ -1,0 +1,196 @@
+"""Bad input everywhere through `radiodiff-vae`: each gets one clear error line naming what is wrong, exit status 2,
+no traceback, and nothing written (the --out folder is not created, existing files are untouched)."""
+import hashlib, os, subprocess, sys
+from pathlib import Path
+import pytest, yaml
+from radiodiff_vae.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_DD = dict(double_z=True, z_channels=3, resolution=32, in_channels=1, out_ch=1, ch=32, ch_mult=[1, 2],
+               num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+
+def tiny_config(**trainer):
+    return {'model': {'embed_dim': 3, 'ddconfig': dict(TINY_DD),
+                      'lossconfig': dict(disc_start=2, disc_ndf=8, perceptual_weight=0.0, lpips_pretrained=False)},
+            'data': dict(source='synthetic', size=32, n_maps=8, batch_size=2, val_maps=0),
+            'trainer': dict(train_num_steps=4, save_and_sample_every=2, log_freq=1, num_threads=1, tensorboard=False, **trainer)}
+
+def snapshot(folder) -> dict:
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob('*')) if p.is_file()}
+
+def fails(capsys, argv, *expected) -> str:
+    "Run the CLI in-process; it must return 2 with one `radiodiff-vae CMD: error: ...` line naming `expected`."
+    capsys.readouterr()
+    assert main([str(a) for a in argv]) == 2
+    out, err = capsys.readouterr()
+    assert 'Traceback' not in err and 'Traceback' not in out
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f'radiodiff-vae {argv[0]}: error: '), err
+    for text in expected: assert str(text) in lines[0], (text, lines[0])
+    return lines[0]
+
+def usage_error(capsys, argv, *expected) -> str:
+    "argparse errors: exit status 2, usage then one `error:` line."
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e: main([str(a) for a in argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err
+    errors = [l for l in err.splitlines() if 'error:' in l]
+    assert len(errors) == 1, err
+    for text in expected: assert text in errors[0], (text, errors[0])
+    return errors[0]
+
+@pytest.fixture
+def cfg_file(tmp_path):
+    "Write a (possibly broken) tiny config to tmp and return its path."
+    def make(cfg, name='c.yaml'):
+        path = tmp_path/name
+        path.write_text(cfg if isinstance(cfg, str) else yaml.safe_dump(cfg))
+        return path
+    return make
+
+# ---------------------------------------------------------------------------------------------------------------
+# config
+
+def _with(section, key, value, sub=None):
+    cfg = tiny_config()
+    (cfg[section][sub] if sub else cfg[section])[key] = value
+    return cfg
+
+CONFIG_CASES = {
+    'unknown key': (_with('trainer', 'learning_rate', 1e-3), ['learning_rate', 'valid keys']),
+    'unknown nested key': (_with('model', 'chanels', 8, 'ddconfig'), ['model.ddconfig.chanels']),
+    'wrong type': (_with('trainer', 'lr', 'fast'), ['trainer.lr', 'number', "'fast'"]),
+    'wrong type bool': (_with('trainer', 'learn_logvar', 'maybe'), ['trainer.learn_logvar']),
+    'negative steps': (_with('trainer', 'train_num_steps', -5), ['trainer.train_num_steps', '-5']),
+    'zero batch': (_with('data', 'batch_size', 0), ['data.batch_size']),
+    'disc_start past the end': (_with('model', 'disc_start', 99, 'lossconfig'), ['model.lossconfig.disc_start', '99']),
+    'bad choice': (_with('trainer', 'schedule', 'linear'), ['trainer.schedule', 'linear']),
+    'not yaml': ('model: [unclosed\n  - x: {', ['not valid YAML']),
+    'not a mapping': ('- just\n- a list\n', ['expected a mapping']),
+}
+
+@pytest.mark.parametrize('case', list(CONFIG_CASES))
+def test_bad_config(capsys, tmp_path, cfg_file, case):
+    cfg, expected = CONFIG_CASES[case]
+    path = cfg_file(cfg)
+    fails(capsys, ['train', '--config', path, '--out', tmp_path/'out'], str(path), *expected)
+    assert not (tmp_path/'out').exists()
+
+def test_bad_overrides_and_arguments(capsys, tmp_path, cfg_file):
+    path, out = cfg_file(tiny_config()), tmp_path/'out'
+    fails(capsys, ['train', '--config', tmp_path/'missing.yaml', '--out', out], 'missing.yaml', 'not found')
+    fails(capsys, ['train', '--config', path, '--out', out, '--set', 'trainer.nope=1'], 'trainer.nope')
+    fails(capsys, ['train', '--config', path, '--out', out, '--set', 'trainer.lr'], 'trainer.lr', 'section.key=value')
+    fails(capsys, ['train', '--config', path, '--out', out, '--steps', '-3'], 'train_num_steps', '-3')
+    fails(capsys, ['train', '--config', path, '--out', out, '--steps', '1'], 'disc_start')  # disc_start 2 > 1 step
+    fails(capsys, ['train', '--config', path, '--out', out, '--resume', tmp_path/'nope.pt'], 'nope.pt')
+    assert not out.exists()
+
+def test_usage_errors(capsys, tmp_path, cfg_file):
+    usage_error(capsys, [], 'required')
+    usage_error(capsys, ['fly'], "invalid choice: 'fly'")
+    usage_error(capsys, ['train', '--out', tmp_path/'o'], '--config')
+    usage_error(capsys, ['train', '--config', cfg_file(tiny_config()), '--learning-rate', '1'], '--learning-rate')
+    usage_error(capsys, ['train', '--config', cfg_file(tiny_config()), '--steps', 'ten'], '--steps', "'ten'")
+    usage_error(capsys, ['evaluate', '--checkpoint', 'x.pt', '--out', tmp_path/'o'], '--data')
+    usage_error(capsys, ['evaluate', '--checkpoint', 'x.pt', '--data', 'real', '--out', tmp_path/'o', '--ema', '--both'], '--both')
+    usage_error(capsys, ['analyze', '--out', tmp_path/'o'], 'RUN_OR_LOG')
+    usage_error(capsys, ['make-data', '--out', tmp_path/'o'], '--n')
+    assert not (tmp_path/'o').exists()
+
+# ---------------------------------------------------------------------------------------------------------------
+# data
+
+def test_bad_training_data(capsys, tmp_path, cfg_file):
+    empty = tmp_path/'empty'; empty.mkdir()
+    for root, expected in [(tmp_path/'no_such_folder', 'no_such_folder'), (empty, 'empty')]:
+        for source in ('folder', 'radiomapseer'):
+            cfg = tiny_config(); cfg['data'].update(source=source, root=str(root))
+            fails(capsys, ['train', '--config', cfg_file(cfg), '--out', tmp_path/'out'], expected)
+    assert not (tmp_path/'out').exists()
+
+@pytest.fixture(scope='module')
+def checkpoint(tmp_path_factory):
+    "A valid tiny autoencoder checkpoint."
+    import torch
+    from radiodiff_vae.model import AutoencoderKL, save_autoencoder
+    torch.manual_seed(0)
+    return save_autoencoder(AutoencoderKL(dict(TINY_DD), 3), tmp_path_factory.mktemp('ckpt')/'model-1.pt')
+
+def test_bad_evaluation_data(capsys, tmp_path, checkpoint):
+    empty = tmp_path/'empty'; empty.mkdir()
+    for data, expected in [(tmp_path/'no_such_folder', 'no_such_folder'), (f'folder:{empty}', 'empty'), ('synthetic:0', 'synthetic:0'),
+                           ('synthetic:x', 'synthetic:x')]:
+        fails(capsys, ['evaluate', '--checkpoint', checkpoint, '--data', data, '--out', tmp_path/'out', '--no-progress'], expected)
+    assert not (tmp_path/'out').exists()
+
+def test_bad_make_data(capsys, tmp_path):
+    for args, expected in [(['--n', '0'], '0'), (['--n', '2', '--size', '-8'], '-8'), (['--n', '2', '--num-tx', '0'], 'num')]:
+        fails(capsys, ['make-data', '--out', tmp_path/'out', '--no-progress', *args], *expected.split())
+        assert not (tmp_path/'out').exists()
+    (tmp_path/'file').write_text('not a folder')
+    fails(capsys, ['make-data', '--out', tmp_path/'file', '--n', '1', '--size', '32', '--no-progress'], 'file')
+    assert (tmp_path/'file').read_text() == 'not a folder'
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+@pytest.mark.parametrize('content', [b'', b'garbage, not a checkpoint' * 10, b'PK\x03\x04' + b'\x00' * 100])
+def test_bad_checkpoint_for_evaluate(capsys, tmp_path, checkpoint, content):
+    bad = tmp_path/'model-3.pt'; bad.write_bytes(content)
+    fails(capsys, ['evaluate', '--checkpoint', bad, '--data', 'synthetic:2:0:32', '--out', tmp_path/'out', '--no-progress'], 'model-3.pt')
+    truncated = tmp_path/'model-4.pt'; truncated.write_bytes(checkpoint.read_bytes()[:len(checkpoint.read_bytes()) // 2])
+    fails(capsys, ['evaluate', '--checkpoint', truncated, '--data', 'synthetic:2:0:32', '--out', tmp_path/'out', '--no-progress'], 'model-4.pt')
+    fails(capsys, ['evaluate', '--checkpoint', tmp_path/'absent.pt', '--data', 'synthetic:2:0:32', '--out', tmp_path/'out'], 'absent.pt')
+    assert not (tmp_path/'out').exists()
+
+def test_checkpoint_of_another_architecture(capsys, tmp_path, checkpoint):
+    import torch
+    other = torch.load(checkpoint, weights_only=False)
+    other['config']['model']['ddconfig']['ch_mult'] = [1, 2, 2]   # the weights no longer fit the architecture it names
+    bad = tmp_path/'model-7.pt'; torch.save(other, bad)
+    fails(capsys, ['evaluate', '--checkpoint', bad, '--data', 'synthetic:2:0:32', '--out', tmp_path/'out', '--no-progress'], 'model-7.pt')
+    assert not (tmp_path/'out').exists()
+
+# ---------------------------------------------------------------------------------------------------------------
+# logs
+
+LOGS = {'garbage.log': b'this is not a training log\nneither is this\n', 'binary.log': bytes(range(256)) * 40, 'empty.log': b'',
+        'huge.log': b'z' * 3_000_000, 'metrics.jsonl': b'{"no": "step"}\n[1, 2]\n', 'parsed.csv': b'a,b\n1,2\n'}
+
+@pytest.mark.parametrize('name', list(LOGS))
+def test_bad_logs_for_analyze(capsys, tmp_path, name):
+    log = tmp_path/name; log.write_bytes(LOGS[name])
+    fails(capsys, ['analyze', log, '--out', tmp_path/'out'], name)
+    assert not (tmp_path/'out').exists()
+
+def test_analyze_keeps_existing_outputs(capsys, tmp_path):
+    out = tmp_path/'out'; out.mkdir(); (out/'REPORT.md').write_text('an earlier report')
+    before = snapshot(out)
+    fails(capsys, ['analyze', tmp_path/'absent_run', '--out', out], 'absent_run')
+    empty = tmp_path/'run'; empty.mkdir()
+    fails(capsys, ['analyze', empty, '--out', out], 'no training log')
+    (tmp_path/'g.log').write_bytes(LOGS['garbage.log'])
+    fails(capsys, ['analyze', tmp_path/'g.log', '--out', out, '--smoothing', '1.5'], '1.5')
+    assert snapshot(out) == before
+
+# ---------------------------------------------------------------------------------------------------------------
+# the installed entry point in a real process (a few: each pays the imports)
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, '-c', 'import sys; from radiodiff_vae.cli import main; sys.exit(main())', *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=300)
+
+def test_real_process_exit_status(tmp_path):
+    (tmp_path/'c.yaml').write_text(yaml.safe_dump(_with('trainer', 'train_num_steps', -1)))
+    (tmp_path/'bad.pt').write_bytes(b'\x00' * 64)
+    for args, expected in [(['train', '--config', tmp_path/'c.yaml', '--out', tmp_path/'out'], 'train_num_steps'),
+                           (['evaluate', '--checkpoint', tmp_path/'bad.pt', '--data', 'synthetic:2', '--out', tmp_path/'out'], 'bad.pt'),
+                           (['train', '--bogus'], '--bogus')]:
+        r = run_cli(*args)
+        assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr
+        assert expected in [l for l in r.stderr.splitlines() if 'error:' in l][0]
+    assert not (tmp_path/'out').exists()
