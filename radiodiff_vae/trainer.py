@@ -373,11 +373,11 @@ class Trainer:
         self.device, self.rank, self.world = self.acc.device, self.acc.process_index, self.acc.num_processes
         self.main = self.acc.is_main_process
         self._build(dataset)
-        self.lock = RunLock(self.out)
+        self.lock, self.created_out = RunLock(self.out), not self.out.exists()
         self._on_main(self._claim_folder, resume)
         try: self._start(resume)
         except BaseException:
-            if self.main: self.lock.release()
+            if self.main: self._abandon()
             raise
 
 # %% ../nbs/11_trainer.ipynb 42
@@ -415,10 +415,16 @@ def _claim_folder(self: Trainer, resume):
     try: self.out.mkdir(parents=True, exist_ok=True)
     except OSError as e: raise RunFolderError(f'{self.out}: cannot create the output folder ({e.strerror})') from None
     self.lock.acquire()
-    try: check_run_folder(self.out, self.cfg, resuming=resume not in (None, False))
-    except BaseException: self.lock.release(); raise
+    implicit = self.t['resume_milestone'] > 0 and (self.out/f"model-{self.t['resume_milestone']}.pt").is_file()
+    try: check_run_folder(self.out, self.cfg, resuming=resume not in (None, False) or implicit)
+    except BaseException: self._abandon(); raise
 
-Trainer._on_main, Trainer._claim_folder = _on_main, _claim_folder
+def _abandon(self: Trainer):
+    "Release the lock and remove the output folder again if this start created it and left it empty."
+    self.lock.release()
+    if self.created_out and self.out.is_dir() and not any(self.out.iterdir()): self.out.rmdir()
+
+Trainer._on_main, Trainer._claim_folder, Trainer._abandon = _on_main, _claim_folder, _abandon
 
 # %% ../nbs/11_trainer.ipynb 45
 def _start(self: Trainer, resume):
@@ -595,11 +601,11 @@ def _disc_pass(self: Trainer, kept, disc_active: bool, is_log: bool):
             logs.append(log)
     return logs
 
-def _mean_logs(logs: list[dict]) -> dict:
+def _mean_logs(logs: list[dict], device) -> dict:
     "Average each logged value over micro-batches and processes."
     if not logs: return {}
     keys = list(logs[0])
-    t = torch.stack([torch.stack([torch.as_tensor(l[k], dtype=torch.float32).detach().reshape(()).float() for k in keys]) for l in logs]).mean(0)
+    t = torch.stack([torch.stack([torch.as_tensor(l[k]).detach().reshape(()).to(device, torch.float32) for k in keys]) for l in logs]).mean(0)
     d = _dist()
     if d is not None: d.all_reduce(t); t /= d.get_world_size()
     return dict(zip(keys, t.tolist()))
@@ -615,7 +621,7 @@ def train_step(self: Trainer) -> dict:
     disc_active = step >= lc['disc_start'] and lc['disc_factor'] > 0
     self.opt_ae.zero_grad(set_to_none=True); self.opt_disc.zero_grad(set_to_none=True)
     kept, ae_logs, names = self._ae_pass(is_log, disc_active)
-    ae_vals = {k: float(v) for k, v in _mean_logs(ae_logs).items()}
+    ae_vals = {k: float(v) for k, v in _mean_logs(ae_logs, self.device).items()}
     bad = nonfinite_terms(ae_vals)
     if not any_process(bool(bad), self.device):
         norm_ae = self._clip_and_step(self.opt_ae, self.ae_params, self.scaler is not None)
@@ -623,7 +629,7 @@ def train_step(self: Trainer) -> dict:
     if any_process(bool(bad), self.device):
         return self._nonfinite(step, bad or ['(another process)'], ae_vals, names)
     disc_logs = self._disc_pass(kept, disc_active, is_log)
-    disc_vals = {k: float(v) for k, v in _mean_logs(disc_logs).items()}
+    disc_vals = {k: float(v) for k, v in _mean_logs(disc_logs, self.device).items()}
     norm_disc = float('nan')
     if disc_active:
         bad = nonfinite_terms(disc_vals)
@@ -779,13 +785,25 @@ def fit(self: Trainer) -> dict:
 Trainer.fit = fit
 
 # %% ../nbs/11_trainer.ipynb 65
+def _shorten(cfg: dict, steps: int) -> list[str]:
+    "Overrides that keep `disc_start` and `warmup_steps` inside a run shortened to `steps` (same fraction of the run)."
+    t, lc = cfg['trainer'], cfg['model']['lossconfig']
+    T, extra = t['train_num_steps'], []
+    if lc['disc_start'] > steps: extra.append(f"model.lossconfig.disc_start={round(lc['disc_start'] * steps / T)}")
+    if t['warmup_steps'] >= steps: extra.append(f"trainer.warmup_steps={t['warmup_steps'] * steps // T}")
+    if extra: print(f'--steps {steps}: shorter than the configured run, so ' + ', '.join(extra) + ' (same fraction of the run)', file=sys.stderr)
+    return extra
+
 def train(config, out_dir=None, resume=None, steps=None, seed=None, progress=True, overrides=(), stop_at=None,
           dataset=None, skip_damaged=False) -> dict:
     "Run (or resume) a training job; returns a summary dict (steps, wall time, last checkpoint, held-out scores)."
     extra = list(overrides or ())
-    if steps is not None: extra.append(f'trainer.train_num_steps={int(steps)}')
     if seed is not None: extra.append(f'trainer.seed={int(seed)}')
-    cfg = load_config(config, extra) if isinstance(config, (str, Path)) else resolve_config(config, extra)
+    load = lambda more: load_config(config, extra + more) if isinstance(config, (str, Path)) else resolve_config(config, extra + more)
+    cfg = load([])
+    if steps is not None:
+        if int(steps) <= 0: raise ConfigError(f'steps must be a positive integer, got {steps}')
+        cfg = load(_shorten(cfg, int(steps)) + [f'trainer.train_num_steps={int(steps)}'])
     if stop_at is not None and stop_at < 0: raise ConfigError(f'stop_at must be >= 0, got {stop_at}')
     return Trainer(cfg, out_dir, resume=resume, progress=progress, stop_at=stop_at, dataset=dataset,
                    skip_damaged=skip_damaged).fit()

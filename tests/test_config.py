@@ -53,7 +53,7 @@ def test_overrides_parse_with_yaml():
     ('trainer.learn_logvar=maybe', 'true or false'),
     ('trainer.train_num_steps=-5', 'train_num_steps'),
     ('trainer.save_and_sample_every=0', 'save_and_sample_every'),
-    ('model.lossconfig.disc_start=401', 'disc_start'),
+    ('model.lossconfig.disc_start=601', 'disc_start'),
     ('trainer.mixed_precision=fp8', "['no', 'bf16', 'fp16']"),
     ('trainer.ema_decay=1.5', 'ema_decay'),
     ('trainer.lr', 'section.key=value'),
@@ -89,6 +89,6 @@ def test_schema_table_covers_every_leaf():
 
 def test_schedule_settings_checked_at_load():
     with pytest.raises(ConfigError, match='trainer.warmup_steps'):
-        load_config(CONFIGS/'quickstart.yaml', ['trainer.warmup_steps=400'])
+        load_config(CONFIGS/'quickstart.yaml', ['trainer.warmup_steps=600'])
     with pytest.raises(ConfigError, match='trainer.min_lr'):
         load_config(CONFIGS/'quickstart.yaml', ['trainer.min_lr=0.1'])
