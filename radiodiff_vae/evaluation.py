@@ -17,7 +17,8 @@ __all__ = ['SSIM_KERNEL_SIZE', 'SSIM_SIGMA', 'METRICS', 'LOSS_TERMS', 'RADIODIFF
            'rmse_per_map', 'psnr_per_map', 'ssim_per_map', 'map_metrics', 'summarize', 'dataset_from_spec',
            'read_checkpoint', 'build_model', 'build_loss', 'per_map_losses', 'reconstruct', 'LatentStats',
            'downsampling_factor', 'evaluate_model', 'summarize_rows', 'plot_reconstructions', 'plot_psnr_histogram',
-           'markdown_section', 'evaluate_checkpoint', 'write_outputs', 'add_evaluate_args', 'run_evaluate']
+           'markdown_section', 'evaluate_checkpoint', 'write_outputs', 'add_evaluate_args', 'run_evaluate', 'spec_slug',
+           'latest_checkpoint', 'evaluate_many']
 
 # %% ../nbs/15_evaluation.ipynb 5
 SSIM_KERNEL_SIZE, SSIM_SIGMA = 11, 1.5
@@ -488,8 +489,9 @@ def write_outputs(out_dir, summary: dict, per_map, models: dict, dataset, sample
 def add_evaluate_args(parser):
     "Arguments of `radiodiff-vae evaluate`."
     parser.add_argument("--checkpoint", required=True, help="model-N.pt (ours or upstream's)")
-    parser.add_argument("--data", required=True, help="'real', a RadioMapSeer root (test split), a folder of maps, "
-                        "folder:PATH, or synthetic:N[:SEED[:SIZE]] (held out from a synthetic training run)")
+    parser.add_argument("--data", required=True, nargs="+", metavar="SPEC", help="'real', a RadioMapSeer root (test split), "
+                        "a folder of maps, folder:PATH, or synthetic:N[:SEED[:SIZE]] (held out from a synthetic training run); "
+                        "several specs: one subfolder of --out each and a joint evaluation.md")
     parser.add_argument("--out", required=True, help="output folder (per_map.csv, summary.json, figures, evaluation.md)")
     parser.add_argument("--config", default=None, help="YAML config for checkpoints that carry none (default: RadioDiff's)")
     weights = parser.add_mutually_exclusive_group()
@@ -504,12 +506,48 @@ def add_evaluate_args(parser):
 
 def run_evaluate(args) -> int:
     "Run `radiodiff-vae evaluate`; print where the results are and the headline numbers."
-    res = evaluate_checkpoint(args.checkpoint, args.data, out_dir=args.out, use_ema="both" if args.both else bool(args.ema),
-                              batch_size=args.batch_size, limit=args.limit, device=args.device, sample_seed=args.seed,
-                              progress=not args.no_progress, config=args.config)
-    for w, s in res["summary"]["results"].items():
-        m = s["metrics"]["mode"]
-        print(f"{w}: {s['n_maps']} maps, PSNR {m['psnr']['mean']:.2f} dB, SSIM {m['ssim']['mean']:.4f}, "
-              f"NMSE {m['nmse']['mean']:.4g}, RMSE {m['rmse']['mean']:.4g} (posterior mode); scale factor {s['scale_factor']:.4g}")
+    kw = dict(use_ema="both" if args.both else bool(args.ema), batch_size=args.batch_size, limit=args.limit,
+              device=args.device, sample_seed=args.seed, progress=not args.no_progress, config=args.config)
+    specs = [args.data] if isinstance(args.data, str) else list(args.data)
+    if len(specs) == 1: results = {specs[0]: evaluate_checkpoint(args.checkpoint, specs[0], out_dir=args.out, **kw)}
+    else: results = evaluate_many(args.checkpoint, specs, args.out, **kw)
+    for name, res in results.items():
+        for w, s in res["summary"]["results"].items():
+            m, sf = s["metrics"]["mode"], s["scale_factor"]
+            print(f"{name} [{w}]: {s['n_maps']} maps, PSNR {m['psnr']['mean']:.2f} dB, SSIM {m['ssim']['mean']:.4f}, "
+                  f"NMSE {m['nmse']['mean']:.4g}, RMSE {m['rmse']['mean']:.4g} (posterior mode); "
+                  + (f"scale factor {sf:.4g}" if sf else "scale factor n/a"))
     print(f"wrote {Path(args.out) / 'evaluation.md'}")
     return 0
+
+# %% ../nbs/15_evaluation.ipynb 51
+def spec_slug(spec) -> str:
+    "A folder name for a data spec: 'real', 'synthetic-64', or the folder's name."
+    spec = str(spec)
+    if spec == "real" or spec.startswith("synthetic:"): return spec.replace(":", "-")
+    name = Path(spec.split(":", 1)[1] if spec.startswith(("folder:", "radiomapseer:")) else spec).name
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "data"
+
+def latest_checkpoint(run_dir) -> Path:
+    "The `model-N.pt` with the largest N in `run_dir`."
+    run_dir = Path(run_dir)
+    found = sorted(((int(p.stem.split("-")[1]), p) for p in run_dir.glob("model-*.pt") if p.stem.split("-")[1].isdigit()))
+    if not found: raise CheckpointError(f"{run_dir}: no model-N.pt checkpoint found; expected a training run folder")
+    return found[-1][1]
+
+# %% ../nbs/15_evaluation.ipynb 53
+def evaluate_many(checkpoint, specs, out_dir, **kwargs) -> dict:
+    "`evaluate_checkpoint` for each data spec into `out_dir/<slug>/`; a joint evaluation.md and summary.json in `out_dir`."
+    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    results, sections, headline = {}, [], {}
+    for spec in ([specs] if isinstance(specs, (str, Path)) else list(specs)):
+        slug = spec_slug(spec)
+        res = evaluate_checkpoint(checkpoint, spec, out_dir=out / slug, **kwargs)
+        results[slug] = res
+        md = (out / slug / "evaluation.md").read_text(encoding="utf-8")
+        sections.append(md.replace("](", f"]({slug}/"))
+        headline[slug] = {w: {k: s["metrics"]["mode"][k]["mean"] for k in METRICS} | {"scale_factor": s["scale_factor"]}
+                          for w, s in res["summary"]["results"].items()}
+    atomic_write_text(out / "evaluation.md", "\n".join(sections))
+    atomic_write_text(out / "summary.json", json.dumps(_json_safe(dict(checkpoint=str(checkpoint), posterior_mode_means=headline)), indent=2) + "\n")
+    return results

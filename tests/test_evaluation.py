@@ -114,3 +114,196 @@ def test_summarize_against_scipy():
     lo, hi = stats.t.interval(0.95, 16, loc=v.mean(), scale=stats.sem(v))
     assert s["ci_low"] == pytest.approx(lo) and s["ci_high"] == pytest.approx(hi)
     assert s["std"] == pytest.approx(np.std(v, ddof=1))
+
+
+# ---------- end-to-end evaluation of tiny checkpoints ----------
+
+import json
+import pandas as pd
+import yaml
+
+from radiodiff_vae.cli import main as cli_main
+from radiodiff_vae.config import resolve_config
+from radiodiff_vae.core import CheckpointError, ConfigError, atomic_torch_save, real_maps_dir
+from radiodiff_vae.data import MapFolder, unscale_gain
+from radiodiff_vae.evaluation import evaluate_checkpoint, dataset_from_spec
+from radiodiff_vae.losses import LPIPSWithDiscriminator
+from radiodiff_vae.model import AutoencoderKL
+
+TINY = dict(model=dict(ddconfig=dict(ch=32, ch_mult=[1, 1, 1], num_res_blocks=1, resolution=32),
+                       lossconfig=dict(perceptual_weight=0.0, lpips_pretrained=False, disc_ndf=8, disc_start=100, logvar_init=0.3)),
+            data=dict(source="synthetic", size=32, n_maps=20, val_maps=4, data_seed=3))
+
+
+def _tiny_checkpoint(path, cfg_raw=TINY, with_config=True, with_ema=True, seed=0):
+    """A checkpoint in the trainer's format (model, ema with ema_model. prefix, config, loss state, step)."""
+    cfg = resolve_config(cfg_raw)
+    torch.manual_seed(seed)
+    ae = AutoencoderKL(cfg["model"]["ddconfig"], cfg["model"]["embed_dim"])
+    ema = AutoencoderKL(cfg["model"]["ddconfig"], cfg["model"]["embed_dim"])
+    loss = LPIPSWithDiscriminator(**cfg["model"]["lossconfig"])
+    ckpt = {"model": ae.state_dict(), "step": 7, "loss": loss.state_dict()}
+    if with_ema:
+        ckpt["ema"] = {**{f"ema_model.{k}": v for k, v in ema.state_dict().items()}, "initted": torch.tensor(True)}
+    if with_config:
+        ckpt["config"] = cfg
+    atomic_torch_save(ckpt, path)
+    return path, cfg
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    return _tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "model-1.pt")
+
+
+def _check_outputs(out, res, n_maps, weights):
+    for name in ["per_map.csv", "summary.json", "evaluation.md", "psnr_histogram.png"] + [f"reconstructions_{w}.png" for w in weights]:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    df = pd.read_csv(out / "per_map.csv")
+    assert len(df) == n_maps * len(weights) and list(df["weights"].unique()) == weights
+    numeric = df.select_dtypes("number")
+    assert np.isfinite(numeric.to_numpy()).all()
+    # PSNR = 10 log10(1/MSE) = -20 log10(RMSE), for both reconstructions
+    for kind in ("mode", "sample"):
+        np.testing.assert_allclose(df[f"{kind}_psnr"], 10 * np.log10(1 / df[f"{kind}_mse"]), atol=1e-4)
+        np.testing.assert_allclose(df[f"{kind}_psnr"], -20 * np.log10(df[f"{kind}_rmse"]), atol=1e-4)
+        assert ((df[f"{kind}_ssim"] <= 1) & (df[f"{kind}_ssim"] > -1)).all()
+    # total = nll + kl_weight * kl at step 0 (disc_start > 0: no GAN term)
+    kl_weight = res["summary"]["lossconfig"]["kl_weight"]
+    np.testing.assert_allclose(df["loss_total"], df["loss_nll"] + kl_weight * df["loss_kl"], rtol=1e-5)
+    summary = json.loads((out / "summary.json").read_text())
+    for w in weights:
+        s, g = summary["results"][w], df[df["weights"] == w]
+        m = s["metrics"]["mode"]["psnr"]
+        assert m["mean"] == pytest.approx(g["mode_psnr"].mean()) and m["std"] == pytest.approx(g["mode_psnr"].std(ddof=1))
+        assert m["ci_low"] < m["mean"] < m["ci_high"]
+        assert s["losses"]["rec"]["mean"] == pytest.approx(g["loss_rec"].mean())
+        z = s["latents"]["sample"]
+        assert len(z["channel_mean"]) == 3 and s["scale_factor"] == pytest.approx(1 / z["std"])
+        assert s["worst_map"]["psnr"] == pytest.approx(g["mode_psnr"].min())
+        assert s["worst_map"]["name"] == g.loc[g["mode_psnr"].idxmin(), "name"]
+    md = (out / "evaluation.md").read_text()
+    assert md.startswith("## Reconstruction quality") and "scale factor" in md and "reconstructions_" in md
+    return df, summary
+
+
+def test_evaluate_synthetic_both_weights(tiny_ckpt, tmp_path):
+    path, cfg = tiny_ckpt
+    res = evaluate_checkpoint(path, "synthetic:5", out_dir=tmp_path, use_ema="both", batch_size=2, progress=False)
+    df, summary = _check_outputs(tmp_path, res, 5, ["raw", "ema"])
+    # held out: the same generator stream, after the 20 training and 4 validation maps
+    assert summary["data"]["offset"] == 24 and summary["data"]["seed"] == 3 and summary["sizes"] == {"32x32": 5}
+    assert list(df["name"][:5]) == [f"{i}_0" for i in range(24, 29)]
+    # raw and EMA weights differ here, so their reconstructions do
+    raw, ema = df[df.weights == "raw"].reset_index(), df[df.weights == "ema"].reset_index()
+    assert (raw["mode_mse"] - ema["mode_mse"]).abs().max() > 1e-6
+    # the loss state came from the checkpoint: logvar 0.3 -> nll = rec / e^0.3 + 0.3 per pixel, summed
+    np.testing.assert_allclose(raw["loss_nll"], (raw["loss_rec"] / math.exp(0.3) + 0.3) * 32 * 32, rtol=1e-4)
+
+
+def test_evaluation_matches_an_independent_forward_pass(tiny_ckpt):
+    path, cfg = tiny_ckpt
+    res = evaluate_checkpoint(path, "synthetic:3:11", batch_size=3, progress=False)
+    df = res["per_map"]
+    model = AutoencoderKL.from_checkpoint(path).eval()
+    ds, _ = dataset_from_spec("synthetic:3:11:32")
+    x = torch.stack([ds[i]["image"] for i in range(3)])
+    with torch.no_grad():
+        post = model.encode(x)
+        rec = model.decode(post.mode())
+    target = unscale_gain(x).numpy()[:, 0].astype(np.float64)
+    pred = np.clip(unscale_gain(rec).numpy()[:, 0].astype(np.float64), 0, 1)
+    for i in range(3):
+        ref = np_metrics(pred[i], target[i])
+        assert df["mode_rmse"][i] == pytest.approx(ref["rmse"], rel=1e-4)
+        assert df["mode_nmse"][i] == pytest.approx(ref["nmse"], rel=1e-4)
+        assert df["mode_ssim"][i] == pytest.approx(ref["ssim"], abs=1e-4)
+    np.testing.assert_allclose(df["loss_kl"], post.kl().numpy(), rtol=1e-4)
+
+
+def test_per_map_numbers_do_not_depend_on_batching(tiny_ckpt):
+    path, _ = tiny_ckpt
+    a = evaluate_checkpoint(path, "synthetic:4", batch_size=1, progress=False)["per_map"]
+    b = evaluate_checkpoint(path, "synthetic:4", batch_size=3, progress=False)["per_map"]
+    cols = ["mode_psnr", "sample_psnr", "sample_ssim", "loss_total"]
+    np.testing.assert_allclose(a[cols].to_numpy(), b[cols].to_numpy(), rtol=1e-4)
+    c = evaluate_checkpoint(path, "synthetic:4", batch_size=3, progress=False, sample_seed=1)["per_map"]
+    assert (c["sample_psnr"] - b["sample_psnr"]).abs().max() > 1e-6      # another seed, other posterior samples
+    np.testing.assert_allclose(c["mode_psnr"], b["mode_psnr"], rtol=1e-6)  # the mode does not depend on it
+
+
+def test_evaluate_bundled_real_maps(tiny_ckpt, tmp_path):
+    path, _ = tiny_ckpt
+    res = evaluate_checkpoint(path, "real", out_dir=tmp_path, batch_size=8, progress=False)
+    df, summary = _check_outputs(tmp_path, res, 26, ["raw"])
+    assert summary["sizes"] == {"256x256": 26} and summary["data"]["complete"] is False
+    assert sorted(df["name"]) == sorted(p.stem for p in (real_maps_dir() / "gain" / "DPM").glob("*.png"))
+    notes = " ".join(summary["notes"])
+    assert "26 maps found" in notes and "differs from the training size 32x32" in notes
+
+
+def test_upstream_checkpoint_without_config(tmp_path):
+    path, cfg = _tiny_checkpoint(tmp_path / "model-3.pt", with_config=False, with_ema=False)
+    with pytest.raises(CheckpointError, match="another architecture"):   # default: RadioDiff's ch=128 architecture
+        evaluate_checkpoint(path, "synthetic:2:0:32", progress=False)
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    res = evaluate_checkpoint(path, "synthetic:2:0:32", progress=False, config=tmp_path / "tiny.yaml")
+    assert res["summary"]["checkpoint"]["config_source"].endswith("tiny.yaml") and len(res["per_map"]) == 2
+    with pytest.raises(CheckpointError, match="'ema'"):
+        evaluate_checkpoint(path, "synthetic:2:0:32", progress=False, config=tmp_path / "tiny.yaml", use_ema=True)
+
+
+def test_bad_input_is_a_clear_error(tiny_ckpt, tmp_path):
+    path, _ = tiny_ckpt
+    with pytest.raises(DataError, match="multiples of 4"):           # 3 levels: sides must be multiples of 4
+        evaluate_checkpoint(path, "synthetic:1:0:30", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no .png maps"):
+        evaluate_checkpoint(path, str(tmp_path / "empty"), progress=False)
+    with pytest.raises(DataError, match="synthetic:N"):
+        evaluate_checkpoint(path, "synthetic:0", progress=False)
+    with pytest.raises(ConfigError, match="limit"):
+        evaluate_checkpoint(path, "synthetic:2", limit=0, progress=False)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        evaluate_checkpoint(tmp_path / "missing.pt", "synthetic:2", progress=False)
+    other = resolve_config({**TINY, "model": {**TINY["model"], "ddconfig": {**TINY["model"]["ddconfig"], "ch": 64}}})
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
+    with pytest.raises(CheckpointError, match="another architecture"):
+        evaluate_checkpoint(path, "synthetic:2", config=tmp_path / "other.yaml", progress=False)
+
+
+def test_cli(tiny_ckpt, tmp_path, capsys):
+    path, _ = tiny_ckpt
+    out = tmp_path / "eval"
+    assert cli_main(["evaluate", "--checkpoint", str(path), "--data", "synthetic:3", "--out", str(out), "--ema",
+                     "--limit", "2", "--batch-size", "2", "--no-progress"]) == 0
+    assert "synthetic:3 [ema]: 2 maps, PSNR" in capsys.readouterr().out
+    assert len(pd.read_csv(out / "per_map.csv")) == 2 and (out / "reconstructions_ema.png").is_file()
+    assert cli_main(["evaluate", "--checkpoint", str(path), "--data", "synthetic:1:0:30", "--out", str(out), "--no-progress"]) == 2
+    assert "multiples of 4" in capsys.readouterr().err
+
+
+def test_evaluate_many_and_cli_with_several_specs(tiny_ckpt, tmp_path, capsys):
+    path, _ = tiny_ckpt
+    out = tmp_path / "many"
+    assert cli_main(["evaluate", "--checkpoint", str(path), "--data", "synthetic:2", "synthetic:2:9", "--out", str(out),
+                     "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "synthetic-2 [raw]: 2 maps" in printed and "synthetic-2-9 [raw]: 2 maps" in printed
+    md = (out / "evaluation.md").read_text()
+    assert md.count("## Reconstruction quality") == 2 and "](synthetic-2-9/reconstructions_raw.png)" in md
+    headline = json.loads((out / "summary.json").read_text())["posterior_mode_means"]
+    per_map = pd.read_csv(out / "synthetic-2-9" / "per_map.csv")
+    assert headline["synthetic-2-9"]["raw"]["psnr"] == pytest.approx(per_map["mode_psnr"].mean())
+
+
+def test_pipeline_notebook_runs_with_small_parameters(tiny_ckpt, tmp_path):
+    papermill = pytest.importorskip("papermill")
+    from pathlib import Path
+    path, _ = tiny_ckpt
+    nb = Path(__file__).resolve().parents[1] / "nbs" / "pipelines" / "evaluate.ipynb"
+    papermill.execute_notebook(str(nb), str(tmp_path / "executed.ipynb"), kernel_name="python3", progress_bar=False,
+                               parameters=dict(checkpoint=str(path), data=["synthetic:2"], out_dir=str(tmp_path / "out"),
+                                               use_ema=True, batch_size=2))
+    assert (tmp_path / "out" / "synthetic-2" / "reconstructions_ema.png").is_file()
+    assert "| ema | posterior mode |" in (tmp_path / "out" / "evaluation.md").read_text()
