@@ -14,11 +14,11 @@ from .logs import read_run
 
 # %% auto 0
 __all__ = ['UPSTREAM_RADIODIFF_CONFIG', 'UPSTREAM_CONFIG_NOTE', 'PARAM_ALIASES', 'PARAM_DEFAULTS', 'BOOKKEEPING',
-           'FIGURE_CAPTIONS', 'training_params', 'debiased_ema', 'value_quantum', 'schedule_lr', 'print_step',
-           'lr_analysis', 'phases', 'steps_and_gaps', 'pixels_per_image', 'd_weight_clamp', 'logvar_movement',
-           'loss_composition', 'metric_columns', 'metric_stats', 'trend', 'analyze_run', 'statements', 'group_inputs',
-           'display_path', 'resolve_config_arg', 'load_runs', 'report_markdown', 'summary_text', 'write_analysis',
-           'add_analyze_args', 'run_analyze']
+           'FIGURE_CAPTIONS', 'training_params', 'debiased_ema', 'value_quantum', 'value_steps', 'schedule_lr',
+           'print_step', 'lr_analysis', 'phases', 'steps_and_gaps', 'pixels_per_image', 'd_weight_clamp',
+           'logvar_movement', 'loss_composition', 'metric_columns', 'logged_rows', 'metric_stats', 'trend',
+           'analyze_run', 'statements', 'group_inputs', 'display_path', 'resolve_config_arg', 'load_runs',
+           'report_markdown', 'summary_text', 'write_analysis', 'add_analyze_args', 'run_analyze']
 
 # %% ../nbs/13_analysis.ipynb 5
 UPSTREAM_RADIODIFF_CONFIG = {
@@ -88,10 +88,24 @@ def value_quantum(values) -> float | None:
     if not len(x): return None
     for k in range(0, 9):
         q = 10.0 ** -k; r = x / q
-        if np.all(np.abs(r - np.round(r)) <= 1e-3 + 1e-12 * np.abs(r)): return q
+        if np.all((np.abs(r - np.round(r)) <= 1e-3 + 1e-15 * np.abs(r)) & (np.abs(np.round(r)) >= 1)): return q
     return None
 
-# %% ../nbs/13_analysis.ipynb 17
+# %% ../nbs/13_analysis.ipynb 15
+def value_steps(values) -> np.ndarray:
+    "Per value, the largest power of ten (1e-12 ... 1e6) it is a multiple of: its printed resolution."
+    x = np.abs(np.asarray(values, dtype=float)); out = np.full(x.shape, 1e-12)
+    for k in range(-12, 7):
+        q = 10.0 ** k; r = x / q
+        out = np.where(np.isfinite(x) & (np.round(r) >= 1) & (np.abs(r - np.round(r)) <= 1e-3 + 1e-15 * r), q, out)
+    return out
+
+def _rounding_error(values) -> np.ndarray:
+    "Half the printed resolution of each value (at most half the column's print step), at least float32's rounding."
+    v = np.asarray(values, dtype=float)
+    return np.maximum(np.minimum(value_steps(v), value_quantum(v) or np.inf) / 2, 6e-8 * np.abs(v))
+
+# %% ../nbs/13_analysis.ipynb 18
 def _upstream_lr(step, total_steps, base_lr, min_lr=5e-7, power=0.95):
     "Upstream's LambdaLR: base_lr * max((1 - s/T)^p, min_lr), with 1 - s/T clamped at 0."
     return base_lr * max(max(1 - step / total_steps, 0.0) ** power, min_lr)
@@ -108,7 +122,7 @@ def schedule_lr(steps, params: dict) -> np.ndarray | None:
         f = lambda s: _upstream_lr(int(s), int(params['total_steps']), **kw)
     return np.array([f(s) for s in steps], dtype=float)
 
-# %% ../nbs/13_analysis.ipynb 19
+# %% ../nbs/13_analysis.ipynb 20
 def print_step(df: pd.DataFrame) -> float | None:
     "The log's print step: the finest `value_quantum` of its metric columns, `None` if any has full precision."
     quanta = [value_quantum(df[c]) for c in metric_columns(df) if np.any(np.nan_to_num(df[c].to_numpy(float)) != 0)]
@@ -119,8 +133,9 @@ def lr_analysis(df: pd.DataFrame, params: dict) -> tuple[dict, np.ndarray | None
     steps = df.index.to_numpy()
     logged = df['lr'].to_numpy(float) if 'lr' in df else np.full(len(df), np.nan)
     recomputed = schedule_lr(steps, params)
-    unusable = ~np.isfinite(logged) | (logged == 0)
-    out = dict(column_present='lr' in df, rows=len(df), rows_zero_or_missing=int(unusable.sum()),
+    rows = logged_rows(df, 'lr') if 'lr' in df else np.ones(len(df), bool)
+    unusable = (~np.isfinite(logged) | (logged == 0)) & rows
+    out = dict(column_present='lr' in df, rows=int(rows.sum()), rows_zero_or_missing=int(unusable.sum()),
                log_print_step=print_step(df), recomputed=recomputed is not None,
                schedule=params.get('schedule'), base_lr=params.get('lr'), total_steps=params.get('total_steps'),
                min_lr=params.get('min_lr'), power=params.get('power'))
@@ -138,13 +153,14 @@ def _floor_lr(params):
     sched = schedule_lr([10 * int(params['total_steps'])], params)
     return float(sched[0]) if sched is not None else None
 
-# %% ../nbs/13_analysis.ipynb 21
+# %% ../nbs/13_analysis.ipynb 22
 def phases(df: pd.DataFrame, params: dict) -> dict:
     "The reconstruction-only and adversarial phases, from `disc_factor` and the config's `disc_start`."
     col = next((c for c in df.columns if c.endswith('disc_factor')), None)
     out = dict(disc_start=params.get('disc_start'), column=col, phases=[])
     if col is None: return out
-    on = df[col].to_numpy(float) > 0; steps = df.index.to_numpy()
+    v = df[col].to_numpy(float); fin = np.isfinite(v)   # rows without it (held-out scores only) say nothing
+    on, steps = v[fin] > 0, df.index.to_numpy()[fin]
     for name, mask in (('reconstruction only (disc_factor = 0)', ~on), ('adversarial (disc_factor > 0)', on)):
         if mask.any(): out['phases'].append(dict(name=name, first_step=int(steps[mask][0]), last_step=int(steps[mask][-1]), rows=int(mask.sum())))
     out['switches'] = int(np.count_nonzero(np.diff(on.astype(int))))
@@ -156,7 +172,7 @@ def phases(df: pd.DataFrame, params: dict) -> dict:
         out['rows_disagreeing_with_config'] = int((expected != on).sum())
     return out
 
-# %% ../nbs/13_analysis.ipynb 22
+# %% ../nbs/13_analysis.ipynb 23
 def steps_and_gaps(df: pd.DataFrame, info: dict | None = None, gap_factor: float = 5.0, min_gap_s: float = 60.0) -> dict:
     "Logging interval, missing steps, resumes, wall-clock gaps and throughput (steps/hour)."
     steps = df.index.to_numpy(); ds = np.diff(steps)
@@ -181,7 +197,7 @@ def steps_and_gaps(df: pd.DataFrame, info: dict | None = None, gap_factor: float
                              first_time=str(t[ok].iloc[0]), last_time=str(t[ok].iloc[-1]))
     return out
 
-# %% ../nbs/13_analysis.ipynb 24
+# %% ../nbs/13_analysis.ipynb 25
 def pixels_per_image(df: pd.DataFrame, params: dict | None = None) -> dict | None:
     "The number of pixels per image implied by `nll_loss`, `rec_loss` and `logvar`, with rounding bounds."
     cols = {k: next((c for c in df.columns if c.endswith('/' + k) or c == k), None) for k in ('nll_loss', 'rec_loss', 'logvar')}
@@ -193,10 +209,10 @@ def pixels_per_image(df: pd.DataFrame, params: dict | None = None) -> dict | Non
     if not ok.any(): return None
     est = nll[ok] / denom[ok]
     out = dict(median=float(np.median(est)), p05=float(np.percentile(est, 5)), p95=float(np.percentile(est, 95)), rows=int(ok.sum()))
-    qn, qr = value_quantum(nll) or 0.0, value_quantum(rec) or 0.0
-    flat = ok & (lv == 0) & (rec > qr / 2)
-    if flat.any() and (qn or qr):
-        lo = np.max((nll[flat] - qn / 2) / (rec[flat] + qr / 2)); hi = np.min((nll[flat] + qn / 2) / (rec[flat] - qr / 2))
+    en, er = _rounding_error(nll), _rounding_error(rec)
+    flat = ok & (lv == 0) & (rec > er)
+    if flat.any():
+        lo = np.max((nll[flat] - en[flat]) / (rec[flat] + er[flat])); hi = np.min((nll[flat] + en[flat]) / (rec[flat] - er[flat]))
         out.update(bound_low=float(lo), bound_high=float(hi), bounds_consistent=bool(lo <= hi))
     centre = (out['bound_low'] + out['bound_high']) / 2 if out.get('bounds_consistent') else out['median']
     n = int(round(centre)); out['pixels'] = n
@@ -207,7 +223,7 @@ def pixels_per_image(df: pd.DataFrame, params: dict | None = None) -> dict | Non
     if res: out['config_resolution'] = list(res); out['config_pixels'] = int(np.prod(res)) * channels
     return out
 
-# %% ../nbs/13_analysis.ipynb 27
+# %% ../nbs/13_analysis.ipynb 28
 def _col(df, name):
     "The column named `name` or ending in `/name`, or `None`."
     return next((c for c in df.columns if c == name or c.endswith('/' + name)), None)
@@ -216,7 +232,8 @@ def d_weight_clamp(df: pd.DataFrame, params: dict) -> dict | None:
     "How often the logged adaptive weight equals its clamp `d_weight_max * disc_weight`, overall and per phase."
     col = _col(df, 'd_weight')
     if col is None: return None
-    w = df[col].to_numpy(float)
+    fin = np.isfinite(df[col].to_numpy(float)); w = df[col].to_numpy(float)[fin]
+    if not len(w): return None
     if params.get('disc_weight') is None: return dict(column=col, clamp=None, max=float(np.nanmax(w)))
     clamp = float(params['d_weight_max']) * float(params['disc_weight']); q = value_quantum(w) or 0.0
     at = np.abs(w - clamp) <= max(q / 2, 1e-9 * clamp)
@@ -224,7 +241,7 @@ def d_weight_clamp(df: pd.DataFrame, params: dict) -> dict | None:
                rows_zero=int((w == 0).sum()), min=float(np.nanmin(w)), max=float(np.nanmax(w)))
     dfc = _col(df, 'disc_factor')
     if dfc is not None:
-        on = df[dfc].to_numpy(float) > 0
+        on = df[dfc].to_numpy(float)[fin] > 0
         out['fraction_at_clamp_before_disc_start'] = float(at[~on].mean()) if (~on).any() else None
         out['fraction_at_clamp_adversarial'] = float(at[on].mean()) if on.any() else None
     return out
@@ -238,7 +255,7 @@ def logvar_movement(df: pd.DataFrame, params: dict | None = None) -> dict | None
     return dict(column=col, first=float(v[0]), last=float(v[-1]), min=float(v.min()), max=float(v.max()),
                 moved=bool(v.max() > v.min()), quantum=value_quantum(v), init=(params or {}).get('logvar_init'))
 
-# %% ../nbs/13_analysis.ipynb 28
+# %% ../nbs/13_analysis.ipynb 29
 def loss_composition(df: pd.DataFrame, params: dict) -> dict | None:
     "The KL weight implied by the logged terms, and the size of the adversarial term against the NLL."
     c = {k: _col(df, k) for k in ('total_loss', 'nll_loss', 'kl_loss', 'd_weight', 'disc_factor', 'g_loss')}
@@ -251,27 +268,39 @@ def loss_composition(df: pd.DataFrame, params: dict) -> dict | None:
     quiet = np.isfinite(implied) & (x['disc_factor'] == 0) & (x['kl_loss'] > 0)
     use = quiet if quiet.any() else np.isfinite(implied)
     on = x['disc_factor'] > 0
-    out = dict(implied_kl_weight=float(np.median(implied[use])) if use.any() else None,
-               implied_kl_weight_p05=float(np.percentile(implied[use], 5)) if use.any() else None,
-               implied_kl_weight_p95=float(np.percentile(implied[use], 95)) if use.any() else None,
-               config_kl_weight=params.get('kl_weight'))
+    # rounding of total and nll (printed digits, and float32 arithmetic) bounds how well the KL term can be seen
+    err = _rounding_error(x['total_loss']) + _rounding_error(x['nll_loss'])
+    kl_term = np.abs((params.get('kl_weight') if params.get('kl_weight') is not None else implied) * x['kl_loss'])
+    resolvable = bool(use.any() and np.median(err[use]) < 0.1 * np.median(kl_term[use]))
+    out = dict(implied_kl_weight=float(np.median(implied[use])) if resolvable else None,
+               implied_kl_weight_p05=float(np.percentile(implied[use], 5)) if resolvable else None,
+               implied_kl_weight_p95=float(np.percentile(implied[use], 95)) if resolvable else None,
+               kl_term_median=float(np.median(kl_term[use])) if use.any() else None,
+               rounding_error_median=float(np.median(err[use])) if use.any() else None,
+               kl_weight_resolvable=resolvable, config_kl_weight=params.get('kl_weight'))
     if on.any():
         out.update(mean_adversarial_term=float(np.nanmean(adv[on])), mean_nll_adversarial=float(np.nanmean(x['nll_loss'][on])),
                    fraction_total_negative_adversarial=float(np.mean(x['total_loss'][on] < 0)))
     return out
 
-# %% ../nbs/13_analysis.ipynb 31
+# %% ../nbs/13_analysis.ipynb 32
 BOOKKEEPING = ('timestamp', 'source', 'wall_time', 'elapsed_s', 'session', 'epoch', 'milestone', 'total_steps')
 
 def metric_columns(df: pd.DataFrame) -> list[str]:
     "The numeric metric columns of a run table (not time, source or the trainer's bookkeeping columns)."
     return [c for c in df.columns if c not in BOOKKEEPING and pd.api.types.is_numeric_dtype(df[c])]
 
+def logged_rows(df: pd.DataFrame, column: str) -> np.ndarray:
+    "Rows where `column`'s group (`train/`, `val/`, or unprefixed) was logged at all: a held-out-scores row has no `train/` values."
+    group = column.split('/')[0] if '/' in column else None
+    same = [c for c in metric_columns(df) if (c.split('/')[0] if '/' in c else None) == group]
+    return df[same].notna().any(axis=1).to_numpy() if same else np.ones(len(df), bool)
+
 def metric_stats(df: pd.DataFrame) -> dict:
     "Count, NaN/inf counts, first/final/min/max/mean/std (and their steps) of every metric column."
-    stats, steps = {}, df.index.to_numpy()
+    stats, all_steps = {}, df.index.to_numpy()
     for c in metric_columns(df):
-        v = df[c].to_numpy(float); fin = np.isfinite(v)
+        rows = logged_rows(df, c); v = df[c].to_numpy(float)[rows]; steps = all_steps[rows]; fin = np.isfinite(v)
         s = dict(count=int(len(v)), missing_or_nan=int(np.isnan(v).sum()), pos_inf=int(np.isposinf(v).sum()),
                  neg_inf=int(np.isneginf(v).sum()))
         if fin.any():
@@ -282,7 +311,7 @@ def metric_stats(df: pd.DataFrame) -> dict:
         stats[c] = s
     return stats
 
-# %% ../nbs/13_analysis.ipynb 34
+# %% ../nbs/13_analysis.ipynb 35
 def trend(values, fraction: float = 0.1) -> dict | None:
     "Mean of the first and last `fraction` of finite values and their relative change."
     v = np.asarray(values, float); v = v[np.isfinite(v)]
@@ -291,7 +320,7 @@ def trend(values, fraction: float = 0.1) -> dict | None:
     a, b = float(v[:k].mean()), float(v[-k:].mean())
     return dict(start_mean=a, end_mean=b, relative_change=(b - a) / abs(a) if a else None, window=k)
 
-# %% ../nbs/13_analysis.ipynb 37
+# %% ../nbs/13_analysis.ipynb 38
 def _jsonable(o):
     "Numpy scalars/arrays, paths and timestamps -> plain JSON types; non-finite floats -> None."
     if isinstance(o, dict): return {str(k): _jsonable(v) for k, v in o.items()}
@@ -327,7 +356,7 @@ def analyze_run(df: pd.DataFrame, info: dict, config: dict | None = None, config
     result['statements'] = statements(result)
     return _jsonable(result), table
 
-# %% ../nbs/13_analysis.ipynb 39
+# %% ../nbs/13_analysis.ipynb 40
 def _fmt(x, digits=4):
     "A number for prose: thousands separators for large values, significant digits otherwise."
     if x is None: return 'n/a'
@@ -391,6 +420,9 @@ def statements(a: dict) -> list[str]:
                    if lv['moved'] else f"The log-variance never moved: it is {_fmt(lv['first'])} at every logged step"
                    + (f" (print step {_fmt(lv['quantum'])})." if lv['quantum'] else '.'))
     lc = a['loss_composition']
+    if lc and not lc.get('kl_weight_resolvable') and lc.get('kl_term_median') is not None:
+        out.append(f"The logged terms cannot determine the KL weight: the KL term (median {_fmt(lc['kl_term_median'], 3)}) is not well above "
+                   f"the rounding error of total_loss and nll_loss (median {_fmt(lc['rounding_error_median'], 3)}).")
     if lc and lc.get('implied_kl_weight') is not None:
         out.append(f"The logged terms imply a KL weight of {_fmt(lc['implied_kl_weight'], 3)} (5th-95th percentile {_fmt(lc['implied_kl_weight_p05'], 5)} to {_fmt(lc['implied_kl_weight_p95'], 5)})"
                    + (f"; the config says {_fmt(lc['config_kl_weight'])}." if lc.get('config_kl_weight') is not None else '.'))
@@ -408,7 +440,7 @@ def statements(a: dict) -> list[str]:
     out.append(f"NaN or missing values: {', '.join(f'{c} {n}' for c, n in nan.items())}." if nan else 'No metric is ever NaN or missing.')
     return out
 
-# %% ../nbs/13_analysis.ipynb 43
+# %% ../nbs/13_analysis.ipynb 44
 def group_inputs(paths) -> list[tuple[str, list[Path]]]:
     "Group inputs into runs: each folder is a run; files in the same folder are one run. Returns `(name, paths)`."
     groups, names = {}, []
@@ -423,7 +455,7 @@ def group_inputs(paths) -> list[tuple[str, list[Path]]]:
         used.add(name); out.append((name, groups[key]))
     return out
 
-# %% ../nbs/13_analysis.ipynb 45
+# %% ../nbs/13_analysis.ipynb 46
 def display_path(p) -> str:
     "A path as shown in reports: relative to the repository (or the working folder) when inside it."
     from radiodiff_vae.core import data_dir
@@ -442,7 +474,7 @@ def resolve_config_arg(config):
     if not Path(config).is_file(): raise ConfigError(f"--config {config}: no such file (give a YAML/JSON config file or 'upstream')")
     return load_config_file(config), display_path(config)
 
-# %% ../nbs/13_analysis.ipynb 46
+# %% ../nbs/13_analysis.ipynb 47
 def load_runs(inputs, config=None, smoothing: float = 0.9) -> list:
     "Read and analyse each run in `inputs`; return `RunData` objects for the figures."
     from radiodiff_vae.figures import RunData
@@ -461,7 +493,7 @@ def load_runs(inputs, config=None, smoothing: float = 0.9) -> list:
         runs.append(RunData(name, table, a, info['samples']))
     return runs
 
-# %% ../nbs/13_analysis.ipynb 47
+# %% ../nbs/13_analysis.ipynb 48
 def _table_csv(runs) -> str:
     "The tidy table(s) as CSV text: a `step` column first, a `run` column when there are several runs."
     frames = []
@@ -475,7 +507,7 @@ def _md_table(header, rows) -> str:
     "A Markdown table."
     return '\n'.join(['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)] + ['| ' + ' | '.join(map(str, r)) + ' |' for r in rows])
 
-# %% ../nbs/13_analysis.ipynb 48
+# %% ../nbs/13_analysis.ipynb 49
 FIGURE_CAPTIONS = {
     'figure_1_training_phases.png': 'Total loss per image against step (symmetric-log axis where it crosses zero); the dashed line is the discriminator start, the shaded span the reconstruction-only phase.',
     'figure_2_loss_components.png': 'Loss components: (a) total loss and the NLL (reconstruction) term, (b) KL divergence, (c) generator loss, (d) learning rate (logged where usable, else recomputed from the config\'s schedule).',
@@ -489,7 +521,7 @@ def _run_section(a: dict, level: str = '##') -> str:
     p, out = a['params'], []
     out.append(f"{level} Inputs\n\n" + '\n'.join(f"- `{s}`" for s in a['inputs'] or [])
                + f"\n\nKinds: {', '.join(a['input_kinds'] or [])}; {a['records']:,} records -> {a['rows']:,} logged steps; "
-               f"{a['skipped_lines']:,} non-blank line(s) skipped (progress bars, garbage, cut-off lines); {len(a['steps']['resumes'])} resume(s).")
+               f"{a['skipped_lines']:,} non-blank line(s) skipped (not metric records: progress bars, other messages, garbage, cut-off lines); {len(a['steps']['resumes'])} resume(s).")
     cfg_rows = [(k, f'`{p[k]}`', 'default' if k in p['_defaulted'] else ('config' if p[k] is not None else 'not given'))
                 for k in PARAM_ALIASES if k in p]
     out.append(f"{level} Configuration\n\nSource: {a['config_source'] or 'none found (config-dependent quantities are omitted)'}.\n\n"
@@ -530,7 +562,7 @@ def summary_text(runs) -> str:
                                  for c, s in a['metrics'].items()))
     return '\n\n'.join(parts) + '\n'
 
-# %% ../nbs/13_analysis.ipynb 49
+# %% ../nbs/13_analysis.ipynb 50
 def write_analysis(inputs, out_dir, config=None, smoothing: float = 0.9, dpi: int = 110) -> dict:
     "Analyse `inputs` (runs) and write the CSV, JSON, summary, figures and `REPORT.md` into `out_dir`."
     from radiodiff_vae.figures import save_figures
@@ -545,7 +577,7 @@ def write_analysis(inputs, out_dir, config=None, smoothing: float = 0.9, dpi: in
         written[name] = atomic_write_text(out/name, text)
     return dict(runs=runs, written=written)
 
-# %% ../nbs/13_analysis.ipynb 51
+# %% ../nbs/13_analysis.ipynb 52
 def add_analyze_args(parser):
     "Arguments of `radiodiff-vae analyze`."
     parser.add_argument('inputs', nargs='+', metavar='RUN_OR_LOG',

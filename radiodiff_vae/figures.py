@@ -284,7 +284,7 @@ def figure_sample_gallery(samples: list, save_every: int | None = None, columns:
     from radiodiff_vae.logs import _sample_key
     samples = sorted(map(Path, samples), key=_sample_key)
     if not samples: return None
-    images = [_load_gray_or_rgb(p) for p in samples]
+    images = [_load_gray_or_rgb(p) for p in samples]; columns = min(columns, len(images))
     h, w = max(i.shape[0] for i in images), max(i.shape[1] for i in images); pad_x, pad_y = w // 16, h // 5
     rows = -(-len(images) // columns)
     rgb = any(i.ndim == 3 for i in images)
