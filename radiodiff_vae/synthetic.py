@@ -42,12 +42,21 @@ def resolve_params(**params) -> dict:
     return {**DEFAULT_PARAMS, **params}
 
 # %% ../nbs/09a_synthetic.ipynb 9
+_COORDS = {}
+def _pixel_coords(size, extent_m):
+    "Row and column coordinates in metres of every pixel, flattened (cached, read-only)."
+    if (size, extent_m) not in _COORDS:
+        yy, xx = np.divmod(np.arange(size * size, dtype=np.int32), size)
+        scale = np.float32(extent_m / size)
+        yy, xx = yy.astype(np.float32) * scale, xx.astype(np.float32) * scale
+        yy.flags.writeable = xx.flags.writeable = False
+        _COORDS[size, extent_m] = yy, xx
+    return _COORDS[size, extent_m]
+
 def random_city(rng, size=256, **params):
     "Random city: (buildings, open) boolean size×size masks; `open` marks streets and parks (where a transmitter may stand)."
     p = resolve_params(**params)
-    yy, xx = np.divmod(np.arange(size * size, dtype=np.int32), size)
-    scale = np.float32(p['extent_m'] / size)
-    yy, xx = yy.astype(np.float32) * scale, xx.astype(np.float32) * scale
+    yy, xx = _pixel_coords(size, p['extent_m'])
     k = int(rng.integers(p['n_districts'][0], p['n_districts'][1] + 1))
     seeds = rng.uniform(0, p['extent_m'], (k, 2)).astype(np.float32)
     buildings, open_ = np.zeros(size * size, bool), np.zeros(size * size, bool)
@@ -205,7 +214,8 @@ def obstacles_along_rays(B, max_obstacles=2, search_deg=30.0):
     for k in range(max_obstacles):
         rays = np.flatnonzero(a[k] < R)
         if not len(rays): break
-        free = count[row[rays] + b[k, rays, None]] == count[row[rays] + a[k, rays, None]]   # no building over [a_k, b_k)
+        rr = row[rays]
+        free = count[rr + b[k, rays, None]] == count[rr + a[k, rays, None]]    # no building over [a_k, b_k)
         first = np.argmax(free, 1)
         steps = np.where(free[np.arange(len(rays)), first], offset[first], np.float32(W + 1))
         delta[k, rays] = np.minimum(steps * np.float32(2 * np.pi / n), np.float32(np.pi / 2))
@@ -241,8 +251,8 @@ def shadow_loss(buildings, tx, base_db=3.0, edge_db=6.0, alpha_edge=0.05, angle_
         behind = rad >= a[k][ray]                                  # the pixels behind obstacle k shrink with k
         px, ray, d, rad = px[behind], ray[behind], d[behind], rad[behind]
         if not len(px): break
-        dk = delta[k][ray]
-        alpha = _angle(d * np.sin(dk), np.maximum(d * np.cos(dk) - a[k][ray], np.float32(0.5)))
+        sin_k, cos_k, a_k = np.sin(delta[k]), np.cos(delta[k]), a[k].astype(np.float32)   # per ray, then gathered
+        alpha = _angle(d * sin_k[ray], np.maximum(d * cos_k[ray] - a_k[ray], np.float32(0.5)))
         bend = edge_db * np.minimum(alpha * np.float32(1 / alpha_edge), np.float32(1)) + np.float32(angle_db) * alpha
         if k == 0 and nlos_exponent: bend += np.float32(10 * nlos_exponent) * np.log10(np.maximum(d, 1) / np.maximum(a[0][ray], 1))
         loss[px] += np.float32(1.0 if k == 0 else later) * (np.float32(base_db) + bend)
