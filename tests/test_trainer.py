@@ -88,6 +88,11 @@ def test_text_log_upstream_format_and_readable_lr(straight):
         lr = float(re.search(r'lr: ([^,]+),', ae).group(1))
         assert lr > 0 and lr == pytest.approx(lr_at('cosine', i, 12, base_lr=1e-3, min_lr=1e-5, warmup_steps=2), rel=1e-9)
     assert 'train/disc_factor: 1' in steps[2 * 6] and 'train/disc_factor: 0' in steps[2 * 5]
+    from radiodiff_vae.logs import read_text_log       # the project's (upstream-compatible) log reader
+    records, info = read_text_log(next(out.glob('*_.log')))
+    assert info['config'] == load(out/'model-4.pt')['config'] and info['total_steps'] == 12
+    assert sorted({r['step'] for r in records}) == list(range(12))
+    assert all(r['lr'] > 0 for r in records if 'lr' in r)
 
 def test_metrics_jsonl_and_tensorboard(straight):
     out, _ = straight
