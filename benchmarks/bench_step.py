@@ -63,7 +63,9 @@ def machine_info(device: str = 'cpu') -> dict:
                 cpu_isa=sorted(cpu_flags() & {'avx2', 'fma', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile'}),
                 load_average=list(os.getloadavg()) if hasattr(os, 'getloadavg') else None)
     if device.startswith('cuda'):
-        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda, gpu_bf16=torch.cuda.is_bf16_supported())
+        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda, gpu_bf16=torch.cuda.is_bf16_supported(),
+                    cudnn_allow_tf32=torch.backends.cudnn.allow_tf32, matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+                    cudnn_benchmark=torch.backends.cudnn.benchmark)
     return info
 
 def sync(device: str):

@@ -202,7 +202,8 @@ def _gpu_section(gpu: dict | None) -> list[str]:
     if gpu is None:
         return ['## GPU', '', 'Not run. On a GPU machine: `python benchmarks/run_all.py --device cuda --results-dir OUT`, '
                 'then copy OUT/gpu.json to benchmarks/results/ and run `python benchmarks/run_all.py --render`.', '']
-    f = gpu['full']
+    stamp = {'command': gpu['command'], 'date_utc': gpu['date_utc']}
+    f = {**gpu['full'], **stamp}
     lines = [f"## GPU: {f['machine'].get('gpu')}", '',
              f"`{gpu['command']}` — {gpu['date_utc']} — torch {f['machine']['torch']}, CUDA {f['machine'].get('cuda')}. "
              "fp32 means PyTorch's defaults: cuDNN convolutions may use TF32 (`torch.backends.cudnn.allow_tf32` is on by default), matmuls do not.", '']
@@ -212,8 +213,8 @@ def _gpu_section(gpu: dict | None) -> list[str]:
         on, off = per[v]['median_s'], f['timing']['gan_off']['variants'][v]['median_s']
         lines.append(f"- {v}: {3600 / on:,.0f} / {3600 / off:,.0f} steps/h ({3600 / on / ORIGINAL_STEPS_PER_HOUR:.2f}× the original's rate with GAN on)")
     lines += [''] + _step_section('GPU, full size', f, '')[2:]
-    if gpu.get('quickstart'): lines += _step_section('GPU, quickstart size', gpu['quickstart'], '')
-    if gpu.get('bf16_deviation'): lines += _bf16_section({**gpu['bf16_deviation'], 'command': gpu['command'], 'date_utc': gpu['date_utc']}, {'cpu_bf16': True})
+    if gpu.get('quickstart'): lines += _step_section('GPU, quickstart size', {**gpu['quickstart'], **stamp}, '')
+    if gpu.get('bf16_deviation'): lines += _bf16_section({**gpu['bf16_deviation'], **stamp}, {'cpu_bf16': True})
     if gpu.get('profile'): lines += ['GPU profile of our step (full size, GAN on):', '', '```', gpu['profile'], '```', '']
     return lines
 
@@ -297,9 +298,10 @@ def run_gpu(args, command: str):
     save(Path(args.results_dir), 'gpu', out, command)
     out['bf16_deviation'] = bench_step.bf16_deviation('quickstart', args.bf16_steps, dev)
     save(Path(args.results_dir), 'gpu', out, command)
-    out['quickstart'] = bench_step.run_benchmark('quickstart', warmup=3, steps=args.gpu_steps, device=dev)
+    out['quickstart'] = bench_step.run_benchmark('quickstart', warmup=3, steps=args.gpu_steps, device=dev, memory=False)
     save(Path(args.results_dir), 'gpu', out, command)
-    out['profile'] = bench_step.profile_step('full', device=dev)
+    try: out['profile'] = bench_step.profile_step('full', device=dev)
+    except Exception as e: out['profile'] = f'profile failed: {type(e).__name__}: {e}'
     save(Path(args.results_dir), 'gpu', out, command)
 
 def render_to(results_dir: Path):
