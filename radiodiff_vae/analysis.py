@@ -143,7 +143,7 @@ def lr_analysis(df: pd.DataFrame, params: dict) -> tuple[dict, np.ndarray | None
         q = out['log_print_step']
         out.update(first=float(recomputed[0]), last=float(recomputed[-1]), min=float(recomputed.min()), floor=_floor_lr(params),
                    below_half_print_step=int((recomputed < q / 2).sum()) if q else None)
-        good = ~unusable & (recomputed > 0)
+        good = np.isfinite(logged) & (logged != 0) & (recomputed > 0)
         out['max_rel_deviation_logged_vs_schedule'] = (float(np.max(np.abs(logged[good] / recomputed[good] - 1)))
                                                        if good.any() else None)
     return out, recomputed

@@ -91,10 +91,9 @@ def figure_training_phases(runs: list[RunData], smoothing: float = 0.9):
             plot_metric(ax, r, c, color, smoothing, label=f'{r.name}: total loss (EMA {smoothing})' if len(runs) > 1 else f'total loss, EMA-smoothed ({smoothing})')
             allv.append(r.table[c].to_numpy(float))
             start = phase_marker(ax, r, color=color if len(runs) > 1 else '0.25', shade=i == 0)
-            if start is not None and i == 0:
-                for x, text, ha in ((start, '  reconstruction only', 'right'), (start, '  adversarial (disc_factor = 1)', 'left')):
-                    ax.annotate(text.strip(), xy=(x, 0.6), xycoords=('data', 'axes fraction'),
-                                xytext=(-8 if ha == 'right' else 8, 0), textcoords='offset points', ha=ha, fontsize=10.5, color='0.2')
+            if start is not None and len(runs) == 1:  # one label right of the line: it fits however short the first phase is
+                ax.annotate('\u2190 reconstruction only  |  adversarial (disc_factor = 1) \u2192', xy=(start, 0.6),
+                            xycoords=('data', 'axes fraction'), xytext=(8, 0), textcoords='offset points', fontsize=10.5, color='0.2')
         scale = choose_scale(ax, np.concatenate(allv)) if allv else 'linear'
         ax.axhline(0, color='0.5', lw=0.6)
         ax.set_ylabel(f'total loss per image ({scale} scale)'); step_axis(ax)
@@ -228,7 +227,7 @@ def _key_numbers(a: dict) -> list[str]:
                         + (f"{len(st['time_gaps'])} pause(s), {tp['hours_in_gaps']:.2f} h" if st['time_gaps'] else 'no pauses'))
     for p in a.get('phases', {}).get('phases', []): lines.append(f"{p['name']}: {p['first_step']:,}-{p['last_step']:,}")
     px = a.get('pixels_per_image')
-    if px: lines.append(f"pixels/image from nll/rec: {px['pixels']:,}" + (f" = {px['square_side']}x{px['square_side']}" if px.get('square_side') else '')
+    if px: lines.append(f"pixels/image (nll/rec): {px['pixels']:,}" + (f" = {px['square_side']}x{px['square_side']}" if px.get('square_side') else '')
                         + (f" (config: {px['config_resolution']})" if px.get('config_resolution') else ''))
     dw = a.get('d_weight')
     if dw and dw.get('clamp'): lines.append(f"d_weight at clamp {dw['clamp']:g}: {100 * dw['fraction_at_clamp']:.1f}% of rows")
@@ -262,12 +261,15 @@ def figure_dashboard(runs: list[RunData], smoothing: float = 0.9):
             ax.set_title(k + ('' if scale == 'linear' else f' ({scale})')); ax.set_ylabel(ylabel); step_axis(ax, label=n >= 3)
             if len(runs) > 1 and ax.lines: ax.legend(fontsize=8)
         _lr_panel(fig.add_subplot(gs[1, 2]), runs, smoothing); fig.axes[-1].set_title('learning rate'); step_axis(fig.axes[-1])
-        text_ax = fig.add_subplot(gs[2, :2]); text_ax.axis('off')
-        lines = [f'[{r.name}]  ' + line if len(runs) > 1 else line for r in runs for line in _key_numbers(r.analysis or {})]
-        text_ax.text(0, 1, '\n'.join(lines[:18]), va='top', ha='left', family='monospace', fontsize=11.5, transform=text_ax.transAxes)
-        img_ax = fig.add_subplot(gs[2, 2]); img_ax.axis('off')
         sample = next((r.samples[-1] for r in runs if r.samples), None)
+        text_ax = fig.add_subplot(gs[2, :2] if sample is not None else gs[2, :]); text_ax.axis('off')
+        shown = runs[:3]   # one column of key numbers per run, side by side
+        for j, r in enumerate(shown):
+            lines = ([f'[{r.name}]'] if len(runs) > 1 else []) + _key_numbers(r.analysis or {})
+            text_ax.text(j / len(shown), 1, '\n'.join(lines[:14]), va='top', ha='left', family='monospace',
+                         fontsize=11.5 if len(shown) == 1 else (9.5 if len(shown) == 2 else 7.5), transform=text_ax.transAxes)
         if sample is not None:
+            img_ax = fig.add_subplot(gs[2, 2]); img_ax.axis('off')
             img_ax.imshow(plt.imread(sample), cmap='gray'); img_ax.set_title(f'last sample: {Path(sample).name}')
         fig.suptitle(f"Training summary: {', '.join(r.name for r in runs)} (dashed: discriminator start; dotted: λ clamp)", fontsize=14, y=0.95)
     return fig

@@ -173,3 +173,42 @@ def test_cli_user_errors_exit_2(tmp_path, capsys):
     assert main(['analyze', str(tmp_path / 'a.log'), '--out', str(tmp_path / 'o'), '--smoothing', '1.5']) == 2
     assert main(['analyze', str(tmp_path / 'a.log'), '--out', str(tmp_path / 'o')]) == 2
     assert 'a.log: nothing parseable' in capsys.readouterr().err
+
+
+def test_trainer_style_run_folder(tmp_path):
+    "What the trainer writes: metrics.jsonl with a held-out-scores-only row and nulls, config.yaml, `.6g` text logs."
+    run = tmp_path / 'run'; run.mkdir()
+    t0, recs = 1755288000.0, []
+    for i, step in enumerate(range(0, 40, 10)):
+        rec = 0.5 - 0.01 * i
+        recs.append({'step': step, 'total_steps': 40, 'train/total_loss': rec * 1024 + 1e-6 * 100 + (0.5 if step >= 20 else 0),
+                     'train/logvar': 0.0, 'train/kl_loss': 100.0, 'train/nll_loss': rec * 1024, 'train/rec_loss': rec,
+                     'train/d_weight': 1.0, 'train/disc_factor': float(step >= 20), 'train/g_loss': 0.5,
+                     'grad_norm_disc': None if step < 20 else 1.0, 'lr_ae': 1e-3, 'lr_disc': 1e-3, 'wall_time': t0 + 2 * step, 'session': 0})
+    recs.append({'step': 40, 'milestone': 1, 'val/psnr': 20.0, 'wall_time': t0 + 90})   # held-out scores only
+    (run / 'metrics.jsonl').write_text('\n'.join(json.dumps(r) for r in recs) + '\n')
+    (run / 'config.yaml').write_text('model:\n  lossconfig:\n    disc_start: 20\n    kl_weight: 1.0e-06\n    disc_weight: 0.5\n'
+                                     'trainer:\n  lr: 0.001\n  train_num_steps: 40\n  schedule: constant\n')
+    df, info = read_run(run)
+    a, _ = analyze_run(df, info)
+    assert [(p['first_step'], p['last_step']) for p in a['phases']['phases']] == [(0, 10), (20, 30)]   # step 40 row ignored
+    assert a['phases']['consistent_with_config'] is True
+    assert a['metrics']['train/total_loss']['missing_or_nan'] == 0 and a['metrics']['grad_norm_disc']['missing_or_nan'] == 2
+    assert a['learning_rate']['rows_zero_or_missing'] == 0 and a['learning_rate']['max_rel_deviation_logged_vs_schedule'] == 0
+    assert a['pixels_per_image']['pixels'] == 1024
+    # the KL term (1e-4) is below float32 rounding of a total near 500: not determinable, and said so
+    assert a['loss_composition']['kl_weight_resolvable'] is False
+    assert any('cannot determine the KL weight' in s for s in a['statements'])
+
+
+def test_pipeline_notebook_runs_with_papermill(tmp_path):
+    import papermill as pm
+    from pathlib import Path
+    _write_upstream_log(tmp_path / 'run', 401, n=12)
+    out = tmp_path / 'out'
+    nb = Path(__file__).resolve().parents[1] / 'nbs' / 'pipelines' / 'analyze.ipynb'
+    pm.execute_notebook(str(nb), str(tmp_path / 'executed.ipynb'), cwd=str(tmp_path), progress_bar=False,
+                        parameters=dict(inputs=[str(tmp_path / 'run')], out_dir=str(out), smoothing=0.5, config=None))
+    doc = json.loads((out / 'training_analysis.json').read_text())
+    assert doc['rows'] == 12 and doc['smoothing'] == 0.5 and doc['phases']['disc_start'] == 401
+    assert (out / 'figure_5_dashboard.png').stat().st_size > 10_000
