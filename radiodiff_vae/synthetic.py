@@ -364,7 +364,7 @@ def add_make_data_args(parser):
     parser.add_argument('--out', required=True, help='output folder (new, empty, or an earlier make-data output)')
     parser.add_argument('--n', type=int, required=True, help='number of maps (cities); map ids are 1..n')
     parser.add_argument('--seed', type=int, default=0, help='random stream; map m depends only on (seed, m)')
-    parser.add_argument('--size', type=int, default=256, help='map side in pixels (= metres)')
+    parser.add_argument('--size', type=int, default=256, help='map side in pixels; a map covers 256 m at any size')
     parser.add_argument('--num-tx', type=int, default=1, help='transmitters per map')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
     return parser
