@@ -235,8 +235,16 @@ def _data_section(d: dict | None) -> list[str]:
 def _analysis_section(a: dict | None) -> list[str]:
     if a is None: return ['## Log analysis', '', 'Not measured (benchmarks/bench_analysis.py missing or failed).', '']
     if 'error' in a: return ['## Log analysis', '', f"Failed: {a['error']}", '']
-    body = {k: v for k, v in a.items() if k not in ('command', 'date_utc')}
-    return ['## Log analysis (benchmarks/bench_analysis.py)', '', f"`{a['command']}` — {a['date_utc']}", '', '```json', json.dumps(body, indent=1, default=str)[:3000], '```', '']
+    lines = ['## Log analysis (benchmarks/bench_analysis.py)', '', f"`{a['command']}` — {a['date_utc']}; load average {a.get('load_avg_1min', float('nan')):.1f}.", '']
+    if 'parse_derive_s' in a:
+        lines.append(f"- parse + derive a {a['record_lines']:,}-line upstream log ({a['logged_steps']:,} logged steps): median {a['parse_derive_s']:.2f} s wall "
+                     f"({a['parse_derive_cpu_s']:.2f} s CPU) over {a['repeats']} repeats; budget {a['parse_derive_budget_s']:.0f} s")
+        if a.get('figures_s') is not None:
+            lines.append(f"- draw and save all {len(a['figures'])} figures: median {a['figures_s']:.1f} s wall ({a['figures_cpu_s']:.1f} s CPU); budget {a['figures_budget_s']:.0f} s")
+        lines.append(f"- within budget: {'yes' if a.get('within_budget') else 'no'}")
+    else:
+        lines += ['```json', json.dumps({k: v for k, v in a.items() if k not in ('command', 'date_utc')}, indent=1, default=str)[:3000], '```']
+    return lines + ['']
 
 def _main_job_section(m: dict | None) -> list[str]:
     if m is None or m.get('seconds') is None:
@@ -271,8 +279,12 @@ def run_cpu(args, command: str):
         r = bench_step.run_benchmark('quickstart', warmup=2, steps=args.quick_steps)
         if not args.full: r['profile'] = bench_step.profile_step('quickstart')
         save(rd, 'step_quickstart', r, command); render_to(rd)
-        print('[run_all] bf16 deviation', flush=True)
+        if args.bf16_steps > 0:
+            print('[run_all] bf16 deviation', flush=True)
+            save(rd, 'bf16_deviation', bench_step.bf16_deviation('quickstart', args.bf16_steps), command); render_to(rd)
+    elif args.bf16_steps > 0 and args.only_bf16:
         save(rd, 'bf16_deviation', bench_step.bf16_deviation('quickstart', args.bf16_steps), command); render_to(rd)
+        return
     if args.full:
         print('[run_all] full-size step benchmark', flush=True)
         r = bench_step.run_benchmark('full', warmup=1, steps=args.full_steps)
@@ -318,9 +330,10 @@ def main(argv=None) -> int:
     p.add_argument('--quick-steps', type=int, default=5, help='timed steps per variant and phase at quickstart size')
     p.add_argument('--full-steps', type=int, default=3, help='timed steps per variant and phase at full size (after 1 warm-up)')
     p.add_argument('--gpu-steps', type=int, default=20)
-    p.add_argument('--bf16-steps', type=int, default=50)
+    p.add_argument('--bf16-steps', type=int, default=50, help='quickstart steps of the fp32-vs-bf16 loss deviation (0: skip)')
     p.add_argument('--skip-step', action='store_true', help='skip the quickstart step benchmark and bf16 deviation')
     p.add_argument('--skip-data', action='store_true', help='skip bench_data / bench_analysis')
+    p.add_argument('--only-bf16', action='store_true', help='with --skip-step: only the bf16 deviation')
     p.add_argument('--main-job-seconds', type=float, default=None, help="the main job's wall time, if measured elsewhere")
     a = p.parse_args(argv)
     command = 'python benchmarks/run_all.py ' + ' '.join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
