@@ -67,6 +67,20 @@ def test_converter_renders_directives_outputs_and_links():
     assert bd.page_name(Path('index.ipynb'), {'output-file': 'index.html'}) == 'index.md'
 
 
+def test_title_cells_hold_only_title_and_summary():
+    "nbdev turns the `# Title` cell into front matter and drops the rest of that cell: nothing may be lost there."
+    lost = {str(r): bd.title_cell_dropped_lines(bd.NBS / r) for r in bd.find_notebooks()}
+    lost = {k: f'{len(v)} lines, from {v[0]!r}' for k, v in lost.items() if v}
+    assert not lost, f'text after the title and `> summary` that nbdev drops (move it to the next cell): {lost}'
+
+
+def test_display_math_in_lists_becomes_inline_display_style():
+    fix = bd.Converter.display_math
+    assert fix('* KL:\n  $$a+b$$\n') == '* KL:\n  $\\displaystyle a+b$\n'
+    assert '\n\n$$\nx\n$$\n\n' in fix('text\n$$\nx\n$$\nmore')   # a block needs blank lines around it
+    assert fix('`$$a$$` and\n```\n$$b$$\n```\n') == '`$$a$$` and\n```\n$$b$$\n```\n'  # code untouched
+
+
 def test_notebook_order_and_scratch_notebooks_left_out():
     rels = bd.find_notebooks()
     top = [r for r in rels if not bd.is_pipeline(r)]
@@ -161,14 +175,15 @@ def test_site_in_headless_chromium(built_site, server, browser):
     for page in pages:
         browser.get(server + page)
         title = info['titles'][page.replace('.html', '.md')]
-        if not browser.title.startswith(title): problems.append(f'{page}: title {browser.title!r}, expected {title!r}')
+        if title not in browser.title: problems.append(f'{page}: title {browser.title!r}, expected {title!r} in it')
+        h1 = [e.text.strip().rstrip('¶').strip() for e in browser.find_elements('css selector', 'article h1')]
+        if h1 != [title]: problems.append(f'{page}: h1 headings {h1}, expected [{title!r}]')
         deadline = time.time() + 20
         while time.time() < deadline and not browser.execute_script(
                 'return [...document.images].every(i => i.complete)'): time.sleep(0.2)
         for src, width in browser.execute_script(
                 'return [...document.images].map(i => [i.currentSrc || i.src, i.naturalWidth])'):
             if not width: problems.append(f'{page}: image did not load: {src}')
-        if not browser.find_elements('css selector', 'article h1'): problems.append(f'{page}: no h1 heading')
         links |= {h for h in browser.execute_script('return [...document.querySelectorAll("a[href]")].map(a => a.href)')
                   if h.startswith(server)}
         if page == 'index.html': _screenshot(browser, shots / 'home.png')
@@ -190,13 +205,21 @@ def test_site_in_headless_chromium(built_site, server, browser):
 
 
 @pytest.mark.slow
+def test_nbdev_can_render_every_notebook(built_site):
+    "nbdev's own docs processing (what `nbdev_proc_nbs` / `nbdev_docs` run) works on every notebook as written."
+    problems = built_site['nbdev_docs_problems']
+    assert not problems, '\n\n'.join(f'nbs/{k}: {v}' for k, v in problems.items())
+
+
+@pytest.mark.slow
 def test_every_exported_name_is_documented(built_site):
     "Each top-level name in _modidx has its show_doc entry on the page and anchor nbdev links to."
     from radiodiff_vae._modidx import d
     missing = []
     for mod, syms in d['syms'].items():
         for name, (doc, _src) in syms.items():
-            if name.count('.') != 2: continue  # methods are documented where the notebook shows them
+            if name.count('.') != 2 or name.rsplit('.', 1)[1].startswith('_'):
+                continue  # methods are documented where the notebook shows them; nbdev skips private names
             page, _, anchor = doc.partition('#')
             html = SITE / page
             if not html.exists() or f'id="{anchor}"' not in html.read_text(encoding='utf-8'):
