@@ -34,11 +34,17 @@ class RunFolderError(RadioDiffError):
     "An output folder belongs to another run, is locked, or cannot be written."
 
 # %% ../nbs/00_core.ipynb 8
+def _umask() -> int:
+    "The process's umask (read by setting it, then restoring it)."
+    mask = os.umask(0); os.umask(mask)
+    return mask
+
 def atomic_write_bytes(path, data: bytes):
     "Write `data` to `path` through a temporary file and an atomic rename; return the path."
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, 'wb') as f:
             f.write(data); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
