@@ -26,8 +26,8 @@ def pipeline_path(name) -> Path:
     return path
 
 # %% ../nbs/17_reproduce.ipynb 7
-DEFAULTS = dict(config='configs/quickstart.yaml', steps=None, seed=0, eval_synthetic_maps=64,
-                eval_synthetic_seed=1000, eval_limit=None, smoothing=0.9, overrides=())
+DEFAULTS = dict(config='configs/quickstart.yaml', steps=None, seed=0, eval_synthetic_maps=64, eval_limit=None,
+                smoothing=0.9, overrides=())
 
 def job_settings(**settings) -> dict:
     "The job's settings: `DEFAULTS` updated with `settings`; unknown names are errors."
@@ -47,17 +47,17 @@ def plan(out, settings: dict) -> list[dict]:
     "The stages of the main job writing into `out`: name, pipeline, parameters, output folder."
     out, s = Path(out).resolve(), settings
     train_dir = out/'train'
-    synthetic = f"synthetic:{s['eval_synthetic_maps']}:{s['eval_synthetic_seed']}"
+    synthetic = f"synthetic:{s['eval_synthetic_maps']}"  # the maps after the training stream: never trained on
     return [
         dict(name='reference', pipeline='analyze', out=out/'reference', what="the original 150k-step run's report",
              params=dict(inputs=None, out_dir=str(out/'reference'), smoothing=s['smoothing'], config='upstream')),
         dict(name='train', pipeline='train', out=train_dir, what='train the quickstart model on synthetic maps',
-             params=dict(config=_config_path(s['config']), overrides=s['overrides'], out_dir=str(train_dir),
-                         steps=s['steps'], seed=s['seed'], resume=None)),
-        dict(name='evaluate-synthetic', pipeline='evaluate', out=out/'eval_synthetic', what='evaluate on held-out synthetic maps',
-             params=dict(checkpoint=None, data=synthetic, out_dir=str(out/'eval_synthetic'), limit=s['eval_limit'])),
-        dict(name='evaluate-real', pipeline='evaluate', out=out/'eval_real', what='evaluate on the 26 bundled real RadioMapSeer maps',
-             params=dict(checkpoint=None, data=str(real_maps_dir()), out_dir=str(out/'eval_real'), limit=s['eval_limit'])),
+             params=dict(config_path=_config_path(s['config']), overrides=s['overrides'], out_dir=str(train_dir),
+                         steps=s['steps'], seed=s['seed'], resume=None, keep_notebook=False)),
+        dict(name='evaluate', pipeline='evaluate', out=out/'evaluation',
+             what='evaluate on held-out synthetic maps and on the 26 bundled real RadioMapSeer maps',
+             params=dict(checkpoint=None, run_dir=str(train_dir), data=[synthetic, 'real'], out_dir=str(out/'evaluation'),
+                         limit=s['eval_limit'], use_ema='both')),
         dict(name='analyze', pipeline='analyze', out=out/'analysis', what='analyse the new run',
              params=dict(inputs=[str(train_dir)], out_dir=str(out/'analysis'), smoothing=s['smoothing'], config=None)),
     ]
@@ -109,7 +109,7 @@ def resolve_params(stage: dict, out) -> dict:
     if stage['pipeline'] == 'evaluate':
         ckpt = latest_checkpoint(train_dir)
         if ckpt is None: raise RunFolderError(f'{train_dir} holds no model-N.pt checkpoint to evaluate')
-        params['checkpoint'] = str(ckpt)
+        params['checkpoint'] = str(ckpt)  # named in the executed notebook, not left to the pipeline's search
     return params
 
 # %% ../nbs/17_reproduce.ipynb 20
@@ -142,11 +142,11 @@ def write_index(out, manifest: dict, stages: list[dict]) -> Path:
 def headline_numbers(out) -> list[str]:
     "Markdown lines quoting each evaluation's own summary section (`evaluation.md`), with links made relative to `out`."
     lines = []
-    for folder in sorted(Path(out).glob('eval_*')):
-        md = folder/'evaluation.md'
-        if md.exists():
-            text = md.read_text().replace('](', f']({folder.name}/').replace(f']({folder.name}/http', '](http')
-            lines += [f'## Evaluation: {folder.name}', '', text.strip(), '']
+    md = Path(out)/'evaluation'/'evaluation.md'
+    if md.exists():
+        text = md.read_text().replace('](', '](evaluation/').replace('](evaluation/http', '](http')
+        text = '\n'.join('#' + l if l.startswith('#') else l for l in text.strip().splitlines())  # nest under ours
+        lines += ['## Headline numbers', '', text, '']
     return lines
 
 # %% ../nbs/17_reproduce.ipynb 23
