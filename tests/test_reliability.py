@@ -258,7 +258,8 @@ def test_nonfinite_batches_can_be_skipped_and_are_counted(tmp_path, monkeypatch)
     assert s['step'] == 4 and s['nonfinite_skips'] == 1 and load_ckpt(out/'model-2.pt')['nonfinite_skips'] == 1
     recs = train_records(out)
     assert [r['step'] for r in recs if 'milestone' not in r] == [0, 1, 2]     # step 3 was skipped, not logged
-    assert any('[Skip] step 3' in p.read_text() and 'kl_loss' in p.read_text() for p in out.glob('*.log'))
+    skips = [l for p in out.glob('*.log') for l in p.read_text().splitlines() if '[Skip]' in l]
+    assert len(skips) == 1 and 'step 3' in skips[0] and 'kl_loss' in skips[0], skips    # names the step and the term
     assert all(torch.isfinite(v).all() for v in load_ckpt(out/'model-2.pt')['model'].values())
     # the limit: stop anyway after max_nonfinite_skips
     nan_at(monkeypatch, 1)
@@ -316,3 +317,14 @@ def test_lock_is_exclusive_while_held(tmp_path):
     assert not (tmp_path/'.lock').exists()
     (tmp_path/'.lock').write_text('{"pid": 999999999, "host": "%s"}' % os.uname().nodename)   # no such process
     with RunLock(tmp_path) as lock: assert lock.replaced['pid'] == 999999999
+
+def test_torn_log_line_does_not_swallow_the_next_record(tmp_path):
+    """A kill in the middle of a log write leaves a last line without its newline; the resumed session must start
+    a new line, or its first record (here step 4, whose only copy it is) is glued to the fragment and lost."""
+    out = tmp_path/'run'
+    train(tiny_config(6, 2), out, stop_at=4, progress=False)
+    with open(out/'metrics.jsonl', 'a') as f: f.write('{"step": 4, "total_steps": 6, "train/total_loss": 12')
+    train(tiny_config(6, 2), out, resume='latest', progress=False)
+    from radiodiff_vae.logs import read_run
+    df, info = read_run(out)
+    assert df.index[df['train/total_loss'].notna()].tolist() == list(range(6)) and info['skipped_lines'] == 1
