@@ -367,6 +367,7 @@ def _describe_data(d: dict) -> str:
     if d["kind"] == "radiomapseer":
         part = "the RadioMapSeer test split" if d["complete"] else "real RadioMapSeer maps (a subset of the test split)"
         return f"{part}, {d['simulation']} simulation, under `{d['root']}`"
+    if d["kind"] == "dataset": return f"the maps of `{d['description']}`"
     return f"the maps in `{d['root']}`"
 
 # %% ../nbs/15_evaluation.ipynb 43
@@ -422,12 +423,13 @@ def _training_size(cfg) -> int | None:
 # %% ../nbs/15_evaluation.ipynb 46
 def evaluate_checkpoint(checkpoint, data, out_dir=None, use_ema=False, batch_size=8, limit=None, device="cpu",
                         sample_seed=0, progress=True, config=None) -> dict:
-    "Evaluate `checkpoint` (raw, EMA or 'both' weights) on the maps of data spec `data`; write outputs to `out_dir`."
+    "Evaluate `checkpoint` (raw, EMA or 'both' weights) on data spec (or Dataset) `data`; write outputs to `out_dir`."
     import pandas as pd
     if int(batch_size) < 1: raise ConfigError(f"batch_size={batch_size}: expected at least 1")
     weights = _weights_to_evaluate(use_ema)
     ckpt, cfg, ck_info = read_checkpoint(checkpoint, config)
-    dataset, data_info = data if isinstance(data, tuple) else dataset_from_spec(data, cfg)
+    if isinstance(data, (str, Path)): dataset, data_info = dataset_from_spec(data, cfg)
+    else: dataset, data_info = data, dict(kind="dataset", description=repr(data))  # any Dataset of {'image', 'name'} items
     indices = _check_limit(limit, len(dataset), data)
     loss, notes, perceptual_weight = build_loss(ckpt, cfg, device)
     if data_info.get("note"): notes.append(data_info["note"])
@@ -446,7 +448,7 @@ def evaluate_checkpoint(checkpoint, data, out_dir=None, use_ema=False, batch_siz
     if trained and any(s != f"{trained}x{trained}" for s in first["sizes"]):
         notes.append(f"map size {', '.join(first['sizes'])} differs from the training size {trained}x{trained} in the config "
                      "(the network is fully convolutional, so it runs, but it never saw maps of this size)")
-    summary = dict(checkpoint=ck_info, data=dict(spec=str(data) if not isinstance(data, tuple) else repr(dataset), **data_info),
+    summary = dict(checkpoint=ck_info, data=dict(spec=str(data) if isinstance(data, (str, Path)) else None, **data_info),
                    weights=weights, n_maps=first["n_maps"], sizes=first["sizes"], results=results, notes=notes,
                    loss_reconstruction="posterior sample" if train_on_sample else "posterior mode",
                    lossconfig=dict(cfg["model"]["lossconfig"]), perceptual_weight_used=perceptual_weight,

@@ -307,3 +307,11 @@ def test_pipeline_notebook_runs_with_small_parameters(tiny_ckpt, tmp_path):
                                                use_ema=True, batch_size=2))
     assert (tmp_path / "out" / "synthetic-2" / "reconstructions_ema.png").is_file()
     assert "| ema | posterior mode |" in (tmp_path / "out" / "evaluation.md").read_text()
+
+
+def test_a_dataset_object_instead_of_a_spec(tiny_ckpt):
+    from radiodiff_vae.synthetic import SyntheticRadioMaps
+    path, _ = tiny_ckpt
+    res = evaluate_checkpoint(path, SyntheticRadioMaps(3, seed=5, size=32), limit=2, progress=False)
+    assert res["summary"]["data"]["kind"] == "dataset" and "SyntheticRadioMaps" in res["summary"]["data"]["description"]
+    assert list(res["per_map"]["name"]) == ["0_0", "1_0"]
