@@ -237,8 +237,10 @@ def validate_config(cfg: dict) -> dict:
     _require(t['schedule'] not in ('poly', 'cosine') or t['min_lr'] <= min(t['lr'], t['disc_lr'] or t['lr']),
              f"trainer.min_lr: for schedule {t['schedule']!r} it is an absolute learning rate and must be <= trainer.lr, got {t['min_lr']} > {t['lr']}")
     disc_start = m['lossconfig']['disc_start']
-    _require(0 <= disc_start <= t['train_num_steps'], f'model.lossconfig.disc_start: must be in [0, trainer.train_num_steps'
-             f"={t['train_num_steps']}] or the discriminator never trains; got {disc_start}")
+    _require(disc_start >= 0, f'model.lossconfig.disc_start: must be >= 0, got {disc_start}')
+    _require(disc_start <= t['train_num_steps'], f"model.lossconfig.disc_start: {disc_start} is past the end of training "
+             f"(trainer.train_num_steps={t['train_num_steps']}), so the discriminator would never train; set e.g. "
+             f"--set model.lossconfig.disc_start={t['train_num_steps'] // 2}")
     dd = m['ddconfig']
     _require(len(dd['ch_mult']) >= 1 and all(c > 0 for c in dd['ch_mult']), f"model.ddconfig.ch_mult: expected positive integers, got {dd['ch_mult']}")
     for key in ('ch', 'z_channels', 'in_channels', 'out_ch'): _require(dd[key] > 0, f'model.ddconfig.{key}: must be positive, got {dd[key]}')
@@ -293,6 +295,12 @@ def resolve_config(raw: dict | None, overrides=()) -> dict:
     return validate_config(_fill(raw, SCHEMA, ''))
 
 # %% ../nbs/10_config.ipynb 35
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    "A YAML error on one line: what is wrong and where."
+    mark = getattr(e, 'problem_mark', None)
+    where = f'line {mark.line + 1}, column {mark.column + 1}: ' if mark is not None else ''
+    return where + ' '.join(str(getattr(e, 'problem', None) or e).split())
+
 def read_yaml(path) -> dict:
     "Read a YAML config file with clear errors for a missing, unreadable or malformed file."
     path = Path(path)
@@ -300,7 +308,7 @@ def read_yaml(path) -> dict:
     try: text = path.read_text(encoding='utf-8')
     except (OSError, UnicodeDecodeError) as e: raise ConfigError(f'config file {str(path)!r} cannot be read: {e}') from None
     try: raw = yaml.safe_load(text)
-    except yaml.YAMLError as e: raise ConfigError(f'config file {str(path)!r} is not valid YAML: {e}') from None
+    except yaml.YAMLError as e: raise ConfigError(f'config file {str(path)!r} is not valid YAML: {_yaml_problem(e)}') from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f'config file {str(path)!r}: expected a mapping of sections (model, data, trainer), got {type(raw).__name__}')
     return raw or {}

@@ -708,22 +708,23 @@ def sample_grid_png(x, x_hat) -> bytes:
 
 # %% ../nbs/11_trainer.ipynb 60
 def save_milestone(self: Trainer):
-    "Write model-{milestone}.pt, sample-{milestone}.png and the held-out scores (process 0 writes)."
+    "Write sample-{milestone}.png, the held-out scores, then model-{milestone}.pt (process 0 writes)."
     milestone = self.step // self.t['save_and_sample_every']
     state = self.checkpoint_state()
     if not self.main: return
-    path = self.out/f'model-{milestone}.pt'
-    self._write(lambda: atomic_torch_save(state, path), path, 'checkpoint')
-    self.last_checkpoint = path
+    # sample and scores first: a checkpoint on disk then always has them (a kill in between repeats them on resume)
     x = self._sample_inputs()
     models = {'': self.ae} | ({'_ema': self.ema.ema_model} if self.ema else {})
     recs = {k: reconstruct(m, x) for k, m in models.items()}
-    png = self.out/f'sample-{milestone}.png'
-    self._write(lambda: atomic_write_bytes(png, sample_grid_png(x[:self.t['sample_maps'] or 1], recs[''][:self.t['sample_maps'] or 1])), png, 'sample')
+    png, n = self.out/f'sample-{milestone}.png', self.t['sample_maps'] or 1
+    self._write(lambda: atomic_write_bytes(png, sample_grid_png(x[:n], recs[''][:n])), png, 'sample')
     if self.val_ds is not None:
         scores = {f'val/{k}{tag}': v for tag, r in recs.items() for k, v in recon_metrics(x, r).items()}
         self.logs.record({'step': self.step, 'milestone': milestone, **scores, 'wall_time': time.time()})
         self.last_val = scores
+    path = self.out/f'model-{milestone}.pt'
+    self._write(lambda: atomic_torch_save(state, path), path, 'checkpoint')
+    self.last_checkpoint = path
     self.logs.line(f'[Checkpoint] step {self.step}: {path.name}')
 
 def _sample_inputs(self: Trainer) -> torch.Tensor:
@@ -785,25 +786,13 @@ def fit(self: Trainer) -> dict:
 Trainer.fit = fit
 
 # %% ../nbs/11_trainer.ipynb 65
-def _shorten(cfg: dict, steps: int) -> list[str]:
-    "Overrides that keep `disc_start` and `warmup_steps` inside a run shortened to `steps` (same fraction of the run)."
-    t, lc = cfg['trainer'], cfg['model']['lossconfig']
-    T, extra = t['train_num_steps'], []
-    if lc['disc_start'] > steps: extra.append(f"model.lossconfig.disc_start={round(lc['disc_start'] * steps / T)}")
-    if t['warmup_steps'] >= steps: extra.append(f"trainer.warmup_steps={t['warmup_steps'] * steps // T}")
-    if extra: print(f'--steps {steps}: shorter than the configured run, so ' + ', '.join(extra) + ' (same fraction of the run)', file=sys.stderr)
-    return extra
-
 def train(config, out_dir=None, resume=None, steps=None, seed=None, progress=True, overrides=(), stop_at=None,
           dataset=None, skip_damaged=False) -> dict:
     "Run (or resume) a training job; returns a summary dict (steps, wall time, last checkpoint, held-out scores)."
     extra = list(overrides or ())
     if seed is not None: extra.append(f'trainer.seed={int(seed)}')
-    load = lambda more: load_config(config, extra + more) if isinstance(config, (str, Path)) else resolve_config(config, extra + more)
-    cfg = load([])
-    if steps is not None:
-        if int(steps) <= 0: raise ConfigError(f'steps must be a positive integer, got {steps}')
-        cfg = load(_shorten(cfg, int(steps)) + [f'trainer.train_num_steps={int(steps)}'])
+    if steps is not None: extra.append(f'trainer.train_num_steps={int(steps)}')
+    cfg = load_config(config, extra) if isinstance(config, (str, Path)) else resolve_config(config, extra)
     if stop_at is not None and stop_at < 0: raise ConfigError(f'stop_at must be >= 0, got {stop_at}')
     return Trainer(cfg, out_dir, resume=resume, progress=progress, stop_at=stop_at, dataset=dataset,
                    skip_damaged=skip_damaged).fit()
@@ -811,7 +800,7 @@ def train(config, out_dir=None, resume=None, steps=None, seed=None, progress=Tru
 # %% ../nbs/11_trainer.ipynb 75
 def add_train_args(parser: argparse.ArgumentParser):
     "Arguments of `radiodiff-vae train`."
-    parser.add_argument('--config', required=True, help='YAML config (e.g. configs/quickstart.yaml)')
+    parser.add_argument('--config', default=None, help='YAML config (e.g. configs/quickstart.yaml); required')
     parser.add_argument('--set', dest='overrides', action='append', default=[], metavar='SECTION.KEY=VALUE',
                         help='override a config value (YAML syntax), repeatable')
     parser.add_argument('--out', default=None, help='output folder (default: trainer.results_folder)')
@@ -821,11 +810,19 @@ def add_train_args(parser: argparse.ArgumentParser):
     parser.add_argument('--stop-at', type=int, default=None, help='stop this session at this step (the schedule keeps its length)')
     parser.add_argument('--seed', type=int, default=None, help='override trainer.seed')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
+    parse_known = parser.parse_known_args
+    def parse_known_args(args=None, namespace=None):
+        # --config is checked after parsing, so that an unknown option is reported as such rather than as a missing --config
+        ns, extras = parse_known(args, namespace)
+        if not extras and getattr(ns, 'config', None) is None: parser.error('the following arguments are required: --config')
+        return ns, extras
+    parser.parse_known_args = parse_known_args
     return parser
 
 # %% ../nbs/11_trainer.ipynb 76
 def run_train(args) -> int:
     "Run `radiodiff-vae train` from parsed `args`; print the summary as JSON; return 0."
+    if not args.config: raise ConfigError('--config is required (a YAML file such as configs/quickstart.yaml)')
     s = train(args.config, args.out, resume=args.resume, steps=args.steps, seed=args.seed, progress=not args.no_progress,
               overrides=args.overrides, stop_at=args.stop_at, skip_damaged=args.resume_skip_damaged)
     if s.get('log_file'): print(json.dumps(s, indent=1, default=str))
