@@ -252,12 +252,22 @@ def asctime(t: float | None = None) -> str:
     t = time.time() if t is None else t
     return time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t)) + f',{int(t % 1 * 1000):03d}'
 
+def _ends_without_newline(path) -> bool:
+    "Whether the file at `path` exists, is not empty and its last byte is not a newline."
+    try:
+        with open(path, 'rb') as f:
+            f.seek(0, 2)
+            if f.tell() == 0: return False
+            f.seek(-1, 2); return f.read(1) != b'\n'
+    except OSError: return False
+
 class RunLogs:
     "Text log (upstream format), metrics.jsonl and TensorBoard of one run; write errors -> RunFolderError."
     def __init__(self, out, config: dict, tensorboard=True, session=0):
         self.out, self.session = Path(out), session
         self.text_path = self.out/f"{time.strftime('%Y-%m-%d-%H-%M')}_.log"
         self.metrics_path = self.out/'metrics.jsonl'
+        self.torn = {p for p in (self.text_path, self.metrics_path) if _ends_without_newline(p)}
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -265,6 +275,7 @@ class RunLogs:
         self.line(repr(config))
 
     def _append(self, path, text):
+        if path in self.torn: text = '\n' + text; self.torn.discard(path)   # a killed session left half a line
         try:
             with open(path, 'a', encoding='utf-8') as f: f.write(text); f.flush()
         except OSError as e: raise RunFolderError(f'{path}: cannot write the log ({e.strerror or e})') from None
@@ -294,7 +305,7 @@ def _close(self):
 
 RunLogs.line, RunLogs.record, RunLogs.close = _line, _record, _close
 
-# %% ../nbs/11_trainer.ipynb 33
+# %% ../nbs/11_trainer.ipynb 34
 class NonFiniteLossError(RadioDiffError, FloatingPointError):
     "A loss or gradient became NaN/inf during training."
 
@@ -305,7 +316,7 @@ def nonfinite_terms(values: dict) -> list[str]:
     rank = lambda k: next((i for i, o in enumerate(order) if k.endswith(o)), len(order))
     return sorted(bad, key=rank)
 
-# %% ../nbs/11_trainer.ipynb 36
+# %% ../nbs/11_trainer.ipynb 37
 def rng_state() -> dict:
     "Python, NumPy, torch (and CUDA) RNG states."
     s = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
@@ -317,7 +328,7 @@ def set_rng_state(s: dict):
     random.setstate(s['python']); np.random.set_state(s['numpy']); torch.set_rng_state(s['torch'].cpu())
     if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all([t.cpu() for t in s['cuda']])
 
-# %% ../nbs/11_trainer.ipynb 37
+# %% ../nbs/11_trainer.ipynb 38
 def _dist():
     "torch.distributed when a process group with several processes exists, else None."
     d = torch.distributed
@@ -344,7 +355,7 @@ def any_process(flag: bool, device) -> bool:
     t = torch.tensor([float(flag)], device=device); d.all_reduce(t, op=d.ReduceOp.MAX)
     return bool(t.item())
 
-# %% ../nbs/11_trainer.ipynb 38
+# %% ../nbs/11_trainer.ipynb 39
 def recon_metrics(x, x_hat) -> dict:
     "Mean per-map PSNR (dB), NMSE and RMSE of reconstructions, both mapped from [-1, 1] to [0, 1] (clamped)."
     a, b = ((x.float() + 1) / 2).clamp(0, 1), ((x_hat.float() + 1) / 2).clamp(0, 1)
@@ -352,7 +363,7 @@ def recon_metrics(x, x_hat) -> dict:
     nmse = ((a - b) ** 2).flatten(1).sum(1) / (a ** 2).flatten(1).sum(1).clamp_min(1e-12)
     return {'psnr': (10 * torch.log10(1 / mse.clamp_min(1e-12))).mean().item(), 'nmse': nmse.mean().item(), 'rmse': mse.sqrt().mean().item()}
 
-# %% ../nbs/11_trainer.ipynb 41
+# %% ../nbs/11_trainer.ipynb 42
 class Trainer:
     "Train an AutoencoderKL with LPIPSWithDiscriminator as configured; see `train`."
     def __init__(self, config: dict, out_dir=None, resume=None, progress=True, stop_at=None, dataset=None,
@@ -380,7 +391,7 @@ class Trainer:
             if self.main: self._abandon()
             raise
 
-# %% ../nbs/11_trainer.ipynb 42
+# %% ../nbs/11_trainer.ipynb 43
 def _build(self: Trainer, dataset=None):
     "Model, loss, optimisers, schedulers, EMA and data, all in memory (identical on every process)."
     t, cfg = self.t, self.cfg
@@ -397,7 +408,7 @@ def _build(self: Trainer, dataset=None):
 
 Trainer._build = _build
 
-# %% ../nbs/11_trainer.ipynb 43
+# %% ../nbs/11_trainer.ipynb 44
 def _on_main(self: Trainer, fn, *args):
     "Run `fn` on process 0 and re-raise its RadioDiffError on every process."
     error = None
@@ -426,7 +437,7 @@ def _abandon(self: Trainer):
 
 Trainer._on_main, Trainer._claim_folder, Trainer._abandon = _on_main, _claim_folder, _abandon
 
-# %% ../nbs/11_trainer.ipynb 45
+# %% ../nbs/11_trainer.ipynb 46
 def _start(self: Trainer, resume):
     "Resume or initialise, then reseed per process, write the config, open the logs and the data stream."
     self.last_checkpoint = (list_checkpoints(self.out) or [(0, None)])[-1][1]
@@ -461,7 +472,7 @@ def _resume_candidates(self: Trainer, resume) -> Path | None:
 
 Trainer._start, Trainer._resume_candidates = _start, _resume_candidates
 
-# %% ../nbs/11_trainer.ipynb 46
+# %% ../nbs/11_trainer.ipynb 47
 def _init_weights(self: Trainer, path):
     "Initial autoencoder weights from `model.ckpt_path`."
     from radiodiff_vae.model import _torch_load, _select_state_dict, load_upstream_state_dict
@@ -481,7 +492,7 @@ def _open_stream(self: Trainer):
 
 Trainer._init_weights, Trainer._open_stream = _init_weights, _open_stream
 
-# %% ../nbs/11_trainer.ipynb 48
+# %% ../nbs/11_trainer.ipynb 49
 def _load_optimizer(opt, state, path, name, extra_group: bool):
     "Load an optimizer state; an upstream AE state lacks our logvar group, which then starts fresh."
     try:
@@ -494,7 +505,7 @@ def _load_optimizer(opt, state, path, name, extra_group: bool):
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f'{path}: {name} does not fit this model ({e}); is it a checkpoint of another architecture?') from None
 
-# %% ../nbs/11_trainer.ipynb 49
+# %% ../nbs/11_trainer.ipynb 50
 def _resume_from(self: Trainer, path: Path):
     "Restore the full training state from checkpoint `path` (ours or upstream's model-N.pt)."
     from radiodiff_vae.model import _torch_load, load_upstream_state_dict, upstream_loss_state_dict
@@ -529,7 +540,7 @@ def _resume_from(self: Trainer, path: Path):
 
 Trainer._resume_from = _resume_from
 
-# %% ../nbs/11_trainer.ipynb 50
+# %% ../nbs/11_trainer.ipynb 51
 def _loss_state(self: Trainer) -> dict:
     "Loss-module state without the (fixed, downloadable) LPIPS weights."
     return {k: v for k, v in self.loss.state_dict().items() if not k.startswith('perceptual')}
@@ -547,7 +558,7 @@ def _load_loss_state(self: Trainer, sd: dict, path):
 
 Trainer._loss_state, Trainer._load_loss_state = _loss_state, _load_loss_state
 
-# %% ../nbs/11_trainer.ipynb 52
+# %% ../nbs/11_trainer.ipynb 53
 def _backward(self: Trainer, loss):
     "Backward with the fp16 grad scaler when there is one."
     (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -565,7 +576,7 @@ def _clip_and_step(self: Trainer, opt, params, nonfinite_ok: bool):
 
 Trainer._backward, Trainer._clip_and_step = _backward, _clip_and_step
 
-# %% ../nbs/11_trainer.ipynb 53
+# %% ../nbs/11_trainer.ipynb 54
 def _next_batch(self: Trainer):
     "The next batch of this process (its map names too)."
     batch = next(self.batches); self.batches_drawn += 1
@@ -589,7 +600,7 @@ def _ae_pass(self: Trainer, is_log: bool, disc_active: bool):
 
 Trainer._next_batch, Trainer._ae_pass = _next_batch, _ae_pass
 
-# %% ../nbs/11_trainer.ipynb 54
+# %% ../nbs/11_trainer.ipynb 55
 def _disc_pass(self: Trainer, kept, disc_active: bool, is_log: bool):
     "Discriminator loss on the detached reconstructions; backward only while the GAN term is active."
     if not (disc_active or is_log): return []
@@ -612,7 +623,7 @@ def _mean_logs(logs: list[dict], device) -> dict:
 
 Trainer._disc_pass = _disc_pass
 
-# %% ../nbs/11_trainer.ipynb 55
+# %% ../nbs/11_trainer.ipynb 56
 def train_step(self: Trainer) -> dict:
     "One optimisation step (both updates); returns the logged values (empty dict when the step is not logged)."
     step, t = self.step, self.t
@@ -644,7 +655,7 @@ def train_step(self: Trainer) -> dict:
 
 Trainer.train_step = train_step
 
-# %% ../nbs/11_trainer.ipynb 56
+# %% ../nbs/11_trainer.ipynb 57
 def _nonfinite(self: Trainer, step: int, bad: list, values: dict, names: list) -> dict:
     "Skip the batch (counted) or stop with a diagnostic file, keeping the last good checkpoint."
     self.opt_ae.zero_grad(set_to_none=True); self.opt_disc.zero_grad(set_to_none=True)
@@ -666,7 +677,7 @@ def _nonfinite(self: Trainer, step: int, bad: list, values: dict, names: list) -
 
 Trainer._nonfinite = _nonfinite
 
-# %% ../nbs/11_trainer.ipynb 58
+# %% ../nbs/11_trainer.ipynb 59
 CHECKPOINT_VERSION = 1
 
 def _write(self: Trainer, fn, path, what: str):
@@ -690,7 +701,7 @@ def checkpoint_state(self: Trainer) -> dict:
 
 Trainer._write, Trainer.checkpoint_state = _write, checkpoint_state
 
-# %% ../nbs/11_trainer.ipynb 59
+# %% ../nbs/11_trainer.ipynb 60
 @torch.no_grad()
 def reconstruct(ae, x) -> torch.Tensor:
     "Deterministic reconstruction (posterior mode) in eval mode, restoring the mode after."
@@ -706,7 +717,7 @@ def sample_grid_png(x, x_hat) -> bytes:
     torchvision.utils.save_image(((pairs + 1) / 2).clamp(0, 1), buf, nrow=2, padding=2, format='png')
     return buf.getvalue()
 
-# %% ../nbs/11_trainer.ipynb 60
+# %% ../nbs/11_trainer.ipynb 61
 def save_milestone(self: Trainer):
     "Write sample-{milestone}.png, the held-out scores, then model-{milestone}.pt (process 0 writes)."
     milestone = self.step // self.t['save_and_sample_every']
@@ -735,7 +746,7 @@ def _sample_inputs(self: Trainer) -> torch.Tensor:
 
 Trainer.save_milestone, Trainer._sample_inputs = save_milestone, _sample_inputs
 
-# %% ../nbs/11_trainer.ipynb 62
+# %% ../nbs/11_trainer.ipynb 63
 def _log_step(self: Trainer, vals: dict, timer: dict):
     "Write the two upstream lines, one metrics record and the progress bar's loss."
     now = time.time()
@@ -751,7 +762,7 @@ def _log_step(self: Trainer, vals: dict, timer: dict):
 
 Trainer._log_step = _log_step
 
-# %% ../nbs/11_trainer.ipynb 63
+# %% ../nbs/11_trainer.ipynb 64
 def fit(self: Trainer) -> dict:
     "Train until `train_num_steps` (or `stop_at`); return a summary."
     from tqdm.auto import tqdm
@@ -785,7 +796,7 @@ def fit(self: Trainer) -> dict:
 
 Trainer.fit = fit
 
-# %% ../nbs/11_trainer.ipynb 65
+# %% ../nbs/11_trainer.ipynb 66
 def train(config, out_dir=None, resume=None, steps=None, seed=None, progress=True, overrides=(), stop_at=None,
           dataset=None, skip_damaged=False) -> dict:
     "Run (or resume) a training job; returns a summary dict (steps, wall time, last checkpoint, held-out scores)."
@@ -797,7 +808,7 @@ def train(config, out_dir=None, resume=None, steps=None, seed=None, progress=Tru
     return Trainer(cfg, out_dir, resume=resume, progress=progress, stop_at=stop_at, dataset=dataset,
                    skip_damaged=skip_damaged).fit()
 
-# %% ../nbs/11_trainer.ipynb 75
+# %% ../nbs/11_trainer.ipynb 76
 def add_train_args(parser: argparse.ArgumentParser):
     "Arguments of `radiodiff-vae train`."
     parser.add_argument('--config', default=None, help='YAML config (e.g. configs/quickstart.yaml); required')
@@ -819,7 +830,7 @@ def add_train_args(parser: argparse.ArgumentParser):
     parser.parse_known_args = parse_known_args
     return parser
 
-# %% ../nbs/11_trainer.ipynb 76
+# %% ../nbs/11_trainer.ipynb 77
 def run_train(args) -> int:
     "Run `radiodiff-vae train` from parsed `args`; print the summary as JSON; return 0."
     if not args.config: raise ConfigError('--config is required (a YAML file such as configs/quickstart.yaml)')
@@ -835,5 +846,5 @@ def main(argv=None) -> int:
     except RadioDiffError as e:
         print(f'radiodiff-vae train: error: {e}', file=sys.stderr); return 2
 
-# %% ../nbs/11_trainer.ipynb 77
+# %% ../nbs/11_trainer.ipynb 78
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())
