@@ -16,7 +16,7 @@ Steps (each notebook of `nbs/`, sorted by name, skipping names that start with `
 Users with Quarto can still run `nbdev_docs`; this script does not touch `nbs/_quarto.yml` or `_proc/`.
 """
 from __future__ import annotations
-import argparse, base64, configparser, hashlib, json, os, re, shutil, subprocess, sys, time
+import argparse, base64, configparser, hashlib, json, os, re, shutil, subprocess, sys, time, urllib.parse
 from pathlib import Path
 
 import nbformat
@@ -220,6 +220,8 @@ class Converter:
     "Turn a processed notebook into a Markdown page of the MkDocs site (or the README)."
     def __init__(self, pages: dict[str, str], readme: bool = False):
         self.pages, self.readme, self.prefix = pages, readme, doc_prefix()
+        self.site_files = {str(Path(p).with_suffix('.html')) for p in pages.values()}
+        self.base, self.assets = None, set()  # folder relative links start from; repository files the site needs
 
     @staticmethod
     def display_math(md: str) -> str:
@@ -243,7 +245,22 @@ class Converter:
             page = self.pages.get(target)
             if page is None: return m.group(0)
             return f'{m.group(1)}({up}{Path(page).with_suffix(".html")}{frag})'
-        return re.sub(r'(\[[^\]]*\])\((?:\./)?([\w/.-]+\.ipynb)(#[^)]*)?\)', nb_link, md)
+        md = re.sub(r'(\[[^\]]*\])\((?:\./)?([\w/.-]+\.ipynb)(#[^)]*)?\)', nb_link, md)
+        if self.readme or self.base is None: return md
+        md = re.sub(r'(!?\[[^\]]*\]\()([^)\s]+)', lambda m: m.group(1) + self.repo_link(m.group(2), up), md)
+        return re.sub(r'(<img\s[^>]*src=")([^"]+)', lambda m: m.group(1) + self.repo_link(m.group(2), up), md)
+
+    def repo_link(self, target: str, up: str) -> str:
+        "A relative link to a file of the repository: images are copied into the site, other files link to git_url."
+        if re.match(r'^([a-z][\w+.-]*:|#|/)', target) or target.split('#')[0] in self.site_files: return target
+        path, _, frag = target.partition('#')
+        f = (self.base / urllib.parse.unquote(path)).resolve()
+        if not f.exists() or ROOT not in f.parents: return target
+        rel = f.relative_to(ROOT).as_posix()
+        if f.suffix.lower() in ('.png', '.jpg', '.jpeg', '.gif', '.svg', '.webp'):
+            self.assets.add(rel); return up + rel
+        s = settings()
+        return f"{s['git_url']}/{'tree' if f.is_dir() else 'blob'}/{s.get('branch', 'main')}/{rel}" + (f'#{frag}' if frag else '')
 
     def showdoc_anchors(self, md: str) -> str:
         "Give show_doc headings the anchor nbdev's links use (`#name.attr`, lower case)."
@@ -355,7 +372,14 @@ def build_site(run_flags: set[str], timeout: int, allow_errors: bool, strict: bo
         print(f'{"cached  " if cached else "executed"} {rel} ({time.time() - t0:.1f} s)', flush=True)
         timings[str(rel)] = round(time.time() - t0, 1); executed[rel] = exe
     nbdev_problems = {}
+    deps = max(p.stat().st_mtime for p in [ROOT / 'settings.ini', *(ROOT / settings()['lib_path']).rglob('*.py')])
     for rel, exe in executed.items():
+        dst, note = PROCESSED / rel, (PROCESSED / rel).with_suffix('.nbdev_problem.txt')
+        if dst.exists() and dst.stat().st_mtime > max(exe.stat().st_mtime, deps):  # processed since: reuse
+            procs[rel] = dst
+            if note.exists(): nbdev_problems[str(rel)] = note.read_text()
+            continue
+        note.unlink(missing_ok=True)
         try:
             try: procs[rel] = nbdev_process(exe, PROCESSED / rel)
             except DocsBuildError as e:
@@ -363,6 +387,7 @@ def build_site(run_flags: set[str], timeout: int, allow_errors: bool, strict: bo
                 # what nbdev_docs would hit: recorded (the browser test fails on it), then the site is built with
                 # those cells marked `eval: false` for nbdev (their outputs come from the real run above)
                 nbdev_problems[str(rel)] = f'{e}\ncells (0-based) mixing imports with code: {bad}'
+                note.parent.mkdir(parents=True, exist_ok=True); note.write_text(nbdev_problems[str(rel)])
                 print(f'warning: nbdev_docs would fail on nbs/{rel}: retrying with cells {bad} not re-run',
                       file=sys.stderr, flush=True)
                 procs[rel] = nbdev_process(without_rerun(exe, bad), PROCESSED / rel)
@@ -383,6 +408,8 @@ def build_site(run_flags: set[str], timeout: int, allow_errors: bool, strict: bo
         for c in nb.cells:
             if c.cell_type == 'code' and tuple(split_directives(c.source)[1]) in skipped: c.metadata['docs_skipped'] = True
         page = pages[str(rel)]
+        # relative links in index.ipynb are written for README.md at the root; elsewhere they start in the notebook's folder
+        conv.base = ROOT if page == 'index.md' else (NBS / rel).parent
         md, files = conv.convert(nb, page)  # nbdev drops our cell metadata: skipped cells re-found by source
         (MARKDOWN / page).parent.mkdir(parents=True, exist_ok=True)
         (MARKDOWN / page).write_text(md, encoding='utf-8')
@@ -391,6 +418,8 @@ def build_site(run_flags: set[str], timeout: int, allow_errors: bool, strict: bo
         titles[page] = fms[rel].get('title') or rel.stem
         entry = {('Home' if page == 'index.md' else nav_title(rel, fms[rel])): page}
         (nav_pipes if is_pipeline(rel) else nav_top).append(entry)
+    for asset in sorted(conv.assets):
+        (MARKDOWN / asset).parent.mkdir(parents=True, exist_ok=True); shutil.copy(ROOT / asset, MARKDOWN / asset)
     for extra in ('extra.css',):
         shutil.copy(DOCS / extra, MARKDOWN / extra)
     nav = sorted(nav_top, key=lambda e: next(iter(e.values())) != 'index.md')

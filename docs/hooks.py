@@ -5,7 +5,10 @@ TeX that latex2mathml cannot convert stays visible as code, with a warning in th
 """
 import html, logging, re
 
-from latex2mathml.converter import convert
+try:
+    from latex2mathml.converter import convert
+except ImportError as e:  # a dev requirement (settings.ini): say which, rather than a bare traceback
+    raise ImportError('the docs site needs latex2mathml: pip install -e ".[dev]" (or pip install latex2mathml)') from e
 
 log = logging.getLogger('mkdocs.hooks.mathml')
 INLINE = re.compile(r'<span class="arithmatex">\\\((.*?)\\\)</span>', re.S)

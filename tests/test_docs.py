@@ -74,6 +74,19 @@ def test_title_cells_hold_only_title_and_summary():
     assert not lost, f'text after the title and `> summary` that nbdev drops (move it to the next cell): {lost}'
 
 
+def test_links_to_repository_files():
+    "Relative links to repository files: images are copied into the site, other files point at git_url."
+    conv = bd.Converter({'00_core.ipynb': 'core.md'}); conv.base = ROOT
+    md = conv.links('![f](docs/mkdocs.yml) ![p](nope.png) [t](tests/test_docs.py) [c](00_core.ipynb#x)', 0)
+    git = bd.settings()['git_url']
+    assert f'[t]({git}/blob/main/tests/test_docs.py)' in md and '[c](core.html#x)' in md and '![p](nope.png)' in md
+    assert conv.assets == set()
+    png = next((p for p in (ROOT / 'nbs').rglob('*.png')), None) or next(ROOT.glob('figures/*.png'), None)
+    if png is not None:
+        rel = png.relative_to(ROOT).as_posix()
+        assert conv.links(f'![x]({rel})', 1) == f'![x](../{rel})' and conv.assets == {rel}
+
+
 def test_display_math_in_lists_becomes_inline_display_style():
     fix = bd.Converter.display_math
     assert fix('* KL:\n  $$a+b$$\n') == '* KL:\n  $\\displaystyle a+b$\n'
