@@ -232,6 +232,7 @@ def test_per_map_numbers_do_not_depend_on_batching(tiny_ckpt):
     np.testing.assert_allclose(c["mode_psnr"], b["mode_psnr"], rtol=1e-6)  # the mode does not depend on it
 
 
+@pytest.mark.slow   # 26 maps of 256x256: ~6 min on 2 shared cores, well under a minute on a free machine
 def test_evaluate_bundled_real_maps(tiny_ckpt, tmp_path):
     path, _ = tiny_ckpt
     res = evaluate_checkpoint(path, "real", out_dir=tmp_path, batch_size=8, progress=False)
