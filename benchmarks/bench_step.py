@@ -307,6 +307,7 @@ def time_variants(cfg: dict, x, variants, warmup: int, steps: int, device: str =
                     r = run_step(v, states[v], gs, seed=i)
                     if i >= warmup: times[v].append(dict(total=r['t_ae'] + r['t_disc'], ae=r['t_ae'], disc=r['t_disc'], cpu=time.process_time() - c0))
                 if i >= warmup: peaks.append(conv_peak_once(device))
+                print(f'[bench_step] {phase} round {i + 1}/{warmup + steps} done', file=sys.stderr, flush=True)
         finally:
             for st in states.values(): st.close()
         del states
@@ -333,17 +334,31 @@ def peak_rss_mb() -> float:
     "Peak resident set size of this process so far, MiB (Linux: ru_maxrss is in KiB)."
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
+class RssSampler:
+    "Highest resident set size seen by a background thread sampling every `interval` s (torch ops release the GIL)."
+    def __init__(self, interval: float = 0.002):
+        import psutil, threading
+        self.proc, self.interval, self.peak, self._stop = psutil.Process(), interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss); self._stop.wait(self.interval)
+    def __enter__(self): self.peak = self.proc.memory_info().rss; self._thread.start(); return self
+    def __exit__(self, *exc): self._stop.set(); self._thread.join(); self.peak = max(self.peak, self.proc.memory_info().rss)
+
 def memory_worker(size: str, variant: str, device: str = 'cpu') -> dict:
-    "Peak memory of one variant alone: build it, then one GAN-off and one GAN-on step."
+    "Peak memory of one variant alone: build it, then one GAN-off and one GAN-on step (RSS sampled during the steps)."
     import psutil
     cfg = bench_config(size)
     st = build_state(cfg, variant, real_batch(cfg['batch_size'], cfg['map_size']), device)
     if device.startswith('cuda'): torch.cuda.reset_peak_memory_stats()
     after_build, peak_build = psutil.Process().memory_info().rss / 2**20, peak_rss_mb()
     try:
-        for phase in PHASES: run_step(variant, st, phase_step(cfg, phase))
+        with RssSampler() as sampler:
+            for phase in PHASES: run_step(variant, st, phase_step(cfg, phase))
     finally: st.close()
-    out = dict(variant=variant, size=size, rss_after_build_mb=after_build, peak_rss_build_mb=peak_build, peak_rss_mb=peak_rss_mb())
+    out = dict(variant=variant, size=size, rss_after_build_mb=after_build, peak_rss_build_mb=peak_build, peak_rss_mb=peak_rss_mb(),
+               peak_rss_steps_mb=sampler.peak / 2**20, step_increment_mb=sampler.peak / 2**20 - after_build)
     if device.startswith('cuda'): out['peak_cuda_mb'] = torch.cuda.max_memory_allocated() / 2**20
     return out
 
@@ -377,6 +392,7 @@ def bf16_deviation(size: str = 'quickstart', steps: int = 50, device: str = 'cpu
                     st.tr.sched_ae.step(); st.tr.sched_disc.step()
                 secs[name] += time.perf_counter() - t0
             rows.append({k: (r['fp32'][f'train/{k}'], r['bf16'][f'train/{k}']) for k in keys})
+            print(f'[bf16_deviation] step {i + 1}/{steps}: fp32 {secs["fp32"]:.1f} s, bf16 {secs["bf16"]:.1f} s so far', file=sys.stderr, flush=True)
     finally:
         for st in states.values(): st.close()
     rel = {k: [abs(b - a) / max(abs(a), 1e-12) for a, b in (row[k] for row in rows)] for k in keys}

@@ -67,13 +67,13 @@ def _gb(mb): return None if mb is None else mb / 1024
 def _step_table(r: dict) -> list[str]:
     "Markdown table of one step benchmark (one row per variant, both phases)."
     mem = r.get('memory') or {}
-    rows = ['| variant | GAN off s/step | × vs (a) | GAN on s/step | × vs (a) | GFLOP/step (on) | GFLOP/s (on) | % of conv peak (on) | × FLOPs/peak floor (on) | peak RSS GB |',
+    rows = ['| variant | GAN off s/step | × vs (a) | GAN on s/step | × vs (a) | GFLOP/step (on) | GFLOP/s (on) | % of conv peak (on) | × FLOPs/peak floor (on) | peak memory in the steps GB |',
             '|---|---|---|---|---|---|---|---|---|---|']
     off, on = r['timing']['gan_off']['variants'], r['timing']['gan_on']['variants']
     for v in r['variants']:
         a, b = off[v], on[v]
         m = mem.get(v, {})
-        peak = m.get('peak_cuda_mb') if r['device'].startswith('cuda') else m.get('peak_rss_mb')
+        peak = m.get('peak_cuda_mb') if r['device'].startswith('cuda') else m.get('peak_rss_steps_mb', m.get('peak_rss_mb'))
         rows.append(f"| {v} | {a['median_s']:.3f} | {_f(a['speedup_vs_upstream'], '{:.2f}')} | {b['median_s']:.3f} | "
                     f"{_f(b['speedup_vs_upstream'], '{:.2f}')} | {b['flops'] / 1e9:.1f} | {_f(b['gflops_achieved'], '{:.1f}')} | "
                     f"{_f(b['fraction_of_conv_peak'] and 100 * b['fraction_of_conv_peak'], '{:.0f}%')} | {_f(b['ratio_to_floor'], '{:.2f}')} | "
@@ -122,11 +122,14 @@ def _targets(full, quick, bf16, gpu) -> list[str]:
         rows.append(f"| (b) fp32 ≥ 85% of channels-last conv peak (GAN on), {name} | ours {100 * on['ours']['fraction_of_conv_peak']:.0f}%, {best} {100 * on[best]['fraction_of_conv_peak']:.0f}% | {ok(on[best]['fraction_of_conv_peak'] >= 0.85)} |")
         mem = src.get('memory') or {}
         if 'ours+checkpointing' in mem and 'ours' in mem:
-            m0, m1 = mem['ours']['peak_rss_mb'], mem['ours+checkpointing']['peak_rss_mb']
-            mu = mem['upstream']['peak_rss_mb']
+            key = 'peak_rss_steps_mb' if 'peak_rss_steps_mb' in mem['ours'] else 'peak_rss_mb'
+            m0, m1, mu = (mem[v][key] for v in ('ours', 'ours+checkpointing', 'upstream'))
+            inc = {v: mem[v].get('step_increment_mb') for v in ('ours', 'ours+checkpointing')}
             t0, t1 = on['ours']['median_s'], on['ours+checkpointing']['median_s']
             rows.append(f"| checkpointing: ≥ 40% less peak memory at ≤ 40% more time, {name} | peak RSS {m0 / 1024:.2f} → {m1 / 1024:.2f} GB "
-                        f"({100 * (1 - m1 / m0):.0f}% less than (b), {100 * (1 - m1 / mu):.0f}% less than (a)'s {mu / 1024:.2f} GB); time {t1 / t0:.2f}× (b) | "
+                        f"({100 * (1 - m1 / m0):.0f}% less than (b), {100 * (1 - m1 / mu):.0f}% less than (a)'s {mu / 1024:.2f} GB)"
+                        + (f"; memory added by the steps {inc['ours']:.0f} → {inc['ours+checkpointing']:.0f} MB" if None not in inc.values() else '')
+                        + f"; time {t1 / t0:.2f}× (b) | "
                         f"{ok(1 - m1 / m0 >= 0.40 and t1 / t0 <= 1.40)} |")
     cpu_bf16 = (src or {}).get('machine', {}).get('cpu_bf16')
     if src and not cpu_bf16:
@@ -187,6 +190,8 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
     if machine:
         out += [f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs ({', '.join(machine.get('cpu_isa', []))}; "
                 f"native bf16: {'yes' if machine.get('cpu_bf16') else 'no'}), torch {machine['torch']}, Python {machine['python']}.", '']
+    notes = load(results_dir, 'notes')
+    if notes and notes.get('lines'): out += ['## Status of these figures', ''] + [f'- {l}' for l in notes['lines']] + ['']
     out += ['## Targets (issue 8)', ''] + _targets(full, quick, bf16, gpu) + ['']
     out += _step_section('Training step, full size (CPU)', full, 'python benchmarks/run_all.py --full')
     out += _step_section('Training step, quickstart size (CPU)', quick, 'python benchmarks/run_all.py')
@@ -267,7 +272,9 @@ def _notes() -> list[str]:
             '- FLOPs: `torch.utils.flop_counter.FlopCounterMode` over one whole step (forward, backward, adaptive-weight autograd); it counts matmuls '
             'and convolutions only (GroupNorm, SiLU, the optimizer are memory-bound and uncounted). The "useful" FLOPs of every ours+option variant are '
             'our step\'s (checkpointing\'s recomputation is not useful work).',
-            '- Peak memory: each variant alone in a fresh subprocess (build, one GAN-off and one GAN-on step), `ru_maxrss`; it includes the Python/torch baseline.',
+            '- Peak memory: each variant alone in a fresh subprocess (build, one GAN-off and one GAN-on step); the highest RSS sampled every 2 ms during '
+            'the two steps (it includes the process baseline: Python, torch, weights, optimizer state), and the part the steps add on top of the RSS after building. '
+            '`ru_maxrss` is in the JSON too, but at quickstart size it is set by a transient while building, not by the step.',
             '']
 
 
@@ -334,10 +341,12 @@ def main(argv=None) -> int:
     p.add_argument('--skip-step', action='store_true', help='skip the quickstart step benchmark and bf16 deviation')
     p.add_argument('--skip-data', action='store_true', help='skip bench_data / bench_analysis')
     p.add_argument('--only-bf16', action='store_true', help='with --skip-step: only the bf16 deviation')
+    p.add_argument('--note', action='append', default=None, help='a line for the "Status of these figures" section (repeatable; replaces the stored notes)')
     p.add_argument('--main-job-seconds', type=float, default=None, help="the main job's wall time, if measured elsewhere")
     a = p.parse_args(argv)
     command = 'python benchmarks/run_all.py ' + ' '.join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     t0 = time.time()
+    if a.note is not None: save(Path(a.results_dir), 'notes', {'lines': a.note}, command.strip())
     if not a.render:
         (run_gpu if a.device.startswith('cuda') else run_cpu)(a, command.strip())
     render_to(Path(a.results_dir))
