@@ -47,16 +47,19 @@ def call_in_subprocess(script: Path, function: str, kwargs: dict, timeout: float
     return json.loads(lines[-1][len('@@RESULT@@'):])
 
 def find_main_job(runs: Path = REPO / 'runs') -> dict | None:
-    "Wall time of the main job (`radiodiff-vae reproduce`): the stage seconds in the newest runs/*/reproduce.json."
+    "Wall time of the main job (`radiodiff-vae reproduce`) from the newest runs/*/reproduce.json; `complete` says whether every planned stage is done."
     manifests = sorted(runs.glob('*/reproduce.json'), key=lambda p: p.stat().st_mtime) if runs.is_dir() else []
     for path in reversed(manifests):
         try: m = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError): continue
-        stages = {k: v.get('seconds') for k, v in m.get('stages', {}).items()}
-        if stages and all(v is not None for v in stages.values()):
-            return dict(source=str(path.relative_to(REPO)), seconds=sum(stages.values()), stages=stages, settings=m.get('settings'))
+        done = {k: v['seconds'] for k, v in m.get('stages', {}).items() if v.get('status') == 'done' and v.get('seconds') is not None}
+        try:
+            from radiodiff_vae.reproduce import plan, job_settings
+            expected = [st['name'] for st in plan(path.parent, job_settings(**m.get('settings', {})))]
+        except Exception: expected = None
+        return dict(source=str(path.relative_to(REPO)), seconds=sum(done.values()) if done else None, stages=done,
+                    planned=expected, complete=expected is not None and all(n in done for n in expected), settings=m.get('settings'))
     return None
-
 
 # ----------------------------------------------------------------------------------------------- rendering
 def _f(v, fmt='{:.3g}', none='n/a'):
@@ -252,11 +255,16 @@ def _analysis_section(a: dict | None) -> list[str]:
     return lines + ['']
 
 def _main_job_section(m: dict | None) -> list[str]:
-    if m is None or m.get('seconds') is None:
-        return ['## Main job wall time', '', 'No finished main-job run found in runs/. Run `radiodiff-vae reproduce --out runs/<name>` (its `reproduce.json` records '
-                'each stage\'s seconds), then `python benchmarks/run_all.py --render`; or pass the figure with `--main-job-seconds S`.', '']
-    lines = ['## Main job wall time', '', f"{m['seconds'] / 60:.1f} min in total ({m.get('source', 'given on the command line')})."]
+    how = ('Run `radiodiff-vae reproduce --out runs/<name>` (its `reproduce.json` records each stage\'s seconds), then '
+           '`python benchmarks/run_all.py --render`; or pass the figure with `--main-job-seconds S`.')
+    if m is None: return ['## Main job wall time', '', 'No main-job run found in runs/. ' + how, '']
+    if m.get('source', '').startswith('given'):
+        return ['## Main job wall time', '', f"{m['seconds'] / 60:.1f} min ({m['source']}).", '']
+    state = 'complete' if m.get('complete') else f"**not finished** when read ({len(m.get('stages') or {})} of {len(m.get('planned') or []) or '?'} stages done)"
+    lines = ['## Main job wall time', '', f"`{m['source']}` ({m['date_utc']}), settings {json.dumps(m.get('settings'))}: {state}."]
     for k, v in (m.get('stages') or {}).items(): lines.append(f"- {k}: {v / 60:.1f} min")
+    if m.get('complete'): lines.append(f"- total: {m['seconds'] / 60:.1f} min")
+    else: lines.append('- ' + how)
     return lines + ['']
 
 def _notes() -> list[str]:
@@ -306,7 +314,7 @@ def run_cpu(args, command: str):
             except (RuntimeError, subprocess.TimeoutExpired) as e: res = {'error': str(e)[-1500:]}
             save(rd, name, res if isinstance(res, dict) else {'result': res}, command)
     mj = find_main_job()
-    if args.main_job_seconds is not None: mj = dict(source='given with --main-job-seconds', seconds=args.main_job_seconds)
+    if args.main_job_seconds is not None: mj = dict(source='given with --main-job-seconds', seconds=args.main_job_seconds, complete=True)
     if mj: save(rd, 'main_job', mj, command)
 
 def run_gpu(args, command: str):
