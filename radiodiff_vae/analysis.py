@@ -440,7 +440,7 @@ def statements(a: dict) -> list[str]:
     out.append(f"NaN or missing values: {', '.join(f'{c} {n}' for c, n in nan.items())}." if nan else 'No metric is ever NaN or missing.')
     return out
 
-# %% ../nbs/13_analysis.ipynb 44
+# %% ../nbs/13_analysis.ipynb 45
 def group_inputs(paths) -> list[tuple[str, list[Path]]]:
     "Group inputs into runs: each folder is a run; files in the same folder are one run. Returns `(name, paths)`."
     groups, names = {}, []
@@ -455,7 +455,7 @@ def group_inputs(paths) -> list[tuple[str, list[Path]]]:
         used.add(name); out.append((name, groups[key]))
     return out
 
-# %% ../nbs/13_analysis.ipynb 46
+# %% ../nbs/13_analysis.ipynb 47
 def display_path(p) -> str:
     "A path as shown in reports: relative to the repository (or the working folder) when inside it."
     from radiodiff_vae.core import data_dir
@@ -474,7 +474,7 @@ def resolve_config_arg(config):
     if not Path(config).is_file(): raise ConfigError(f"--config {config}: no such file (give a YAML/JSON config file or 'upstream')")
     return load_config_file(config), display_path(config)
 
-# %% ../nbs/13_analysis.ipynb 47
+# %% ../nbs/13_analysis.ipynb 48
 def load_runs(inputs, config=None, smoothing: float = 0.9) -> list:
     "Read and analyse each run in `inputs`; return `RunData` objects for the figures."
     from radiodiff_vae.figures import RunData
@@ -493,7 +493,7 @@ def load_runs(inputs, config=None, smoothing: float = 0.9) -> list:
         runs.append(RunData(name, table, a, info['samples']))
     return runs
 
-# %% ../nbs/13_analysis.ipynb 48
+# %% ../nbs/13_analysis.ipynb 49
 def _table_csv(runs) -> str:
     "The tidy table(s) as CSV text: a `step` column first, a `run` column when there are several runs."
     frames = []
@@ -507,7 +507,7 @@ def _md_table(header, rows) -> str:
     "A Markdown table."
     return '\n'.join(['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)] + ['| ' + ' | '.join(map(str, r)) + ' |' for r in rows])
 
-# %% ../nbs/13_analysis.ipynb 49
+# %% ../nbs/13_analysis.ipynb 50
 FIGURE_CAPTIONS = {
     'figure_1_training_phases.png': 'Total loss per image against step (symmetric-log axis where it crosses zero); the dashed line is the discriminator start, the shaded span the reconstruction-only phase.',
     'figure_2_loss_components.png': 'Loss components: (a) total loss and the NLL (reconstruction) term, (b) KL divergence, (c) generator loss, (d) learning rate (logged where usable, else recomputed from the config\'s schedule).',
@@ -562,7 +562,7 @@ def summary_text(runs) -> str:
                                  for c, s in a['metrics'].items()))
     return '\n\n'.join(parts) + '\n'
 
-# %% ../nbs/13_analysis.ipynb 50
+# %% ../nbs/13_analysis.ipynb 51
 def write_analysis(inputs, out_dir, config=None, smoothing: float = 0.9, dpi: int = 110) -> dict:
     "Analyse `inputs` (runs) and write the CSV, JSON, summary, figures and `REPORT.md` into `out_dir`."
     from radiodiff_vae.figures import save_figures
@@ -577,7 +577,7 @@ def write_analysis(inputs, out_dir, config=None, smoothing: float = 0.9, dpi: in
         written[name] = atomic_write_text(out/name, text)
     return dict(runs=runs, written=written)
 
-# %% ../nbs/13_analysis.ipynb 52
+# %% ../nbs/13_analysis.ipynb 53
 def add_analyze_args(parser):
     "Arguments of `radiodiff-vae analyze`."
     parser.add_argument('inputs', nargs='+', metavar='RUN_OR_LOG',

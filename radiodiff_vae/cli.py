@@ -10,7 +10,7 @@ from .core import RadioDiffError
 # %% auto 0
 __all__ = ['COMMANDS', 'build_parser', 'main']
 
-# %% ../nbs/16_cli.ipynb 4
+# %% ../nbs/16_cli.ipynb 5
 COMMANDS = {
     'make-data': ('synthetic', 'make_data', 'write synthetic radio maps in RadioMapSeer layout'),
     'train': ('trainer', 'train', 'train the VAE-GAN from a YAML config (accelerate)'),
@@ -19,7 +19,7 @@ COMMANDS = {
     'reproduce': ('reproduce', 'reproduce', 'the main job: reference report, train, evaluate, analyse'),
 }
 
-# %% ../nbs/16_cli.ipynb 6
+# %% ../nbs/16_cli.ipynb 7
 def _job(command):
     "The module of `command` and the names of its two functions."
     module, job, _ = COMMANDS[command]
@@ -36,7 +36,7 @@ def build_parser(command=None) -> argparse.ArgumentParser:
             getattr(module, add_args)(p)
     return parser
 
-# %% ../nbs/16_cli.ipynb 7
+# %% ../nbs/16_cli.ipynb 8
 def main(argv=None) -> int:
     "Run `radiodiff-vae` with `argv`; user errors print one line and return 2."
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         print(f'radiodiff-vae {args.command}: interrupted', file=sys.stderr)
         return 130
 
-# %% ../nbs/16_cli.ipynb 11
+# %% ../nbs/16_cli.ipynb 12
 def _in_ipython() -> bool:
     "True inside an IPython/Jupyter kernel, where `__name__` is also `'__main__'`."
     import builtins

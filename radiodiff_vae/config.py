@@ -326,7 +326,7 @@ def dump_config(cfg: dict) -> str:
     "The config as YAML text (block style, key order kept)."
     return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
 
-# %% ../nbs/10_config.ipynb 43
+# %% ../nbs/10_config.ipynb 44
 RESUME_MUTABLE = {('trainer', k) for k in ('train_num_steps', 'save_and_sample_every', 'log_freq', 'results_folder',
                                            'resume_milestone', 'skip_nonfinite', 'max_nonfinite_skips', 'tensorboard',
                                            'sample_maps', 'cpu', 'amp', 'num_threads')} | {('data', 'num_workers'), ('data', 'root')}
@@ -343,7 +343,7 @@ def config_differences(a: dict, b: dict) -> list[str]:
             elif va != vb: out.append(f'{section}.{key}')
     return out
 
-# %% ../nbs/10_config.ipynb 46
+# %% ../nbs/10_config.ipynb 47
 def schema_table(schema: dict = SCHEMA, prefix: str = '') -> list[tuple[str, str, str, str]]:
     "(key, type, default, help) rows for every leaf of `schema`."
     rows = []

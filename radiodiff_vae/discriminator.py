@@ -60,7 +60,7 @@ def weights_init(m: nn.Module):
         nn.init.normal_(m.weight.data, 1.0, 0.02)
         nn.init.constant_(m.bias.data, 0)
 
-# %% ../nbs/04_discriminator.ipynb 16
+# %% ../nbs/04_discriminator.ipynb 17
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     "½(mean relu(1 − D(x)) + mean relu(1 + D(x̂)))."
     loss_real = torch.mean(F.relu(1. - logits_real))

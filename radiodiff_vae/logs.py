@@ -136,11 +136,11 @@ def read_csv(path) -> tuple[list[dict], dict]:
     path = Path(path)
     try: df = pd.read_csv(path)
     except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:
-        raise LogParseError(f'{path}: not a readable CSV table ({e})') from e
+        raise LogParseError(f'{path}: not a readable CSV table ({" ".join(str(e).split())})') from e
     if 'step' not in df.columns:
         raise LogParseError(f'{path}: a parsed-log CSV needs a "step" column; it has {list(df.columns)}')
     steps = pd.to_numeric(df['step'], errors='coerce')
-    ok = steps.notna() & (steps == steps.round())
+    ok = steps.notna() & np.isfinite(steps) & (steps == steps.round())
     times = pd.to_datetime(df.get('timestamp', df.get('datetime')), errors='coerce') if ('timestamp' in df or 'datetime' in df) else None
     metrics = [c for c in df.columns if c not in ('step', 'total_steps', 'timestamp', 'datetime')]
     values = df[metrics].apply(pd.to_numeric, errors='coerce')
@@ -149,7 +149,8 @@ def read_csv(path) -> tuple[list[dict], dict]:
         rec = {'step': int(steps.iloc[i]), '_line': len(records), **values.iloc[i].to_dict()}
         if times is not None and pd.notna(times.iloc[i]): rec['timestamp'] = times.iloc[i]
         records.append(rec)
-    total = int(pd.to_numeric(df['total_steps'], errors='coerce').max()) if 'total_steps' in df and len(df) else None
+    t = pd.to_numeric(df['total_steps'], errors='coerce').replace([np.inf, -np.inf], np.nan).max() if 'total_steps' in df else None
+    total = int(t) if t is not None and pd.notna(t) else None
     return records, dict(path=str(path), kind='csv', records=len(records), skipped_lines=int((~ok).sum()),
                          blank_lines=0, config=None, total_steps=total)
 

@@ -53,7 +53,7 @@ def optimal_logvar(rec: torch.Tensor) -> torch.Tensor:
     "The scalar log-variance minimising `nll_loss(rec, ·)`: log of the mean error."
     return torch.log(rec.detach().mean())
 
-# %% ../nbs/02_nll.ipynb 15
+# %% ../nbs/02_nll.ipynb 16
 def logvar_parameters(loss_module: nn.Module, learn_logvar: bool) -> list:
     "Parameters to add to the autoencoder optimizer: `[loss_module.logvar]` if `learn_logvar` else `[]` (upstream)."
     if not isinstance(learn_logvar, bool):

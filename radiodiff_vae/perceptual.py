@@ -37,7 +37,7 @@ def require_vgg_weights() -> Path:
             f"in the loss config.")
     return path
 
-# %% ../nbs/05_lpips.ipynb 8
+# %% ../nbs/05_lpips.ipynb 9
 class LPIPS1ch(lpips.LPIPS):
     "LPIPS (VGG) for maps in [-1, 1] with 1 (repeated to 3) or 3 channels; frozen, eval mode; `forward(x, y)` -> [B,1,1,1]."
     def __init__(self, pretrained_backbone: bool = True):

@@ -11,7 +11,7 @@ from .core import CheckpointError
 # %% auto 0
 __all__ = ['run_health', 'remove_temp_files']
 
-# %% ../nbs/18_failure_modes.ipynb 17
+# %% ../nbs/18_failure_modes.ipynb 21
 def _checkpoint_status(path: Path) -> dict:
     "Whether checkpoint `path` loads as a training checkpoint, and its step."
     from radiodiff_vae.model import _torch_load
@@ -21,7 +21,7 @@ def _checkpoint_status(path: Path) -> dict:
         return {'ok': False, 'error': f'{path}: not a training checkpoint (no step/model entries)'}
     return {'ok': True, 'step': int(ckpt['step'])}
 
-# %% ../nbs/18_failure_modes.ipynb 18
+# %% ../nbs/18_failure_modes.ipynb 22
 def _lock_status(folder: Path) -> dict | None:
     "The lock's owner and whether that process is alive on this host (None: no lock)."
     from radiodiff_vae.trainer import read_lock, _pid_alive
@@ -32,7 +32,7 @@ def _lock_status(folder: Path) -> dict | None:
     alive = bool(owner) and (not local or _pid_alive(owner['pid']))
     return {'owner': owner, 'alive': alive, 'stale': bool(owner) and local and not alive}
 
-# %% ../nbs/18_failure_modes.ipynb 19
+# %% ../nbs/18_failure_modes.ipynb 23
 def run_health(folder) -> dict:
     "What state run folder `folder` is in: checkpoints (loadable?), newest good one, lock, temp files, NaN diagnostics."
     from radiodiff_vae.trainer import list_checkpoints
@@ -47,7 +47,7 @@ def run_health(folder) -> dict:
             'temp_files': sorted(p.name for p in folder.glob('.*.tmp')), 'diagnostics': sorted(p.name for p in folder.glob('nonfinite-step*.json')),
             'resume': hint}
 
-# %% ../nbs/18_failure_modes.ipynb 25
+# %% ../nbs/18_failure_modes.ipynb 29
 def remove_temp_files(folder) -> list[str]:
     "Delete leftover `.*.tmp` files of killed writes in run folder `folder` (refused while a live trainer holds it)."
     from radiodiff_vae.core import RunFolderError

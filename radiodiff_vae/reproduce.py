@@ -4,7 +4,7 @@
 
 # %% ../nbs/17_reproduce.ipynb 1
 from __future__ import annotations
-import argparse, json, time, hashlib, os, sys
+import argparse, json, time, os, sys
 from pathlib import Path
 from .core import RadioDiffError, RunFolderError, atomic_write_text, reference_run_dir, real_maps_dir
 
@@ -13,7 +13,7 @@ __all__ = ['DEFAULTS', 'MANIFEST', 'repo_dir', 'pipeline_path', 'job_settings', 
            'latest_checkpoint', 'resolve_params', 'write_index', 'headline_numbers', 'reproduce', 'add_reproduce_args',
            'run_reproduce']
 
-# %% ../nbs/17_reproduce.ipynb 4
+# %% ../nbs/17_reproduce.ipynb 5
 def repo_dir() -> Path:
     "The repository root (the package is installed in editable mode)."
     import radiodiff_vae
@@ -25,7 +25,7 @@ def pipeline_path(name) -> Path:
     if not path.exists(): raise RunFolderError(f'pipeline notebook {path} is missing: is this a full clone of radiodiff-vae?')
     return path
 
-# %% ../nbs/17_reproduce.ipynb 7
+# %% ../nbs/17_reproduce.ipynb 8
 DEFAULTS = dict(config='configs/quickstart.yaml', steps=None, seed=0, eval_synthetic_maps=64, eval_limit=None,
                 smoothing=0.9, overrides=())
 
@@ -37,7 +37,7 @@ def job_settings(**settings) -> dict:
     s['config'] = str(s['config']); s['overrides'] = list(s['overrides'] or [])
     return s
 
-# %% ../nbs/17_reproduce.ipynb 9
+# %% ../nbs/17_reproduce.ipynb 10
 def _config_path(config: str) -> str:
     "`config` as an absolute path; relative paths are taken from the repository root."
     p = Path(config)
@@ -62,7 +62,7 @@ def plan(out, settings: dict) -> list[dict]:
              params=dict(inputs=[str(train_dir)], out_dir=str(out/'analysis'), smoothing=s['smoothing'], config=None)),
     ]
 
-# %% ../nbs/17_reproduce.ipynb 12
+# %% ../nbs/17_reproduce.ipynb 13
 MANIFEST = 'reproduce.json'
 
 def open_run_folder(out, settings: dict) -> dict:
@@ -85,7 +85,7 @@ def open_run_folder(out, settings: dict) -> dict:
     atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
     return manifest
 
-# %% ../nbs/17_reproduce.ipynb 15
+# %% ../nbs/17_reproduce.ipynb 16
 def run_stage(stage: dict, out, progress: bool = True) -> float:
     "Execute `stage`'s pipeline with papermill into `out/notebooks/`; return the seconds it took."
     import papermill as pm
@@ -96,7 +96,7 @@ def run_stage(stage: dict, out, progress: bool = True) -> float:
                         kernel_name='python3', log_output=False)
     return time.perf_counter() - t0
 
-# %% ../nbs/17_reproduce.ipynb 17
+# %% ../nbs/17_reproduce.ipynb 18
 def latest_checkpoint(run_dir) -> Path | None:
     "The highest-numbered `model-N.pt` in `run_dir`, or None."
     ckpts = [p for p in Path(run_dir).glob('model-*.pt') if p.stem.split('-', 1)[1].isdigit()]
@@ -112,7 +112,7 @@ def resolve_params(stage: dict, out) -> dict:
         params['checkpoint'] = str(ckpt)  # named in the executed notebook, not left to the pipeline's search
     return params
 
-# %% ../nbs/17_reproduce.ipynb 20
+# %% ../nbs/17_reproduce.ipynb 21
 _KINDS = [('figures', ('.png', '.svg')), ('reports', ('.md',)), ('tables', ('.csv',)), ('data', ('.json', '.jsonl', '.txt'))]
 
 def _links(folder: Path, root: Path) -> list[str]:
@@ -125,7 +125,7 @@ def _links(folder: Path, root: Path) -> list[str]:
 
 def write_index(out, manifest: dict, stages: list[dict]) -> Path:
     "Write `out/README.md` linking each stage's notebook and outputs."
-    out = Path(out); lines = ['# radiodiff-vae main job', '',
+    out = Path(out).resolve(); lines = ['# radiodiff-vae main job', '',
         f"Made by `radiodiff-vae reproduce` on {manifest['created']} with settings `{json.dumps(manifest['settings'])}`.", '']
     for st in stages:
         rec = manifest['stages'].get(st['name'])
@@ -138,7 +138,7 @@ def write_index(out, manifest: dict, stages: list[dict]) -> Path:
     lines += headline_numbers(out)
     return atomic_write_text(out/'README.md', '\n'.join(lines) + '\n')
 
-# %% ../nbs/17_reproduce.ipynb 21
+# %% ../nbs/17_reproduce.ipynb 22
 def headline_numbers(out) -> list[str]:
     "Markdown lines quoting each evaluation's own summary section (`evaluation.md`), with links made relative to `out`."
     lines = []
@@ -149,7 +149,7 @@ def headline_numbers(out) -> list[str]:
         lines += ['## Headline numbers', '', text, '']
     return lines
 
-# %% ../nbs/17_reproduce.ipynb 23
+# %% ../nbs/17_reproduce.ipynb 25
 def reproduce(out, progress: bool = True, **settings) -> dict:
     "Run (or resume) the main job into `out`; return its manifest."
     settings = job_settings(**settings)
@@ -173,7 +173,7 @@ def reproduce(out, progress: bool = True, **settings) -> dict:
     write_index(out, manifest, stages)
     return manifest
 
-# %% ../nbs/17_reproduce.ipynb 24
+# %% ../nbs/17_reproduce.ipynb 26
 def add_reproduce_args(parser):
     "Arguments of `radiodiff-vae reproduce`."
     parser.add_argument('--out', required=True, help='run folder, e.g. runs/first (created; the same settings resume it)')

@@ -808,7 +808,7 @@ def train(config, out_dir=None, resume=None, steps=None, seed=None, progress=Tru
     return Trainer(cfg, out_dir, resume=resume, progress=progress, stop_at=stop_at, dataset=dataset,
                    skip_damaged=skip_damaged).fit()
 
-# %% ../nbs/11_trainer.ipynb 76
+# %% ../nbs/11_trainer.ipynb 79
 def add_train_args(parser: argparse.ArgumentParser):
     "Arguments of `radiodiff-vae train`."
     parser.add_argument('--config', default=None, help='YAML config (e.g. configs/quickstart.yaml); required')
@@ -830,7 +830,7 @@ def add_train_args(parser: argparse.ArgumentParser):
     parser.parse_known_args = parse_known_args
     return parser
 
-# %% ../nbs/11_trainer.ipynb 77
+# %% ../nbs/11_trainer.ipynb 80
 def run_train(args) -> int:
     "Run `radiodiff-vae train` from parsed `args`; print the summary as JSON; return 0."
     if not args.config: raise ConfigError('--config is required (a YAML file such as configs/quickstart.yaml)')
@@ -846,5 +846,5 @@ def main(argv=None) -> int:
     except RadioDiffError as e:
         print(f'radiodiff-vae train: error: {e}', file=sys.stderr); return 2
 
-# %% ../nbs/11_trainer.ipynb 78
+# %% ../nbs/11_trainer.ipynb 81
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())
