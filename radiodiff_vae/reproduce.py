@@ -10,8 +10,8 @@ from .core import RadioDiffError, RunFolderError, atomic_write_text, reference_r
 
 # %% auto 0
 __all__ = ['DEFAULTS', 'MANIFEST', 'repo_dir', 'pipeline_path', 'job_settings', 'plan', 'open_run_folder', 'run_stage',
-           'latest_checkpoint', 'resolve_params', 'write_index', 'headline_numbers', 'reproduce', 'add_reproduce_args',
-           'run_reproduce']
+           'latest_checkpoint', 'resolve_params', 'write_index', 'headline_numbers', 'check_training_config',
+           'reproduce', 'add_reproduce_args', 'run_reproduce']
 
 # %% ../nbs/17_reproduce.ipynb 5
 def repo_dir() -> Path:
@@ -150,9 +150,17 @@ def headline_numbers(out) -> list[str]:
     return lines
 
 # %% ../nbs/17_reproduce.ipynb 25
+def check_training_config(settings: dict) -> dict:
+    "Load the job's training config with its overrides and step count; raise `ConfigError` if it is invalid."
+    from radiodiff_vae.config import load_config
+    steps = [] if settings['steps'] is None else [f"trainer.train_num_steps={int(settings['steps'])}"]
+    return load_config(_config_path(settings['config']), list(settings['overrides']) + steps)
+
+# %% ../nbs/17_reproduce.ipynb 27
 def reproduce(out, progress: bool = True, **settings) -> dict:
     "Run (or resume) the main job into `out`; return its manifest."
     settings = job_settings(**settings)
+    check_training_config(settings)
     manifest, stages = open_run_folder(out, settings), plan(out, settings)
     from tqdm.auto import tqdm
     bar = tqdm(stages, desc='reproduce', unit='stage', disable=not progress)
@@ -173,7 +181,7 @@ def reproduce(out, progress: bool = True, **settings) -> dict:
     write_index(out, manifest, stages)
     return manifest
 
-# %% ../nbs/17_reproduce.ipynb 26
+# %% ../nbs/17_reproduce.ipynb 28
 def add_reproduce_args(parser):
     "Arguments of `radiodiff-vae reproduce`."
     parser.add_argument('--out', required=True, help='run folder, e.g. runs/first (created; the same settings resume it)')

@@ -6,7 +6,8 @@ import pytest
 
 TINY = ['--steps', '12', '--eval-synthetic-maps', '4', '--eval-limit', '4', '--no-progress',
         '--set', 'trainer.save_and_sample_every=6', '--set', 'trainer.log_freq=2',
-        '--set', 'model.lossconfig.disc_start=6', '--set', 'data.n_maps=64']
+        '--set', 'model.lossconfig.disc_start=6', '--set', 'trainer.warmup_steps=2',
+        '--set', 'data.n_maps=64']
 
 
 def _cli(*args, cwd):
@@ -49,3 +50,6 @@ def test_same_settings_resume_other_settings_refused(run):
     other = _cli('reproduce', '--out', str(out), *TINY[:-1], 'data.n_maps=65', cwd=out.parent)
     assert other.returncode == 2 and 'other settings' in other.stderr and 'Traceback' not in other.stderr
     assert (out/'reproduce.json').read_text() == before
+    bad = _cli('reproduce', '--out', str(out.parent/'bad'), '--steps', '12', '--no-progress', cwd=out.parent)
+    assert bad.returncode == 2 and 'train_num_steps=12' in bad.stderr and 'Traceback' not in bad.stderr
+    assert not (out.parent/'bad').exists()
