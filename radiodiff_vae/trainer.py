@@ -546,15 +546,9 @@ def _loss_state(self: Trainer) -> dict:
     return {k: v for k, v in self.loss.state_dict().items() if not k.startswith('perceptual')}
 
 def _load_loss_state(self: Trainer, sd: dict, path):
-    "Load discriminator + logvar; any other mismatch is a CheckpointError."
-    sd = {k: v for k, v in sd.items() if not k.startswith('perceptual')}
-    own = _loss_state(self)
-    missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
-    shapes = [k for k in sd if k in own and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        raise CheckpointError(f'{path}: loss/discriminator state does not fit (missing {missing[:4]}, unexpected {unexpected[:4]}, '
-                              f'other shape {shapes[:4]}); is it a checkpoint of another architecture (lossconfig)?')
-    self.loss.load_state_dict(sd, strict=False)
+    "Load discriminator + logvar (the LPIPS weights are fixed, never taken from a checkpoint); a mismatch is a CheckpointError."
+    from radiodiff_vae.losses import load_loss_state_dict  # imported where used, like LPIPSWithDiscriminator
+    load_loss_state_dict(self.loss, {k: v for k, v in sd.items() if not k.startswith('perceptual')}, source=path)
 
 Trainer._loss_state, Trainer._load_loss_state = _loss_state, _load_loss_state
 
