@@ -10,8 +10,8 @@ from .core import RadioDiffError, RunFolderError, atomic_write_text, reference_r
 
 # %% auto 0
 __all__ = ['DEFAULTS', 'MANIFEST', 'repo_dir', 'pipeline_path', 'job_settings', 'plan', 'open_run_folder', 'run_stage',
-           'latest_checkpoint', 'resolve_params', 'write_index', 'headline_numbers', 'check_training_config',
-           'reproduce', 'add_reproduce_args', 'run_reproduce']
+           'latest_checkpoint', 'resolve_params', 'training_progress', 'StageProgress', 'write_index',
+           'headline_numbers', 'check_training_config', 'reproduce', 'add_reproduce_args', 'run_reproduce']
 
 # %% ../nbs/17_reproduce.ipynb 5
 def repo_dir() -> Path:
@@ -113,6 +113,32 @@ def resolve_params(stage: dict, out) -> dict:
     return params
 
 # %% ../nbs/17_reproduce.ipynb 21
+def training_progress(folder) -> str | None:
+    "`step N/T` from the last complete line of `folder/metrics.jsonl`, or None before the first one."
+    path = Path(folder)/'metrics.jsonl'
+    try:
+        with open(path, 'rb') as f:
+            f.seek(max(0, path.stat().st_size - 8192)); lines = f.read().decode('utf-8', 'replace').splitlines()
+    except OSError: return None
+    for line in reversed(lines):
+        try: rec = json.loads(line); return f"step {int(rec['step'])}/{int(rec['total_steps'])}"
+        except (ValueError, KeyError, TypeError): continue
+    return None
+
+# %% ../nbs/17_reproduce.ipynb 23
+class StageProgress:
+    "While a stage runs, show its training progress (if any) next to its name on `bar`; every `every` seconds."
+    def __init__(self, bar, name: str, folder, every: float = 2.0):
+        import threading
+        self.bar, self.name, self.folder, self.every, self.stop = bar, name, Path(folder), every, threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+    def _watch(self):
+        while not self.stop.wait(self.every):
+            if (p := training_progress(self.folder)): self.bar.set_postfix_str(f'{self.name}, {p}')
+    def __enter__(self): self.thread.start(); return self
+    def __exit__(self, *exc): self.stop.set(); self.thread.join()
+
+# %% ../nbs/17_reproduce.ipynb 26
 _KINDS = [('figures', ('.png', '.svg')), ('reports', ('.md',)), ('tables', ('.csv',)), ('data', ('.json', '.jsonl', '.txt'))]
 
 def _links(folder: Path, root: Path) -> list[str]:
@@ -138,7 +164,7 @@ def write_index(out, manifest: dict, stages: list[dict]) -> Path:
     lines += headline_numbers(out)
     return atomic_write_text(out/'README.md', '\n'.join(lines) + '\n')
 
-# %% ../nbs/17_reproduce.ipynb 22
+# %% ../nbs/17_reproduce.ipynb 27
 def headline_numbers(out) -> list[str]:
     "Markdown lines quoting each evaluation's own summary section (`evaluation.md`), with links made relative to `out`."
     lines = []
@@ -149,14 +175,14 @@ def headline_numbers(out) -> list[str]:
         lines += ['## Headline numbers', '', text, '']
     return lines
 
-# %% ../nbs/17_reproduce.ipynb 25
+# %% ../nbs/17_reproduce.ipynb 30
 def check_training_config(settings: dict) -> dict:
     "Load the job's training config with its overrides and step count; raise `ConfigError` if it is invalid."
     from radiodiff_vae.config import load_config
     steps = [] if settings['steps'] is None else [f"trainer.train_num_steps={int(settings['steps'])}"]
     return load_config(_config_path(settings['config']), list(settings['overrides']) + steps)
 
-# %% ../nbs/17_reproduce.ipynb 27
+# %% ../nbs/17_reproduce.ipynb 32
 def reproduce(out, progress: bool = True, **settings) -> dict:
     "Run (or resume) the main job into `out`; return its manifest."
     settings = job_settings(**settings)
@@ -170,7 +196,8 @@ def reproduce(out, progress: bool = True, **settings) -> dict:
         stage = {**stage, 'params': resolve_params(stage, out)}
         manifest['stages'][stage['name']] = dict(status='running', started=time.strftime('%Y-%m-%d %H:%M:%S'))
         atomic_write_text(Path(out)/MANIFEST, json.dumps(manifest, indent=1))
-        try: seconds = run_stage(stage, out, progress=progress)
+        try:
+            with StageProgress(bar, stage['name'], stage['out']): seconds = run_stage(stage, out, progress=progress)
         except BaseException as e:
             manifest['stages'][stage['name']].update(status=f'failed: {type(e).__name__}')
             atomic_write_text(Path(out)/MANIFEST, json.dumps(manifest, indent=1)); write_index(out, manifest, stages)
@@ -181,7 +208,7 @@ def reproduce(out, progress: bool = True, **settings) -> dict:
     write_index(out, manifest, stages)
     return manifest
 
-# %% ../nbs/17_reproduce.ipynb 28
+# %% ../nbs/17_reproduce.ipynb 33
 def add_reproduce_args(parser):
     "Arguments of `radiodiff-vae reproduce`."
     parser.add_argument('--out', required=True, help='run folder, e.g. runs/first (created; the same settings resume it)')

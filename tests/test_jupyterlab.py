@@ -76,3 +76,18 @@ def test_pipeline_parameters_are_tagged():
         cell = tagged[0]
         assert cell.cell_type == 'code' and cell.source.strip(), f'{path.relative_to(ROOT)}: empty parameters cell'
         compile(cell.source, str(path), 'exec')  # papermill injects after it: it must be plain assignments
+
+
+def test_papermill_reads_every_parameter(caplog):
+    "papermill's inspection names every assignment of each parameters cell, without 'Unable to parse' warnings."
+    import ast, logging
+    import papermill as pm, nbformat
+    for path in PIPELINES:
+        cell = next(c for c in nbformat.read(path, as_version=4).cells if 'parameters' in c.metadata.get('tags', []))
+        assigned = {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign) for t in node.targets}
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger='papermill'):
+            found = set(pm.inspect_notebook(str(path)))
+        assert found == assigned, f'{path.relative_to(ROOT)}: papermill sees {sorted(found)}, the cell assigns {sorted(assigned)}'
+        assert not [r for r in caplog.records if 'Unable to parse' in r.getMessage()], \
+            f'{path.relative_to(ROOT)}: papermill cannot parse {[r.getMessage() for r in caplog.records]}'
