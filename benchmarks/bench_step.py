@@ -320,11 +320,16 @@ def derive(timing: dict) -> None:
     for phase, ph in timing.items():
         per, peak = ph['variants'], ph['conv_peak_gflops_median']
         ref = per['upstream']['median_s'] if 'upstream' in per else None
+        ref_rounds = per['upstream']['step_s'] if 'upstream' in per else None
         for v, r in per.items():
             # useful work: our step's FLOPs for every ours+option variant (checkpointing's recompute is not useful
             # work, and FlopCounterMode misses some channels_last backward kernels)
             r['useful_flops'] = per['ours']['flops'] if v.startswith('ours') and 'ours' in per else r['flops']
-            r['speedup_vs_upstream'] = ref / r['median_s'] if ref else None
+            # the variants run interleaved, so round i of each is paired with round i of (a): the median of the per-round
+            # ratios cancels the machine's drift between rounds (up to +-30% on the shared 2-core VM), a ratio of medians does not
+            r['speedup_vs_upstream_of_medians'] = ref / r['median_s'] if ref else None
+            r['speedup_vs_upstream'] = (statistics.median(a / b for a, b in zip(ref_rounds, r['step_s']))
+                                        if ref_rounds and len(ref_rounds) == len(r['step_s']) else r['speedup_vs_upstream_of_medians'])
             r['gflops_achieved'] = r['useful_flops'] / r['median_s'] / 1e9
             r['fraction_of_conv_peak'] = r['gflops_achieved'] / peak if peak else None
             r['floor_s'] = r['useful_flops'] / (peak * 1e9) if peak else None

@@ -33,8 +33,13 @@ def save(results_dir: Path, name: str, payload: dict, command: str) -> Path:
     return path
 
 def load(results_dir: Path, name: str) -> dict | None:
+    "One stored part; step timings re-derived with the current statistics (paired per-round ratios)."
     path = results_dir / f'{name}.json'
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists(): return None
+    part = json.loads(path.read_text())
+    for r in (part, part.get('full'), part.get('quickstart')):
+        if isinstance(r, dict) and isinstance(r.get('timing'), dict): bench_step.derive(r['timing'])
+    return part
 
 def call_in_subprocess(script: Path, function: str, kwargs: dict, timeout: float = 3600) -> dict:
     "Run `function(**kwargs)` of another benchmark script in a child process (its thread settings stay there); its JSON result."
@@ -161,7 +166,8 @@ def _targets(full, quick, bf16, gpu, cpu_bf16=None) -> list[str]:
     return rows
 
 def _bf16_section(b: dict | None, machine: dict | None) -> list[str]:
-    if b is None: return ['## bf16 autocast', '', 'Not measured yet.', '']
+    if b is None: return ['## bf16 autocast', '', 'Not measured on this CPU (it has no native bf16; `--bf16-steps N` measures the emulated one): '
+                          'see the native-bf16 CPU section above and the GPU section below.', '']
     keys = list(b['max_rel_dev'])
     lines = ['## bf16 autocast: loss deviation from fp32', '',
              f"`{b['command']}` — {b['date_utc']}. Two trainers from the same weights, the same batches and noise, "
@@ -220,7 +226,8 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
     machine = (full or quick or {}).get('machine')
     out = ['# Benchmark results', '',
            'Regenerate: `python benchmarks/run_all.py` (quickstart step, bf16 deviation, data, log analysis; ~15-25 min on the 2-core CPU) '
-           'and `python benchmarks/run_all.py --full` (adds the full-size step, about an hour here). Each part below names the command, date and machine that produced it; '
+           'and `python benchmarks/run_all.py --full` (adds the full-size step, about an hour here); the GPU and native-bf16 CPU parts come from the '
+           'commands printed in their sections, run on those machines (benchmarks/README.md). Each part below names the command, date and machine that produced it; '
            'raw figures are in `benchmarks/results/*.json`. Method: `benchmarks/README.md`.', '']
     if machine:
         out += [f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs ({', '.join(machine.get('cpu_isa', []))}; "

@@ -74,3 +74,17 @@ def test_results_render(tiny_result, tmp_path):
     assert '| upstream |' in md and '| ours+checkpointing |' in md
     assert json.loads((tmp_path / 'step_quickstart.json').read_text())['command'] == 'pytest tiny'
     assert 'Not run.' in md   # no GPU part stored here
+
+
+def test_results_render_the_stored_gpu_and_native_bf16_parts(tmp_path):
+    "The committed GPU and native-bf16 CPU parts render into their sections, targets rows and the recommendation."
+    import shutil
+    for name in ('gpu', 'cpu_bf16'):
+        shutil.copy(BENCH / 'results' / f'{name}.json', tmp_path / f'{name}.json')
+    md = run_all.render(tmp_path)
+    gpu = json.loads((tmp_path / 'gpu.json').read_text())
+    assert f"## GPU: {gpu['full']['machine']['gpu']}" in md and 'Not run.' not in md
+    assert '## Training step, quickstart size, on a CPU with native bf16' in md
+    assert "| bf16 ≥ 1.8× (a)'s fp32 on a CPU with AVX-512 BF16 (" in md and '| checkpointing on the GPU, full size' in md
+    rec = next(l for l in md.splitlines() if l.startswith('**Recommendation.**'))
+    assert 'On a CPU with AMX / AVX-512 BF16' in rec and 'On the GPU' in rec
