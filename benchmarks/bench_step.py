@@ -355,15 +355,19 @@ def memory_worker(size: str, variant: str, device: str = 'cpu') -> dict:
     "Peak memory of one variant alone: build it, then one GAN-off and one GAN-on step (RSS sampled during the steps)."
     import psutil
     cfg = bench_config(size)
-    st = build_state(cfg, variant, real_batch(cfg['batch_size'], cfg['map_size']), device)
+    with RssSampler() as build:
+        st = build_state(cfg, variant, real_batch(cfg['batch_size'], cfg['map_size']), device)
     if device.startswith('cuda'): torch.cuda.reset_peak_memory_stats()
-    after_build, peak_build = psutil.Process().memory_info().rss / 2**20, peak_rss_mb()
+    after_build, peak_build = psutil.Process().memory_info().rss / 2**20, build.peak / 2**20
     try:
         with RssSampler() as sampler:
             for phase in PHASES: run_step(variant, st, phase_step(cfg, phase))
     finally: st.close()
-    out = dict(variant=variant, size=size, rss_after_build_mb=after_build, peak_rss_build_mb=peak_build, peak_rss_mb=peak_rss_mb(),
-               peak_rss_steps_mb=sampler.peak / 2**20, step_increment_mb=sampler.peak / 2**20 - after_build)
+    # ru_maxrss is not used: on Linux a child keeps its parent's high-water mark across fork + exec, so in this worker
+    # it reports the benchmark process's RSS, not the variant's
+    out = dict(variant=variant, size=size, rss_after_build_mb=after_build, peak_rss_build_mb=peak_build,
+               peak_rss_mb=max(peak_build, sampler.peak / 2**20), peak_rss_steps_mb=sampler.peak / 2**20,
+               step_increment_mb=sampler.peak / 2**20 - after_build, ru_maxrss_inherited_mb=peak_rss_mb())
     if device.startswith('cuda'): out['peak_cuda_mb'] = torch.cuda.max_memory_allocated() / 2**20
     return out
 

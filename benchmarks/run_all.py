@@ -323,7 +323,8 @@ def _notes() -> list[str]:
             'our step\'s (checkpointing\'s recomputation is not useful work).',
             '- Peak memory: each variant alone in a fresh subprocess (build, one GAN-off and one GAN-on step); the highest RSS sampled every 2 ms during '
             'the two steps (it includes the process baseline: Python, torch, weights, optimizer state), and the part the steps add on top of the RSS after building. '
-            '`ru_maxrss` is in the JSON too, but at quickstart size it is set by a transient while building, not by the step.',
+            '`ru_maxrss` is not used: on Linux a child process keeps its parent\'s high-water mark across fork and exec, so in the '
+            'worker it reports the benchmark process\'s own RSS (kept in the JSON as `ru_maxrss_inherited_mb`).',
             '']
 
 
