@@ -196,8 +196,10 @@ def _recommendation(bf16: dict | None, gpu: dict | None, machine: dict | None, c
     parts = []
     if not (machine or {}).get('cpu_bf16'):
         parts.append("On this CPU (no AVX-512 BF16) keep fp32: bf16 is emulated and slower.")
-    for where, r, size in (("On a CPU with AMX / AVX-512 BF16", cpu_bf16, 'quickstart'), ("On the GPU", (gpu or {}).get('full'), 'full')):
-        drift = _bf16_drift((cpu_bf16 or {}).get('bf16_deviation') if r is cpu_bf16 else (gpu or {}).get('bf16_deviation'))
+    measured = (("On a CPU with AMX / AVX-512 BF16", cpu_bf16, (cpu_bf16 or {}).get('bf16_deviation'), 'quickstart'),
+                ("On the GPU", (gpu or {}).get('full'), (gpu or {}).get('bf16_deviation'), 'full'))
+    for where, r, deviation, size in measured:
+        drift = _bf16_drift(deviation)
         if not r or 'ours+bf16' not in r['timing']['gan_on']['variants'] or drift is None: continue
         g = r['timing']['gan_on']['variants']
         sp = g['ours']['median_s'] / g['ours+bf16']['median_s']
