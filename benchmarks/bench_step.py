@@ -352,7 +352,7 @@ class RssSampler:
     def __exit__(self, *exc): self._stop.set(); self._thread.join(); self.peak = max(self.peak, self.proc.memory_info().rss)
 
 def memory_worker(size: str, variant: str, device: str = 'cpu') -> dict:
-    "Peak memory of one variant alone: build it, then one GAN-off and one GAN-on step (RSS sampled during the steps)."
+    "Peak memory of one variant alone: build it, then one GAN-off and one GAN-on step (RSS sampled during the build and the steps)."
     import psutil
     cfg = bench_config(size)
     with RssSampler() as build:
