@@ -240,7 +240,7 @@ class Converter:
     def links(self, md: str, depth: int) -> str:
         up = '../' * depth
         if not self.readme: md = md.replace(self.prefix, up)
-        def nb_link(m):  # [text](07_autoencoder.ipynb#x) -> the notebook's page
+        def nb_link(m):  # [text](07_model.ipynb#x) -> the notebook's page
             target, frag = m.group(2), m.group(3) or ''
             page = self.pages.get(target)
             if page is None: return m.group(0)

@@ -43,7 +43,7 @@ def test_converter_renders_directives_outputs_and_links():
     nb = nbformat.v4.new_notebook()
     nb.cells = [
         nbformat.v4.new_raw_cell('---\ntitle: Demo\ndescription: A demo page\noutput-file: demo.html\n---\n'),
-        nbformat.v4.new_markdown_cell(f'See [`f`]({bd.doc_prefix()}core.html#f) and [the model](07_autoencoder.ipynb#top).'),
+        nbformat.v4.new_markdown_cell(f'See [`f`]({bd.doc_prefix()}core.html#f) and [the model](07_model.ipynb#top).'),
         nbformat.v4.new_code_cell('#| echo: false\n#| output: asis\nshow_doc(f)', outputs=[
             nbformat.v4.new_output('execute_result', data={'text/markdown': '---\n\n### f\n\n>      f (x)\n\n*Doc.*',
                                                             'text/plain': '<...>'}, execution_count=1)]),
@@ -54,7 +54,7 @@ def test_converter_renders_directives_outputs_and_links():
         nbformat.v4.new_code_cell('#| include: false\nsecret()'),
         nbformat.v4.new_code_cell('#| output: false\nnoisy()', outputs=[nbformat.v4.new_output('stream', name='stdout', text='noise')]),
     ]
-    conv = bd.Converter({'07_autoencoder.ipynb': 'model.md'})
+    conv = bd.Converter({'07_model.ipynb': 'model.md'})
     md, files = conv.convert(nb, 'pipelines/demo.md')
     assert md.startswith('# Demo\n') and '> A demo page' in md
     assert '(../core.html#f)' in md and '(../model.html#top)' in md and bd.doc_prefix() not in md
@@ -63,7 +63,7 @@ def test_converter_renders_directives_outputs_and_links():
     assert 'secret' not in md and 'noise' not in md and 'noisy()' in md
     (name, data), = files.items()
     assert name == 'demo_files/cell4_out0.png' and data.startswith(b'\x89PNG') and f']({name})' in md
-    assert bd.page_name(Path('07_autoencoder.ipynb'), {}) == 'autoencoder.md'
+    assert bd.page_name(Path('07_model.ipynb'), {}) == 'autoencoder.md'
     assert bd.page_name(Path('index.ipynb'), {'output-file': 'index.html'}) == 'index.md'
 
 

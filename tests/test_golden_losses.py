@@ -15,7 +15,7 @@ GOLDEN = SHARED / "golden" / "small.pt"
 pytestmark = pytest.mark.skipif(not GOLDEN.exists(), reason=f"golden data not found at {GOLDEN} (expected ../shared beside the repository)")
 
 # upstream's own float32 d_weight differs from the exact (float64) value by 1.4e-4; float32 runs of the same code on
-# different CPUs / thread counts spread by 1.8e-4 (see nbs/06_loss.ipynb). Every other value is held to 1e-4.
+# different CPUs / thread counts spread by 1.8e-4 (see nbs/06_losses.ipynb). Every other value is held to 1e-4.
 D_WEIGHT_RTOL = 1e-3
 RTOL = 1e-4
 
