@@ -4,15 +4,15 @@
 
 # %% ../nbs/00_core.ipynb 1
 from __future__ import annotations
-import os, random, tempfile, io
+import dataclasses, io, json, math, os, random, tempfile
 from pathlib import Path
 import numpy as np
 import torch
 
 # %% auto 0
 __all__ = ['RadioDiffError', 'ConfigError', 'DataError', 'CheckpointError', 'LogParseError', 'RunFolderError',
-           'atomic_write_bytes', 'atomic_write_text', 'atomic_torch_save', 'seed_everything', 'data_dir',
-           'reference_run_dir', 'real_maps_dir']
+           'atomic_write_bytes', 'atomic_write_text', 'atomic_torch_save', 'seed_everything', 'to_jsonable',
+           'markdown_table', 'data_dir', 'reference_run_dir', 'real_maps_dir']
 
 # %% ../nbs/00_core.ipynb 5
 class RadioDiffError(Exception):
@@ -70,6 +70,25 @@ def seed_everything(seed: int):
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
 
 # %% ../nbs/00_core.ipynb 15
+def to_jsonable(o):
+    "`o` with NumPy/torch numbers, arrays, paths, timestamps and dataclasses as plain JSON types; NaN/inf -> None."
+    if dataclasses.is_dataclass(o) and not isinstance(o, type): o = dataclasses.asdict(o)
+    if isinstance(o, dict): return {str(k): to_jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple, set)): return [to_jsonable(v) for v in o]
+    if isinstance(o, (torch.Tensor, np.ndarray)): return to_jsonable(o.tolist()) if o.ndim else to_jsonable(o.item())
+    if isinstance(o, (bool, np.bool_)): return bool(o)
+    if isinstance(o, (int, np.integer)): return int(o)
+    if isinstance(o, (float, np.floating)): return float(o) if math.isfinite(o) else None
+    if o is None or isinstance(o, str): return o
+    return str(o)  # paths, timestamps, dates
+
+# %% ../nbs/00_core.ipynb 17
+def markdown_table(header, rows) -> str:
+    "A Markdown table with `header` and `rows` (cells formatted with `str`)."
+    line = lambda cells: '| ' + ' | '.join(str(c) for c in cells) + ' |'
+    return '\n'.join([line(header), '|' + '---|' * len(header)] + [line(r) for r in rows])
+
+# %% ../nbs/00_core.ipynb 20
 def data_dir() -> Path:
     "The folder of bundled data: `$RADIODIFF_DATA`, else `data/` at the repository root."
     env = os.environ.get('RADIODIFF_DATA')
