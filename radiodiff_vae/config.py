@@ -10,9 +10,10 @@ import yaml
 from .core import ConfigError
 
 # %% auto 0
-__all__ = ['DDCONFIG_SCHEMA', 'LOSSCONFIG_SCHEMA', 'MODEL_SCHEMA', 'DATA_SCHEMA', 'TRAINER_SCHEMA', 'SCHEMA', 'RESUME_MUTABLE',
-           'check_value', 'unwrap_upstream', 'validate_config', 'parse_override', 'apply_overrides', 'resolve_config',
-           'read_yaml', 'load_config', 'dump_config', 'config_differences', 'schema_table']
+__all__ = ['DDCONFIG_SCHEMA', 'LOSSCONFIG_SCHEMA', 'MODEL_SCHEMA', 'DATA_SCHEMA', 'TRAINER_SCHEMA', 'SCHEMA',
+           'PRECISION_SPELLINGS', 'RESUME_MUTABLE', 'canonical_precision', 'read_cpu_flags', 'native_bf16',
+           'choose_precision', 'check_value', 'unwrap_upstream', 'validate_config', 'parse_override', 'apply_overrides',
+           'resolve_config', 'read_yaml', 'load_config', 'dump_config', 'config_differences', 'schema_table']
 
 # %% ../nbs/10_config.ipynb 6
 DDCONFIG_SCHEMA = {
@@ -99,13 +100,16 @@ TRAINER_SCHEMA = {
     'ema_warmup': ('bool', True, 'use min(decay, (1+n)/(10+n)) for the n-th update'),
     'sample_posterior': ('bool', True, 'train on z ~ q(z|x) (False: the posterior mode)'),
     'seed': ('int', 0, 'seed of weights, noise and data order'),
-    'mixed_precision': ('choice:no|bf16|fp16?', None, 'null: fp16 if trainer.fp16 else no'),
+    'mixed_precision': ('precision?', None, "fp32 (stored as 'no'), bf16, fp16 or auto (see choose_precision); null: fp16 if trainer.fp16 else fp32"),
     'cpu': ('bool', False, 'force the CPU even where a GPU exists'),
     'num_threads': ('int?', None, 'torch CPU threads (null: torch default; 1 is fastest on a busy machine)'),
     'skip_nonfinite': ('bool', False, 'skip a batch with a NaN/inf loss instead of stopping'),
     'max_nonfinite_skips': ('int', 100, 'stop anyway after this many skipped batches'),
     'tensorboard': ('bool', True, 'write TensorBoard scalars'),
     'sample_maps': ('int', 4, 'maps shown in sample-N.png'),
+    'sync_batchnorm': ('bool', False, "SyncBatchNorm in the discriminator across processes (upstream: per-process BatchNorm)"),
+    'train_discriminator': ('bool', True, 'update the discriminator (false: the autoencoder alone is trained)'),
+    'compile': ('bool', False, 'torch.compile the autoencoder and discriminator steps (worth it on GPUs)'),
 }
 
 # %% ../nbs/10_config.ipynb 11
@@ -114,6 +118,49 @@ SCHEMA = {'model': ('section', MODEL_SCHEMA, 'autoencoder and loss'),
           'trainer': ('section', TRAINER_SCHEMA, 'optimisation and book-keeping')}
 
 # %% ../nbs/10_config.ipynb 13
+PRECISION_SPELLINGS = {'fp32': 'no', 'no': 'no', 'none': 'no', 'float32': 'no', 'bf16': 'bf16', 'bfloat16': 'bf16',
+                       'fp16': 'fp16', 'float16': 'fp16', 'auto': 'auto'}
+
+def canonical_precision(value, where: str = 'trainer.mixed_precision') -> str:
+    "'no' (fp32), 'bf16', 'fp16' or 'auto' for any accepted spelling of `value`; else a ConfigError naming `where`."
+    if value is False: return 'no'
+    if isinstance(value, str) and value.strip().lower() in PRECISION_SPELLINGS: return PRECISION_SPELLINGS[value.strip().lower()]
+    raise ConfigError(f'{where}: expected fp32 (also written no, none or false), bf16, fp16 or auto; got {value!r}')
+
+# %% ../nbs/10_config.ipynb 16
+def read_cpu_flags(path='/proc/cpuinfo') -> set[str]:
+    "The CPU feature flags of the first processor in `path` (empty where there is no such file)."
+    try: text = Path(path).read_text(errors='replace')
+    except OSError: return set()
+    line = next((l for l in text.splitlines() if l.split(':')[0].strip() in ('flags', 'Features')), '')
+    return set(line.partition(':')[2].split())
+
+# %% ../nbs/10_config.ipynb 18
+def native_bf16(device_type: str, cpu_flags=None, cuda_bf16: bool | None = None) -> tuple[bool, str]:
+    "Whether `device_type` computes bf16 natively, and why (CPU flags read from /proc/cpuinfo when `cpu_flags` is None)."
+    if device_type == 'cuda':
+        if cuda_bf16 is None:
+            import torch
+            cuda_bf16 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+        return cuda_bf16, 'the CUDA GPU computes bf16 natively' if cuda_bf16 else 'the CUDA GPU has no native bf16 (compute capability < 8)'
+    if device_type == 'cpu':
+        flags = set(read_cpu_flags() if cpu_flags is None else cpu_flags)
+        found = [f for f in ('amx_bf16', 'avx512_bf16') if f in flags]
+        return bool(found), f'the CPU has {" and ".join(found)}' if found else 'the CPU has neither amx_bf16 nor avx512_bf16'
+    return False, f'no native bf16 known for device {device_type!r}'
+
+# %% ../nbs/10_config.ipynb 20
+def choose_precision(requested, device_type: str, cpu_flags=None, cuda_bf16: bool | None = None) -> tuple[str, str]:
+    "The mode ('no' = fp32, 'bf16' or 'fp16', as accelerate names them) for `requested` on `device_type`, and the reason."
+    mode = canonical_precision('no' if requested is None else requested)
+    if mode == 'fp16' and device_type != 'cuda':
+        raise ConfigError(f'trainer.mixed_precision: fp16 needs a CUDA GPU (this run is on {device_type}); use bf16, auto or fp32')
+    if mode in ('no', 'fp16'): return mode, 'requested'
+    native, why = native_bf16(device_type, cpu_flags, cuda_bf16)
+    if mode == 'bf16': return 'bf16', 'requested' + ('' if native else f'; {why}, so bf16 is emulated and slower than fp32')
+    return ('bf16', f'auto: {why}') if native else ('no', f'auto: {why}, so fp32')
+
+# %% ../nbs/10_config.ipynb 23
 def _as_float(value, where):
     "A float from an int, float or numeric string; else a ConfigError."
     if isinstance(value, bool): raise ConfigError(f'{where}: expected a number, got {value!r}')
@@ -123,7 +170,7 @@ def _as_float(value, where):
         except ValueError: pass
     raise ConfigError(f'{where}: expected a number, got {value!r} ({type(value).__name__})')
 
-# %% ../nbs/10_config.ipynb 14
+# %% ../nbs/10_config.ipynb 24
 def _as_int(value, where):
     "An int from an int, an integral float or a numeric string; else a ConfigError."
     if isinstance(value, bool): raise ConfigError(f'{where}: expected an integer, got {value!r}')
@@ -135,14 +182,14 @@ def _as_int(value, where):
         except ValueError: pass
     raise ConfigError(f'{where}: expected an integer, got {value!r} ({type(value).__name__})')
 
-# %% ../nbs/10_config.ipynb 15
+# %% ../nbs/10_config.ipynb 25
 def _as_list(value, where, item, n=None):
     "A list of `item`-converted values (optionally of length `n`)."
     if not isinstance(value, (list, tuple)): raise ConfigError(f'{where}: expected a list, got {value!r}')
     if n is not None and len(value) != n: raise ConfigError(f'{where}: expected {n} values, got {value!r}')
     return [item(v, f'{where}[{i}]') for i, v in enumerate(value)]
 
-# %% ../nbs/10_config.ipynb 16
+# %% ../nbs/10_config.ipynb 26
 def check_value(kind: str, value, where: str):
     "Convert `value` to the schema type `kind` (see above) or raise a ConfigError naming `where`."
     if kind.endswith('?'):
@@ -164,13 +211,14 @@ def check_value(kind: str, value, where: str):
     if kind == 'dict':
         if isinstance(value, dict): return dict(value)
         raise ConfigError(f'{where}: expected a mapping, got {value!r}')
+    if kind == 'precision': return canonical_precision(value, where)
     if kind.startswith('choice:'):
         options = kind[7:].split('|')
         if value in options: return value
         raise ConfigError(f'{where}: expected one of {options}, got {value!r}')
     raise TypeError(f'unknown schema type {kind!r}')
 
-# %% ../nbs/10_config.ipynb 19
+# %% ../nbs/10_config.ipynb 29
 def _unwrap(section: dict, where: str, expected: str) -> dict:
     "Flatten `{target, params}` into `params` after checking that `target` names `expected`."
     if not isinstance(section, dict) or 'params' not in section and 'target' not in section: return section
@@ -183,7 +231,7 @@ def _unwrap(section: dict, where: str, expected: str) -> dict:
     if not isinstance(params, dict): raise ConfigError(f'{where}.params: expected a mapping, got {params!r}')
     return dict(params)
 
-# %% ../nbs/10_config.ipynb 20
+# %% ../nbs/10_config.ipynb 30
 def unwrap_upstream(raw: dict) -> dict:
     "Accept latent-diffusion style `target`/`params` wrappers in `model` and `model.lossconfig`."
     raw = copy.deepcopy(raw)
@@ -194,7 +242,7 @@ def unwrap_upstream(raw: dict) -> dict:
         raw['model'] = model
     return raw
 
-# %% ../nbs/10_config.ipynb 23
+# %% ../nbs/10_config.ipynb 33
 def _fill(raw, schema: dict, where: str) -> dict:
     "Check `raw` against `schema` recursively; return a new dict with defaults for missing keys."
     if raw is None: raw = {}
@@ -211,12 +259,12 @@ def _fill(raw, schema: dict, where: str) -> dict:
         else: out[key] = check_value(kind, raw[key], sub) if key in raw else copy.deepcopy(default)
     return out
 
-# %% ../nbs/10_config.ipynb 26
+# %% ../nbs/10_config.ipynb 36
 def _require(ok: bool, message: str):
     "Raise a ConfigError with `message` unless `ok`."
     if not ok: raise ConfigError(message)
 
-# %% ../nbs/10_config.ipynb 27
+# %% ../nbs/10_config.ipynb 37
 def validate_config(cfg: dict) -> dict:
     "Check value ranges and cross-key consistency of a filled config; return it."
     t, d, m = cfg['trainer'], cfg['data'], cfg['model']
@@ -249,7 +297,7 @@ def validate_config(cfg: dict) -> dict:
         raise ConfigError(f"trainer.fp16 is true but trainer.mixed_precision is {t['mixed_precision']!r}; set one of them")
     return cfg
 
-# %% ../nbs/10_config.ipynb 29
+# %% ../nbs/10_config.ipynb 39
 def parse_override(text: str) -> tuple[list[str], object]:
     "`'a.b.c=value'` -> (['a','b','c'], yaml.safe_load('value'))."
     if '=' not in text: raise ConfigError(f'override {text!r}: expected section.key=value')
@@ -259,7 +307,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
     try: return keys, yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as e: raise ConfigError(f'override {text!r}: value is not valid YAML ({e.__class__.__name__})') from None
 
-# %% ../nbs/10_config.ipynb 30
+# %% ../nbs/10_config.ipynb 40
 def _schema_at(keys: list[str]):
     "The schema entry at `keys`, or a ConfigError listing the valid keys at the first wrong level."
     schema, entry = SCHEMA, None
@@ -272,7 +320,7 @@ def _schema_at(keys: list[str]):
         schema = entry[1] if entry[0] == 'section' else None
     return entry
 
-# %% ../nbs/10_config.ipynb 31
+# %% ../nbs/10_config.ipynb 41
 def apply_overrides(raw: dict, overrides=()) -> dict:
     "A copy of `raw` with each `section.key=value` override set (keys checked against the schema)."
     raw = copy.deepcopy(raw)
@@ -286,7 +334,7 @@ def apply_overrides(raw: dict, overrides=()) -> dict:
         node[keys[-1]] = value
     return raw
 
-# %% ../nbs/10_config.ipynb 34
+# %% ../nbs/10_config.ipynb 44
 def resolve_config(raw: dict | None, overrides=()) -> dict:
     "Validated config with defaults filled, from a raw (YAML-loaded) dict and `section.key=value` overrides."
     if raw is None: raw = {}
@@ -294,7 +342,7 @@ def resolve_config(raw: dict | None, overrides=()) -> dict:
     raw = apply_overrides(unwrap_upstream(raw), overrides)
     return validate_config(_fill(raw, SCHEMA, ''))
 
-# %% ../nbs/10_config.ipynb 35
+# %% ../nbs/10_config.ipynb 45
 def _yaml_problem(e: yaml.YAMLError) -> str:
     "A YAML error on one line: what is wrong and where."
     mark = getattr(e, 'problem_mark', None)
@@ -313,7 +361,7 @@ def read_yaml(path) -> dict:
         raise ConfigError(f'config file {str(path)!r}: expected a mapping of sections (model, data, trainer), got {type(raw).__name__}')
     return raw or {}
 
-# %% ../nbs/10_config.ipynb 36
+# %% ../nbs/10_config.ipynb 46
 def load_config(path, overrides=()) -> dict:
     "Read, unwrap, override, fill and validate the YAML config at `path`."
     try: return resolve_config(read_yaml(path), overrides)
@@ -321,15 +369,15 @@ def load_config(path, overrides=()) -> dict:
         if str(path) in str(e): raise
         raise ConfigError(f'{path}: {e}') from None
 
-# %% ../nbs/10_config.ipynb 37
+# %% ../nbs/10_config.ipynb 47
 def dump_config(cfg: dict) -> str:
     "The config as YAML text (block style, key order kept)."
     return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
 
-# %% ../nbs/10_config.ipynb 44
+# %% ../nbs/10_config.ipynb 54
 RESUME_MUTABLE = {('trainer', k) for k in ('train_num_steps', 'save_and_sample_every', 'log_freq', 'results_folder',
                                            'resume_milestone', 'skip_nonfinite', 'max_nonfinite_skips', 'tensorboard',
-                                           'sample_maps', 'cpu', 'amp', 'num_threads')} | {('data', 'num_workers'), ('data', 'root')}
+                                           'sample_maps', 'cpu', 'amp', 'num_threads', 'compile')} | {('data', 'num_workers'), ('data', 'root')}
 
 def config_differences(a: dict, b: dict) -> list[str]:
     "Dotted keys whose values differ between resolved configs `a` and `b`, ignoring RESUME_MUTABLE keys."
@@ -343,7 +391,7 @@ def config_differences(a: dict, b: dict) -> list[str]:
             elif va != vb: out.append(f'{section}.{key}')
     return out
 
-# %% ../nbs/10_config.ipynb 47
+# %% ../nbs/10_config.ipynb 57
 def schema_table(schema: dict = SCHEMA, prefix: str = '') -> list[tuple[str, str, str, str]]:
     "(key, type, default, help) rows for every leaf of `schema`."
     rows = []

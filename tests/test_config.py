@@ -1,7 +1,8 @@
 "Config loading: upstream forms, overrides, type and range errors."
 from pathlib import Path
 import pytest, yaml
-from radiodiff_vae.config import load_config, resolve_config, dump_config, config_differences, schema_table
+from radiodiff_vae.config import (load_config, resolve_config, dump_config, config_differences, schema_table,
+                                  choose_precision, read_cpu_flags)
 from radiodiff_vae.core import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +55,9 @@ def test_overrides_parse_with_yaml():
     ('trainer.train_num_steps=-5', 'train_num_steps'),
     ('trainer.save_and_sample_every=0', 'save_and_sample_every'),
     ('model.lossconfig.disc_start=601', 'disc_start'),
-    ('trainer.mixed_precision=fp8', "['no', 'bf16', 'fp16']"),
+    ('trainer.mixed_precision=fp8', "expected fp32 (also written no, none or false), bf16, fp16 or auto; got 'fp8'"),
+    ('trainer.mixed_precision=true', 'got True'),
+    ('trainer.compile=yes please', 'true or false'),
     ('trainer.ema_decay=1.5', 'ema_decay'),
     ('trainer.lr', 'section.key=value'),
     ('model.ddconfig.resolution=[1,2,3]', 'expected 2 values'),
@@ -92,3 +95,59 @@ def test_schedule_settings_checked_at_load():
         load_config(CONFIGS/'quickstart.yaml', ['trainer.warmup_steps=600'])
     with pytest.raises(ConfigError, match='trainer.min_lr'):
         load_config(CONFIGS/'quickstart.yaml', ['trainer.min_lr=0.1'])
+
+
+@pytest.mark.parametrize('typed,stored', [('no', 'no'), ('false', 'no'), ('fp32', 'no'), ('none', 'no'), ('FP32', 'no'),
+                                          ('bf16', 'bf16'), ('fp16', 'fp16'), ('auto', 'auto'), ('null', None)])
+def test_mixed_precision_as_users_type_it(typed, stored):
+    """`--set trainer.mixed_precision=no` arrives as YAML false: it was refused ("expected one of ['no', 'bf16',
+    'fp16'], got False"); every spelling of full precision is now stored as 'no', the name the trainer passes to accelerate."""
+    cfg = load_config(CONFIGS/'quickstart.yaml', [f'trainer.mixed_precision={typed}'])
+    assert cfg['trainer']['mixed_precision'] == stored
+    assert resolve_config(yaml.safe_load(dump_config(cfg))) == cfg
+
+def test_mixed_precision_in_a_file(tmp_path):
+    (tmp_path/'c.yaml').write_text('trainer:\n  mixed_precision: no\n')      # YAML 1.1: a bare no is false
+    assert load_config(tmp_path/'c.yaml')['trainer']['mixed_precision'] == 'no'
+    (tmp_path/'c.yaml').write_text('trainer:\n  fp16: true\n  mixed_precision: fp32\n')
+    with pytest.raises(ConfigError, match='trainer.fp16 is true'): load_config(tmp_path/'c.yaml')
+
+def test_new_trainer_keys_default_to_todays_behaviour():
+    t = load_config(CONFIGS/'radiodiff.yaml')['trainer']
+    assert (t['sync_batchnorm'], t['train_discriminator'], t['compile'], t['mixed_precision']) == (False, True, False, None)
+    keys = {r[0]: r for r in schema_table()}
+    assert all(keys[f'trainer.{k}'][3] for k in ('sync_batchnorm', 'train_discriminator', 'compile'))   # documented
+    # a run folder written before these keys existed is the same run
+    old = load_config(CONFIGS/'quickstart.yaml')
+    for k in ('sync_batchnorm', 'train_discriminator', 'compile'): del old['trainer'][k]
+    assert config_differences(resolve_config(old), load_config(CONFIGS/'quickstart.yaml')) == []
+    assert config_differences(resolve_config(old), load_config(CONFIGS/'quickstart.yaml', ['trainer.compile=true'])) == []
+
+@pytest.mark.parametrize('flags,expected', [({'fpu', 'avx2'}, 'no'), ({'avx512f', 'avx512_bf16'}, 'bf16'),
+                                            ({'amx_tile', 'amx_bf16'}, 'bf16'), (set(), 'no')])
+def test_auto_precision_on_cpus_with_and_without_native_bf16(flags, expected):
+    mode, reason = choose_precision('auto', 'cpu', cpu_flags=flags)
+    assert mode == expected and reason.startswith('auto: the CPU has')
+    assert choose_precision('fp32', 'cpu', cpu_flags=flags) == ('no', 'requested')   # fp32 stays one override away
+
+def test_auto_precision_reads_the_cpu_flags_when_not_given(tmp_path, monkeypatch):
+    import radiodiff_vae.config as config
+    info = tmp_path/'cpuinfo'
+    info.write_text('processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 amx_bf16 amx_tile\n')
+    assert read_cpu_flags(info) >= {'amx_bf16', 'fpu'}
+    monkeypatch.setattr(config, 'read_cpu_flags', lambda path='/proc/cpuinfo': read_cpu_flags(info))
+    assert choose_precision('auto', 'cpu') == ('bf16', 'auto: the CPU has amx_bf16')
+    info.write_text('processor\t: 0\nflags\t\t: fpu sse2 avx2\n')
+    assert choose_precision('auto', 'cpu')[0] == 'no'
+
+def test_auto_precision_on_gpus():
+    assert choose_precision('auto', 'cuda', cuda_bf16=True)[0] == 'bf16'
+    assert choose_precision('auto', 'cuda', cuda_bf16=False)[0] == 'no'
+    assert choose_precision('fp16', 'cuda') == ('fp16', 'requested')
+    with pytest.raises(ConfigError, match='fp16 needs a CUDA GPU'): choose_precision('fp16', 'cpu')
+
+@pytest.mark.skipif(not __import__('torch').cuda.is_available(), reason='needs a CUDA GPU')
+def test_auto_precision_on_this_gpu():
+    import torch
+    native = torch.cuda.get_device_capability()[0] >= 8
+    assert choose_precision('auto', 'cuda') == (('bf16' if native else 'no'), choose_precision('auto', 'cuda', cuda_bf16=native)[1])
