@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.image import structural_similarity_index_measure, peak_signal_noise_ratio
 from .core import DataError, CheckpointError, ConfigError, RadioDiffError, atomic_write_text, real_maps_dir
+from .model import AutoencoderKL, load_checkpoint, model_from_checkpoint, reconstruct
 
 # %% auto 0
 __all__ = ['SSIM_KERNEL_SIZE', 'SSIM_SIGMA', 'METRICS', 'LOSS_TERMS', 'RADIODIFF_PAPER', 'mse_per_map', 'nmse_per_map',
@@ -147,12 +148,10 @@ def _weights_to_evaluate(use_ema) -> list[str]:
     if use_ema in (False, True, 0, 1): return ["ema"] if use_ema else ["raw"]
     raise ConfigError(f"use_ema={use_ema!r}: expected False, True or 'both'")
 
-def read_checkpoint(checkpoint, config=None) -> tuple[dict, dict, dict]:
-    "Read `checkpoint` once -> (its dict, the resolved config, a short description for the summary)."
-    from radiodiff_vae.model import _torch_load
+def read_checkpoint(checkpoint, config=None, trust: bool = False) -> tuple[dict, dict, dict]:
+    "Read `checkpoint` once (safely unless `trust`) -> (its dict, the resolved config, a short description for the summary)."
     path = Path(checkpoint)
-    ckpt = _torch_load(path)
-    if not isinstance(ckpt, dict): raise CheckpointError(f"{path}: holds a {type(ckpt).__name__}, expected a dict with model weights")
+    ckpt = load_checkpoint(path, trust)
     cfg, source = _evaluation_config(ckpt, path, config)
     step = ckpt.get("step")
     return ckpt, cfg, dict(path=str(path), config_source=source, step=int(step) if isinstance(step, (int, float)) else None,
@@ -160,9 +159,8 @@ def read_checkpoint(checkpoint, config=None) -> tuple[dict, dict, dict]:
 
 def build_model(ckpt: dict, cfg: dict, which: str, path, device="cpu"):
     "The `AutoencoderKL` of `cfg` holding the checkpoint's raw (`which='raw'`) or EMA weights, in eval mode."
-    from radiodiff_vae.model import AutoencoderKL, _select_state_dict, load_upstream_state_dict
-    model = AutoencoderKL(cfg["model"]["ddconfig"], cfg["model"]["embed_dim"])
-    load_upstream_state_dict(model, _select_state_dict(ckpt, which == "ema", Path(path)), source=f"{path} [{which} weights]")
+    model = model_from_checkpoint(ckpt, which, ddconfig=cfg["model"]["ddconfig"], embed_dim=cfg["model"]["embed_dim"],
+                                  map_location=None, source=f"{path} [{which} weights]")
     return model.to(device).eval().requires_grad_(False)
 
 # %% ../nbs/17_evaluation.ipynb 25
@@ -422,12 +420,12 @@ def _training_size(cfg) -> int | None:
 
 # %% ../nbs/17_evaluation.ipynb 46
 def evaluate_checkpoint(checkpoint, data, out_dir=None, use_ema=False, batch_size=8, limit=None, device="cpu",
-                        sample_seed=0, progress=True, config=None) -> dict:
+                        sample_seed=0, progress=True, config=None, trust=False) -> dict:
     "Evaluate `checkpoint` (raw, EMA or 'both' weights) on data spec (or Dataset) `data`; write outputs to `out_dir`."
     import pandas as pd
     if int(batch_size) < 1: raise ConfigError(f"batch_size={batch_size}: expected at least 1")
     weights = _weights_to_evaluate(use_ema)
-    ckpt, cfg, ck_info = read_checkpoint(checkpoint, config)
+    ckpt, cfg, ck_info = read_checkpoint(checkpoint, config, trust)
     if isinstance(data, (str, Path)): dataset, data_info = dataset_from_spec(data, cfg)
     else: dataset, data_info = data, dict(kind="dataset", description=repr(data))  # any Dataset of {'image', 'name'} items
     indices = _check_limit(limit, len(dataset), data)
@@ -496,6 +494,8 @@ def add_evaluate_args(parser):
                         "several specs: one subfolder of --out each and a joint evaluation.md")
     parser.add_argument("--out", required=True, help="output folder (per_map.csv, summary.json, figures, evaluation.md)")
     parser.add_argument("--config", default=None, help="YAML config for checkpoints that carry none (default: RadioDiff's)")
+    parser.add_argument("--trust-checkpoint", action="store_true", help="read a checkpoint the safe loader refuses "
+                        "(a pickle can run code when read: only for a file you trust)")
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--ema", action="store_true", help="evaluate the EMA weights instead of the raw ones")
     weights.add_argument("--both", action="store_true", help="evaluate raw and EMA weights")
@@ -509,7 +509,8 @@ def add_evaluate_args(parser):
 def run_evaluate(args) -> int:
     "Run `radiodiff-vae evaluate`; print where the results are and the headline numbers."
     kw = dict(use_ema="both" if args.both else bool(args.ema), batch_size=args.batch_size, limit=args.limit,
-              device=args.device, sample_seed=args.seed, progress=not args.no_progress, config=args.config)
+              device=args.device, sample_seed=args.seed, progress=not args.no_progress, config=args.config,
+              trust=args.trust_checkpoint)
     specs = [args.data] if isinstance(args.data, str) else list(args.data)
     if len(specs) == 1: results = {specs[0]: evaluate_checkpoint(args.checkpoint, specs[0], out_dir=args.out, **kw)}
     else: results = evaluate_many(args.checkpoint, specs, args.out, **kw)

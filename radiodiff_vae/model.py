@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_model.ipynb 1
 from __future__ import annotations
-import copy, io, logging, pickle, zipfile
+import copy, io, logging, pickle, re, zipfile
 from collections import Counter
 from pathlib import Path
 import torch
@@ -17,7 +17,8 @@ from .distributions import DiagonalGaussianDistribution
 # %% auto 0
 __all__ = ['DEFAULT_DDCONFIG', 'DEFAULT_EMBED_DIM', 'logger', 'MODEL_PREFIXES', 'Normalize', 'swish', 'ResnetBlock', 'Downsample',
            'Upsample', 'AttnBlock', 'Encoder', 'Decoder', 'AutoencoderKL', 'infer_ddconfig', 'load_upstream_state_dict',
-           'upstream_loss_state_dict', 'save_autoencoder']
+           'upstream_loss_state_dict', 'load_checkpoint', 'select_state_dict', 'model_from_checkpoint',
+           'save_autoencoder', 'reconstruct']
 
 # %% ../nbs/07_model.ipynb 5
 def Normalize(in_channels: int) -> nn.GroupNorm:
@@ -344,21 +345,33 @@ def upstream_loss_state_dict(sd: dict) -> dict:
     sd = _strip_wrappers(dict(sd))
     return {k[len('loss.'):]: v for k, v in sd.items() if k.startswith('loss.') and not k.startswith('loss.perceptual_loss.')}
 
-# %% ../nbs/07_model.ipynb 35
-def _torch_load(path: Path, map_location='cpu'):
-    "`torch.load` a checkpoint; any unreadable file becomes a `CheckpointError` naming it."
+# %% ../nbs/07_model.ipynb 36
+def _refused_object(e: Exception) -> str | None:
+    "What the safe unpickler refused, from its error (e.g. 'the global os.system'); None if it is not such a refusal."
+    text = str(e)
+    if 'weights only load failed' not in text.lower() and 'WeightsUnpickler error' not in text: return None
+    m = re.search(r'\bGLOBAL ([\w.]+)', text)
+    if m: return f'the global {m.group(1)}'
+    m = re.search(r'WeightsUnpickler error: ([^\n]*)', text)
+    return (m.group(1).split('. ')[0].strip().rstrip('.') if m else 'an object outside tensors and plain Python values')
+
+# %% ../nbs/07_model.ipynb 38
+def load_checkpoint(path, trust: bool = False, map_location='cpu') -> dict:
+    "Read checkpoint `path` with the safe unpickler (tensors and plain values); `trust=True` allows any pickle."
+    path = Path(path)
     if not path.exists(): raise CheckpointError(f'{path}: no such checkpoint file')
     if path.is_dir(): raise CheckpointError(f'{path}: is a folder; expected a checkpoint file such as model-30.pt')
     if path.stat().st_size == 0: raise CheckpointError(f'{path}: empty file (0 bytes), probably an interrupted save')
-    try:
-        try: return torch.load(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as e:
-            if 'weights only' not in str(e).lower() and 'weights_only' not in str(e): raise
-            # our checkpoints also carry plain-Python state (config, RNG) that the safe unpickler refuses
-            return torch.load(path, map_location=map_location, weights_only=False)
+    try: ckpt = torch.load(path, map_location=map_location, weights_only=not trust)
     except Exception as e:
+        refused = None if trust else _refused_object(e)
+        if refused: raise CheckpointError(f'{path}: refused to load: it holds {refused}, which could run code when read; '
+                                          'if you trust this file, load it with --trust-checkpoint (trust=True in Python)') from None
         raise CheckpointError(f'{path}: not a readable torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""})') from e
+    if not isinstance(ckpt, dict): raise CheckpointError(f'{path}: holds a {type(ckpt).__name__}, expected a dict with model weights')
+    return ckpt
 
+# %% ../nbs/07_model.ipynb 44
 def _config_architecture(ckpt: dict):
     "(ddconfig, embed_dim) recorded in a checkpoint's `config` (ours: config.model.ddconfig; also top-level or upstream `params`)."
     cfg = ckpt.get('config')
@@ -368,34 +381,43 @@ def _config_architecture(ckpt: dict):
         if isinstance(node, dict) and isinstance(node.get('ddconfig'), dict): return dict(node['ddconfig']), node.get('embed_dim')
     return None, None
 
-def _select_state_dict(ckpt: dict, use_ema: bool, path: Path) -> dict:
-    "The model state dict inside a checkpoint dict (`ema` when `use_ema`, else `model` / `state_dict` / the dict itself)."
-    if use_ema:
-        if not isinstance(ckpt.get('ema'), dict): raise CheckpointError(f"{path}: use_ema=True but the checkpoint has no 'ema' entry (top-level keys: {sorted(map(str, ckpt))})")
+def select_state_dict(ckpt: dict, weights: str = 'raw', source=None) -> dict:
+    "The model state dict inside a checkpoint dict: `ema`, or (raw) `model` / `state_dict` / the dict itself."
+    where = f'{source}: ' if source is not None else ''
+    if weights not in ('raw', 'ema'): raise ConfigError(f"weights={weights!r}: expected 'raw' or 'ema'")
+    if weights == 'ema':
+        if not isinstance(ckpt.get('ema'), dict): raise CheckpointError(f"{where}EMA weights asked for but the checkpoint has no 'ema' entry (top-level keys: {sorted(map(str, ckpt))})")
         return ckpt['ema']
     for key in ('model', 'state_dict'):
         if key in ckpt:
             sd = ckpt[key]
-            if isinstance(sd, nn.Module): sd = sd.state_dict()
-            if not isinstance(sd, dict): raise CheckpointError(f"{path}: '{key}' holds a {type(sd).__name__}, expected a state dict")
+            if isinstance(sd, nn.Module): sd = sd.state_dict()  # only a trusted full pickle can hold a module
+            if not isinstance(sd, dict): raise CheckpointError(f"{where}'{key}' holds a {type(sd).__name__}, expected a state dict")
             return sd
     if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()): return ckpt
-    raise CheckpointError(f"{path}: no model weights found; expected a 'model', 'ema' or 'state_dict' entry (top-level keys: {sorted(map(str, ckpt))[:20]})")
+    raise CheckpointError(f"{where}no model weights found; expected a 'model', 'ema' or 'state_dict' entry (top-level keys: {sorted(map(str, ckpt))[:20]})")
 
-# %% ../nbs/07_model.ipynb 36
-@classmethod
-def _from_checkpoint(cls, path, use_ema: bool = False, ddconfig: dict | None = None, embed_dim: int | None = None,
-                     map_location='cpu', gradient_checkpointing: bool = False) -> AutoencoderKL:
-    "Build an `AutoencoderKL` from an upstream `model-N.pt`, one of ours, or a bare state dict file."
-    path = Path(path)
-    ckpt = _torch_load(path, map_location)
-    if not isinstance(ckpt, dict): raise CheckpointError(f'{path}: holds a {type(ckpt).__name__}, expected a dict with model weights')
+# %% ../nbs/07_model.ipynb 47
+def model_from_checkpoint(checkpoint, weights: str = 'raw', trust: bool = False,
+                          ddconfig: dict | None = None, # architecture (default: the checkpoint's config, else upstream's)
+                          embed_dim: int | None = None, # latent channels (same default rule)
+                          map_location='cpu', gradient_checkpointing: bool = False, source=None) -> AutoencoderKL:
+    "An `AutoencoderKL` with the raw or EMA weights of `checkpoint` (a path, or a dict `load_checkpoint` returned)."
+    if isinstance(checkpoint, dict): ckpt, source = checkpoint, source
+    else: ckpt, source = load_checkpoint(checkpoint, trust, map_location), (source if source is not None else checkpoint)
     cfg_dd, cfg_embed = _config_architecture(ckpt)
     ddconfig = ddconfig if ddconfig is not None else (cfg_dd if cfg_dd is not None else DEFAULT_DDCONFIG)
     embed_dim = embed_dim if embed_dim is not None else (cfg_embed if cfg_embed is not None else DEFAULT_EMBED_DIM)
-    model = cls(ddconfig, embed_dim, gradient_checkpointing=gradient_checkpointing)
-    model.load_report = load_upstream_state_dict(model, _select_state_dict(ckpt, use_ema, path), source=path)
-    return model
+    model = AutoencoderKL(ddconfig, embed_dim, gradient_checkpointing=gradient_checkpointing)
+    model.load_report = load_upstream_state_dict(model, select_state_dict(ckpt, weights, source), source=source)
+    return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
+
+# %% ../nbs/07_model.ipynb 49
+@classmethod
+def _from_checkpoint(cls, path, use_ema: bool = False, ddconfig: dict | None = None, embed_dim: int | None = None,
+                     map_location='cpu', gradient_checkpointing: bool = False, trust: bool = False) -> AutoencoderKL:
+    "`model_from_checkpoint` with upstream's `use_ema` flag."
+    return model_from_checkpoint(path, 'ema' if use_ema else 'raw', trust, ddconfig, embed_dim, map_location, gradient_checkpointing)
 
 AutoencoderKL.from_checkpoint = _from_checkpoint
 
@@ -404,3 +426,11 @@ def save_autoencoder(model: AutoencoderKL, path, **extra) -> Path:
     from radiodiff_vae.core import atomic_torch_save
     cfg = {'model': {'ddconfig': copy.deepcopy(model.ddconfig), 'embed_dim': model.embed_dim}}
     return atomic_torch_save({'model': model.state_dict(), 'config': cfg, **extra}, Path(path))
+
+# %% ../nbs/07_model.ipynb 53
+@torch.no_grad()
+def reconstruct(ae: AutoencoderKL, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    "Decode the posterior mode (or, `sample=True`, a sample drawn with `generator`) of `x`, in eval mode, without gradients."
+    was = ae.training; ae.eval()
+    try: return ae(x, sample_posterior=sample, generator=generator)[0]
+    finally: ae.train(was)

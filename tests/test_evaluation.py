@@ -316,3 +316,23 @@ def test_a_dataset_object_instead_of_a_spec(tiny_ckpt):
     res = evaluate_checkpoint(path, SyntheticRadioMaps(3, seed=5, size=32), limit=2, progress=False)
     assert res["summary"]["data"]["kind"] == "dataset" and "SyntheticRadioMaps" in res["summary"]["data"]["description"]
     assert list(res["per_map"]["name"]) == ["0_0", "1_0"]
+
+
+class _Payload:
+    "Unpickling it runs a shell command, as a hostile model-N.pt could."
+    def __init__(self, cmd): self.cmd = cmd
+    def __reduce__(self): return (__import__("os").system, (self.cmd,))
+
+
+def test_cli_refuses_a_checkpoint_that_runs_code(tiny_ckpt, tmp_path, capsys):
+    path, _ = tiny_ckpt
+    marker = tmp_path / "it-ran"
+    ckpt = torch.load(path, weights_only=True)
+    torch.save({**ckpt, "extra": _Payload(f"touch {marker}")}, tmp_path / "evil.pt")
+    args = ["evaluate", "--checkpoint", str(tmp_path / "evil.pt"), "--data", "synthetic:1", "--out", str(tmp_path / "out"), "--no-progress"]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "evil.pt: refused to load" in err and "--trust-checkpoint" in err
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    assert cli_main(args + ["--trust-checkpoint"]) == 0          # the user vouches for the file: read, and its code ran
+    assert marker.exists() and (tmp_path / "out" / "per_map.csv").is_file()

@@ -10,7 +10,8 @@ import torch
 from radiodiff_vae.core import CheckpointError, ConfigError
 from radiodiff_vae.distributions import DiagonalGaussianDistribution
 from radiodiff_vae.model import (DEFAULT_DDCONFIG, DEFAULT_EMBED_DIM, MODEL_PREFIXES, AttnBlock, AutoencoderKL,
-                                 load_upstream_state_dict, save_autoencoder, upstream_loss_state_dict)
+                                 load_checkpoint, load_upstream_state_dict, model_from_checkpoint, reconstruct,
+                                 save_autoencoder, upstream_loss_state_dict)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get('RADIODIFF_SHARED', REPO_ROOT.parent / 'shared'))
@@ -120,14 +121,92 @@ def test_round_trip(tiny, tmp_path):
 
 
 def test_our_trainer_style_checkpoint(tiny, tmp_path):
-    "Our trainer's files carry config.model.ddconfig, an EMA and plain-Python state (RNG, config)."
-    import numpy as np, random
+    "Our trainer's files carry config.model.ddconfig, an EMA and state kept as tensors and plain values: safe to read."
+    import random
     ema = {'ema_model.' + k: v + 1 for k, v in tiny.state_dict().items()}
-    ckpt = {'model': tiny.state_dict(), 'ema': ema, 'step': 10, 'rng': {'python': random.getstate(), 'numpy': np.random.get_state()},
+    ckpt = {'model': tiny.state_dict(), 'ema': ema, 'step': 10, 'rng': {'python': random.getstate(), 'torch': torch.get_rng_state()},
             'config': {'model': {'ddconfig': TINY, 'embed_dim': 3, 'lossconfig': {}}, 'trainer': {}}}
     torch.save(ckpt, tmp_path / 'model-1.pt')
     m = AutoencoderKL.from_checkpoint(tmp_path / 'model-1.pt', use_ema=True)
     assert torch.equal(m.quant_conv.bias, tiny.quant_conv.bias + 1)
+
+
+def test_numpy_objects_are_refused_unless_trusted(tiny, tmp_path):
+    "A NumPy array is built by calling a function the pickle names: the safe reader refuses it; trust=True reads it."
+    import numpy as np
+    torch.save({'model': tiny.state_dict(), 'rng': {'numpy': np.random.get_state()}}, tmp_path / 'np.pt')
+    with pytest.raises(CheckpointError, match=r'np.pt: refused to load: it holds the global numpy.*--trust-checkpoint') as e:
+        model_from_checkpoint(tmp_path / 'np.pt', ddconfig=TINY, embed_dim=3)
+    assert len(str(e.value).splitlines()) == 1
+    assert isinstance(load_checkpoint(tmp_path / 'np.pt', trust=True)['rng']['numpy'][1], np.ndarray)
+
+
+class _Payload:
+    "Unpickling it runs a shell command (what a hostile model-N.pt can do)."
+    def __init__(self, cmd): self.cmd = cmd
+    def __reduce__(self): return (os.system, (self.cmd,))
+
+
+def test_a_pickle_that_runs_code_is_refused(tiny, tmp_path):
+    marker = tmp_path / 'it-ran'
+    torch.save({'model': tiny.state_dict(), 'x': _Payload(f'touch {marker}')}, tmp_path / 'evil.pt')
+    for call in (lambda: load_checkpoint(tmp_path / 'evil.pt'), lambda: AutoencoderKL.from_checkpoint(tmp_path / 'evil.pt', ddconfig=TINY),
+                 lambda: model_from_checkpoint(tmp_path / 'evil.pt', 'raw', ddconfig=TINY)):
+        with pytest.raises(CheckpointError, match=r'evil.pt: refused to load: it holds the global \w+\.system') as e: call()
+        assert len(str(e.value).splitlines()) == 1 and '--trust-checkpoint' in str(e.value)
+        assert not marker.exists()
+    m = model_from_checkpoint(tmp_path / 'evil.pt', 'raw', trust=True, ddconfig=TINY)
+    assert marker.exists() and torch.equal(m.encoder.conv_in.weight, tiny.encoder.conv_in.weight)
+
+
+def upstream_save(model, path, step=35000, accumulate_loss=True):
+    """A faithful re-creation of upstream's Trainer.save: real AdamW optimizers that have stepped, LambdaLR with
+    upstream's polynomial rule (a lambda), an EMA wrapper's state dict, a GradScaler's, and the whole model
+    (with its loss copies) as 'model'."""
+    from radiodiff_vae.discriminator import NLayerDiscriminator
+    disc = NLayerDiscriminator(input_nc=1, ndf=8, n_layers=3)
+    sd = {**model.state_dict(), 'loss.logvar': torch.zeros(()), **{f'loss.discriminator.{k}': v for k, v in disc.state_dict().items()},
+          'loss_pinn.logvar': torch.zeros(())}
+    opt_ae = torch.optim.AdamW(list(model.encoder.parameters()) + list(model.decoder.parameters()) + list(model.quant_conv.parameters())
+                               + list(model.post_quant_conv.parameters()), lr=5e-6, betas=(0.5, 0.9))
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=5e-6, betas=(0.5, 0.9))
+    rule = lambda it: max((1 - it / 150000) ** 0.95, 5e-7)
+    s_ae, s_d = torch.optim.lr_scheduler.LambdaLR(opt_ae, lr_lambda=rule), torch.optim.lr_scheduler.LambdaLR(opt_d, lr_lambda=rule)
+    x = torch.randn(2, 1, 32, 32)
+    model(x)[0].abs().mean().backward(); disc(x).mean().backward()
+    opt_ae.step(); opt_d.step(); s_ae.step(); s_d.step()
+    ema = {'initted': torch.tensor(True), 'step': torch.tensor(step),
+           **{f'ema_model.{k}': v.clone() for k, v in model.state_dict().items()},
+           **{f'online_model.{k}': v for k, v in model.state_dict().items()}}
+    scaler = torch.amp.GradScaler('cpu', init_scale=2. ** 16)
+    torch.save({'step': step, 'model': sd, 'opt_ae': opt_ae.state_dict(), 'opt_d': opt_d.state_dict(),
+                'lr_scheduler_ae': s_ae.state_dict(), 'lr_scheduler_d': s_d.state_dict(), 'ema': ema,
+                'scaler': scaler.state_dict()}, path)
+    return path
+
+
+def test_upstream_trainer_checkpoint_loads_safely(tiny, tmp_path):
+    path = upstream_save(tiny, tmp_path / 'model-7.pt')
+    ckpt = load_checkpoint(path)                     # weights_only=True: no refusal
+    assert sorted(ckpt) == ['ema', 'lr_scheduler_ae', 'lr_scheduler_d', 'model', 'opt_ae', 'opt_d', 'scaler', 'step']
+    assert ckpt['step'] == 35000 and ckpt['lr_scheduler_ae']['last_epoch'] == 1 and ckpt['opt_ae']['state']
+    assert ckpt['scaler']['scale'] == 2. ** 16
+    raw = model_from_checkpoint(path, 'raw', ddconfig=TINY, embed_dim=3)
+    ema = model_from_checkpoint(ckpt, 'ema', ddconfig=TINY, embed_dim=3, source=path)
+    for k, v in tiny.state_dict().items():
+        assert torch.equal(raw.state_dict()[k], v) and torch.equal(ema.state_dict()[k], v), k
+    assert 'loss.logvar' in raw.load_report['ignored']
+
+
+def test_reconstruct_is_the_deterministic_mode(tiny):
+    tiny.train()
+    x = torch.randn(2, 1, 32, 32, requires_grad=True)
+    r = reconstruct(tiny, x)
+    assert tiny.training and not r.requires_grad
+    with torch.no_grad(): assert torch.equal(r, tiny.eval()(x, sample_posterior=False)[0])
+    g = lambda: torch.Generator().manual_seed(1)
+    assert torch.equal(reconstruct(tiny, x, sample=True, generator=g()), reconstruct(tiny, x, sample=True, generator=g()))
+    assert not torch.equal(reconstruct(tiny, x, sample=True, generator=g()), r)
 
 
 def test_wrapped_and_lightning_layouts(tiny, tmp_path):
@@ -180,7 +259,8 @@ def test_structural_errors(tiny, tmp_path):
     torch.save({'optimizer': {}, 'step': 3}, tmp_path / 'opt.pt')
     with pytest.raises(CheckpointError, match=r"no model weights found.*'optimizer'"): AutoencoderKL.from_checkpoint(tmp_path / 'opt.pt')
     torch.save({'model': tiny.state_dict()}, tmp_path / 'noema.pt')
-    with pytest.raises(CheckpointError, match="no 'ema' entry"): AutoencoderKL.from_checkpoint(tmp_path / 'noema.pt', use_ema=True, ddconfig=TINY)
+    with pytest.raises(CheckpointError, match="noema.pt: EMA weights asked for but the checkpoint has no 'ema' entry"):
+        AutoencoderKL.from_checkpoint(tmp_path / 'noema.pt', use_ema=True, ddconfig=TINY)
 
 
 def test_another_architecture(tiny, tmp_path):
