@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from radiodiff_vae.core import LogParseError, reference_run_dir
-from radiodiff_vae.logs import read_run, read_text_log
+from radiodiff_vae.logs import (read_run, read_text_log, read_jsonl, read_tensorboard, RunLogs, format_log_line,
+                                UPSTREAM_AE_KEYS, UPSTREAM_DISC_KEYS, RECORD_FIELDS)
 
 CONFIG = {'model': {'lossconfig': {'disc_start': 300, 'kl_weight': 1e-06, 'disc_weight': 0.5}},
           'trainer': {'lr': 5e-06, 'train_num_steps': 1000, 'log_freq': 100}}
@@ -165,3 +166,45 @@ def test_huge_line_and_binary_noise_do_not_crash(tmp_path):
                   + ae_line(100, 1000, '20:00:10', 1.5).encode() + b'\n' + b'2025-08-15 20:00:11,000 [Train Step] 1' + b'9' * 2_000_000 + b'\n')
     records, info = read_text_log(p)
     assert [r['step'] for r in records] == [100] and info['skipped_lines'] == 3
+
+
+def test_round_trip_what_the_writer_writes_the_readers_read(tmp_path):
+    """RunLogs writes a session (text log, metrics.jsonl, TensorBoard); every reader gives the written values back."""
+    rng = np.random.default_rng(0)
+    keys = [f'train/{k}' for k in UPSTREAM_AE_KEYS + UPSTREAM_DISC_KEYS]
+    written = []
+    logs = RunLogs(tmp_path, CONFIG, tensorboard=True, session=2)
+    for step in range(0, 50, 10):
+        values = {k: float(rng.normal() * 10.0 ** rng.integers(-7, 4)) for k in keys}
+        values['train/kl_loss'] = float('nan') if step == 20 else values['train/kl_loss']
+        lr = 5e-6 * (1 - step / 50) ** 0.95
+        logs.line(format_log_line(step, 50, values, UPSTREAM_AE_KEYS, lr))
+        logs.line(format_log_line(step, 50, values, UPSTREAM_DISC_KEYS, lr))
+        book = {'step': step, 'total_steps': 50, 'lr_ae': lr, 'lr_disc': lr / 2, 'wall_time': 1755288000.0 + step,
+                'elapsed_s': step / 4, 'steps_per_s': 4.0, 'nonfinite_skips': 0, 'epoch': step // 8}
+        assert set(book) <= set(RECORD_FIELDS)      # the documented fields are the written ones
+        logs.record({**book, **values})
+        written.append({**book, **values})
+    logs.record({'step': 40, 'milestone': 1, 'val/psnr': 31.25, 'wall_time': 1755288041.0})
+    logs.close()
+
+    expect = pd.DataFrame(written).set_index('step').rename(columns={'lr_ae': 'lr'}).drop(columns='total_steps').astype(float)   # numbers are read as floats
+    expect.loc[40, ['milestone', 'val/psnr', 'wall_time']] = [1.0, 31.25, 1755288041.0]   # the later record of step 40 wins
+    # metrics.jsonl: full precision, NaN as null and back, lr_ae read as lr, the session number added
+    df, info = read_run(tmp_path)
+    assert info['kinds'] == ['jsonl'] and info['total_steps'] == 50 and (df['session'] == 2).all()
+    pd.testing.assert_frame_equal(df[expect.columns], expect, check_exact=True)
+    # the text log: upstream's line format, numbers to 6 significant digits (lr to 10), the config on the first line
+    text, tinfo = read_text_log(next(tmp_path.glob('*_.log')))
+    assert tinfo['config'] == CONFIG and tinfo['skipped_lines'] == 0 and tinfo['total_steps'] == 50
+    for rec, w in zip(text[::2], written):
+        assert rec['step'] == w['step'] and rec['lr'] == float(f"{w['lr_ae']:.10g}")
+        for k in UPSTREAM_AE_KEYS:
+            assert rec[f'train/{k}'] == pytest.approx(w[f'train/{k}'], rel=5e-6, nan_ok=True)
+    for rec, w in zip(text[1::2], written):
+        assert {k: rec[f'train/{k}'] for k in UPSTREAM_DISC_KEYS} == {k: float(f"{w[f'train/{k}']:.6g}") for k in UPSTREAM_DISC_KEYS}
+    # TensorBoard: the same floats (float32), wall_time not a scalar
+    tb, _ = read_tensorboard(tmp_path/'tb')
+    assert [r['step'] for r in tb] == [w['step'] for w in written] and not any('wall_time' in r for r in tb)
+    for rec, w in zip(tb, written):
+        assert rec['lr'] == pytest.approx(w['lr_ae'], rel=1e-6) and rec['train/g_loss'] == pytest.approx(w['train/g_loss'], rel=1e-6)
