@@ -13,34 +13,49 @@ from torch.utils.data import Dataset
 from .core import DataError, ConfigError, real_maps_dir
 
 # %% auto 0
-__all__ = ['PHASES', 'SIMULATIONS', 'scale_gain', 'unscale_gain', 'radiomapseer_split', 'read_gray_png', 'RadioMapSeer',
-           'MapFolder']
+__all__ = ['PHASES', 'SIMULATIONS', 'scale_gain', 'unscale_gain', 'gray_levels', 'leaked_maps', 'radiomapseer_split',
+           'read_gray_png', 'RadioMapSeer', 'MapFolder']
 
 # %% ../nbs/09_data.ipynb 5
 def scale_gain(gray) -> torch.Tensor:
-    "8-bit gray map (H×W or 1×H×W uint8 array/tensor) -> float32 tensor 1×H×W in [-1, 1), as upstream: (g/256 - 0.5)/0.5."
+    "8-bit gray map (H×W or 1×H×W uint8 array/tensor) -> float32 tensor 1×H×W in [-1, 1], as upstream: (g/255 - 0.5)/0.5."
     a = torch.as_tensor(np.asarray(gray))
     if a.dtype != torch.uint8: raise DataError(f'scale_gain expects 8-bit gray levels (uint8), got dtype {a.dtype}')
     if a.ndim == 2: a = a[None]
     if a.ndim != 3 or a.shape[0] != 1: raise DataError(f'scale_gain expects an H×W or 1×H×W map, got shape {tuple(a.shape)}')
-    return (a.float() / 256 - 0.5) / 0.5
+    return (a.float() / 255 - 0.5) / 0.5
 
 def unscale_gain(t) -> torch.Tensor:
-    "Model-space map in [-1, 1] -> [0, 1] ( (t+1)/2, clamped ): the range radio-map metrics are defined on."
+    "Model-space map in [-1, 1] -> [0, 1] ( (t+1)/2 = g/255, clamped ): the range radio-map metrics are defined on."
     return ((torch.as_tensor(t).float() + 1) / 2).clamp(0, 1)
+
+def gray_levels(t) -> torch.Tensor:
+    "Model-space map -> the nearest 8-bit gray levels (uint8), the exact inverse of `scale_gain`."
+    return (unscale_gain(t) * 255).round().to(torch.uint8)
 
 # %% ../nbs/09_data.ipynb 8
 PHASES = ('train', 'val', 'test')
 _UPSTREAM_POSITIONS = {'train': (0, 600), 'val': (501, 600), 'test': (600, 699)}  # inclusive, for 700 maps
 
-def radiomapseer_split(phase: str, n_maps: int = 700, seed: int = 42) -> list[int]:
-    "Map ids (index + 1) of `phase` in upstream's seed-42 shuffled split; ranges are inclusive and overlap as upstream's."
+def _split_ids(phase: str, n_maps: int, seed: int) -> list[int]:
+    "Map ids (index + 1) at `phase`'s positions of the seed-shuffled indices, exactly as upstream reads them."
     if phase not in PHASES: raise ConfigError(f'phase {phase!r}: expected one of {", ".join(PHASES)}')
     if n_maps < 2: raise ConfigError(f'n_maps={n_maps}: expected at least 2 maps to split')
     inds = np.arange(0, n_maps, dtype=np.int16 if n_maps < 2**15 else np.int64)
     np.random.RandomState(seed).shuffle(inds)  # same stream as np.random.seed(seed); np.random.shuffle, without touching global state
     lo, hi = (round(p * (n_maps - 1) / 699) for p in _UPSTREAM_POSITIONS[phase])
     return [int(i) + 1 for i in inds[lo:hi + 1]]
+
+def leaked_maps(n_maps: int = 700, seed: int = 42) -> list[int]:
+    "Map ids upstream's split puts in both train and test (the map at position 600)."
+    train = set(_split_ids('train', n_maps, seed))
+    return [m for m in _split_ids('test', n_maps, seed) if m in train]
+
+def radiomapseer_split(phase: str, n_maps: int = 700, seed: int = 42, include_leaked: bool = False) -> list[int]:
+    "Map ids of `phase` in upstream's seed-42 split; test leaves out the map train also holds unless `include_leaked`."
+    ids = _split_ids(phase, n_maps, seed)
+    if phase == 'test' and not include_leaked: ids = [m for m in ids if m not in set(leaked_maps(n_maps, seed))]
+    return ids
 
 # %% ../nbs/09_data.ipynb 11
 def read_gray_png(path, size=256) -> np.ndarray:
@@ -96,15 +111,16 @@ def _make_data_info(root: Path) -> dict:
 
 # %% ../nbs/09_data.ipynb 17
 class RadioMapSeer(Dataset):
-    "RadioMapSeer maps of `simulation` for `phase` (upstream split) or explicit `maps`; items {'image', 'name'[, 'cond']}."
-    def __init__(self, root, simulation='DPM', phase='train', num_tx=None, maps=None, with_cond=False, size=256):
+    "RadioMapSeer maps of `simulation` for `phase` (upstream split; test held out unless `include_leaked`) or explicit `maps`; items {'image', 'name'[, 'cond']}."
+    def __init__(self, root, simulation='DPM', phase='train', num_tx=None, maps=None, with_cond=False, size=256,
+                 include_leaked: bool = False):
         self.root = _check_root(root)
         made = _make_data_info(self.root)                      # a `make-data` folder knows its own size
         num_tx = num_tx if num_tx is not None else made.get('num_tx', 80)
         self.simulation, self.num_tx, self.with_cond, self.size = simulation, int(num_tx), with_cond, size
         if self.num_tx < 1: raise ConfigError(f'num_tx={num_tx}: expected at least 1 transmitter per map')
         self.gain_dir = self._find_simulation(simulation)
-        self.maps = [int(m) for m in maps] if maps is not None else radiomapseer_split(phase, made.get('n', 700))
+        self.maps = [int(m) for m in maps] if maps is not None else radiomapseer_split(phase, made.get('n', 700), include_leaked=include_leaked)
         if not self.maps: raise DataError(f'{self.root}: the list of maps is empty; expected at least one map id')
         self.phase = phase if maps is None else None
         self._check_files()

@@ -296,7 +296,7 @@ def generation_speed(n=20, size=256, seed=0, rounds=1, **params) -> float:
 
 # %% ../nbs/09a_synthetic.ipynb 39
 class SyntheticRadioMaps(Dataset):
-    "`n` synthetic maps generated on the fly; item i = map `offset + i` of stream `seed`: {'image': 1×S×S in [-1, 1), 'name'}."
+    "`n` synthetic maps generated on the fly; item i = map `offset + i` of stream `seed`: {'image': 1×S×S in [-1, 1], 'name'}."
     def __init__(self, n, seed=0, size=256, offset=0, **params):
         if int(n) < 1: raise ConfigError(f'n={n}: expected at least one synthetic map')
         resolve_params(**params)

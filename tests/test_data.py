@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from radiodiff_vae.core import ConfigError, DataError, RadioDiffError, real_maps_dir
-from radiodiff_vae.data import MapFolder, RadioMapSeer, radiomapseer_split, read_gray_png, scale_gain, unscale_gain
+from radiodiff_vae.data import (MapFolder, RadioMapSeer, gray_levels, leaked_maps, radiomapseer_split, read_gray_png, scale_gain,
+                                unscale_gain)
 
 
 def png(path, array, mode=None):
@@ -45,20 +46,39 @@ def upstream_split():
 @pytest.mark.parametrize('phase,size', [('train', 601), ('val', 100), ('test', 100)])
 def test_split_matches_upstream(phase, size):
     expected = upstream_split()[phase]
-    got = radiomapseer_split(phase)
+    got = radiomapseer_split(phase, include_leaked=True)
     assert len(got) == size
     assert got == [int(v) for v in expected]
-    assert got[:3] == [int(v) for v in expected[:3]]
 
 
 def test_split_first_ids_and_overlap():
     up = upstream_split()
-    for phase in ('train', 'val', 'test'):
+    for phase in ('train', 'val'):
         assert radiomapseer_split(phase)[0] == int(up[phase][0])
-    train, val, test = (set(radiomapseer_split(p)) for p in ('train', 'val', 'test'))
+    train, val, test = (set(radiomapseer_split(p, include_leaked=True)) for p in ('train', 'val', 'test'))
     assert val <= train                          # upstream's val maps are train maps too (positions 501..600)
-    assert len(train & test) == 1                # position 600 is in both
+    assert train & test == {int(up['train'][600])}   # position 600 is in both
     assert train | test == set(range(1, 701))
+
+
+def test_test_split_leaves_out_the_map_train_also_holds():
+    "The default test split is held out: upstream's 100 test maps less the one at position 600 (also in train)."
+    up = upstream_split()
+    leaked = int(up['train'][600])
+    assert leaked_maps() == [leaked] and leaked == int(up['test'][0])
+    test = radiomapseer_split('test')
+    assert len(test) == 99 and leaked not in test and test == [int(v) for v in up['test'][1:]]
+    assert not set(test) & set(radiomapseer_split('train'))
+    # at another size, the scaled positions still overlap in one map, and it is left out too
+    assert len(leaked_maps(20)) == 1 and leaked_maps(20)[0] not in radiomapseer_split('test', n_maps=20)
+
+
+def test_radiomapseer_test_phase_excludes_the_leaked_map(tmp_path):
+    ids = radiomapseer_split('test', include_leaked=True)
+    root = layout(tmp_path / 'rms', maps=ids, num_tx=1, size=8, cond=False)
+    held_out = RadioMapSeer(root, phase='test', num_tx=1, size=8)
+    assert len(held_out) == 99 and leaked_maps()[0] not in held_out.maps
+    assert len(RadioMapSeer(root, phase='test', num_tx=1, size=8, include_leaked=True)) == 100
 
 
 def test_split_other_sizes_and_errors():
@@ -75,10 +95,18 @@ def test_scaling_round_trip_and_range():
     g = np.arange(256, dtype=np.uint8).reshape(16, 16)
     x = scale_gain(g)
     assert x.shape == (1, 16, 16) and x.dtype == torch.float32
-    assert x.min().item() == -1.0 and x.max().item() == pytest.approx(255 / 128 - 1) and x.max().item() < 1
-    assert torch.allclose(x, torch.from_numpy(g).float()[None] / 256 * 2 - 1)
-    assert torch.allclose(unscale_gain(x) * 256, torch.from_numpy(g).float()[None])
+    assert x.min().item() == -1.0 and x.max().item() == 1.0          # upstream (RadioUNet_c, DPM): g / 255
+    assert torch.allclose(x, torch.from_numpy(g).float()[None] * 2 / 255 - 1, rtol=0, atol=1e-6)
+    assert torch.equal(gray_levels(x), torch.from_numpy(g)[None])      # all 256 levels come back exactly
+    assert torch.allclose(unscale_gain(x), torch.from_numpy(g).float()[None] / 255, atol=1e-7)
     assert unscale_gain(torch.tensor([-3.0, 3.0])).tolist() == [0.0, 1.0]
+
+
+def test_png_extremes_map_to_the_ends_of_the_range(tmp_path):
+    png(tmp_path / 'm' / '1_0.png', np.array([[0, 255], [255, 0]]))
+    x = MapFolder(tmp_path / 'm', size=2)[0]['image']
+    assert x.tolist() == [[[-1.0, 1.0], [1.0, -1.0]]]
+    assert unscale_gain(x).tolist() == [[[0.0, 1.0], [1.0, 0.0]]]
 
 
 def test_scaling_rejects_non_uint8_and_bad_shapes():
@@ -182,7 +210,7 @@ def test_mapfolder_on_bundled_real_maps():
     assert len(ds) == 26
     assert ds.names[:3] == ['1_0', '3_0', '5_0'] and ds.names[-1] == '61_0'
     item = ds[0]
-    assert item['image'].shape == (1, 256, 256) and -1 <= item['image'].min() and item['image'].max() < 1
+    assert item['image'].shape == (1, 256, 256) and -1 <= item['image'].min() and item['image'].max() <= 1
     flat = MapFolder(real_maps_dir() / 'gain' / 'DPM', recursive=False)
     assert torch.equal(flat[5]['image'], ds[5]['image'])
 
