@@ -15,7 +15,7 @@ __all__ = ['DDCONFIG_SCHEMA', 'LOSSCONFIG_SCHEMA', 'MODEL_SCHEMA', 'DATA_SCHEMA'
            'choose_precision', 'check_value', 'unwrap_upstream', 'validate_config', 'parse_override', 'apply_overrides',
            'resolve_config', 'read_yaml', 'load_config', 'dump_config', 'config_differences', 'schema_table']
 
-# %% ../nbs/10_config.ipynb 6
+# %% ../nbs/10_config.ipynb 7
 DDCONFIG_SCHEMA = {
     'double_z': ('bool', True, 'encoder outputs mean and log-variance (2·z_channels)'),
     'z_channels': ('int', 3, 'channels of the latent z'),
@@ -29,7 +29,7 @@ DDCONFIG_SCHEMA = {
     'dropout': ('float', 0.0, 'dropout in ResnetBlocks'),
 }
 
-# %% ../nbs/10_config.ipynb 7
+# %% ../nbs/10_config.ipynb 9
 LOSSCONFIG_SCHEMA = {
     'disc_start': ('int', 50001, 'step at which the GAN terms switch on'),
     'logvar_init': ('float', 0.0, 'initial value of the scalar log-variance'),
@@ -48,7 +48,7 @@ LOSSCONFIG_SCHEMA = {
     'd_weight_max': ('float', 1.0e4, 'clamp of the adaptive weight before disc_weight'),
 }
 
-# %% ../nbs/10_config.ipynb 8
+# %% ../nbs/10_config.ipynb 11
 MODEL_SCHEMA = {
     'embed_dim': ('int', 3, 'latent channels after quant_conv'),
     'ddconfig': ('section', DDCONFIG_SCHEMA, 'encoder/decoder architecture'),
@@ -58,7 +58,7 @@ MODEL_SCHEMA = {
     'monitor': ('str?', None, 'latent-diffusion field, accepted and unused'),
 }
 
-# %% ../nbs/10_config.ipynb 9
+# %% ../nbs/10_config.ipynb 13
 DATA_SCHEMA = {
     'name': ('str', 'radio', "upstream dataset name ('radio' = RadioMapSeer)"),
     'batch_size': ('int', 2, 'maps per optimizer step, over all processes (split between them)'),
@@ -75,7 +75,7 @@ DATA_SCHEMA = {
     'num_workers': ('int', 0, 'DataLoader worker processes'),
 }
 
-# %% ../nbs/10_config.ipynb 10
+# %% ../nbs/10_config.ipynb 15
 TRAINER_SCHEMA = {
     'gradient_accumulate_every': ('int', 1, 'micro-batches per optimizer step (losses divided by it)'),
     'lr': ('float', 5e-6, 'base learning rate of both optimizers'),
@@ -112,12 +112,12 @@ TRAINER_SCHEMA = {
     'compile': ('bool', False, 'torch.compile the autoencoder and discriminator steps (worth it on GPUs)'),
 }
 
-# %% ../nbs/10_config.ipynb 11
+# %% ../nbs/10_config.ipynb 17
 SCHEMA = {'model': ('section', MODEL_SCHEMA, 'autoencoder and loss'),
           'data': ('section', DATA_SCHEMA, 'training maps'),
           'trainer': ('section', TRAINER_SCHEMA, 'optimisation and book-keeping')}
 
-# %% ../nbs/10_config.ipynb 13
+# %% ../nbs/10_config.ipynb 20
 PRECISION_SPELLINGS = {'fp32': 'no', 'no': 'no', 'none': 'no', 'float32': 'no', 'bf16': 'bf16', 'bfloat16': 'bf16',
                        'fp16': 'fp16', 'float16': 'fp16', 'auto': 'auto'}
 
@@ -127,7 +127,7 @@ def canonical_precision(value, where: str = 'trainer.mixed_precision') -> str:
     if isinstance(value, str) and value.strip().lower() in PRECISION_SPELLINGS: return PRECISION_SPELLINGS[value.strip().lower()]
     raise ConfigError(f'{where}: expected fp32 (also written no, none or false), bf16, fp16 or auto; got {value!r}')
 
-# %% ../nbs/10_config.ipynb 16
+# %% ../nbs/10_config.ipynb 23
 def read_cpu_flags(path='/proc/cpuinfo') -> set[str]:
     "The CPU feature flags of the first processor in `path` (empty where there is no such file)."
     try: text = Path(path).read_text(errors='replace')
@@ -135,7 +135,7 @@ def read_cpu_flags(path='/proc/cpuinfo') -> set[str]:
     line = next((l for l in text.splitlines() if l.split(':')[0].strip() in ('flags', 'Features')), '')
     return set(line.partition(':')[2].split())
 
-# %% ../nbs/10_config.ipynb 18
+# %% ../nbs/10_config.ipynb 25
 def native_bf16(device_type: str, cpu_flags=None, cuda_bf16: bool | None = None) -> tuple[bool, str]:
     "Whether `device_type` computes bf16 natively, and why (CPU flags read from /proc/cpuinfo when `cpu_flags` is None)."
     if device_type == 'cuda':
@@ -149,7 +149,7 @@ def native_bf16(device_type: str, cpu_flags=None, cuda_bf16: bool | None = None)
         return bool(found), f'the CPU has {" and ".join(found)}' if found else 'the CPU has neither amx_bf16 nor avx512_bf16'
     return False, f'no native bf16 known for device {device_type!r}'
 
-# %% ../nbs/10_config.ipynb 20
+# %% ../nbs/10_config.ipynb 27
 def choose_precision(requested, device_type: str, cpu_flags=None, cuda_bf16: bool | None = None) -> tuple[str, str]:
     "The mode ('no' = fp32, 'bf16' or 'fp16', as accelerate names them) for `requested` on `device_type`, and the reason."
     mode = canonical_precision('no' if requested is None else requested)
@@ -160,7 +160,7 @@ def choose_precision(requested, device_type: str, cpu_flags=None, cuda_bf16: boo
     if mode == 'bf16': return 'bf16', 'requested' + ('' if native else f'; {why}, so bf16 is emulated and slower than fp32')
     return ('bf16', f'auto: {why}') if native else ('no', f'auto: {why}, so fp32')
 
-# %% ../nbs/10_config.ipynb 23
+# %% ../nbs/10_config.ipynb 30
 def _as_float(value, where):
     "A float from an int, float or numeric string; else a ConfigError."
     if isinstance(value, bool): raise ConfigError(f'{where}: expected a number, got {value!r}')
@@ -170,7 +170,7 @@ def _as_float(value, where):
         except ValueError: pass
     raise ConfigError(f'{where}: expected a number, got {value!r} ({type(value).__name__})')
 
-# %% ../nbs/10_config.ipynb 24
+# %% ../nbs/10_config.ipynb 32
 def _as_int(value, where):
     "An int from an int, an integral float or a numeric string; else a ConfigError."
     if isinstance(value, bool): raise ConfigError(f'{where}: expected an integer, got {value!r}')
@@ -182,14 +182,14 @@ def _as_int(value, where):
         except ValueError: pass
     raise ConfigError(f'{where}: expected an integer, got {value!r} ({type(value).__name__})')
 
-# %% ../nbs/10_config.ipynb 25
+# %% ../nbs/10_config.ipynb 34
 def _as_list(value, where, item, n=None):
     "A list of `item`-converted values (optionally of length `n`)."
     if not isinstance(value, (list, tuple)): raise ConfigError(f'{where}: expected a list, got {value!r}')
     if n is not None and len(value) != n: raise ConfigError(f'{where}: expected {n} values, got {value!r}')
     return [item(v, f'{where}[{i}]') for i, v in enumerate(value)]
 
-# %% ../nbs/10_config.ipynb 26
+# %% ../nbs/10_config.ipynb 36
 def check_value(kind: str, value, where: str):
     "Convert `value` to the schema type `kind` (see above) or raise a ConfigError naming `where`."
     if kind.endswith('?'):
@@ -218,7 +218,7 @@ def check_value(kind: str, value, where: str):
         raise ConfigError(f'{where}: expected one of {options}, got {value!r}')
     raise TypeError(f'unknown schema type {kind!r}')
 
-# %% ../nbs/10_config.ipynb 29
+# %% ../nbs/10_config.ipynb 39
 def _unwrap(section: dict, where: str, expected: str) -> dict:
     "Flatten `{target, params}` into `params` after checking that `target` names `expected`."
     if not isinstance(section, dict) or 'params' not in section and 'target' not in section: return section
@@ -231,7 +231,7 @@ def _unwrap(section: dict, where: str, expected: str) -> dict:
     if not isinstance(params, dict): raise ConfigError(f'{where}.params: expected a mapping, got {params!r}')
     return dict(params)
 
-# %% ../nbs/10_config.ipynb 30
+# %% ../nbs/10_config.ipynb 41
 def unwrap_upstream(raw: dict) -> dict:
     "Accept latent-diffusion style `target`/`params` wrappers in `model` and `model.lossconfig`."
     raw = copy.deepcopy(raw)
@@ -242,7 +242,7 @@ def unwrap_upstream(raw: dict) -> dict:
         raw['model'] = model
     return raw
 
-# %% ../nbs/10_config.ipynb 33
+# %% ../nbs/10_config.ipynb 44
 def _fill(raw, schema: dict, where: str) -> dict:
     "Check `raw` against `schema` recursively; return a new dict with defaults for missing keys."
     if raw is None: raw = {}
@@ -259,12 +259,12 @@ def _fill(raw, schema: dict, where: str) -> dict:
         else: out[key] = check_value(kind, raw[key], sub) if key in raw else copy.deepcopy(default)
     return out
 
-# %% ../nbs/10_config.ipynb 36
+# %% ../nbs/10_config.ipynb 47
 def _require(ok: bool, message: str):
     "Raise a ConfigError with `message` unless `ok`."
     if not ok: raise ConfigError(message)
 
-# %% ../nbs/10_config.ipynb 37
+# %% ../nbs/10_config.ipynb 49
 def validate_config(cfg: dict) -> dict:
     "Check value ranges and cross-key consistency of a filled config; return it."
     t, d, m = cfg['trainer'], cfg['data'], cfg['model']
@@ -297,7 +297,7 @@ def validate_config(cfg: dict) -> dict:
         raise ConfigError(f"trainer.fp16 is true but trainer.mixed_precision is {t['mixed_precision']!r}; set one of them")
     return cfg
 
-# %% ../nbs/10_config.ipynb 39
+# %% ../nbs/10_config.ipynb 52
 def parse_override(text: str) -> tuple[list[str], object]:
     "`'a.b.c=value'` -> (['a','b','c'], yaml.safe_load('value'))."
     if '=' not in text: raise ConfigError(f'override {text!r}: expected section.key=value')
@@ -307,7 +307,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
     try: return keys, yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as e: raise ConfigError(f'override {text!r}: value is not valid YAML ({e.__class__.__name__})') from None
 
-# %% ../nbs/10_config.ipynb 40
+# %% ../nbs/10_config.ipynb 54
 def _schema_at(keys: list[str]):
     "The schema entry at `keys`, or a ConfigError listing the valid keys at the first wrong level."
     schema, entry = SCHEMA, None
@@ -320,7 +320,7 @@ def _schema_at(keys: list[str]):
         schema = entry[1] if entry[0] == 'section' else None
     return entry
 
-# %% ../nbs/10_config.ipynb 41
+# %% ../nbs/10_config.ipynb 56
 def apply_overrides(raw: dict, overrides=()) -> dict:
     "A copy of `raw` with each `section.key=value` override set (keys checked against the schema)."
     raw = copy.deepcopy(raw)
@@ -334,7 +334,7 @@ def apply_overrides(raw: dict, overrides=()) -> dict:
         node[keys[-1]] = value
     return raw
 
-# %% ../nbs/10_config.ipynb 44
+# %% ../nbs/10_config.ipynb 59
 def resolve_config(raw: dict | None, overrides=()) -> dict:
     "Validated config with defaults filled, from a raw (YAML-loaded) dict and `section.key=value` overrides."
     if raw is None: raw = {}
@@ -342,7 +342,7 @@ def resolve_config(raw: dict | None, overrides=()) -> dict:
     raw = apply_overrides(unwrap_upstream(raw), overrides)
     return validate_config(_fill(raw, SCHEMA, ''))
 
-# %% ../nbs/10_config.ipynb 45
+# %% ../nbs/10_config.ipynb 61
 def _yaml_problem(e: yaml.YAMLError) -> str:
     "A YAML error on one line: what is wrong and where."
     mark = getattr(e, 'problem_mark', None)
@@ -361,7 +361,7 @@ def read_yaml(path) -> dict:
         raise ConfigError(f'config file {str(path)!r}: expected a mapping of sections (model, data, trainer), got {type(raw).__name__}')
     return raw or {}
 
-# %% ../nbs/10_config.ipynb 46
+# %% ../nbs/10_config.ipynb 63
 def load_config(path, overrides=()) -> dict:
     "Read, unwrap, override, fill and validate the YAML config at `path`."
     try: return resolve_config(read_yaml(path), overrides)
@@ -369,12 +369,12 @@ def load_config(path, overrides=()) -> dict:
         if str(path) in str(e): raise
         raise ConfigError(f'{path}: {e}') from None
 
-# %% ../nbs/10_config.ipynb 47
+# %% ../nbs/10_config.ipynb 65
 def dump_config(cfg: dict) -> str:
     "The config as YAML text (block style, key order kept)."
     return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
 
-# %% ../nbs/10_config.ipynb 54
+# %% ../nbs/10_config.ipynb 72
 RESUME_MUTABLE = {('trainer', k) for k in ('train_num_steps', 'save_and_sample_every', 'log_freq', 'results_folder',
                                            'resume_milestone', 'skip_nonfinite', 'max_nonfinite_skips', 'tensorboard',
                                            'sample_maps', 'cpu', 'amp', 'num_threads', 'compile')} | {('data', 'num_workers'), ('data', 'root')}
@@ -391,7 +391,7 @@ def config_differences(a: dict, b: dict) -> list[str]:
             elif va != vb: out.append(f'{section}.{key}')
     return out
 
-# %% ../nbs/10_config.ipynb 57
+# %% ../nbs/10_config.ipynb 75
 def schema_table(schema: dict = SCHEMA, prefix: str = '') -> list[tuple[str, str, str, str]]:
     "(key, type, default, help) rows for every leaf of `schema`."
     rows = []

@@ -80,11 +80,13 @@ def acquire(self: RunLock, patience: float = 0.2):
     if self.owned: return self
     deadline = time.monotonic() + patience
     while True:
+        fd = None
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            got = _flock(fd)
-        except OSError as e: raise RunFolderError(f'{self.path}: cannot lock the run folder ({e.strerror})') from None
-        if got and _same_file(fd, self.path): break
+            if _flock(fd) and _same_file(fd, self.path): break
+        except OSError as e:
+            if fd is not None: os.close(fd)
+            raise RunFolderError(f'{self.path}: cannot lock the run folder ({e.strerror})') from None
         os.close(fd)   # held by another process, or released and deleted since we opened it
         if time.monotonic() > deadline: raise RunFolderError(_held_message(self.path))
         time.sleep(0.01)
@@ -92,7 +94,7 @@ def acquire(self: RunLock, patience: float = 0.2):
     _write_owner(fd)
     return self
 
-# %% ../nbs/11_run_folder.ipynb 19
+# %% ../nbs/11_run_folder.ipynb 20
 @patch
 def release(self: RunLock):
     "Delete the lock file, then drop the OS lock (only in the process that took it)."
@@ -103,7 +105,7 @@ def release(self: RunLock):
     finally:
         os.close(self.fd); self.fd = self.pid = None
 
-# %% ../nbs/11_run_folder.ipynb 26
+# %% ../nbs/11_run_folder.ipynb 28
 CKPT_RE = re.compile(r'^model-(\d+)\.pt$')
 
 def list_checkpoints(folder) -> list[tuple[int, Path]]:
@@ -112,13 +114,13 @@ def list_checkpoints(folder) -> list[tuple[int, Path]]:
     if not folder.is_dir(): return []
     return sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := CKPT_RE.match(p.name)) and p.is_file())
 
-# %% ../nbs/11_run_folder.ipynb 28
+# %% ../nbs/11_run_folder.ipynb 30
 def latest_checkpoint(folder) -> Path | None:
     "The `model-N.pt` with the largest N in `folder`, or None when there is none."
     ckpts = list_checkpoints(folder)
     return ckpts[-1][1] if ckpts else None
 
-# %% ../nbs/11_run_folder.ipynb 31
+# %% ../nbs/11_run_folder.ipynb 33
 def resolve_resume(out, resume) -> Path | None:
     "The checkpoint file meant by `resume` ('latest', a milestone number, or a path); None when nothing to resume."
     if resume is None or resume is False: return None
@@ -134,7 +136,7 @@ def resolve_resume(out, resume) -> Path | None:
     if not path.is_file(): raise CheckpointError(f'{path}: no such checkpoint file (expected latest, a milestone number or a path)')
     return path
 
-# %% ../nbs/11_run_folder.ipynb 34
+# %% ../nbs/11_run_folder.ipynb 36
 def check_run_folder(out, cfg: dict, resuming: bool):
     "Refuse (RunFolderError, nothing written) a folder that holds another run or checkpoints that a fresh start would overwrite."
     out = Path(out)
@@ -152,7 +154,7 @@ def check_run_folder(out, cfg: dict, resuming: bool):
         raise RunFolderError(f'{out}: already holds checkpoints ({", ".join(p.name for _, p in ckpts[-3:])}); '
                              'pass --resume latest to continue that run, or choose another --out')
 
-# %% ../nbs/11_run_folder.ipynb 38
+# %% ../nbs/11_run_folder.ipynb 40
 def _checkpoint_status(path: Path) -> dict:
     "Whether checkpoint `path` loads as a training checkpoint, and its step."
     try: ckpt = load_checkpoint(path)
@@ -161,7 +163,7 @@ def _checkpoint_status(path: Path) -> dict:
         return {'ok': False, 'error': f'{path}: not a training checkpoint (no step/model entries)'}
     return {'ok': True, 'step': int(ckpt['step'])}
 
-# %% ../nbs/11_run_folder.ipynb 41
+# %% ../nbs/11_run_folder.ipynb 43
 def lock_status(folder) -> dict | None:
     "The lock file of `folder`: its recorded owner and whether a live process holds it (None: no lock file)."
     path = Path(folder)/'.lock'
@@ -171,7 +173,7 @@ def lock_status(folder) -> dict | None:
     finally: os.close(fd)
     return {'owner': read_lock(path) or {}, 'alive': held, 'stale': not held}
 
-# %% ../nbs/11_run_folder.ipynb 43
+# %% ../nbs/11_run_folder.ipynb 45
 def run_health(folder) -> dict:
     "What state run folder `folder` is in: checkpoints (loadable?), newest good one, lock, temp files, NaN diagnostics."
     folder = Path(folder)
@@ -185,7 +187,7 @@ def run_health(folder) -> dict:
             'temp_files': sorted(p.name for p in folder.glob('.*.tmp')), 'diagnostics': sorted(p.name for p in folder.glob('nonfinite-step*.json')),
             'resume': hint}
 
-# %% ../nbs/11_run_folder.ipynb 46
+# %% ../nbs/11_run_folder.ipynb 48
 def remove_temp_files(folder) -> list[str]:
     "Delete leftover `.*.tmp` files of killed writes in run folder `folder` (refused while a live trainer holds it)."
     folder = Path(folder)
