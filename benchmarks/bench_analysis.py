@@ -21,12 +21,15 @@ PARSE_DERIVE_BUDGET_S, FIGURES_BUDGET_S = 2.0, 30.0
 
 def write_synthetic_log(path, lines: int = 3000, total_steps: int = 150_000, every: int = 100, seed: int = 0) -> Path:
     "An upstream-format log of `lines` record lines (two per logged step) after the config line."
-    from radiodiff_vae.analysis import UPSTREAM_RADIODIFF_CONFIG
+    from radiodiff_vae.core import reference_run_dir
+    from radiodiff_vae.logs import load_config_file
+    config = load_config_file(reference_run_dir() / 'first_radio_m.yaml')
+    config['trainer']['gradient_accumulate_every'] = 2   # the log below has discriminator lines, as such a run writes
     rng = np.random.default_rng(seed)
     n = lines // 2
     steps = total_steps - n * every + np.arange(n) * every
     t0 = 1755290000.0
-    out = ['2025-08-15 20:00:00,000 ' + repr(UPSTREAM_RADIODIFF_CONFIG)]
+    out = ['2025-08-15 20:00:00,000 ' + repr(config)]
     for i, s in enumerate(steps):
         t = time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(t0 + 18.0 * i)) + ',000'
         rec = rng.uniform(0.005, 0.045); nll = rec * 65536; kl = rng.uniform(1.4e5, 1.8e5); g = rng.normal(-0.45, 0.05)
@@ -45,8 +48,8 @@ def measure_analysis(lines: int = 3000, repeats: int = 3, figures: bool = True, 
                      dpi: int = 110) -> dict:
     "Median wall time of read_run + analyze_run over `repeats`, and of drawing+saving all figures once per repeat."
     from radiodiff_vae.logs import read_run, find_samples
-    from radiodiff_vae.analysis import analyze_run
-    from radiodiff_vae.figures import RunData, save_figures, FIGURES
+    from radiodiff_vae.analysis import RunData, analyze_run
+    from radiodiff_vae.figures import save_figures
     import matplotlib; matplotlib.use('Agg')
     sample_paths = find_samples(samples) if samples else []
     with tempfile.TemporaryDirectory() as tmp:

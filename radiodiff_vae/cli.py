@@ -14,7 +14,7 @@ __all__ = ['COMMANDS', 'build_parser', 'main']
 COMMANDS = {
     'make-data': ('synthetic', 'make_data', 'write synthetic radio maps in RadioMapSeer layout'),
     'train': ('trainer', 'train', 'train the VAE-GAN from a YAML config (accelerate)'),
-    'analyze': ('analysis', 'analyze', "parse training logs, regenerate the report's figures and REPORT.md"),
+    'analyze': ('report', 'analyze', "parse training logs, regenerate the report's figures and REPORT.md"),
     'evaluate': ('evaluation', 'evaluate', 'reconstruction metrics of a checkpoint on held-out maps'),
     'reproduce': ('reproduce', 'reproduce', 'the main job: reference report, train, evaluate, analyse'),
 }

@@ -6,11 +6,13 @@
 from __future__ import annotations
 import argparse, json, time, os, sys
 from pathlib import Path
+from . import core
+from .config import load_config
 from .core import RadioDiffError, RunFolderError, atomic_write_text, reference_run_dir, real_maps_dir
 
 # %% auto 0
-__all__ = ['DEFAULTS', 'MANIFEST', 'repo_dir', 'pipeline_path', 'job_settings', 'plan', 'open_run_folder', 'run_stage',
-           'latest_checkpoint', 'resolve_params', 'training_progress', 'StageProgress', 'write_index',
+__all__ = ['DEFAULTS', 'MANIFEST', 'repo_dir', 'pipeline_path', 'job_settings', 'plan', 'open_run_folder', 'user_error',
+           'run_stage', 'latest_checkpoint', 'resolve_params', 'training_progress', 'StageProgress', 'write_index',
            'headline_numbers', 'check_training_config', 'reproduce', 'add_reproduce_args', 'run_reproduce']
 
 # %% ../nbs/19_reproduce.ipynb 5
@@ -50,7 +52,7 @@ def plan(out, settings: dict) -> list[dict]:
     synthetic = f"synthetic:{s['eval_synthetic_maps']}"  # the maps after the training stream: never trained on
     return [
         dict(name='reference', pipeline='analyze', out=out/'reference', what="the original 150k-step run's report",
-             params=dict(inputs=None, out_dir=str(out/'reference'), smoothing=s['smoothing'], config='upstream')),
+             params=dict(inputs=None, out_dir=str(out/'reference'), smoothing=s['smoothing'], config=None)),
         dict(name='train', pipeline='train', out=train_dir, what='train the quickstart model on synthetic maps',
              params=dict(config_path=_config_path(s['config']), overrides=s['overrides'], out_dir=str(train_dir),
                          steps=s['steps'], seed=s['seed'], resume=None, keep_notebook=False)),
@@ -86,17 +88,27 @@ def open_run_folder(out, settings: dict) -> dict:
     return manifest
 
 # %% ../nbs/19_reproduce.ipynb 16
+def user_error(exc, stage_name: str) -> RadioDiffError | None:
+    "A failed pipeline's error as a one-line `RadioDiffError` of the class the pipeline raised, or `None` if it raised another kind."
+    cls = getattr(core, getattr(exc, 'ename', None) or '', None)
+    if not (isinstance(cls, type) and issubclass(cls, RadioDiffError)): return None
+    return cls(f"stage '{stage_name}': {' '.join(str(getattr(exc, 'evalue', '')).split())}")
+
 def run_stage(stage: dict, out, progress: bool = True) -> float:
-    "Execute `stage`'s pipeline with papermill into `out/notebooks/`; return the seconds it took."
+    "Execute `stage`'s pipeline with papermill into `out/notebooks/`; return the seconds it took. A user error stays one."
     import papermill as pm
     notebooks = Path(out)/'notebooks'; notebooks.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    pm.execute_notebook(str(pipeline_path(stage['pipeline'])), str(notebooks/f"{stage['name']}.ipynb"),
-                        parameters=stage['params'], cwd=str(repo_dir()), progress_bar=progress,
-                        kernel_name='python3', log_output=False)
+    try:
+        pm.execute_notebook(str(pipeline_path(stage['pipeline'])), str(notebooks/f"{stage['name']}.ipynb"),
+                            parameters=stage['params'], cwd=str(repo_dir()), progress_bar=progress,
+                            kernel_name='python3', log_output=False)
+    except pm.PapermillExecutionError as e:
+        if (err := user_error(e, stage['name'])) is None: raise
+        raise err from None
     return time.perf_counter() - t0
 
-# %% ../nbs/19_reproduce.ipynb 18
+# %% ../nbs/19_reproduce.ipynb 19
 def latest_checkpoint(run_dir) -> Path | None:
     "The highest-numbered `model-N.pt` in `run_dir`, or None."
     ckpts = [p for p in Path(run_dir).glob('model-*.pt') if p.stem.split('-', 1)[1].isdigit()]
@@ -112,7 +124,7 @@ def resolve_params(stage: dict, out) -> dict:
         params['checkpoint'] = str(ckpt)  # named in the executed notebook, not left to the pipeline's search
     return params
 
-# %% ../nbs/19_reproduce.ipynb 21
+# %% ../nbs/19_reproduce.ipynb 22
 def training_progress(folder) -> str | None:
     "`step N/T` from the last complete line of `folder/metrics.jsonl`, or None before the first one."
     path = Path(folder)/'metrics.jsonl'
@@ -125,7 +137,7 @@ def training_progress(folder) -> str | None:
         except (ValueError, KeyError, TypeError): continue
     return None
 
-# %% ../nbs/19_reproduce.ipynb 23
+# %% ../nbs/19_reproduce.ipynb 24
 class StageProgress:
     "While a stage runs, show its training progress (if any) next to its name on `bar`; every `every` seconds."
     def __init__(self, bar, name: str, folder, every: float = 2.0):
@@ -138,7 +150,7 @@ class StageProgress:
     def __enter__(self): self.thread.start(); return self
     def __exit__(self, *exc): self.stop.set(); self.thread.join()
 
-# %% ../nbs/19_reproduce.ipynb 26
+# %% ../nbs/19_reproduce.ipynb 27
 _KINDS = [('figures', ('.png', '.svg')), ('reports', ('.md',)), ('tables', ('.csv',)), ('data', ('.json', '.jsonl', '.txt'))]
 
 def _links(folder: Path, root: Path) -> list[str]:
@@ -164,7 +176,7 @@ def write_index(out, manifest: dict, stages: list[dict]) -> Path:
     lines += headline_numbers(out)
     return atomic_write_text(out/'README.md', '\n'.join(lines) + '\n')
 
-# %% ../nbs/19_reproduce.ipynb 27
+# %% ../nbs/19_reproduce.ipynb 28
 def headline_numbers(out) -> list[str]:
     "Markdown lines quoting each evaluation's own summary section (`evaluation.md`), with links made relative to `out`."
     lines = []
@@ -175,14 +187,13 @@ def headline_numbers(out) -> list[str]:
         lines += ['## Headline numbers', '', text, '']
     return lines
 
-# %% ../nbs/19_reproduce.ipynb 30
+# %% ../nbs/19_reproduce.ipynb 31
 def check_training_config(settings: dict) -> dict:
     "Load the job's training config with its overrides and step count; raise `ConfigError` if it is invalid."
-    from radiodiff_vae.config import load_config
     steps = [] if settings['steps'] is None else [f"trainer.train_num_steps={int(settings['steps'])}"]
     return load_config(_config_path(settings['config']), list(settings['overrides']) + steps)
 
-# %% ../nbs/19_reproduce.ipynb 32
+# %% ../nbs/19_reproduce.ipynb 33
 def reproduce(out, progress: bool = True, **settings) -> dict:
     "Run (or resume) the main job into `out`; return its manifest."
     settings = job_settings(**settings)
@@ -208,7 +219,7 @@ def reproduce(out, progress: bool = True, **settings) -> dict:
     write_index(out, manifest, stages)
     return manifest
 
-# %% ../nbs/19_reproduce.ipynb 33
+# %% ../nbs/19_reproduce.ipynb 34
 def add_reproduce_args(parser):
     "Arguments of `radiodiff-vae reproduce`."
     parser.add_argument('--out', required=True, help='run folder, e.g. runs/first (created; the same settings resume it)')

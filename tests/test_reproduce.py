@@ -53,3 +53,19 @@ def test_same_settings_resume_other_settings_refused(run):
     bad = _cli('reproduce', '--out', str(out.parent/'bad'), '--steps', '12', '--no-progress', cwd=out.parent)
     assert bad.returncode == 2 and 'train_num_steps=12' in bad.stderr and 'Traceback' not in bad.stderr
     assert not (out.parent/'bad').exists()
+
+
+def test_user_error_inside_a_stage_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    "A RadioDiffError raised inside a stage's notebook (papermill wraps it) reaches the user as one line, status 2."
+    from radiodiff_vae import reproduce as rp
+    from radiodiff_vae.cli import main
+    missing = tmp_path/'missing.log'
+    def bad_plan(out, settings):
+        ref = Path(out).resolve()/'reference'
+        return [dict(name='reference', pipeline='analyze', out=ref, what='a stage given a missing log',
+                     params=dict(inputs=[str(missing)], out_dir=str(ref), smoothing=0.9, config=None))]
+    monkeypatch.setattr(rp, 'plan', bad_plan)
+    assert main(['reproduce', '--out', str(tmp_path/'run'), '--no-progress']) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"radiodiff-vae reproduce: error: stage 'reference': {missing}: no such file or folder"
+    assert json.loads((tmp_path/'run'/'reproduce.json').read_text())['stages']['reference']['status'] == 'failed: LogParseError'
