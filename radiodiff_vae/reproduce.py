@@ -9,11 +9,12 @@ from pathlib import Path
 from . import core
 from .config import load_config
 from .core import RadioDiffError, RunFolderError, atomic_write_text, reference_run_dir, real_maps_dir
+from .run_folder import latest_checkpoint
 
 # %% auto 0
 __all__ = ['DEFAULTS', 'MANIFEST', 'repo_dir', 'pipeline_path', 'job_settings', 'plan', 'open_run_folder', 'user_error',
-           'run_stage', 'latest_checkpoint', 'resolve_params', 'training_progress', 'StageProgress', 'write_index',
-           'headline_numbers', 'check_training_config', 'reproduce', 'add_reproduce_args', 'run_reproduce']
+           'run_stage', 'resolve_params', 'training_progress', 'StageProgress', 'write_index', 'headline_numbers',
+           'check_training_config', 'reproduce', 'add_reproduce_args', 'run_reproduce']
 
 # %% ../nbs/19_reproduce.ipynb 5
 def repo_dir() -> Path:
@@ -109,11 +110,6 @@ def run_stage(stage: dict, out, progress: bool = True) -> float:
     return time.perf_counter() - t0
 
 # %% ../nbs/19_reproduce.ipynb 19
-def latest_checkpoint(run_dir) -> Path | None:
-    "The highest-numbered `model-N.pt` in `run_dir`, or None."
-    ckpts = [p for p in Path(run_dir).glob('model-*.pt') if p.stem.split('-', 1)[1].isdigit()]
-    return max(ckpts, key=lambda p: int(p.stem.split('-', 1)[1]), default=None)
-
 def resolve_params(stage: dict, out) -> dict:
     "`stage`'s parameters with the on-disk ones filled in."
     params, train_dir = dict(stage['params']), Path(out).resolve()/'train'
