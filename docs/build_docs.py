@@ -9,10 +9,13 @@ Steps (each notebook of `nbs/`, sorted by name, skipping names that start with `
 2. process it with nbdev's own processors (what `nbdev_proc_nbs` runs: applies the `#|` directives,
    renders `show_doc` for every exported function and class) into `build/docs/proc/`;
 3. convert it to Markdown (figures written as PNG files, LaTeX left to the MkDocs hook that turns it into
-   MathML, links to nbdev's doc host made relative) in `build/docs/md/`;
+   MathML, links to nbdev's doc host and to other notebooks made relative) in `build/docs/md/`, written so that
+   Python-Markdown reads it as Jupyter does: blank lines added before lists and tables that follow a paragraph line,
+   `$ x $` read as maths, `$$` blocks set apart (`Converter.site_markdown`);
 4. build the site with MkDocs + Material into `site/` (navigation in notebook order, index.ipynb = home page).
 
-`--readme` instead writes README.md from the processed nbs/index.ipynb (what `nbdev_readme` does with Quarto).
+`--readme` instead writes README.md from the processed nbs/index.ipynb (what `nbdev_readme` does with Quarto);
+links to other notebooks point into nbs/, `index.ipynb#x` (e.g. `[defect 3](index.ipynb#upstream-defects)`) to `#x`.
 Users with Quarto can still run `nbdev_docs`; this script does not touch `nbs/_quarto.yml` or `_proc/`.
 """
 from __future__ import annotations
@@ -237,11 +240,57 @@ class Converter:
             return re.sub(r'(?<!\\)\$\$(.+?)\$\$', one, text, flags=re.S)
         return ''.join(p if i % 2 else fix(p) for i, p in enumerate(parts))
 
+    @staticmethod
+    def block_breaks(md: str) -> str:
+        """Blank lines where Python-Markdown needs them and Jupyter does not: before a list or table that follows a
+        paragraph line; nested list items indented by 1-3 spaces get 4 (Python-Markdown's minimum for nesting)."""
+        out, fenced, in_math, in_list = [], False, False, False
+        lines = md.split('\n')
+        for i, line in enumerate(lines):
+            prev = out[-1] if out else ''
+            if re.match(r'^\s*(```|~~~)', line): fenced = not fenced
+            elif not fenced and not in_math:
+                item = re.match(r'^( {0,3})([-*]|\d+[.)])[ \t]+\S', line)
+                table = (line.lstrip().startswith('|') and i + 1 < len(lines)
+                         and re.match(r'^\s*\|?\s*:?-+:?\s*(\||$)', lines[i + 1] or ''))
+                if item and in_list and 0 < len(item.group(1)) < 4: line = '    ' + line.lstrip(' ')
+                elif item and prev.strip() and not in_list and item.group(2) in ('-', '*', '1.', '1)'): out.append('')  # as CommonMark
+                elif table and prev.strip() and not prev.lstrip().startswith('|'): out.append('')
+                if item: in_list = True
+                elif in_list and line.strip() and not line.startswith((' ', '\t')) and not prev.strip(): in_list = False
+            if not fenced and len(re.findall(r'(?<!\\)\$\$', line)) % 2: in_math = not in_math
+            out.append(line)
+        return '\n'.join(out)
+
+    @staticmethod
+    def inline_math(md: str) -> str:
+        "`$ x $` as Jupyter reads it: space just inside the dollars is dropped (pandoc and arithmatex would show TeX)."
+        def fix(text):
+            def one(m):
+                if m.group(1) is not None: return m.group(0)  # $$..$$ left to display_math
+                return '$' + m.group(2).strip() + '$' if m.group(2).strip() else m.group(0)
+            return re.sub(r'(?<!\\)\$\$(.+?)\$\$|(?<![\\$])\$(?!\$)((?:\\.|[^$\\\n]|\n(?!\s*\n))+?)(?<!\\)\$',
+                          one, text, flags=re.S)
+        parts = re.split(r'(^[ \t]*```.*?^[ \t]*```[ \t]*$|`[^`\n]+`)', md, flags=re.M | re.S)
+        return ''.join(p if i % 2 else fix(p) for i, p in enumerate(parts))
+
+    def site_markdown(self, md: str) -> str:
+        "A notebook's Markdown as the site's Markdown dialect (Python-Markdown + arithmatex) reads it like Jupyter."
+        return self.block_breaks(self.inline_math(self.display_math(md)))
+
+    def output_markdown(self, md) -> str:
+        md = md if isinstance(md, str) else ''.join(md)
+        return md if self.readme else self.site_markdown(md)
+
     def links(self, md: str, depth: int) -> str:
         up = '../' * depth
         if not self.readme: md = md.replace(self.prefix, up)
         def nb_link(m):  # [text](07_model.ipynb#x) -> the notebook's page
             target, frag = m.group(2), m.group(3) or ''
+            if self.readme:  # README.md at the root: its own headings by anchor, the other notebooks under nbs/
+                if target == 'index.ipynb': return f'{m.group(1)}({frag or "#"})'
+                if (NBS / target).exists() and not (ROOT / target).exists(): return f'{m.group(1)}(nbs/{target}{frag})'
+                return m.group(0)
             page = self.pages.get(target)
             if page is None: return m.group(0)
             return f'{m.group(1)}({up}{Path(page).with_suffix(".html")}{frag})'
@@ -279,7 +328,7 @@ class Converter:
             if cell.cell_type == 'raw': continue
             if cell.cell_type == 'markdown':
                 if cell.source.strip().startswith('<!-- WARNING: THIS FILE WAS AUTOGENERATED'): continue
-                src = cell.source if self.readme else self.display_math(cell.source)
+                src = cell.source if self.readme else self.site_markdown(cell.source)
                 out.append(self.links(src, depth) + '\n'); continue
             opts, body = split_directives(cell.source)
             if str(opts.get('include', '')).lower() == 'false': continue
@@ -307,7 +356,7 @@ class Converter:
                 res.append(fence(ANSI.sub('', '\n'.join(o.traceback)), 'text', 'nb-error')); continue
             data = o.get('data', {})
             if asis and 'text/markdown' in data:
-                res.append(self.links(data['text/markdown'], depth) + '\n')
+                res.append(self.links(self.output_markdown(data['text/markdown']), depth) + '\n')
             elif any(k in data for k in ('image/png', 'image/jpeg', 'image/svg+xml')):
                 kind = next(k for k in ('image/png', 'image/jpeg', 'image/svg+xml') if k in data)
                 ext = {'image/png': 'png', 'image/jpeg': 'jpg', 'image/svg+xml': 'svg'}[kind]
@@ -320,7 +369,7 @@ class Converter:
                 html = data['text/html'] if isinstance(data['text/html'], str) else ''.join(data['text/html'])
                 res.append(f'<div class="nb-output nb-html" markdown="0">\n{html.strip()}\n</div>\n')
             elif 'text/markdown' in data:
-                res.append(self.links(data['text/markdown'], depth) + '\n')
+                res.append(self.links(self.output_markdown(data['text/markdown']), depth) + '\n')
             elif 'text/latex' in data:
                 res.append(data['text/latex'] + '\n')
             elif 'text/plain' in data:

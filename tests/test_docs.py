@@ -1,8 +1,10 @@
 """The docs site: README generation, the notebook-to-page converter, and the built site in a headless browser.
 
-The browser test builds the site with `python docs/build_docs.py` (executing every notebook in a fresh kernel;
-executed notebooks are cached in build/docs/executed/), serves site/ on 127.0.0.1 and drives Debian's Chromium
-through selenium + chromedriver. Screenshots go to $DOCS_SCREENSHOTS (default build/docs/screenshots/).
+The browser test builds the site once per session with `python docs/build_docs.py --reuse-executed` (a notebook runs
+in a fresh kernel unless build/docs/executed/ holds a copy executed from the same cells), serves site/ on 127.0.0.1
+and drives Debian's Chromium through selenium + chromedriver. On every page it checks the title, images, links and
+what a reader must not see (PAGE_CHECKS_JS: TeX left as text, maths cut off or wider than its column, Markdown
+lists left as text). Screenshots go to $DOCS_SCREENSHOTS (default build/docs/screenshots/).
 """
 import base64, functools, http.server, importlib.util, json, os, re, shutil, socket, subprocess, sys, tempfile
 import threading, time, urllib.error, urllib.parse, urllib.request
@@ -63,7 +65,7 @@ def test_converter_renders_directives_outputs_and_links():
     assert 'secret' not in md and 'noise' not in md and 'noisy()' in md
     (name, data), = files.items()
     assert name == 'demo_files/cell4_out0.png' and data.startswith(b'\x89PNG') and f']({name})' in md
-    assert bd.page_name(Path('07_model.ipynb'), {}) == 'autoencoder.md'
+    assert bd.page_name(Path('07_model.ipynb'), {}) == 'model.md'
     assert bd.page_name(Path('index.ipynb'), {'output-file': 'index.html'}) == 'index.md'
 
 
@@ -92,6 +94,69 @@ def test_display_math_in_lists_becomes_inline_display_style():
     assert fix('* KL:\n  $$a+b$$\n') == '* KL:\n  $\\displaystyle a+b$\n'
     assert '\n\n$$\nx\n$$\n\n' in fix('text\n$$\nx\n$$\nmore')   # a block needs blank lines around it
     assert fix('`$$a$$` and\n```\n$$b$$\n```\n') == '`$$a$$` and\n```\n$$b$$\n```\n'  # code untouched
+
+
+def test_markdown_reads_as_in_jupyter():
+    "Lists and tables right after a paragraph line, 2-space nested lists and `$ x $` render as Jupyter shows them."
+    md = bd.Converter({}).site_markdown
+    assert md('Kept:\n* a\n* b\n  more\n* c') == 'Kept:\n\n* a\n* b\n  more\n* c'
+    assert md('x:\n- a\n  - nested\n- b') == 'x:\n\n- a\n    - nested\n- b'
+    assert md('x\n1. one\n2. two') == 'x\n\n1. one\n2. two' and md('in\n2020. was') == 'in\n2020. was'  # as CommonMark
+    assert md('intro\n| a | b |\n|---|---|\n| 1 | 2 |') == 'intro\n\n| a | b |\n|---|---|\n| 1 | 2 |'
+    assert md('$f(t) = $ `x`, $ a$, $b$ and \\$5') == '$f(t) =$ `x`, $a$, $b$ and \\$5'
+    assert md('`$ x $` and\n```\n$ y $\ntext\n- z\n```') == '`$ x $` and\n```\n$ y $\ntext\n- z\n```'  # code untouched
+    assert md('$$\na\n- b\n$$') == '\n\n$$\na\n- b\n$$\n\n'  # a line of maths starting with "- " is no list
+    import markdown  # what the site's Markdown engine then makes of a list after a paragraph line
+    html = markdown.markdown(md('Details:\n* one\n* two'))
+    assert '<p>Details:</p>' in html and html.count('<li>') == 2
+
+
+def test_defect_links_on_the_site_and_in_the_readme():
+    "`[defect N](index.ipynb#upstream-defects)` goes to the home page's table on the site and in README.md."
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell('See [defect 2](index.ipynb#upstream-defects) and [13](13_trainer.ipynb).')]
+    conv = bd.Converter({'index.ipynb': 'index.md', '13_trainer.ipynb': 'trainer.md'})
+    assert '[defect 2](index.html#upstream-defects)' in conv.convert(nb, 'schedules.md')[0]
+    assert '[defect 2](../index.html#upstream-defects)' in conv.convert(nb, 'pipelines/train.md')[0]
+    readme = bd.Converter({}, readme=True).convert(nb, 'README.md')[0]
+    assert '[defect 2](#upstream-defects)' in readme and '[13](nbs/13_trainer.ipynb)' in readme
+    index = nbformat.read(bd.NBS / 'index.ipynb', as_version=4)
+    assert any(re.search(r'^## Upstream defects\s*$', c.source, flags=re.M) for c in index.cells
+               if c.cell_type == 'markdown'), 'nbs/index.ipynb needs the "## Upstream defects" heading the links go to'
+
+
+def test_notebooks_cite_only_what_a_reader_can_open():
+    "Every `defect N` in notebook text links to the home page's table; no citation of files a reader does not have."
+    bad = []
+    for rel in bd.find_notebooks():
+        for i, c in enumerate(nbformat.read(bd.NBS / rel, as_version=4).cells):
+            if c.cell_type != 'markdown': continue
+            text = re.sub(r'`[^`\n]*`', '', c.source)
+            unlinked = re.sub(r'\[defects? \d+\]\((?:index\.ipynb|\.\./index\.ipynb)?#upstream-defects\)', '', text)
+            for pattern in (r'\bdefects? \d+', r'REFERENCE\.md', r'\bissues? #?\d+', r'\.\./shared|shared/golden'):
+                bad += [f'nbs/{rel} cell {i}: {m.group(0)!r} in "...{text[max(0, m.start() - 40):m.end() + 20]}..."'
+                        for m in re.finditer(pattern, unlinked if 'defect' in pattern else text, flags=re.I)]
+    assert not bad, 'write [defect N](index.ipynb#upstream-defects); carry facts over in your own words:\n' + '\n'.join(bad)
+
+
+def test_maths_hook():
+    "TeX escapes in text, delimiters after size commands, equations side by side and maths in the table of contents."
+    spec = importlib.util.spec_from_file_location('docs_hooks', ROOT / 'docs' / 'hooks.py')
+    hooks = importlib.util.module_from_spec(spec); spec.loader.exec_module(hooks)
+    assert hooks.tex_fixes(r'\underbrace{a}_{\text{nll\_loss}} + \texttt{min\_lr}') == \
+        r'\underbrace{a}_{\text{nll_loss}} + \texttt{min_lr}'
+    assert hooks.split_equations(r'a = \frac{1}{2},\qquad b = \text{x \qquad y},\qquad c') == \
+        ['a = \\frac{1}{2},', 'b = \\text{x \\qquad y},', 'c']
+    assert hooks.split_equations(r'\begin{aligned} a \qquad b \end{aligned}') == [r'\begin{aligned} a \qquad b \end{aligned}']
+    class Item:
+        def __init__(self, title, children=()): self.title, self.children = title, list(children)
+    class Page:
+        file = type('F', (), {'src_path': 'x.md'})
+        toc = [Item(r'Metrics on maps in \([0, 1]\)', [Item('plain')])]
+    html = hooks.on_page_content('<div class="arithmatex">\\[\\text{nll\\_loss} = \\big\\lVert x \\big\\rVert,\\qquad b\\]</div>'
+                                 '<p><span class="arithmatex">\\(f(t)\\)</span></p>', Page, {}, None)
+    assert html.count('<math') == 3 and 'math-row' in html and '\\' not in html and 'nll_loss' in html and '‖' in html
+    assert '<math' in Page.toc[0].title and '\\(' not in Page.toc[0].title and Page.toc[0].children[0].title == 'plain'
 
 
 def test_notebook_order_and_scratch_notebooks_left_out():
@@ -127,7 +192,10 @@ def built_site():
         print(f'\nreusing the docs build of {info["seconds"]} s (`make docs`); per notebook (s): {info["timings"]}')
         return info
     t0 = time.time()
-    r = subprocess.run([sys.executable, str(ROOT / 'docs' / 'build_docs.py')], cwd=ROOT, capture_output=True,
+    # --reuse-executed: a notebook whose cells are unchanged keeps its executed copy (build/docs/executed/) even if the
+    # package changed since, so only edited notebooks run again (a fresh checkout executes all: minutes on 2 cores);
+    # what is checked here is the site, not the outputs (`nbdev_test` checks those; `make docs` re-executes all)
+    r = subprocess.run([sys.executable, str(ROOT / 'docs' / 'build_docs.py'), '--reuse-executed'], cwd=ROOT, capture_output=True,
                        text=True, timeout=3600)
     assert r.returncode == 0, f'docs build failed:\n{r.stdout[-5000:]}\n{r.stderr[-5000:]}'
     info = json.loads((ROOT / 'build' / 'docs' / 'build_info.json').read_text())
@@ -167,6 +235,54 @@ def browser():
     drv.quit(); shutil.rmtree(profile, ignore_errors=True)
 
 
+# What a reader must never see on a page, found in the browser (returns one line per problem):
+# TeX left as text (`$`, `\(`, `\[` outside code and maths, including the table of contents and the tab title) or
+# TeX commands inside a formula (`nll\_loss`); maths wider than the box that holds it (cut off, or needing a
+# scrollbar to be read), at the 1280-px window every page is checked in; Markdown lists, tables or headings that were
+# left as paragraph text (a line of a <p> starting with "- ", "* ", "1. ", "|" or "#").
+PAGE_CHECKS_JS = r"""
+const out = [], TEX = /\$|\\\(|\\\)|\\\[|\\\]/;
+const SKIP = 'code, pre, kbd, samp, script, style, math, .nb-output, .nb-html, .nb-error, .md-search';
+const short = s => s.replace(/\s+/g, ' ').trim().slice(0, 90);
+if (TEX.test(document.title)) out.push(`raw TeX in the page title: ${short(document.title)}`);
+const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+for (let n; (n = walker.nextNode());) {
+  if (!TEX.test(n.nodeValue) || n.parentElement.closest(SKIP)) continue;
+  const where = n.parentElement.closest('.md-sidebar--secondary') ? 'table of contents'
+              : n.parentElement.closest('.md-sidebar--primary') ? 'navigation' : 'text';
+  out.push(`raw TeX in the ${where}: ${short(n.parentElement.textContent)}`);
+}
+for (const c of document.querySelectorAll('code.tex'))
+  out.push(`TeX the build could not turn into maths: ${short(c.textContent)}`);
+for (const m of document.querySelectorAll('math'))
+  if (/\\[A-Za-z_%&#$]/.test(m.textContent)) out.push(`TeX command shown inside a formula: ${short(m.textContent)}`);
+const article = document.querySelector('article');
+for (const m of article.querySelectorAll('math')) {
+  const r = m.getBoundingClientRect();
+  if (!r.width || m.closest('table')) continue;   // hidden; tables scroll as a whole
+  const box = m.closest('.math-block') || m.parentElement.closest('p, li, dd, td, th, h1, h2, h3, h4, h5, h6, div');
+  const b = box.getBoundingClientRect(), cs = getComputedStyle(box), label = short(m.textContent).slice(0, 50);
+  if (box.scrollWidth > box.clientWidth + 1)
+    out.push(`maths wider than its column (${box.scrollWidth} > ${box.clientWidth} px, overflow-x ${cs.overflowX}): ${label}`);
+  else if (r.right > b.right + 1 || r.left < b.left - 1)
+    out.push(`maths sticks out of its column (${Math.round(r.left)}..${Math.round(r.right)} outside ${Math.round(b.left)}..${Math.round(b.right)} px): ${label}`);
+  if (box.scrollHeight > box.clientHeight + 1 && cs.overflowY !== 'visible')
+    out.push(`maths cut off at the top or bottom (${box.scrollHeight} > ${box.clientHeight} px, overflow-y ${cs.overflowY}): ${label}`);
+}
+for (const p of article.querySelectorAll('p')) {
+  if (p.closest(SKIP)) continue;
+  const line = p.textContent.split('\n').slice(1).find(l => /^\s*([-*+]|\d+[.)])\s+\S|^\s*\||^\s*#{1,6}\s/.test(l));
+  if (line !== undefined) out.push(`Markdown left as text in a paragraph (list, table or heading): ${short(line)}`);
+}
+return out;
+"""
+
+
+def page_problems(drv) -> list[str]:
+    "What PAGE_CHECKS_JS finds wrong on the page the browser shows."
+    return drv.execute_script(PAGE_CHECKS_JS)
+
+
 def _screenshot(drv, path):
     height = drv.execute_script('return Math.min(document.documentElement.scrollHeight, 4000)')
     drv.set_window_size(1280, max(900, height)); drv.save_screenshot(str(path)); drv.set_window_size(1280, 900)
@@ -182,7 +298,7 @@ def test_site_in_headless_chromium(built_site, server, browser):
     assert {p.replace('.html', '.md') for p in pages} == nb_pages, 'every notebook of nbs/ is a page'
     shots = Path(os.environ.get('DOCS_SCREENSHOTS', ROOT / 'build' / 'docs' / 'screenshots'))
     shots.mkdir(parents=True, exist_ok=True)
-    links, problems = set(), []
+    links, named, problems = set(), set(), []  # named: links written in the text (not nbdev's `name` links)
     component = next((p for p in pages if p != 'index.html' and list((SITE / Path(p).parent).glob(
         f'{Path(p).stem}_files/*.png'))), next((p for p in pages if p != 'index.html'), None))
     for page in pages:
@@ -197,10 +313,14 @@ def test_site_in_headless_chromium(built_site, server, browser):
         for src, width in browser.execute_script(
                 'return [...document.images].map(i => [i.currentSrc || i.src, i.naturalWidth])'):
             if not width: problems.append(f'{page}: image did not load: {src}')
-        links |= {h for h in browser.execute_script('return [...document.querySelectorAll("a[href]")].map(a => a.href)')
-                  if h.startswith(server)}
+        problems += [f'{page}: {p}' for p in page_problems(browser)]
+        for href, code in browser.execute_script(
+                'return [...document.querySelectorAll("a[href]")].map(a => [a.href, !!a.querySelector("code")])'):
+            if href.startswith(server): links.add(href); named |= {href} if not code else set()
         if page == 'index.html': _screenshot(browser, shots / 'home.png')
         if page == component: _screenshot(browser, shots / f'component_{Path(page).stem}.png')
+    if 'id="upstream-defects"' not in (SITE / 'index.html').read_text(encoding='utf-8'):
+        problems.append('index.html: no "Upstream defects" heading (anchor #upstream-defects) for the defect links')
     missing_anchors = []
     for link in sorted(links):
         url, _, frag = link.partition('#')
@@ -210,9 +330,10 @@ def test_site_in_headless_chromium(built_site, server, browser):
         except urllib.error.HTTPError as e: status, body = e.code, ''
         if status != 200: problems.append(f'link {link}: HTTP {status}'); continue
         if frag and url.endswith('.html') and f'id="{urllib.parse.unquote(frag)}"' not in body:
-            missing_anchors.append(link)
+            (problems.append(f'link {link}: no heading or anchor with that id') if link in named else
+             missing_anchors.append(link))
     print(f'\n{len(pages)} pages, {len(links)} internal links; screenshots in {shots}')
-    if missing_anchors: print(f'links to anchors that do not exist (not a failure): {missing_anchors}')
+    if missing_anchors: print(f'nbdev links to anchors that do not exist (not a failure): {missing_anchors}')
     assert not problems, '\n'.join(problems)
     assert (shots / 'home.png').stat().st_size > 10_000
 
