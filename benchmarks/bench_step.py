@@ -1,6 +1,7 @@
 """Time one VAE-GAN training step three ways on the same weights and batch (issue 8).
 
-(a) `upstream`: RadioDiff's train_vae.py loop rebuilt from our modules: the discriminator pass runs the
+(a) `upstream`: RadioDiff's train_vae.py loop rebuilt from our modules (the reading copy of it opens the trainer
+    notebook, nbs/13_trainer.ipynb; this one is instrumented for timing): the discriminator pass runs the
     whole autoencoder forward again (fresh posterior sample, LPIPS/NLL/KL recomputed and thrown away),
     the adaptive GAN weight is always computed, both losses are divided by 2
     (gradient_accumulate_every=2) and the gradients are clipped after the optimizer steps.
@@ -135,7 +136,8 @@ def trainer_config(cfg: dict, variant: str, device: str) -> dict:
     c['model']['ckpt_path'] = None
     c['data'].update(batch_size=cfg['batch_size'], size=cfg['map_size'], num_workers=0)
     c['trainer'].update(cfg['trainer'])
-    c['trainer'].update(tensorboard=False, cpu=not device.startswith('cuda'), mixed_precision='no', fp16=False,
+    c['trainer'].update(tensorboard=False, cpu=not device.startswith('cuda'), fp16=False,
+                        mixed_precision='bf16' if variant.endswith('bf16') else 'no',   # accelerate autocasts the prepared steps
                         gradient_accumulate_every=1)
     return resolve_config(c)
 
@@ -156,8 +158,9 @@ class StepState:
         return torch.autocast(self.device.split(':')[0], dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
     def next_batch(self):
-        x = self.tr._next_batch()[0]
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        "The trainer's next batch and its posterior noise (a function of seed, batch and position, as in `ours`)."
+        x, eps, _ = self.tr._next_batch()
+        return (x.contiguous(memory_format=torch.channels_last) if self.channels_last else x), eps
 
     def close(self):
         "Release the trainer's run folder (lock, log files)."
@@ -176,8 +179,6 @@ def build_state(cfg: dict, variant: str, x, device: str = 'cpu') -> StepState:
     st = StepState(tr, variant, folder)
     if st.channels_last:
         tr.ae.to(memory_format=torch.channels_last); tr.loss.to(memory_format=torch.channels_last)
-    if st.bf16:   # the trainer's own autocast placement (forward + losses), in bf16
-        tr.acc.autocast = lambda *a, **k: torch.autocast(st.device.split(':')[0], dtype=torch.bfloat16)
     return st
 
 
@@ -198,11 +199,12 @@ def upstream_step(st: StepState, global_step: int) -> dict:
     "(a) RadioDiff's train_vae.py step: AE pass, then a D pass that runs the AE forward again; losses / 2; clip after the steps."
     from radiodiff_vae.nll import reconstruction_loss, nll_loss, batch_sum
     model, loss, tr = st.model, st.loss, st.tr
-    x = st.next_batch()
+    x, eps = st.next_batch()
     t0 = time.perf_counter()
     tr.opt_ae.zero_grad(set_to_none=True)
     with st.autocast():
-        rec, post = model(x)
+        post = model.encode(x)    # upstream's model(x), with the trainer's noise so that (a) and (b) can be compared
+        rec = model.decode(post.mean + post.std * eps if eps is not None else post.mode())
         ae_loss, ae_log = loss(x, rec, post, 0, global_step, last_layer=model.get_last_layer(), split='train')
     (ae_loss / 2).backward()      # gradient_accumulate_every = 2 divided each pass's loss
     ae_log = _floats(ae_log)
@@ -233,8 +235,8 @@ def ours_step(st: StepState, global_step: int) -> dict:
     if st.channels_last:   # the trainer's batches are contiguous: hand it channels_last ones
         next_batch = type(tr)._next_batch
         def cl_batch():
-            x, names = next_batch(tr)
-            return x.contiguous(memory_format=torch.channels_last), names
+            x, eps, names = next_batch(tr)
+            return x.contiguous(memory_format=torch.channels_last), eps, names
         tr._next_batch = cl_batch
     tr.step = global_step
     t0 = time.perf_counter()

@@ -5,22 +5,31 @@
 # %% ../nbs/03_adaptive.ipynb 1
 from __future__ import annotations
 import torch
+import torch.distributed as dist
+from accelerate.utils import reduce
 
 # %% auto 0
-__all__ = ['calculate_adaptive_weight', 'adopt_weight']
+__all__ = ['mean_over_processes', 'calculate_adaptive_weight', 'adopt_weight']
 
 # %% ../nbs/03_adaptive.ipynb 5
+def mean_over_processes(t: torch.Tensor) -> torch.Tensor:
+    "`t` averaged over the processes of a distributed run (accelerate's `reduce`); `t` itself on one process."
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1): return t
+    return reduce(t, 'mean')
+
+# %% ../nbs/03_adaptive.ipynb 7
 def calculate_adaptive_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
                               disc_weight: float = 1.0, max_weight: float = 1e4):
     "`(d_weight, clamped)`: clamp(‖∇nll‖/(‖∇g‖+1e-4), 0, max_weight)·disc_weight at `last_layer`; `clamped` if the cap was hit."
     nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
     g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    nll_grads, g_grads = mean_over_processes(torch.stack([nll_grads, g_grads]))   # the global batch's gradients
     ratio = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
     clamped = bool(ratio > max_weight)
     d_weight = torch.clamp(ratio, 0.0, max_weight).detach()
     return d_weight * disc_weight, clamped
 
-# %% ../nbs/03_adaptive.ipynb 6
+# %% ../nbs/03_adaptive.ipynb 8
 def adopt_weight(weight, global_step: int, threshold: int = 0, value: float = 0.0):
     "`value` while `global_step < threshold` (the GAN is off before `disc_start`), else `weight`."
     if global_step < threshold:

@@ -1,51 +1,156 @@
-"Two processes on the CPU (gloo) through `accelerate launch --multi_gpu`: files written once, identical weights."
-import hashlib, json, os, subprocess, sys, textwrap
+"""Two processes on the CPU (gloo) under `accelerate launch --multi_gpu`, as a user starts them: the launch itself,
+world-size invariance (2 processes x batch/2 = 1 process x batch), exact resume on 2 processes, resume on another
+process count, a NaN on one process only, and the gradient as the mean (not the sum) over processes."""
+import json, os, socket, subprocess, sys
 from pathlib import Path
 import pytest, torch
+from radiodiff_vae.trainer import train, BatchStream
+from radiodiff_vae.config import load_config
 
 CONFIG = '''
 model:
   ddconfig: {ch: 32, ch_mult: [1, 2], num_res_blocks: 1, resolution: 32}
   lossconfig: {disc_start: 2, perceptual_weight: 0.0, lpips_pretrained: false, disc_ndf: 8}
-data: {source: synthetic, size: 32, n_maps: 16, val_maps: 2, batch_size: 4}
-trainer: {lr: 0.001, min_lr: 0.00001, schedule: cosine, train_num_steps: 4, save_and_sample_every: 2, log_freq: 1,
-          ema_update_every: 1, tensorboard: false, num_threads: 1, learn_logvar: true}
+data: {source: synthetic, size: 32, n_maps: 32, val_maps: 2, batch_size: 4}
+trainer: {lr: 0.001, min_lr: 0.00001, schedule: cosine, train_num_steps: 10, save_and_sample_every: 5, log_freq: 1,
+          ema_update_every: 1, tensorboard: false, num_threads: 1, learn_logvar: true, sync_batchnorm: true}
 '''
+LOSSES = ('train/total_loss', 'train/rec_loss', 'train/nll_loss', 'train/kl_loss', 'train/g_loss', 'train/d_weight',
+          'train/disc_loss', 'train/logits_real', 'train/logits_fake', 'grad_norm_ae')
 
-# each process trains, then writes a digest of every tensor it holds (weights, discriminator incl. BatchNorm buffers)
-WORKER = '''
-import hashlib, json, sys, torch
-from radiodiff_vae.trainer import Trainer
-from radiodiff_vae.config import load_config
-cfg, out = sys.argv[1], sys.argv[2]
-t = Trainer(load_config(cfg), out, progress=False)
-summary = t.fit()
-def digest(sd): return hashlib.sha256(b''.join(v.detach().cpu().contiguous().numpy().tobytes() for _, v in sorted(sd.items()))).hexdigest()
-json.dump({'rank': t.rank, 'world': t.world, 'ae': digest(t.ae.state_dict()), 'loss': digest(t.loss.state_dict()),
-           'step': summary['step'], 'finite': all(bool(torch.isfinite(v).all()) for v in t.ae.state_dict().values())},
-          open(f'{out}/rank{t.rank}.json', 'w'))
-'''
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
-def test_two_processes_gloo(tmp_path):
-    (tmp_path/'cfg.yaml').write_text(CONFIG)
-    (tmp_path/'worker.py').write_text(WORKER)
-    out = tmp_path/'run'
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES='', ACCELERATE_USE_CPU='1', OMP_NUM_THREADS='1')
-    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
-           '--mixed_precision', 'no', '--dynamo_backend', 'no', str(tmp_path/'worker.py'), str(tmp_path/'cfg.yaml'), str(out)]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+def launch(args, cwd, timeout=240, n=2):
+    "`accelerate launch --multi_gpu` of `args` as a user types it: a free port, no ACCELERATE_USE_CPU, no CUDA."
+    env = {k: v for k, v in os.environ.items() if not k.startswith('ACCELERATE_')}
+    env.update(CUDA_VISIBLE_DEVICES='', OMP_NUM_THREADS='1')
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', str(n), '--num_machines', '1',
+           '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', str(free_port()), *map(str, args)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+def cli_train(cfg, out, *extra):
+    return ['-m', 'radiodiff_vae.cli', 'train', '--config', cfg, '--out', out, '--no-progress', *extra]
+
+def load(p): return torch.load(p, map_location='cpu', weights_only=True)
+
+def records(out):
+    return {r['step']: r for r in map(json.loads, (Path(out)/'metrics.jsonl').read_text().splitlines()) if 'train/total_loss' in r}
+
+def rel_l2(a: dict, b: dict) -> float:
+    "Relative L2 distance of two state dicts (float tensors only)."
+    keys = [k for k, v in a.items() if v.is_floating_point()]
+    num = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in keys)
+    return (num / sum(float(a[k].double().pow(2).sum()) for k in keys)) ** 0.5
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+    "The config file and an uninterrupted 2-process run of 10 steps, launched through the CLI."
+    d = tmp_path_factory.mktemp('mp')
+    (d/'cfg.yaml').write_text(CONFIG)
+    r = launch(cli_train(d/'cfg.yaml', d/'two'), d)
+    return d, r
+
+def test_cli_launch_writes_once(runs):
+    "The launch that failed 3 times in 4: without ACCELERATE_USE_CPU every process believed it was process 0."
+    d, r = runs
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    ranks = [json.loads((out/f'rank{i}.json').read_text()) for i in range(2)]
-    assert [r['world'] for r in ranks] == [2, 2] and all(r['step'] == 4 and r['finite'] for r in ranks)
-    assert ranks[0]['ae'] == ranks[1]['ae'] and ranks[0]['loss'] == ranks[1]['loss']
-    logs = list(out.glob('*_.log'))
-    assert len(logs) == 1
-    lines = logs[0].read_text().splitlines()
-    assert sum('[Train Step]' in l for l in lines) == 2 * 4 and sum(l.count('{') > 0 and "'model'" in l for l in lines) == 1
-    recs = [json.loads(l) for l in (out/'metrics.jsonl').read_text().splitlines()]
-    train_recs = [r for r in recs if 'train/total_loss' in r]
-    assert [r['step'] for r in train_recs] == [0, 1, 2, 3]
-    assert all(r[k] is not None for r in train_recs for k in ('train/total_loss', 'train/disc_loss', 'train/rec_loss'))
+    out = d/'two'
+    assert r.stdout.count('"out_dir"') == 1                       # one summary: only process 0 prints it
+    assert len(list(out.glob('*_.log'))) == 1 and sorted(records(out)) == list(range(10))
+    lines = next(out.glob('*_.log')).read_text().splitlines()
+    assert sum('[Train Step]' in l for l in lines) == 2 * 10
     assert sorted(p.name for p in out.glob('model-*.pt')) == ['model-1.pt', 'model-2.pt'] and not list(out.glob('.*.tmp'))
-    ck = torch.load(out/'model-2.pt', map_location='cpu', weights_only=False)
-    assert ck['world_size'] == 2 and len(ck['rng']) == 2 and ck['data_state']['batches_drawn'] == 4
+    ck = load(out/'model-2.pt')
+    assert ck['world_size'] == 2 and len(ck['rng']) == 2 and ck['data_state']['batches_drawn'] == 10 and ck['step'] == 10
+
+def test_world_size_invariance(runs):
+    "1 process with batch 4 = 2 processes with 2 maps each: losses and weights, GAN on from step 2 (sync_batchnorm)."
+    d, r = runs
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = train(load_config(d/'cfg.yaml'), d/'one', progress=False)
+    assert one['processes'] == 1
+    a, b = records(d/'one'), records(d/'two')
+    for step in range(10):
+        for k in LOSSES:
+            if a[step].get(k) is None: continue
+            tol = 1e-5 if step == 0 else 1e-3
+            assert abs(a[step][k] - b[step][k]) <= tol * max(abs(a[step][k]), 1e-3), (step, k, a[step][k], b[step][k])
+    ca, cb = load(d/'one'/'model-2.pt'), load(d/'two'/'model-2.pt')
+    assert rel_l2(ca['model'], cb['model']) <= 1e-3 and rel_l2(ca['loss'], cb['loss']) <= 1e-3
+    assert a[9]['train/disc_factor'] == 1.0 and a[9]['grad_norm_disc'] is not None   # the GAN did train
+
+def test_exact_resume_on_two_processes(runs):
+    "Killed after a checkpoint (stop at 5) and resumed on 2 processes: bit for bit the uninterrupted 2-process run."
+    d, _ = runs
+    for extra in (['--stop-at', '5'], ['--resume', 'latest']):
+        r = launch(cli_train(d/'cfg.yaml', d/'resumed', *extra), d)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    a, b = load(d/'two'/'model-2.pt'), load(d/'resumed'/'model-2.pt')
+    for key in ('model', 'loss', 'ema'):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]: assert torch.equal(a[key][k], b[key][k]), f'{key}.{k} differs'
+    for opt in ('opt_ae', 'opt_disc'):
+        for pid, st in a[opt]['state'].items():
+            for k, v in st.items(): assert torch.equal(v, b[opt]['state'][pid][k]), f'{opt} {pid}.{k}'
+    assert a['lr_scheduler_ae'] == b['lr_scheduler_ae'] and a['data_state'] == b['data_state']
+    assert all(torch.equal(x['torch'], y['torch']) for x, y in zip(a['rng'], b['rng']))
+    assert b['session'] == 1
+
+def test_resume_two_process_checkpoint_on_one(runs):
+    "Where the run does not depend on the process count (sync_batchnorm), 2 -> 1 process continues the same run."
+    d, _ = runs
+    s = train(load_config(d/'cfg.yaml'), d/'two-to-one', resume=str(d/'two'/'model-1.pt'), progress=False)
+    assert s['start_step'] == 5 and s['step'] == 10
+    a, b = load(d/'two'/'model-2.pt'), load(d/'two-to-one'/'model-2.pt')
+    assert rel_l2(a['model'], b['model']) <= 1e-3 and rel_l2(a['loss'], b['loss']) <= 1e-3
+
+WORKER = '''
+import json, sys, torch
+from accelerate.utils import gather_object
+from radiodiff_vae.config import load_config
+from radiodiff_vae.trainer import Trainer
+cfg_path, out, bad = sys.argv[1], sys.argv[2], set(json.loads(sys.argv[3]))
+
+# 1. plain SGD on the decoder's last layer: the synchronised gradient is the mean of the processes' own gradients
+cfg = load_config(cfg_path, ['model.lossconfig.disc_start=9'])
+t = Trainer(cfg, out + '-sgd', progress=False)
+x, eps, _ = t._next_batch()
+p = t.ae.decoder.conv_out.weight
+own = torch.autograd.grad(t.acc.unwrap_model(t.gen)(x, eps, 0, False)[0], p)[0]
+grads = torch.stack(gather_object([own]))
+loss = t.gen(x, eps, 0, False)[0]
+t.acc.backward(loss)
+w0 = p.detach().clone(); torch.optim.SGD([p], lr=1.0).step()
+print('SGD', json.dumps({'rank': t.rank, 'mean': torch.allclose(p.grad, grads.mean(0), atol=1e-7, rtol=1e-5),
+      'sum': torch.allclose(p.grad, grads.sum(0), atol=1e-7, rtol=1e-5), 'step': torch.allclose(w0 - p.detach(), grads.mean(0), atol=1e-6, rtol=1e-5),
+      'differ': not torch.allclose(grads[0], grads[1])}), flush=True)
+if t.main: t.logs.close(); t.lock.release()
+
+# 2. a NaN in the maps of process 1 only, at step 2
+class Poisoned(torch.utils.data.Dataset):
+    def __init__(self, ds): self.ds = ds
+    def __len__(self): return len(self.ds)
+    def __getitem__(self, i):
+        item = dict(self.ds[i])
+        if i in bad: item['image'] = item['image'] * float('nan')
+        return item
+t = Trainer(load_config(cfg_path), out, progress=False)
+t.train_ds = Poisoned(t.train_ds); t._open_stream()
+t.fit()
+'''
+
+def test_nan_on_one_process_stops_all_and_gradient_is_the_mean(runs):
+    d, _ = runs
+    (d/'worker.py').write_text(WORKER)
+    cfg = load_config(d/'cfg.yaml')
+    bad = BatchStream(cfg['data']['n_maps'], cfg['data']['batch_size'], cfg['trainer']['seed'], rank=1, world=2).batch(2)
+    r = launch([d/'worker.py', d/'cfg.yaml', d/'nan', json.dumps(bad)], d, timeout=240)   # a hang would time out
+    sgd = [json.loads(l[4:]) for l in r.stdout.splitlines() if l.startswith('SGD ')]
+    assert len(sgd) == 2 and all(s['mean'] and s['step'] and s['differ'] and not s['sum'] for s in sgd), r.stdout + r.stderr[-3000:]
+    assert r.returncode != 0
+    assert r.stderr.count('NonFiniteLossError: non-finite loss at step 2') == 2, r.stderr[-4000:]
+    diag = json.loads((d/'nan'/'nonfinite-step2.json').read_text())
+    assert diag['step'] == 2 and {f'{i}_0' for i in bad} <= set(diag['batch']) and len(diag['batch']) == 4
+    assert '[Stop] step 2' in next((d/'nan').glob('*_.log')).read_text()

@@ -36,7 +36,7 @@ def straight(tmp_path_factory):
     summary = train(tiny(**{'trainer.tensorboard': True}), out, progress=False)
     return out, summary
 
-def load(path): return torch.load(path, map_location='cpu', weights_only=False)
+def load(path): return torch.load(path, map_location='cpu', weights_only=True)   # checkpoints hold tensors and plain values only
 
 def test_interrupted_run_resumes_to_identical_weights(straight, tmp_path):
     out, _ = straight
@@ -135,15 +135,15 @@ def test_damaged_latest_checkpoint(straight, tmp_path):
               skip_damaged=True, stop_at=9)
     assert s['resumed_from'].endswith('model-3.pt') and s['step'] == 9
 
-def test_lock_refuses_live_owner_and_replaces_stale(tmp_path):
+def test_lock_refuses_a_live_holder_and_is_released(tmp_path):
     out = tmp_path/'locked'; out.mkdir()
-    (out/'.lock').write_text(json.dumps({'pid': os.getpid(), 'host': socket.gethostname()}))
-    with pytest.raises(RunFolderError, match=f'pid {os.getpid()}'):
-        train(TINY, out, progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ['.lock']
-    (out/'.lock').write_text(json.dumps({'pid': 2**22 + 4321, 'host': socket.gethostname()}))
+    from radiodiff_vae.run_folder import RunLock
+    with RunLock(out):                                   # another holder of the folder (an OS lock)
+        with pytest.raises(RunFolderError, match=f'pid {os.getpid()}'):
+            train(TINY, out, progress=False)
+        assert sorted(p.name for p in out.iterdir()) == ['.lock']
     s = train(tiny(**{'trainer.train_num_steps': 2, 'trainer.warmup_steps': 0, 'model.lossconfig.disc_start': 1}), out, progress=False)
-    assert s['step'] == 2 and not (out/'.lock').exists()
+    assert s['step'] == 2 and not RunLock(out).acquire().release()
 
 class PoisonedMaps(torch.utils.data.Dataset):
     "Synthetic-like maps; every item drawn after the first `clean` draws is NaN (or only at draws in `at`)."
@@ -200,7 +200,8 @@ def test_failed_log_write_is_a_run_folder_error(tmp_path, monkeypatch):
         failing_open.appends += 'a' in mode and str(path).endswith('_.log')
         return open(path, mode, *a, **k)
     failing_open.appends = 0
-    monkeypatch.setattr(tr, 'open', failing_open, raising=False)   # the trainer module's `open` only
+    import radiodiff_vae.logs as logs_module
+    monkeypatch.setattr(logs_module, 'open', failing_open, raising=False)   # the log writer's `open` only
     with pytest.raises(RunFolderError, match=r'_\.log: cannot write the log \(Read-only file system\)'):
         train(TINY, out, progress=False)
     assert not (out/'.lock').exists()
@@ -230,7 +231,7 @@ def test_resume_from_upstream_checkpoint(straight, tmp_path):
         for k, v in t.ae.state_dict().items(): assert torch.equal(v, up['model'][k])
         assert torch.equal(t.loss.logvar.detach(), up['model']['loss.logvar'])
         assert torch.equal(t.ema.ema_model.decoder.conv_out.weight, up['ema']['ema_model.decoder.conv_out.weight'])
-        assert len(t.opt_ae.param_groups) == 2 and t.sched_ae.last_epoch == 12
+        assert len(t.opt_ae.param_groups) == 2 and t.sched_ae.scheduler.last_epoch == 12
         s = t.fit()
     finally: t.lock.release()
     assert s['step'] == 14 and (tmp_path/'cont'/'model-2.pt').exists()
@@ -248,3 +249,30 @@ def test_cli_exit_codes(tmp_path, capsys):
     from radiodiff_vae.cli import main as cli_main
     assert cli_main(['train', '--config', 'configs/quickstart.yaml', '--set', 'trainer.bogus=1']) == 2
     assert 'trainer.bogus' in capsys.readouterr().err
+
+def test_checkpoint_of_another_process_count(straight, tmp_path):
+    "A checkpoint of 2 processes resumes on 1 only where the run does not depend on the count (sync_batchnorm)."
+    out, _ = straight
+    ck = load(out/'model-2.pt'); ck['world_size'] = 2; torch.save(ck, tmp_path/'two.pt')
+    with pytest.raises(CheckpointError, match=r'written by 2 processes, resumed on 1.*sync_batchnorm.*--num_processes 2'):
+        train(TINY, tmp_path/'a', resume=str(tmp_path/'two.pt'), progress=False)
+    s = train(tiny(**{'trainer.sync_batchnorm': True}), tmp_path/'b', resume=str(tmp_path/'two.pt'), progress=False, stop_at=7)
+    assert s['start_step'] == 6 and s['step'] == 7
+
+def test_frozen_discriminator(tmp_path):
+    "trainer.train_discriminator: false: the discriminator's weights never move, the GAN term is still on."
+    cfg = tiny(**{'trainer.train_discriminator': False, 'trainer.train_num_steps': 4, 'model.lossconfig.disc_start': 1,
+                  'trainer.save_and_sample_every': 4, 'data.val_maps': 0})
+    t = Trainer(resolve_config(cfg), tmp_path/'frozen', progress=False)
+    before = {k: v.clone() for k, v in t.loss.discriminator.named_parameters()}
+    t.fit()
+    assert all(torch.equal(v, dict(t.loss.discriminator.named_parameters())[k]) for k, v in before.items())
+    recs = [json.loads(l) for l in (tmp_path/'frozen'/'metrics.jsonl').read_text().splitlines() if 'train/g_loss' in l]
+    assert recs[-1]['train/disc_factor'] == 1.0 and recs[-1]['grad_norm_disc'] is None and recs[-1]['train/d_weight'] > 0
+
+def test_checkpoints_load_with_weights_only(straight):
+    "Every checkpoint (RNG states included) is tensors and plain values: torch.load(weights_only=True) reads it."
+    out, _ = straight
+    for p in out.glob('model-*.pt'):
+        ck = torch.load(p, weights_only=True)
+        assert isinstance(ck['rng'][0]['numpy'][1], torch.Tensor) and ck['version'] == tr.CHECKPOINT_VERSION
