@@ -120,7 +120,9 @@ class RadioMapSeer(Dataset):
         self.simulation, self.num_tx, self.with_cond, self.size = simulation, int(num_tx), with_cond, size
         if self.num_tx < 1: raise ConfigError(f'num_tx={num_tx}: expected at least 1 transmitter per map')
         self.gain_dir = self._find_simulation(simulation)
-        self.maps = [int(m) for m in maps] if maps is not None else radiomapseer_split(phase, made.get('n', 700), include_leaked=include_leaked)
+        n = self.n_maps = made.get('n', 700)                  # maps in the whole dataset (the split's size)
+        self.maps = [int(m) for m in maps] if maps is not None else radiomapseer_split(phase, n, include_leaked=include_leaked)
+        self.left_out = leaked_maps(n) if maps is None and phase == 'test' and not include_leaked else []  # held out by leaving these out
         if not self.maps: raise DataError(f'{self.root}: the list of maps is empty; expected at least one map id')
         self.phase = phase if maps is None else None
         self._check_files()
@@ -168,7 +170,7 @@ class RadioMapSeer(Dataset):
         return (f'RadioMapSeer({self.root}, {self.simulation}, phase={self.phase}, maps={len(self.maps)}, '
                 f'num_tx={self.num_tx}, items={len(self)})')
 
-# %% ../nbs/09_data.ipynb 21
+# %% ../nbs/09_data.ipynb 23
 def _natural_key(p: Path):
     "Sort key that orders embedded numbers numerically: 2_0 < 10_0."
     return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', p.as_posix())]

@@ -4,22 +4,34 @@
 
 # %% ../nbs/17_evaluation.ipynb 1
 from __future__ import annotations
-import json, math, warnings
+import io, json, math
 from pathlib import Path
 import numpy as np
+import pandas as pd
 import torch
-import torch.nn.functional as F
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from scipy import stats
+from torch.utils.data import Subset
 from torchmetrics.functional.image import structural_similarity_index_measure, peak_signal_noise_ratio
-from .core import DataError, CheckpointError, ConfigError, RadioDiffError, atomic_write_text, real_maps_dir
-from .model import AutoencoderKL, load_checkpoint, model_from_checkpoint, reconstruct
+from tqdm.auto import tqdm
+from .core import (CheckpointError, ConfigError, DataError, atomic_write_bytes, atomic_write_text,
+                                markdown_table, real_maps_dir, to_jsonable)
+from .distributions import DiagonalGaussianDistribution
+from .perceptual import LPIPSWeightsMissing
+from .losses import LPIPSWithDiscriminator
+from .model import load_checkpoint, model_from_checkpoint, upstream_loss_state_dict
+from .data import MapFolder, RadioMapSeer, leaked_maps, unscale_gain
+from .synthetic import SyntheticRadioMaps
+from .config import load_config, resolve_config
 
 # %% auto 0
 __all__ = ['SSIM_KERNEL_SIZE', 'SSIM_SIGMA', 'METRICS', 'LOSS_TERMS', 'RADIODIFF_PAPER', 'mse_per_map', 'nmse_per_map',
            'rmse_per_map', 'psnr_per_map', 'ssim_per_map', 'map_metrics', 'summarize', 'dataset_from_spec',
-           'read_checkpoint', 'build_model', 'build_loss', 'per_map_losses', 'reconstruct', 'LatentStats',
-           'downsampling_factor', 'evaluate_model', 'summarize_rows', 'plot_reconstructions', 'plot_psnr_histogram',
-           'markdown_section', 'evaluate_checkpoint', 'write_outputs', 'add_evaluate_args', 'run_evaluate', 'spec_slug',
-           'latest_checkpoint', 'evaluate_many']
+           'read_checkpoint', 'build_model', 'build_loss', 'per_map_losses', 'posterior_and_reconstructions',
+           'LatentStats', 'downsampling_factor', 'evaluate_model', 'summarize_rows', 'plot_reconstructions',
+           'plot_psnr_histogram', 'markdown_section', 'prepare_evaluation', 'resolve_data', 'evaluate_prepared',
+           'write_outputs', 'evaluate_checkpoint', 'add_evaluate_args', 'run_evaluate', 'spec_slug', 'evaluate_many']
 
 # %% ../nbs/17_evaluation.ipynb 5
 SSIM_KERNEL_SIZE, SSIM_SIGMA = 11, 1.5
@@ -32,7 +44,7 @@ def _check_maps(pred, target):
     if min(pred.shape[-2:]) < SSIM_KERNEL_SIZE:
         raise DataError(f"maps of {tuple(pred.shape[-2:])} pixels are smaller than the {SSIM_KERNEL_SIZE}x{SSIM_KERNEL_SIZE} SSIM window")
 
-# %% ../nbs/17_evaluation.ipynb 6
+# %% ../nbs/17_evaluation.ipynb 7
 def mse_per_map(pred, target):
     "Mean squared error of each map in a batch -> [B]."
     return (pred.double() - target.double()).pow(2).flatten(1).mean(1)
@@ -46,7 +58,7 @@ def rmse_per_map(pred, target):
     "Root mean squared error of each map -> [B]."
     return mse_per_map(pred, target).sqrt()
 
-# %% ../nbs/17_evaluation.ipynb 8
+# %% ../nbs/17_evaluation.ipynb 9
 def psnr_per_map(pred, target):
     "PSNR (dB) of each map with data range 1, through torchmetrics -> [B]."
     return peak_signal_noise_ratio(pred.double(), target.double(), data_range=1.0, reduction="none", dim=(1, 2, 3))
@@ -57,7 +69,7 @@ def ssim_per_map(pred, target):
     return structural_similarity_index_measure(pred.float(), target.float(), gaussian_kernel=True, sigma=SSIM_SIGMA,
                                               kernel_size=SSIM_KERNEL_SIZE, data_range=1.0, reduction="none").double()
 
-# %% ../nbs/17_evaluation.ipynb 11
+# %% ../nbs/17_evaluation.ipynb 12
 def map_metrics(pred, target, clamp=True) -> dict:
     "NMSE, RMSE, PSNR, SSIM (and MSE) of each map, for maps Bx1xHxW in [0, 1] -> dict of float64 [B] tensors."
     _check_maps(pred, target)
@@ -65,10 +77,9 @@ def map_metrics(pred, target, clamp=True) -> dict:
     return dict(nmse=nmse_per_map(pred, target), rmse=rmse_per_map(pred, target), psnr=psnr_per_map(pred, target),
                 ssim=ssim_per_map(pred, target), mse=mse_per_map(pred, target))
 
-# %% ../nbs/17_evaluation.ipynb 14
+# %% ../nbs/17_evaluation.ipynb 15
 def summarize(values, confidence=0.95) -> dict:
     "Mean, std (ddof 1), Student-t confidence interval, median, min, max over the finite `values`; counts too."
-    from scipy import stats
     v = np.asarray(values, dtype=np.float64).ravel()
     finite = v[np.isfinite(v)]
     n = len(finite)
@@ -82,10 +93,9 @@ def summarize(values, confidence=0.95) -> dict:
         out.update(std=std, ci_low=mean - half, ci_high=mean + half)
     return out
 
-# %% ../nbs/17_evaluation.ipynb 17
+# %% ../nbs/17_evaluation.ipynb 18
 def _synthetic_dataset(spec: str, cfg: dict | None):
     "The `SyntheticRadioMaps` of a `synthetic:N[:SEED[:SIZE]]` spec, held out from `cfg`'s synthetic training maps."
-    from radiodiff_vae.synthetic import SyntheticRadioMaps
     parts = spec.split(":")[1:]
     try: n, seed, size = [int(p) if p != "" else None for p in parts] + [None] * (3 - len(parts))
     except ValueError: raise DataError(f"data spec {spec!r}: expected synthetic:N[:SEED[:SIZE]] with integers") from None
@@ -99,40 +109,69 @@ def _synthetic_dataset(spec: str, cfg: dict | None):
     return SyntheticRadioMaps(n, seed=seed, size=size, offset=offset, **params), dict(
         kind="synthetic", n=n, seed=seed, size=size, offset=offset, params=params, held_out_from_training=trained_on)
 
-# %% ../nbs/17_evaluation.ipynb 18
-def _radiomapseer_dataset(root: Path, simulation: str = "DPM"):
-    "The RadioMapSeer test split under `root`, or (when incomplete) every map found in `root/gain/simulation`."
-    from radiodiff_vae.data import RadioMapSeer, MapFolder
-    try:
-        ds = RadioMapSeer(root, simulation=simulation, phase="test", num_tx=80, size=None)
-        return ds, dict(kind="radiomapseer", root=str(root), simulation=simulation, split="test", complete=True)
+# %% ../nbs/17_evaluation.ipynb 20
+def _leak_note(left_out: list, include_leaked: bool, kept=()) -> str | None:
+    "What the evaluation did about the map that upstream's split puts in both train and test."
+    if left_out: return (f"map(s) {', '.join(map(str, left_out))} left out: upstream's split also trains on them (test position 600); "
+                         "include_leaked=True (--include-leaked) scores upstream's full test split")
+    if include_leaked and kept: return f"includes map(s) {', '.join(map(str, kept))}, which upstream's split also trains on (as upstream's numbers do)"
+    return None
+
+def _map_id(name: str) -> int | None:
+    "The RadioMapSeer map id of a file stem `<map>_<tx>` (None for other names)."
+    head = str(name).split("/")[-1].split("_")[0]
+    return int(head) if head.isdigit() else None
+
+def _partial_radiomapseer(root: Path, simulation: str, include_leaked: bool, missing: str):
+    "Every map found in `root/gain/simulation` (an incomplete test split), less the leaked map's files unless `include_leaked`."
+    folder = MapFolder(root / "gain" / simulation, size=None, recursive=False)
+    leaked = set(leaked_maps())
+    keep = [i for i, n in enumerate(folder.names) if include_leaked or _map_id(n) not in leaked]
+    dropped = sorted({_map_id(n) for i, n in enumerate(folder.names) if i not in set(keep)})
+    kept = sorted({_map_id(folder.names[i]) for i in keep} & leaked)
+    ds = folder if len(keep) == len(folder) else Subset(folder, keep)
+    notes = [f"not a complete RadioMapSeer test split ({missing}); evaluated the {len(ds)} maps found in {root / 'gain' / simulation}",
+             _leak_note(dropped, include_leaked, kept)]
+    return ds, dict(kind="radiomapseer", root=str(root), simulation=simulation, split="test", complete=False,
+                    left_out=dropped, include_leaked=include_leaked, note="; ".join(n for n in notes if n))
+
+def _radiomapseer_dataset(root: Path, simulation: str = "DPM", include_leaked: bool = False):
+    "The RadioMapSeer test split under `root` (held out unless `include_leaked`), or the maps found when it is incomplete."
+    try: ds = RadioMapSeer(root, simulation=simulation, phase="test", size=None, include_leaked=include_leaked)
     except DataError as e:
         if "missing" not in str(e): raise
-        ds = MapFolder(root / "gain" / simulation, size=None, recursive=False)
-        return ds, dict(kind="radiomapseer", root=str(root), simulation=simulation, split="test", complete=False,
-                        note=f"not a complete RadioMapSeer test split ({str(e).split(': ', 1)[1].split(':')[0]}); "
-                             f"evaluated the {len(ds)} maps found in {root / 'gain' / simulation}")
+        return _partial_radiomapseer(root, simulation, include_leaked, str(e).split(": ", 1)[1].split(":")[0])
+    kept = [m for m in leaked_maps(ds.n_maps) if m in ds.maps] if include_leaked else []
+    return ds, dict(kind="radiomapseer", root=str(root), simulation=simulation, split="test", complete=True,
+                    left_out=ds.left_out, include_leaked=include_leaked, note=_leak_note(ds.left_out, include_leaked, kept))
 
-# %% ../nbs/17_evaluation.ipynb 19
-def dataset_from_spec(spec, cfg: dict | None = None):
+# %% ../nbs/17_evaluation.ipynb 22
+def _real_dataset():
+    "The bundled real maps, described honestly: real RadioMapSeer maps, named by label, from upstream's training split."
+    root = real_maps_dir() / "gain" / "DPM"
+    ds = MapFolder(root, size=None, recursive=False)
+    return ds, dict(kind="real", root=str(root), simulation="DPM", complete=False, note=(
+        f"the {len(ds)} bundled real RadioMapSeer maps: their names are labels, not map ids, and they come from upstream's "
+        "training split, so they are held out only for a model not trained on RadioMapSeer with upstream's split"))
+
+# %% ../nbs/17_evaluation.ipynb 24
+def dataset_from_spec(spec, cfg: dict | None = None, include_leaked: bool = False):
     "A dataset of maps (items {'image', 'name'}) and a description of it, from a data spec (see the table above)."
-    from radiodiff_vae.data import MapFolder
     spec = str(spec)
     if spec.startswith("synthetic:"): return _synthetic_dataset(spec, cfg)
-    if spec == "real": return _radiomapseer_dataset(real_maps_dir())
+    if spec == "real": return _real_dataset()
     if spec.startswith("folder:"):
         path = Path(spec[len("folder:"):])
         return MapFolder(path, size=None), dict(kind="folder", root=str(path))
     path = Path(spec[len("radiomapseer:"):] if spec.startswith("radiomapseer:") else spec)
     if not path.exists(): raise DataError(f"data spec {spec!r}: {path} does not exist; expected a folder of maps, "
                                           "a RadioMapSeer root, 'real' or synthetic:N[:SEED[:SIZE]]")
-    if (path / "gain").is_dir() or spec.startswith("radiomapseer:"): return _radiomapseer_dataset(path)
+    if (path / "gain").is_dir() or spec.startswith("radiomapseer:"): return _radiomapseer_dataset(path, include_leaked=include_leaked)
     return MapFolder(path, size=None), dict(kind="folder", root=str(path))
 
-# %% ../nbs/17_evaluation.ipynb 22
+# %% ../nbs/17_evaluation.ipynb 28
 def _evaluation_config(ckpt: dict, path: Path, config=None):
     "The resolved config for a checkpoint: `config` (a path or dict) if given, else the checkpoint's, else defaults."
-    from radiodiff_vae.config import resolve_config, load_config
     if config is not None:
         cfg = load_config(config) if isinstance(config, (str, Path)) else resolve_config(config)
         return cfg, (str(config) if isinstance(config, (str, Path)) else "given")
@@ -141,7 +180,7 @@ def _evaluation_config(ckpt: dict, path: Path, config=None):
         except ConfigError as e: raise CheckpointError(f"{path}: its stored config is not valid ({e}); pass a config file") from None
     return resolve_config(None), "default (RadioDiff config; the checkpoint carries none)"
 
-# %% ../nbs/17_evaluation.ipynb 23
+# %% ../nbs/17_evaluation.ipynb 30
 def _weights_to_evaluate(use_ema) -> list[str]:
     "`False` -> ['raw'], `True` -> ['ema'], 'both' -> ['raw', 'ema']."
     if use_ema == "both": return ["raw", "ema"]
@@ -163,12 +202,9 @@ def build_model(ckpt: dict, cfg: dict, which: str, path, device="cpu"):
                                   map_location=None, source=f"{path} [{which} weights]")
     return model.to(device).eval().requires_grad_(False)
 
-# %% ../nbs/17_evaluation.ipynb 25
+# %% ../nbs/17_evaluation.ipynb 33
 def build_loss(ckpt: dict, cfg: dict, device="cpu") -> tuple[torch.nn.Module, list[str], float]:
     "The config's `LPIPSWithDiscriminator` with the checkpoint's loss state; notes on what differs; the LPIPS weight used."
-    from radiodiff_vae.losses import LPIPSWithDiscriminator
-    from radiodiff_vae.perceptual import LPIPSWeightsMissing
-    from radiodiff_vae.model import upstream_loss_state_dict
     lossconfig, notes = dict(cfg["model"]["lossconfig"]), []
     perceptual_weight = float(lossconfig["perceptual_weight"])
     try: loss = LPIPSWithDiscriminator(**lossconfig)
@@ -184,10 +220,9 @@ def build_loss(ckpt: dict, cfg: dict, device="cpu") -> tuple[torch.nn.Module, li
                        "does not fit the lossconfig") + ": fresh values used (logvar = logvar_init; g_loss meaningless)")
     return loss.to(device).eval().requires_grad_(False), notes, perceptual_weight
 
-# %% ../nbs/17_evaluation.ipynb 26
+# %% ../nbs/17_evaluation.ipynb 35
 def per_map_losses(loss, x, x_rec, posterior, last_layer) -> dict:
     "Training loss terms of each map (the batch is split into single maps) -> dict of float lists."
-    from radiodiff_vae.distributions import DiagonalGaussianDistribution
     keys = dict(rec_loss="rec", kl_loss="kl", nll_loss="nll", total_loss="total", g_loss="g")
     out = {v: [] for v in keys.values()}
     for i in range(len(x)):
@@ -197,21 +232,21 @@ def per_map_losses(loss, x, x_rec, posterior, last_layer) -> dict:
         for k, short in keys.items(): out[short].append(float(log[f"eval/{k}"]))
     return out
 
-# %% ../nbs/17_evaluation.ipynb 28
+# %% ../nbs/17_evaluation.ipynb 38
 def _map_noise(shape, index: int, sample_seed: int) -> torch.Tensor:
     "Standard normal noise of `shape` for map `index`: the same for every batch layout."
     return torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed * 1_000_003 + index))
 
 @torch.no_grad()
-def reconstruct(model, x, indices, sample_seed: int = 0) -> dict:
-    "Posterior, latents (mode, sample) and reconstructions (mode, sample) of a batch `x` in [-1, 1]."
+def posterior_and_reconstructions(model, x, indices, sample_seed: int = 0) -> dict:
+    "Posterior, latents (mode, per-map-seeded sample) and both reconstructions of a batch `x` in [-1, 1]."
     posterior = model.encode(x)
     eps = torch.stack([_map_noise(posterior.mean.shape[1:], int(i), sample_seed) for i in indices]).to(x.device, x.dtype)
     z_sample = posterior.mean + posterior.std * eps
     return dict(posterior=posterior, z_mode=posterior.mode(), z_sample=z_sample,
                 x_mode=model.decode(posterior.mode()), x_sample=model.decode(z_sample))
 
-# %% ../nbs/17_evaluation.ipynb 30
+# %% ../nbs/17_evaluation.ipynb 41
 class LatentStats:
     "Running per-channel sums of latents -> mean, std per channel and pooled, and the scale factor 1/std."
     def __init__(self): self.sum = self.sumsq = None; self.count = 0
@@ -232,7 +267,7 @@ class LatentStats:
         return dict(channel_mean=mean.tolist(), channel_std=var.sqrt().tolist(), mean=pooled_mean, std=pooled_std,
                     scale_factor=(1 / pooled_std) if pooled_std > 0 else None, elements=self.count * len(self.sum))
 
-# %% ../nbs/17_evaluation.ipynb 33
+# %% ../nbs/17_evaluation.ipynb 44
 def downsampling_factor(ddconfig: dict) -> int:
     "How much the encoder shrinks each side: 2^(levels-1)."
     return 2 ** (len(ddconfig["ch_mult"]) - 1)
@@ -258,18 +293,16 @@ def _batches(dataset, indices, batch_size, ddconfig):
         batch.append((i, item))
     if batch: yield batch
 
-# %% ../nbs/17_evaluation.ipynb 34
+# %% ../nbs/17_evaluation.ipynb 46
 def evaluate_model(model, loss, dataset, indices, *, batch_size=8, device="cpu", sample_seed=0, train_on_sample=True,
                    progress=True, desc="evaluate") -> tuple[list[dict], dict]:
     "Per-map rows (metrics, losses) and latent statistics of `model` on `dataset[indices]`."
-    from tqdm.auto import tqdm
-    from radiodiff_vae.data import unscale_gain
     rows, latents = [], {"sample": LatentStats(), "mode": LatentStats()}
     with tqdm(total=len(indices), desc=desc, unit="map", disable=not progress) as bar, torch.no_grad():
         for batch in _batches(dataset, indices, batch_size, model.ddconfig):
             idx = [i for i, _ in batch]
             x = torch.stack([item["image"] for _, item in batch]).float().to(device)
-            r = reconstruct(model, x, idx, sample_seed)
+            r = posterior_and_reconstructions(model, x, idx, sample_seed)
             latents["sample"].update(r["z_sample"]); latents["mode"].update(r["z_mode"])
             target = unscale_gain(x).cpu()
             m = {kind: map_metrics(unscale_gain(r[f"x_{kind}"]).cpu(), target) for kind in ("mode", "sample")}
@@ -282,12 +315,11 @@ def evaluate_model(model, loss, dataset, indices, *, batch_size=8, device="cpu",
             bar.update(len(batch))
     return rows, {k: v.result() for k, v in latents.items()}
 
-# %% ../nbs/17_evaluation.ipynb 36
+# %% ../nbs/17_evaluation.ipynb 49
 LOSS_TERMS = ("rec", "kl", "nll", "total", "g")
 
 def summarize_rows(rows: list[dict], latents: dict) -> dict:
     "Summary of one model's per-map rows: metric and loss statistics, latent statistics, typical and worst maps."
-    import pandas as pd
     df = pd.DataFrame(rows)
     psnr = df["mode_psnr"].replace([np.inf, -np.inf], np.nan)
     order = psnr.dropna().sort_values(kind="stable")
@@ -300,18 +332,16 @@ def summarize_rows(rows: list[dict], latents: dict) -> dict:
                 latents=latents, scale_factor=latents.get("sample", {}).get("scale_factor"),
                 typical_map=pick((len(order) - 1) // 2), worst_map=pick(0))
 
-# %% ../nbs/17_evaluation.ipynb 39
+# %% ../nbs/17_evaluation.ipynb 52
 def plot_reconstructions(model, dataset, picks: dict, sample_seed=0, device="cpu", title=""):
     "Figure: rows = picked maps ({label: index}), columns = map, mode and sampled reconstruction, |error|."
-    from matplotlib.figure import Figure
-    from radiodiff_vae.data import unscale_gain
     picks = {k: v for k, v in picks.items() if v is not None}
     fig = Figure(figsize=(11, 2.9 * max(len(picks), 1)), layout="constrained")
     axes = fig.subplots(max(len(picks), 1), 4, squeeze=False)
     shown = []
     for row, (label, index) in enumerate(picks.items()):
         x = dataset[index]["image"][None].float().to(device)
-        r = reconstruct(model, x, [index], sample_seed)
+        r = posterior_and_reconstructions(model, x, [index], sample_seed)
         maps = [unscale_gain(t)[0, 0].clamp(0, 1).cpu().numpy() for t in (x, r["x_mode"], r["x_sample"])]
         err = np.abs(maps[1] - maps[0])
         psnr = float(psnr_per_map(torch.from_numpy(maps[1])[None, None], torch.from_numpy(maps[0])[None, None]))
@@ -326,11 +356,9 @@ def plot_reconstructions(model, dataset, picks: dict, sample_seed=0, device="cpu
     if title: fig.suptitle(title, fontsize=10)
     return fig
 
-# %% ../nbs/17_evaluation.ipynb 40
+# %% ../nbs/17_evaluation.ipynb 54
 def plot_psnr_histogram(df, title=""):
     "Figure: histogram of per-map PSNR, mode and sampled reconstructions, one panel per weights."
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
     groups = list(df.groupby("weights", sort=False))
     fig = Figure(figsize=(5 * len(groups), 3.4), layout="constrained")
     axes = fig.subplots(1, len(groups), squeeze=False)[0]
@@ -345,7 +373,7 @@ def plot_psnr_histogram(df, title=""):
     if title: fig.suptitle(title, fontsize=10)
     return fig
 
-# %% ../nbs/17_evaluation.ipynb 42
+# %% ../nbs/17_evaluation.ipynb 57
 RADIODIFF_PAPER = dict(nmse=0.0049, rmse=0.0190, psnr=35.0, ssim=(0.95, 0.97))
 _FMT = dict(nmse="{:.4g}", rmse="{:.4g}", psnr="{:.2f}", ssim="{:.4f}", mse="{:.4g}", rec="{:.4g}", kl="{:.4g}",
             nll="{:.5g}", total="{:.5g}", g="{:.4g}")
@@ -363,51 +391,53 @@ def _describe_data(d: dict) -> str:
         held = f", after the {d['offset']} maps of this stream the model trained and validated on" if d["offset"] else ""
         return f"{d['n']} synthetic {d['size']}x{d['size']} maps (seed {d['seed']}, maps {d['offset']}..{d['offset'] + d['n'] - 1}{held})"
     if d["kind"] == "radiomapseer":
-        part = "the RadioMapSeer test split" if d["complete"] else "real RadioMapSeer maps (a subset of the test split)"
-        return f"{part}, {d['simulation']} simulation, under `{d['root']}`"
+        part = "the RadioMapSeer test split" if d["complete"] else "real RadioMapSeer maps (part of the test split)"
+        held = ", upstream's full test split (map shared with training included)" if d.get("include_leaked") else ""
+        return f"{part}{held}, {d['simulation']} simulation, under `{d['root']}`"
+    if d["kind"] == "real": return "the bundled real RadioMapSeer maps (DPM)"
     if d["kind"] == "dataset": return f"the maps of `{d['description']}`"
     return f"the maps in `{d['root']}`"
 
-# %% ../nbs/17_evaluation.ipynb 43
+# %% ../nbs/17_evaluation.ipynb 59
+def _like_for_like(data: dict) -> bool:
+    "Whether the maps are the RadioMapSeer test split RadioDiff's numbers were measured on."
+    return data["kind"] == "radiomapseer" and bool(data.get("complete"))
+
 def markdown_section(summary: dict, figures: dict | None = None) -> str:
     "The evaluation as a Markdown section (tables of means ± std with 95% intervals, latents, notes, figures)."
-    ck, data, L = summary["checkpoint"], summary["data"], []
+    ck, data, res = summary["checkpoint"], summary["data"], summary["results"]
     step = f" (step {ck['step']})" if ck.get("step") is not None else ""
-    L += [f"## Reconstruction quality on {_describe_data(data)}", "",
-          f"Checkpoint `{ck['path']}`{step}, weights: {', '.join(summary['weights'])}; config: {ck['config_source']}. "
-          f"{summary['n_maps']} maps ({', '.join(f'{n} of {s}' for s, n in summary['sizes'].items())}), each at its own size. "
-          "Metrics on maps scaled to [0, 1], reconstructions clamped to [0, 1]; each cell: mean ± std over maps "
-          "[95% confidence interval of the mean, Student t].", "",
-          "| weights | reconstruction | NMSE | RMSE | PSNR (dB) | SSIM |", "|---|---|---|---|---|---|"]
-    for w, s in summary["results"].items():
-        for kind in ("mode", "sample"):
-            L.append(f"| {w} | {'posterior mode' if kind == 'mode' else 'posterior sample'} | "
-                     + " | ".join(_cell(s["metrics"][kind][k], k) for k in METRICS) + " |")
-    L += ["", f"Training loss terms per map at step 0 ({summary['loss_reconstruction']} reconstruction; "
+    L = [f"## Reconstruction quality on {_describe_data(data)}", "",
+         f"Checkpoint `{ck['path']}`{step}, weights: {', '.join(summary['weights'])}; config: {ck['config_source']}. "
+         f"{summary['n_maps']} maps ({', '.join(f'{n} of {s}' for s, n in summary['sizes'].items())}), each at its own size. "
+         "Metrics on maps scaled to [0, 1], reconstructions clamped to [0, 1]; each cell: mean ± std over maps "
+         "[95% confidence interval of the mean, Student t].", ""]
+    L += [markdown_table(["weights", "reconstruction", "NMSE", "RMSE", "PSNR (dB)", "SSIM"],
+                         [[w, f"posterior {kind}", *(_cell(s["metrics"][kind][k], k) for k in METRICS)]
+                          for w, s in res.items() for kind in ("mode", "sample")]), ""]
+    L += [f"Training loss terms per map at step 0 ({summary['loss_reconstruction']} reconstruction; "
           f"`kl_weight` {summary['lossconfig']['kl_weight']:g}, `perceptual_weight` {summary['perceptual_weight_used']:g}):", "",
-          "| weights | rec_loss | kl_loss | nll_loss | total_loss |", "|---|---|---|---|---|"]
-    for w, s in summary["results"].items():
-        L.append(f"| {w} | " + " | ".join(_cell(s["losses"][k], k) for k in ("rec", "kl", "nll", "total")) + " |")
-    L += ["", "Latents (posterior samples, over all evaluated maps) for the second stage:", "",
-          "| weights | per-channel mean | per-channel std | pooled std | scale factor 1/std |", "|---|---|---|---|---|"]
-    for w, s in summary["results"].items():
-        z = s["latents"]["sample"]
-        L.append(f"| {w} | {', '.join(f'{v:.4g}' for v in z['channel_mean'])} | {', '.join(f'{v:.4g}' for v in z['channel_std'])} "
-                 f"| {z['std']:.4g} | {z['scale_factor']:.4g} |" if z.get("scale_factor") else f"| {w} | n/a | n/a | n/a | n/a |")
-    L += [""]
-    for w, s in summary["results"].items():
+          markdown_table(["weights", "rec_loss", "kl_loss", "nll_loss", "total_loss"],
+                         [[w, *(_cell(s["losses"][k], k) for k in ("rec", "kl", "nll", "total"))] for w, s in res.items()]), ""]
+    fmt = lambda vs: ", ".join(f"{v:.4g}" for v in vs)
+    L += ["Latents (posterior samples, over all evaluated maps) for the second stage:", "",
+          markdown_table(["weights", "per-channel mean", "per-channel std", "pooled std", "scale factor 1/std"],
+                         [[w, fmt(z["channel_mean"]), fmt(z["channel_std"]), f"{z['std']:.4g}", f"{z['scale_factor']:.4g}"]
+                          if z.get("scale_factor") else [w, "n/a", "n/a", "n/a", "n/a"]
+                          for w, z in ((w, s["latents"]["sample"]) for w, s in res.items())]), ""]
+    for w, s in res.items():
         m = s["metrics"]["mode"]
         if m["rmse"]["mean"] is None: continue
         cmp = "below" if m["rmse"]["mean"] < RADIODIFF_PAPER["rmse"] else "above"
         L.append(f"- {w}: typical map `{s['typical_map']['name']}` ({s['typical_map']['psnr']:.2f} dB), worst map "
                  f"`{s['worst_map']['name']}` ({s['worst_map']['psnr']:.2f} dB). Mean mode RMSE {m['rmse']['mean']:.4g} is {cmp} "
                  f"the {RADIODIFF_PAPER['rmse']} RadioDiff reports for its whole pipeline on the RadioMapSeer test split"
-                 + (" (different maps: for orientation only)." if data["kind"] != "radiomapseer" else "."))
+                 + ("." if _like_for_like(data) else " (different maps: for orientation only)."))
     L += [f"- Note: {n}" for n in summary["notes"]]
     for caption, name in (figures or {}).items(): L += ["", f"![{caption}]({name})"]
     return "\n".join(L) + "\n"
 
-# %% ../nbs/17_evaluation.ipynb 45
+# %% ../nbs/17_evaluation.ipynb 61
 def _check_limit(limit, n, data):
     "The indices to evaluate: the first `limit` of `n` maps."
     if n == 0: raise DataError(f"data {data!r}: the dataset is empty; expected at least one map")
@@ -418,58 +448,53 @@ def _training_size(cfg) -> int | None:
     "The map side the model was trained on, from the config's data section."
     return (cfg.get("data") or {}).get("size")
 
-# %% ../nbs/17_evaluation.ipynb 46
-def evaluate_checkpoint(checkpoint, data, out_dir=None, use_ema=False, batch_size=8, limit=None, device="cpu",
-                        sample_seed=0, progress=True, config=None, trust=False) -> dict:
-    "Evaluate `checkpoint` (raw, EMA or 'both' weights) on data spec (or Dataset) `data`; write outputs to `out_dir`."
-    import pandas as pd
-    if int(batch_size) < 1: raise ConfigError(f"batch_size={batch_size}: expected at least 1")
+# %% ../nbs/17_evaluation.ipynb 63
+def prepare_evaluation(checkpoint, use_ema=False, config=None, trust: bool = False, device="cpu") -> dict:
+    "Read `checkpoint` once; build the models to evaluate and the loss, which every dataset shares."
     weights = _weights_to_evaluate(use_ema)
-    ckpt, cfg, ck_info = read_checkpoint(checkpoint, config, trust)
-    if isinstance(data, (str, Path)): dataset, data_info = dataset_from_spec(data, cfg)
-    else: dataset, data_info = data, dict(kind="dataset", description=repr(data))  # any Dataset of {'image', 'name'} items
-    indices = _check_limit(limit, len(dataset), data)
+    ckpt, cfg, info = read_checkpoint(checkpoint, config, trust)
+    models = {w: build_model(ckpt, cfg, w, checkpoint, device) for w in weights}
     loss, notes, perceptual_weight = build_loss(ckpt, cfg, device)
-    if data_info.get("note"): notes.append(data_info["note"])
     if cfg["model"]["lossconfig"]["disc_start"] <= 0: notes.append("disc_start <= 0: the GAN term is active at step 0 but "
                                                                     "total_loss here leaves it out (no adaptive weight at evaluation)")
+    return dict(checkpoint=info, cfg=cfg, weights=weights, models=models, loss=loss, notes=notes,
+                perceptual_weight=perceptual_weight, device=device)
+
+def resolve_data(data, cfg: dict, include_leaked: bool = False, limit=None):
+    "(dataset, description, indices) of a data spec or Dataset, with the first map checked against the architecture."
+    if isinstance(data, (str, Path)): dataset, info = dataset_from_spec(data, cfg, include_leaked)
+    else: dataset, info = data, dict(kind="dataset", description=repr(data))  # any Dataset of {'image', 'name'} items
+    indices = _check_limit(limit, len(dataset), data)
+    first = dataset[indices[0]]
+    _check_map(first["image"], first.get("name", str(indices[0])), indices[0], cfg["model"]["ddconfig"])
+    return dataset, dict(spec=str(data) if isinstance(data, (str, Path)) else None, **info), indices
+
+# %% ../nbs/17_evaluation.ipynb 65
+def evaluate_prepared(setup: dict, dataset, data_info: dict, indices, batch_size=8, sample_seed=0, progress=True,
+                      settings: dict | None = None) -> dict:
+    "Evaluate every model of `setup` on `dataset[indices]` -> {'summary', 'per_map'}; nothing is written."
+    cfg, notes = setup["cfg"], list(setup["notes"]) + ([data_info["note"]] if data_info.get("note") else [])
     train_on_sample = bool(cfg.get("trainer", {}).get("sample_posterior", True))
-    models = {w: build_model(ckpt, cfg, w, checkpoint, device) for w in weights}
     rows, results = [], {}
-    for w, model in models.items():
-        r, latents = evaluate_model(model, loss, dataset, indices, batch_size=int(batch_size), device=device,
+    for w, model in setup["models"].items():
+        r, latents = evaluate_model(model, setup["loss"], dataset, indices, batch_size=int(batch_size), device=setup["device"],
                                     sample_seed=sample_seed, train_on_sample=train_on_sample, progress=progress, desc=f"evaluate [{w}]")
         rows += [dict(weights=w, **row) for row in r]
         results[w] = summarize_rows(r, latents)
-    first = results[weights[0]]
-    trained = _training_size(cfg)
+    first, trained = results[setup["weights"][0]], _training_size(cfg)
     if trained and any(s != f"{trained}x{trained}" for s in first["sizes"]):
         notes.append(f"map size {', '.join(first['sizes'])} differs from the training size {trained}x{trained} in the config "
                      "(the network is fully convolutional, so it runs, but it never saw maps of this size)")
-    summary = dict(checkpoint=ck_info, data=dict(spec=str(data) if isinstance(data, (str, Path)) else None, **data_info),
-                   weights=weights, n_maps=first["n_maps"], sizes=first["sizes"], results=results, notes=notes,
+    summary = dict(checkpoint=setup["checkpoint"], data=data_info, weights=setup["weights"], n_maps=first["n_maps"],
+                   sizes=first["sizes"], results=results, notes=notes,
                    loss_reconstruction="posterior sample" if train_on_sample else "posterior mode",
-                   lossconfig=dict(cfg["model"]["lossconfig"]), perceptual_weight_used=perceptual_weight,
-                   ddconfig=dict(cfg["model"]["ddconfig"]), embed_dim=cfg["model"]["embed_dim"],
-                   settings=dict(batch_size=int(batch_size), limit=limit, device=str(device), sample_seed=sample_seed))
-    per_map = pd.DataFrame(rows)
-    out = dict(summary=summary, per_map=per_map, files={})
-    if out_dir is not None: out["files"] = write_outputs(out_dir, summary, per_map, models, dataset, sample_seed, device)
-    return out
+                   lossconfig=dict(cfg["model"]["lossconfig"]), perceptual_weight_used=setup["perceptual_weight"],
+                   ddconfig=dict(cfg["model"]["ddconfig"]), embed_dim=cfg["model"]["embed_dim"], settings=settings or {})
+    return dict(summary=summary, per_map=pd.DataFrame(rows))
 
-# %% ../nbs/17_evaluation.ipynb 47
-def _json_safe(obj):
-    "Replace non-finite floats (not valid JSON) by None, recursively."
-    if isinstance(obj, dict): return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)): return [_json_safe(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj): return None
-    if isinstance(obj, (np.floating, np.integer)): return _json_safe(obj.item())
-    return obj
-
+# %% ../nbs/17_evaluation.ipynb 67
 def write_outputs(out_dir, summary: dict, per_map, models: dict, dataset, sample_seed=0, device="cpu") -> dict:
     "Write per_map.csv, summary.json, the figures and evaluation.md into `out_dir`; return their paths."
-    import io
-    from radiodiff_vae.core import atomic_write_bytes
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     def save_fig(fig, name):
         buf = io.BytesIO(); fig.savefig(buf, format="png", dpi=110); atomic_write_bytes(out / name, buf.getvalue())
@@ -481,11 +506,34 @@ def write_outputs(out_dir, summary: dict, per_map, models: dict, dataset, sample
         figures[f"{w} weights: typical and worst reconstructions"] = save_fig(fig, f"reconstructions_{w}.png")
     figures["per-map PSNR"] = save_fig(plot_psnr_histogram(per_map), "psnr_histogram.png")
     atomic_write_text(out / "per_map.csv", per_map.to_csv(index=False))
-    atomic_write_text(out / "summary.json", json.dumps(_json_safe(dict(summary, figures=figures)), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(to_jsonable(dict(summary, figures=figures)), indent=2, allow_nan=False) + "\n")
     atomic_write_text(out / "evaluation.md", markdown_section(summary, figures))
     return {k: out / k for k in ("per_map.csv", "summary.json", "evaluation.md", *figures.values())}
 
-# %% ../nbs/17_evaluation.ipynb 49
+# %% ../nbs/17_evaluation.ipynb 69
+def evaluate_checkpoint(checkpoint, # model-N.pt: ours or upstream's
+                        data, # a data spec (see the table above) or a Dataset of {'image', 'name'} items
+                        out_dir=None, # folder for per_map.csv, summary.json, figures, evaluation.md; None: write nothing
+                        use_ema=False, # False: raw weights, True: EMA weights, 'both'
+                        batch_size=8, # maps per forward pass (a map's numbers do not depend on it)
+                        limit=None, # evaluate only the first `limit` maps
+                        device="cpu",
+                        sample_seed=0, # seed of the posterior samples (per map, batch-independent)
+                        progress=True, # show a progress bar
+                        config=None, # YAML path or dict for a checkpoint that carries no config (upstream's)
+                        trust: bool = False, # read a checkpoint the safe loader refuses (only a file you trust)
+                        include_leaked: bool = False, # RadioMapSeer test split: keep the map upstream also trains on
+                       ) -> dict:
+    "Evaluate `checkpoint` (raw, EMA or 'both' weights) on `data` -> {'summary', 'per_map', 'files'}."
+    if int(batch_size) < 1: raise ConfigError(f"batch_size={batch_size}: expected at least 1")
+    setup = prepare_evaluation(checkpoint, use_ema, config, trust, device)
+    dataset, data_info, indices = resolve_data(data, setup["cfg"], include_leaked, limit)
+    settings = dict(batch_size=int(batch_size), limit=limit, device=str(device), sample_seed=sample_seed, include_leaked=include_leaked)
+    out = evaluate_prepared(setup, dataset, data_info, indices, batch_size, sample_seed, progress, settings)
+    out["files"] = {} if out_dir is None else write_outputs(out_dir, out["summary"], out["per_map"], setup["models"], dataset, sample_seed, device)
+    return out
+
+# %% ../nbs/17_evaluation.ipynb 72
 def add_evaluate_args(parser):
     "Arguments of `radiodiff-vae evaluate`."
     parser.add_argument("--checkpoint", required=True, help="model-N.pt (ours or upstream's)")
@@ -496,6 +544,8 @@ def add_evaluate_args(parser):
     parser.add_argument("--config", default=None, help="YAML config for checkpoints that carry none (default: RadioDiff's)")
     parser.add_argument("--trust-checkpoint", action="store_true", help="read a checkpoint the safe loader refuses "
                         "(a pickle can run code when read: only for a file you trust)")
+    parser.add_argument("--include-leaked", action="store_true", help="RadioMapSeer test split: keep the map upstream's split "
+                        "also trains on (reproduces upstream's numbers; default: left out, so the score is held out)")
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--ema", action="store_true", help="evaluate the EMA weights instead of the raw ones")
     weights.add_argument("--both", action="store_true", help="evaluate raw and EMA weights")
@@ -510,7 +560,7 @@ def run_evaluate(args) -> int:
     "Run `radiodiff-vae evaluate`; print where the results are and the headline numbers."
     kw = dict(use_ema="both" if args.both else bool(args.ema), batch_size=args.batch_size, limit=args.limit,
               device=args.device, sample_seed=args.seed, progress=not args.no_progress, config=args.config,
-              trust=args.trust_checkpoint)
+              trust=args.trust_checkpoint, include_leaked=args.include_leaked)
     specs = [args.data] if isinstance(args.data, str) else list(args.data)
     if len(specs) == 1: results = {specs[0]: evaluate_checkpoint(args.checkpoint, specs[0], out_dir=args.out, **kw)}
     else: results = evaluate_many(args.checkpoint, specs, args.out, **kw)
@@ -523,7 +573,7 @@ def run_evaluate(args) -> int:
     print(f"wrote {Path(args.out) / 'evaluation.md'}")
     return 0
 
-# %% ../nbs/17_evaluation.ipynb 51
+# %% ../nbs/17_evaluation.ipynb 75
 def spec_slug(spec) -> str:
     "A folder name for a data spec: 'real', 'synthetic-64', or the folder's name."
     spec = str(spec)
@@ -531,26 +581,25 @@ def spec_slug(spec) -> str:
     name = Path(spec.split(":", 1)[1] if spec.startswith(("folder:", "radiomapseer:")) else spec).name
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "data"
 
-def latest_checkpoint(run_dir) -> Path:
-    "The `model-N.pt` with the largest N in `run_dir`."
-    run_dir = Path(run_dir)
-    found = sorted(((int(p.stem.split("-")[1]), p) for p in run_dir.glob("model-*.pt") if p.stem.split("-")[1].isdigit()))
-    if not found: raise CheckpointError(f"{run_dir}: no model-N.pt checkpoint found; expected a training run folder")
-    return found[-1][1]
-
-# %% ../nbs/17_evaluation.ipynb 53
-def evaluate_many(checkpoint, specs, out_dir, **kwargs) -> dict:
-    "`evaluate_checkpoint` for each data spec into `out_dir/<slug>/`; a joint evaluation.md and summary.json in `out_dir`."
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    results, sections, headline = {}, [], {}
-    for spec in ([specs] if isinstance(specs, (str, Path)) else list(specs)):
-        slug = spec_slug(spec)
-        res = evaluate_checkpoint(checkpoint, spec, out_dir=out / slug, **kwargs)
-        results[slug] = res
-        md = (out / slug / "evaluation.md").read_text(encoding="utf-8")
-        sections.append(md.replace("](", f"]({slug}/"))
+# %% ../nbs/17_evaluation.ipynb 77
+def evaluate_many(checkpoint, specs, out_dir, use_ema=False, batch_size=8, limit=None, device="cpu", sample_seed=0,
+                  progress=True, config=None, trust: bool = False, include_leaked: bool = False) -> dict:
+    "`evaluate_checkpoint` for each data spec into `out_dir/<slug>/`, all checked first; a joint evaluation.md and summary.json."
+    specs = [specs] if isinstance(specs, (str, Path)) else list(specs)
+    slugs = [spec_slug(s) for s in specs]
+    if len(set(slugs)) < len(slugs): raise ConfigError(f"data specs {specs}: two of them would share an output folder ({slugs})")
+    if int(batch_size) < 1: raise ConfigError(f"batch_size={batch_size}: expected at least 1")
+    setup = prepare_evaluation(checkpoint, use_ema, config, trust, device)
+    data = [resolve_data(s, setup["cfg"], include_leaked, limit) for s in specs]          # every spec checked before any work
+    settings = dict(batch_size=int(batch_size), limit=limit, device=str(device), sample_seed=sample_seed, include_leaked=include_leaked)
+    results = {slug: evaluate_prepared(setup, *d, batch_size, sample_seed, progress, settings) for slug, d in zip(slugs, data)}
+    out, sections, headline = Path(out_dir), [], {}
+    for (slug, res), (dataset, _, _) in zip(results.items(), data):                        # only now: write
+        res["files"] = write_outputs(out / slug, res["summary"], res["per_map"], setup["models"], dataset, sample_seed, device)
+        sections.append(res["files"]["evaluation.md"].read_text(encoding="utf-8").replace("](", f"]({slug}/"))
         headline[slug] = {w: {k: s["metrics"]["mode"][k]["mean"] for k in METRICS} | {"scale_factor": s["scale_factor"]}
                           for w, s in res["summary"]["results"].items()}
     atomic_write_text(out / "evaluation.md", "\n".join(sections))
-    atomic_write_text(out / "summary.json", json.dumps(_json_safe(dict(checkpoint=str(checkpoint), posterior_mode_means=headline)), indent=2) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(to_jsonable(dict(checkpoint=str(checkpoint), posterior_mode_means=headline)),
+                                                       indent=2, allow_nan=False) + "\n")
     return results

@@ -237,10 +237,11 @@ def test_evaluate_bundled_real_maps(tiny_ckpt, tmp_path):
     path, _ = tiny_ckpt
     res = evaluate_checkpoint(path, "real", out_dir=tmp_path, batch_size=8, progress=False)
     df, summary = _check_outputs(tmp_path, res, 26, ["raw"])
-    assert summary["sizes"] == {"256x256": 26} and summary["data"]["complete"] is False
+    assert summary["sizes"] == {"256x256": 26} and summary["data"]["kind"] == "real"
     assert sorted(df["name"]) == sorted(p.stem for p in (real_maps_dir() / "gain" / "DPM").glob("*.png"))
     notes = " ".join(summary["notes"])
-    assert "26 maps found" in notes and "differs from the training size 32x32" in notes
+    assert "26 bundled real RadioMapSeer maps" in notes and "training split" in notes
+    assert "differs from the training size 32x32" in notes
 
 
 def test_upstream_checkpoint_without_config(tmp_path):
@@ -336,3 +337,45 @@ def test_cli_refuses_a_checkpoint_that_runs_code(tiny_ckpt, tmp_path, capsys):
     assert not marker.exists() and not (tmp_path / "out").exists()
     assert cli_main(args + ["--trust-checkpoint"]) == 0          # the user vouches for the file: read, and its code ran
     assert marker.exists() and (tmp_path / "out" / "per_map.csv").is_file()
+
+
+def _radiomapseer_root(root, n=20, size=32):
+    "A complete RadioMapSeer layout of `n` maps, one transmitter each (as make-data writes it)."
+    from PIL import Image
+    (root / "gain" / "DPM").mkdir(parents=True)
+    (root / "make_data.json").write_text(json.dumps({"n": n, "num_tx": 1}))
+    rng = np.random.default_rng(0)
+    for m in range(1, n + 1):
+        Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(root / "gain" / "DPM" / f"{m}_0.png")
+    return root
+
+
+def test_radiomapseer_test_split_leaves_out_the_map_train_also_holds(tiny_ckpt, tmp_path, capsys):
+    from radiodiff_vae.data import leaked_maps, radiomapseer_split
+    path, _ = tiny_ckpt
+    root = _radiomapseer_root(tmp_path / "rms")
+    leaked = leaked_maps(20)
+    assert len(leaked) == 1 and leaked[0] in radiomapseer_split("train", 20)
+    held = evaluate_checkpoint(path, str(root), progress=False)
+    names = set(held["per_map"]["name"])
+    assert f"{leaked[0]}_0" not in names and len(names) == len(radiomapseer_split("test", 20, include_leaked=True)) - 1
+    assert held["summary"]["data"]["left_out"] == leaked and "left out" in " ".join(held["summary"]["notes"])
+    assert cli_main(["evaluate", "--checkpoint", str(path), "--data", str(root), "--out", str(tmp_path / "up"),
+                     "--include-leaked", "--no-progress"]) == 0
+    up = pd.read_csv(tmp_path / "up" / "per_map.csv")
+    assert f"{leaked[0]}_0" in set(up["name"]) and len(up) == len(names) + 1
+    summary = json.loads((tmp_path / "up" / "summary.json").read_text())
+    assert summary["settings"]["include_leaked"] is True and "includes map(s)" in " ".join(summary["notes"])
+
+
+@pytest.mark.parametrize("bad", ["/no/such/maps", "synthetic:1:0:30", "synthetic:2"])
+def test_a_bad_spec_among_several_leaves_nothing_behind(tiny_ckpt, tmp_path, capsys, bad):
+    path, _ = tiny_ckpt
+    out = tmp_path / "out"
+    assert cli_main(["evaluate", "--checkpoint", str(path), "--data", "synthetic:2", bad, "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("radiodiff-vae evaluate: error:")
+    assert not out.exists()
+    assert cli_main(["evaluate", "--checkpoint", str(tmp_path / "missing.pt"), "--data", "synthetic:2", "synthetic:3",
+                     "--out", str(out), "--no-progress"]) == 2
+    assert not out.exists()
