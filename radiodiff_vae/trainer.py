@@ -339,6 +339,14 @@ def _abandon(self: Trainer):
     self.lock.release()
     if self.created_out and self.out.is_dir() and not any(self.out.iterdir()): self.out.rmdir()
 
+@patch
+def _write(self: Trainer, fn, path, what: str):
+    "Run a file write; an OSError becomes a RunFolderError naming the file and the last good checkpoint."
+    try: return fn()
+    except OSError as e:
+        keep = f'; the previous checkpoint {self.last_checkpoint} is intact' if getattr(self, 'last_checkpoint', None) else ''
+        raise RunFolderError(f'{path}: cannot write the {what} ({e.strerror or e}){keep}') from None
+
 # %% ../nbs/13_trainer.ipynb 55
 @patch
 def _start(self: Trainer, resume):
@@ -390,14 +398,14 @@ def _open_stream(self: Trainer):
                     pin_memory=self.device.type == 'cuda', generator=torch.Generator().manual_seed(self.t['seed'] + self.batches_drawn))
     self.batches = iter(dl)
 
-# %% ../nbs/13_trainer.ipynb 57
+# %% ../nbs/13_trainer.ipynb 58
 def world_size_dependence(cfg: dict) -> list[str]:
     "What makes a run of `cfg` depend on its number of processes (empty: nothing)."
     why = [] if cfg['trainer']['sync_batchnorm'] else ["the discriminator's BatchNorm statistics are per process (trainer.sync_batchnorm: false)"]
     if cfg['model']['ddconfig'].get('dropout', 0.0) > 0: why.append('dropout draws from per-process random streams (model.ddconfig.dropout > 0)')
     return why
 
-# %% ../nbs/13_trainer.ipynb 59
+# %% ../nbs/13_trainer.ipynb 60
 def _load_optimizer(opt, state, path, name, extra_group: bool):
     "Load an optimizer state; an upstream AE state lacks our logvar group, which then starts fresh."
     try:
@@ -410,7 +418,7 @@ def _load_optimizer(opt, state, path, name, extra_group: bool):
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f'{path}: {name} does not fit this model ({e}); is it a checkpoint of another architecture?') from None
 
-# %% ../nbs/13_trainer.ipynb 61
+# %% ../nbs/13_trainer.ipynb 62
 @patch
 def _resume_from(self: Trainer, path: Path):
     "Restore the full training state from checkpoint `path` (ours or upstream's model-N.pt)."
@@ -451,7 +459,7 @@ def _check_resumable(self: Trainer, ckpt: dict, path):
     if why: raise CheckpointError(f'{path}: written by {saved} processes, resumed on {self.world}, but {"; ".join(why)}: '
                                   f'resume with {saved} processes (accelerate launch --num_processes {saved})')
 
-# %% ../nbs/13_trainer.ipynb 63
+# %% ../nbs/13_trainer.ipynb 64
 @patch
 def train_step(self: Trainer) -> dict:
     "One optimisation step (both updates); the logged values (empty when the step is not logged)."
@@ -465,7 +473,7 @@ def train_step(self: Trainer) -> dict:
     except SkippedBatch: return {'skipped': True}
     return vals if logged else {}
 
-# %% ../nbs/13_trainer.ipynb 64
+# %% ../nbs/13_trainer.ipynb 65
 @patch
 def _next_batch(self: Trainer):
     "This process's share of the next global batch, its posterior noise (None: train on the mode) and its map names."
@@ -486,7 +494,7 @@ def _mean_logs(self: Trainer, logs: list[dict]) -> dict:
     t = torch.stack([torch.stack([torch.as_tensor(l[k]).detach().reshape(()).to(self.device, torch.float32) for k in keys]) for l in logs]).mean(0)
     return dict(zip(keys, reduce(t, 'mean').tolist()))
 
-# %% ../nbs/13_trainer.ipynb 65
+# %% ../nbs/13_trainer.ipynb 66
 @patch
 def _ae_pass(self: Trainer, d_weight: bool):
     "Forward + backward of the autoencoder loss over the micro-batches (gradients averaged over processes on the last)."
@@ -516,7 +524,7 @@ def _disc_pass(self: Trainer, kept, train: bool) -> dict:
             logs.append(log)
     return self._mean_logs(logs)
 
-# %% ../nbs/13_trainer.ipynb 66
+# %% ../nbs/13_trainer.ipynb 67
 @patch
 def _update(self: Trainer, opt, params, vals: dict, names: list) -> float:
     "Clip (before the step: defect 2) and step; a non-finite loss or gradient norm skips the batch or stops the run."
@@ -549,16 +557,8 @@ def _nonfinite(self: Trainer, bad: list, values: dict, names: list):
     raise NonFiniteLossError(f'non-finite loss at step {step}: {desc}{why}; batch {names[:8]}; {last}; diagnostic: {diag}. '
                              'Resume with --resume latest (perhaps with a lower trainer.lr), or set trainer.skip_nonfinite=true to skip such batches.')
 
-# %% ../nbs/13_trainer.ipynb 68
+# %% ../nbs/13_trainer.ipynb 71
 CHECKPOINT_VERSION = 2
-
-@patch
-def _write(self: Trainer, fn, path, what: str):
-    "Run a file write; an OSError becomes a RunFolderError naming the file and the last good checkpoint."
-    try: return fn()
-    except OSError as e:
-        keep = f'; the previous checkpoint {self.last_checkpoint} is intact' if getattr(self, 'last_checkpoint', None) else ''
-        raise RunFolderError(f'{path}: cannot write the {what} ({e.strerror or e}){keep}') from None
 
 @patch
 def checkpoint_state(self: Trainer) -> dict:
@@ -572,14 +572,14 @@ def checkpoint_state(self: Trainer) -> dict:
             'loss': {k: v for k, v in self.loss.state_dict().items() if not k.startswith('perceptual')},
             'version': CHECKPOINT_VERSION, 'nonfinite_skips': self.skips, 'session': self.session, 'world_size': self.world}
 
-# %% ../nbs/13_trainer.ipynb 69
+# %% ../nbs/13_trainer.ipynb 73
 def sample_grid_png(x, x_hat) -> bytes:
     "PNG bytes of a grid: one row per map, input | reconstruction, mapped to [0, 1]."
     pairs, buf = torch.stack([x, x_hat], 1).flatten(0, 1).float().cpu(), io.BytesIO()
     torchvision.utils.save_image(((pairs + 1) / 2).clamp(0, 1), buf, nrow=2, padding=2, format='png')
     return buf.getvalue()
 
-# %% ../nbs/13_trainer.ipynb 71
+# %% ../nbs/13_trainer.ipynb 75
 @patch
 def _write_milestone(self: Trainer, state: dict):
     "Write sample-{milestone}.png, the held-out scores, then model-{milestone}.pt (process 0)."
@@ -603,7 +603,7 @@ def _sample_inputs(self: Trainer) -> torch.Tensor:
     n = len(ds) if self.val_ds is not None else min(len(ds), max(self.t['sample_maps'], 1))
     return torch.stack([ds[i]['image'] for i in range(n)]).to(self.device)
 
-# %% ../nbs/13_trainer.ipynb 73
+# %% ../nbs/13_trainer.ipynb 77
 @patch
 def _log_step(self: Trainer, vals: dict, timer: dict, bar=None):
     "Write the two upstream lines, one metrics record and the progress bar's loss."
@@ -618,7 +618,7 @@ def _log_step(self: Trainer, vals: dict, timer: dict, bar=None):
                       'nonfinite_skips': self.skips, 'epoch': self.batches_drawn // max(self.sampler.per_epoch, 1)})
     if bar is not None: bar.set_postfix(loss=f"{vals['train/total_loss']:.4g}", rec=f"{vals['train/rec_loss']:.3g}")
 
-# %% ../nbs/13_trainer.ipynb 74
+# %% ../nbs/13_trainer.ipynb 78
 @patch
 def fit(self: Trainer) -> dict:
     "Train until `train_num_steps` (or `stop_at`); return a summary."
@@ -647,7 +647,7 @@ def fit(self: Trainer) -> dict:
             'nonfinite_skips': self.skips, 'resumed_from': str(self.resumed_from) if self.resumed_from else None,
             'processes': self.world}
 
-# %% ../nbs/13_trainer.ipynb 82
+# %% ../nbs/13_trainer.ipynb 86
 def train(config,                          # a resolved config dict (`config.load_config`) or a YAML path
           out_dir=None,                    # the run folder (default: trainer.results_folder)
           resume=None,                     # 'latest', a milestone number or a checkpoint path; None: a fresh run
@@ -668,7 +668,7 @@ def train(config,                          # a resolved config dict (`config.loa
     return Trainer(cfg, out_dir, resume=resume, progress=progress, stop_at=stop_at, dataset=dataset,
                    skip_damaged=skip_damaged, trust_checkpoint=trust_checkpoint).fit()
 
-# %% ../nbs/13_trainer.ipynb 97
+# %% ../nbs/13_trainer.ipynb 101
 def add_train_args(parser: argparse.ArgumentParser):
     "Arguments of `radiodiff-vae train`."
     parser.add_argument('--config', default=None, help='YAML config (e.g. configs/quickstart.yaml); required')
@@ -691,7 +691,7 @@ def add_train_args(parser: argparse.ArgumentParser):
     parser.parse_known_args = parse_known_args
     return parser
 
-# %% ../nbs/13_trainer.ipynb 99
+# %% ../nbs/13_trainer.ipynb 103
 def run_train(args) -> int:
     "Run `radiodiff-vae train` from parsed `args`; print the summary as JSON (process 0); return 0."
     if not args.config: raise ConfigError('--config is required (a YAML file such as configs/quickstart.yaml)')
@@ -708,5 +708,5 @@ def main(argv=None) -> int:
     except RadioDiffError as e:
         print(f'radiodiff-vae train: error: {e}', file=sys.stderr); return 2
 
-# %% ../nbs/13_trainer.ipynb 101
+# %% ../nbs/13_trainer.ipynb 105
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())
