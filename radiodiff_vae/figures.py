@@ -186,7 +186,7 @@ def term_shares(terms) -> 'pd.DataFrame':
     mag = terms[list(TERM_LABELS)].abs()
     return mag.div(mag.sum(axis=1), axis=0)
 
-# %% ../nbs/15_figures.ipynb 26
+# %% ../nbs/15_figures.ipynb 27
 def _share_label(run: RunData, shares, key: str) -> str:
     "Legend text: the term and its median share in each phase."
     parts = []
@@ -213,7 +213,7 @@ def figure_loss_terms(runs: list[RunData], smoothing: float = 0.9):
         step_axis(b); fig.tight_layout(); plt.close(fig)
     return fig
 
-# %% ../nbs/15_figures.ipynb 29
+# %% ../nbs/15_figures.ipynb 30
 DASHBOARD_PANELS = (('total_loss', 'total loss per image'), ('rec_loss', 'reconstruction, mean per pixel'),
                     ('kl_loss', 'KL, sum per image'), ('g_loss', 'generator loss -mean D(x̂)'), ('d_weight', 'adaptive weight λ'))
 
@@ -226,7 +226,7 @@ def _text_panel(ax, runs, notes: dict | None):
         ax.text(j / len(shown), 1, '\n'.join(lines[:22]), va='top', ha='left', fontsize=10 if len(shown) == 1 else 8,
                 transform=ax.transAxes)
 
-# %% ../nbs/15_figures.ipynb 30
+# %% ../nbs/15_figures.ipynb 31
 def figure_dashboard(runs: list[RunData], smoothing: float = 0.9, notes: dict | None = None):
     "Five metric panels, the learning rate, `notes` (run name -> sentences) and the last sample image on one page."
     with plt.rc_context(STYLE):
@@ -254,7 +254,7 @@ def figure_dashboard(runs: list[RunData], smoothing: float = 0.9, notes: dict | 
         plt.close(fig)
     return fig
 
-# %% ../nbs/15_figures.ipynb 33
+# %% ../nbs/15_figures.ipynb 34
 def _load_gray_or_rgb(path) -> np.ndarray:
     "An image as float [0, 1]: HxW if its colour channels are equal (a gray map saved as RGB), else HxWx3."
     a = np.asarray(Image.open(path).convert('RGB'), dtype=np.float32) / 255
@@ -270,7 +270,7 @@ def _canvas(images, columns, pad_x, pad_y):
         canvas[y0:y0 + img.shape[0], x0:x0 + img.shape[1]] = img if (img.ndim == 3 or not rgb) else img[..., None]
     return canvas, corners, (h, w)
 
-# %% ../nbs/15_figures.ipynb 34
+# %% ../nbs/15_figures.ipynb 35
 def figure_sample_gallery(samples: list, save_every: int | None = None, repeats=None, columns: int = 6,
                           title: str = 'Sample reconstructions'):
     "A grid of the run's samples in milestone order, each titled with its milestone, its step and what it repeats."
@@ -290,7 +290,7 @@ def figure_sample_gallery(samples: list, save_every: int | None = None, repeats=
         ax.set_title(title, fontsize=13); fig.tight_layout(); plt.close(fig)
     return fig
 
-# %% ../nbs/15_figures.ipynb 37
+# %% ../nbs/15_figures.ipynb 38
 FIGURES = {'figure_1_training_phases.png': figure_training_phases, 'figure_2_loss_components.png': figure_loss_components,
            'figure_3_multi_axis.png': figure_multi_axis, 'figure_4_loss_terms.png': figure_loss_terms,
            'figure_5_dashboard.png': figure_dashboard}

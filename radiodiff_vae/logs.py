@@ -176,7 +176,7 @@ def read_tensorboard(path) -> tuple[list[dict], dict]:
     return records, dict(path=str(path), kind='tensorboard', records=len(records), skipped_lines=0,
                          blank_lines=0, config=None, total_steps=None)
 
-# %% ../nbs/12_logs.ipynb 29
+# %% ../nbs/12_logs.ipynb 30
 def file_kind(path) -> str:
     "`jsonl`, `csv`, `tensorboard` or `text`, from the file name."
     name = Path(path).name.lower()
@@ -198,7 +198,7 @@ def find_samples(folder) -> list[Path]:
     found = list(folder.glob('sample-*.png')) + list(folder.glob('samples/sample-*.png'))
     return sorted(found, key=_sample_key)
 
-# %% ../nbs/12_logs.ipynb 31
+# %% ../nbs/12_logs.ipynb 32
 LOG_NAME_RE = re.compile(r'(\d{4})-(\d\d)-(\d\d)-(\d\d)-(\d\d)_?\.log$')
 CONFIG_NAMES = ('config.yaml', 'config.yml', 'config.json', 'resolved_config.yaml')
 
@@ -217,7 +217,7 @@ def files_of_run(folder) -> tuple[list[Path], dict]:
     config = next((folder/n for n in CONFIG_NAMES if (folder/n).is_file()), None)
     return found[chosen], dict(ignored=ignored, config_file=config, samples=find_samples(folder))
 
-# %% ../nbs/12_logs.ipynb 33
+# %% ../nbs/12_logs.ipynb 34
 def _file_time(records, info):
     "When a log file starts: its first record's timestamp, else the time in its name, else `None`."
     first = next((r['timestamp'] for r in records if 'timestamp' in r), None)
@@ -232,7 +232,7 @@ def order_files(parsed: list) -> list:
         return [p for _, _, p in sorted(zip(times, range(len(parsed)), parsed), key=lambda x: (x[0], x[1]))]
     return list(parsed)
 
-# %% ../nbs/12_logs.ipynb 36
+# %% ../nbs/12_logs.ipynb 37
 def find_resumes(parsed: list) -> list[dict]:
     "Where the step sequence restarts: a new file, or a step at or below one already seen."
     resumes, last_step, last_time = [], None, None
@@ -248,7 +248,7 @@ def find_resumes(parsed: list) -> list[dict]:
             last_time = r.get('timestamp', last_time)
     return resumes
 
-# %% ../nbs/12_logs.ipynb 38
+# %% ../nbs/12_logs.ipynb 39
 def merge_records(parsed: list) -> pd.DataFrame:
     "Stack records of all files and keep, per step and column, the latest written value."
     rows = [dict({k: v for k, v in r.items() if k not in ('total_steps', '_line')}, source=name)
@@ -258,7 +258,7 @@ def merge_records(parsed: list) -> pd.DataFrame:
     cols = [c for c in df.columns if c not in ('timestamp', 'source', 'wall_time')]
     return df[cols + [c for c in ('wall_time', 'timestamp', 'source') if c in df.columns]]
 
-# %% ../nbs/12_logs.ipynb 41
+# %% ../nbs/12_logs.ipynb 42
 def load_config_file(path) -> dict:
     "A run's YAML (or JSON) configuration file as a dict, read by `config.read_yaml`; problems -> LogParseError."
     try: cfg = read_yaml(path)
@@ -278,7 +278,7 @@ def _expand(paths) -> tuple[list[Path], dict]:
         else: raise LogParseError(f'{p}: no such file or folder')
     return files, extra
 
-# %% ../nbs/12_logs.ipynb 43
+# %% ../nbs/12_logs.ipynb 44
 def read_run(*paths, config=None) -> tuple[pd.DataFrame, dict]:
     "Read one run (folders and/or log files of any supported kind) into a step-indexed table and an info dict."
     if not paths: raise LogParseError('read_run needs at least one run folder or log file')
@@ -309,7 +309,7 @@ def _pick_config(config, parsed, extra):
         if info['config'] is not None: return info['config'], info['path'] + ' (first line)'
     return None, None
 
-# %% ../nbs/12_logs.ipynb 51
+# %% ../nbs/12_logs.ipynb 52
 UPSTREAM_AE_KEYS = ('total_loss', 'logvar', 'kl_loss', 'nll_loss', 'rec_loss', 'd_weight', 'disc_factor', 'g_loss')
 UPSTREAM_DISC_KEYS = ('disc_loss', 'logits_real', 'logits_fake')
 
@@ -318,13 +318,13 @@ def format_log_line(step: int, total: int, values: dict, keys, lr: float, split:
     body = ''.join(f'{split}/{k}: {values[f"{split}/{k}"]:.6g}, ' for k in keys if f'{split}/{k}' in values)
     return f'[Train Step] {step}/{total}: {body}lr: {lr:.10g}, '
 
-# %% ../nbs/12_logs.ipynb 53
+# %% ../nbs/12_logs.ipynb 54
 def asctime(t: float | None = None) -> str:
     "Python logging's default `asctime`: `2025-08-15 20:41:04,512`."
     t = time.time() if t is None else t
     return time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t)) + f',{int(t % 1 * 1000):03d}'
 
-# %% ../nbs/12_logs.ipynb 56
+# %% ../nbs/12_logs.ipynb 57
 RECORD_FIELDS = {
     'step': 'optimizer steps done before this one (0-based, as upstream logs it)',
     'total_steps': 'trainer.train_num_steps, the schedule horizon',
@@ -339,7 +339,7 @@ RECORD_FIELDS = {
     'session': 'how many times the run was resumed before this record (added by the writer)',
 }
 
-# %% ../nbs/12_logs.ipynb 60
+# %% ../nbs/12_logs.ipynb 61
 def _ends_without_newline(path) -> bool:
     "Whether the file at `path` exists, is not empty and its last byte is not a newline."
     try:
@@ -349,7 +349,7 @@ def _ends_without_newline(path) -> bool:
             f.seek(-1, 2); return f.read(1) != b'\n'
     except OSError: return False
 
-# %% ../nbs/12_logs.ipynb 62
+# %% ../nbs/12_logs.ipynb 63
 class RunLogs:
     "Text log (upstream format), metrics.jsonl and TensorBoard of one session of a run; write errors -> RunFolderError."
     def __init__(self, out, config: dict, tensorboard=True, session=0):
@@ -373,7 +373,7 @@ class RunLogs:
         "Append `asctime message` to the text log."
         self._append(self.text_path, f'{asctime():<15} {message}\n')
 
-# %% ../nbs/12_logs.ipynb 64
+# %% ../nbs/12_logs.ipynb 65
 @patch
 def record(self: RunLogs, record: dict):
     "Append one JSON record (with this session's number) to metrics.jsonl and its floats to TensorBoard."
