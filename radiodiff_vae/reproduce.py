@@ -56,7 +56,7 @@ def plan(out, settings: dict) -> list[dict]:
              params=dict(inputs=None, out_dir=str(out/'reference'), smoothing=s['smoothing'], config=None)),
         dict(name='train', pipeline='train', out=train_dir, what='train the quickstart model on synthetic maps',
              params=dict(config_path=_config_path(s['config']), overrides=s['overrides'], out_dir=str(train_dir),
-                         steps=s['steps'], seed=s['seed'], resume=None, keep_notebook=False)),
+                         steps=s['steps'], seed=s['seed'], resume=None)),
         dict(name='evaluate', pipeline='evaluate', out=out/'evaluation',
              what='evaluate on held-out synthetic maps and on the 26 bundled real RadioMapSeer maps',
              params=dict(checkpoint=None, run_dir=str(train_dir), data=[synthetic, 'real'], out_dir=str(out/'evaluation'),
