@@ -1,7 +1,6 @@
-"""Loss values equal to upstream RadioDiff's (golden file), and equal to an independent reference computation
-of REFERENCE.md's formulas for many other configurations."""
+"""Loss values equal to upstream RadioDiff's (golden file; see conftest.py for where it is looked for), and equal to an
+independent reference computation of upstream's formulas for many other configurations."""
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,9 +9,6 @@ import torch.nn.functional as F
 from radiodiff_vae.losses import LPIPSWithDiscriminator, load_loss_state_dict
 from radiodiff_vae.model import AutoencoderKL, load_upstream_state_dict
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-GOLDEN = SHARED / "golden" / "small.pt"
-pytestmark = pytest.mark.skipif(not GOLDEN.exists(), reason=f"golden data not found at {GOLDEN} (expected ../shared beside the repository)")
 
 # upstream's own float32 d_weight differs from the exact (float64) value by 1.4e-4; float32 runs of the same code on
 # different CPUs / thread counts spread by 1.8e-4 (see nbs/06_losses.ipynb). Every other value is held to 1e-4.
@@ -21,8 +17,9 @@ RTOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def golden():
-    return torch.load(GOLDEN, map_location="cpu", weights_only=False)
+def golden(golden_path):
+    "The golden file's contents, read with the safe loader; missing: skipped, or in CI failed."
+    return torch.load(golden_path("golden", "small.pt"), map_location="cpu", weights_only=True)
 
 
 def build(golden, dtype=torch.float32, **loss_overrides):

@@ -1,9 +1,8 @@
 """Golden equality with upstream: our AutoencoderKL loaded with upstream's weights reproduces upstream's outputs.
 
-`shared/golden/small.pt` (beside the repository, or $RADIODIFF_SHARED) holds a small upstream model's state
-dict, an input batch and what upstream's AutoencoderKL computed for it.
+`golden/small.pt` in the shared folder (see conftest.py: $RADIODIFF_SHARED, else ../shared) holds a small upstream
+model's state dict, an input batch and what upstream's AutoencoderKL computed for it. Missing: skipped, or in CI failed.
 """
-import os
 from pathlib import Path
 
 import pytest
@@ -12,16 +11,17 @@ import torch
 from radiodiff_vae.core import CheckpointError
 from radiodiff_vae.model import AutoencoderKL, load_upstream_state_dict
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get('RADIODIFF_SHARED', REPO_ROOT.parent / 'shared'))
-GOLDEN = SHARED / 'golden' / 'small.pt'
-pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason=f'shared folder with the golden files not found at {SHARED} (set RADIODIFF_SHARED)')
 
 
 @pytest.fixture(scope='module')
-def golden():
-    assert GOLDEN.exists(), f'{GOLDEN} missing although {SHARED} exists'
-    return torch.load(GOLDEN, map_location='cpu', weights_only=False)
+def golden_file(golden_path):
+    return golden_path('golden', 'small.pt')
+
+
+@pytest.fixture(scope='module')
+def golden(golden_file):
+    "The golden file's contents, read with the safe loader (it holds tensors and plain values only)."
+    return torch.load(golden_file, map_location='cpu', weights_only=True)
 
 
 def assert_rel_close(actual, expected, rtol=1e-4):
@@ -82,9 +82,9 @@ def test_upstream_checkpoint_layout(golden, tmp_path):
     assert any(k.startswith('loss.discriminator.') for k in raw.load_report['ignored'])
 
 
-def test_golden_file_loads_directly(golden):
+def test_golden_file_loads_directly(golden, golden_file):
     "small.pt carries its config, so from_checkpoint needs no architecture arguments."
-    model = AutoencoderKL.from_checkpoint(GOLDEN).eval()
+    model = AutoencoderKL.from_checkpoint(golden_file).eval()
     with torch.no_grad(): kl = model.encode(golden['input']).kl()
     assert_rel_close(kl, golden['outputs']['kl'])
 
@@ -95,3 +95,35 @@ def test_default_architecture_rejects_small_golden(golden, tmp_path):
     torch.save({'model': golden['state_dict'], 'step': 0}, path)
     with pytest.raises(CheckpointError, match=r'model-2\.pt: checkpoint of another architecture: encoder\.conv_in\.weight has shape \[32, 1, 3, 3\], model expects \[128, 1, 3, 3\]'):
         AutoencoderKL.from_checkpoint(path)
+
+
+# ---------- the resolver: a missing golden file is a skip on a laptop and a failure in CI ----------
+
+_PROBE = """
+def test_needs_golden(golden_path):
+    assert golden_path('golden', 'small.pt').read_bytes() == b'x'
+"""
+
+
+@pytest.mark.parametrize('ci,present,outcome', [('', False, 'skipped'), ('true', False, 'failed'), ('true', True, 'passed'),
+                                                ('', True, 'passed')])
+def test_missing_golden_file_fails_in_ci(pytester, monkeypatch, tmp_path, ci, present, outcome):
+    pytester.makeconftest((Path(__file__).parent / 'conftest.py').read_text().replace("pytest_plugins = ['pytester']", ''))
+    pytester.makepyfile(_PROBE)
+    shared = tmp_path / 'elsewhere'
+    if present: (shared / 'golden').mkdir(parents=True); (shared / 'golden' / 'small.pt').write_bytes(b'x')
+    monkeypatch.setenv('RADIODIFF_SHARED', str(shared))
+    monkeypatch.setenv('CI', ci)
+    result = pytester.runpytest_inprocess('-q', '-rs')
+    result.assert_outcomes(**{outcome: 1})
+    if outcome == 'failed': result.stdout.fnmatch_lines(['*CI=true: a missing golden file is a failure, not a skip*'])
+    if outcome == 'skipped': result.stdout.fnmatch_lines(['*RADIODIFF_SHARED*'])
+
+
+def test_one_path_rule(monkeypatch, tmp_path):
+    "$RADIODIFF_SHARED wins; without it, the folder shared beside the repository root."
+    import conftest
+    monkeypatch.setenv('RADIODIFF_SHARED', str(tmp_path))
+    assert conftest.shared_dir() == tmp_path
+    monkeypatch.delenv('RADIODIFF_SHARED')
+    assert conftest.shared_dir() == Path(__file__).resolve().parents[1].parent / 'shared'

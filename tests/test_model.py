@@ -13,8 +13,6 @@ from radiodiff_vae.model import (DEFAULT_DDCONFIG, DEFAULT_EMBED_DIM, MODEL_PREF
                                  load_checkpoint, load_upstream_state_dict, model_from_checkpoint, reconstruct,
                                  save_autoencoder, upstream_loss_state_dict)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get('RADIODIFF_SHARED', REPO_ROOT.parent / 'shared'))
 TINY = dict(double_z=True, z_channels=3, resolution=[32, 32], in_channels=1, out_ch=1, ch=32, ch_mult=[1, 2],
             num_res_blocks=1, attn_resolutions=[16], dropout=0.0)
 
@@ -25,9 +23,8 @@ def tiny():
     return AutoencoderKL(TINY, 3)
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason=f'shared folder not found at {SHARED} (set RADIODIFF_SHARED)')
-def test_names_and_shapes_equal_upstream():
-    upstream = json.loads((SHARED / 'golden' / 'state_dict_keys.json').read_text())
+def test_names_and_shapes_equal_upstream(golden_path):
+    upstream = json.loads(golden_path('golden', 'state_dict_keys.json').read_text())
     model_part = {k: v for k, v in upstream.items() if k.startswith(MODEL_PREFIXES)}
     with torch.device('meta'):
         ours = {k: list(v.shape) for k, v in AutoencoderKL(DEFAULT_DDCONFIG, DEFAULT_EMBED_DIM).state_dict().items()}
