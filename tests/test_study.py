@@ -1,0 +1,195 @@
+"""The study runner end to end on a tiny study (2 arms x 2 seeds x 4 steps, 32x32 maps, 2 maps per evaluation set):
+killed mid-way it resumes only what is missing, finished it says "nothing to do" and touches nothing; its paired
+statistics agree with SciPy; a bad study file or a changed study is refused before anything is written."""
+import json, math, os, signal, subprocess, sys, time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from scipy import stats
+
+from radiodiff_vae.core import ConfigError, RunFolderError
+from radiodiff_vae.study import (RUN_STATE, check_study, compare_with_baseline, ema_minus_raw, load_study, open_study_folder,
+                                 paired_difference, read_run_state, run_plan, summarize_arms, tiny_study_file)
+from radiodiff_vae.study import main as study_main
+
+ENV = {**os.environ, 'MPLBACKEND': 'Agg'}
+KEYS = ['no-gan/seed-0', 'no-gan/seed-1', 'gan-half/seed-0', 'gan-half/seed-1']
+
+
+def _study(*args, cwd, timeout=900):
+    return subprocess.run([sys.executable, '-m', 'radiodiff_vae.study', *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+def _files(folder):
+    "mtime of every file under `folder`."
+    return {p: p.stat().st_mtime_ns for p in Path(folder).rglob('*') if p.is_file()}
+
+
+def _complete(run_folder, n_sets=3):
+    s = read_run_state(run_folder)
+    return bool(s.get('train')) and len(s['eval']) == n_sets
+
+
+@pytest.fixture(scope='module')
+def killed_then_resumed(tmp_path_factory):
+    "Start the tiny study, kill it (SIGKILL) once its first run is finished and the second has begun, then run it again with --jobs 2."
+    root = tmp_path_factory.mktemp('study')
+    path, out = tiny_study_file(root), root/'tiny'
+    first, second = out/'runs'/'no-gan'/'seed-0', out/'runs'/'no-gan'/'seed-1'
+    proc = subprocess.Popen([sys.executable, '-m', 'radiodiff_vae.study', str(path), '--out', str(out), '--no-progress'],
+                            cwd=root, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not (_complete(first) and (second/'config.yaml').exists()):
+        time.sleep(0.2)
+    assert proc.poll() is None, 'the study ended before it could be killed: ' + proc.communicate()[1][-3000:]
+    os.killpg(proc.pid, signal.SIGKILL); proc.wait()
+    killed_state = {k: read_run_state(out/'runs'/k) for k in KEYS}
+    first_files = _files(first)
+    t0 = time.time()
+    res = _study(str(path), '--out', str(out), '--jobs', '2', '--no-progress', cwd=root)
+    return dict(root=root, path=path, out=out, res=res, killed_state=killed_state, first=first, first_files=first_files,
+                seconds=time.time() - t0)
+
+
+def test_killed_study_resumes_only_the_missing_runs(killed_then_resumed):
+    k = killed_then_resumed
+    assert k['res'].returncode == 0, k['res'].stdout[-2000:] + k['res'].stderr[-4000:]
+    killed = k['killed_state']
+    assert killed['no-gan/seed-0'].get('train') and len(killed['no-gan/seed-0']['eval']) == 3
+    assert not any(killed[key].get('train') for key in KEYS[1:])
+    assert "3 of 4 runs to do, 2 at a time" in k['res'].stdout   # the finished run is not redone
+    assert _files(k['first']) == k['first_files']
+    manifest = json.loads((k['out']/'study.json').read_text())
+    assert manifest['runs'] == {key: 'done' for key in KEYS}
+    assert [s['jobs'] for s in manifest['sessions']] == [1, 2]
+    for key in KEYS:
+        assert _complete(k['out']/'runs'/key), key
+        assert read_run_state(k['out']/'runs'/key)['train']['step'] == 4
+    print(f"\nresumed tiny study (3 runs, --jobs 2): {k['seconds']:.0f} s")
+
+
+def test_report_tables_figures_and_paired_numbers(killed_then_resumed):
+    out = killed_then_resumed['out']
+    results = pd.read_csv(out/'results.csv')
+    assert len(results) == 4 * 3 * 2   # runs x evaluation sets x weights
+    assert set(results['set']) == {'synthetic', 'real-32', 'real-256'} and set(results['n_maps']) == {2}
+    assert results[['psnr', 'ssim', 'nmse', 'rmse', 'kl_per_element', 'scale_factor']].notna().all().all()
+    paired = pd.read_csv(out/'paired.csv')
+    for _, row in paired[paired.metric.isin(['psnr', 'ssim', 'nmse', 'rmse'])].iterrows():   # against SciPy, from results.csv
+        r = results[(results.set == row.set) & (results.weights == 'ema')]
+        a = r[r.arm == row.arm].set_index('seed')[row.metric].sort_index()
+        b = r[r.arm == 'no-gan'].set_index('seed')[row.metric].sort_index()
+        ref = stats.ttest_rel(a.to_numpy(), b.to_numpy())
+        lo, hi = ref.confidence_interval(0.95)
+        assert math.isclose(row['mean'], (a - b).mean(), rel_tol=1e-9, abs_tol=1e-12)
+        if np.isfinite(lo): assert math.isclose(row.ci_low, lo, rel_tol=1e-7, abs_tol=1e-12) and math.isclose(row.ci_high, hi, rel_tol=1e-7, abs_tol=1e-12)
+    md = (out/'STUDY.md').read_text()
+    for text in ('# Study: tiny', '## Set-up', '## Results (ema weights)', '## Each arm minus the baseline `no-gan`, paired by seed',
+                 'real maps, 32x32 (training resolution, area-averaged down from 256x256)', 'real maps, 256x256 (native)',
+                 '## EMA minus raw weights, paired by run', 'radiodiff-vae study', '--jobs 2', '4 of 4 runs finished'):
+        assert text in md, text
+    for fig in ('metrics.png', 'differences.png', 'rate_distortion.png', 'latents.png', 'ema_vs_raw.png', 'curves.png'):
+        assert (out/fig).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', fig
+        assert f']({fig})' in md, fig
+    assert 'model-*.pt' in (out/'.gitignore').read_text()
+
+
+def test_rerun_does_nothing_and_says_so(killed_then_resumed):
+    k = killed_then_resumed
+    before = _files(k['out'])
+    again = _study(str(k['path']), '--out', str(k['out']), '--no-progress', cwd=k['root'])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.strip() == f"nothing to do: the 4 runs of study 'tiny' in {k['out']} are complete"
+    assert _files(k['out']) == before
+
+
+def test_changed_study_is_refused_added_seed_accepted(killed_then_resumed):
+    k = killed_then_resumed
+    raw = yaml.safe_load(k['path'].read_text())
+    changed = k['root']/'changed.yaml'; changed.write_text(yaml.safe_dump({**raw, 'evaluation': {**raw['evaluation'], 'synthetic_maps': 3}}))
+    before = _files(k['out'])
+    res = _study(str(changed), '--out', str(k['out']), '--no-progress', cwd=k['root'])
+    assert res.returncode == 2 and 'other settings (evaluation differ)' in res.stderr and 'Traceback' not in res.stderr
+    assert _files(k['out']) == before
+    spec, configs = load_study(k['path'])
+    more = check_study({**raw, 'seeds': [0, 1, 2]}, k['path'])
+    assert open_study_folder(k['out'], more)['spec'] == spec
+    todo = [r['key'] for r in run_plan(more, k['out'], configs) if not _complete(r['folder'])]
+    assert todo == ['no-gan/seed-2', 'gan-half/seed-2']
+
+
+NO_GAN = dict(label='no-gan', set=['model.lossconfig.disc_start={steps}'])
+
+
+@pytest.mark.parametrize('change, message', [
+    (dict(arms=[NO_GAN, dict(label='b', set=['trainer.nope=1'])]), "arms[1] (b): base + overrides + set: "),
+    (dict(arms=[NO_GAN, dict(label='b', set=['model.lossconfig.disc_start=99'])]), "arms[1] (b): base + overrides + set: "),
+    (dict(arms=[NO_GAN, dict(label='b c', set=[])]), 'arms[1].label'),
+    (dict(arms=[NO_GAN]), 'arms: expected a list of two or more arms'),
+    (dict(baseline='gan'), "baseline: expected one of the arm labels ['no-gan', 'gan-half']"),
+    (dict(evaluation=dict(weigths='ema')), 'evaluation: unknown key(s) weigths'),
+    (dict(seedz=[0, 1]), 'unknown key(s) seedz'),
+    (dict(base='missing.yaml'), "base: config file"),
+    (dict(steps=5), 'steps: 5 is not a multiple of trainer.save_and_sample_every'),
+    (dict(overrides=['trainer.lr']), 'overrides: expected a list of section.key=value strings'),
+    (dict(overrides=['trainer.lr=1', 'data.sise=3']), "overrides: override 'data.sise': unknown key"),
+])
+def test_bad_study_file_leaves_nothing(tmp_path, capsys, change, message):
+    raw = {**yaml.safe_load(tiny_study_file(tmp_path).read_text()), **change}
+    bad = tmp_path/'bad.yaml'; bad.write_text(yaml.safe_dump(raw))
+    assert study_main([str(bad), '--out', str(tmp_path/'out'), '--no-progress']) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f'radiodiff-vae study: error: {bad}: ') and message in err and '\n' not in err, err
+    assert not (tmp_path/'out').exists()
+
+
+def test_paired_difference_against_scipy():
+    rng = np.random.default_rng(7)
+    for n in (2, 3, 5, 12):
+        seed_effect = rng.normal(25, 3, n)
+        a, b = seed_effect + rng.normal(0.4, 0.3, n), seed_effect + rng.normal(0, 0.3, n)
+        d = paired_difference(dict(enumerate(a)), dict(enumerate(b)))
+        ref = stats.ttest_rel(a, b)
+        lo, hi = ref.confidence_interval(0.95)
+        assert np.allclose([d['mean'], d['ci_low'], d['ci_high'], d['t'], d['p']], [np.mean(a - b), lo, hi, ref.statistic, ref.pvalue], rtol=1e-10)
+        lo90, hi90 = stats.t.interval(0.9, n - 1, loc=np.mean(a - b), scale=stats.sem(a - b))
+        d90 = paired_difference(dict(enumerate(a)), dict(enumerate(b)), confidence=0.9)
+        assert np.allclose([d90['ci_low'], d90['ci_high']], [lo90, hi90], rtol=1e-10)
+    # only the seeds both arms have, with finite values, are paired
+    d = paired_difference({0: 1.0, 1: 2.0, 2: float('nan'), 3: 4.0, 5: 9.0}, {0: 0.5, 1: 1.0, 2: 1.0, 3: 3.0, 4: 0.0})
+    assert d['seeds'] == [0, 1, 3] and np.allclose(d['diffs'], [0.5, 1.0, 1.0])
+
+
+def test_aggregation_pairs_by_seed_not_by_row_order():
+    rows = []
+    for arm, shift in (('base', 0.0), ('x', 1.0)):
+        for seed in ((0, 1, 2) if arm == 'base' else (2, 0, 1)):   # different row order per arm
+            for w in ('raw', 'ema'):
+                rows.append(dict(arm=arm, seed=seed, set='s', weights=w, psnr=10.0 * seed + shift + (w == 'ema') * 0.25 * (seed + 1),
+                                 ssim=0.5, nmse=0.1, rmse=0.1, kl_per_element=1.0, latent_std=1.0, scale_factor=1.0))
+    df = pd.DataFrame(rows)
+    cmp = compare_with_baseline(df, 'base', 'ema')
+    psnr = cmp[cmp.metric == 'psnr'].iloc[0]
+    assert psnr.arm == 'x' and np.allclose(psnr.diffs, [1.0, 1.0, 1.0]) and psnr.ci_low == psnr.ci_high == 1.0
+    ema = ema_minus_raw(df)
+    assert np.allclose(ema[(ema.arm == 'base') & (ema.metric == 'psnr')].iloc[0].diffs, [0.25, 0.5, 0.75])
+    arms = summarize_arms(df)
+    row = arms[(arms.arm == 'x') & (arms.weights == 'raw') & (arms.metric == 'psnr')].iloc[0]
+    lo, hi = stats.t.interval(0.95, 2, loc=11.0, scale=stats.sem([1.0, 11.0, 21.0]))
+    assert row.n == 3 and np.isclose(row['mean'], 11.0) and np.allclose([row.ci_low, row.ci_high], [lo, hi])
+
+
+def test_pipeline_notebook_reports_a_copied_study(killed_then_resumed, tmp_path):
+    import shutil, papermill
+    k = killed_then_resumed
+    copy = tmp_path/'copy'; shutil.copytree(k['out'], copy)
+    (copy/'STUDY.md').unlink(); (copy/'metrics.png').unlink()
+    nb = Path(__file__).resolve().parents[1]/'nbs'/'pipelines'/'study.ipynb'
+    papermill.execute_notebook(str(nb), str(tmp_path/'executed.ipynb'), kernel_name='python3', progress_bar=False,
+                               parameters=dict(study_file=str(k['path']), out_dir=str(copy), report_only=True, progress=False))
+    assert (copy/'metrics.png').is_file() and '## Each arm minus the baseline `no-gan`' in (copy/'STUDY.md').read_text()
+    assert 'Each arm minus the baseline' in (tmp_path/'executed.ipynb').read_text()
