@@ -593,8 +593,8 @@ def _setup_section(spec, manifest, configs, runs) -> list[str]:
          f"- Time: {len(done)} of {len(runs)} runs finished; training and evaluation summed over runs {_minutes(compute)}; "
          f"wall time of the study commands {_minutes(wall)}" + (f" (up to {max(x['jobs'] for x in manifest['sessions'])} runs at once)" if manifest['sessions'] else '') + '.',
          '', markdown_table(['arm', 'overrides', 'note', 'runs finished'], arms), '', 'Commands, one line per session:', '', '```']
-    L += [f"{x['command']}    # {x['started']}, {_minutes(x['wall_s'])}, {x['finished_runs']} run(s) finished on {x['cpus']} CPU(s), "
-          f"load average {x['load_start']} at the start" for x in manifest['sessions']] + ['```', '']
+    L += [f"{x['command']}    # {x['started']}, {_minutes(x['wall_s'])}, {x['finished_runs']} run(s) finished; {x['cpus']} CPU(s), "
+          f"{x.get('device', 'CPU only')}, load average {x['load_start']} at the start" for x in manifest['sessions']] + ['```', '']
     return L
 
 # %% ../nbs/21_study.ipynb 85
@@ -718,7 +718,8 @@ def _session(path, out, jobs) -> dict:
     "The record of one `study` command, completed as runs finish."
     load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else None
     return dict(command=_command(path, out, jobs), started=time.strftime('%Y-%m-%d %H:%M:%S'), jobs=jobs, threads_per_job=threads_per_job(jobs) if jobs > 1 else torch.get_num_threads(),
-                cpus=threads_per_job(1), load_start=None if load is None else round(load, 2), wall_s=0.0, finished_runs=0, failed={})
+                cpus=threads_per_job(1), load_start=None if load is None else round(load, 2), wall_s=0.0, finished_runs=0, failed={},
+                device=f'CUDA ({torch.cuda.get_device_name(0)}) for training' if torch.cuda.is_available() else 'CPU only')
 
 # %% ../nbs/21_study.ipynb 95
 def study(path, out, jobs: int = 1, progress: bool = True, report_only: bool = False, echo=print) -> dict:
