@@ -149,7 +149,7 @@ def test_bad_checkpoint_for_evaluate(capsys, tmp_path, checkpoint, content):
 
 def test_checkpoint_of_another_architecture(capsys, tmp_path, checkpoint):
     import torch
-    other = torch.load(checkpoint, weights_only=False)
+    other = torch.load(checkpoint, weights_only=True)
     other['config']['model']['ddconfig']['ch_mult'] = [1, 2, 2]   # the weights no longer fit the architecture it names
     bad = tmp_path/'model-7.pt'; torch.save(other, bad)
     fails(capsys, ['evaluate', '--checkpoint', bad, '--data', 'synthetic:2:0:32', '--out', tmp_path/'out', '--no-progress'], 'model-7.pt')

@@ -43,7 +43,7 @@ def assert_same(a, b, where='checkpoint'):
         for i, (x, y) in enumerate(zip(a, b)): assert_same(x, y, f'{where}[{i}]')
     else: assert a == b or (a != a and b != b), f'{where}: {a!r} != {b!r}'
 
-def load_ckpt(path): return torch.load(path, map_location='cpu', weights_only=False)
+def load_ckpt(path): return torch.load(path, map_location='cpu', weights_only=True)
 
 # --------------------------------------------------------------------------------------------------------------
 # 1. Kill at any moment (subprocesses through the CLI), resume with --resume latest, compare with an uninterrupted run
