@@ -555,7 +555,10 @@ def fmt_interval(row, metric: str, signed: bool = False) -> str:
     "'mean [low, high]' of a row of `summarize_arms` or `compare_with_baseline` ('n/a' without values)."
     f = FORMATS.get(metric, '{:.4g}').format
     if row['mean'] is None or not np.isfinite(row['mean']): return 'n/a'
-    g = (lambda v: ('+' if v > 0 else '') + f(v)) if signed else f
+    def g(v):
+        text = f(v)
+        if float(text) == 0: return f(0.0)                  # no '-0.00' or '+0.00' for a value that rounds to zero
+        return ('+' if signed and v > 0 else '') + text
     return g(row['mean']) + ('' if row['ci_low'] is None or not np.isfinite(row['ci_low']) else f" [{g(row['ci_low'])}, {g(row['ci_high'])}]")
 
 def verdict(row) -> str:
