@@ -293,6 +293,8 @@ def validate_config(cfg: dict) -> dict:
     _require(len(dd['ch_mult']) >= 1 and all(c > 0 for c in dd['ch_mult']), f"model.ddconfig.ch_mult: expected positive integers, got {dd['ch_mult']}")
     for key in ('ch', 'z_channels', 'in_channels', 'out_ch'): _require(dd[key] > 0, f'model.ddconfig.{key}: must be positive, got {dd[key]}')
     _require(m['embed_dim'] > 0, f"model.embed_dim: must be positive, got {m['embed_dim']}")
+    _require(not m['lossconfig']['disc_conditional'], 'model.lossconfig.disc_conditional: true is not supported (a radio map has no '
+             'conditioning image for the discriminator to see); set it to false')
     if t['fp16'] and t['mixed_precision'] not in (None, 'fp16'):
         raise ConfigError(f"trainer.fp16 is true but trainer.mixed_precision is {t['mixed_precision']!r}; set one of them")
     return cfg

@@ -55,18 +55,16 @@ def _rec_nll_kl(self: LPIPSWithDiscriminator, inputs, reconstructions, posterior
 
 # %% ../nbs/06_losses.ipynb 8
 @patch
-def _d_weight(self: LPIPSWithDiscriminator, nll, g_loss, last_layer, needed: bool):
-    "`(d_weight, clamped)`: the adaptive weight if `needed`, else 0; 0 in eval mode when there is no graph."
+def _d_weight(self: LPIPSWithDiscriminator, nll, g_loss, last_layer, needed: bool, graph: bool = True):
+    "`(d_weight, clamped)`: the adaptive weight if `needed`, else 0; 0 in eval mode when the reconstruction has no graph (`graph` False)."
     if not (needed and self.disc_factor > 0.0):
         return torch.zeros((), device=g_loss.device), False
     if last_layer is None:
         raise ValueError("last_layer is required for the adaptive weight: pass model.get_last_layer() "
                          "(decoder.conv_out.weight), or compute_d_weight=False before disc_start")
-    try:
-        return calculate_adaptive_weight(nll, g_loss, last_layer, self.discriminator_weight, self.d_weight_max)
-    except RuntimeError:
-        if self.training: raise
+    if not self.training and not graph:
         return torch.zeros((), device=g_loss.device), False  # validation under no_grad, as upstream
+    return calculate_adaptive_weight(nll, g_loss, last_layer, self.discriminator_weight, self.d_weight_max)
 
 # %% ../nbs/06_losses.ipynb 10
 @patch
@@ -77,7 +75,8 @@ def autoencoder_loss(self: LPIPSWithDiscriminator, inputs, reconstructions, post
     logits_fake = self.discriminator(self._disc_input(reconstructions, cond))
     g_loss = -torch.mean(logits_fake)
     disc_factor = adopt_weight(self.disc_factor, global_step, threshold=self.discriminator_iter_start)
-    d_weight, clamped = self._d_weight(nll, g_loss, last_layer, needed=compute_d_weight or disc_factor > 0)
+    d_weight, clamped = self._d_weight(nll, g_loss, last_layer, needed=compute_d_weight or disc_factor > 0,
+                                     graph=reconstructions.requires_grad)
     loss = weighted_nll + self.kl_weight * kl + d_weight * disc_factor * g_loss
     log = {f"{split}/total_loss": loss.clone().detach().mean(), f"{split}/logvar": self.logvar.detach(),
            f"{split}/kl_loss": kl.detach().mean(), f"{split}/nll_loss": nll.detach().mean(),

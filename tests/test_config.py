@@ -59,6 +59,7 @@ def test_overrides_parse_with_yaml():
     ('trainer.mixed_precision=true', 'got True'),
     ('trainer.compile=yes please', 'true or false'),
     ('trainer.ema_decay=1.5', 'ema_decay'),
+    ('model.lossconfig.disc_conditional=true', 'disc_conditional: true is not supported'),
     ('trainer.lr', 'section.key=value'),
     ('model.ddconfig.resolution=[1,2,3]', 'expected 2 values'),
 ])

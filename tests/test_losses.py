@@ -318,6 +318,24 @@ def test_compute_d_weight_switch_and_eval_without_graph(tiny):
     assert log["train/d_weight"].item() == 0.0 and log["train/disc_factor"].item() == 0.0
 
 
+def test_eval_mode_keeps_real_errors_of_the_adaptive_weight(tiny):
+    "Only the no-graph case gives 0 in eval mode; any other RuntimeError (a wrong last layer, out of memory) propagates."
+    ae, x = tiny
+    loss = LPIPSWithDiscriminator(disc_start=0, perceptual_weight=0.0, disc_ndf=16).eval()
+    xrec, post = ae(x)
+    with pytest.raises(RuntimeError, match="not have been used in the graph"):
+        loss.autoencoder_loss(x, xrec, post, 5, last_layer=torch.zeros(3, requires_grad=True))
+
+
+def test_adaptive_weight_norms_in_float32():
+    "fp16 gradients whose norm exceeds fp16's range (65504) still give the right ratio."
+    w = torch.full((100, 100), 1.0, dtype=torch.float16, requires_grad=True)
+    nll, g = (w * 1000).sum(), (w * 500).sum()       # gradients 1000 and 500 per element: norms 1e5 and 5e4
+    d, clamped = calculate_adaptive_weight(nll, g, w)
+    assert torch.isfinite(d) and d.dtype == torch.float32 and not clamped
+    assert abs(d.item() - 2.0) < 1e-3
+
+
 def test_clamp_flag_logged(tiny):
     ae, x = tiny
     loss = LPIPSWithDiscriminator(disc_start=0, disc_weight=0.5, perceptual_weight=0.0, disc_ndf=16)
