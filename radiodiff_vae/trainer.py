@@ -38,7 +38,7 @@ __all__ = ['CHECKPOINT_VERSION', 'BatchStream', 'sample_seed', 'posterior_noise'
            'build_model_and_loss', 'ae_parameters', 'build_optimizers', 'AutoencoderStep', 'DiscriminatorStep',
            'world_size', 'GlobalBatchNorm2d', 'global_batchnorm', 'EMA', 'NonFiniteLossError', 'SkippedBatch',
            'nonfinite_terms', 'rng_state', 'set_rng_state', 'recon_metrics', 'make_accelerator', 'Trainer',
-           'world_size_dependence', 'sample_grid_png', 'train', 'add_train_args', 'run_train', 'main']
+           'world_size_dependence', 'load_scheduler', 'sample_grid_png', 'train', 'add_train_args', 'run_train', 'main']
 
 # %% ../nbs/13_trainer.ipynb 9
 class BatchStream(Sampler):
@@ -418,6 +418,20 @@ def _load_optimizer(opt, state, path, name, extra_group: bool):
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f'{path}: {name} does not fit this model ({e}); is it a checkpoint of another architecture?') from None
 
+def load_scheduler(sched, state: dict, path, name) -> bool:
+    "Load a LambdaLR state; one written for one group fewer (upstream: no logvar group) gets the new group's own rate. True if so."
+    inner, state = getattr(sched, 'scheduler', sched), copy.deepcopy(state)
+    extra = len(inner.optimizer.param_groups) - len(state.get('base_lrs', []))
+    if extra == 1:
+        base, step = inner.base_lrs[-1], int(state['last_epoch'])
+        lr = base * inner.lr_lambdas[-1](step)
+        state['base_lrs'] = state['base_lrs'] + [base]; state['_last_lr'] = list(state.get('_last_lr', [])) + [lr]
+        state['lr_lambdas'] = list(state.get('lr_lambdas') or [None]) + [None]
+        inner.optimizer.param_groups[-1]['lr'] = lr
+    elif extra != 0: raise CheckpointError(f"{path}: {name} has {len(state.get('base_lrs', []))} parameter groups, this model {len(inner.optimizer.param_groups)}")
+    inner.load_state_dict(state)
+    return extra == 1
+
 # %% ../nbs/13_trainer.ipynb 62
 @patch
 def _resume_from(self: Trainer, path: Path):
@@ -434,7 +448,10 @@ def _resume_from(self: Trainer, path: Path):
                                      if not k.startswith('perceptual')}, source=path)
     _load_optimizer(self.opt_ae, ckpt['opt_ae'], path, 'opt_ae', self.t['learn_logvar'])
     _load_optimizer(self.opt_disc, ckpt['opt_disc'], path, 'opt_disc', False)
-    self.sched_ae.load_state_dict(ckpt['lr_scheduler_ae']); self.sched_disc.load_state_dict(ckpt['lr_scheduler_disc'])
+    fresh = load_scheduler(self.sched_ae, ckpt['lr_scheduler_ae'], path, 'lr_scheduler_ae')
+    load_scheduler(self.sched_disc, ckpt['lr_scheduler_disc'], path, 'lr_scheduler_disc')
+    if fresh and self.main: print(f'note: {path} has no logvar parameter group (an upstream checkpoint); '
+                                  'the learnable logvar starts with fresh AdamW state at the scheduled rate', file=sys.stderr)
     if self.ema is not None and isinstance(ckpt.get('ema'), dict): self.ema.load_state_dict(ckpt['ema'], source=path)
     elif self.ema is not None: self.ema.ema_model.load_state_dict(self.ae.state_dict())
     if self.acc.scaler is not None and ckpt.get('scaler'): self.acc.scaler.load_state_dict(ckpt['scaler'])

@@ -236,6 +236,35 @@ def test_resume_from_upstream_checkpoint(straight, tmp_path):
     finally: t.lock.release()
     assert s['step'] == 14 and (tmp_path/'cont'/'model-2.pt').exists()
 
+def upstream_optimizer_states(cfg: dict, steps: int):
+    "opt_ae / lr_scheduler_ae as upstream's Trainer.save writes them: one AdamW group (no logvar), LambdaLR stepped `steps` times."
+    ae, _ = tr.build_model_and_loss(cfg['model'])
+    t = cfg['trainer']
+    opt = torch.optim.AdamW(tr.ae_parameters(ae), lr=t['lr'], betas=tuple(t['betas']), weight_decay=t['weight_decay'])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.1, 1 - s / t['train_num_steps']))
+    for k in range(steps):
+        for p in tr.ae_parameters(ae): p.grad = torch.full_like(p, 0.01 * (k + 1))
+        opt.step(); sched.step()
+    return opt.state_dict(), sched.state_dict()
+
+def test_resume_from_faithful_upstream_checkpoint_with_learn_logvar(straight, tmp_path):
+    "Upstream's optimizer and scheduler have one group; ours two (logvar learnable): resumed, the logvar group fresh."
+    out, _ = straight
+    cfg = resolve_config(tiny(**{'trainer.train_num_steps': 14, 'trainer.save_and_sample_every': 7}))
+    opt_ae, sched_ae = upstream_optimizer_states(cfg, 12)
+    assert len(opt_ae['param_groups']) == 1 and len(sched_ae['base_lrs']) == 1
+    up = make_upstream_checkpoint(load(out/'model-4.pt'), tmp_path/'model-4.pt')
+    up.update(opt_ae=opt_ae, lr_scheduler_ae=sched_ae)
+    torch.save(up, tmp_path/'model-4.pt')
+    t = Trainer(cfg, tmp_path/'cont', resume=str(tmp_path/'model-4.pt'), progress=False)
+    try:
+        assert t.step == 12 and len(t.opt_ae.param_groups) == 2
+        assert t.opt_ae.param_groups[0]['lr'] == opt_ae['param_groups'][0]['lr']     # upstream's rate continues
+        assert t.opt_ae.param_groups[1]['lr'] == pytest.approx(lr_at(cfg['trainer']['schedule'], 12, 14, base_lr=cfg['trainer']['lr'], min_lr=cfg['trainer']['min_lr'], power=cfg['trainer']['power'], warmup_steps=cfg['trainer']['warmup_steps']))  # logvar group: our schedule at step 12
+        s = t.fit()
+    finally: t.lock.release()
+    assert s['step'] == 14
+
 def test_bad_input_is_clear(tmp_path):
     with pytest.raises(ConfigError, match='not found'): train(tmp_path/'nope.yaml', tmp_path/'x')
     with pytest.raises(ConfigError, match='trainer.lrate'): train(tiny(**{'trainer.lrate': 1}), tmp_path/'x')
