@@ -599,8 +599,8 @@ def sample_grid_png(x, x_hat) -> bytes:
 # %% ../nbs/13_trainer.ipynb 75
 @patch
 def _write_milestone(self: Trainer, state: dict):
-    "Write sample-{milestone}.png, the held-out scores, then model-{milestone}.pt (process 0)."
-    milestone, x = self.step // self.t['save_and_sample_every'], self._sample_inputs()
+    "Write sample-{milestone}.png, the held-out scores, then model-{milestone}.pt (process 0); milestone = ceil(step / save_and_sample_every)."
+    milestone, x = -(-self.step // self.t['save_and_sample_every']), self._sample_inputs()   # a final partial interval rounds up
     recs = {k: reconstruct(m, x) for k, m in ({'': self.ae} | ({'_ema': self.ema.ema_model} if self.ema else {})).items()}
     png, n = self.out/f'sample-{milestone}.png', self.t['sample_maps'] or 1
     self._write(lambda: atomic_write_bytes(png, sample_grid_png(x[:n], recs[''][:n])), png, 'sample')
@@ -654,6 +654,8 @@ def fit(self: Trainer) -> dict:
             if self.ema is not None: self.ema.update(self.ae, self.step)
             if self.step % self.t['save_and_sample_every'] == 0: self._on_main(self._write_milestone, self.checkpoint_state())
             bar.update(1)
+        if self.step == T > start and self.step % self.t['save_and_sample_every']:   # the end is always checkpointed
+            self._on_main(self._write_milestone, self.checkpoint_state())
     finally:
         bar.close()
         if self.main: self.logs.close(); self.lock.release()

@@ -265,6 +265,13 @@ def test_resume_from_faithful_upstream_checkpoint_with_learn_logvar(straight, tm
     finally: t.lock.release()
     assert s['step'] == 14
 
+def test_final_checkpoint_when_steps_are_not_a_multiple_of_the_interval(tmp_path):
+    "5 steps saved every 2: model-1 (step 2), model-2 (step 4) and a final model-3 (step 5)."
+    s = train(tiny(**{'trainer.train_num_steps': 5, 'trainer.save_and_sample_every': 2, 'model.lossconfig.disc_start': 3,
+                      'trainer.warmup_steps': 1}), tmp_path/'run', progress=False)
+    assert [(n, load(p)['step']) for n, p in list_checkpoints(tmp_path/'run')] == [(1, 2), (2, 4), (3, 5)]
+    assert s['last_checkpoint'].endswith('model-3.pt') and (tmp_path/'run'/'sample-3.png').exists()
+
 def test_bad_input_is_clear(tmp_path):
     with pytest.raises(ConfigError, match='not found'): train(tmp_path/'nope.yaml', tmp_path/'x')
     with pytest.raises(ConfigError, match='trainer.lrate'): train(tiny(**{'trainer.lrate': 1}), tmp_path/'x')
