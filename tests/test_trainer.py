@@ -1,5 +1,5 @@
 "Trainer: exact resume, logs, checkpoints, run-folder safety, numerical faults, write failures, upstream checkpoints."
-import ast, copy, errno, json, os, re, shutil, socket
+import ast, copy, errno, json, math, os, re, shutil, socket
 from pathlib import Path
 import pytest, torch
 from radiodiff_vae import trainer as tr
@@ -271,6 +271,27 @@ def test_final_checkpoint_when_steps_are_not_a_multiple_of_the_interval(tmp_path
                       'trainer.warmup_steps': 1}), tmp_path/'run', progress=False)
     assert [(n, load(p)['step']) for n, p in list_checkpoints(tmp_path/'run')] == [(1, 2), (2, 4), (3, 5)]
     assert s['last_checkpoint'].endswith('model-3.pt') and (tmp_path/'run'/'sample-3.png').exists()
+
+def mixed_precision_run(tmp_path, mode, **changes):
+    "4 steps (GAN on from step 2) under `mode`; the metrics records."
+    train(tiny(**{'trainer.mixed_precision': mode, 'trainer.train_num_steps': 4, 'trainer.save_and_sample_every': 2,
+                  'model.lossconfig.disc_start': 2, 'trainer.warmup_steps': 1, **changes}), tmp_path/mode, progress=False)
+    return [json.loads(l) for l in (tmp_path/mode/'metrics.jsonl').read_text().splitlines() if '"train/nll_loss"' in l]
+
+def test_bf16_training_on_cpu(tmp_path):
+    "bf16 autocast on the CPU: the discriminator's output is bf16-rounded, the losses finite, both optimizers step."
+    recs = mixed_precision_run(tmp_path, 'bf16')
+    assert [r['step'] for r in recs] == [0, 1, 2, 3]
+    for r in recs: assert all(math.isfinite(r[k]) for k in ('train/nll_loss', 'train/kl_loss', 'train/total_loss', 'grad_norm_ae'))
+    g = torch.tensor([r['train/g_loss'] for r in recs])
+    assert torch.equal(g.to(torch.bfloat16).double(), g.double())          # autocast really ran in bf16
+    assert all(math.isfinite(r['grad_norm_disc']) for r in recs[2:])       # the GAN trained after disc_start
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='fp16 needs a CUDA GPU (the config refuses fp16 on the CPU)')
+def test_fp16_training_with_skip_nonfinite_on_gpu(tmp_path):
+    "fp16 with the grad scaler and trainer.skip_nonfinite: 4 steps run (the scaler may skip overflowing steps itself)."
+    recs = mixed_precision_run(tmp_path, 'fp16', **{'trainer.skip_nonfinite': True})
+    assert [r['step'] for r in recs] == [0, 1, 2, 3] and all(math.isfinite(r['train/nll_loss']) for r in recs)
 
 def test_bad_input_is_clear(tmp_path):
     with pytest.raises(ConfigError, match='not found'): train(tmp_path/'nope.yaml', tmp_path/'x')
