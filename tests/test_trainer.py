@@ -293,6 +293,37 @@ def test_fp16_training_with_skip_nonfinite_on_gpu(tmp_path):
     recs = mixed_precision_run(tmp_path, 'fp16', **{'trainer.skip_nonfinite': True})
     assert [r['step'] for r in recs] == [0, 1, 2, 3] and all(math.isfinite(r['train/nll_loss']) for r in recs)
 
+def test_gradient_clipping_clips_before_the_step(tmp_path):
+    "The gradient the optimizer sees has norm <= grad_clip_norm, while the logged (pre-clip) norm is larger."
+    cfg = resolve_config(tiny(**{'trainer.grad_clip_norm': 1e-3, 'trainer.train_num_steps': 3, 'model.lossconfig.disc_start': 1, 'trainer.save_and_sample_every': 3}))
+    t = Trainer(cfg, tmp_path/'clip', progress=False)
+    seen, inner = [], t.opt_ae.optimizer.step
+    def step(*a, **k):
+        seen.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in t.ae_params if p.grad is not None])).item())
+        return inner(*a, **k)
+    t.opt_ae.optimizer.step = step
+    try: t.fit()
+    finally: t.lock.release()
+    logged = [json.loads(l)['grad_norm_ae'] for l in (tmp_path/'clip'/'metrics.jsonl').read_text().splitlines() if 'grad_norm_ae' in l]
+    assert len(seen) == 3 and all(n <= 1e-3 * 1.001 for n in seen) and all(n > 1e-2 for n in logged)
+
+@pytest.mark.parametrize('learn', [True, False])
+def test_logvar_moves_only_when_learnable(tmp_path, learn):
+    t = Trainer(resolve_config(tiny(**{'trainer.learn_logvar': learn, 'trainer.train_num_steps': 3, 'model.lossconfig.disc_start': 1, 'trainer.lr': 1e-2,
+                                       'trainer.save_and_sample_every': 3})), tmp_path/'lv', progress=False)
+    before = t.loss.logvar.detach().clone()
+    try: t.fit()
+    finally: t.lock.release()
+    assert (abs(t.loss.logvar.item() - before.item()) > 1e-4) == learn
+
+def test_gradient_accumulation_and_loader_workers(tmp_path):
+    "gradient_accumulate_every 2 (upstream's setting) with num_workers 2: two batches per step, the run completes."
+    s = train(tiny(**{'trainer.gradient_accumulate_every': 2, 'data.num_workers': 2, 'trainer.train_num_steps': 3,
+                      'trainer.save_and_sample_every': 3, 'model.lossconfig.disc_start': 1}), tmp_path/'ga', progress=False)
+    ck = load(tmp_path/'ga'/'model-1.pt')
+    assert s['step'] == 3 and ck['data_state']['batches_drawn'] == 6
+    assert ck['opt_disc']['state'], 'the discriminator optimizer stepped'
+
 def test_bad_input_is_clear(tmp_path):
     with pytest.raises(ConfigError, match='not found'): train(tmp_path/'nope.yaml', tmp_path/'x')
     with pytest.raises(ConfigError, match='trainer.lrate'): train(tiny(**{'trainer.lrate': 1}), tmp_path/'x')
