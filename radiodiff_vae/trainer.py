@@ -429,7 +429,13 @@ def load_scheduler(sched, state: dict, path, name) -> bool:
         state['lr_lambdas'] = list(state.get('lr_lambdas') or [None]) + [None]
         inner.optimizer.param_groups[-1]['lr'] = lr
     elif extra != 0: raise CheckpointError(f"{path}: {name} has {len(state.get('base_lrs', []))} parameter groups, this model {len(inner.optimizer.param_groups)}")
+    ours = list(inner.base_lrs)
     inner.load_state_dict(state)
+    if any(abs(a - b) > 1e-12 * max(abs(a), abs(b)) for a, b in zip(inner.base_lrs, ours)):   # trainer.lr changed: the config wins
+        print(f'note: {name}: base learning rates {inner.base_lrs} in {path} replaced by the config\'s {ours} from step {inner.last_epoch}', file=sys.stderr)
+        inner.base_lrs = ours
+        inner._last_lr = [b * f(inner.last_epoch) for b, f in zip(ours, inner.lr_lambdas)]
+        for g, lr in zip(inner.optimizer.param_groups, inner._last_lr): g['lr'] = lr
     return extra == 1
 
 # %% ../nbs/13_trainer.ipynb 62

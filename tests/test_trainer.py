@@ -324,6 +324,19 @@ def test_gradient_accumulation_and_loader_workers(tmp_path):
     assert s['step'] == 3 and ck['data_state']['batches_drawn'] == 6
     assert ck['opt_disc']['state'], 'the discriminator optimizer stepped'
 
+def test_changed_lr_on_resume_takes_effect(straight, tmp_path, capsys):
+    "--resume PATH with a lower trainer.lr: the resumed step runs at the new schedule's rate (it kept the old one)."
+    out, _ = straight
+    cfg = resolve_config(tiny(**{'trainer.lr': 2e-4, 'trainer.train_num_steps': 14, 'trainer.save_and_sample_every': 7}))
+    t = Trainer(cfg, tmp_path/'lower', resume=str(out/'model-4.pt'), progress=False)
+    try:
+        T = cfg['trainer']
+        want = lr_at(T['schedule'], 12, 14, base_lr=2e-4, min_lr=T['min_lr'], power=T['power'], warmup_steps=T['warmup_steps'])
+        assert t.step == 12 and all(g['lr'] == pytest.approx(want) for g in t.opt_ae.param_groups)
+        t.fit()
+    finally: t.lock.release()
+    assert 'replaced by the config' in capsys.readouterr().err
+
 def test_bad_input_is_clear(tmp_path):
     with pytest.raises(ConfigError, match='not found'): train(tmp_path/'nope.yaml', tmp_path/'x')
     with pytest.raises(ConfigError, match='trainer.lrate'): train(tiny(**{'trainer.lrate': 1}), tmp_path/'x')
