@@ -1,0 +1,373 @@
+"""Tune the quickstart config (the model the main job trains) for held-out quality per minute on a 2-core CPU.
+
+    python benchmarks/tune_quickstart.py time                  # per-step cost of each arm's step shape, fp32 vs bf16, interleaved
+    python benchmarks/tune_quickstart.py search                # train every arm (seed 0), score it on held-out synthetic maps
+    python benchmarks/tune_quickstart.py search --arms a,b --seeds 0,1
+    python benchmarks/tune_quickstart.py guard --arm NAME      # the chosen arm, seeds 0-2, bf16 and fp32: PSNR on the real maps
+    python benchmarks/tune_quickstart.py show                  # print the stored tables
+
+Held-out discipline: every arm is scored on HELDOUT_N synthetic maps at 256x256 (default generator parameters, so
+1 m per pixel like the real maps) drawn from map indices HELDOUT_OFFSET.. of stream 0, far past any training or
+validation index. Settings are chosen on that score only; the 26 real maps are scored only by `guard`, for the
+chosen arm. The score is the mean PSNR of the deterministic reconstruction (posterior mode), computed with the
+package's own `map_metrics`, as `radiodiff-vae evaluate` reports it (`mode` PSNR).
+
+Every run trains through the CLI in a child process (`python -m radiodiff_vae.cli train`), niced, with logs under
+runs/tune/; results are merged into benchmarks/results/quickstart_tuning.json (a run already stored is skipped
+unless --force).
+"""
+from __future__ import annotations
+import argparse, datetime, json, math, os, platform, resource, subprocess, sys, time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RESULTS = HERE / 'results' / 'quickstart_tuning.json'
+RUNS = REPO / 'runs' / 'tune'
+CONFIG = REPO / 'configs' / 'quickstart.yaml'
+HELDOUT_N, HELDOUT_OFFSET, HELDOUT_SIZE = 32, 100_000, 256
+
+# Every arm sets every tuned key, so an arm means the same thing whatever configs/quickstart.yaml holds.
+BASE = {
+    'data.size': 64, 'data.synthetic': {}, 'data.batch_size': 8, 'data.n_maps': 800, 'model.ddconfig.resolution': 64,
+    'trainer.mixed_precision': 'no', 'trainer.train_num_steps': 600, 'trainer.lr': 1.0e-3, 'trainer.min_lr': 1.0e-5,
+    'trainer.schedule': 'cosine', 'trainer.warmup_steps': 20, 'model.lossconfig.disc_start': 300,
+    'trainer.ema_decay': 0.99, 'trainer.save_and_sample_every': 150,
+}
+
+def arm(steps, **changes) -> dict:
+    "BASE with `changes` (keys with '__' for '.'): `steps` steps, GAN and checkpoints from half-way unless changed."
+    return {**BASE, 'trainer.train_num_steps': steps, 'trainer.save_and_sample_every': steps // 2,
+            'model.lossconfig.disc_start': steps // 2, **{k.replace('__', '.'): v for k, v in changes.items()}}
+
+M64, M128 = {'extent_m': 64.0}, {'extent_m': 128.0}
+ARMS = {
+    # today's quickstart, and its cheap precision change
+    'today_fp32_600': arm(600, trainer__save_and_sample_every=150),
+    'today_bf16_600': arm(600, trainer__save_and_sample_every=150, trainer__mixed_precision='bf16'),
+    # training resolution: 64x64 maps covering 256 m (4 m/px, today), 128 m (2 m/px) or 64 m (1 m/px = the real maps' scale)
+    'bf16_b8_2mpx_400': arm(400, trainer__mixed_precision='bf16', data__synthetic=M128),
+    'bf16_b8_1mpx_400': arm(400, trainer__mixed_precision='bf16', data__synthetic=M64),
+    'bf16_b8_4mpx_400': arm(400, trainer__mixed_precision='bf16'),
+    # 128x128 maps at 1 m/px (128 m), batch 2: same pixels per step as 64x64 batch 8
+    'bf16_s128b2_1mpx_400': arm(400, trainer__mixed_precision='bf16', data__synthetic=M128, data__size=128,
+                                model__ddconfig__resolution=128, data__batch_size=2),
+    # batch size at equal pixels seen: batch 4 for twice the steps
+    'bf16_b4_1mpx_800': arm(800, trainer__mixed_precision='bf16', data__synthetic=M64, data__batch_size=4),
+    # learning-rate peak
+    'bf16_b8_1mpx_400_lr2e-3': arm(400, trainer__mixed_precision='bf16', data__synthetic=M64, trainer__lr=2.0e-3),
+    # GAN start: late (the last fifth) instead of half-way
+    'bf16_b8_1mpx_400_gan320': arm(400, trainer__mixed_precision='bf16', data__synthetic=M64, model__lossconfig__disc_start=320),
+    # round 2, after 1 m/px lost 6 dB to 4 m/px on the held-out maps: variations of the 4 m/px arm
+    'bf16_b8_4mpx_400_lr2e-3': arm(400, trainer__mixed_precision='bf16', trainer__lr=2.0e-3),
+    'bf16_b8_4mpx_400_gan320': arm(400, trainer__mixed_precision='bf16', model__lossconfig__disc_start=320),
+}
+CHOSEN = 'bf16_b8_4mpx_400_gan320'   # best held-out synthetic PSNR of the search (raw and EMA); the guard trains it
+
+# ---------------------------------------------------------------------------------------------------------------- utils
+
+def cpu_model() -> str:
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'): return line.split(':', 1)[1].strip()
+    except OSError: pass
+    return platform.processor() or platform.machine()
+
+def cpu_flags() -> list[str]:
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('flags'):
+                return sorted(set(line.split(':', 1)[1].split()) & {'avx2', 'fma', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile'})
+    except OSError: pass
+    return []
+
+def machine() -> dict:
+    import torch
+    return dict(cpu=cpu_model(), logical_cpus=os.cpu_count(), isa=cpu_flags(), torch=torch.__version__,
+                torch_threads=torch.get_num_threads(), python=platform.python_version())
+
+def now() -> str: return datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
+
+def load_results() -> dict:
+    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+
+def update_results(path: list[str], value):
+    "Set r[path[0]]...[path[-1]] = value in the stored results, under a lock (several searches may run at once)."
+    import fcntl
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS.with_suffix('.lock'), 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        r = load_results(); node = r
+        for k in path[:-1]: node = node.setdefault(k, {})
+        node[path[-1]] = value
+        r['machine'], r['updated_utc'] = machine(), now()
+        tmp = RESULTS.with_suffix(f'.{os.getpid()}.tmp'); tmp.write_text(json.dumps(r, indent=1, default=str)); os.replace(tmp, RESULTS)
+        return r
+
+def overrides(a: dict) -> list[str]:
+    "`--set` arguments for arm `a` (values as YAML flow text)."
+    out = []
+    for k, v in a.items():
+        text = json.dumps(v) if isinstance(v, (dict, list)) else (f"'{v}'" if isinstance(v, str) else repr(v))
+        out += ['--set', f'{k}={text}']
+    return out
+
+def t_interval(values, confidence=0.95) -> dict:
+    "Mean and Student-t interval of `values`."
+    from scipy import stats
+    n = len(values); mean = sum(values) / n
+    if n < 2: return dict(n=n, mean=mean, ci_low=None, ci_high=None, std=None)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
+    return dict(n=n, mean=mean, std=std, ci_low=mean - half, ci_high=mean + half)
+
+def welch(a, b, confidence=0.95) -> dict:
+    "Difference of means a - b with a Welch t interval."
+    from scipy import stats
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    va = sum((x - ma) ** 2 for x in a) / (len(a) - 1); vb = sum((x - mb) ** 2 for x in b) / (len(b) - 1)
+    se = math.sqrt(va / len(a) + vb / len(b))
+    df = se ** 4 / ((va / len(a)) ** 2 / (len(a) - 1) + (vb / len(b)) ** 2 / (len(b) - 1)) if se > 0 else 1
+    half = float(stats.t.ppf(0.5 + confidence / 2, df)) * se
+    return dict(diff=ma - mb, ci_low=ma - mb - half, ci_high=ma - mb + half, df=df)
+
+# ---------------------------------------------------------------------------------------------------------- evaluation
+
+def heldout_synthetic():
+    "The held-out synthetic maps: HELDOUT_N maps of stream 0 from index HELDOUT_OFFSET, 256x256, default parameters."
+    from radiodiff_vae.synthetic import SyntheticRadioMaps
+    return SyntheticRadioMaps(HELDOUT_N, seed=0, size=HELDOUT_SIZE, offset=HELDOUT_OFFSET)
+
+def real_maps():
+    from radiodiff_vae.core import real_maps_dir
+    from radiodiff_vae.data import MapFolder
+    return MapFolder(real_maps_dir() / 'gain' / 'DPM', size=None, recursive=False)
+
+def score(checkpoint: Path, dataset, batch_size=4) -> dict:
+    "Mean posterior-mode PSNR (dB) of the raw and EMA weights of `checkpoint` on every map of `dataset` (fp32)."
+    import torch
+    from radiodiff_vae.evaluation import read_checkpoint, build_model, map_metrics
+    from radiodiff_vae.data import unscale_gain
+    ckpt, cfg, _ = read_checkpoint(checkpoint)
+    xs = [dataset[i]['image'] for i in range(len(dataset))]
+    out = {}
+    t0 = time.perf_counter()
+    for which in ('raw', 'ema'):
+        model, psnr = build_model(ckpt, cfg, which, checkpoint), []
+        with torch.no_grad():
+            for i in range(0, len(xs), batch_size):
+                x = torch.stack(xs[i:i + batch_size]).float()
+                x_hat = model.decode(model.encode(x).mode())
+                psnr += map_metrics(unscale_gain(x_hat), unscale_gain(x))['psnr'].tolist()
+        out[which] = dict(psnr=sum(psnr) / len(psnr), per_map=psnr)
+    out['eval_s'] = time.perf_counter() - t0
+    return out
+
+# ------------------------------------------------------------------------------------------------------------ training
+
+def read_metrics(run: Path) -> dict:
+    "Step rate of the run from its metrics records (median over logged intervals, excluding the first), and held-out val."
+    recs = []
+    for name in ('metrics.jsonl',):
+        for p in run.rglob(name):
+            recs += [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
+    rates = sorted(r['steps_per_s'] for r in recs if isinstance(r.get('steps_per_s'), (int, float)) and r['steps_per_s'] == r['steps_per_s'])
+    val = [r for r in recs if any(k.startswith('val/') for k in r)]
+    return dict(median_steps_per_s=rates[len(rates) // 2] if rates else None, last_val=val[-1] if val else None)
+
+def train(name: str, a: dict, seed: int, force=False, threads=None) -> Path:
+    "Train arm `a` with `seed` into runs/tune/<name>-s<seed> (through the CLI); returns the run folder."
+    out = RUNS / f'{name}-s{seed}'
+    if out.exists() and not force and any(out.glob('model-*.pt')) and (out / 'tune_train.json').exists(): return out
+    if out.exists():
+        import shutil; shutil.rmtree(out)
+    RUNS.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, '-m', 'radiodiff_vae.cli', 'train', '--config', str(CONFIG), '--out', str(out), '--seed', str(seed),
+           '--no-progress', *overrides(a), '--set', 'trainer.tensorboard=false']
+    if threads: cmd += ['--set', f'trainer.num_threads={threads}']
+    env = {**os.environ, 'PYTHONPATH': str(REPO) + os.pathsep + os.environ.get('PYTHONPATH', '')}
+    load0, t0, c0 = os.getloadavg(), time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    with open(RUNS / f'{name}-s{seed}.log', 'w') as log:
+        p = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    wall, c1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+    if p.returncode: raise RuntimeError(f'training {name} seed {seed} failed (exit {p.returncode}); see {RUNS / f"{name}-s{seed}.log"}')
+    info = dict(command=' '.join(cmd), wall_s=wall, cpu_s=(c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime),
+                load_start=load0, load_end=os.getloadavg(), date_utc=now(), **read_metrics(out))
+    (out / 'tune_train.json').write_text(json.dumps(info, indent=1, default=str))
+    return out
+
+def final_checkpoint(run: Path) -> Path:
+    from radiodiff_vae.trainer import list_checkpoints
+    return list_checkpoints(run)[-1][1]
+
+def run_arm(name: str, a: dict, seed: int, dataset, force=False, threads=None) -> dict:
+    run = train(name, a, seed, force, threads)
+    info = json.loads((run / 'tune_train.json').read_text())
+    s = score(final_checkpoint(run), dataset)
+    return dict(info, psnr_raw=s['raw']['psnr'], psnr_ema=s['ema']['psnr'], eval_s=s['eval_s'],
+                per_map_ema=s['ema']['per_map'], per_map_raw=s['raw']['per_map'], run=str(run.relative_to(REPO)))
+
+# ------------------------------------------------------------------------------------------------------------- timing
+
+def step_cost(a: dict, steps=6, gan=True) -> dict:
+    "Wall and CPU seconds per optimizer step of arm `a`'s step shape (data in memory, no checkpoints), GAN on or off."
+    import tempfile
+    from radiodiff_vae.config import resolve_config, read_yaml, apply_overrides
+    from radiodiff_vae.trainer import Trainer
+    from radiodiff_vae.synthetic import SyntheticRadioMaps
+    raw = read_yaml(CONFIG)
+    sets = [f'{k}={v!r}' if not isinstance(v, (dict, str)) else (f'{k}={json.dumps(v)}' if isinstance(v, dict) else f"{k}='{v}'")
+            for k, v in a.items()]
+    sets += [f"model.lossconfig.disc_start={0 if gan else a['trainer.train_num_steps']}", 'trainer.tensorboard=false',
+             'trainer.save_and_sample_every=100000', 'trainer.log_freq=100000']
+    cfg = resolve_config(raw, sets)
+    bs, size = cfg['data']['batch_size'], cfg['data']['size']
+    ds = SyntheticRadioMaps(2 * bs, seed=0, size=size, **cfg['data']['synthetic'])
+    ds = [ds[i] for i in range(len(ds))]
+    with tempfile.TemporaryDirectory() as d:
+        tr = Trainer(cfg, out_dir=Path(d) / 'run', progress=False, dataset=ds)
+        try:
+            for _ in range(2): tr.train_step(); tr.step += 1
+            w0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(steps): tr.train_step(); tr.step += 1
+            return dict(wall=(time.perf_counter() - w0) / steps, cpu=(time.process_time() - c0) / steps)
+        finally:
+            tr.logs.close(); tr.lock.release()
+
+def cmd_time(args):
+    names = args.arms.split(',') if args.arms else list(dict.fromkeys(
+        ['today_fp32_600', 'today_bf16_600', 'bf16_b4_1mpx_800', 'bf16_s128b2_1mpx_400']))
+    for rnd in range(args.rounds):
+        for n in names:
+            for gan in (False, True):
+                load = os.getloadavg()
+                c = step_cost(ARMS[n], args.steps, gan)
+                phase = 'gan_on' if gan else 'gan_off'
+                rec = load_results().get('timing', {}).get(n, {}).get(phase, [])
+                rec.append(dict(c, load_before=load, load_after=os.getloadavg(), date_utc=now(), steps=args.steps,
+                                threads=__import__('torch').get_num_threads()))
+                update_results(['timing', n, phase], rec)
+                print(f'{n:28s} gan {"on " if gan else "off"} wall {c["wall"]:.3f} s/step cpu {c["cpu"]:.3f} s/step '
+                      f'load {load[0]:.2f}', flush=True)
+
+# ------------------------------------------------------------------------------------------------------- search, guard
+
+def cmd_search(args):
+    update_results(['heldout'], dict(kind='synthetic', n=HELDOUT_N, seed=0, offset=HELDOUT_OFFSET, size=HELDOUT_SIZE,
+                                     params='generator defaults (256 m across: 1 m per pixel)'))
+    ds = heldout_synthetic(); ds = [ds[i] for i in range(len(ds))]
+    names = args.arms.split(',') if args.arms else list(ARMS)
+    for n in names:
+        for seed in [int(s) for s in args.seeds.split(',')]:
+            if str(seed) in load_results().get('search', {}).get(n, {}).get('runs', {}) and not args.force: continue
+            print(f'[search] {n} seed {seed} start {now()} load {os.getloadavg()[0]:.2f}', flush=True)
+            res = run_arm(n, ARMS[n], seed, ds, args.force, args.threads)
+            update_results(['search', n, 'overrides'], ARMS[n]); update_results(['search', n, 'runs', str(seed)], res)
+            print(f'[search] {n} seed {seed}: held-out synthetic PSNR raw {res["psnr_raw"]:.2f} ema {res["psnr_ema"]:.2f} dB; '
+                  f'train {res["wall_s"]:.0f} s wall, load {res["load_start"][0]:.1f}-{res["load_end"][0]:.1f}', flush=True)
+
+def cmd_guard(args):
+    a = ARMS[args.arm]
+    real = real_maps(); real = [real[i] for i in range(len(real))]
+    syn = heldout_synthetic(); syn = [syn[i] for i in range(len(syn))]
+    update_results(['guard', 'arm'], args.arm); update_results(['guard', 'overrides'], a)
+    seeds = [int(s) for s in args.seeds.split(',')]
+    for seed in seeds:
+        for prec in args.precisions.split(','):
+            key = f'{prec}-s{seed}'
+            if key in load_results().get('guard', {}).get('runs', {}) and not args.force: continue
+            name = f'guard_{args.arm}_{prec}'
+            print(f'[guard] {key} start {now()} load {os.getloadavg()[0]:.2f}', flush=True)
+            run = train(name, {**a, 'trainer.mixed_precision': prec}, seed, args.force, args.threads)
+            info = json.loads((run / 'tune_train.json').read_text())
+            ck = final_checkpoint(run)
+            s_real = score(ck, real)
+            s_syn = score(ck, syn) if seed in args.synthetic_seeds else {w: dict(psnr=None) for w in ('raw', 'ema')}
+            update_results(['guard', 'runs', key], dict(info, precision=prec, seed=seed, real_raw=s_real['raw']['psnr'], real_ema=s_real['ema']['psnr'],
+                             syn_raw=s_syn['raw']['psnr'], syn_ema=s_syn['ema']['psnr'], real_eval_s=s_real['eval_s'],
+                             real_per_map_ema=s_real['ema']['per_map'], run=str(run.relative_to(REPO))))
+            print(f'[guard] {key}: real PSNR raw {s_real["raw"]["psnr"]:.2f} ema {s_real["ema"]["psnr"]:.2f}; '
+                  f'held-out synthetic raw {s_syn["raw"]["psnr"]} ema {s_syn["ema"]["psnr"]} dB', flush=True)
+    g = load_results()['guard']; summarize_guard(g); update_results(['guard', 'summary'], g['summary'])
+    print(json.dumps(g['summary'], indent=1))
+
+def cmd_summarize(args):
+    "Recompute the guard summary from the stored runs."
+    g = load_results()['guard']; summarize_guard(g); update_results(['guard', 'summary'], g['summary'])
+    print(json.dumps(g['summary'], indent=1))
+
+def summarize_guard(g: dict):
+    """Per weights: mean real-map PSNR over seeds per precision (95% t interval), bf16 - fp32 as a Welch interval and,
+    since a seed fixes the initial weights and the data order in both precisions, as a paired interval over seeds."""
+    out, runs = {}, g['runs']
+    for w in ('ema', 'raw'):
+        vals = {p: [v[f'real_{w}'] for v in runs.values() if v['precision'] == p] for p in ('bf16', 'no')}
+        if min(len(v) for v in vals.values()) < 2: continue
+        seeds = sorted({v['seed'] for v in runs.values()})
+        paired = [runs[f'bf16-s{s}'][f'real_{w}'] - runs[f'no-s{s}'][f'real_{w}'] for s in seeds
+                  if f'bf16-s{s}' in runs and f'no-s{s}' in runs]
+        out[w] = dict(bf16=t_interval(vals['bf16']), fp32=t_interval(vals['no']), bf16_minus_fp32=welch(vals['bf16'], vals['no']),
+                      paired_bf16_minus_fp32=dict(t_interval(paired), per_seed=paired))
+        out[w]['within_0.3dB'] = abs(out[w]['bf16_minus_fp32']['diff']) <= 0.3
+    g['summary'] = out
+
+def shape(a: dict) -> tuple:
+    "What a step costs depends on: map side, batch, precision (not on the metres a map covers)."
+    return a['data.size'], a['data.batch_size'], a['trainer.mixed_precision']
+
+def step_costs(r: dict, name: str) -> dict:
+    "Median wall s/step per phase over the stored timings of every arm with arm `name`'s step shape (None if untimed)."
+    want, out = shape({**ARMS.get(name, {}), **r.get('search', {}).get(name, {}).get('overrides', {})}), {}
+    for phase in ('gan_off', 'gan_on'):
+        w = sorted(x['wall'] for n, t in r.get('timing', {}).items() if n in ARMS and shape(ARMS[n]) == want
+                   for x in t.get(phase, []))
+        out[phase] = w[len(w) // 2] if w else None
+    return out
+
+def describe(a: dict) -> str:
+    "Short text of an arm's settings."
+    px = a['data.size']; m = a['data.synthetic'].get('extent_m', 256.0)
+    return (f"{px}x{px} maps of {m:g} m ({m / px:g} m/px), batch {a['data.batch_size']}, {a['trainer.train_num_steps']} steps, "
+            f"lr {a['trainer.lr']:g}, GAN from {a['model.lossconfig.disc_start']}, {a['trainer.mixed_precision']}")
+
+def cmd_show(args):
+    r = load_results()
+    rows = []
+    for n, s in r.get('search', {}).items():
+        for seed, v in sorted(s['runs'].items()):
+            c = step_costs(r, n)
+            rows.append([n, describe(s['overrides']), seed, f"{v['psnr_raw']:.2f}", f"{v['psnr_ema']:.2f}",
+                         '' if c['gan_off'] is None else f"{c['gan_off']:.2f} / {c['gan_on']:.2f}",
+                         f"{v['wall_s']:.0f}", f"{v['load_start'][0]:.1f}-{v['load_end'][0]:.1f}"])
+    head = ['arm', 'settings', 'seed', 'held-out syn PSNR raw', 'EMA', 's/step GAN off / on (2 threads)', 'train wall s (shared)', 'load']
+    print('| ' + ' | '.join(head) + ' |\n|' + '---|' * len(head))
+    for row in rows: print('| ' + ' | '.join(str(x) for x in row) + ' |')
+    print()
+    for n in r.get('timing', {}):
+        c = step_costs(r, n); print(f"timing {n}: GAN off {c['gan_off']}, GAN on {c['gan_on']} s/step")
+    for k, v in sorted(r.get('guard', {}).get('runs', {}).items()):
+        print(f"guard {k}: real raw {v['real_raw']:.2f} ema {v['real_ema']:.2f}; held-out syn raw {v['syn_raw']} ema {v['syn_ema']}")
+    if r.get('guard', {}).get('summary'): print(json.dumps(r['guard']['summary'], indent=1))
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    sub = p.add_subparsers(dest='cmd', required=True)
+    t = sub.add_parser('time'); t.add_argument('--arms'); t.add_argument('--steps', type=int, default=6); t.add_argument('--rounds', type=int, default=1)
+    s = sub.add_parser('search'); s.add_argument('--arms'); s.add_argument('--seeds', default='0'); s.add_argument('--force', action='store_true')
+    s.add_argument('--threads', type=int, help='trainer.num_threads of the runs (1 suits a busy machine: two searches side by side)')
+    g = sub.add_parser('guard'); g.add_argument('--arm', required=True); g.add_argument('--seeds', default='0,1,2'); g.add_argument('--force', action='store_true')
+    g.add_argument('--threads', type=int, help='trainer.num_threads of the runs')
+    g.add_argument('--synthetic-seeds', type=lambda t: [int(x) for x in t.split(',') if x], default=[0],
+                   help='seeds whose runs are also scored on the held-out synthetic maps (default 0)')
+    g.add_argument('--precisions', default='bf16,no', help='which precisions to train')
+    sub.add_parser('show'); sub.add_parser('summarize')
+    p.add_argument('--nice', type=int, default=15, help='niceness of this process and its training children')
+    args = p.parse_args(argv)
+    if args.nice: os.nice(args.nice)
+    if getattr(args, 'threads', None):
+        import torch; torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(REPO))
+    dict(time=cmd_time, search=cmd_search, guard=cmd_guard, show=cmd_show, summarize=cmd_summarize)[args.cmd](args)
+
+if __name__ == '__main__':
+    main()
