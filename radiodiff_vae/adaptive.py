@@ -24,7 +24,8 @@ def calculate_adaptive_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last
     nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
     g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     nll_grads, g_grads = mean_over_processes(torch.stack([nll_grads, g_grads]))   # the global batch's gradients
-    ratio = torch.norm(nll_grads.float()) / (torch.norm(g_grads.float()) + 1e-4)   # float32 under fp16/bf16 autocast
+    wide = torch.promote_types(nll_grads.dtype, torch.float32)   # fp16 norms overflow past 65504; float64 stays float64
+    ratio = torch.norm(nll_grads.to(wide)) / (torch.norm(g_grads.to(wide)) + 1e-4)
     clamped = bool(ratio > max_weight)
     d_weight = torch.clamp(ratio, 0.0, max_weight).detach()
     return d_weight * disc_weight, clamped

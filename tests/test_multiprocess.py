@@ -108,6 +108,7 @@ def test_resume_two_process_checkpoint_on_one(runs):
 
 WORKER = '''
 import json, sys, torch
+from pathlib import Path
 from accelerate.utils import gather_object
 from radiodiff_vae.config import load_config
 from radiodiff_vae.trainer import Trainer
@@ -123,9 +124,9 @@ grads = torch.stack(gather_object([own]))
 loss = t.gen(x, eps, 0, False)[0]
 t.acc.backward(loss)
 w0 = p.detach().clone(); torch.optim.SGD([p], lr=1.0).step()
-print('SGD', json.dumps({'rank': t.rank, 'mean': torch.allclose(p.grad, grads.mean(0), atol=1e-7, rtol=1e-5),
+Path(f'{out}-sgd-rank{t.rank}.json').write_text(json.dumps({'rank': t.rank, 'mean': torch.allclose(p.grad, grads.mean(0), atol=1e-7, rtol=1e-5),
       'sum': torch.allclose(p.grad, grads.sum(0), atol=1e-7, rtol=1e-5), 'step': torch.allclose(w0 - p.detach(), grads.mean(0), atol=1e-6, rtol=1e-5),
-      'differ': not torch.allclose(grads[0], grads[1])}), flush=True)
+      'differ': not torch.allclose(grads[0], grads[1])}))   # a file: two processes' prints interleave on one pipe
 if t.main: t.logs.close(); t.lock.release()
 
 # 2. a NaN in the maps of process 1 only, at step 2
@@ -147,7 +148,7 @@ def test_nan_on_one_process_stops_all_and_gradient_is_the_mean(runs):
     cfg = load_config(d/'cfg.yaml')
     bad = BatchStream(cfg['data']['n_maps'], cfg['data']['batch_size'], cfg['trainer']['seed'], rank=1, world=2).batch(2)
     r = launch([d/'worker.py', d/'cfg.yaml', d/'nan', json.dumps(bad)], d, timeout=240)   # a hang would time out
-    sgd = [json.loads(l[4:]) for l in r.stdout.splitlines() if l.startswith('SGD ')]
+    sgd = [json.loads((d/f'nan-sgd-rank{i}.json').read_text()) for i in range(2) if (d/f'nan-sgd-rank{i}.json').exists()]
     assert len(sgd) == 2 and all(s['mean'] and s['step'] and s['differ'] and not s['sum'] for s in sgd), r.stdout + r.stderr[-3000:]
     assert r.returncode != 0
     assert r.stderr.count('NonFiniteLossError: non-finite loss at step 2') == 2, r.stderr[-4000:]

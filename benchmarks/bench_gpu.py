@@ -1,0 +1,98 @@
+"""Whole-loop training throughput at full size on a GPU: eager vs compiled, fp32 vs bf16, several batch sizes.
+
+Each (variant, batch) runs in its own process (a failure or a slow compile cannot take the others with it): a
+`Trainer` on `configs/radiodiff.yaml` (upstream's architecture, ch 128) fed 256x256 synthetic maps, the GAN term on
+from step 0, LPIPS on with randomly initialised VGG weights (the same work as the pretrained ones, which this
+offline machine cannot download), trained for `warmup + steps` steps by `fit()` (EMA, schedules and logging
+included, as in the original run). Throughput is read from the run's own `metrics.jsonl`: steps between the first
+logged step after the warm-up and the last, over their wall-clock time. The first step's logged losses of every
+variant are kept, so compiled and eager runs can be compared (same seed: same weights, batch and noise).
+
+    python benchmarks/bench_gpu.py --out benchmarks/results/gpu.json
+"""
+from __future__ import annotations
+import argparse, json, os, platform, subprocess, sys, tempfile, time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = {'eager-fp32': ('no', False), 'eager-bf16': ('bf16', False),
+            'compiled-fp32': ('no', True), 'compiled-bf16': ('bf16', True)}
+ORIGINAL_RUN_STEPS_PER_HOUR = 19606  # the original 150k-step run, batch 2, fp32, upstream's loop (reports/reference_run)
+
+
+def run_one(variant: str, batch: int, warmup: int, steps: int, log_every: int, config: str = 'configs/radiodiff.yaml',
+            size: int = 256) -> dict:
+    "Train one variant in this process; its throughput and first logged losses."
+    import torch
+    from radiodiff_vae.config import load_config
+    from radiodiff_vae.trainer import Trainer
+    precision, compiled = VARIANTS[variant]
+    total = warmup + steps
+    overrides = ['data.source=synthetic', f'data.size={size}', f'data.n_maps={max(batch, 8)}', 'data.val_maps=2',
+                 f'data.batch_size={batch}', 'data.num_workers=0', 'model.lossconfig.disc_start=0',
+                 'model.lossconfig.perceptual_weight=1.0', 'model.lossconfig.lpips_pretrained=false',
+                 f'trainer.train_num_steps={total}', f'trainer.save_and_sample_every={10 * total}',
+                 f'trainer.log_freq={log_every}', 'trainer.tensorboard=false', f'trainer.mixed_precision={precision}',
+                 f'trainer.compile={str(compiled).lower()}', 'trainer.sample_maps=2', 'trainer.warmup_steps=0']
+    cfg = load_config(ROOT / config, overrides)
+    out = Path(tempfile.mkdtemp()) / 'run'
+    t0 = time.time()
+    Trainer(cfg, out_dir=out, progress=False).fit()
+    recs = [json.loads(l) for l in (out / 'metrics.jsonl').read_text().splitlines() if l.strip()]
+    recs = [r for r in recs if 'train/total_loss' in r]
+    timed = [r for r in recs if r['step'] >= warmup]
+    a, b = timed[0], timed[-1]
+    rate = (b['step'] - a['step']) / (b['wall_time'] - a['wall_time'])
+    first = {k: v for k, v in recs[0].items() if k.startswith('train/')}
+    return dict(variant=variant, batch=batch, steps_per_s=rate, steps_per_hour=rate * 3600, images_per_s=rate * batch,
+                timed_steps=b['step'] - a['step'], wall_s=time.time() - t0, first_step=first,
+                peak_memory_gb=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None)
+
+
+def machine() -> dict:
+    "What the benchmark ran on."
+    import torch
+    info = dict(python=platform.python_version(), torch=torch.__version__, cpu=platform.processor() or platform.machine())
+    if torch.cuda.is_available(): info['gpu'] = torch.cuda.get_device_name(0)
+    return info
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--variants', nargs='*', default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument('--batches', nargs='*', type=int, default=[2, 8, 32])
+    ap.add_argument('--warmup', type=int, default=10, help='untimed steps (compilation happens here)')
+    ap.add_argument('--steps', type=int, default=60, help='timed steps')
+    ap.add_argument('--log-every', type=int, default=10)
+    ap.add_argument('--timeout', type=float, default=300, help='seconds per variant')
+    ap.add_argument('--config', default='configs/radiodiff.yaml', help='base config (a smaller one for a smoke test)')
+    ap.add_argument('--size', type=int, default=256, help='map size')
+    ap.add_argument('--out', type=Path, default=None)
+    ap.add_argument('--one', nargs=2, metavar=('VARIANT', 'BATCH'), help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.one:
+        print('RESULT ' + json.dumps(run_one(a.one[0], int(a.one[1]), a.warmup, a.steps, a.log_every, a.config, a.size)), flush=True)
+        return 0
+    results = dict(command='python benchmarks/bench_gpu.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
+                   date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()), machine=machine(),
+                   original_run_steps_per_hour=ORIGINAL_RUN_STEPS_PER_HOUR, runs=[])
+    for batch in a.batches:
+        for v in a.variants:
+            cmd = [sys.executable, __file__, '--one', v, str(batch), '--warmup', str(a.warmup), '--steps', str(a.steps),
+                   '--log-every', str(a.log_every), '--config', a.config, '--size', str(a.size)]
+            t0 = time.time()
+            try:
+                p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, cwd=ROOT)
+                line = next((l for l in p.stdout.splitlines() if l.startswith('RESULT ')), None)
+                r = json.loads(line[7:]) if line else dict(variant=v, batch=batch, error=(p.stderr or p.stdout)[-1500:])
+            except subprocess.TimeoutExpired:
+                r = dict(variant=v, batch=batch, error=f'timed out after {a.timeout:.0f} s')
+            r['process_s'] = time.time() - t0
+            results['runs'].append(r)
+            print(json.dumps({k: r.get(k) for k in ('variant', 'batch', 'steps_per_hour', 'images_per_s', 'process_s', 'error')}), flush=True)
+            if a.out: a.out.parent.mkdir(parents=True, exist_ok=True); a.out.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
