@@ -113,7 +113,7 @@ def bench_config(size: str) -> dict:
                 map_size=spec.get('map_size', cfg['data']['size']))
 
 def real_batch(batch_size: int, map_size: int) -> torch.Tensor:
-    "A batch of the bundled real RadioMapSeer maps, scaled to [-1, 1) (area-resized when `map_size` < 256)."
+    "A batch of the bundled real RadioMapSeer maps, scaled to [-1, 1] (area-resized when `map_size` < 256)."
     from radiodiff_vae.core import real_maps_dir
     from radiodiff_vae.data import read_gray_png, scale_gain
     files = sorted((real_maps_dir() / 'gain' / 'DPM').glob('*.png'))

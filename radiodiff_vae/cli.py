@@ -17,6 +17,7 @@ COMMANDS = {
     'analyze': ('report', 'analyze', "parse training logs, regenerate the report's figures and REPORT.md"),
     'evaluate': ('evaluation', 'evaluate', 'reconstruction metrics of a checkpoint on held-out maps'),
     'reproduce': ('reproduce', 'reproduce', 'the main job: reference report, train, evaluate, analyse'),
+    'study': ('study', 'study', 'arms x seeds of training runs, evaluated and compared with a baseline arm paired by seed'),
 }
 
 # %% ../nbs/18_cli.ipynb 7

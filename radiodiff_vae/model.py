@@ -192,6 +192,11 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, out_ch, 3, 1, 1)
 
     def forward(self, z):
+        h = self.trunk(z)
+        return h if self.give_pre_end else self.head(h)
+
+    def trunk(self, z):
+        "Everything before the output layers: conv_in, mid, the upsampling levels."
         ck = self.gradient_checkpointing
         h = self.conv_in(z)
         for m in (self.mid.block_1, self.mid.attn_1, self.mid.block_2): h = _run(m, h, ck)
@@ -201,7 +206,10 @@ class Decoder(nn.Module):
                 h = _run(up.block[i_block], h, ck)
                 if len(up.attn) > 0: h = _run(up.attn[i_block], h, ck)
             if i_level != 0: h = up.upsample(h)
-        if self.give_pre_end: return h
+        return h
+
+    def head(self, h):
+        "norm_out, swish, conv_out (the adaptive GAN weight's last layer), tanh if configured."
         h = self.conv_out(swish(self.norm_out(h)))
         return torch.tanh(h) if self.tanh_out else h
 

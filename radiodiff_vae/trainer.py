@@ -36,9 +36,10 @@ from .logs import RunLogs, format_log_line, UPSTREAM_AE_KEYS, UPSTREAM_DISC_KEYS
 # %% auto 0
 __all__ = ['CHECKPOINT_VERSION', 'BatchStream', 'sample_seed', 'posterior_noise', 'CachedDataset', 'build_datasets',
            'build_model_and_loss', 'ae_parameters', 'build_optimizers', 'AutoencoderStep', 'DiscriminatorStep',
-           'world_size', 'GlobalBatchNorm2d', 'global_batchnorm', 'EMA', 'NonFiniteLossError', 'SkippedBatch',
-           'nonfinite_terms', 'rng_state', 'set_rng_state', 'recon_metrics', 'make_accelerator', 'Trainer',
-           'world_size_dependence', 'load_scheduler', 'sample_grid_png', 'train', 'add_train_args', 'run_train', 'main']
+           'compile_step', 'world_size', 'GlobalBatchNorm2d', 'global_batchnorm', 'EMA', 'NonFiniteLossError',
+           'SkippedBatch', 'nonfinite_terms', 'rng_state', 'set_rng_state', 'recon_metrics', 'precision_note',
+           'run_precision', 'make_accelerator', 'Trainer', 'world_size_dependence', 'load_scheduler', 'sample_grid_png',
+           'train', 'add_train_args', 'run_train', 'main']
 
 # %% ../nbs/13_trainer.ipynb 9
 class BatchStream(Sampler):
@@ -149,6 +150,13 @@ class DiscriminatorStep(nn.Module):
     def forward(self, x, x_hat, step: int): return self.loss_fn[0].discriminator_loss(x, x_hat, step, split='train')
 
 # %% ../nbs/13_trainer.ipynb 30
+def compile_step(ae: AutoencoderKL, loss: LPIPSWithDiscriminator):
+    "torch.compile, in place, the encoder, the decoder's trunk (not its output layers) and the discriminator."
+    ae.encoder.compile(dynamic=False)                 # dynamic=False: a new batch shape recompiles instead of
+    ae.decoder.trunk = torch.compile(ae.decoder.trunk, dynamic=False)   # tracing symbolic shapes, which inductor
+    loss.discriminator.compile(dynamic=False)         # failed on here (torch 2.14, CPU)
+
+# %% ../nbs/13_trainer.ipynb 33
 def world_size() -> int:
     "Number of processes training together (1 without a process group)."
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -168,7 +176,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         y = (x - mean[:, None, None]) * torch.rsqrt(var + self.eps)[:, None, None]
         return y * self.weight[:, None, None] + self.bias[:, None, None] if self.affine else y
 
-# %% ../nbs/13_trainer.ipynb 31
+# %% ../nbs/13_trainer.ipynb 34
 def global_batchnorm(module: nn.Module) -> nn.Module:
     "`module` with every BatchNorm2d replaced (in place) by a GlobalBatchNorm2d with the same weights and statistics."
     for name, child in module.named_children():
@@ -178,7 +186,7 @@ def global_batchnorm(module: nn.Module) -> nn.Module:
         else: global_batchnorm(child)
     return module
 
-# %% ../nbs/13_trainer.ipynb 34
+# %% ../nbs/13_trainer.ipynb 37
 class EMA:
     "Exponential moving average of a model's parameters (buffers copied)."
     def __init__(self, model, decay=0.995, every=10, warmup=True):
@@ -199,7 +207,7 @@ class EMA:
         for e, b in zip(self.ema_model.buffers(), model.buffers()): e.copy_(b)
         self.updates += 1
 
-# %% ../nbs/13_trainer.ipynb 36
+# %% ../nbs/13_trainer.ipynb 39
 @patch
 def state_dict(self: EMA) -> dict:
     "`ema_model.`-prefixed weights plus book-keeping, like upstream's EMA wrapper."
@@ -214,7 +222,7 @@ def load_state_dict(self: EMA, sd: dict, source=None):
     load_upstream_state_dict(self.ema_model, weights, strict=True, source=f'{source} [ema]' if source else 'ema')
     self.updates = int(sd['updates']) if 'updates' in sd else int(sd.get('step', 0)) // self.every
 
-# %% ../nbs/13_trainer.ipynb 39
+# %% ../nbs/13_trainer.ipynb 42
 class NonFiniteLossError(RadioDiffError, FloatingPointError):
     "A loss or gradient became NaN/inf during training."
 
@@ -228,7 +236,7 @@ def nonfinite_terms(values: dict) -> list[str]:
     rank = lambda k: next((i for i, o in enumerate(order) if k.endswith(o)), len(order))
     return sorted(bad, key=rank)
 
-# %% ../nbs/13_trainer.ipynb 42
+# %% ../nbs/13_trainer.ipynb 45
 def rng_state() -> dict:
     "Python, NumPy, torch (and CUDA) RNG states as tensors and plain values."
     version, mt, gauss = random.getstate()
@@ -248,7 +256,7 @@ def set_rng_state(s: dict):
     torch.set_rng_state(s['torch'].cpu())
     if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all([t.cpu() for t in s['cuda']])
 
-# %% ../nbs/13_trainer.ipynb 45
+# %% ../nbs/13_trainer.ipynb 48
 def recon_metrics(x, x_hat) -> dict:
     "Mean per-map PSNR (dB), NMSE and RMSE of reconstructions, both mapped from [-1, 1] to [0, 1] (clamped)."
     a, b = ((x.float() + 1) / 2).clamp(0, 1), ((x_hat.float() + 1) / 2).clamp(0, 1)
@@ -256,12 +264,20 @@ def recon_metrics(x, x_hat) -> dict:
     nmse = ((a - b) ** 2).flatten(1).sum(1) / (a ** 2).flatten(1).sum(1).clamp_min(1e-12)
     return {'psnr': (10 * torch.log10(1 / mse.clamp_min(1e-12))).mean().item(), 'nmse': nmse.mean().item(), 'rmse': mse.sqrt().mean().item()}
 
-# %% ../nbs/13_trainer.ipynb 48
+# %% ../nbs/13_trainer.ipynb 51
+def precision_note(mode: str, reason: str) -> str:
+    "One line saying which arithmetic a run uses and why."
+    return f"precision: {dict(no='fp32', bf16='bf16 autocast', fp16='fp16 autocast')[mode]} ({reason})"
+
+def run_precision(t: dict) -> tuple[str, str]:
+    "`(mode, reason)` for the `trainer` settings `t` on this machine; unset means fp16 if upstream's `fp16`, else fp32."
+    requested = t['mixed_precision'] if t['mixed_precision'] is not None else ('fp16' if t['fp16'] else 'no')
+    return choose_precision(requested, 'cpu' if t['cpu'] or not torch.cuda.is_available() else 'cuda')
+
 def make_accelerator(t: dict) -> Accelerator:
     "The Accelerator of a run: the CPU where no CUDA device is (or `trainer.cpu`), one schedule step per update."
     cpu = t['cpu'] or not torch.cuda.is_available()
-    requested = t['mixed_precision'] if t['mixed_precision'] is not None else ('fp16' if t['fp16'] else 'no')
-    mixed, _ = choose_precision(requested, 'cpu' if cpu else 'cuda')
+    mixed, _ = run_precision(t)
     launched = int(os.environ.get('WORLD_SIZE', '1'))
     if launched == 1 and not (dist.is_available() and dist.is_initialized()):
         AcceleratorState._reset_state(True)   # several runs in one process may use different settings
@@ -271,7 +287,7 @@ def make_accelerator(t: dict) -> Accelerator:
                           f'({acc.distributed_type}); check the accelerate config (accelerate env)')
     return acc
 
-# %% ../nbs/13_trainer.ipynb 51
+# %% ../nbs/13_trainer.ipynb 54
 class Trainer:
     "Train an AutoencoderKL with LPIPSWithDiscriminator as configured, on one process or several; see `train`."
     def __init__(self, config: dict, out_dir=None, resume=None, progress=True, stop_at=None, dataset=None,
@@ -280,6 +296,7 @@ class Trainer:
         self.out = Path(out_dir if out_dir is not None else t['results_folder'])
         self.progress, self.stop_at, self.skip_damaged, self.trust = progress, stop_at, skip_damaged, trust_checkpoint
         if t['num_threads']: torch.set_num_threads(t['num_threads'])
+        self.precision = run_precision(t)    # (mode, reason): printed at start, in config.yaml's first line and the log
         self.acc = make_accelerator(t)
         self.device, self.rank, self.world, self.main = self.acc.device, self.acc.process_index, self.acc.num_processes, self.acc.is_main_process
         self._build(dataset)
@@ -290,7 +307,7 @@ class Trainer:
             if self.main: self._abandon()
             raise
 
-# %% ../nbs/13_trainer.ipynb 52
+# %% ../nbs/13_trainer.ipynb 55
 @patch
 def _build(self: Trainer, dataset=None):
     "Model, loss, optimisers, schedules, EMA and data in memory (the same on every process), prepared by accelerate."
@@ -306,10 +323,11 @@ def _build(self: Trainer, dataset=None):
      self.sched_disc) = self.acc.prepare(*steps, *build_optimizers(self.ae, self.loss, t))
     self.disc_eval = steps[1]    # the discriminator pass of a step that does not train it (no gradients)
     self.ema = EMA(self.ae, t['ema_decay'], t['ema_update_every'], t['ema_warmup']) if self.main else None
+    if t['compile']: compile_step(self.ae, self.loss)    # after the EMA's copy: the EMA model stays eager
     self.train_ds, self.val_ds = (dataset, None) if dataset is not None else build_datasets(self.cfg['data'])
     self.step, self.batches_drawn, self.skips, self.session = 0, 0, 0, 0
 
-# %% ../nbs/13_trainer.ipynb 53
+# %% ../nbs/13_trainer.ipynb 56
 @patch
 def _on_main(self: Trainer, fn, *args):
     "Run `fn` on process 0 only; an error it raises is raised on every process."
@@ -347,7 +365,7 @@ def _write(self: Trainer, fn, path, what: str):
         keep = f'; the previous checkpoint {self.last_checkpoint} is intact' if getattr(self, 'last_checkpoint', None) else ''
         raise RunFolderError(f'{path}: cannot write the {what} ({e.strerror or e}){keep}') from None
 
-# %% ../nbs/13_trainer.ipynb 55
+# %% ../nbs/13_trainer.ipynb 58
 @patch
 def _start(self: Trainer, resume):
     "Resume or initialise, then reseed per process, write the config, open the logs and the data stream."
@@ -358,8 +376,12 @@ def _start(self: Trainer, resume):
         seed_everything(self.t['seed'] + 1_000_003 * (self.rank + 1))
     self.resumed_from = path
     if self.main:
-        self._write(lambda: atomic_write_text(self.out/'config.yaml', dump_config(self.cfg)), self.out/'config.yaml', 'config')
+        note = precision_note(*self.precision)
+        print(note, file=sys.stderr)
+        text = f'# session {self.session}: {note}\n' + dump_config(self.cfg)
+        self._write(lambda: atomic_write_text(self.out/'config.yaml', text), self.out/'config.yaml', 'config')
         self.logs = RunLogs(self.out, self.cfg, self.t['tensorboard'], self.session)
+        self.logs.line(f'[Precision] {note}')
         if path is not None: self.logs.line(f'[Resume] from {path} at step {self.step}')
     self._open_stream()
 
@@ -398,14 +420,14 @@ def _open_stream(self: Trainer):
                     pin_memory=self.device.type == 'cuda', generator=torch.Generator().manual_seed(self.t['seed'] + self.batches_drawn))
     self.batches = iter(dl)
 
-# %% ../nbs/13_trainer.ipynb 58
+# %% ../nbs/13_trainer.ipynb 61
 def world_size_dependence(cfg: dict) -> list[str]:
     "What makes a run of `cfg` depend on its number of processes (empty: nothing)."
     why = [] if cfg['trainer']['sync_batchnorm'] else ["the discriminator's BatchNorm statistics are per process (trainer.sync_batchnorm: false)"]
     if cfg['model']['ddconfig'].get('dropout', 0.0) > 0: why.append('dropout draws from per-process random streams (model.ddconfig.dropout > 0)')
     return why
 
-# %% ../nbs/13_trainer.ipynb 60
+# %% ../nbs/13_trainer.ipynb 63
 def _load_optimizer(opt, state, path, name, extra_group: bool):
     "Load an optimizer state; an upstream AE state lacks our logvar group, which then starts fresh."
     try:
@@ -438,7 +460,7 @@ def load_scheduler(sched, state: dict, path, name) -> bool:
         for g, lr in zip(inner.optimizer.param_groups, inner._last_lr): g['lr'] = lr
     return extra == 1
 
-# %% ../nbs/13_trainer.ipynb 62
+# %% ../nbs/13_trainer.ipynb 65
 @patch
 def _resume_from(self: Trainer, path: Path):
     "Restore the full training state from checkpoint `path` (ours or upstream's model-N.pt)."
@@ -482,7 +504,7 @@ def _check_resumable(self: Trainer, ckpt: dict, path):
     if why: raise CheckpointError(f'{path}: written by {saved} processes, resumed on {self.world}, but {"; ".join(why)}: '
                                   f'resume with {saved} processes (accelerate launch --num_processes {saved})')
 
-# %% ../nbs/13_trainer.ipynb 64
+# %% ../nbs/13_trainer.ipynb 67
 @patch
 def train_step(self: Trainer) -> dict:
     "One optimisation step (both updates); the logged values (empty when the step is not logged)."
@@ -496,7 +518,7 @@ def train_step(self: Trainer) -> dict:
     except SkippedBatch: return {'skipped': True}
     return vals if logged else {}
 
-# %% ../nbs/13_trainer.ipynb 65
+# %% ../nbs/13_trainer.ipynb 68
 @patch
 def _next_batch(self: Trainer):
     "This process's share of the next global batch, its posterior noise (None: train on the mode) and its map names."
@@ -517,7 +539,7 @@ def _mean_logs(self: Trainer, logs: list[dict]) -> dict:
     t = torch.stack([torch.stack([torch.as_tensor(l[k]).detach().reshape(()).to(self.device, torch.float32) for k in keys]) for l in logs]).mean(0)
     return dict(zip(keys, reduce(t, 'mean').tolist()))
 
-# %% ../nbs/13_trainer.ipynb 66
+# %% ../nbs/13_trainer.ipynb 69
 @patch
 def _ae_pass(self: Trainer, d_weight: bool):
     "Forward + backward of the autoencoder loss over the micro-batches (gradients averaged over processes on the last)."
@@ -547,7 +569,7 @@ def _disc_pass(self: Trainer, kept, train: bool) -> dict:
             logs.append(log)
     return self._mean_logs(logs)
 
-# %% ../nbs/13_trainer.ipynb 67
+# %% ../nbs/13_trainer.ipynb 70
 @patch
 def _update(self: Trainer, opt, params, vals: dict, names: list) -> float:
     "Clip (before the step: defect 2) and step; a non-finite loss or gradient norm skips the batch or stops the run."
@@ -580,7 +602,7 @@ def _nonfinite(self: Trainer, bad: list, values: dict, names: list):
     raise NonFiniteLossError(f'non-finite loss at step {step}: {desc}{why}; batch {names[:8]}; {last}; diagnostic: {diag}. '
                              'Resume with --resume latest (perhaps with a lower trainer.lr), or set trainer.skip_nonfinite=true to skip such batches.')
 
-# %% ../nbs/13_trainer.ipynb 71
+# %% ../nbs/13_trainer.ipynb 74
 CHECKPOINT_VERSION = 2
 
 @patch
@@ -595,14 +617,14 @@ def checkpoint_state(self: Trainer) -> dict:
             'loss': {k: v for k, v in self.loss.state_dict().items() if not k.startswith('perceptual')},
             'version': CHECKPOINT_VERSION, 'nonfinite_skips': self.skips, 'session': self.session, 'world_size': self.world}
 
-# %% ../nbs/13_trainer.ipynb 73
+# %% ../nbs/13_trainer.ipynb 76
 def sample_grid_png(x, x_hat) -> bytes:
     "PNG bytes of a grid: one row per map, input | reconstruction, mapped to [0, 1]."
     pairs, buf = torch.stack([x, x_hat], 1).flatten(0, 1).float().cpu(), io.BytesIO()
     torchvision.utils.save_image(((pairs + 1) / 2).clamp(0, 1), buf, nrow=2, padding=2, format='png')
     return buf.getvalue()
 
-# %% ../nbs/13_trainer.ipynb 75
+# %% ../nbs/13_trainer.ipynb 78
 @patch
 def _write_milestone(self: Trainer, state: dict):
     "Write sample-{milestone}.png, the held-out scores, then model-{milestone}.pt (process 0); milestone = ceil(step / save_and_sample_every)."
@@ -626,7 +648,7 @@ def _sample_inputs(self: Trainer) -> torch.Tensor:
     n = len(ds) if self.val_ds is not None else min(len(ds), max(self.t['sample_maps'], 1))
     return torch.stack([ds[i]['image'] for i in range(n)]).to(self.device)
 
-# %% ../nbs/13_trainer.ipynb 77
+# %% ../nbs/13_trainer.ipynb 80
 @patch
 def _log_step(self: Trainer, vals: dict, timer: dict, bar=None):
     "Write the two upstream lines, one metrics record and the progress bar's loss."
@@ -641,7 +663,7 @@ def _log_step(self: Trainer, vals: dict, timer: dict, bar=None):
                       'nonfinite_skips': self.skips, 'epoch': self.batches_drawn // max(self.sampler.per_epoch, 1)})
     if bar is not None: bar.set_postfix(loss=f"{vals['train/total_loss']:.4g}", rec=f"{vals['train/rec_loss']:.3g}")
 
-# %% ../nbs/13_trainer.ipynb 78
+# %% ../nbs/13_trainer.ipynb 81
 @patch
 def fit(self: Trainer) -> dict:
     "Train until `train_num_steps` (or `stop_at`); return a summary."
@@ -672,7 +694,7 @@ def fit(self: Trainer) -> dict:
             'nonfinite_skips': self.skips, 'resumed_from': str(self.resumed_from) if self.resumed_from else None,
             'processes': self.world}
 
-# %% ../nbs/13_trainer.ipynb 86
+# %% ../nbs/13_trainer.ipynb 89
 def train(config,                          # a resolved config dict (`config.load_config`) or a YAML path
           out_dir=None,                    # the run folder (default: trainer.results_folder)
           resume=None,                     # 'latest', a milestone number or a checkpoint path; None: a fresh run
@@ -693,7 +715,7 @@ def train(config,                          # a resolved config dict (`config.loa
     return Trainer(cfg, out_dir, resume=resume, progress=progress, stop_at=stop_at, dataset=dataset,
                    skip_damaged=skip_damaged, trust_checkpoint=trust_checkpoint).fit()
 
-# %% ../nbs/13_trainer.ipynb 101
+# %% ../nbs/13_trainer.ipynb 104
 def add_train_args(parser: argparse.ArgumentParser):
     "Arguments of `radiodiff-vae train`."
     parser.add_argument('--config', default=None, help='YAML config (e.g. configs/quickstart.yaml); required')
@@ -716,7 +738,7 @@ def add_train_args(parser: argparse.ArgumentParser):
     parser.parse_known_args = parse_known_args
     return parser
 
-# %% ../nbs/13_trainer.ipynb 103
+# %% ../nbs/13_trainer.ipynb 106
 def run_train(args) -> int:
     "Run `radiodiff-vae train` from parsed `args`; print the summary as JSON (process 0); return 0."
     if not args.config: raise ConfigError('--config is required (a YAML file such as configs/quickstart.yaml)')
@@ -733,5 +755,5 @@ def main(argv=None) -> int:
     except RadioDiffError as e:
         print(f'radiodiff-vae train: error: {e}', file=sys.stderr); return 2
 
-# %% ../nbs/13_trainer.ipynb 105
+# %% ../nbs/13_trainer.ipynb 108
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())

@@ -114,8 +114,10 @@ def test_mixed_precision_in_a_file(tmp_path):
     with pytest.raises(ConfigError, match='trainer.fp16 is true'): load_config(tmp_path/'c.yaml')
 
 def test_new_trainer_keys_default_to_todays_behaviour():
-    t = load_config(CONFIGS/'radiodiff.yaml')['trainer']
+    t = resolve_config({})['trainer']                          # keys left out: today's behaviour (fp32 unless upstream's fp16)
     assert (t['sync_batchnorm'], t['train_discriminator'], t['compile'], t['mixed_precision']) == (False, True, False, None)
+    for name in ('radiodiff.yaml', 'quickstart.yaml'):             # the shipped configs choose bf16 where it is native
+        assert load_config(CONFIGS/name)['trainer']['mixed_precision'] == 'auto'
     keys = {r[0]: r for r in schema_table()}
     assert all(keys[f'trainer.{k}'][3] for k in ('sync_batchnorm', 'train_discriminator', 'compile'))   # documented
     # a run folder written before these keys existed is the same run

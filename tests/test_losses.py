@@ -380,3 +380,15 @@ def test_load_loss_state_dict_reports_and_errors():
     small = LPIPSWithDiscriminator(disc_start=0, perceptual_weight=0.0, disc_ndf=8)
     with pytest.raises(CheckpointError, match="wrong shape"):
         load_loss_state_dict(small, upstream_like)
+
+def test_adaptive_weight_float32_under_bf16_autocast():
+    "Under CPU bf16 autocast the decoder's output is bf16, yet the adaptive weight comes out float32 and matches fp32 within bf16 rounding."
+    conv = torch.nn.Conv2d(4, 1, 3, padding=1)
+    x = torch.randn(2, 4, 8, 8)
+    def weight():
+        y = conv(x)
+        return calculate_adaptive_weight((y - 1).abs().mean(), -(y ** 2).mean(), conv.weight)[0], y.dtype
+    with torch.autocast('cpu', dtype=torch.bfloat16): d16, dtype16 = weight()
+    d32, _ = weight()
+    assert dtype16 == torch.bfloat16 and d16.dtype == torch.float32
+    assert math.isclose(d16.item(), d32.item(), rel_tol=0.05)

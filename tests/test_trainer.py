@@ -287,6 +287,33 @@ def test_bf16_training_on_cpu(tmp_path):
     assert torch.equal(g.to(torch.bfloat16).double(), g.double())          # autocast really ran in bf16
     assert all(math.isfinite(r['grad_norm_disc']) for r in recs[2:])       # the GAN trained after disc_start
 
+def test_auto_precision_is_printed_and_recorded(tmp_path, monkeypatch, capsys):
+    "mixed_precision: auto follows the CPU's flags (faked both ways); the choice and reason go to stderr, config.yaml and the log."
+    from radiodiff_vae import config as config_module
+    for flags, mode, text in ((['avx2', 'avx512_bf16'], 'bf16', 'precision: bf16 autocast (auto: the CPU has avx512_bf16)'),
+                              (['avx2', 'fma'], 'no', 'precision: fp32 (auto: the CPU has neither amx_bf16 nor avx512_bf16, so fp32)')):
+        monkeypatch.setattr(config_module, 'read_cpu_flags', lambda flags=flags: flags)
+        out = tmp_path/mode
+        t = Trainer(resolve_config(tiny(**{'trainer.mixed_precision': 'auto'})), out, progress=False)
+        assert t.precision[0] == mode and t.acc.mixed_precision == mode
+        t.logs.close(); t.lock.release()
+        assert text in capsys.readouterr().err
+        assert (out/'config.yaml').read_text().splitlines()[0] == f'# session 0: {text}'
+        assert f'[Precision] {text}' in next(out.glob('*.log')).read_text()
+        assert resolve_config(tiny())['trainer']['mixed_precision'] is None     # unset: upstream's fp16 flag decides (fp32)
+
+def test_compiled_step_equals_eager_on_cpu(tmp_path):
+    "trainer.compile: the same losses as eager on the first steps (GAN on from step 1), the same checkpoint keys."
+    changes = {'trainer.train_num_steps': 2, 'trainer.save_and_sample_every': 2, 'model.lossconfig.disc_start': 1, 'trainer.warmup_steps': 1}
+    eager = mixed_precision_run(tmp_path/'eager', 'fp32', **changes)
+    compiled = mixed_precision_run(tmp_path/'compiled', 'fp32', **changes, **{'trainer.compile': True})
+    keys = ('train/total_loss', 'train/nll_loss', 'train/rec_loss', 'train/kl_loss', 'train/g_loss', 'train/d_weight', 'train/disc_loss', 'train/logits_real')
+    for e, c in zip(eager, compiled, strict=True):
+        for k in keys:
+            if k in e: assert math.isclose(e[k], c[k], rel_tol=1e-4, abs_tol=1e-6), (e['step'], k, e[k], c[k])
+    a, b = load(tmp_path/'eager'/'fp32'/'model-1.pt'), load(tmp_path/'compiled'/'fp32'/'model-1.pt')
+    assert a['model'].keys() == b['model'].keys() and a['loss'].keys() == b['loss'].keys()
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='fp16 needs a CUDA GPU (the config refuses fp16 on the CPU)')
 def test_fp16_training_with_skip_nonfinite_on_gpu(tmp_path):
     "fp16 with the grad scaler and trainer.skip_nonfinite: 4 steps run (the scaler may skip overflowing steps itself)."
