@@ -245,7 +245,7 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
     out += _recommendation(bf16, gpu, machine, cpu_bf16)
     out += _gpu_section(gpu)
     out += _profile_section(full or quick)
-    out += _data_section(data) + _analysis_section(analysis) + _main_job_section(main_job)
+    out += _data_section(data) + _analysis_section(analysis) + _main_job_section(main_job) + _machine_kinds_section(results_dir)
     out += _notes()
     return '\n'.join(out) + '\n'
 
@@ -305,10 +305,32 @@ def _main_job_section(m: dict | None) -> list[str]:
         return ['## Main job wall time', '', f"{m['seconds'] / 60:.1f} min ({m['source']}).", '']
     state = 'complete' if m.get('complete') else f"**not finished** when read ({len(m.get('stages') or {})} of {len(m.get('planned') or []) or '?'} stages done)"
     lines = ['## Main job wall time', '', f"`{m['source']}` ({m['date_utc']}), settings {json.dumps(m.get('settings'))}: {state}."]
+    if m.get('machine'): lines[-1] += f" Machine: {_machine_name(m['machine'])}; command: `{m.get('command', '')}`; {m.get('precision', '')}."
+    if m.get('wall_seconds'): lines.append(f"- wall clock, start-up included: {m['wall_seconds'] / 60:.1f} min")
     for k, v in (m.get('stages') or {}).items(): lines.append(f"- {k}: {v / 60:.1f} min")
     if m.get('complete'): lines.append(f"- total: {m['seconds'] / 60:.1f} min")
     else: lines.append('- ' + how)
     return lines + ['']
+
+def _machine_name(mc: dict) -> str:
+    isa = mc.get('cpu_isa') or mc.get('isa') or []
+    return f"{mc.get('cpu', '?')}, {mc.get('logical_cpus', '?')} logical CPUs ({', '.join(isa)})"
+
+def _machine_kinds_section(results_dir: Path) -> list[str]:
+    "One row per machine kind measured: where the figures for it are, with the date."
+    rows = []
+    for name in ('step_full', 'step_quickstart', 'cpu_bf16', 'gpu', 'quickstart_tuning', 'main_job'):
+        path = results_dir / f'{name}.json'
+        if not path.exists(): continue
+        r = json.loads(path.read_text())
+        mc = r.get('machine') or (r.get('full') or r.get('quickstart') or {}).get('machine') or {}
+        where = mc.get('gpu') or r.get('where') or _machine_name(mc)
+        date = r.get('date_utc') or r.get('updated_utc') or '?'
+        rows.append(f"| {where} | `{name}.json` | {date} | `{(r.get('command') or 'benchmarks/tune_quickstart.py (see QUICKSTART_TUNING.md)')[:160]}` |")
+    if not rows: return []
+    return (['## Machines measured', '', '| machine | part | date | command |', '|---|---|---|---|'] + rows +
+            ['', 'Quickstart tuning, bf16 vs fp32 step costs and the bf16 quality check on the AMD EPYC with AVX-512 BF16: '
+             '[QUICKSTART_TUNING.md](QUICKSTART_TUNING.md).', ''])
 
 def _notes() -> list[str]:
     return ['## Notes', '',

@@ -13,7 +13,8 @@ from .core import ConfigError
 __all__ = ['DDCONFIG_SCHEMA', 'LOSSCONFIG_SCHEMA', 'MODEL_SCHEMA', 'DATA_SCHEMA', 'TRAINER_SCHEMA', 'SCHEMA',
            'PRECISION_SPELLINGS', 'RESUME_MUTABLE', 'canonical_precision', 'read_cpu_flags', 'native_bf16',
            'choose_precision', 'check_value', 'unwrap_upstream', 'validate_config', 'parse_override', 'apply_overrides',
-           'resolve_config', 'read_yaml', 'load_config', 'dump_config', 'config_differences', 'schema_table']
+           'resolve_config', 'read_yaml', 'load_config', 'dump_config', 'config_differences', 'resume_changes',
+           'schema_table']
 
 # %% ../nbs/10_config.ipynb 7
 DDCONFIG_SCHEMA = {
@@ -379,7 +380,8 @@ def dump_config(cfg: dict) -> str:
 # %% ../nbs/10_config.ipynb 72
 RESUME_MUTABLE = {('trainer', k) for k in ('train_num_steps', 'save_and_sample_every', 'log_freq', 'results_folder',
                                            'resume_milestone', 'skip_nonfinite', 'max_nonfinite_skips', 'tensorboard',
-                                           'sample_maps', 'cpu', 'amp', 'num_threads', 'compile')} | {('data', 'num_workers'), ('data', 'root')}
+                                           'sample_maps', 'cpu', 'amp', 'num_threads', 'compile',
+                                           'lr', 'min_lr', 'disc_lr')} | {('data', 'num_workers'), ('data', 'root')}
 
 def config_differences(a: dict, b: dict) -> list[str]:
     "Dotted keys whose values differ between resolved configs `a` and `b`, ignoring RESUME_MUTABLE keys."
@@ -392,6 +394,11 @@ def config_differences(a: dict, b: dict) -> list[str]:
                 out += [f'{section}.{key}.{k}' for k in sorted(set(va) | set(vb)) if va.get(k) != vb.get(k)]
             elif va != vb: out.append(f'{section}.{key}')
     return out
+
+def resume_changes(old: dict, new: dict) -> dict:
+    "`{dotted key: [old, new]}` for the RESUME_MUTABLE settings that differ between resolved configs (the folder aside)."
+    return {f'{s}.{k}': [old.get(s, {}).get(k), new.get(s, {}).get(k)] for s, k in sorted(RESUME_MUTABLE)
+            if k != 'results_folder' and old.get(s, {}).get(k) != new.get(s, {}).get(k)}
 
 # %% ../nbs/10_config.ipynb 75
 def schema_table(schema: dict = SCHEMA, prefix: str = '') -> list[tuple[str, str, str, str]]:

@@ -270,7 +270,7 @@ class AutoencoderKL(nn.Module):
 logger = logging.getLogger(__name__)
 MODEL_PREFIXES = ('encoder.', 'decoder.', 'quant_conv.', 'post_quant_conv.')
 _WRAPPER_PREFIXES = ('module.', '_orig_mod.', 'model.')
-_EMA_BOOKKEEPING = ('initted', 'step')
+_EMA_BOOKKEEPING = ('initted', 'step', 'updates')   # an EMA wrapper's counters: ignored without a warning
 
 def _strip_wrappers(sd: dict) -> dict:
     "Drop `module.` / `_orig_mod.` / `model.` prefixes that every key carries (DDP, torch.compile, wrappers)."
@@ -327,7 +327,8 @@ def load_upstream_state_dict(model: AutoencoderKL, sd: dict, strict: bool = True
     mismatched = [(k, list(sd[k].shape), list(own[k].shape)) for k in sd if k in own and tuple(getattr(sd[k], 'shape', ())) != tuple(own[k].shape)]
     report = dict(missing=missing, unexpected=unexpected, ignored=ignored, mismatched=mismatched)
     if strict and (missing or unexpected or mismatched): raise CheckpointError(where + _mismatch_message(model, sd, report))
-    if ignored: logger.warning(f'{where}ignored {len(ignored)} tensors that are not part of the autoencoder: {_prefix_counts(ignored)}')
+    worth_saying = [k for k in ignored if k not in _EMA_BOOKKEEPING]
+    if worth_saying: logger.warning(f'{where}ignored {len(worth_saying)} tensors that are not part of the autoencoder: {_prefix_counts(worth_saying)}')
     bad = {k for k, *_ in mismatched}
     model.load_state_dict({k: v for k, v in sd.items() if k in own and k not in bad}, strict=strict)
     return report

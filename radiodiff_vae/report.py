@@ -230,7 +230,7 @@ FIGURE_CAPTIONS = {
     'figure_4_loss_terms.png': "The loss term by term: (a) NLL, KL weight x KL, λ x disc_factor x g and the logged total, in the loss's units; (b) each term's share of the sum of their magnitudes (median per phase in the legend). It replaces a min-max normalised plot, which made the near-constant signals look the most volatile.",
     'figure_5_dashboard.png': "Summary dashboard: five metric panels, the learning rate, the report's headline sentences and the last sample image.",
 }
-GALLERY_CAPTION = "Sample images in milestone order (milestone m is step m x save_and_sample_every); red: a sample that shows the same map as an earlier one."
+GALLERY_CAPTION = "Sample images in milestone order (milestone m is step m x save_and_sample_every, or the final step for a last milestone written at the end of training); red: a sample that shows the same map as an earlier one."
 
 def table_csv(runs: list[RunData]) -> str:
     "The tidy table(s) as CSV text: a `step` column first, a `run` column when there are several runs."

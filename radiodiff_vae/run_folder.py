@@ -18,9 +18,10 @@ __all__ = ['RUN_FOLDER_FILES', 'CKPT_RE', 'read_lock', 'RunLock', 'list_checkpoi
 
 # %% ../nbs/11_run_folder.ipynb 5
 RUN_FOLDER_FILES = (   # (file name pattern, written by, read by, what it holds)
-    ('config.yaml', 'trainer, at every start', '`check_run_folder`, `logs.read_run`', 'the resolved configuration of the run'),
+    ('config.yaml', 'trainer, at every start', '`check_run_folder`, `logs.read_run`', 'the resolved configuration of the run; its first line: the precision chosen and why'),
+    ('config_history.jsonl', 'trainer, at every start', 'you', 'one line per session: start step, checkpoint resumed, precision and its reason, settings changed on resume (learning rates, step count, ...)'),
     ('.lock', '`RunLock`', '`RunLock`, `run_health`', "pid, host and start time of the trainer that holds the folder (the lock itself is the OS's)"),
-    ('model-*.pt', 'trainer, every `save_and_sample_every` steps', '`resolve_resume`, `latest_checkpoint`, evaluation, `run_health`',
+    ('model-*.pt', 'trainer, every `save_and_sample_every` steps and at the end of training', '`resolve_resume`, `latest_checkpoint`, evaluation, `run_health`',
      'milestone N: weights, EMA, discriminator, log-variance, optimizers, schedulers, RNG states, data position'),
     ('sample-*.png', 'trainer, before each `model-N.pt`', '`logs.find_samples`, figures, report', 'held-out maps beside their reconstructions'),
     ('*_.log', '`logs.RunLogs`, one file per session', '`logs.read_text_log`, upstream\'s tools', 'upstream-format text log: the config line, two `[Train Step]` lines per logged step, resume/checkpoint/skip/stop lines'),

@@ -29,7 +29,7 @@ from .losses import LPIPSWithDiscriminator, load_loss_state_dict
 from .schedules import make_lr_lambda
 from .data import RadioMapSeer, radiomapseer_split, MapFolder
 from .synthetic import SyntheticRadioMaps
-from .config import load_config, resolve_config, dump_config, config_differences, choose_precision
+from .config import load_config, resolve_config, dump_config, config_differences, resume_changes, choose_precision
 from .run_folder import RunLock, list_checkpoints, resolve_resume, check_run_folder
 from .logs import RunLogs, format_log_line, UPSTREAM_AE_KEYS, UPSTREAM_DISC_KEYS
 
@@ -383,7 +383,21 @@ def _start(self: Trainer, resume):
         self.logs = RunLogs(self.out, self.cfg, self.t['tensorboard'], self.session)
         self.logs.line(f'[Precision] {note}')
         if path is not None: self.logs.line(f'[Resume] from {path} at step {self.step}')
+        self._record_session(path)
     self._open_stream()
+
+@patch
+def _record_session(self: Trainer, path):
+    "Append this session to config_history.jsonl: start step, precision, settings changed since the resumed checkpoint."
+    old = getattr(self, 'resumed_config', None)
+    changes = resume_changes(old, self.cfg) if path is not None and old is not None else {}
+    for key, (a, b) in changes.items(): self.logs.line(f'[Config] {key}: {a} -> {b} from step {self.step}')
+    entry = dict(session=self.session, start_step=self.step, resumed_from=None if path is None else str(path),
+                 precision=self.precision[0], precision_reason=self.precision[1], changed=changes, time=time.strftime('%Y-%m-%d %H:%M:%S'))
+    hist = self.out/'config_history.jsonl'
+    def append():
+        with hist.open('a', encoding='utf-8') as f: f.write(json.dumps(entry) + '\n')
+    self._write(append, hist, 'config history')
 
 @patch
 def _resume_candidates(self: Trainer, resume) -> Path | None:
@@ -495,7 +509,7 @@ def _check_resumable(self: Trainer, ckpt: dict, path):
     "Refuse a checkpoint of another architecture, or of another process count where that changes the run."
     try: stored = resolve_config(ckpt['config'])
     except ConfigError as e: raise CheckpointError(f'{path}: its stored config is not valid here ({e})') from None
-    diff = config_differences(stored, self.cfg)
+    diff, self.resumed_config = config_differences(stored, self.cfg), stored
     arch = [k for k in diff if k.startswith('model.ddconfig') or k == 'model.embed_dim']
     if arch: raise CheckpointError(f'{path}: checkpoint of another architecture ({", ".join(arch)} differ from the config)')
     if diff and self.main: print(f'warning: resuming {path} with changed settings: {", ".join(diff)}', file=sys.stderr)

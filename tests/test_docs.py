@@ -83,7 +83,7 @@ def test_links_to_repository_files():
     git = bd.settings()['git_url']
     assert f'[t]({git}/blob/main/tests/test_docs.py)' in md and '[c](core.html#x)' in md and '![p](nope.png)' in md
     assert conv.assets == set()
-    png = next((p for p in (ROOT / 'nbs').rglob('*.png')), None) or next(ROOT.glob('figures/*.png'), None)
+    png = next((p for p in (ROOT / 'nbs').rglob('*.png')), None) or next(ROOT.glob('reports/reference_run/*.png'), None)
     if png is not None:
         rel = png.relative_to(ROOT).as_posix()
         assert conv.links(f'![x]({rel})', 1) == f'![x](../{rel})' and conv.assets == {rel}

@@ -364,6 +364,25 @@ def test_changed_lr_on_resume_takes_effect(straight, tmp_path, capsys):
     finally: t.lock.release()
     assert 'replaced by the config' in capsys.readouterr().err
 
+def test_changed_lr_in_the_same_folder_takes_effect_and_is_recorded(tmp_path):
+    "--resume latest in the same folder with a lower lr: accepted (it was refused), the new rate from the resumed step, the change in config_history.jsonl and the log; a change of the experiment is still refused."
+    out = tmp_path/'run'
+    train(TINY, out, progress=False, stop_at=6)
+    with pytest.raises(RunFolderError, match='model.lossconfig.kl_weight'):
+        train(tiny(**{'model.lossconfig.kl_weight': 1e-3}), out, progress=False, resume='latest')
+    cfg = resolve_config(tiny(**{'trainer.lr': 2e-4}))
+    t = Trainer(cfg, out, resume='latest', progress=False)
+    try:
+        T = cfg['trainer']
+        want = lr_at(T['schedule'], 6, T['train_num_steps'], base_lr=2e-4, min_lr=T['min_lr'], power=T['power'], warmup_steps=T['warmup_steps'])
+        assert t.step == 6 and all(g['lr'] == pytest.approx(want) for g in t.opt_ae.param_groups)
+        t.fit()
+    finally: t.lock.release()
+    history = [json.loads(l) for l in (out/'config_history.jsonl').read_text().splitlines()]
+    assert [(h['session'], h['start_step'], h['changed']) for h in history] == [(0, 0, {}), (1, 6, {'trainer.lr': [1e-3, 2e-4]})]
+    assert history[1]['precision'] == 'no' and history[1]['resumed_from'].endswith('model-2.pt')
+    assert any('[Config] trainer.lr: 0.001 -> 0.0002 from step 6' in p.read_text() for p in out.glob('*.log'))
+
 def test_bad_input_is_clear(tmp_path):
     with pytest.raises(ConfigError, match='not found'): train(tmp_path/'nope.yaml', tmp_path/'x')
     with pytest.raises(ConfigError, match='trainer.lrate'): train(tiny(**{'trainer.lrate': 1}), tmp_path/'x')
