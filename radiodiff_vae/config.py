@@ -55,6 +55,7 @@ MODEL_SCHEMA = {
     'ddconfig': ('section', DDCONFIG_SCHEMA, 'encoder/decoder architecture'),
     'lossconfig': ('section', LOSSCONFIG_SCHEMA, 'LPIPSWithDiscriminator parameters'),
     'ckpt_path': ('str?', None, 'initial autoencoder weights (ours or upstream model-N.pt)'),
+    'ckpt_weights': ('choice:raw|ema', 'raw', 'which weights of ckpt_path initialise the autoencoder (upstream: ema)'),
     'gradient_checkpointing': ('bool', False, 'trade compute for memory in the autoencoder'),
     'monitor': ('str?', None, 'latent-diffusion field, accepted and unused'),
 }
@@ -99,6 +100,9 @@ TRAINER_SCHEMA = {
     'ema_decay': ('float', 0.995, 'EMA decay of the autoencoder weights'),
     'ema_update_every': ('int', 10, 'steps between EMA updates'),
     'ema_warmup': ('bool', True, 'use min(decay, (1+n)/(10+n)) for the n-th update'),
+    'upstream_ema': ('bool', False, "upstream's EMA wrapper: a copy of the weights for 100 steps, then decay min(ema_decay, 1-(1+e)^(-2/3))"),
+    'step_idle_discriminator': ('bool', False, "upstream: step the discriminator's AdamW with zero gradients before disc_start (weight decay shrinks it)"),
+    'log_decimals': ('int?', None, "decimals of the losses in the text log (upstream: 5, as '%.5f'); null: 6 significant digits"),
     'sample_posterior': ('bool', True, 'train on z ~ q(z|x) (False: the posterior mode)'),
     'seed': ('int', 0, 'seed of weights, noise and data order'),
     'mixed_precision': ('precision?', None, "fp32 (stored as 'no'), bf16, fp16 or auto (see choose_precision); null: fp16 if trainer.fp16 else fp32"),

@@ -313,9 +313,10 @@ def _pick_config(config, parsed, extra):
 UPSTREAM_AE_KEYS = ('total_loss', 'logvar', 'kl_loss', 'nll_loss', 'rec_loss', 'd_weight', 'disc_factor', 'g_loss')
 UPSTREAM_DISC_KEYS = ('disc_loss', 'logits_real', 'logits_fake')
 
-def format_log_line(step: int, total: int, values: dict, keys, lr: float, split: str = 'train') -> str:
-    "One upstream-style `[Train Step]` message with readable numbers."
-    body = ''.join(f'{split}/{k}: {values[f"{split}/{k}"]:.6g}, ' for k in keys if f'{split}/{k}' in values)
+def format_log_line(step: int, total: int, values: dict, keys, lr: float, split: str = 'train', decimals: int | None = None) -> str:
+    "One upstream-style `[Train Step]` message: values to 6 significant digits, or `decimals` places (upstream: 5); lr in full."
+    spec = '.6g' if decimals is None else f'.{decimals}f'
+    body = ''.join(f'{split}/{k}: {values[f"{split}/{k}"]:{spec}}, ' for k in keys if f'{split}/{k}' in values)
     return f'[Train Step] {step}/{total}: {body}lr: {lr:.10g}, '
 
 # %% ../nbs/12_logs.ipynb 54

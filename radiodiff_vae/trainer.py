@@ -34,12 +34,12 @@ from .run_folder import RunLock, list_checkpoints, resolve_resume, check_run_fol
 from .logs import RunLogs, format_log_line, UPSTREAM_AE_KEYS, UPSTREAM_DISC_KEYS
 
 # %% auto 0
-__all__ = ['CHECKPOINT_VERSION', 'BatchStream', 'sample_seed', 'posterior_noise', 'CachedDataset', 'build_datasets',
-           'build_model_and_loss', 'ae_parameters', 'build_optimizers', 'AutoencoderStep', 'DiscriminatorStep',
-           'compile_step', 'world_size', 'GlobalBatchNorm2d', 'global_batchnorm', 'EMA', 'NonFiniteLossError',
-           'SkippedBatch', 'nonfinite_terms', 'rng_state', 'set_rng_state', 'recon_metrics', 'precision_note',
-           'run_precision', 'make_accelerator', 'Trainer', 'world_size_dependence', 'load_scheduler', 'sample_grid_png',
-           'train', 'add_train_args', 'run_train', 'main']
+__all__ = ['UPSTREAM_EMA_AFTER', 'UPSTREAM_EMA_POWER', 'CHECKPOINT_VERSION', 'BatchStream', 'sample_seed', 'posterior_noise',
+           'CachedDataset', 'build_datasets', 'build_model_and_loss', 'ae_parameters', 'build_optimizers',
+           'AutoencoderStep', 'DiscriminatorStep', 'compile_step', 'world_size', 'GlobalBatchNorm2d',
+           'global_batchnorm', 'EMA', 'NonFiniteLossError', 'SkippedBatch', 'nonfinite_terms', 'rng_state',
+           'set_rng_state', 'recon_metrics', 'precision_note', 'run_precision', 'make_accelerator', 'Trainer',
+           'world_size_dependence', 'load_scheduler', 'sample_grid_png', 'train', 'add_train_args', 'run_train', 'main']
 
 # %% ../nbs/13_trainer.ipynb 9
 class BatchStream(Sampler):
@@ -187,22 +187,27 @@ def global_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 # %% ../nbs/13_trainer.ipynb 37
-class EMA:
-    "Exponential moving average of a model's parameters (buffers copied)."
-    def __init__(self, model, decay=0.995, every=10, warmup=True):
-        self.ema_model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay, self.every, self.warmup, self.updates = decay, every, warmup, 0
+UPSTREAM_EMA_AFTER, UPSTREAM_EMA_POWER = 100, 2 / 3   # the defaults of the EMA wrapper upstream's trainer uses
 
-    def current_decay(self) -> float:
-        "Decay used by the next update."
+class EMA:
+    "Exponential moving average of a model's parameters (buffers copied); `upstream`: upstream's wrapper's schedule."
+    def __init__(self, model, decay=0.995, every=10, warmup=True, upstream=False):
+        self.ema_model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.every, self.warmup, self.upstream, self.updates = decay, every, warmup, upstream, 0
+
+    def current_decay(self, step: int = 0) -> float:
+        "Decay used by the update after optimizer step `step` (1-based)."
+        if self.upstream:   # 0 (a copy) until step 101, then 1 - (1 + e)^(-2/3), e steps later, capped at `decay`
+            e = step - UPSTREAM_EMA_AFTER - 1
+            return 0.0 if e <= 0 else min(self.decay, 1 - (1 + e) ** -UPSTREAM_EMA_POWER)
         n = self.updates
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
     def update(self, model, step: int):
-        "Update after optimizer step `step` (1-based) when `step` is a multiple of `every`."
-        if step % self.every: return
-        d = self.current_decay()
+        "Update after optimizer step `step` (1-based) when `step` (upstream: `step - 1`) is a multiple of `every`."
+        if (step - 1 if self.upstream else step) % self.every: return
+        d = self.current_decay(step)
         for e, p in zip(self.ema_model.parameters(), model.parameters()): e.lerp_(p.detach().to(e.dtype), 1 - d)
         for e, b in zip(self.ema_model.buffers(), model.buffers()): e.copy_(b)
         self.updates += 1
@@ -322,7 +327,7 @@ def _build(self: Trainer, dataset=None):
     (self.gen, self.disc, self.opt_ae, self.opt_disc, self.sched_ae,
      self.sched_disc) = self.acc.prepare(*steps, *build_optimizers(self.ae, self.loss, t))
     self.disc_eval = steps[1]    # the discriminator pass of a step that does not train it (no gradients)
-    self.ema = EMA(self.ae, t['ema_decay'], t['ema_update_every'], t['ema_warmup']) if self.main else None
+    self.ema = EMA(self.ae, t['ema_decay'], t['ema_update_every'], t['ema_warmup'], t['upstream_ema']) if self.main else None
     if t['compile']: compile_step(self.ae, self.loss)    # after the EMA's copy: the EMA model stays eager
     self.train_ds, self.val_ds = (dataset, None) if dataset is not None else build_datasets(self.cfg['data'])
     self.step, self.batches_drawn, self.skips, self.session = 0, 0, 0, 0
@@ -422,7 +427,7 @@ def _resume_candidates(self: Trainer, resume) -> Path | None:
 def _init_weights(self: Trainer, path):
     "Initial autoencoder weights from `model.ckpt_path`."
     ckpt = load_checkpoint(path, self.trust)
-    load_upstream_state_dict(self.ae, select_state_dict(ckpt, 'raw', path), strict=True, source=path)
+    load_upstream_state_dict(self.ae, select_state_dict(ckpt, self.cfg['model']['ckpt_weights'], path), strict=True, source=path)
     if self.ema is not None: self.ema.ema_model.load_state_dict(self.ae.state_dict())
 
 @patch
@@ -529,6 +534,7 @@ def train_step(self: Trainer) -> dict:
         vals['grad_norm_ae'] = self._update(self.opt_ae, self.ae_params, vals, names)
         if gan or logged: vals |= self._disc_pass(kept, train_disc)
         vals['grad_norm_disc'] = self._update(self.opt_disc, self.disc_params, vals, names) if train_disc else float('nan')
+        if not gan and self.t['step_idle_discriminator']: self._idle_disc_step()
     except SkippedBatch: return {'skipped': True}
     return vals if logged else {}
 
@@ -616,7 +622,14 @@ def _nonfinite(self: Trainer, bad: list, values: dict, names: list):
     raise NonFiniteLossError(f'non-finite loss at step {step}: {desc}{why}; batch {names[:8]}; {last}; diagnostic: {diag}. '
                              'Resume with --resume latest (perhaps with a lower trainer.lr), or set trainer.skip_nonfinite=true to skip such batches.')
 
-# %% ../nbs/13_trainer.ipynb 74
+# %% ../nbs/13_trainer.ipynb 72
+@patch
+def _idle_disc_step(self: Trainer):
+    "Upstream's discriminator update before disc_start: zero gradients, yet AdamW steps (weight decay, moments)."
+    for p in self.disc_params: p.grad = torch.zeros_like(p)
+    self.opt_disc.step(); self.opt_disc.zero_grad(set_to_none=True)
+
+# %% ../nbs/13_trainer.ipynb 77
 CHECKPOINT_VERSION = 2
 
 @patch
@@ -631,14 +644,14 @@ def checkpoint_state(self: Trainer) -> dict:
             'loss': {k: v for k, v in self.loss.state_dict().items() if not k.startswith('perceptual')},
             'version': CHECKPOINT_VERSION, 'nonfinite_skips': self.skips, 'session': self.session, 'world_size': self.world}
 
-# %% ../nbs/13_trainer.ipynb 76
+# %% ../nbs/13_trainer.ipynb 79
 def sample_grid_png(x, x_hat) -> bytes:
     "PNG bytes of a grid: one row per map, input | reconstruction, mapped to [0, 1]."
     pairs, buf = torch.stack([x, x_hat], 1).flatten(0, 1).float().cpu(), io.BytesIO()
     torchvision.utils.save_image(((pairs + 1) / 2).clamp(0, 1), buf, nrow=2, padding=2, format='png')
     return buf.getvalue()
 
-# %% ../nbs/13_trainer.ipynb 78
+# %% ../nbs/13_trainer.ipynb 81
 @patch
 def _write_milestone(self: Trainer, state: dict):
     "Write sample-{milestone}.png, the held-out scores, then model-{milestone}.pt (process 0); milestone = ceil(step / save_and_sample_every)."
@@ -662,7 +675,7 @@ def _sample_inputs(self: Trainer) -> torch.Tensor:
     n = len(ds) if self.val_ds is not None else min(len(ds), max(self.t['sample_maps'], 1))
     return torch.stack([ds[i]['image'] for i in range(n)]).to(self.device)
 
-# %% ../nbs/13_trainer.ipynb 80
+# %% ../nbs/13_trainer.ipynb 83
 @patch
 def _log_step(self: Trainer, vals: dict, timer: dict, bar=None):
     "Write the two upstream lines, one metrics record and the progress bar's loss."
@@ -670,14 +683,14 @@ def _log_step(self: Trainer, vals: dict, timer: dict, bar=None):
     rate = (self.step - timer['step']) / max(now - timer['time'], 1e-9) if self.step > timer['step'] else float('nan')
     timer.update(step=self.step, time=now)
     lr_ae, lr_disc, T = self.opt_ae.param_groups[0]['lr'], self.opt_disc.param_groups[0]['lr'], self.t['train_num_steps']
-    self.logs.line(format_log_line(self.step, T, vals, UPSTREAM_AE_KEYS, lr_ae))
-    self.logs.line(format_log_line(self.step, T, vals, UPSTREAM_DISC_KEYS, lr_ae))
+    self.logs.line(format_log_line(self.step, T, vals, UPSTREAM_AE_KEYS, lr_ae, decimals=self.t['log_decimals']))
+    self.logs.line(format_log_line(self.step, T, vals, UPSTREAM_DISC_KEYS, lr_ae, decimals=self.t['log_decimals']))
     self.logs.record({'step': self.step, 'total_steps': T, **vals, 'lr_ae': lr_ae, 'lr_disc': lr_disc,
                       'wall_time': now, 'elapsed_s': now - timer['start'], 'steps_per_s': rate,
                       'nonfinite_skips': self.skips, 'epoch': self.batches_drawn // max(self.sampler.per_epoch, 1)})
     if bar is not None: bar.set_postfix(loss=f"{vals['train/total_loss']:.4g}", rec=f"{vals['train/rec_loss']:.3g}")
 
-# %% ../nbs/13_trainer.ipynb 81
+# %% ../nbs/13_trainer.ipynb 84
 @patch
 def fit(self: Trainer) -> dict:
     "Train until `train_num_steps` (or `stop_at`); return a summary."
@@ -708,7 +721,7 @@ def fit(self: Trainer) -> dict:
             'nonfinite_skips': self.skips, 'resumed_from': str(self.resumed_from) if self.resumed_from else None,
             'processes': self.world}
 
-# %% ../nbs/13_trainer.ipynb 89
+# %% ../nbs/13_trainer.ipynb 93
 def train(config,                          # a resolved config dict (`config.load_config`) or a YAML path
           out_dir=None,                    # the run folder (default: trainer.results_folder)
           resume=None,                     # 'latest', a milestone number or a checkpoint path; None: a fresh run
@@ -729,7 +742,7 @@ def train(config,                          # a resolved config dict (`config.loa
     return Trainer(cfg, out_dir, resume=resume, progress=progress, stop_at=stop_at, dataset=dataset,
                    skip_damaged=skip_damaged, trust_checkpoint=trust_checkpoint).fit()
 
-# %% ../nbs/13_trainer.ipynb 104
+# %% ../nbs/13_trainer.ipynb 108
 def add_train_args(parser: argparse.ArgumentParser):
     "Arguments of `radiodiff-vae train`."
     parser.add_argument('--config', default=None, help='YAML config (e.g. configs/quickstart.yaml); required')
@@ -752,7 +765,7 @@ def add_train_args(parser: argparse.ArgumentParser):
     parser.parse_known_args = parse_known_args
     return parser
 
-# %% ../nbs/13_trainer.ipynb 106
+# %% ../nbs/13_trainer.ipynb 110
 def run_train(args) -> int:
     "Run `radiodiff-vae train` from parsed `args`; print the summary as JSON (process 0); return 0."
     if not args.config: raise ConfigError('--config is required (a YAML file such as configs/quickstart.yaml)')
@@ -769,5 +782,5 @@ def main(argv=None) -> int:
     except RadioDiffError as e:
         print(f'radiodiff-vae train: error: {e}', file=sys.stderr); return 2
 
-# %% ../nbs/13_trainer.ipynb 108
+# %% ../nbs/13_trainer.ipynb 112
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())

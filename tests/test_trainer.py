@@ -383,6 +383,30 @@ def test_changed_lr_in_the_same_folder_takes_effect_and_is_recorded(tmp_path):
     assert history[1]['precision'] == 'no' and history[1]['resumed_from'].endswith('model-2.pt')
     assert any('[Config] trainer.lr: 0.001 -> 0.0002 from step 6' in p.read_text() for p in out.glob('*.log'))
 
+def test_upstream_switches(straight, tmp_path):
+    "The four upstream details behind switches: idle discriminator steps, EMA copy phase, EMA init weights, %.5f losses."
+    out, _ = straight
+    common = {'trainer.train_num_steps': 3, 'trainer.save_and_sample_every': 3, 'model.lossconfig.disc_start': 3}
+    params = {}
+    for idle in (False, True):
+        t = Trainer(resolve_config(tiny(**common, **{'trainer.step_idle_discriminator': idle, 'trainer.upstream_ema': idle,
+                                                      'trainer.log_decimals': 5 if idle else None})), tmp_path/f'idle{idle}', progress=False)
+        before = [p.detach().clone() for p in t.disc_params]
+        t.fit(); t.lock.release()
+        params[idle] = [(b, p.detach()) for b, p in zip(before, t.disc_params)]
+        if idle:    # upstream's EMA is a copy of the weights for its first 100 steps
+            assert all(torch.equal(e, m) for e, m in zip(t.ema.ema_model.state_dict().values(), t.ae.state_dict().values()))
+    assert all(torch.equal(b, p) for b, p in params[False])                        # no update before disc_start
+    assert all(p.norm() < b.norm() for b, p in params[True] if b.norm() > 0)       # weight decay shrank every weight
+    line = next(l for l in next((tmp_path/'idleTrue').glob('*.log')).read_text().splitlines() if '[Train Step] 0/3' in l)
+    assert re.search(r'train/total_loss: -?\d+\.\d{5}, ', line), line
+    ck = load(out/'model-4.pt')
+    for weights, source in (('raw', ck['model']), ('ema', {k[len('ema_model.'):]: v for k, v in ck['ema'].items() if k.startswith('ema_model.')})):
+        t = Trainer(resolve_config(tiny(**{'model.ckpt_path': str(out/'model-4.pt'), 'model.ckpt_weights': weights})), tmp_path/f'init-{weights}', progress=False)
+        t.logs.close(); t.lock.release()
+        assert all(torch.equal(v, source[k]) for k, v in t.ae.state_dict().items()), weights
+    assert not torch.equal(ck['model']['decoder.conv_out.weight'], ck['ema']['ema_model.decoder.conv_out.weight'])
+
 def test_bad_input_is_clear(tmp_path):
     with pytest.raises(ConfigError, match='not found'): train(tmp_path/'nope.yaml', tmp_path/'x')
     with pytest.raises(ConfigError, match='trainer.lrate'): train(tiny(**{'trainer.lrate': 1}), tmp_path/'x')
