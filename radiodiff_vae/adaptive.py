@@ -30,7 +30,7 @@ def calculate_adaptive_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last
     d_weight = torch.clamp(ratio, 0.0, max_weight).detach()
     return d_weight * disc_weight, clamped
 
-# %% ../nbs/03_adaptive.ipynb 8
+# %% ../nbs/03_adaptive.ipynb 9
 def adopt_weight(weight, global_step: int, threshold: int = 0, value: float = 0.0):
     "`value` while `global_step < threshold` (the GAN is off before `disc_start`), else `weight`."
     if global_step < threshold:

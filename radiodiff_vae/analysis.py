@@ -62,7 +62,7 @@ def _find_key(config, names):
         level = [v for d in level for v in d.values() if isinstance(v, dict)]
     return None, False
 
-# %% ../nbs/14_analysis.ipynb 9
+# %% ../nbs/14_analysis.ipynb 10
 def training_params(config: dict | None) -> dict:
     "The parameters the analysis needs, from a nested config; `_defaulted` lists those not in it."
     params, defaulted = {}, []
@@ -77,7 +77,7 @@ def training_params(config: dict | None) -> dict:
     params['_defaulted'] = defaulted
     return params
 
-# %% ../nbs/14_analysis.ipynb 12
+# %% ../nbs/14_analysis.ipynb 13
 UPSTREAM_TRAINER_KEYS = frozenset({'gradient_accumulate_every', 'lr', 'min_lr', 'train_num_steps', 'save_and_sample_every',
                                    'log_freq', 'results_folder', 'amp', 'fp16', 'resume_milestone'})
 
@@ -97,7 +97,7 @@ def training_loop(info: dict, config: dict | None) -> TrainingLoop:
     if own: return TrainingLoop('radiodiff_vae', f"the config's trainer section has keys upstream's has not ({', '.join(own[:4])})")
     return TrainingLoop('upstream', f"upstream-format records ({', '.join(kinds)}) and a config with only upstream's trainer keys")
 
-# %% ../nbs/14_analysis.ipynb 15
+# %% ../nbs/14_analysis.ipynb 16
 def debiased_ema(values, smoothing: float = 0.9) -> np.ndarray:
     "Debiased exponential moving average of `values`; non-finite entries are skipped and stay NaN."
     if not 0 <= smoothing < 1: raise ConfigError(f'smoothing must be in [0, 1), got {smoothing}')
@@ -108,7 +108,7 @@ def debiased_ema(values, smoothing: float = 0.9) -> np.ndarray:
         out[ok] = m / (1 - smoothing ** np.arange(1, ok.sum() + 1))
     return out
 
-# %% ../nbs/14_analysis.ipynb 17
+# %% ../nbs/14_analysis.ipynb 18
 def segment_ids(steps, restarts) -> np.ndarray:
     "Segment number of each step: a new segment begins at every step in `restarts`."
     return np.searchsorted(np.sort(np.asarray(list(restarts), float)), np.asarray(steps, float), side='right')
@@ -120,7 +120,7 @@ def segmented_ema(values, segments, smoothing: float = 0.9) -> np.ndarray:
     for s in np.unique(seg): out[seg == s] = debiased_ema(v[seg == s], smoothing)
     return out
 
-# %% ../nbs/14_analysis.ipynb 20
+# %% ../nbs/14_analysis.ipynb 21
 def value_quantum(values) -> float | None:
     "The print step (1, 0.1, ..., 1e-8) that every finite non-zero value is a multiple of, or `None` (full precision)."
     x = np.asarray(values, dtype=float); x = x[np.isfinite(x) & (x != 0)]
@@ -130,7 +130,7 @@ def value_quantum(values) -> float | None:
         if np.all((np.abs(r - np.round(r)) <= 1e-3 + 1e-15 * np.abs(r)) & (np.abs(np.round(r)) >= 1)): return q
     return None
 
-# %% ../nbs/14_analysis.ipynb 21
+# %% ../nbs/14_analysis.ipynb 23
 def value_steps(values) -> np.ndarray:
     "Per value, the largest power of ten (1e-12 ... 1e6) it is a multiple of: its printed resolution."
     x = np.abs(np.asarray(values, dtype=float)); out = np.full(x.shape, 1e-12)
@@ -144,7 +144,7 @@ def _rounding_error(values) -> np.ndarray:
     v = np.asarray(values, dtype=float)
     return np.maximum(np.minimum(value_steps(v), value_quantum(v) or np.inf) / 2, 6e-8 * np.abs(v))
 
-# %% ../nbs/14_analysis.ipynb 24
+# %% ../nbs/14_analysis.ipynb 26
 BOOKKEEPING = ('timestamp', 'source', 'wall_time', 'elapsed_s', 'session', 'epoch', 'milestone', 'total_steps')
 
 def column_of(df: pd.DataFrame, name: str) -> str | None:
@@ -161,7 +161,7 @@ def logged_rows(df: pd.DataFrame, column: str) -> np.ndarray:
     same = [c for c in metric_columns(df) if (c.split('/')[0] if '/' in c else None) == group]
     return df[same].notna().any(axis=1).to_numpy() if same else np.ones(len(df), bool)
 
-# %% ../nbs/14_analysis.ipynb 27
+# %% ../nbs/14_analysis.ipynb 29
 def sample_milestone(path) -> int | None:
     "The milestone number in a sample's file name (`sample-12.png` -> 12), or `None`."
     m = re.search(r'(\d+)', Path(path).stem)
@@ -176,7 +176,7 @@ def sample_distances(paths) -> np.ndarray:
             if imgs[i].shape == imgs[j].shape: d[i, j] = d[j, i] = np.abs(imgs[i] - imgs[j]).mean()
     return d
 
-# %% ../nbs/14_analysis.ipynb 28
+# %% ../nbs/14_analysis.ipynb 31
 @dataclass
 class SampleRepeat:
     "Sample `sample` shows the map that the earlier sample `repeats` showed."
@@ -210,7 +210,7 @@ def sample_repeats(paths, save_every: int | None = None, rel_threshold: float = 
     restart = (reps[0].sample - reps[0].repeats) * int(save_every) if reps and save_every else None
     return SampleRepeats(len(paths), float(np.median(pairs)), thr, float(others.min()) if len(others) else None, reps, restart)
 
-# %% ../nbs/14_analysis.ipynb 31
+# %% ../nbs/14_analysis.ipynb 34
 @dataclass
 class ResumeEvidence:
     "One source's view of a resume: `config`, `samples`, `log restart` or `log start`."
@@ -228,7 +228,7 @@ class Resumes:
 
 RESUME_ORDER = ('config', 'samples', 'log restart', 'log start')
 
-# %% ../nbs/14_analysis.ipynb 32
+# %% ../nbs/14_analysis.ipynb 36
 def resume_evidence(params: dict, first_step: int, log_interval: int | None, log_restarts: list,
                     repeats: SampleRepeats | None) -> Resumes:
     "Collect the resume evidence of the config, the log's first step, restarts inside the logs and repeated samples."
@@ -247,7 +247,7 @@ def resume_evidence(params: dict, first_step: int, log_interval: int | None, log
     return Resumes(primary[0].step if primary else None, ev, sorted({e.step for e in ev}),
                    (len(main) == 1) if main else None)
 
-# %% ../nbs/14_analysis.ipynb 35
+# %% ../nbs/14_analysis.ipynb 39
 def gate_step(df: pd.DataFrame) -> int | None:
     "The first logged step with `disc_factor > 0`, or `None`."
     c = column_of(df, 'disc_factor')
@@ -269,7 +269,7 @@ class GLossShift:
     ks_d: float
     ks_p: float
 
-# %% ../nbs/14_analysis.ipynb 36
+# %% ../nbs/14_analysis.ipynb 41
 def g_loss_shift(df: pd.DataFrame, gate: int | None) -> GLossShift | None:
     "Compare the logged `g_loss` before `gate` with after it (at least 2 finite values each side)."
     c = column_of(df, 'g_loss')
@@ -281,7 +281,7 @@ def g_loss_shift(df: pd.DataFrame, gate: int | None) -> GLossShift | None:
     return GLossShift(len(a), len(b), float(a.mean()), float(b.mean()), float(a.std(ddof=1)), float(b.std(ddof=1)),
                       float(t.statistic), float(t.pvalue), float(k.statistic), float(k.pvalue))
 
-# %% ../nbs/14_analysis.ipynb 38
+# %% ../nbs/14_analysis.ipynb 43
 DISC_COLUMNS = ('disc_loss', 'logits_real', 'logits_fake')
 
 @dataclass
@@ -305,7 +305,7 @@ def _disc_from_config(loop: TrainingLoop, params: dict) -> tuple[bool | None, st
         return bool(own), f'trainer.train_discriminator is {own}'
     return None, 'unknown: ' + loop.evidence
 
-# %% ../nbs/14_analysis.ipynb 39
+# %% ../nbs/14_analysis.ipynb 45
 def discriminator_training(df: pd.DataFrame, info: dict, loop: TrainingLoop, params: dict, gate: int | None) -> DiscriminatorEvidence:
     "Did the discriminator train? The config's verdict under the loop's rules, else the logged lines'; plus the g_loss test."
     from_cfg, why = _disc_from_config(loop, params)
@@ -319,7 +319,7 @@ def discriminator_training(df: pd.DataFrame, info: dict, loop: TrainingLoop, par
         '; a parsed table may have kept only the autoencoder lines, so their absence says nothing' if 'csv' in kinds else '')
     return DiscriminatorEvidence(from_cfg if from_cfg is not None else lines, from_cfg, why, lines, why_l, g_loss_shift(df, gate))
 
-# %% ../nbs/14_analysis.ipynb 42
+# %% ../nbs/14_analysis.ipynb 48
 def phase_names(trained: bool | None) -> tuple[str, str]:
     "The names of the phases before and after the gate, for what happened in them."
     after = {True: 'adversarial: autoencoder and discriminator train', False: 'autoencoder against a frozen discriminator',
@@ -346,7 +346,7 @@ class Phases:
     switch_steps: list       # steps where disc_factor changes between 0 and > 0
     phases: list             # of Phase
 
-# %% ../nbs/14_analysis.ipynb 43
+# %% ../nbs/14_analysis.ipynb 50
 def _times(df: pd.DataFrame) -> pd.Series | None:
     "The table's timestamps as datetimes (NaT where missing), or `None` if it has none."
     if 'timestamp' not in df or df['timestamp'].isna().all(): return None
@@ -369,7 +369,7 @@ def phases(df: pd.DataFrame, params: dict, trained: bool | None = None) -> Phase
     if ds is not None: expected = steps >= ds; agree, bad = bool(np.array_equal(expected, on)), int((expected != on).sum())
     return Phases(col, ds, gate_step(df), agree, bad, [int(steps[i]) for i in starts[1:]], out)
 
-# %% ../nbs/14_analysis.ipynb 46
+# %% ../nbs/14_analysis.ipynb 53
 @dataclass
 class Throughput:
     "Steps per wall-clock hour over the logged span, and the pauses in it."
@@ -393,7 +393,7 @@ class Coverage:
     timestamps_going_back: int
     throughput: Throughput | None
 
-# %% ../nbs/14_analysis.ipynb 47
+# %% ../nbs/14_analysis.ipynb 55
 def _throughput(steps, t, gap_factor, min_gap_s) -> tuple[Throughput | None, int]:
     "Throughput and pauses from steps and their times (NaT rows dropped)."
     ok = t.notna().to_numpy(); ts = (t[ok] - t[ok].iloc[0]).dt.total_seconds().to_numpy(); st = steps[ok]
@@ -416,7 +416,7 @@ def coverage(df: pd.DataFrame, gap_factor: float = 5.0, min_gap_s: float = 60.0)
     tp, back = _throughput(steps, t, gap_factor, min_gap_s) if t is not None else (None, 0)
     return Coverage(int(steps[0]), int(steps[-1]), len(steps), interval, gaps, back, tp)
 
-# %% ../nbs/14_analysis.ipynb 50
+# %% ../nbs/14_analysis.ipynb 58
 @dataclass
 class Completion:
     "Whether the run reached `train_num_steps`, from its last logged step and its last sample."
@@ -434,7 +434,7 @@ def completion(params: dict, cov: Coverage, samples) -> Completion:
     done = None if T is None else bool((last_step is not None and last_step >= T) or cov.last_step + (cov.log_interval or 0) >= T)
     return Completion(T, cov.last_step, last, last_step, done)
 
-# %% ../nbs/14_analysis.ipynb 53
+# %% ../nbs/14_analysis.ipynb 61
 def schedule_lr(steps, params: dict) -> np.ndarray | None:
     "The learning rate at each step from the config's schedule, or `None` if lr, T or the schedule is missing or unknown."
     if params.get('lr') is None or params.get('total_steps') is None: return None
@@ -443,7 +443,7 @@ def schedule_lr(steps, params: dict) -> np.ndarray | None:
     try: return np.array([lr_at(params['schedule'], int(s), int(params['total_steps']), **kw) for s in steps], dtype=float)
     except ConfigError: return None
 
-# %% ../nbs/14_analysis.ipynb 55
+# %% ../nbs/14_analysis.ipynb 63
 @dataclass
 class LearningRate:
     "The logged learning-rate column against the schedule's rate, which is inferred where the log shows nothing."
@@ -469,7 +469,7 @@ def print_step(df: pd.DataFrame) -> float | None:
     quanta = [value_quantum(df[c]) for c in metric_columns(df) if np.any(np.nan_to_num(df[c].to_numpy(float)) != 0)]
     return None if not quanta or any(q is None for q in quanta) else min(quanta)
 
-# %% ../nbs/14_analysis.ipynb 56
+# %% ../nbs/14_analysis.ipynb 65
 def _lr_basis(params: dict, loop: TrainingLoop) -> str:
     "What an inferred learning rate rests on: the config's values and the defaulted ones."
     keys = {'lr': 'lr', 'total_steps': 'train_num_steps', 'min_lr': 'min_lr', 'schedule': 'schedule', 'power': 'power'}
@@ -495,7 +495,7 @@ def learning_rate(df: pd.DataFrame, params: dict, loop: TrainingLoop) -> tuple[L
         lr.max_rel_deviation_logged_vs_schedule = float(np.max(np.abs(logged[good] / sched[good] - 1))) if good.any() else None
     return lr, sched
 
-# %% ../nbs/14_analysis.ipynb 59
+# %% ../nbs/14_analysis.ipynb 68
 @dataclass
 class MapSize:
     "Pixels per image implied by `nll_loss`, `rec_loss` and `logvar` (an inference), with rounding bounds."
@@ -510,7 +510,7 @@ class MapSize:
     config_pixels: int | None
     rests_on: str = 'nll_loss = pixels x (rec_loss x exp(-logvar) + logvar), per logged row'
 
-# %% ../nbs/14_analysis.ipynb 60
+# %% ../nbs/14_analysis.ipynb 70
 def pixels_per_image(df: pd.DataFrame, params: dict | None = None) -> MapSize | None:
     "The number of pixels per image implied by `nll_loss`, `rec_loss` and `logvar`, with rounding bounds."
     c = {k: column_of(df, k) for k in ('nll_loss', 'rec_loss', 'logvar')}
@@ -529,7 +529,7 @@ def pixels_per_image(df: pd.DataFrame, params: dict | None = None) -> MapSize | 
     return MapSize(n, med, int(ok.sum()), lo, hi, ch, side if side * side * ch == n else None,
                    list(res) if res else None, int(np.prod(res)) * ch if res else None)
 
-# %% ../nbs/14_analysis.ipynb 63
+# %% ../nbs/14_analysis.ipynb 73
 @dataclass
 class DWeight:
     "How often the logged adaptive weight equals its clamp `d_weight_max x disc_weight`, overall and per phase."
@@ -556,7 +556,7 @@ def d_weight_clamp(df: pd.DataFrame, params: dict) -> DWeight | None:
     part = lambda m: float(at[m].mean()) if m.any() else None
     return DWeight(col, clamp, len(w), int(at.sum()), float(at.mean()), part(~on), part(on), float(w.min()), float(w.max()))
 
-# %% ../nbs/14_analysis.ipynb 65
+# %% ../nbs/14_analysis.ipynb 75
 @dataclass
 class Logvar:
     "Whether the log-variance ever left its first logged value."
@@ -576,7 +576,7 @@ def logvar_movement(df: pd.DataFrame) -> Logvar | None:
     if not len(v): return None
     return Logvar(col, float(v[0]), float(v[-1]), float(v.min()), float(v.max()), bool(v.max() > v.min()), value_quantum(v))
 
-# %% ../nbs/14_analysis.ipynb 68
+# %% ../nbs/14_analysis.ipynb 78
 def loss_terms(df: pd.DataFrame, params: dict) -> pd.DataFrame | None:
     "Per logged step: `nll`, `kl_term` = kl_weight x kl, `adversarial_term` = d_weight x disc_factor x g, `computed_total`, `logged_total`."
     c = {k: column_of(df, k) for k in ('total_loss', 'nll_loss', 'kl_loss', 'd_weight', 'disc_factor', 'g_loss')}
@@ -588,7 +588,7 @@ def loss_terms(df: pd.DataFrame, params: dict) -> pd.DataFrame | None:
     out['computed_total'] = out.sum(axis=1, skipna=False); out['logged_total'] = x['total_loss']
     return out
 
-# %% ../nbs/14_analysis.ipynb 70
+# %% ../nbs/14_analysis.ipynb 80
 @dataclass
 class WorkedExample:
     "One logged row's loss, summed term by term and compared with the logged total."
@@ -613,7 +613,7 @@ def worked_example(df: pd.DataFrame, params: dict, step: int | None = None) -> W
     return WorkedExample(int(step), g('nll_loss'), g('kl_loss'), float(params['kl_weight']), g('d_weight'), g('disc_factor'),
                          g('g_loss'), float(t['kl_term']), float(t['adversarial_term']), float(t['computed_total']), float(t['logged_total']))
 
-# %% ../nbs/14_analysis.ipynb 72
+# %% ../nbs/14_analysis.ipynb 82
 @dataclass
 class LossComposition:
     "The KL weight the logged terms imply, and the terms' means before and after the gate (the sign of the total)."
@@ -628,7 +628,7 @@ class LossComposition:
     mean_after_gate: dict | None
     fraction_total_negative_after_gate: float | None
 
-# %% ../nbs/14_analysis.ipynb 73
+# %% ../nbs/14_analysis.ipynb 84
 def _implied_kl_weight(x: dict, params: dict):
     "Median and 5th/95th percentiles of (total - nll - adversarial) / kl where the rounding allows, and the sizes compared."
     with np.errstate(invalid='ignore', divide='ignore'):
@@ -653,7 +653,7 @@ def loss_composition(df: pd.DataFrame, params: dict) -> LossComposition | None:
     return LossComposition(*_implied_kl_weight(x, params), params.get('kl_weight'), means(~on), means(on),
                            float(np.mean(x['total_loss'][on] < 0)) if on.any() else None)
 
-# %% ../nbs/14_analysis.ipynb 76
+# %% ../nbs/14_analysis.ipynb 87
 def metric_stats(df: pd.DataFrame) -> dict:
     "Count, NaN/inf counts, first/final/min/max/mean/std (and their steps) of every metric column."
     stats_, all_steps = {}, df.index.to_numpy()
@@ -668,7 +668,7 @@ def metric_stats(df: pd.DataFrame) -> dict:
         stats_[c] = s
     return stats_
 
-# %% ../nbs/14_analysis.ipynb 78
+# %% ../nbs/14_analysis.ipynb 89
 @dataclass
 class Trend:
     "Mean of the first and of the last `window` finite values of a column, within one phase."
@@ -686,7 +686,7 @@ def trend(values, column: str = '', phase: str = '', fraction: float = 0.1) -> T
     k = max(1, int(len(v) * fraction)); a, b = float(v[:k].mean()), float(v[-k:].mean())
     return Trend(column, phase, k, a, b, (b - a) / abs(a) if a else None)
 
-# %% ../nbs/14_analysis.ipynb 81
+# %% ../nbs/14_analysis.ipynb 92
 @dataclass
 class RunAnalysis:
     "Everything derived about one run."
@@ -721,7 +721,7 @@ class RunAnalysis:
     sample_repeats: SampleRepeats | None
     smoothing_restarts: list
 
-# %% ../nbs/14_analysis.ipynb 82
+# %% ../nbs/14_analysis.ipynb 94
 TREND_KEYS = ('nll_loss', 'rec_loss', 'kl_loss', 'g_loss', 'disc_loss')   # not the total: the gate shifts it
 
 def _trends(df: pd.DataFrame, ph: Phases) -> list:
@@ -732,7 +732,7 @@ def _trends(df: pd.DataFrame, ph: Phases) -> list:
            for c in (column_of(df, k) for k in TREND_KEYS) if c]
     return [t for t in out if t]
 
-# %% ../nbs/14_analysis.ipynb 83
+# %% ../nbs/14_analysis.ipynb 96
 def analyze_run(df: pd.DataFrame, info: dict, config: dict | None = None, config_source: str | None = None,
                 name: str = 'run') -> tuple[RunAnalysis, pd.DataFrame]:
     "Every derived quantity of one run, and the table with `lr_inferred` added where the schedule gives it."
@@ -755,7 +755,7 @@ def analyze_run(df: pd.DataFrame, info: dict, config: dict | None = None, config
                     _trends(df, ph), [str(s) for s in samples], reps, restarts)
     return a, table
 
-# %% ../nbs/14_analysis.ipynb 86
+# %% ../nbs/14_analysis.ipynb 99
 @dataclass
 class RunData:
     "One run: a name, its step-indexed table (with `lr_inferred`), its analysis and its sample images."
@@ -772,7 +772,7 @@ class RunData:
         "`values` (one per row) smoothed with the average restarted at every segment."
         return segmented_ema(values, self.segments(), smoothing)
 
-# %% ../nbs/14_analysis.ipynb 89
+# %% ../nbs/14_analysis.ipynb 102
 def group_inputs(paths) -> list[tuple[str, list[Path]]]:
     "Group inputs into runs: each folder is a run; files in the same folder are one run. Returns `(name, paths)`."
     groups, names = {}, []
@@ -795,7 +795,7 @@ def display_path(p) -> str:
         except ValueError: pass
     return str(p)
 
-# %% ../nbs/14_analysis.ipynb 91
+# %% ../nbs/14_analysis.ipynb 104
 def _read_one(paths, config):
     "Read one run; without a config anywhere, use its folder's only YAML file."
     df, info = read_run(*paths, config=config)

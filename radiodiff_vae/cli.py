@@ -20,7 +20,7 @@ COMMANDS = {
     'study': ('study', 'study', 'arms x seeds of training runs, evaluated and compared with a baseline arm paired by seed'),
 }
 
-# %% ../nbs/18_cli.ipynb 7
+# %% ../nbs/18_cli.ipynb 8
 def _job(command):
     "The module of `command` and the names of its two functions."
     module, job, _ = COMMANDS[command]
@@ -37,7 +37,7 @@ def build_parser(command=None) -> argparse.ArgumentParser:
             getattr(module, add_args)(p)
     return parser
 
-# %% ../nbs/18_cli.ipynb 8
+# %% ../nbs/18_cli.ipynb 10
 def main(argv=None) -> int:
     "Run `radiodiff-vae` with `argv`; user errors print one line and return 2."
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         print(f'radiodiff-vae {args.command}: interrupted', file=sys.stderr)
         return 130
 
-# %% ../nbs/18_cli.ipynb 12
+# %% ../nbs/18_cli.ipynb 14
 def _in_ipython() -> bool:
     "True inside an IPython/Jupyter kernel, where `__name__` is also `'__main__'`."
     import builtins

@@ -53,7 +53,7 @@ def atomic_write_bytes(path, data: bytes):
         raise
     return path
 
-# %% ../nbs/00_core.ipynb 9
+# %% ../nbs/00_core.ipynb 10
 def atomic_write_text(path, text: str):
     "Write `text` (UTF-8) to `path` atomically."
     return atomic_write_bytes(path, text.encode('utf-8'))
@@ -64,12 +64,12 @@ def atomic_torch_save(obj, path):
     torch.save(obj, buf)
     return atomic_write_bytes(path, buf.getvalue())
 
-# %% ../nbs/00_core.ipynb 12
+# %% ../nbs/00_core.ipynb 13
 def seed_everything(seed: int):
     "Seed Python's `random`, NumPy and torch (all devices) with `seed`."
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
 
-# %% ../nbs/00_core.ipynb 15
+# %% ../nbs/00_core.ipynb 16
 def to_jsonable(o):
     "`o` with NumPy/torch numbers, arrays, paths, timestamps and dataclasses as plain JSON types; NaN/inf -> None."
     if dataclasses.is_dataclass(o) and not isinstance(o, type): o = dataclasses.asdict(o)
@@ -82,13 +82,13 @@ def to_jsonable(o):
     if o is None or isinstance(o, str): return o
     return str(o)  # paths, timestamps, dates
 
-# %% ../nbs/00_core.ipynb 17
+# %% ../nbs/00_core.ipynb 18
 def markdown_table(header, rows) -> str:
     "A Markdown table with `header` and `rows` (cells formatted with `str`)."
     line = lambda cells: '| ' + ' | '.join(str(c) for c in cells) + ' |'
     return '\n'.join([line(header), '|' + '---|' * len(header)] + [line(r) for r in rows])
 
-# %% ../nbs/00_core.ipynb 20
+# %% ../nbs/00_core.ipynb 21
 def data_dir() -> Path:
     "The folder of bundled data: `$RADIODIFF_DATA`, else `data/` at the repository root."
     env = os.environ.get('RADIODIFF_DATA')

@@ -101,7 +101,7 @@ def _missing_error(root, missing, total) -> DataError:
     more = f' (and {len(missing) - 5} more)' if len(missing) > 5 else ''
     return DataError(f'{root}: {len(missing)} of {total} expected files are missing: {shown}{more}')
 
-# %% ../nbs/09_data.ipynb 16
+# %% ../nbs/09_data.ipynb 17
 def _make_data_info(root: Path) -> dict:
     "The `make_data.json` of a folder written by make-data ({} if there is none or it is unreadable)."
     try:
@@ -109,7 +109,7 @@ def _make_data_info(root: Path) -> dict:
         return json.loads((root/'make_data.json').read_text())
     except (OSError, ValueError): return {}
 
-# %% ../nbs/09_data.ipynb 17
+# %% ../nbs/09_data.ipynb 19
 class RadioMapSeer(Dataset):
     "RadioMapSeer maps of `simulation` for `phase` (upstream split; test held out unless `include_leaked`) or explicit `maps`; items {'image', 'name'[, 'cond']}."
     def __init__(self, root, simulation='DPM', phase='train', num_tx=None, maps=None, with_cond=False, size=256,
@@ -170,7 +170,7 @@ class RadioMapSeer(Dataset):
         return (f'RadioMapSeer({self.root}, {self.simulation}, phase={self.phase}, maps={len(self.maps)}, '
                 f'num_tx={self.num_tx}, items={len(self)})')
 
-# %% ../nbs/09_data.ipynb 23
+# %% ../nbs/09_data.ipynb 25
 def _natural_key(p: Path):
     "Sort key that orders embedded numbers numerically: 2_0 < 10_0."
     return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', p.as_posix())]

@@ -50,7 +50,7 @@ class NLayerDiscriminator(nn.Module):
 
     def forward(self, x): return self.main(x)
 
-# %% ../nbs/04_discriminator.ipynb 8
+# %% ../nbs/04_discriminator.ipynb 9
 def weights_init(m: nn.Module):
     "pix2pix init (use with `.apply`): conv weights N(0, 0.02); BatchNorm weight N(1, 0.02), bias 0."
     name = m.__class__.__name__
@@ -60,7 +60,7 @@ def weights_init(m: nn.Module):
         nn.init.normal_(m.weight.data, 1.0, 0.02)
         nn.init.constant_(m.bias.data, 0)
 
-# %% ../nbs/04_discriminator.ipynb 17
+# %% ../nbs/04_discriminator.ipynb 18
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     "½(mean relu(1 − D(x)) + mean relu(1 + D(x̂)))."
     loss_real = torch.mean(F.relu(1. - logits_real))

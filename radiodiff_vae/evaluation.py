@@ -437,7 +437,7 @@ def markdown_section(summary: dict, figures: dict | None = None) -> str:
     for caption, name in (figures or {}).items(): L += ["", f"![{caption}]({name})"]
     return "\n".join(L) + "\n"
 
-# %% ../nbs/17_evaluation.ipynb 61
+# %% ../nbs/17_evaluation.ipynb 62
 def _check_limit(limit, n, data):
     "The indices to evaluate: the first `limit` of `n` maps."
     if n == 0: raise DataError(f"data {data!r}: the dataset is empty; expected at least one map")
@@ -448,7 +448,7 @@ def _training_size(cfg) -> int | None:
     "The map side the model was trained on, from the config's data section."
     return (cfg.get("data") or {}).get("size")
 
-# %% ../nbs/17_evaluation.ipynb 63
+# %% ../nbs/17_evaluation.ipynb 64
 def prepare_evaluation(checkpoint, use_ema=False, config=None, trust: bool = False, device="cpu") -> dict:
     "Read `checkpoint` once; build the models to evaluate and the loss, which every dataset shares."
     weights = _weights_to_evaluate(use_ema)
@@ -469,7 +469,7 @@ def resolve_data(data, cfg: dict, include_leaked: bool = False, limit=None):
     _check_map(first["image"], first.get("name", str(indices[0])), indices[0], cfg["model"]["ddconfig"])
     return dataset, dict(spec=str(data) if isinstance(data, (str, Path)) else None, **info), indices
 
-# %% ../nbs/17_evaluation.ipynb 65
+# %% ../nbs/17_evaluation.ipynb 66
 def evaluate_prepared(setup: dict, dataset, data_info: dict, indices, batch_size=8, sample_seed=0, progress=True,
                       settings: dict | None = None) -> dict:
     "Evaluate every model of `setup` on `dataset[indices]` -> {'summary', 'per_map'}; nothing is written."
@@ -492,7 +492,7 @@ def evaluate_prepared(setup: dict, dataset, data_info: dict, indices, batch_size
                    ddconfig=dict(cfg["model"]["ddconfig"]), embed_dim=cfg["model"]["embed_dim"], settings=settings or {})
     return dict(summary=summary, per_map=pd.DataFrame(rows))
 
-# %% ../nbs/17_evaluation.ipynb 67
+# %% ../nbs/17_evaluation.ipynb 68
 def write_outputs(out_dir, summary: dict, per_map, models: dict, dataset, sample_seed=0, device="cpu") -> dict:
     "Write per_map.csv, summary.json, the figures and evaluation.md into `out_dir`; return their paths."
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
@@ -510,7 +510,7 @@ def write_outputs(out_dir, summary: dict, per_map, models: dict, dataset, sample
     atomic_write_text(out / "evaluation.md", markdown_section(summary, figures))
     return {k: out / k for k in ("per_map.csv", "summary.json", "evaluation.md", *figures.values())}
 
-# %% ../nbs/17_evaluation.ipynb 69
+# %% ../nbs/17_evaluation.ipynb 70
 def evaluate_checkpoint(checkpoint, # model-N.pt: ours or upstream's
                         data, # a data spec (see the table above) or a Dataset of {'image', 'name'} items
                         out_dir=None, # folder for per_map.csv, summary.json, figures, evaluation.md; None: write nothing
@@ -533,7 +533,7 @@ def evaluate_checkpoint(checkpoint, # model-N.pt: ours or upstream's
     out["files"] = {} if out_dir is None else write_outputs(out_dir, out["summary"], out["per_map"], setup["models"], dataset, sample_seed, device)
     return out
 
-# %% ../nbs/17_evaluation.ipynb 72
+# %% ../nbs/17_evaluation.ipynb 73
 def add_evaluate_args(parser):
     "Arguments of `radiodiff-vae evaluate`."
     parser.add_argument("--checkpoint", required=True, help="model-N.pt (ours or upstream's)")
@@ -573,7 +573,7 @@ def run_evaluate(args) -> int:
     print(f"wrote {Path(args.out) / 'evaluation.md'}")
     return 0
 
-# %% ../nbs/17_evaluation.ipynb 75
+# %% ../nbs/17_evaluation.ipynb 76
 def spec_slug(spec) -> str:
     "A folder name for a data spec: 'real', 'synthetic-64', or the folder's name."
     spec = str(spec)
@@ -581,7 +581,7 @@ def spec_slug(spec) -> str:
     name = Path(spec.split(":", 1)[1] if spec.startswith(("folder:", "radiomapseer:")) else spec).name
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "data"
 
-# %% ../nbs/17_evaluation.ipynb 77
+# %% ../nbs/17_evaluation.ipynb 78
 def evaluate_many(checkpoint, specs, out_dir, use_ema=False, batch_size=8, limit=None, device="cpu", sample_seed=0,
                   progress=True, config=None, trust: bool = False, include_leaked: bool = False) -> dict:
     "`evaluate_checkpoint` for each data spec into `out_dir/<slug>/`, all checked first; a joint evaluation.md and summary.json."

@@ -30,7 +30,7 @@ def run_color(i: int):
     "The colour of the i-th run (single-run figures use per-metric colours instead)."
     return plt.get_cmap('tab10')(i % 10)
 
-# %% ../nbs/15_figures.ipynb 7
+# %% ../nbs/15_figures.ipynb 8
 def choose_scale(ax, values, axis: str = 'y') -> str:
     "Set a symlog scale if `values` cross zero, log if positive over >= 2 decades, else leave linear; return its name."
     v = np.asarray(values, float); v = v[np.isfinite(v)]
@@ -47,7 +47,7 @@ def step_axis(ax, label: bool = True):
     ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f'{x / 1000:g}k' if abs(x) >= 1000 else f'{x:g}'))
     if label: ax.set_xlabel('training step')
 
-# %% ../nbs/15_figures.ipynb 10
+# %% ../nbs/15_figures.ipynb 11
 def broken(x, y, segments) -> tuple[np.ndarray, np.ndarray]:
     "`x`, `y` with a NaN point inserted wherever the segment id changes (matplotlib leaves a gap there)."
     x, y, seg = np.asarray(x, float), np.asarray(y, float), np.asarray(segments)
@@ -64,7 +64,7 @@ def plot_metric(ax, run: RunData, column: str, color, smoothing: float, label: s
     ax.plot(*broken(x, sm, run.segments()), color=color, lw=2.0, ls=linestyle, label=label)
     return sm
 
-# %% ../nbs/15_figures.ipynb 12
+# %% ../nbs/15_figures.ipynb 13
 def phase_marker(ax, run: RunData, color='0.25', label: bool = True, shade: bool = True):
     "Dashed line at the gate (legend: the phase it starts), the phase before it shaded; dotted lines at resumes."
     ph, x = run.analysis.phases, run.table.index
@@ -77,7 +77,7 @@ def phase_marker(ax, run: RunData, color='0.25', label: bool = True, shade: bool
     if shade: ax.axvspan(x.min(), ph.gate_step, color='tab:blue', alpha=0.05, lw=0)
     return ph.gate_step
 
-# %% ../nbs/15_figures.ipynb 14
+# %% ../nbs/15_figures.ipynb 16
 def figure_training_phases(runs: list[RunData], smoothing: float = 0.9):
     "Total loss against step, with the gate, the resumes and the phases named."
     with plt.rc_context(STYLE):
@@ -99,7 +99,7 @@ def figure_training_phases(runs: list[RunData], smoothing: float = 0.9):
         ax.legend(loc='center right'); fig.tight_layout(); plt.close(fig)
     return fig
 
-# %% ../nbs/15_figures.ipynb 17
+# %% ../nbs/15_figures.ipynb 19
 def _lr_panel(ax, runs):
     "Learning rate: the logged column where it is usable, the rate inferred from the schedule otherwise."
     notes = []
@@ -116,7 +116,7 @@ def _lr_panel(ax, runs):
     ax.set_ylabel('learning rate (log scale)'); ax.set_title('(d) learning rate')
     if ax.lines: ax.legend(loc='upper right')
 
-# %% ../nbs/15_figures.ipynb 18
+# %% ../nbs/15_figures.ipynb 21
 COMPONENT_PANELS = ((('total_loss', 'nll_loss'), '(a) total loss and its reconstruction term', 'loss per image'),
                     (('kl_loss',), '(b) KL divergence', 'KL, sum per image (nats)'),
                     (('g_loss',), '(c) generator loss', '-mean D(x̂)'))
@@ -147,7 +147,7 @@ def figure_loss_components(runs: list[RunData], smoothing: float = 0.9):
         fig.tight_layout(); plt.close(fig)
     return fig
 
-# %% ../nbs/15_figures.ipynb 21
+# %% ../nbs/15_figures.ipynb 24
 MULTI_AXIS_KEYS = ('total_loss', 'kl_loss', 'rec_loss', 'g_loss')
 SHORT_LABELS = {'total_loss': 'total loss per image', 'kl_loss': 'KL per image (nats)', 'rec_loss': 'reconstruction per pixel',
                 'g_loss': 'generator loss -mean D(x̂)'}
@@ -177,7 +177,7 @@ def figure_multi_axis(runs: list[RunData], smoothing: float = 0.9):
         plt.close(fig)
     return fig
 
-# %% ../nbs/15_figures.ipynb 24
+# %% ../nbs/15_figures.ipynb 27
 TERM_LABELS = {'nll': 'NLL (reconstruction)', 'kl_term': 'KL weight × KL', 'adversarial_term': 'λ × disc_factor × g'}
 TERM_COLORS = {'nll': 'tab:orange', 'kl_term': 'tab:green', 'adversarial_term': 'tab:red'}
 
@@ -186,7 +186,7 @@ def term_shares(terms) -> 'pd.DataFrame':
     mag = terms[list(TERM_LABELS)].abs()
     return mag.div(mag.sum(axis=1), axis=0)
 
-# %% ../nbs/15_figures.ipynb 27
+# %% ../nbs/15_figures.ipynb 30
 def _share_label(run: RunData, shares, key: str) -> str:
     "Legend text: the term and its median share in each phase."
     parts = []
@@ -213,7 +213,7 @@ def figure_loss_terms(runs: list[RunData], smoothing: float = 0.9):
         step_axis(b); fig.tight_layout(); plt.close(fig)
     return fig
 
-# %% ../nbs/15_figures.ipynb 30
+# %% ../nbs/15_figures.ipynb 33
 DASHBOARD_PANELS = (('total_loss', 'total loss per image'), ('rec_loss', 'reconstruction, mean per pixel'),
                     ('kl_loss', 'KL, sum per image'), ('g_loss', 'generator loss -mean D(x̂)'), ('d_weight', 'adaptive weight λ'))
 
@@ -226,7 +226,7 @@ def _text_panel(ax, runs, notes: dict | None):
         ax.text(j / len(shown), 1, '\n'.join(lines[:22]), va='top', ha='left', fontsize=10 if len(shown) == 1 else 8,
                 transform=ax.transAxes)
 
-# %% ../nbs/15_figures.ipynb 31
+# %% ../nbs/15_figures.ipynb 35
 def figure_dashboard(runs: list[RunData], smoothing: float = 0.9, notes: dict | None = None):
     "Five metric panels, the learning rate, `notes` (run name -> sentences) and the last sample image on one page."
     with plt.rc_context(STYLE):
@@ -254,7 +254,7 @@ def figure_dashboard(runs: list[RunData], smoothing: float = 0.9, notes: dict | 
         plt.close(fig)
     return fig
 
-# %% ../nbs/15_figures.ipynb 34
+# %% ../nbs/15_figures.ipynb 38
 def _load_gray_or_rgb(path) -> np.ndarray:
     "An image as float [0, 1]: HxW if its colour channels are equal (a gray map saved as RGB), else HxWx3."
     a = np.asarray(Image.open(path).convert('RGB'), dtype=np.float32) / 255
@@ -270,7 +270,7 @@ def _canvas(images, columns, pad_x, pad_y):
         canvas[y0:y0 + img.shape[0], x0:x0 + img.shape[1]] = img if (img.ndim == 3 or not rgb) else img[..., None]
     return canvas, corners, (h, w)
 
-# %% ../nbs/15_figures.ipynb 35
+# %% ../nbs/15_figures.ipynb 40
 def figure_sample_gallery(samples: list, save_every: int | None = None, repeats=None, columns: int = 6,
                           title: str = 'Sample reconstructions'):
     "A grid of the run's samples in milestone order, each titled with its milestone, its step and what it repeats."
@@ -290,7 +290,7 @@ def figure_sample_gallery(samples: list, save_every: int | None = None, repeats=
         ax.set_title(title, fontsize=13); fig.tight_layout(); plt.close(fig)
     return fig
 
-# %% ../nbs/15_figures.ipynb 38
+# %% ../nbs/15_figures.ipynb 43
 FIGURES = {'figure_1_training_phases.png': figure_training_phases, 'figure_2_loss_components.png': figure_loss_components,
            'figure_3_multi_axis.png': figure_multi_axis, 'figure_4_loss_terms.png': figure_loss_terms,
            'figure_5_dashboard.png': figure_dashboard}

@@ -36,7 +36,7 @@ class LPIPSWithDiscriminator(nn.Module):
         self.discriminator_weight, self.d_weight_max = disc_weight, d_weight_max
         self.disc_conditional = disc_conditional
 
-# %% ../nbs/06_losses.ipynb 7
+# %% ../nbs/06_losses.ipynb 8
 @patch
 def _disc_input(self: LPIPSWithDiscriminator, x, cond):
     "The discriminator's input: `x`, or `x` and `cond` stacked on channels when conditional."
@@ -53,7 +53,7 @@ def _rec_nll_kl(self: LPIPSWithDiscriminator, inputs, reconstructions, posterior
     nll, weighted_nll = _nll_loss(rec, self.logvar, weights)
     return rec, nll, weighted_nll, batch_sum(posteriors.kl())
 
-# %% ../nbs/06_losses.ipynb 8
+# %% ../nbs/06_losses.ipynb 10
 @patch
 def _d_weight(self: LPIPSWithDiscriminator, nll, g_loss, last_layer, needed: bool, graph: bool = True):
     "`(d_weight, clamped)`: the adaptive weight if `needed`, else 0; 0 in eval mode when the reconstruction has no graph (`graph` False)."
@@ -66,7 +66,7 @@ def _d_weight(self: LPIPSWithDiscriminator, nll, g_loss, last_layer, needed: boo
         return torch.zeros((), device=g_loss.device), False  # validation under no_grad, as upstream
     return calculate_adaptive_weight(nll, g_loss, last_layer, self.discriminator_weight, self.d_weight_max)
 
-# %% ../nbs/06_losses.ipynb 10
+# %% ../nbs/06_losses.ipynb 13
 @patch
 def autoencoder_loss(self: LPIPSWithDiscriminator, inputs, reconstructions, posteriors, global_step,
                      last_layer=None, split="train", weights=None, compute_d_weight=True, cond=None):
@@ -85,7 +85,7 @@ def autoencoder_loss(self: LPIPSWithDiscriminator, inputs, reconstructions, post
            f"{split}/d_weight_clamped": torch.tensor(float(clamped))}
     return loss, log
 
-# %% ../nbs/06_losses.ipynb 12
+# %% ../nbs/06_losses.ipynb 16
 @patch
 def discriminator_loss(self: LPIPSWithDiscriminator, inputs, reconstructions, global_step, split="train", cond=None):
     "`(loss, log)` for the discriminator update, on an already computed reconstruction (detached here)."
@@ -108,7 +108,7 @@ def forward(self: LPIPSWithDiscriminator, inputs, reconstructions, posteriors, o
         return self.discriminator_loss(inputs, reconstructions, global_step, split=split, cond=cond)
     raise ValueError(f"optimizer_idx must be 0 (autoencoder) or 1 (discriminator), got {optimizer_idx!r}")
 
-# %% ../nbs/06_losses.ipynb 14
+# %% ../nbs/06_losses.ipynb 19
 def load_loss_state_dict(loss: LPIPSWithDiscriminator, sd: dict, source=None) -> dict:
     "Load `logvar` + discriminator (+ LPIPS) from `sd` (with or without a `loss.` prefix); report what was ignored."
     where = f"{source}: " if source is not None else ""

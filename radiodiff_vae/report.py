@@ -310,7 +310,7 @@ def write_analysis(inputs,                  # run folders or log files; files in
         written[name] = atomic_write_text(out/name, text)
     return dict(runs=runs, written=written)
 
-# %% ../nbs/16_report.ipynb 42
+# %% ../nbs/16_report.ipynb 43
 def add_analyze_args(parser):
     "Arguments of `radiodiff-vae analyze`."
     parser.add_argument('inputs', nargs='+', metavar='RUN_OR_LOG',

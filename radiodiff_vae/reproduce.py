@@ -172,7 +172,7 @@ def write_index(out, manifest: dict, stages: list[dict]) -> Path:
     lines += headline_numbers(out)
     return atomic_write_text(out/'README.md', '\n'.join(lines) + '\n')
 
-# %% ../nbs/19_reproduce.ipynb 28
+# %% ../nbs/19_reproduce.ipynb 29
 def headline_numbers(out) -> list[str]:
     "Markdown lines quoting each evaluation's own summary section (`evaluation.md`), with links made relative to `out`."
     lines = []
@@ -183,13 +183,13 @@ def headline_numbers(out) -> list[str]:
         lines += ['## Headline numbers', '', text, '']
     return lines
 
-# %% ../nbs/19_reproduce.ipynb 31
+# %% ../nbs/19_reproduce.ipynb 32
 def check_training_config(settings: dict) -> dict:
     "Load the job's training config with its overrides and step count; raise `ConfigError` if it is invalid."
     steps = [] if settings['steps'] is None else [f"trainer.train_num_steps={int(settings['steps'])}"]
     return load_config(_config_path(settings['config']), list(settings['overrides']) + steps)
 
-# %% ../nbs/19_reproduce.ipynb 33
+# %% ../nbs/19_reproduce.ipynb 34
 def reproduce(out, progress: bool = True, **settings) -> dict:
     "Run (or resume) the main job into `out`; return its manifest."
     settings = job_settings(**settings)
@@ -215,7 +215,7 @@ def reproduce(out, progress: bool = True, **settings) -> dict:
     write_index(out, manifest, stages)
     return manifest
 
-# %% ../nbs/19_reproduce.ipynb 34
+# %% ../nbs/19_reproduce.ipynb 36
 def add_reproduce_args(parser):
     "Arguments of `radiodiff-vae reproduce`."
     parser.add_argument('--out', required=True, help='run folder, e.g. runs/first (created; the same settings resume it)')

@@ -27,14 +27,14 @@ def _check(kind, step, total_steps, base_lr, min_lr, warmup_steps):
         raise ConfigError(f"warmup_steps must be in [0, total_steps={total_steps}), got {warmup_steps!r}")
     if step < 0: raise ValueError(f"step must be >= 0, got {step}")
 
-# %% ../nbs/08_schedules.ipynb 7
+# %% ../nbs/08_schedules.ipynb 8
 def _radiodiff_multiplier(step, total_steps, min_lr, power):
     "Upstream's `max((1 - it/T)**power, min_lr)`, with `1 - it/T` clamped at 0 past the end."
     base = 1 - step / total_steps
     if base < 0: base = 0.0  # upstream would produce a complex number here and crash in max()
     return max(base ** power, min_lr)
 
-# %% ../nbs/08_schedules.ipynb 9
+# %% ../nbs/08_schedules.ipynb 10
 def _poly_lr(step, total_steps, base_lr, min_lr, power):
     "Polynomial decay of the learning rate itself, floored at the absolute `min_lr`."
     base = max(1 - step / total_steps, 0.0)
@@ -46,7 +46,7 @@ def _cosine_lr(step, total_steps, base_lr, min_lr, warmup_steps):
     progress = min((step - warmup_steps) / (total_steps - warmup_steps), 1.0)
     return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))
 
-# %% ../nbs/08_schedules.ipynb 12
+# %% ../nbs/08_schedules.ipynb 13
 def lr_multiplier(kind: str, step: int, total_steps: int, *, base_lr: float, min_lr: float = 5e-7,
                   power: float = 0.95, warmup_steps: int = 0) -> float:
     "Factor that multiplies `base_lr` at `step` for schedule `kind` (one of `SCHEDULES`)."

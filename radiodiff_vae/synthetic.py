@@ -42,52 +42,6 @@ def resolve_params(**params) -> dict:
     return {**DEFAULT_PARAMS, **params}
 
 # %% ../nbs/09a_synthetic.ipynb 9
-_COORDS = {}
-def _pixel_coords(size, extent_m):
-    "Row and column coordinates in metres of every pixel, flattened (cached, read-only)."
-    if (size, extent_m) not in _COORDS:
-        yy, xx = np.divmod(np.arange(size * size, dtype=np.int32), size)
-        scale = np.float32(extent_m / size)
-        yy, xx = yy.astype(np.float32) * scale, xx.astype(np.float32) * scale
-        yy.flags.writeable = xx.flags.writeable = False
-        _COORDS[size, extent_m] = yy, xx
-    return _COORDS[size, extent_m]
-
-def random_city(rng, size=256, **params):
-    "Random city: (buildings, open) boolean size×size masks; `open` marks streets and parks (where a transmitter may stand)."
-    p = resolve_params(**params)
-    yy, xx = _pixel_coords(size, p['extent_m'])
-    k = int(rng.integers(p['n_districts'][0], p['n_districts'][1] + 1))
-    seeds = rng.uniform(0, p['extent_m'], (k, 2)).astype(np.float32)
-    buildings, open_ = np.zeros(size * size, bool), np.zeros(size * size, bool)
-    district = (np.argmin((yy[None] - seeds[:, :1])**2 + (xx[None] - seeds[:, 1:])**2, 0) if k > 1
-                else np.zeros(size * size, np.int64))
-    for d in range(k):
-        sel = np.flatnonzero(district == d) if k > 1 else slice(None)
-        buildings[sel], open_[sel] = _district(rng, yy[sel], xx[sel], p)
-    return buildings.reshape(size, size), open_.reshape(size, size)
-
-# %% ../nbs/09a_synthetic.ipynb 10
-def _district(rng, y, x, p):
-    "Buildings and open space at coordinates (y, x) in metres for one district: a rotated street grid of blocks."
-    phi = rng.uniform(0, np.pi / 2)
-    pu, pv = rng.uniform(*p['pitch'], 2)
-    w = rng.uniform(*p['street'])
-    c, s = np.float32(np.cos(phi)), np.float32(np.sin(phi))
-    u = x * c + y * s + np.float32(rng.uniform(0, pu))
-    v = y * c - x * s + np.float32(rng.uniform(0, pv))
-    bu, bv = np.floor(u * np.float32(1 / pu)), np.floor(v * np.float32(1 / pv))
-    lu, lv = u - bu * np.float32(pu) - np.float32(w / 2), v - bv * np.float32(pv) - np.float32(w / 2)  # block-local
-    u0, v0 = int(bu.min()), int(bv.min())
-    nbv = int(bv.max()) - v0 + 1
-    blk = (bu.astype(np.int32) - u0) * nbv + (bv.astype(np.int32) - v0)
-    blocks = _block_table(rng, (int(bu.max()) - u0 + 1) * nbv, np.float32(pu - w), np.float32(pv - w), p)
-    b = _lot_buildings(rng, lu, lv, blk, blocks, p)
-    bw, bh = blocks['size']
-    inside = (lu >= 0) & (lu <= bw) & (lv >= 0) & (lv <= bh)
-    return b & inside, ~inside | blocks['park'][blk]     # a turned building stays off the street
-
-# %% ../nbs/09a_synthetic.ipynb 11
 def _block_table(rng, n_blocks, bw, bh, p) -> dict:
     "Per-block kind (park / solid / lots), lot grid and courtyard depth."
     M = p['max_lots']
@@ -102,7 +56,7 @@ def _block_table(rng, n_blocks, bw, bh, p) -> dict:
     return dict(size=(bw, bh), solid=solid, park=park, nu=nu, nv=nv, cw=(bw / nu).astype(np.float32),
                 ch=(bh / nv).astype(np.float32), court=court, depth=depth)
 
-# %% ../nbs/09a_synthetic.ipynb 12
+# %% ../nbs/09a_synthetic.ipynb 11
 def _lot_table(rng, blocks, p) -> dict:
     "Per-lot building rectangle (block-local), whether it is built, and an optional corner cut (L-shape)."
     M, nB = p['max_lots'], len(blocks['nu'])
@@ -147,7 +101,53 @@ def _lot_buildings(rng, lu, lv, blk, blocks, p) -> np.ndarray:
     out = np.zeros(len(lu), bool); out[cand[keep]] = True
     return out
 
+# %% ../nbs/09a_synthetic.ipynb 15
+def _district(rng, y, x, p):
+    "Buildings and open space at coordinates (y, x) in metres for one district: a rotated street grid of blocks."
+    phi = rng.uniform(0, np.pi / 2)
+    pu, pv = rng.uniform(*p['pitch'], 2)
+    w = rng.uniform(*p['street'])
+    c, s = np.float32(np.cos(phi)), np.float32(np.sin(phi))
+    u = x * c + y * s + np.float32(rng.uniform(0, pu))
+    v = y * c - x * s + np.float32(rng.uniform(0, pv))
+    bu, bv = np.floor(u * np.float32(1 / pu)), np.floor(v * np.float32(1 / pv))
+    lu, lv = u - bu * np.float32(pu) - np.float32(w / 2), v - bv * np.float32(pv) - np.float32(w / 2)  # block-local
+    u0, v0 = int(bu.min()), int(bv.min())
+    nbv = int(bv.max()) - v0 + 1
+    blk = (bu.astype(np.int32) - u0) * nbv + (bv.astype(np.int32) - v0)
+    blocks = _block_table(rng, (int(bu.max()) - u0 + 1) * nbv, np.float32(pu - w), np.float32(pv - w), p)
+    b = _lot_buildings(rng, lu, lv, blk, blocks, p)
+    bw, bh = blocks['size']
+    inside = (lu >= 0) & (lu <= bw) & (lv >= 0) & (lv <= bh)
+    return b & inside, ~inside | blocks['park'][blk]     # a turned building stays off the street
+
 # %% ../nbs/09a_synthetic.ipynb 17
+_COORDS = {}
+def _pixel_coords(size, extent_m):
+    "Row and column coordinates in metres of every pixel, flattened (cached, read-only)."
+    if (size, extent_m) not in _COORDS:
+        yy, xx = np.divmod(np.arange(size * size, dtype=np.int32), size)
+        scale = np.float32(extent_m / size)
+        yy, xx = yy.astype(np.float32) * scale, xx.astype(np.float32) * scale
+        yy.flags.writeable = xx.flags.writeable = False
+        _COORDS[size, extent_m] = yy, xx
+    return _COORDS[size, extent_m]
+
+def random_city(rng, size=256, **params):
+    "Random city: (buildings, open) boolean size×size masks; `open` marks streets and parks (where a transmitter may stand)."
+    p = resolve_params(**params)
+    yy, xx = _pixel_coords(size, p['extent_m'])
+    k = int(rng.integers(p['n_districts'][0], p['n_districts'][1] + 1))
+    seeds = rng.uniform(0, p['extent_m'], (k, 2)).astype(np.float32)
+    buildings, open_ = np.zeros(size * size, bool), np.zeros(size * size, bool)
+    district = (np.argmin((yy[None] - seeds[:, :1])**2 + (xx[None] - seeds[:, 1:])**2, 0) if k > 1
+                else np.zeros(size * size, np.int64))
+    for d in range(k):
+        sel = np.flatnonzero(district == d) if k > 1 else slice(None)
+        buildings[sel], open_[sel] = _district(rng, yy[sel], xx[sel], p)
+    return buildings.reshape(size, size), open_.reshape(size, size)
+
+# %% ../nbs/09a_synthetic.ipynb 21
 def place_transmitter(rng, buildings, open_, lo=0.2, hi=0.8):
     "(row, col) of a transmitter: a random open, non-building pixel in the central [lo, hi] window (with fallbacks)."
     size = buildings.shape[0]
@@ -158,7 +158,7 @@ def place_transmitter(rng, buildings, open_, lo=0.2, hi=0.8):
         if len(free): return tuple(int(v) for v in divmod(int(free[rng.integers(len(free))]), size))
     raise DataError(f'the generated {size}x{size} city is all buildings; lower cell_fill/solid_prob')
 
-# %% ../nbs/09a_synthetic.ipynb 20
+# %% ../nbs/09a_synthetic.ipynb 24
 _GEOMETRY = {}
 def _geometry(size, n_theta) -> dict:
     "Cached tables for `size`: polar sample offsets into a padded map, and each pixel offset's ray, radius and distance."
@@ -181,7 +181,7 @@ def polar_buildings(buildings, tx, n_theta=720) -> np.ndarray:
     padded = np.zeros((W, W), bool); padded[R:R + size, R:R + size] = buildings       # outside the map: no buildings
     return padded.ravel()[G['polar'] + np.int32((tx[0] + R) * W + (tx[1] + R))]
 
-# %% ../nbs/09a_synthetic.ipynb 21
+# %% ../nbs/09a_synthetic.ipynb 26
 def _kth_along_rays(mask, K, fill) -> np.ndarray:
     "Column of the k-th True in each row of `mask`, k = 1..K: int32 [K, n_rows], `fill` where there is none."
     rows, cols = np.nonzero(mask)
@@ -198,7 +198,7 @@ def _search_window(n, W):
         _SEARCH[n, W] = ((np.arange(n)[:, None] + j[None]) % n).astype(np.int32), np.abs(j).astype(np.float32)
     return _SEARCH[n, W]
 
-# %% ../nbs/09a_synthetic.ipynb 22
+# %% ../nbs/09a_synthetic.ipynb 28
 def obstacles_along_rays(B, max_obstacles=2, search_deg=30.0):
     "Entry radius a_k [K, n_θ] of the k-th building on each ray (R: none) and the angle Δ_k to the nearest way around it."
     n, R = B.shape
@@ -221,7 +221,7 @@ def obstacles_along_rays(B, max_obstacles=2, search_deg=30.0):
         delta[k, rays] = np.minimum(steps * np.float32(2 * np.pi / n), np.float32(np.pi / 2))
     return a, delta
 
-# %% ../nbs/09a_synthetic.ipynb 26
+# %% ../nbs/09a_synthetic.ipynb 32
 def path_gain_db(d, exponent=2.5, gain_1m_db=-48.0, d_min=0.5):
     "Log-distance path gain in dB at distance `d` metres (distances below `d_min` count as `d_min`)."
     return gain_1m_db - 10 * exponent * np.log10(np.maximum(d, d_min))
@@ -230,14 +230,14 @@ def db_to_gray(g_db, floor_db=-147.0, max_db=-47.0) -> np.ndarray:
     "Path gain in dB -> uint8 gray levels: clip to [floor, max], map linearly onto 0..255 (RadioMapSeer's scaling)."
     return np.rint(np.clip((g_db - floor_db) * (255.0 / (max_db - floor_db)), 0, 255)).astype(np.uint8)
 
-# %% ../nbs/09a_synthetic.ipynb 28
+# %% ../nbs/09a_synthetic.ipynb 34
 def _angle(y, x):
     "atan2(y, x) for y >= 0, x > 0 to within 0.004 rad, three times faster than np.arctan2 (the map's hot spot)."
     z = np.minimum(y, x) / np.maximum(y, x)
     t = z * (np.float32(np.pi / 4) + np.float32(0.273) * (1 - z))
     return np.where(y > x, np.float32(np.pi / 2) - t, t)
 
-# %% ../nbs/09a_synthetic.ipynb 30
+# %% ../nbs/09a_synthetic.ipynb 36
 def shadow_loss(buildings, tx, base_db=3.0, edge_db=6.0, alpha_edge=0.05, angle_db=22.0, nlos_exponent=0.0, later=0.5,
                 max_obstacles=2, search_deg=30.0, n_theta=720, blur=1) -> np.ndarray:
     "Extra loss in dB at every pixel for a transmitter at `tx`: 0 in line of sight, diffraction around each obstacle in shadow."
@@ -259,7 +259,7 @@ def shadow_loss(buildings, tx, base_db=3.0, edge_db=6.0, alpha_edge=0.05, angle_
     loss = loss.reshape(size, size)
     return ndimage.uniform_filter(loss, 2 * blur + 1, mode='nearest') if blur > 0 else loss
 
-# %% ../nbs/09a_synthetic.ipynb 32
+# %% ../nbs/09a_synthetic.ipynb 38
 def radio_map(buildings, tx, **params) -> np.ndarray:
     "uint8 path-gain map of the city `buildings` (bool H×W) for a transmitter at `tx` (row, col)."
     p = resolve_params(**params)
@@ -274,7 +274,7 @@ def radio_map(buildings, tx, **params) -> np.ndarray:
     gray[buildings] = 0
     return gray
 
-# %% ../nbs/09a_synthetic.ipynb 33
+# %% ../nbs/09a_synthetic.ipynb 40
 def generate_radio_map(seed, index, size=256, tx_index=0, **params) -> dict:
     "Map `index` of stream `seed`: dict(gain, buildings, antenna: uint8 size×size, tx=(row, col)). Deterministic."
     p = resolve_params(**params)
@@ -283,7 +283,7 @@ def generate_radio_map(seed, index, size=256, tx_index=0, **params) -> dict:
     antenna = np.zeros((size, size), np.uint8); antenna[tx] = 255
     return dict(gain=radio_map(buildings, tx, **params), buildings=buildings.astype(np.uint8) * 255, antenna=antenna, tx=tx)
 
-# %% ../nbs/09a_synthetic.ipynb 36
+# %% ../nbs/09a_synthetic.ipynb 43
 def generation_speed(n=20, size=256, seed=0, rounds=1, **params) -> float:
     "Maps per second of `generate_radio_map`: this process's CPU time over maps 0..n-1, the fastest of `rounds` rounds."
     generate_radio_map(seed, 10**6, size, **params)   # warm caches
@@ -294,7 +294,7 @@ def generation_speed(n=20, size=256, seed=0, rounds=1, **params) -> float:
         best = min(best, time.process_time() - t0)
     return n / max(best, 1e-9)
 
-# %% ../nbs/09a_synthetic.ipynb 39
+# %% ../nbs/09a_synthetic.ipynb 46
 class SyntheticRadioMaps(Dataset):
     "`n` synthetic maps generated on the fly; item i = map `offset + i` of stream `seed`: {'image': 1×S×S in [-1, 1], 'name'}."
     def __init__(self, n, seed=0, size=256, offset=0, **params):
@@ -312,7 +312,7 @@ class SyntheticRadioMaps(Dataset):
 
     def __repr__(self): return f'SyntheticRadioMaps(n={self.n}, seed={self.seed}, size={self.size}, offset={self.offset})'
 
-# %% ../nbs/09a_synthetic.ipynb 42
+# %% ../nbs/09a_synthetic.ipynb 49
 MARKER = 'make_data.json'
 
 def _layout_files(n, num_tx):
@@ -335,7 +335,7 @@ def _png_bytes(a) -> bytes:
     "uint8 H×W array -> PNG bytes."
     buf = io.BytesIO(); Image.fromarray(a, mode='L').save(buf, format='PNG'); return buf.getvalue()
 
-# %% ../nbs/09a_synthetic.ipynb 43
+# %% ../nbs/09a_synthetic.ipynb 51
 def write_radiomapseer_layout(out, n, seed=0, size=256, num_tx=1, progress=True, **params) -> Path:
     "Write `n` synthetic maps × `num_tx` transmitters to `out` in RadioMapSeer layout; return `out`."
     out = Path(out)
@@ -358,7 +358,7 @@ def write_radiomapseer_layout(out, n, seed=0, size=256, num_tx=1, progress=True,
     atomic_write_text(out/MARKER, json.dumps({**info, 'complete': True}, indent=1))
     return out
 
-# %% ../nbs/09a_synthetic.ipynb 47
+# %% ../nbs/09a_synthetic.ipynb 55
 def add_make_data_args(parser):
     "Arguments of `radiodiff-vae make-data`."
     parser.add_argument('--out', required=True, help='output folder (new, empty, or an earlier make-data output)')
@@ -377,7 +377,7 @@ def run_make_data(args) -> int:
           f'load with RadioMapSeer({str(out)!r}, maps=range(1, {args.n + 1}), num_tx={args.num_tx}, size={args.size})')
     return 0
 
-# %% ../nbs/09a_synthetic.ipynb 51
+# %% ../nbs/09a_synthetic.ipynb 59
 def pixel_histogram(maps, exclude_buildings=False) -> np.ndarray:
     "Probability of each gray level 0..255 over uint8 `maps`; with `exclude_buildings`, over pixels > 0 only."
     h = sum(np.bincount(np.asarray(m, np.uint8).ravel(), minlength=256) for m in maps).astype(np.float64)
@@ -392,7 +392,7 @@ def estimate_transmitter(gain) -> tuple:
     "(row, col) of the brightest pixel: the transmitter of a RadioMapSeer map."
     return tuple(int(v) for v in np.unravel_index(int(np.argmax(gain)), np.shape(gain)))
 
-# %% ../nbs/09a_synthetic.ipynb 53
+# %% ../nbs/09a_synthetic.ipynb 61
 DISTANCE_BINS = (0, 2, 4, 8, 16, 32, 64, 128, 256, 400)
 
 def gain_vs_distance(gain, tx=None, bins=DISTANCE_BINS) -> np.ndarray:
