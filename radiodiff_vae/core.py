@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb 1
 from __future__ import annotations
-import dataclasses, io, json, math, os, random, tempfile
+import dataclasses, importlib.util, io, json, math, os, random, tempfile
 from pathlib import Path
 import numpy as np
 import torch
@@ -12,7 +12,7 @@ import torch
 # %% auto 0
 __all__ = ['RadioDiffError', 'ConfigError', 'DataError', 'CheckpointError', 'LogParseError', 'RunFolderError',
            'atomic_write_bytes', 'atomic_write_text', 'atomic_torch_save', 'seed_everything', 'to_jsonable',
-           'markdown_table', 'data_dir', 'reference_run_dir', 'real_maps_dir']
+           'markdown_table', 'repo_dir', 'data_dir', 'reference_run_dir', 'real_maps_dir']
 
 # %% ../nbs/00_core.ipynb 5
 class RadioDiffError(Exception):
@@ -89,12 +89,14 @@ def markdown_table(header, rows) -> str:
     return '\n'.join([line(header), '|' + '---|' * len(header)] + [line(r) for r in rows])
 
 # %% ../nbs/00_core.ipynb 21
+def repo_dir() -> Path:
+    "The repository root: the folder above the installed package (an editable install; also inside a notebook)."
+    return Path(importlib.util.find_spec('radiodiff_vae').origin).resolve().parent.parent
+
 def data_dir() -> Path:
     "The folder of bundled data: `$RADIODIFF_DATA`, else `data/` at the repository root."
     env = os.environ.get('RADIODIFF_DATA')
-    if env: return Path(env)
-    import radiodiff_vae  # the package itself, so this also works inside a notebook (no `__file__`)
-    return Path(radiodiff_vae.__file__).resolve().parent.parent/'data'
+    return Path(env) if env else repo_dir()/'data'
 
 def reference_run_dir() -> Path:
     "The original 150k-step run's parsed log and samples."

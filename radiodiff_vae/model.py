@@ -11,7 +11,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from .core import CheckpointError, ConfigError, DataError
+from .core import CheckpointError, ConfigError, DataError, atomic_torch_save
 from .distributions import DiagonalGaussianDistribution
 
 # %% auto 0
@@ -432,7 +432,6 @@ AutoencoderKL.from_checkpoint = _from_checkpoint
 
 def save_autoencoder(model: AutoencoderKL, path, **extra) -> Path:
     "Atomically save `model` as a checkpoint `from_checkpoint` rebuilds without arguments (`model` + `config.model`)."
-    from radiodiff_vae.core import atomic_torch_save
     cfg = {'model': {'ddconfig': copy.deepcopy(model.ddconfig), 'embed_dim': model.embed_dim}}
     return atomic_torch_save({'model': model.state_dict(), 'config': cfg, **extra}, Path(path))
 

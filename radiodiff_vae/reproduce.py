@@ -8,20 +8,15 @@ import argparse, json, time, os, sys
 from pathlib import Path
 from . import core
 from .config import load_config
-from .core import RadioDiffError, RunFolderError, atomic_write_text, reference_run_dir, real_maps_dir
+from .core import RadioDiffError, RunFolderError, atomic_write_text, reference_run_dir, real_maps_dir, repo_dir
 from .run_folder import latest_checkpoint
 
 # %% auto 0
-__all__ = ['DEFAULTS', 'MANIFEST', 'repo_dir', 'pipeline_path', 'job_settings', 'plan', 'open_run_folder', 'user_error',
-           'run_stage', 'resolve_params', 'training_progress', 'StageProgress', 'write_index', 'headline_numbers',
+__all__ = ['DEFAULTS', 'MANIFEST', 'pipeline_path', 'job_settings', 'plan', 'open_run_folder', 'user_error', 'run_stage',
+           'resolve_params', 'training_progress', 'StageProgress', 'write_index', 'headline_numbers',
            'check_training_config', 'reproduce', 'add_reproduce_args', 'run_reproduce']
 
 # %% ../nbs/19_reproduce.ipynb 5
-def repo_dir() -> Path:
-    "The repository root (the package is installed in editable mode)."
-    import radiodiff_vae
-    return Path(radiodiff_vae.__file__).resolve().parent.parent
-
 def pipeline_path(name) -> Path:
     "The pipeline notebook `nbs/pipelines/{name}.ipynb`."
     path = repo_dir()/'nbs'/'pipelines'/f'{name}.ipynb'

@@ -176,7 +176,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         y = (x - mean[:, None, None]) * torch.rsqrt(var + self.eps)[:, None, None]
         return y * self.weight[:, None, None] + self.bias[:, None, None] if self.affine else y
 
-# %% ../nbs/13_trainer.ipynb 34
+# %% ../nbs/13_trainer.ipynb 35
 def global_batchnorm(module: nn.Module) -> nn.Module:
     "`module` with every BatchNorm2d replaced (in place) by a GlobalBatchNorm2d with the same weights and statistics."
     for name, child in module.named_children():
@@ -186,7 +186,7 @@ def global_batchnorm(module: nn.Module) -> nn.Module:
         else: global_batchnorm(child)
     return module
 
-# %% ../nbs/13_trainer.ipynb 37
+# %% ../nbs/13_trainer.ipynb 38
 UPSTREAM_EMA_AFTER, UPSTREAM_EMA_POWER = 100, 2 / 3   # the defaults of the EMA wrapper upstream's trainer uses
 
 class EMA:
@@ -212,7 +212,7 @@ class EMA:
         for e, b in zip(self.ema_model.buffers(), model.buffers()): e.copy_(b)
         self.updates += 1
 
-# %% ../nbs/13_trainer.ipynb 39
+# %% ../nbs/13_trainer.ipynb 40
 @patch
 def state_dict(self: EMA) -> dict:
     "`ema_model.`-prefixed weights plus book-keeping, like upstream's EMA wrapper."
@@ -227,7 +227,7 @@ def load_state_dict(self: EMA, sd: dict, source=None):
     load_upstream_state_dict(self.ema_model, weights, strict=True, source=f'{source} [ema]' if source else 'ema')
     self.updates = int(sd['updates']) if 'updates' in sd else int(sd.get('step', 0)) // self.every
 
-# %% ../nbs/13_trainer.ipynb 42
+# %% ../nbs/13_trainer.ipynb 43
 class NonFiniteLossError(RadioDiffError, FloatingPointError):
     "A loss or gradient became NaN/inf during training."
 
@@ -241,7 +241,7 @@ def nonfinite_terms(values: dict) -> list[str]:
     rank = lambda k: next((i for i, o in enumerate(order) if k.endswith(o)), len(order))
     return sorted(bad, key=rank)
 
-# %% ../nbs/13_trainer.ipynb 45
+# %% ../nbs/13_trainer.ipynb 46
 def rng_state() -> dict:
     "Python, NumPy, torch (and CUDA) RNG states as tensors and plain values."
     version, mt, gauss = random.getstate()
@@ -261,7 +261,7 @@ def set_rng_state(s: dict):
     torch.set_rng_state(s['torch'].cpu())
     if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all([t.cpu() for t in s['cuda']])
 
-# %% ../nbs/13_trainer.ipynb 48
+# %% ../nbs/13_trainer.ipynb 49
 def recon_metrics(x, x_hat) -> dict:
     "Mean per-map PSNR (dB), NMSE and RMSE of reconstructions, both mapped from [-1, 1] to [0, 1] (clamped)."
     a, b = ((x.float() + 1) / 2).clamp(0, 1), ((x_hat.float() + 1) / 2).clamp(0, 1)
@@ -269,7 +269,7 @@ def recon_metrics(x, x_hat) -> dict:
     nmse = ((a - b) ** 2).flatten(1).sum(1) / (a ** 2).flatten(1).sum(1).clamp_min(1e-12)
     return {'psnr': (10 * torch.log10(1 / mse.clamp_min(1e-12))).mean().item(), 'nmse': nmse.mean().item(), 'rmse': mse.sqrt().mean().item()}
 
-# %% ../nbs/13_trainer.ipynb 51
+# %% ../nbs/13_trainer.ipynb 52
 def precision_note(mode: str, reason: str) -> str:
     "One line saying which arithmetic a run uses and why."
     return f"precision: {dict(no='fp32', bf16='bf16 autocast', fp16='fp16 autocast')[mode]} ({reason})"
@@ -292,7 +292,7 @@ def make_accelerator(t: dict) -> Accelerator:
                           f'({acc.distributed_type}); check the accelerate config (accelerate env)')
     return acc
 
-# %% ../nbs/13_trainer.ipynb 54
+# %% ../nbs/13_trainer.ipynb 55
 class Trainer:
     "Train an AutoencoderKL with LPIPSWithDiscriminator as configured, on one process or several; see `train`."
     def __init__(self, config: dict, out_dir=None, resume=None, progress=True, stop_at=None, dataset=None,
@@ -312,7 +312,7 @@ class Trainer:
             if self.main: self._abandon()
             raise
 
-# %% ../nbs/13_trainer.ipynb 55
+# %% ../nbs/13_trainer.ipynb 57
 @patch
 def _build(self: Trainer, dataset=None):
     "Model, loss, optimisers, schedules, EMA and data in memory (the same on every process), prepared by accelerate."
@@ -332,7 +332,7 @@ def _build(self: Trainer, dataset=None):
     self.train_ds, self.val_ds = (dataset, None) if dataset is not None else build_datasets(self.cfg['data'])
     self.step, self.batches_drawn, self.skips, self.session = 0, 0, 0, 0
 
-# %% ../nbs/13_trainer.ipynb 56
+# %% ../nbs/13_trainer.ipynb 59
 @patch
 def _on_main(self: Trainer, fn, *args):
     "Run `fn` on process 0 only; an error it raises is raised on every process."
@@ -370,7 +370,7 @@ def _write(self: Trainer, fn, path, what: str):
         keep = f'; the previous checkpoint {self.last_checkpoint} is intact' if getattr(self, 'last_checkpoint', None) else ''
         raise RunFolderError(f'{path}: cannot write the {what} ({e.strerror or e}){keep}') from None
 
-# %% ../nbs/13_trainer.ipynb 58
+# %% ../nbs/13_trainer.ipynb 62
 @patch
 def _start(self: Trainer, resume):
     "Resume or initialise, then reseed per process, write the config, open the logs and the data stream."
@@ -439,14 +439,14 @@ def _open_stream(self: Trainer):
                     pin_memory=self.device.type == 'cuda', generator=torch.Generator().manual_seed(self.t['seed'] + self.batches_drawn))
     self.batches = iter(dl)
 
-# %% ../nbs/13_trainer.ipynb 61
+# %% ../nbs/13_trainer.ipynb 65
 def world_size_dependence(cfg: dict) -> list[str]:
     "What makes a run of `cfg` depend on its number of processes (empty: nothing)."
     why = [] if cfg['trainer']['sync_batchnorm'] else ["the discriminator's BatchNorm statistics are per process (trainer.sync_batchnorm: false)"]
     if cfg['model']['ddconfig'].get('dropout', 0.0) > 0: why.append('dropout draws from per-process random streams (model.ddconfig.dropout > 0)')
     return why
 
-# %% ../nbs/13_trainer.ipynb 63
+# %% ../nbs/13_trainer.ipynb 67
 def _load_optimizer(opt, state, path, name, extra_group: bool):
     "Load an optimizer state; an upstream AE state lacks our logvar group, which then starts fresh."
     try:
@@ -479,7 +479,7 @@ def load_scheduler(sched, state: dict, path, name) -> bool:
         for g, lr in zip(inner.optimizer.param_groups, inner._last_lr): g['lr'] = lr
     return extra == 1
 
-# %% ../nbs/13_trainer.ipynb 65
+# %% ../nbs/13_trainer.ipynb 69
 @patch
 def _resume_from(self: Trainer, path: Path):
     "Restore the full training state from checkpoint `path` (ours or upstream's model-N.pt)."
@@ -523,22 +523,7 @@ def _check_resumable(self: Trainer, ckpt: dict, path):
     if why: raise CheckpointError(f'{path}: written by {saved} processes, resumed on {self.world}, but {"; ".join(why)}: '
                                   f'resume with {saved} processes (accelerate launch --num_processes {saved})')
 
-# %% ../nbs/13_trainer.ipynb 67
-@patch
-def train_step(self: Trainer) -> dict:
-    "One optimisation step (both updates); the logged values (empty when the step is not logged)."
-    gan, logged = self.step >= self.loss.discriminator_iter_start and self.loss.disc_factor > 0, self.step % self.t['log_freq'] == 0
-    train_disc = gan and self.t['train_discriminator']
-    try:
-        kept, vals, names = self._ae_pass(d_weight=gan or logged)
-        vals['grad_norm_ae'] = self._update(self.opt_ae, self.ae_params, vals, names)
-        if gan or logged: vals |= self._disc_pass(kept, train_disc)
-        vals['grad_norm_disc'] = self._update(self.opt_disc, self.disc_params, vals, names) if train_disc else float('nan')
-        if not gan and self.t['step_idle_discriminator']: self._idle_disc_step()
-    except SkippedBatch: return {'skipped': True}
-    return vals if logged else {}
-
-# %% ../nbs/13_trainer.ipynb 68
+# %% ../nbs/13_trainer.ipynb 72
 @patch
 def _next_batch(self: Trainer):
     "This process's share of the next global batch, its posterior noise (None: train on the mode) and its map names."
@@ -559,7 +544,7 @@ def _mean_logs(self: Trainer, logs: list[dict]) -> dict:
     t = torch.stack([torch.stack([torch.as_tensor(l[k]).detach().reshape(()).to(self.device, torch.float32) for k in keys]) for l in logs]).mean(0)
     return dict(zip(keys, reduce(t, 'mean').tolist()))
 
-# %% ../nbs/13_trainer.ipynb 69
+# %% ../nbs/13_trainer.ipynb 74
 @patch
 def _ae_pass(self: Trainer, d_weight: bool):
     "Forward + backward of the autoencoder loss over the micro-batches (gradients averaged over processes on the last)."
@@ -589,7 +574,7 @@ def _disc_pass(self: Trainer, kept, train: bool) -> dict:
             logs.append(log)
     return self._mean_logs(logs)
 
-# %% ../nbs/13_trainer.ipynb 70
+# %% ../nbs/13_trainer.ipynb 76
 @patch
 def _update(self: Trainer, opt, params, vals: dict, names: list) -> float:
     "Clip (before the step: defect 2) and step; a non-finite loss or gradient norm skips the batch or stops the run."
@@ -622,14 +607,29 @@ def _nonfinite(self: Trainer, bad: list, values: dict, names: list):
     raise NonFiniteLossError(f'non-finite loss at step {step}: {desc}{why}; batch {names[:8]}; {last}; diagnostic: {diag}. '
                              'Resume with --resume latest (perhaps with a lower trainer.lr), or set trainer.skip_nonfinite=true to skip such batches.')
 
-# %% ../nbs/13_trainer.ipynb 72
+# %% ../nbs/13_trainer.ipynb 79
 @patch
 def _idle_disc_step(self: Trainer):
     "Upstream's discriminator update before disc_start: zero gradients, yet AdamW steps (weight decay, moments)."
     for p in self.disc_params: p.grad = torch.zeros_like(p)
     self.opt_disc.step(); self.opt_disc.zero_grad(set_to_none=True)
 
-# %% ../nbs/13_trainer.ipynb 77
+# %% ../nbs/13_trainer.ipynb 81
+@patch
+def train_step(self: Trainer) -> dict:
+    "One optimisation step (both updates); the logged values (empty when the step is not logged)."
+    gan, logged = self.step >= self.loss.discriminator_iter_start and self.loss.disc_factor > 0, self.step % self.t['log_freq'] == 0
+    train_disc = gan and self.t['train_discriminator']
+    try:
+        kept, vals, names = self._ae_pass(d_weight=gan or logged)
+        vals['grad_norm_ae'] = self._update(self.opt_ae, self.ae_params, vals, names)
+        if gan or logged: vals |= self._disc_pass(kept, train_disc)
+        vals['grad_norm_disc'] = self._update(self.opt_disc, self.disc_params, vals, names) if train_disc else float('nan')
+        if not gan and self.t['step_idle_discriminator']: self._idle_disc_step()
+    except SkippedBatch: return {'skipped': True}
+    return vals if logged else {}
+
+# %% ../nbs/13_trainer.ipynb 85
 CHECKPOINT_VERSION = 2
 
 @patch
@@ -644,14 +644,14 @@ def checkpoint_state(self: Trainer) -> dict:
             'loss': {k: v for k, v in self.loss.state_dict().items() if not k.startswith('perceptual')},
             'version': CHECKPOINT_VERSION, 'nonfinite_skips': self.skips, 'session': self.session, 'world_size': self.world}
 
-# %% ../nbs/13_trainer.ipynb 79
+# %% ../nbs/13_trainer.ipynb 87
 def sample_grid_png(x, x_hat) -> bytes:
     "PNG bytes of a grid: one row per map, input | reconstruction, mapped to [0, 1]."
     pairs, buf = torch.stack([x, x_hat], 1).flatten(0, 1).float().cpu(), io.BytesIO()
     torchvision.utils.save_image(((pairs + 1) / 2).clamp(0, 1), buf, nrow=2, padding=2, format='png')
     return buf.getvalue()
 
-# %% ../nbs/13_trainer.ipynb 81
+# %% ../nbs/13_trainer.ipynb 89
 @patch
 def _write_milestone(self: Trainer, state: dict):
     "Write sample-{milestone}.png, the held-out scores, then model-{milestone}.pt (process 0); milestone = ceil(step / save_and_sample_every)."
@@ -675,7 +675,7 @@ def _sample_inputs(self: Trainer) -> torch.Tensor:
     n = len(ds) if self.val_ds is not None else min(len(ds), max(self.t['sample_maps'], 1))
     return torch.stack([ds[i]['image'] for i in range(n)]).to(self.device)
 
-# %% ../nbs/13_trainer.ipynb 83
+# %% ../nbs/13_trainer.ipynb 92
 @patch
 def _log_step(self: Trainer, vals: dict, timer: dict, bar=None):
     "Write the two upstream lines, one metrics record and the progress bar's loss."
@@ -690,7 +690,7 @@ def _log_step(self: Trainer, vals: dict, timer: dict, bar=None):
                       'nonfinite_skips': self.skips, 'epoch': self.batches_drawn // max(self.sampler.per_epoch, 1)})
     if bar is not None: bar.set_postfix(loss=f"{vals['train/total_loss']:.4g}", rec=f"{vals['train/rec_loss']:.3g}")
 
-# %% ../nbs/13_trainer.ipynb 84
+# %% ../nbs/13_trainer.ipynb 94
 @patch
 def fit(self: Trainer) -> dict:
     "Train until `train_num_steps` (or `stop_at`); return a summary."
@@ -721,7 +721,7 @@ def fit(self: Trainer) -> dict:
             'nonfinite_skips': self.skips, 'resumed_from': str(self.resumed_from) if self.resumed_from else None,
             'processes': self.world}
 
-# %% ../nbs/13_trainer.ipynb 93
+# %% ../nbs/13_trainer.ipynb 103
 def train(config,                          # a resolved config dict (`config.load_config`) or a YAML path
           out_dir=None,                    # the run folder (default: trainer.results_folder)
           resume=None,                     # 'latest', a milestone number or a checkpoint path; None: a fresh run
@@ -742,7 +742,7 @@ def train(config,                          # a resolved config dict (`config.loa
     return Trainer(cfg, out_dir, resume=resume, progress=progress, stop_at=stop_at, dataset=dataset,
                    skip_damaged=skip_damaged, trust_checkpoint=trust_checkpoint).fit()
 
-# %% ../nbs/13_trainer.ipynb 108
+# %% ../nbs/13_trainer.ipynb 118
 def add_train_args(parser: argparse.ArgumentParser):
     "Arguments of `radiodiff-vae train`."
     parser.add_argument('--config', default=None, help='YAML config (e.g. configs/quickstart.yaml); required')
@@ -765,7 +765,7 @@ def add_train_args(parser: argparse.ArgumentParser):
     parser.parse_known_args = parse_known_args
     return parser
 
-# %% ../nbs/13_trainer.ipynb 110
+# %% ../nbs/13_trainer.ipynb 120
 def run_train(args) -> int:
     "Run `radiodiff-vae train` from parsed `args`; print the summary as JSON (process 0); return 0."
     if not args.config: raise ConfigError('--config is required (a YAML file such as configs/quickstart.yaml)')
@@ -782,5 +782,5 @@ def main(argv=None) -> int:
     except RadioDiffError as e:
         print(f'radiodiff-vae train: error: {e}', file=sys.stderr); return 2
 
-# %% ../nbs/13_trainer.ipynb 112
+# %% ../nbs/13_trainer.ipynb 122
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())
