@@ -268,7 +268,9 @@ def tiny_study_file(folder, steps: int = 4, seeds=(0, 1), arms=None, maps: int =
 
 # %% ../nbs/21_study.ipynb 44
 MANIFEST = 'study.json'
-GITIGNORE = '# written by radiodiff-vae study: checkpoints and TensorBoard files stay out of git\nmodel-*.pt\ntb/\nevents.out.tfevents.*\n.lock\n*.tmp\n'
+GITIGNORE = ('# written by radiodiff-vae study: the runs\' text (configs, logs, metrics, scores) is kept in git;\n'
+             '# their checkpoints, TensorBoard files and images are not (the study\'s own figures are)\n'
+             '!runs/\nmodel-*.pt\ntb/\nevents.out.tfevents.*\n.lock\n*.tmp\nruns/**/*.png\n')
 
 def study_changes(old: dict, new: dict) -> list[str]:
     "The keys in which study `new` differs from `old` in a way that would change finished runs (added arms or seeds do not)."
@@ -352,7 +354,7 @@ def _execute_parallel(runs, jobs: int, bar, finish, every: float):
         pool.shutdown(wait=False, cancel_futures=True); raise
     pool.shutdown()
 
-# %% ../nbs/21_study.ipynb 57
+# %% ../nbs/21_study.ipynb 58
 def run_results(run: dict) -> list[dict]:
     "One row per evaluation set and weights that run `run` finished: metric means over maps, KL per latent element, latent statistics."
     rows, state = [], read_run_state(run['folder'])
@@ -374,7 +376,7 @@ def collect_results(runs: list[dict]):
     cols = ['arm', 'seed', 'set', 'weights', 'step', 'n_maps', *METRICS, 'kl_per_element', 'latent_std', 'scale_factor', 'channel_std']
     return pd.DataFrame([row for run in runs for row in run_results(run)], columns=cols)
 
-# %% ../nbs/21_study.ipynb 62
+# %% ../nbs/21_study.ipynb 63
 STAT_KEYS = ('n', 'mean', 'std', 'ci_low', 'ci_high')
 COLUMNS = (*METRICS, 'kl_per_element', 'latent_std', 'scale_factor')
 
@@ -385,7 +387,7 @@ def summarize_arms(df, columns=COLUMNS):
             for (st, w, arm), g in df.groupby(['set', 'weights', 'arm'], sort=False) for c in columns]
     return pd.DataFrame(rows, columns=['set', 'weights', 'arm', 'metric', *STAT_KEYS])
 
-# %% ../nbs/21_study.ipynb 65
+# %% ../nbs/21_study.ipynb 66
 def paired_difference(a: dict, b: dict, confidence: float = 0.95) -> dict:
     "`a[s] - b[s]` over the seeds `s` both have finite values for: mean, std, Student-t interval, t, two-sided p, the differences."
     from scipy import stats
@@ -401,7 +403,7 @@ def distinguishable(d: dict) -> bool | None:
     "Whether the interval of difference `d` excludes zero (None without an interval)."
     return None if d['ci_low'] is None else bool(d['ci_low'] > 0 or d['ci_high'] < 0)
 
-# %% ../nbs/21_study.ipynb 68
+# %% ../nbs/21_study.ipynb 69
 PAIRED_COLUMNS = ['set', 'weights', 'arm', 'metric', 'seeds', 'diffs', *STAT_KEYS, 't', 'p']
 
 def _by_seed(g, column) -> dict: return dict(zip(g['seed'], g[column]))
@@ -424,7 +426,7 @@ def ema_minus_raw(df, columns=METRICS):
             for (st, arm), g in df.groupby(['set', 'arm'], sort=False) for c in columns]
     return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
 
-# %% ../nbs/21_study.ipynb 71
+# %% ../nbs/21_study.ipynb 72
 METRIC_LABELS = dict(psnr='PSNR (dB)', ssim='SSIM', nmse='NMSE', rmse='RMSE', kl_per_element='KL per latent element',
                      latent_std='latent std', scale_factor='scale factor 1/std')
 SHOWN_METRICS = ('psnr', 'ssim', 'nmse', 'rmse')
@@ -441,7 +443,7 @@ def _dots(ax, x: float, values, color, label=None, bar: bool = True):
     err = None if s['ci_low'] is None else [[s['mean'] - s['ci_low']], [s['ci_high'] - s['mean']]]
     ax.errorbar(x + 0.25, s['mean'], yerr=err, fmt='_', color='k', ms=10, capsize=3, lw=1, zorder=4)
 
-# %% ../nbs/21_study.ipynb 73
+# %% ../nbs/21_study.ipynb 75
 def _row_label(ax, label: str):
     "The evaluation set of a row of panels, as the y label of its first panel."
     import textwrap
@@ -464,7 +466,7 @@ def plot_arms(df, arms: list, sets: dict, weights: str, metrics=SHOWN_METRICS):
     fig.suptitle(f'{weights} weights, posterior mode: each dot one run (seed), black: mean and 95% interval over seeds', fontsize=9)
     return fig
 
-# %% ../nbs/21_study.ipynb 75
+# %% ../nbs/21_study.ipynb 77
 def plot_differences(paired, arms: list, sets: dict, metrics=SHOWN_METRICS, title: str = '', all_arms: list | None = None):
     "Figure: rows = evaluation sets, columns = metrics; per arm the per-seed differences as dots, mean and 95% interval, zero line (colours by `all_arms`)."
     from matplotlib.figure import Figure
@@ -481,7 +483,7 @@ def plot_differences(paired, arms: list, sets: dict, metrics=SHOWN_METRICS, titl
     if title: fig.suptitle(title, fontsize=9)
     return fig
 
-# %% ../nbs/21_study.ipynb 78
+# %% ../nbs/21_study.ipynb 80
 def plot_rate_distortion(df, arms: list, slug: str, label: str, weights: str):
     "Figure: PSNR against KL per latent element (log axis) on evaluation set `slug`, a dot per run, a cross per arm mean."
     from matplotlib.figure import Figure
@@ -511,7 +513,7 @@ def plot_latents(df, arms: list, slug: str, label: str, weights: str):
     fig.suptitle(f'latents (posterior samples) on {label}, {weights} weights', fontsize=9)
     return fig
 
-# %% ../nbs/21_study.ipynb 82
+# %% ../nbs/21_study.ipynb 84
 CURVES = (('train/rec_loss', 'reconstruction loss (train)', True), ('train/kl_loss', 'KL (train, sum per map)', True),
           ('val/psnr_ema', 'held-out PSNR, EMA weights (dB)', False), ('train/g_loss', 'generator loss (train)', False),
           ('train/disc_loss', 'discriminator loss (train)', False))
@@ -535,8 +537,12 @@ def plot_curves(curves: dict, runs: list[dict], arms: list):
     for ax, (col, title, logy) in zip(axes, panels):
         for i, arm in enumerate(arms):
             series = [curves[r['key']][col].dropna() for r in runs if r['arm'] == arm and r['key'] in curves and col in curves[r['key']]]
-            for s in series: ax.plot(s.index, s.values, color=_color(i), lw=0.6, alpha=0.35)
-            if series: mean = pd_concat_mean(series); ax.plot(mean.index, mean.values, color=_color(i), lw=1.8, label=arm)
+            few = max((len(s) for s in series), default=0) <= 3      # e.g. held-out scores of a single checkpoint: dots
+            for s in series: ax.plot(s.index, s.values, color=_color(i), lw=0.6, alpha=0.35, marker='o' if few else None, ms=3)
+            if series:   # the baseline (first arm) dashed and on top: arms that follow it closely would hide it
+                mean = pd_concat_mean(series)
+                ax.plot(mean.index, mean.values, color=_color(i), lw=1.8, label=arm, ls='--' if i == 0 else '-',
+                        zorder=3 if i == 0 else 2, marker='D' if few else None, ms=5)
         ax.set_title(title, fontsize=9); ax.set_xlabel('step'); ax.grid(alpha=0.3)
         if logy: ax.set_yscale('log')
     if panels: axes[0].legend(fontsize=7)
@@ -548,7 +554,7 @@ def pd_concat_mean(series: list):
     import pandas as pd
     return pd.concat(series, axis=1, join='inner').mean(axis=1)
 
-# %% ../nbs/21_study.ipynb 85
+# %% ../nbs/21_study.ipynb 87
 FORMATS = dict(psnr='{:.2f}', ssim='{:.4f}', nmse='{:.4g}', rmse='{:.4g}', kl_per_element='{:.4g}', latent_std='{:.4g}', scale_factor='{:.4g}')
 
 def fmt_interval(row, metric: str, signed: bool = False) -> str:
@@ -567,7 +573,7 @@ def verdict(row) -> str:
     if d is None: return f"no interval ({row['n']} paired seed{'s' if row['n'] != 1 else ''})"
     return f"distinguishable from zero ({row['n']} seeds)" if d else f"not distinguishable from zero ({row['n']} seeds)"
 
-# %% ../nbs/21_study.ipynb 87
+# %% ../nbs/21_study.ipynb 89
 def _size_line(cfg: dict) -> str:
     "The size of a run in one line: maps, network, latent, batch, training maps."
     dd, d, t = cfg['model']['ddconfig'], cfg['data'], cfg['trainer']
@@ -579,7 +585,7 @@ def _size_line(cfg: dict) -> str:
 
 def _minutes(seconds) -> str: return f'{seconds / 60:.1f} min' if seconds < 5400 else f'{seconds / 3600:.2f} h'
 
-# %% ../nbs/21_study.ipynb 89
+# %% ../nbs/21_study.ipynb 91
 def _setup_section(spec, manifest, configs, runs) -> list[str]:
     "The set-up: what was run, at what size, with which commands, and how long it took."
     states = {r['key']: read_run_state(r['folder']) for r in runs}
@@ -600,7 +606,7 @@ def _setup_section(spec, manifest, configs, runs) -> list[str]:
           f"{x.get('device', 'CPU only')}, load average {x['load_start']} at the start" for x in manifest['sessions']] + ['```', '']
     return L
 
-# %% ../nbs/21_study.ipynb 91
+# %% ../nbs/21_study.ipynb 93
 def _results_section(spec, arm_stats, sets: dict, primary: str) -> list[str]:
     "Per evaluation set, a table of the arms' means and 95% intervals over seeds."
     L = [f'## Results ({primary} weights)', '', 'Each cell: mean over seeds [95% Student-t interval]; each seed is the mean over the maps of the set.', '']
@@ -612,7 +618,7 @@ def _results_section(spec, arm_stats, sets: dict, primary: str) -> list[str]:
         L += [f'**{label}**', '', markdown_table(['arm', 'seeds', *(METRIC_LABELS[m] for m in SHOWN_METRICS)], rows), '']
     return L + ['![each run as a dot, mean and 95% interval per arm](metrics.png)', '']
 
-# %% ../nbs/21_study.ipynb 93
+# %% ../nbs/21_study.ipynb 95
 def _paired_section(spec, paired, sets: dict, primary: str) -> list[str]:
     "The differences from the baseline, paired by seed, with a verdict each, and a summary of the distinguishable ones."
     L = [f"## Each arm minus the baseline `{spec['baseline']}`, paired by seed ({primary} weights)", '',
@@ -635,7 +641,7 @@ def _paired_section(spec, paired, sets: dict, primary: str) -> list[str]:
           'on average, by chance (5% each).', '', '![per-seed differences from the baseline](differences.png)', '']
     return L
 
-# %% ../nbs/21_study.ipynb 95
+# %% ../nbs/21_study.ipynb 97
 def _latent_section(spec, arm_stats, paired, slug: str, label: str, primary: str) -> list[str]:
     "KL per latent element, latent std and scale factor per arm, with their paired differences from the baseline."
     a = arm_stats[(arm_stats.set == slug) & (arm_stats.weights == primary)]
@@ -653,7 +659,7 @@ def _latent_section(spec, arm_stats, paired, slug: str, label: str, primary: str
               markdown_table(['arm', *(f'Δ {METRIC_LABELS[c]}' for c in cols)], rows), '']
     return L + ['![rate and distortion of every run](rate_distortion.png)', '', '![scale factor and per-channel std](latents.png)', '']
 
-# %% ../nbs/21_study.ipynb 97
+# %% ../nbs/21_study.ipynb 99
 def _ema_section(ema, sets: dict) -> list[str]:
     "EMA minus raw weights of each run, paired by seed, per set and arm."
     if not len(ema): return []
@@ -666,7 +672,7 @@ def _ema_section(ema, sets: dict) -> list[str]:
         L += [f'**{label}**', '', markdown_table(['arm', *(f'Δ {METRIC_LABELS[m]}' for m in SHOWN_METRICS), 'PSNR difference'], rows), '']
     return L + ['![EMA minus raw weights, per run](ema_vs_raw.png)', '']
 
-# %% ../nbs/21_study.ipynb 99
+# %% ../nbs/21_study.ipynb 101
 def _runs_section(runs, out) -> list[str]:
     "Every run: where it is, its status and times."
     rows = []
@@ -680,7 +686,7 @@ def _runs_section(runs, out) -> list[str]:
             'Tables: [results.csv](results.csv) (a row per run, set and weights), [arms.csv](arms.csv), [paired.csv](paired.csv), '
             '[ema_vs_raw.csv](ema_vs_raw.csv); the study and its sessions: [study.json](study.json).', '']
 
-# %% ../nbs/21_study.ipynb 102
+# %% ../nbs/21_study.ipynb 104
 def _save_fig(out, name: str, fig) -> str:
     buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=110); atomic_write_bytes(Path(out)/name, buf.getvalue()); return name
 
@@ -690,7 +696,7 @@ def _csv(df) -> str:
         if c in d.columns: d[c] = d[c].map(json.dumps)
     return d.to_csv(index=False)
 
-# %% ../nbs/21_study.ipynb 104
+# %% ../nbs/21_study.ipynb 106
 def write_report(out, spec: dict, manifest: dict, configs: dict, runs: list[dict]) -> Path:
     "Write results.csv, arms.csv, paired.csv, ema_vs_raw.csv, the figures and STUDY.md into study folder `out` from the finished runs."
     out, primary, arms = Path(out), spec['evaluation']['primary'], [a['label'] for a in spec['arms']]
@@ -713,7 +719,7 @@ def write_report(out, spec: dict, manifest: dict, configs: dict, runs: list[dict
     L += ['## Training curves', '', '![training curves by arm](curves.png)', ''] + _runs_section(runs, out)
     return atomic_write_text(out/'STUDY.md', '\n'.join(L))
 
-# %% ../nbs/21_study.ipynb 107
+# %% ../nbs/21_study.ipynb 109
 def _command(path, out, jobs) -> str:
     return f"radiodiff-vae study {path} --out {out}" + (f' --jobs {jobs}' if jobs != 1 else '')
 
@@ -724,7 +730,7 @@ def _session(path, out, jobs) -> dict:
                 cpus=threads_per_job(1), load_start=None if load is None else round(load, 2), wall_s=0.0, finished_runs=0, failed={},
                 device=f'CUDA ({torch.cuda.get_device_name(0)}) for training' if torch.cuda.is_available() else 'CPU only')
 
-# %% ../nbs/21_study.ipynb 109
+# %% ../nbs/21_study.ipynb 111
 def study(path, out, jobs: int = 1, progress: bool = True, report_only: bool = False, echo=print) -> dict:
     "Run (or resume) study file `path` into folder `out`: train and evaluate the missing runs, then write STUDY.md; return the manifest."
     if not _is_int(jobs) or jobs < 1: raise ConfigError(f'--jobs must be a positive integer, got {jobs!r}')
@@ -759,7 +765,7 @@ def study(path, out, jobs: int = 1, progress: bool = True, report_only: bool = F
                                     'STUDY.md covers the finished ones; the same command retries the rest')
     return manifest
 
-# %% ../nbs/21_study.ipynb 113
+# %% ../nbs/21_study.ipynb 115
 def add_study_args(parser):
     "Arguments of `radiodiff-vae study`."
     parser.add_argument('study', metavar='STUDY.yaml', help='study file, e.g. configs/studies/adversarial.yaml')
@@ -780,5 +786,5 @@ def main(argv=None) -> int:
     try: return run_study(args)
     except RadioDiffError as e: print(f'radiodiff-vae study: error: {e}', file=sys.stderr); return 2
 
-# %% ../nbs/21_study.ipynb 115
+# %% ../nbs/21_study.ipynb 117
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())
