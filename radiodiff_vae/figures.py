@@ -270,7 +270,7 @@ def _canvas(images, columns, pad_x, pad_y):
         canvas[y0:y0 + img.shape[0], x0:x0 + img.shape[1]] = img if (img.ndim == 3 or not rgb) else img[..., None]
     return canvas, corners, (h, w)
 
-# %% ../nbs/15_figures.ipynb 40
+# %% ../nbs/15_figures.ipynb 41
 def figure_sample_gallery(samples: list, save_every: int | None = None, repeats=None, columns: int = 6,
                           title: str = 'Sample reconstructions'):
     "A grid of the run's samples in milestone order, each titled with its milestone, its step and what it repeats."
@@ -290,7 +290,7 @@ def figure_sample_gallery(samples: list, save_every: int | None = None, repeats=
         ax.set_title(title, fontsize=13); fig.tight_layout(); plt.close(fig)
     return fig
 
-# %% ../nbs/15_figures.ipynb 43
+# %% ../nbs/15_figures.ipynb 44
 FIGURES = {'figure_1_training_phases.png': figure_training_phases, 'figure_2_loss_components.png': figure_loss_components,
            'figure_3_multi_axis.png': figure_multi_axis, 'figure_4_loss_terms.png': figure_loss_terms,
            'figure_5_dashboard.png': figure_dashboard}
