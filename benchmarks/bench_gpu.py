@@ -50,16 +50,9 @@ def run_one(variant: str, batch: int, warmup: int, steps: int, log_every: int, c
 
 
 def machine() -> dict:
-    "What the benchmark ran on."
-    import torch
-    from radiodiff_vae.config import read_cpu_flags
-    try: model = next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
-    except (OSError, StopIteration): model = platform.processor() or platform.machine()
-    flags = sorted(set(read_cpu_flags()) & {'avx2', 'fma', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile'})
-    info = dict(python=platform.python_version(), torch=torch.__version__, cpu=model, cpu_flags=flags, logical_cpus=os.cpu_count())
-    if torch.cuda.is_available():
-        info.update(gpu=torch.cuda.get_device_name(0), cuda=torch.version.cuda, gpus=torch.cuda.device_count())
-    return info
+    "What the benchmark ran on: bench_step's machine record (CPU model and flags, GPU, CUDA)."
+    import torch, bench_step   # bench_step sits beside this script
+    return bench_step.machine_info('cuda' if torch.cuda.is_available() else 'cpu')
 
 
 def main(argv=None) -> int:

@@ -322,7 +322,7 @@ def _machine_kinds_section(results_dir: Path) -> list[str]:
     for name in ('step_full', 'step_quickstart', 'cpu_bf16', 'gpu', 'quickstart_tuning', 'main_job'):
         path = results_dir / f'{name}.json'
         if not path.exists(): continue
-        r = json.loads(path.read_text())
+        r = json.loads(path.read_text())   # raw, not load(): only the machine and command are read, and load() re-derives step timings
         mc = r.get('machine') or (r.get('full') or r.get('quickstart') or {}).get('machine') or {}
         where = mc.get('gpu') or r.get('where') or _machine_name(mc)
         date = r.get('date_utc') or r.get('updated_utc') or '?'

@@ -12,7 +12,7 @@ import torch
 # %% auto 0
 __all__ = ['RadioDiffError', 'ConfigError', 'DataError', 'CheckpointError', 'LogParseError', 'RunFolderError',
            'atomic_write_bytes', 'atomic_write_text', 'atomic_torch_save', 'seed_everything', 'to_jsonable',
-           'markdown_table', 'repo_dir', 'data_dir', 'reference_run_dir', 'real_maps_dir']
+           'markdown_table', 'repo_dir', 'shared_dir', 'data_dir', 'reference_run_dir', 'real_maps_dir']
 
 # %% ../nbs/00_core.ipynb 5
 class RadioDiffError(Exception):
@@ -92,6 +92,11 @@ def markdown_table(header, rows) -> str:
 def repo_dir() -> Path:
     "The repository root: the folder above the installed package (an editable install; also inside a notebook)."
     return Path(importlib.util.find_spec('radiodiff_vae').origin).resolve().parent.parent
+
+def shared_dir() -> Path:
+    "Upstream's recorded (golden) files, which are not part of the repository: `$RADIODIFF_SHARED`, else `shared` beside it."
+    env = os.environ.get('RADIODIFF_SHARED', '').strip()
+    return Path(env).expanduser() if env else repo_dir().parent/'shared'
 
 def data_dir() -> Path:
     "The folder of bundled data: `$RADIODIFF_DATA`, else `data/` at the repository root."

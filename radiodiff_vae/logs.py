@@ -385,6 +385,11 @@ def record(self: RunLogs, record: dict):
             if isinstance(v, float) and k != 'wall_time': self.writer.add_scalar(k, v, record['step'])
 
 @patch
+def config_history(self: RunLogs, entry: dict):
+    "Append one session's entry (with the time) to config_history.jsonl."
+    self._append(self.out/'config_history.jsonl', json.dumps({**to_jsonable(entry), 'time': time.strftime('%Y-%m-%d %H:%M:%S')}) + '\n')
+
+@patch
 def close(self: RunLogs):
     "Flush and close TensorBoard."
     if self.writer is not None: self.writer.close(); self.writer = None

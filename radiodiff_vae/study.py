@@ -10,13 +10,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from .core import ConfigError, RadioDiffError, RunFolderError, atomic_write_bytes, atomic_write_text, markdown_table, to_jsonable
+from .core import ConfigError, RadioDiffError, RunFolderError, atomic_write_bytes, atomic_write_text, markdown_table, to_jsonable, repo_dir
 from .config import load_config, apply_overrides
 from .trainer import train
 from .evaluation import METRICS, summarize, dataset_from_spec, evaluate_checkpoint
 from .run_folder import latest_checkpoint
 from .logs import read_run
-from .reproduce import repo_dir, training_progress, StageProgress
+from .reproduce import training_progress, StageProgress
 
 # %% auto 0
 __all__ = ['STUDY_KEYS', 'REQUIRED_KEYS', 'ARM_KEYS', 'EVALUATION_DEFAULTS', 'LABEL_RE', 'STEPS_RE', 'REAL_NATIVE_SIZE',

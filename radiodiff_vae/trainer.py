@@ -38,8 +38,9 @@ __all__ = ['UPSTREAM_EMA_AFTER', 'UPSTREAM_EMA_POWER', 'CHECKPOINT_VERSION', 'Ba
            'CachedDataset', 'build_datasets', 'build_model_and_loss', 'ae_parameters', 'build_optimizers',
            'AutoencoderStep', 'DiscriminatorStep', 'compile_step', 'world_size', 'GlobalBatchNorm2d',
            'global_batchnorm', 'EMA', 'NonFiniteLossError', 'SkippedBatch', 'nonfinite_terms', 'rng_state',
-           'set_rng_state', 'recon_metrics', 'precision_note', 'run_precision', 'make_accelerator', 'Trainer',
-           'world_size_dependence', 'load_scheduler', 'sample_grid_png', 'train', 'add_train_args', 'run_train', 'main']
+           'set_rng_state', 'recon_metrics', 'precision_note', 'uses_cpu', 'run_precision', 'make_accelerator',
+           'Trainer', 'world_size_dependence', 'load_scheduler', 'sample_grid_png', 'train', 'add_train_args',
+           'run_train', 'main']
 
 # %% ../nbs/13_trainer.ipynb 9
 class BatchStream(Sampler):
@@ -274,15 +275,18 @@ def precision_note(mode: str, reason: str) -> str:
     "One line saying which arithmetic a run uses and why."
     return f"precision: {dict(no='fp32', bf16='bf16 autocast', fp16='fp16 autocast')[mode]} ({reason})"
 
+def uses_cpu(t: dict) -> bool:
+    "Whether a run with `trainer` settings `t` runs on the CPU: `trainer.cpu`, or no CUDA device."
+    return t['cpu'] or not torch.cuda.is_available()
+
 def run_precision(t: dict) -> tuple[str, str]:
     "`(mode, reason)` for the `trainer` settings `t` on this machine; unset means fp16 if upstream's `fp16`, else fp32."
     requested = t['mixed_precision'] if t['mixed_precision'] is not None else ('fp16' if t['fp16'] else 'no')
-    return choose_precision(requested, 'cpu' if t['cpu'] or not torch.cuda.is_available() else 'cuda')
+    return choose_precision(requested, 'cpu' if uses_cpu(t) else 'cuda')
 
-def make_accelerator(t: dict) -> Accelerator:
-    "The Accelerator of a run: the CPU where no CUDA device is (or `trainer.cpu`), one schedule step per update."
-    cpu = t['cpu'] or not torch.cuda.is_available()
-    mixed, _ = run_precision(t)
+def make_accelerator(t: dict, mixed: str | None = None) -> Accelerator:
+    "The Accelerator of a run (precision `mixed`, else `run_precision(t)`'s), on the CPU where `uses_cpu(t)`; one schedule step per update."
+    cpu, mixed = uses_cpu(t), mixed or run_precision(t)[0]
     launched = int(os.environ.get('WORLD_SIZE', '1'))
     if launched == 1 and not (dist.is_available() and dist.is_initialized()):
         AcceleratorState._reset_state(True)   # several runs in one process may use different settings
@@ -302,7 +306,7 @@ class Trainer:
         self.progress, self.stop_at, self.skip_damaged, self.trust = progress, stop_at, skip_damaged, trust_checkpoint
         if t['num_threads']: torch.set_num_threads(t['num_threads'])
         self.precision = run_precision(t)    # (mode, reason): printed at start, in config.yaml's first line and the log
-        self.acc = make_accelerator(t)
+        self.acc = make_accelerator(t, self.precision[0])
         self.device, self.rank, self.world, self.main = self.acc.device, self.acc.process_index, self.acc.num_processes, self.acc.is_main_process
         self._build(dataset)
         self.lock, self.created_out = RunLock(self.out), not self.out.exists()
@@ -331,6 +335,7 @@ def _build(self: Trainer, dataset=None):
     if t['compile']: compile_step(self.ae, self.loss)    # after the EMA's copy: the EMA model stays eager
     self.train_ds, self.val_ds = (dataset, None) if dataset is not None else build_datasets(self.cfg['data'])
     self.step, self.batches_drawn, self.skips, self.session = 0, 0, 0, 0
+    self.resumed_config = None    # the config stored in the checkpoint this run resumes (ours only)
 
 # %% ../nbs/13_trainer.ipynb 59
 @patch
@@ -394,15 +399,10 @@ def _start(self: Trainer, resume):
 @patch
 def _record_session(self: Trainer, path):
     "Append this session to config_history.jsonl: start step, precision, settings changed since the resumed checkpoint."
-    old = getattr(self, 'resumed_config', None)
-    changes = resume_changes(old, self.cfg) if path is not None and old is not None else {}
+    changes = resume_changes(self.resumed_config, self.cfg) if self.resumed_config is not None else {}
     for key, (a, b) in changes.items(): self.logs.line(f'[Config] {key}: {a} -> {b} from step {self.step}')
-    entry = dict(session=self.session, start_step=self.step, resumed_from=None if path is None else str(path),
-                 precision=self.precision[0], precision_reason=self.precision[1], changed=changes, time=time.strftime('%Y-%m-%d %H:%M:%S'))
-    hist = self.out/'config_history.jsonl'
-    def append():
-        with hist.open('a', encoding='utf-8') as f: f.write(json.dumps(entry) + '\n')
-    self._write(append, hist, 'config history')
+    self.logs.config_history(dict(session=self.session, start_step=self.step, resumed_from=None if path is None else str(path),
+                                  precision=self.precision[0], precision_reason=self.precision[1], changed=changes))
 
 @patch
 def _resume_candidates(self: Trainer, resume) -> Path | None:

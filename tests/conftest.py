@@ -9,14 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from radiodiff_vae.core import shared_dir   # the one rule, shared with the notebooks
+
 pytest_plugins = ['pytester']
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def shared_dir() -> Path:
-    "The folder holding upstream's golden files: $RADIODIFF_SHARED, else ../shared relative to the repository root."
-    env = os.environ.get('RADIODIFF_SHARED', '').strip()
-    return Path(env).expanduser() if env else REPO_ROOT.parent / 'shared'
 
 
 def in_ci() -> bool:
