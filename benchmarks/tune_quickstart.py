@@ -29,7 +29,7 @@ HELDOUT_N, HELDOUT_OFFSET, HELDOUT_SIZE = 32, 100_000, 256
 
 # Every arm sets every tuned key, so an arm means the same thing whatever configs/quickstart.yaml holds.
 BASE = {
-    'data.size': 64, 'data.synthetic': {}, 'data.batch_size': 8, 'data.n_maps': 800, 'model.ddconfig.resolution': 64,
+    'data.size': 64, 'data.crop': None, 'data.synthetic': {}, 'data.batch_size': 8, 'data.n_maps': 800, 'model.ddconfig.resolution': 64,
     'trainer.mixed_precision': 'no', 'trainer.train_num_steps': 600, 'trainer.lr': 1.0e-3, 'trainer.min_lr': 1.0e-5,
     'trainer.schedule': 'cosine', 'trainer.warmup_steps': 20, 'model.lossconfig.disc_start': 300,
     'trainer.ema_decay': 0.99, 'trainer.save_and_sample_every': 150,
@@ -61,6 +61,10 @@ ARMS = {
     # round 2, after 1 m/px lost 6 dB to 4 m/px on the held-out maps: variations of the 4 m/px arm
     'bf16_b8_4mpx_400_lr2e-3': arm(400, trainer__mixed_precision='bf16', trainer__lr=2.0e-3),
     'bf16_b8_4mpx_400_gan320': arm(400, trainer__mixed_precision='bf16', model__lossconfig__disc_start=320),
+    # round 3 (after the released model's run trained on windows of whole maps): random 64x64 windows of 256x256 maps of
+    # 256 m, i.e. the real maps' 1 m/px scale *and* their far field, at today's step cost
+    'bf16_b8_crop64_400_gan320': arm(400, trainer__mixed_precision='bf16', model__lossconfig__disc_start=320,
+                                     data__size=256, data__crop=64, model__ddconfig__resolution=256),
 }
 CHOSEN = 'bf16_b8_4mpx_400_gan320'   # best held-out synthetic PSNR of the search (raw and EMA); the guard trains it
 
@@ -108,7 +112,7 @@ def overrides(a: dict) -> list[str]:
     "`--set` arguments for arm `a` (values as YAML flow text)."
     out = []
     for k, v in a.items():
-        text = json.dumps(v) if isinstance(v, (dict, list)) else (f"'{v}'" if isinstance(v, str) else repr(v))
+        text = json.dumps(v) if isinstance(v, (dict, list)) or v is None else (f"'{v}'" if isinstance(v, str) else repr(v))
         out += ['--set', f'{k}={text}']
     return out
 

@@ -70,6 +70,7 @@ DATA_SCHEMA = {
     'phase': ('choice:train|val|test', 'train', 'RadioMapSeer split used for training'),
     'num_tx': ('int', 80, 'RadioMapSeer transmitters per map'),
     'size': ('int', 256, 'map side in pixels'),
+    'crop': ('int?', None, 'train on a random crop×crop window of each map (null: the whole map); held-out maps stay whole'),
     'n_maps': ('int', 1000, 'synthetic: number of training maps'),
     'data_seed': ('int', 0, 'synthetic: seed of the map generator'),
     'synthetic': ('dict', {}, 'synthetic: extra generate_radio_map parameters'),
@@ -295,6 +296,9 @@ def validate_config(cfg: dict) -> dict:
              f"(trainer.train_num_steps={t['train_num_steps']}), so the discriminator would never train; set e.g. "
              f"--set model.lossconfig.disc_start={t['train_num_steps'] // 2}")
     dd = m['ddconfig']
+    f = 2 ** (len(dd['ch_mult']) - 1)
+    _require(d['crop'] is None or (0 < d['crop'] <= d['size'] and d['crop'] % f == 0),
+             f"data.crop: expected null or a multiple of the downsampling factor {f} in (0, data.size={d['size']}], got {d['crop']}")
     _require(len(dd['ch_mult']) >= 1 and all(c > 0 for c in dd['ch_mult']), f"model.ddconfig.ch_mult: expected positive integers, got {dd['ch_mult']}")
     for key in ('ch', 'z_channels', 'in_channels', 'out_ch'): _require(dd[key] > 0, f'model.ddconfig.{key}: must be positive, got {dd[key]}')
     _require(m['embed_dim'] > 0, f"model.embed_dim: must be positive, got {m['embed_dim']}")

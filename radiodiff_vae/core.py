@@ -10,9 +10,10 @@ import numpy as np
 import torch
 
 # %% auto 0
-__all__ = ['RadioDiffError', 'ConfigError', 'DataError', 'CheckpointError', 'LogParseError', 'RunFolderError',
+__all__ = ['PRETRAINED', 'RadioDiffError', 'ConfigError', 'DataError', 'CheckpointError', 'LogParseError', 'RunFolderError',
            'atomic_write_bytes', 'atomic_write_text', 'atomic_torch_save', 'seed_everything', 'to_jsonable',
-           'markdown_table', 'repo_dir', 'shared_dir', 'data_dir', 'reference_run_dir', 'real_maps_dir']
+           'markdown_table', 'repo_dir', 'shared_dir', 'data_dir', 'reference_run_dir', 'real_maps_dir',
+           'pretrained_path']
 
 # %% ../nbs/00_core.ipynb 5
 class RadioDiffError(Exception):
@@ -110,3 +111,10 @@ def reference_run_dir() -> Path:
 def real_maps_dir() -> Path:
     "A RadioMapSeer-layout root holding 26 real DPM maps (`gain/DPM/<n>_0.png`)."
     return data_dir()/'radiomaps'
+
+PRETRAINED = {'released': 'models/released.pt'}
+
+def pretrained_path(name: str) -> Path:
+    "The weights file of a model shipped in the repository (`'released'`: the card is MODEL.md)."
+    if name not in PRETRAINED: raise KeyError(f'{name!r}: no such shipped model; expected one of {sorted(PRETRAINED)}')
+    return repo_dir()/PRETRAINED[name]

@@ -536,7 +536,7 @@ def evaluate_checkpoint(checkpoint, # model-N.pt: ours or upstream's
 # %% ../nbs/17_evaluation.ipynb 73
 def add_evaluate_args(parser):
     "Arguments of `radiodiff-vae evaluate`."
-    parser.add_argument("--checkpoint", required=True, help="model-N.pt (ours or upstream's)")
+    parser.add_argument("--checkpoint", required=True, help="model-N.pt (ours or upstream's), or 'released' (the shipped model, MODEL.md)")
     parser.add_argument("--data", required=True, nargs="+", metavar="SPEC", help="'real', a RadioMapSeer root (test split), "
                         "a folder of maps, folder:PATH, or synthetic:N[:SEED[:SIZE]] (held out from a synthetic training run); "
                         "several specs: one subfolder of --out each and a joint evaluation.md")

@@ -35,12 +35,12 @@ from .logs import RunLogs, format_log_line, UPSTREAM_AE_KEYS, UPSTREAM_DISC_KEYS
 
 # %% auto 0
 __all__ = ['UPSTREAM_EMA_AFTER', 'UPSTREAM_EMA_POWER', 'CHECKPOINT_VERSION', 'BatchStream', 'sample_seed', 'posterior_noise',
-           'CachedDataset', 'build_datasets', 'build_model_and_loss', 'ae_parameters', 'build_optimizers',
-           'AutoencoderStep', 'DiscriminatorStep', 'compile_step', 'world_size', 'GlobalBatchNorm2d',
-           'global_batchnorm', 'EMA', 'NonFiniteLossError', 'SkippedBatch', 'nonfinite_terms', 'rng_state',
-           'set_rng_state', 'recon_metrics', 'precision_note', 'uses_cpu', 'run_precision', 'make_accelerator',
-           'Trainer', 'world_size_dependence', 'load_scheduler', 'sample_grid_png', 'train', 'add_train_args',
-           'run_train', 'main']
+           'crop_offsets', 'random_crops', 'CachedDataset', 'build_datasets', 'build_model_and_loss', 'ae_parameters',
+           'build_optimizers', 'AutoencoderStep', 'DiscriminatorStep', 'compile_step', 'world_size',
+           'GlobalBatchNorm2d', 'global_batchnorm', 'EMA', 'NonFiniteLossError', 'SkippedBatch', 'nonfinite_terms',
+           'rng_state', 'set_rng_state', 'recon_metrics', 'precision_note', 'uses_cpu', 'run_precision',
+           'make_accelerator', 'Trainer', 'world_size_dependence', 'load_scheduler', 'sample_grid_png', 'train',
+           'add_train_args', 'run_train', 'main']
 
 # %% ../nbs/13_trainer.ipynb 9
 class BatchStream(Sampler):
@@ -78,6 +78,17 @@ def posterior_noise(seed: int, k: int, positions, shape) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed(seed, k, i))) for i in positions])
 
 # %% ../nbs/13_trainer.ipynb 15
+def crop_offsets(seed: int, k: int, i: int, size: int, crop: int, multiple: int = 1) -> tuple[int, int]:
+    "Top-left corner (row, col) of the window of sample `i` of global batch `k`, on a grid of `multiple` pixels."
+    rng = np.random.default_rng(sample_seed(seed + 1, k, i))    # seed + 1: crops independent of the posterior noise
+    return tuple(int(v) * multiple for v in rng.integers(0, (size - crop) // multiple + 1, 2))
+
+def random_crops(x: torch.Tensor, seed: int, k: int, positions, crop: int, multiple: int = 1) -> torch.Tensor:
+    "Each map of `x` (B×C×H×W) cut to its crop×crop window (positions: the maps' places in global batch `k`)."
+    corners = [crop_offsets(seed, k, i, x.shape[-1], crop, multiple) for i in positions]
+    return torch.stack([m[..., r:r + crop, c:c + crop] for m, (r, c) in zip(x, corners)])
+
+# %% ../nbs/13_trainer.ipynb 18
 class CachedDataset(Dataset):
     "Keep each item of `ds` in memory after its first use."
     def __init__(self, ds): self.ds, self.cache = ds, {}
@@ -86,7 +97,7 @@ class CachedDataset(Dataset):
         if i not in self.cache: self.cache[i] = self.ds[i]
         return self.cache[i]
 
-# %% ../nbs/13_trainer.ipynb 17
+# %% ../nbs/13_trainer.ipynb 20
 def build_datasets(data: dict) -> tuple[Dataset, Dataset | None]:
     "Training and held-out datasets described by the config's `data` section."
     if data['source'] == 'synthetic':
@@ -103,7 +114,7 @@ def build_datasets(data: dict) -> tuple[Dataset, Dataset | None]:
     if data['root'] is None: raise ConfigError("data.root: required for data.source: folder (a folder of PNG maps)")
     return MapFolder(data['root'], size=data['size']), None
 
-# %% ../nbs/13_trainer.ipynb 20
+# %% ../nbs/13_trainer.ipynb 23
 def build_model_and_loss(model_cfg: dict) -> tuple[AutoencoderKL, LPIPSWithDiscriminator]:
     "The AutoencoderKL and the LPIPSWithDiscriminator of the config's `model` section."
     ae = AutoencoderKL(copy.deepcopy(model_cfg['ddconfig']), model_cfg['embed_dim'],
@@ -114,7 +125,7 @@ def ae_parameters(ae) -> list:
     "Autoencoder parameters in upstream's optimizer order."
     return [p for m in (ae.encoder, ae.decoder, ae.quant_conv, ae.post_quant_conv) for p in m.parameters()]
 
-# %% ../nbs/13_trainer.ipynb 22
+# %% ../nbs/13_trainer.ipynb 25
 def build_optimizers(ae, loss, t: dict):
     "AdamW for the autoencoder (+ logvar when `learn_logvar`) and for the discriminator, with LambdaLR schedules."
     groups = [{'params': ae_parameters(ae)}] + ([{'params': [loss.logvar], 'weight_decay': 0.0}] if t['learn_logvar'] else [])
@@ -126,7 +137,7 @@ def build_optimizers(ae, loss, t: dict):
     return (opt_ae, opt_disc, torch.optim.lr_scheduler.LambdaLR(opt_ae, lam(t['lr'])),
             torch.optim.lr_scheduler.LambdaLR(opt_disc, lam(disc_lr)))
 
-# %% ../nbs/13_trainer.ipynb 25
+# %% ../nbs/13_trainer.ipynb 28
 class AutoencoderStep(nn.Module):
     "Forward of the autoencoder update: reconstruction from noise `eps` (None: the posterior mode) and its loss."
     def __init__(self, ae: AutoencoderKL, loss: LPIPSWithDiscriminator, learn_logvar: bool):
@@ -141,7 +152,7 @@ class AutoencoderStep(nn.Module):
                                                      split='train', compute_d_weight=d_weight)
         return loss, log, x_hat.detach()
 
-# %% ../nbs/13_trainer.ipynb 27
+# %% ../nbs/13_trainer.ipynb 30
 class DiscriminatorStep(nn.Module):
     "Forward of the discriminator update: its loss on real maps and detached reconstructions."
     def __init__(self, loss: LPIPSWithDiscriminator):
@@ -150,14 +161,14 @@ class DiscriminatorStep(nn.Module):
 
     def forward(self, x, x_hat, step: int): return self.loss_fn[0].discriminator_loss(x, x_hat, step, split='train')
 
-# %% ../nbs/13_trainer.ipynb 30
+# %% ../nbs/13_trainer.ipynb 33
 def compile_step(ae: AutoencoderKL, loss: LPIPSWithDiscriminator):
     "torch.compile, in place, the encoder, the decoder's trunk (not its output layers) and the discriminator."
     ae.encoder.compile(dynamic=False)                 # dynamic=False: a new batch shape recompiles instead of
     ae.decoder.trunk = torch.compile(ae.decoder.trunk, dynamic=False)   # tracing symbolic shapes, which inductor
     loss.discriminator.compile(dynamic=False)         # failed on here (torch 2.14, CPU)
 
-# %% ../nbs/13_trainer.ipynb 33
+# %% ../nbs/13_trainer.ipynb 36
 def world_size() -> int:
     "Number of processes training together (1 without a process group)."
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -177,7 +188,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         y = (x - mean[:, None, None]) * torch.rsqrt(var + self.eps)[:, None, None]
         return y * self.weight[:, None, None] + self.bias[:, None, None] if self.affine else y
 
-# %% ../nbs/13_trainer.ipynb 35
+# %% ../nbs/13_trainer.ipynb 38
 def global_batchnorm(module: nn.Module) -> nn.Module:
     "`module` with every BatchNorm2d replaced (in place) by a GlobalBatchNorm2d with the same weights and statistics."
     for name, child in module.named_children():
@@ -187,7 +198,7 @@ def global_batchnorm(module: nn.Module) -> nn.Module:
         else: global_batchnorm(child)
     return module
 
-# %% ../nbs/13_trainer.ipynb 38
+# %% ../nbs/13_trainer.ipynb 41
 UPSTREAM_EMA_AFTER, UPSTREAM_EMA_POWER = 100, 2 / 3   # the defaults of the EMA wrapper upstream's trainer uses
 
 class EMA:
@@ -213,7 +224,7 @@ class EMA:
         for e, b in zip(self.ema_model.buffers(), model.buffers()): e.copy_(b)
         self.updates += 1
 
-# %% ../nbs/13_trainer.ipynb 40
+# %% ../nbs/13_trainer.ipynb 43
 @patch
 def state_dict(self: EMA) -> dict:
     "`ema_model.`-prefixed weights plus book-keeping, like upstream's EMA wrapper."
@@ -228,7 +239,7 @@ def load_state_dict(self: EMA, sd: dict, source=None):
     load_upstream_state_dict(self.ema_model, weights, strict=True, source=f'{source} [ema]' if source else 'ema')
     self.updates = int(sd['updates']) if 'updates' in sd else int(sd.get('step', 0)) // self.every
 
-# %% ../nbs/13_trainer.ipynb 43
+# %% ../nbs/13_trainer.ipynb 46
 class NonFiniteLossError(RadioDiffError, FloatingPointError):
     "A loss or gradient became NaN/inf during training."
 
@@ -242,7 +253,7 @@ def nonfinite_terms(values: dict) -> list[str]:
     rank = lambda k: next((i for i, o in enumerate(order) if k.endswith(o)), len(order))
     return sorted(bad, key=rank)
 
-# %% ../nbs/13_trainer.ipynb 46
+# %% ../nbs/13_trainer.ipynb 49
 def rng_state() -> dict:
     "Python, NumPy, torch (and CUDA) RNG states as tensors and plain values."
     version, mt, gauss = random.getstate()
@@ -262,7 +273,7 @@ def set_rng_state(s: dict):
     torch.set_rng_state(s['torch'].cpu())
     if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all([t.cpu() for t in s['cuda']])
 
-# %% ../nbs/13_trainer.ipynb 49
+# %% ../nbs/13_trainer.ipynb 52
 def recon_metrics(x, x_hat) -> dict:
     "Mean per-map PSNR (dB), NMSE and RMSE of reconstructions, both mapped from [-1, 1] to [0, 1] (clamped)."
     a, b = ((x.float() + 1) / 2).clamp(0, 1), ((x_hat.float() + 1) / 2).clamp(0, 1)
@@ -270,7 +281,7 @@ def recon_metrics(x, x_hat) -> dict:
     nmse = ((a - b) ** 2).flatten(1).sum(1) / (a ** 2).flatten(1).sum(1).clamp_min(1e-12)
     return {'psnr': (10 * torch.log10(1 / mse.clamp_min(1e-12))).mean().item(), 'nmse': nmse.mean().item(), 'rmse': mse.sqrt().mean().item()}
 
-# %% ../nbs/13_trainer.ipynb 52
+# %% ../nbs/13_trainer.ipynb 55
 def precision_note(mode: str, reason: str) -> str:
     "One line saying which arithmetic a run uses and why."
     return f"precision: {dict(no='fp32', bf16='bf16 autocast', fp16='fp16 autocast')[mode]} ({reason})"
@@ -296,7 +307,7 @@ def make_accelerator(t: dict, mixed: str | None = None) -> Accelerator:
                           f'({acc.distributed_type}); check the accelerate config (accelerate env)')
     return acc
 
-# %% ../nbs/13_trainer.ipynb 55
+# %% ../nbs/13_trainer.ipynb 58
 class Trainer:
     "Train an AutoencoderKL with LPIPSWithDiscriminator as configured, on one process or several; see `train`."
     def __init__(self, config: dict, out_dir=None, resume=None, progress=True, stop_at=None, dataset=None,
@@ -316,7 +327,7 @@ class Trainer:
             if self.main: self._abandon()
             raise
 
-# %% ../nbs/13_trainer.ipynb 57
+# %% ../nbs/13_trainer.ipynb 60
 @patch
 def _build(self: Trainer, dataset=None):
     "Model, loss, optimisers, schedules, EMA and data in memory (the same on every process), prepared by accelerate."
@@ -337,7 +348,7 @@ def _build(self: Trainer, dataset=None):
     self.step, self.batches_drawn, self.skips, self.session = 0, 0, 0, 0
     self.resumed_config = None    # the config stored in the checkpoint this run resumes (ours only)
 
-# %% ../nbs/13_trainer.ipynb 59
+# %% ../nbs/13_trainer.ipynb 62
 @patch
 def _on_main(self: Trainer, fn, *args):
     "Run `fn` on process 0 only; an error it raises is raised on every process."
@@ -375,7 +386,7 @@ def _write(self: Trainer, fn, path, what: str):
         keep = f'; the previous checkpoint {self.last_checkpoint} is intact' if getattr(self, 'last_checkpoint', None) else ''
         raise RunFolderError(f'{path}: cannot write the {what} ({e.strerror or e}){keep}') from None
 
-# %% ../nbs/13_trainer.ipynb 62
+# %% ../nbs/13_trainer.ipynb 65
 @patch
 def _start(self: Trainer, resume):
     "Resume or initialise, then reseed per process, write the config, open the logs and the data stream."
@@ -439,14 +450,14 @@ def _open_stream(self: Trainer):
                     pin_memory=self.device.type == 'cuda', generator=torch.Generator().manual_seed(self.t['seed'] + self.batches_drawn))
     self.batches = iter(dl)
 
-# %% ../nbs/13_trainer.ipynb 65
+# %% ../nbs/13_trainer.ipynb 68
 def world_size_dependence(cfg: dict) -> list[str]:
     "What makes a run of `cfg` depend on its number of processes (empty: nothing)."
     why = [] if cfg['trainer']['sync_batchnorm'] else ["the discriminator's BatchNorm statistics are per process (trainer.sync_batchnorm: false)"]
     if cfg['model']['ddconfig'].get('dropout', 0.0) > 0: why.append('dropout draws from per-process random streams (model.ddconfig.dropout > 0)')
     return why
 
-# %% ../nbs/13_trainer.ipynb 67
+# %% ../nbs/13_trainer.ipynb 70
 def _load_optimizer(opt, state, path, name, extra_group: bool):
     "Load an optimizer state; an upstream AE state lacks our logvar group, which then starts fresh."
     try:
@@ -479,7 +490,7 @@ def load_scheduler(sched, state: dict, path, name) -> bool:
         for g, lr in zip(inner.optimizer.param_groups, inner._last_lr): g['lr'] = lr
     return extra == 1
 
-# %% ../nbs/13_trainer.ipynb 69
+# %% ../nbs/13_trainer.ipynb 72
 @patch
 def _resume_from(self: Trainer, path: Path):
     "Restore the full training state from checkpoint `path` (ours or upstream's model-N.pt)."
@@ -523,16 +534,18 @@ def _check_resumable(self: Trainer, ckpt: dict, path):
     if why: raise CheckpointError(f'{path}: written by {saved} processes, resumed on {self.world}, but {"; ".join(why)}: '
                                   f'resume with {saved} processes (accelerate launch --num_processes {saved})')
 
-# %% ../nbs/13_trainer.ipynb 72
+# %% ../nbs/13_trainer.ipynb 75
 @patch
 def _next_batch(self: Trainer):
     "This process's share of the next global batch, its posterior noise (None: train on the mode) and its map names."
     k, (rank, batch) = self.batches_drawn, (self.rank, next(self.batches))
     self.batches_drawn += 1
     x = batch['image'].to(self.device, non_blocking=True)
+    n, crop = len(x), self.cfg['data']['crop']
+    if crop and crop < x.shape[-1]: x = random_crops(x, self.t['seed'], k, range(rank * n, (rank + 1) * n), crop)
     eps = None
     if self.t['sample_posterior']:
-        f, n = self.ae.downsampling_factor, len(x)
+        f = self.ae.downsampling_factor
         shape = (self.cfg['model']['embed_dim'], x.shape[-2] // f, x.shape[-1] // f)
         eps = posterior_noise(self.t['seed'], k, range(rank * n, (rank + 1) * n), shape).to(self.device)
     return x, eps, list(batch.get('name', []))
@@ -544,7 +557,7 @@ def _mean_logs(self: Trainer, logs: list[dict]) -> dict:
     t = torch.stack([torch.stack([torch.as_tensor(l[k]).detach().reshape(()).to(self.device, torch.float32) for k in keys]) for l in logs]).mean(0)
     return dict(zip(keys, reduce(t, 'mean').tolist()))
 
-# %% ../nbs/13_trainer.ipynb 74
+# %% ../nbs/13_trainer.ipynb 77
 @patch
 def _ae_pass(self: Trainer, d_weight: bool):
     "Forward + backward of the autoencoder loss over the micro-batches (gradients averaged over processes on the last)."
@@ -574,7 +587,7 @@ def _disc_pass(self: Trainer, kept, train: bool) -> dict:
             logs.append(log)
     return self._mean_logs(logs)
 
-# %% ../nbs/13_trainer.ipynb 76
+# %% ../nbs/13_trainer.ipynb 79
 @patch
 def _update(self: Trainer, opt, params, vals: dict, names: list) -> float:
     "Clip (before the step: defect 2) and step; a non-finite loss or gradient norm skips the batch or stops the run."
@@ -607,14 +620,14 @@ def _nonfinite(self: Trainer, bad: list, values: dict, names: list):
     raise NonFiniteLossError(f'non-finite loss at step {step}: {desc}{why}; batch {names[:8]}; {last}; diagnostic: {diag}. '
                              'Resume with --resume latest (perhaps with a lower trainer.lr), or set trainer.skip_nonfinite=true to skip such batches.')
 
-# %% ../nbs/13_trainer.ipynb 79
+# %% ../nbs/13_trainer.ipynb 82
 @patch
 def _idle_disc_step(self: Trainer):
     "Upstream's discriminator update before disc_start: zero gradients, yet AdamW steps (weight decay, moments)."
     for p in self.disc_params: p.grad = torch.zeros_like(p)
     self.opt_disc.step(); self.opt_disc.zero_grad(set_to_none=True)
 
-# %% ../nbs/13_trainer.ipynb 81
+# %% ../nbs/13_trainer.ipynb 84
 @patch
 def train_step(self: Trainer) -> dict:
     "One optimisation step (both updates); the logged values (empty when the step is not logged)."
@@ -629,7 +642,7 @@ def train_step(self: Trainer) -> dict:
     except SkippedBatch: return {'skipped': True}
     return vals if logged else {}
 
-# %% ../nbs/13_trainer.ipynb 85
+# %% ../nbs/13_trainer.ipynb 88
 CHECKPOINT_VERSION = 2
 
 @patch
@@ -644,14 +657,14 @@ def checkpoint_state(self: Trainer) -> dict:
             'loss': {k: v for k, v in self.loss.state_dict().items() if not k.startswith('perceptual')},
             'version': CHECKPOINT_VERSION, 'nonfinite_skips': self.skips, 'session': self.session, 'world_size': self.world}
 
-# %% ../nbs/13_trainer.ipynb 87
+# %% ../nbs/13_trainer.ipynb 90
 def sample_grid_png(x, x_hat) -> bytes:
     "PNG bytes of a grid: one row per map, input | reconstruction, mapped to [0, 1]."
     pairs, buf = torch.stack([x, x_hat], 1).flatten(0, 1).float().cpu(), io.BytesIO()
     torchvision.utils.save_image(((pairs + 1) / 2).clamp(0, 1), buf, nrow=2, padding=2, format='png')
     return buf.getvalue()
 
-# %% ../nbs/13_trainer.ipynb 89
+# %% ../nbs/13_trainer.ipynb 92
 @patch
 def _write_milestone(self: Trainer, state: dict):
     "Write sample-{milestone}.png, the held-out scores, then model-{milestone}.pt (process 0); milestone = ceil(step / save_and_sample_every)."
@@ -675,7 +688,7 @@ def _sample_inputs(self: Trainer) -> torch.Tensor:
     n = len(ds) if self.val_ds is not None else min(len(ds), max(self.t['sample_maps'], 1))
     return torch.stack([ds[i]['image'] for i in range(n)]).to(self.device)
 
-# %% ../nbs/13_trainer.ipynb 92
+# %% ../nbs/13_trainer.ipynb 95
 @patch
 def _log_step(self: Trainer, vals: dict, timer: dict, bar=None):
     "Write the two upstream lines, one metrics record and the progress bar's loss."
@@ -690,7 +703,7 @@ def _log_step(self: Trainer, vals: dict, timer: dict, bar=None):
                       'nonfinite_skips': self.skips, 'epoch': self.batches_drawn // max(self.sampler.per_epoch, 1)})
     if bar is not None: bar.set_postfix(loss=f"{vals['train/total_loss']:.4g}", rec=f"{vals['train/rec_loss']:.3g}")
 
-# %% ../nbs/13_trainer.ipynb 94
+# %% ../nbs/13_trainer.ipynb 97
 @patch
 def fit(self: Trainer) -> dict:
     "Train until `train_num_steps` (or `stop_at`); return a summary."
@@ -721,7 +734,7 @@ def fit(self: Trainer) -> dict:
             'nonfinite_skips': self.skips, 'resumed_from': str(self.resumed_from) if self.resumed_from else None,
             'processes': self.world}
 
-# %% ../nbs/13_trainer.ipynb 103
+# %% ../nbs/13_trainer.ipynb 106
 def train(config,                          # a resolved config dict (`config.load_config`) or a YAML path
           out_dir=None,                    # the run folder (default: trainer.results_folder)
           resume=None,                     # 'latest', a milestone number or a checkpoint path; None: a fresh run
@@ -742,7 +755,7 @@ def train(config,                          # a resolved config dict (`config.loa
     return Trainer(cfg, out_dir, resume=resume, progress=progress, stop_at=stop_at, dataset=dataset,
                    skip_damaged=skip_damaged, trust_checkpoint=trust_checkpoint).fit()
 
-# %% ../nbs/13_trainer.ipynb 118
+# %% ../nbs/13_trainer.ipynb 121
 def add_train_args(parser: argparse.ArgumentParser):
     "Arguments of `radiodiff-vae train`."
     parser.add_argument('--config', default=None, help='YAML config (e.g. configs/quickstart.yaml); required')
@@ -765,7 +778,7 @@ def add_train_args(parser: argparse.ArgumentParser):
     parser.parse_known_args = parse_known_args
     return parser
 
-# %% ../nbs/13_trainer.ipynb 120
+# %% ../nbs/13_trainer.ipynb 123
 def run_train(args) -> int:
     "Run `radiodiff-vae train` from parsed `args`; print the summary as JSON (process 0); return 0."
     if not args.config: raise ConfigError('--config is required (a YAML file such as configs/quickstart.yaml)')
@@ -782,5 +795,5 @@ def main(argv=None) -> int:
     except RadioDiffError as e:
         print(f'radiodiff-vae train: error: {e}', file=sys.stderr); return 2
 
-# %% ../nbs/13_trainer.ipynb 122
+# %% ../nbs/13_trainer.ipynb 125
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())

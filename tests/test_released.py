@@ -1,0 +1,94 @@
+"""The released model (MODEL.md): the shipped weights load safely, match their card, and `released` works as a checkpoint name."""
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from radiodiff_vae.cli import main
+from radiodiff_vae.core import CheckpointError, pretrained_path, repo_dir
+from radiodiff_vae.data import unscale_gain
+from radiodiff_vae.evaluation import dataset_from_spec, map_metrics
+from radiodiff_vae.model import load_checkpoint, reconstruct
+from radiodiff_vae.pretrained import build_release, export_release, load_pretrained
+from radiodiff_vae.config import resolve_config
+from radiodiff_vae.trainer import train
+
+CARD, RECORD = repo_dir() / 'MODEL.md', repo_dir() / 'models' / 'released.json'
+SUBSET = range(8)
+
+
+def card_record() -> dict:
+    return json.loads(RECORD.read_text())
+
+
+def test_released_weights_load_with_the_safe_loader_in_fp16_under_25_mb():
+    path = pretrained_path('released')
+    assert path.stat().st_size < 25 * 2**20
+    state = torch.load(path, weights_only=True)      # raises if the file needs the unsafe unpickler
+    assert {v.dtype for v in state['model'].values() if v.is_floating_point()} == {torch.float16}
+    assert state['config']['model']['ddconfig']['ch_mult'] == [1, 2, 4]      # f = 4: 3x64x64 latents for 256x256 maps
+    model = load_pretrained()
+    assert next(model.parameters()).dtype == torch.float32 and not model.training
+    assert model.encode(torch.zeros(1, 1, 256, 256)).mode().shape == (1, 3, 64, 64)
+
+
+def test_released_real_map_psnr_matches_the_card_within_0_1_db_on_a_subset():
+    model, real = load_pretrained(), dataset_from_spec('real')[0]
+    x = torch.stack([real[i]['image'] for i in SUBSET])
+    psnr = map_metrics(unscale_gain(reconstruct(model, x)), unscale_gain(x))['psnr'].numpy()
+    per_map = card_record()['per_map']['real']
+    assert [real[i]['name'] for i in SUBSET] == [per_map[i]['name'] for i in SUBSET]
+    card_subset = np.array([per_map[i]['mode_psnr'] for i in SUBSET])
+    assert abs(psnr.mean() - card_subset.mean()) < 0.1
+    np.testing.assert_allclose(psnr, card_subset, atol=0.1)
+
+
+def test_the_card_states_the_measured_numbers():
+    rec, card = card_record(), CARD.read_text()
+    real = rec['metrics']['real']['metrics']['mode']
+    assert f"{real['psnr']['mean']:.2f} [{real['psnr']['ci_low']:.2f}, {real['psnr']['ci_high']:.2f}]" in card
+    assert f"{rec['latents']['scale_factor']:.4f}" in card
+    assert np.isclose(np.mean([m['mode_psnr'] for m in rec['per_map']['real']]), real['psnr']['mean'])
+    assert len(rec['per_map']['real']) == 26
+    assert load_pretrained().release['chosen_step'] == rec['chosen_step']
+    best_synthetic = max(rec['selection'], key=lambda r: r['psnr'])       # chosen on held-out synthetic maps only
+    assert best_synthetic['step'] == rec['chosen_step']
+
+
+def test_released_is_a_checkpoint_name_for_evaluate(tmp_path, capsys):
+    assert main(['evaluate', '--checkpoint', 'released', '--data', 'real', '--limit', '2', '--out', str(tmp_path / 'ev'),
+                 '--no-progress']) == 0
+    summary = json.loads(next((tmp_path / 'ev').rglob('summary.json')).read_text())
+    assert 'released' in json.dumps(summary['checkpoint'])
+    assert load_checkpoint('released')['release']['chosen_step'] > 0
+
+
+def test_a_file_that_is_not_a_release_is_refused_by_load_pretrained(tmp_path):
+    with pytest.raises(CheckpointError, match='no such checkpoint file'):
+        load_pretrained(tmp_path / 'missing.pt')
+    evil = tmp_path / 'evil.pt'
+    torch.save({'model': {}, 'x': subprocess.Popen}, evil)
+    with pytest.raises(CheckpointError, match='refused to load'):
+        load_pretrained(evil)
+
+
+@pytest.mark.slow
+def test_build_release_on_a_tiny_run_writes_a_consistent_card(tmp_path):
+    cfg = resolve_config({'model': {'ddconfig': {'resolution': 32, 'ch': 32, 'ch_mult': [1, 2, 4], 'num_res_blocks': 1},
+                                    'lossconfig': {'disc_start': 4, 'perceptual_weight': 0.0, 'disc_ndf': 16}},
+                          'data': {'source': 'synthetic', 'size': 64, 'crop': 32, 'n_maps': 16, 'val_maps': 4, 'batch_size': 4},
+                          'trainer': {'train_num_steps': 8, 'save_and_sample_every': 4, 'log_freq': 4, 'lr': 1e-3, 'min_lr': 1e-5,
+                                      'schedule': 'cosine', 'ema_update_every': 1, 'tensorboard': False}})
+    train(cfg, tmp_path / 'run', progress=False)
+    r = build_release(tmp_path / 'run', tmp_path / 'repo', select_spec='synthetic:4', card_spec='synthetic:4:1', progress=False)
+    card = (tmp_path / 'repo' / 'MODEL.md').read_text()
+    assert 'random 32x32 windows' in card and f"checkpoint of step {r['chosen_step']} is released" in card
+    assert torch.load(tmp_path / 'repo' / 'models' / 'released.pt', weights_only=True)['release']['chosen_step'] == r['chosen_step']
+    for name in ('released_checkpoints.png', 'released_real_maps.png'):
+        assert (tmp_path / 'repo' / 'figures' / name).stat().st_size > 10_000
+    with pytest.raises(Exception, match='over the 0.001 MB limit'):
+        export_release(tmp_path / 'run' / 'model-2.pt', tmp_path / 'big.pt', max_mb=0.001)
