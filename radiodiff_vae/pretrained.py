@@ -19,10 +19,12 @@ from .losses import LPIPSWithDiscriminator
 from .evaluation import dataset_from_spec, evaluate_model, summarize_rows, plot_reconstructions, map_metrics
 from .data import unscale_gain
 from .run_folder import list_checkpoints
+from .logs import read_jsonl
 
 # %% auto 0
-__all__ = ['release_state', 'export_release', 'load_pretrained', 'score_model', 'checkpoint_scores', 'plot_checkpoint_curves',
-           'machine_description', 'model_card', 'build_release', 'add_release_args', 'run_release']
+__all__ = ['release_state', 'write_release', 'export_release', 'load_pretrained', 'score_model', 'checkpoint_scores',
+           'plot_checkpoint_curves', 'machine_description', 'model_card', 'build_release', 'add_release_args',
+           'run_release']
 
 # %% ../nbs/22_pretrained.ipynb 6
 def release_state(checkpoint, weights: str = 'ema', info: dict | None = None) -> dict:
@@ -33,12 +35,15 @@ def release_state(checkpoint, weights: str = 'ema', info: dict | None = None) ->
     arch = {'ddconfig': dict(model.ddconfig), 'embed_dim': model.embed_dim}
     return {'model': sd, 'config': {'model': arch}, 'release': to_jsonable(info or {})}
 
-def export_release(checkpoint, out, weights: str = 'ema', info: dict | None = None, max_mb: float = 25.0) -> Path:
-    "Write `release_state(checkpoint, weights, info)` to `out` (atomically); refuse a file over `max_mb` MB."
-    state = release_state(checkpoint, weights, info)
+def write_release(state: dict, out, max_mb: float = 25.0) -> Path:
+    "Write a `release_state` dict to `out` (atomically); refuse weights over `max_mb` MB."
     mb = sum(v.numel() * v.element_size() for v in state['model'].values()) / 2**20
-    if mb > max_mb: raise DataError(f'{checkpoint}: its {weights} weights take {mb:.1f} MB in float16, over the {max_mb} MB limit')
+    if mb > max_mb: raise DataError(f'{out}: the weights take {mb:.1f} MB in float16, over the {max_mb} MB limit')
     return atomic_torch_save(state, Path(out))
+
+def export_release(checkpoint, out, weights: str = 'ema', info: dict | None = None, max_mb: float = 25.0) -> Path:
+    "Write `release_state(checkpoint, weights, info)` to `out`; refuse a file over `max_mb` MB."
+    return write_release(release_state(checkpoint, weights, info), out, max_mb)
 
 # %% ../nbs/22_pretrained.ipynb 10
 def load_pretrained(name: str = 'released', device='cpu') -> AutoencoderKL:
@@ -91,8 +96,7 @@ def plot_checkpoint_curves(selection: pd.DataFrame, real: pd.DataFrame, chosen_s
 # %% ../nbs/22_pretrained.ipynb 20
 def _training_facts(run: Path) -> dict:
     "Sessions and wall time of a run, from its metrics.jsonl (elapsed_s restarts at every session)."
-    rows = [json.loads(l) for l in (run/'metrics.jsonl').read_text().splitlines() if l.strip()]
-    rows = [r for r in rows if 'elapsed_s' in r]
+    rows = [r for r in read_jsonl(run/'metrics.jsonl')[0] if 'elapsed_s' in r]
     if not rows: raise DataError(f"{run/'metrics.jsonl'}: no training records")
     starts = [i for i, r in enumerate(rows) if i == 0 or r['elapsed_s'] < rows[i - 1]['elapsed_s']]
     wall = sum(rows[j - 1]['elapsed_s'] for j in starts[1:] + [len(rows)])
@@ -161,11 +165,11 @@ def model_card(r: dict) -> str:
         'IRT or other simulators, other resolutions or scales are untested.',
         '- The 26 real maps are a small sample (intervals above), drawn from upstream\'s training split; they are held out '
         'from this model only.',
-        f"- No LPIPS term (its VGG weights are a download); 32 base channels instead of upstream's 128.", '',
+        f"- No LPIPS term (its VGG weights are a download); {dd['ch']} base channels instead of upstream's 128.", '',
         f"Measurements: `models/released.json`. Built {r['built']} by `radiodiff-vae release`.", ''])
 
 # %% ../nbs/22_pretrained.ipynb 25
-def _release_record(run, cfg, model, path, selection, chosen, real_curve, real, syn, card_spec, select_spec) -> dict:
+def _release_record(run, cfg, model, selection, chosen, real_curve, real, syn, card_spec, select_spec) -> dict:
     "Everything the card states, as plain values."
     t, d, f = cfg['trainer'], cfg['data'], 2 ** (len(model.ddconfig['ch_mult']) - 1)
     crop = f", each step on random {d['crop']}x{d['crop']} windows" if d.get('crop') else ''
@@ -173,7 +177,7 @@ def _release_record(run, cfg, model, path, selection, chosen, real_curve, real, 
     return dict(
         architecture={'ddconfig': dict(model.ddconfig), 'embed_dim': model.embed_dim}, factor=f,
         latent_shape=f"{model.embed_dim}x{256 // f}x{256 // f}", parameters=sum(p.numel() for p in model.parameters()),
-        file_mb=path.stat().st_size / 2**20, chosen_step=int(chosen.step), machine=machine_description(),
+        chosen_step=int(chosen.step), machine=machine_description(),
         data_description=f"{d['n_maps']} synthetic {d['size']}x{d['size']} maps (generator seed {d['data_seed']}, maps 0-{d['n_maps'] - 1}"
                          f"{', parameters ' + json.dumps(d['synthetic']) if d['synthetic'] else ', default parameters: 256 m across'}){crop}; "
                          f"{d['val_maps']} further maps of the stream validated during training.",
@@ -226,14 +230,16 @@ def build_release(run, out='.', select_spec: str = 'synthetic:32', card_spec: st
     chosen = selection.loc[selection.psnr.idxmax()]
     real_curve = checkpoint_scores(run, 'real', weights, progress)
     (out/'models').mkdir(parents=True, exist_ok=True)
-    path = export_release(chosen.path, out/'models'/'released.pt', weights)
-    model = load_pretrained(path)
+    state, path = release_state(chosen.path, weights), out/'models'/'released.pt'
+    model = model_from_checkpoint(state, 'raw').float().eval()    # the fp16 weights, as load_pretrained returns them
     real, real_rows = score_model(model, cfg, 'real', progress=progress)
     syn, syn_rows = score_model(model, cfg, card_spec, progress=progress)
-    r = _release_record(run, cfg, model, path, selection, chosen, real_curve, real, syn, card_spec, select_spec)
+    r = _release_record(run, cfg, model, selection, chosen, real_curve, real, syn, card_spec, select_spec)
     r['machine'] = machine or r['machine']
-    export_release(chosen.path, path, weights, info={k: r[k] for k in ('chosen_step', 'latent_shape', 'built')} |
-                   {'scale_factor': r['latents']['scale_factor'], 'real_psnr_mean': real['metrics']['mode']['psnr']['mean']})
+    state['release'] = to_jsonable({k: r[k] for k in ('chosen_step', 'latent_shape', 'built')} |
+                                   {'scale_factor': r['latents']['scale_factor'], 'real_psnr_mean': real['metrics']['mode']['psnr']['mean']})
+    write_release(state, path)
+    r['file_mb'] = path.stat().st_size / 2**20
     _write_release_files(out, r, model, selection, real_curve, real_rows, syn_rows)
     return r
 
