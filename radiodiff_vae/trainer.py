@@ -591,13 +591,20 @@ def _disc_pass(self: Trainer, kept, train: bool) -> dict:
 @patch
 def _update(self: Trainer, opt, params, vals: dict, names: list) -> float:
     "Clip (before the step: defect 2) and step; a non-finite loss or gradient norm skips the batch or stops the run."
-    bad = nonfinite_terms(vals)
+    bad = nonfinite_terms({k: v for k, v in vals.items() if not k.startswith('grad_norm')})
     if not bad:
         norm = float(self.acc.clip_grad_norm_(params, self.t['grad_clip_norm'] if self.t['grad_clip_norm'] is not None else math.inf))
-        if math.isfinite(norm) or self.acc.scaler is not None:   # fp16: the grad scaler skips the step itself
-            opt.step(); return norm
+        if math.isfinite(norm): opt.step(); return norm
+        if self.acc.scaler is not None: opt.step(); self._scaler_skipped(opt); return norm
         bad = ['grad_norm']
     self._nonfinite(bad, vals, names)
+
+@patch
+def _scaler_skipped(self: Trainer, opt):
+    "Log an fp16 overflow: the grad scaler skipped this update itself and lowered its scale (normal, not an error)."
+    net = 'autoencoder' if opt is self.opt_ae else 'discriminator'
+    if self.main: self.logs.line(f'[Scaler] step {self.step}: fp16 gradients of the {net} overflowed; the grad scaler '
+                                 f'skipped this update and lowered its scale to {self.acc.scaler.get_scale():g}')
 
 @patch
 def _nonfinite(self: Trainer, bad: list, values: dict, names: list):

@@ -320,6 +320,32 @@ def test_fp16_training_with_skip_nonfinite_on_gpu(tmp_path):
     recs = mixed_precision_run(tmp_path, 'fp16', **{'trainer.skip_nonfinite': True})
     assert [r['step'] for r in recs] == [0, 1, 2, 3] and all(math.isfinite(r['train/nll_loss']) for r in recs)
 
+def fp16_scaler_on_cpu(monkeypatch, init_scale=2.0**24):
+    "Emulate a CUDA fp16 run on the CPU: accelerate's fp16 autocast and a real torch GradScaler (accelerate makes one only on GPUs)."
+    make = tr.make_accelerator
+    def fp16_accelerator(t, mixed=None):
+        acc = make(t, 'fp16')
+        acc.native_amp, acc.scaler = True, torch.amp.GradScaler('cpu', init_scale=init_scale)
+        return acc
+    monkeypatch.setattr(tr, 'make_accelerator', fp16_accelerator)
+
+@pytest.mark.parametrize('skip_nonfinite', [False, True])
+def test_fp16_overflow_is_left_to_the_grad_scaler(tmp_path, monkeypatch, skip_nonfinite):
+    """fp16 with a grad scaler (emulated on the CPU) whose first scale overflows the gradients: the scaler skips those
+    updates and lowers its scale, the run logs it and goes on. Before the fix the autoencoder's NaN gradient norm reached
+    the discriminator's check: the run stopped ("non-finite loss at step 0: grad_norm_ae = nan") or, with
+    skip_nonfinite, skipped the batch."""
+    fp16_scaler_on_cpu(monkeypatch)
+    recs = mixed_precision_run(tmp_path, 'fp32', **{'trainer.skip_nonfinite': skip_nonfinite})
+    assert [r['step'] for r in recs] == [0, 1, 2, 3]
+    g = torch.tensor([r['train/g_loss'] for r in recs])
+    assert torch.equal(g.half().double(), g.double())                        # autocast really ran in fp16
+    assert 'grad_norm_ae' in recs[0] and recs[0]['grad_norm_ae'] is None     # the overflowing step (NaN, written null)
+    log = next((tmp_path/'fp32').glob('*.log')).read_text()
+    assert '[Scaler] step 0: fp16 gradients of the autoencoder overflowed' in log and '[Skip]' not in log
+    scale = load(tmp_path/'fp32'/'model-2.pt')['scaler']['scale']
+    assert scale < 2.0**24 and not list((tmp_path/'fp32').glob('nonfinite-*.json'))
+
 def test_gradient_clipping_clips_before_the_step(tmp_path):
     "The gradient the optimizer sees has norm <= grad_clip_norm, while the logged (pre-clip) norm is larger."
     cfg = resolve_config(tiny(**{'trainer.grad_clip_norm': 1e-3, 'trainer.train_num_steps': 3, 'model.lossconfig.disc_start': 1, 'trainer.save_and_sample_every': 3}))
