@@ -260,7 +260,7 @@ def tiny_study_file(folder, steps: int = 4, seeds=(0, 1), arms=None, maps: int =
             'trainer.tensorboard=false', 'trainer.sample_maps=1']
     arms = arms or [dict(label='no-gan', set=['model.lossconfig.disc_start={steps}']),
                     dict(label='gan-half', set=['model.lossconfig.disc_start={steps*0.5}'], note='discriminator from half-way')]
-    study = dict(description=f'A tiny study: 32x32 maps, ch 32, {steps} steps.', base=str(repo_dir()/'configs'/'quickstart.yaml'),
+    study = dict(description=f'A tiny study: 32x32 maps, ch 32, {steps} steps.', base=str(repo_dir()/'configs'/'studies'/'quickstart_batch8.yaml'),
                  overrides=tiny, steps=steps, seeds=list(seeds), baseline=arms[0]['label'], arms=arms,
                  evaluation=dict(synthetic_maps=maps, real_maps=maps, batch_size=4))
     path = Path(folder)/'tiny.yaml'; path.parent.mkdir(parents=True, exist_ok=True)
