@@ -54,7 +54,7 @@ def test_overrides_parse_with_yaml():
     ('trainer.learn_logvar=maybe', 'true or false'),
     ('trainer.train_num_steps=-5', 'train_num_steps'),
     ('trainer.save_and_sample_every=0', 'save_and_sample_every'),
-    ('model.lossconfig.disc_start=601', 'disc_start'),
+    ('model.lossconfig.disc_start=1201', 'disc_start'),
     ('trainer.mixed_precision=fp8', "expected fp32 (also written no, none or false), bf16, fp16 or auto; got 'fp8'"),
     ('trainer.mixed_precision=true', 'got True'),
     ('trainer.compile=yes please', 'true or false'),
@@ -84,7 +84,7 @@ def test_missing_file():
 
 def test_config_differences_ignores_bookkeeping():
     a = load_config(CONFIGS/'quickstart.yaml')
-    assert config_differences(a, load_config(CONFIGS/'quickstart.yaml', ['trainer.train_num_steps=800', 'trainer.log_freq=3'])) == []
+    assert config_differences(a, load_config(CONFIGS/'quickstart.yaml', ['trainer.train_num_steps=1600', 'trainer.log_freq=3'])) == []
     assert config_differences(a, load_config(CONFIGS/'quickstart.yaml', ['model.embed_dim=4'])) == ['model.embed_dim']
 
 def test_schema_table_covers_every_leaf():
