@@ -55,7 +55,7 @@ def plan(out, settings: dict) -> list[dict]:
         dict(name='evaluate', pipeline='evaluate', out=out/'evaluation',
              what='evaluate on held-out synthetic maps and on the 26 bundled real RadioMapSeer maps',
              params=dict(checkpoint=None, run_dir=str(train_dir), data=[synthetic, 'real'], out_dir=str(out/'evaluation'),
-                         limit=s['eval_limit'], use_ema='both')),
+                         limit=s['eval_limit'], use_ema=True)),
         dict(name='analyze', pipeline='analyze', out=out/'analysis', what='analyse the new run',
              params=dict(inputs=[str(train_dir)], out_dir=str(out/'analysis'), smoothing=s['smoothing'], config=None)),
     ]
