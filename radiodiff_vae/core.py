@@ -11,8 +11,8 @@ import torch
 
 # %% auto 0
 __all__ = ['PRETRAINED', 'RadioDiffError', 'ConfigError', 'DataError', 'CheckpointError', 'LogParseError', 'RunFolderError',
-           'atomic_write_bytes', 'atomic_write_text', 'atomic_torch_save', 'seed_everything', 'to_jsonable',
-           'markdown_table', 'repo_dir', 'shared_dir', 'data_dir', 'reference_run_dir', 'real_maps_dir',
+           'atomic_write_bytes', 'atomic_write_text', 'atomic_torch_save', 'atomic_save_png', 'seed_everything',
+           'to_jsonable', 'markdown_table', 'repo_dir', 'shared_dir', 'data_dir', 'reference_run_dir', 'real_maps_dir',
            'pretrained_path']
 
 # %% ../nbs/00_core.ipynb 5
@@ -66,11 +66,17 @@ def atomic_torch_save(obj, path):
     return atomic_write_bytes(path, buf.getvalue())
 
 # %% ../nbs/00_core.ipynb 13
+def atomic_save_png(fig, path, dpi: int = 110):
+    "Write matplotlib figure `fig` as a PNG to `path` atomically; return the path."
+    buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=dpi)
+    return atomic_write_bytes(path, buf.getvalue())
+
+# %% ../nbs/00_core.ipynb 17
 def seed_everything(seed: int):
     "Seed Python's `random`, NumPy and torch (all devices) with `seed`."
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
 
-# %% ../nbs/00_core.ipynb 16
+# %% ../nbs/00_core.ipynb 20
 def to_jsonable(o):
     "`o` with NumPy/torch numbers, arrays, paths, timestamps and dataclasses as plain JSON types; NaN/inf -> None."
     if dataclasses.is_dataclass(o) and not isinstance(o, type): o = dataclasses.asdict(o)
@@ -83,13 +89,13 @@ def to_jsonable(o):
     if o is None or isinstance(o, str): return o
     return str(o)  # paths, timestamps, dates
 
-# %% ../nbs/00_core.ipynb 18
+# %% ../nbs/00_core.ipynb 22
 def markdown_table(header, rows) -> str:
     "A Markdown table with `header` and `rows` (cells formatted with `str`)."
     line = lambda cells: '| ' + ' | '.join(str(c) for c in cells) + ' |'
     return '\n'.join([line(header), '|' + '---|' * len(header)] + [line(r) for r in rows])
 
-# %% ../nbs/00_core.ipynb 21
+# %% ../nbs/00_core.ipynb 25
 def repo_dir() -> Path:
     "The repository root: the folder above the installed package (an editable install; also inside a notebook)."
     return Path(importlib.util.find_spec('radiodiff_vae').origin).resolve().parent.parent

@@ -4,7 +4,7 @@
 
 # %% ../nbs/17_evaluation.ipynb 1
 from __future__ import annotations
-import io, json, math
+import json, math
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -15,7 +15,7 @@ from scipy import stats
 from torch.utils.data import Subset
 from torchmetrics.functional.image import structural_similarity_index_measure, peak_signal_noise_ratio
 from tqdm.auto import tqdm
-from .core import (CheckpointError, ConfigError, DataError, atomic_write_bytes, atomic_write_text,
+from .core import (CheckpointError, ConfigError, DataError, atomic_save_png, atomic_write_text,
                                 markdown_table, real_maps_dir, to_jsonable)
 from .distributions import DiagonalGaussianDistribution
 from .perceptual import LPIPSWeightsMissing
@@ -497,8 +497,7 @@ def write_outputs(out_dir, summary: dict, per_map, models: dict, dataset, sample
     "Write per_map.csv, summary.json, the figures and evaluation.md into `out_dir`; return their paths."
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     def save_fig(fig, name):
-        buf = io.BytesIO(); fig.savefig(buf, format="png", dpi=110); atomic_write_bytes(out / name, buf.getvalue())
-        return name
+        atomic_save_png(fig, out / name); return name
     figures = {}
     for w, s in summary["results"].items():
         picks = {"typical (median PSNR)": (s["typical_map"] or {}).get("index"), "worst (lowest PSNR)": (s["worst_map"] or {}).get("index")}

@@ -4,14 +4,14 @@
 
 # %% ../nbs/22_pretrained.ipynb 1
 from __future__ import annotations
-import io, json, os, platform
+import json, os, platform
 from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
-from .core import (DataError, atomic_torch_save, atomic_write_bytes, atomic_write_text, markdown_table,
+from .core import (DataError, atomic_save_png, atomic_torch_save, atomic_write_text, markdown_table,
                                 pretrained_path, real_maps_dir, to_jsonable)
 from .config import read_cpu_flags, resolve_config
 from .model import AutoencoderKL, load_checkpoint, model_from_checkpoint
@@ -204,16 +204,13 @@ def _write_release_files(out: Path, r: dict, model, selection, real_curve, real_
     record = r | {'per_map': {'real': real_rows.to_dict('records'), 'synthetic': syn_rows.to_dict('records')}}
     atomic_write_text(out/'models'/'released.json', json.dumps(to_jsonable(record), indent=1))
     atomic_write_text(out/'MODEL.md', model_card(r))
-    _save(plot_checkpoint_curves(selection, real_curve, r['chosen_step'], r['machine']), out/'figures'/'released_checkpoints.png')
+    atomic_save_png(plot_checkpoint_curves(selection, real_curve, r['chosen_step'], r['machine']), out/'figures'/'released_checkpoints.png')
     real_ds = dataset_from_spec('real')[0]
     order = real_rows.sort_values('mode_psnr').index
     picks = {'worst': int(order[0]), 'median': int(order[len(order) // 2]), 'best': int(order[-1])}
-    _save(plot_reconstructions(model, real_ds, picks, title='Released model on real RadioMapSeer maps (never trained on)'),
+    atomic_save_png(plot_reconstructions(model, real_ds, picks, title='Released model on real RadioMapSeer maps (never trained on)'),
           out/'figures'/'released_real_maps.png')
 
-def _save(fig, path):
-    "Write a matplotlib figure as PNG (atomically)."
-    buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=110); atomic_write_bytes(path, buf.getvalue())
 
 # %% ../nbs/22_pretrained.ipynb 27
 def build_release(run, out='.', select_spec: str = 'synthetic:32', card_spec: str = 'synthetic:100:1', weights: str = 'ema',

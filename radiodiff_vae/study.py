@@ -4,13 +4,13 @@
 
 # %% ../nbs/21_study.ipynb 1
 from __future__ import annotations
-import argparse, io, json, math, os, re, sys, time, traceback
+import argparse, json, math, os, re, sys, time, traceback
 from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from .core import ConfigError, RadioDiffError, RunFolderError, atomic_write_bytes, atomic_write_text, markdown_table, to_jsonable, repo_dir
+from .core import ConfigError, RadioDiffError, RunFolderError, atomic_save_png, atomic_write_text, markdown_table, to_jsonable, repo_dir
 from .config import load_config, apply_overrides
 from .trainer import train
 from .evaluation import METRICS, summarize, dataset_from_spec, evaluate_checkpoint
@@ -687,9 +687,6 @@ def _runs_section(runs, out) -> list[str]:
             '[ema_vs_raw.csv](ema_vs_raw.csv); the study and its sessions: [study.json](study.json).', '']
 
 # %% ../nbs/21_study.ipynb 104
-def _save_fig(out, name: str, fig) -> str:
-    buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=110); atomic_write_bytes(Path(out)/name, buf.getvalue()); return name
-
 def _csv(df) -> str:
     d = df.copy()
     for c in ('diffs', 'seeds', 'channel_std'):
@@ -707,12 +704,12 @@ def write_report(out, spec: dict, manifest: dict, configs: dict, runs: list[dict
     latent = next((s for s in ('synthetic', *sets) if s in sets), None)
     rd = next((s for s in sets if s.startswith('real-') and s != f'real-{REAL_NATIVE_SIZE}'), next(iter(sets), None))
     others = [a for a in arms if a != spec['baseline']]
-    _save_fig(out, 'metrics.png', plot_arms(df, arms, sets, primary))
-    _save_fig(out, 'differences.png', plot_differences(paired, others, sets, title=f"each arm minus {spec['baseline']}, paired by seed ({primary} weights): a dot per seed", all_arms=arms))
-    _save_fig(out, 'rate_distortion.png', plot_rate_distortion(df, arms, rd, sets.get(rd, ''), primary))
-    _save_fig(out, 'latents.png', plot_latents(df, arms, latent, sets.get(latent, ''), primary))
-    if len(ema): _save_fig(out, 'ema_vs_raw.png', plot_differences(ema, arms, sets, title='EMA minus raw weights of the same run: a dot per seed'))
-    _save_fig(out, 'curves.png', plot_curves(read_curves(runs), runs, arms))
+    atomic_save_png(plot_arms(df, arms, sets, primary), out/'metrics.png')
+    atomic_save_png(plot_differences(paired, others, sets, title=f"each arm minus {spec['baseline']}, paired by seed ({primary} weights): a dot per seed", all_arms=arms), out/'differences.png')
+    atomic_save_png(plot_rate_distortion(df, arms, rd, sets.get(rd, ''), primary), out/'rate_distortion.png')
+    atomic_save_png(plot_latents(df, arms, latent, sets.get(latent, ''), primary), out/'latents.png')
+    if len(ema): atomic_save_png(plot_differences(ema, arms, sets, title='EMA minus raw weights of the same run: a dot per seed'), out/'ema_vs_raw.png')
+    atomic_save_png(plot_curves(read_curves(runs), runs, arms), out/'curves.png')
     L = [f"# Study: {spec['name']}", '', spec['description'], ''] + _setup_section(spec, manifest, configs, runs)
     L += _results_section(spec, arm_stats, sets, primary) + _paired_section(spec, paired, sets, primary)
     L += _latent_section(spec, arm_stats, paired, latent, sets.get(latent, ''), primary) + _ema_section(ema, sets)
