@@ -12,9 +12,9 @@ from .core import ConfigError
 # %% auto 0
 __all__ = ['DDCONFIG_SCHEMA', 'LOSSCONFIG_SCHEMA', 'MODEL_SCHEMA', 'DATA_SCHEMA', 'TRAINER_SCHEMA', 'SCHEMA',
            'PRECISION_SPELLINGS', 'RESUME_MUTABLE', 'canonical_precision', 'read_cpu_flags', 'native_bf16',
-           'choose_precision', 'check_value', 'unwrap_upstream', 'validate_config', 'parse_override', 'apply_overrides',
-           'resolve_config', 'read_yaml', 'load_config', 'dump_config', 'config_differences', 'resume_changes',
-           'schema_table']
+           'choose_precision', 'check_value', 'unwrap_upstream', 'downsampling_factor', 'validate_config',
+           'parse_override', 'apply_overrides', 'resolve_config', 'read_yaml', 'load_config', 'dump_config',
+           'config_differences', 'resume_changes', 'schema_table']
 
 # %% ../nbs/10_config.ipynb 7
 DDCONFIG_SCHEMA = {
@@ -270,7 +270,12 @@ def _require(ok: bool, message: str):
     "Raise a ConfigError with `message` unless `ok`."
     if not ok: raise ConfigError(message)
 
-# %% ../nbs/10_config.ipynb 49
+# %% ../nbs/10_config.ipynb 50
+def downsampling_factor(ddconfig: dict) -> int:
+    "How much the encoder shrinks each side: 2^(levels-1)."
+    return 2 ** (len(ddconfig["ch_mult"]) - 1)
+
+# %% ../nbs/10_config.ipynb 52
 def validate_config(cfg: dict) -> dict:
     "Check value ranges and cross-key consistency of a filled config; return it."
     t, d, m = cfg['trainer'], cfg['data'], cfg['model']
@@ -296,7 +301,7 @@ def validate_config(cfg: dict) -> dict:
              f"(trainer.train_num_steps={t['train_num_steps']}), so the discriminator would never train; set e.g. "
              f"--set model.lossconfig.disc_start={t['train_num_steps'] // 2}")
     dd = m['ddconfig']
-    f = 2 ** (len(dd['ch_mult']) - 1)
+    f = downsampling_factor(dd)
     _require(d['crop'] is None or (0 < d['crop'] <= d['size'] and d['crop'] % f == 0),
              f"data.crop: expected null or a multiple of the downsampling factor {f} in (0, data.size={d['size']}], got {d['crop']}")
     _require(len(dd['ch_mult']) >= 1 and all(c > 0 for c in dd['ch_mult']), f"model.ddconfig.ch_mult: expected positive integers, got {dd['ch_mult']}")
@@ -308,7 +313,7 @@ def validate_config(cfg: dict) -> dict:
         raise ConfigError(f"trainer.fp16 is true but trainer.mixed_precision is {t['mixed_precision']!r}; set one of them")
     return cfg
 
-# %% ../nbs/10_config.ipynb 52
+# %% ../nbs/10_config.ipynb 55
 def parse_override(text: str) -> tuple[list[str], object]:
     "`'a.b.c=value'` -> (['a','b','c'], yaml.safe_load('value'))."
     if '=' not in text: raise ConfigError(f'override {text!r}: expected section.key=value')
@@ -318,7 +323,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
     try: return keys, yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as e: raise ConfigError(f'override {text!r}: value is not valid YAML ({e.__class__.__name__})') from None
 
-# %% ../nbs/10_config.ipynb 54
+# %% ../nbs/10_config.ipynb 57
 def _schema_at(keys: list[str]):
     "The schema entry at `keys`, or a ConfigError listing the valid keys at the first wrong level."
     schema, entry = SCHEMA, None
@@ -331,7 +336,7 @@ def _schema_at(keys: list[str]):
         schema = entry[1] if entry[0] == 'section' else None
     return entry
 
-# %% ../nbs/10_config.ipynb 56
+# %% ../nbs/10_config.ipynb 59
 def apply_overrides(raw: dict, overrides=()) -> dict:
     "A copy of `raw` with each `section.key=value` override set (keys checked against the schema)."
     raw = copy.deepcopy(raw)
@@ -345,7 +350,7 @@ def apply_overrides(raw: dict, overrides=()) -> dict:
         node[keys[-1]] = value
     return raw
 
-# %% ../nbs/10_config.ipynb 59
+# %% ../nbs/10_config.ipynb 62
 def resolve_config(raw: dict | None, overrides=()) -> dict:
     "Validated config with defaults filled, from a raw (YAML-loaded) dict and `section.key=value` overrides."
     if raw is None: raw = {}
@@ -353,7 +358,7 @@ def resolve_config(raw: dict | None, overrides=()) -> dict:
     raw = apply_overrides(unwrap_upstream(raw), overrides)
     return validate_config(_fill(raw, SCHEMA, ''))
 
-# %% ../nbs/10_config.ipynb 61
+# %% ../nbs/10_config.ipynb 64
 def _yaml_problem(e: yaml.YAMLError) -> str:
     "A YAML error on one line: what is wrong and where."
     mark = getattr(e, 'problem_mark', None)
@@ -372,7 +377,7 @@ def read_yaml(path) -> dict:
         raise ConfigError(f'config file {str(path)!r}: expected a mapping of sections (model, data, trainer), got {type(raw).__name__}')
     return raw or {}
 
-# %% ../nbs/10_config.ipynb 63
+# %% ../nbs/10_config.ipynb 66
 def load_config(path, overrides=()) -> dict:
     "Read, unwrap, override, fill and validate the YAML config at `path`."
     try: return resolve_config(read_yaml(path), overrides)
@@ -380,12 +385,12 @@ def load_config(path, overrides=()) -> dict:
         if str(path) in str(e): raise
         raise ConfigError(f'{path}: {e}') from None
 
-# %% ../nbs/10_config.ipynb 65
+# %% ../nbs/10_config.ipynb 68
 def dump_config(cfg: dict) -> str:
     "The config as YAML text (block style, key order kept)."
     return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
 
-# %% ../nbs/10_config.ipynb 72
+# %% ../nbs/10_config.ipynb 75
 RESUME_MUTABLE = {('trainer', k) for k in ('train_num_steps', 'save_and_sample_every', 'log_freq', 'results_folder',
                                            'resume_milestone', 'skip_nonfinite', 'max_nonfinite_skips', 'tensorboard',
                                            'sample_maps', 'cpu', 'amp', 'num_threads', 'compile',
@@ -408,7 +413,7 @@ def resume_changes(old: dict, new: dict) -> dict:
     return {f'{s}.{k}': [old.get(s, {}).get(k), new.get(s, {}).get(k)] for s, k in sorted(RESUME_MUTABLE)
             if k != 'results_folder' and old.get(s, {}).get(k) != new.get(s, {}).get(k)}
 
-# %% ../nbs/10_config.ipynb 75
+# %% ../nbs/10_config.ipynb 78
 def schema_table(schema: dict = SCHEMA, prefix: str = '') -> list[tuple[str, str, str, str]]:
     "(key, type, default, help) rows for every leaf of `schema`."
     rows = []

@@ -23,15 +23,15 @@ from .losses import LPIPSWithDiscriminator
 from .model import load_checkpoint, model_from_checkpoint, upstream_loss_state_dict
 from .data import MapFolder, RadioMapSeer, leaked_maps, unscale_gain
 from .synthetic import SyntheticRadioMaps
-from .config import load_config, resolve_config
+from .config import downsampling_factor, load_config, resolve_config
 
 # %% auto 0
 __all__ = ['SSIM_KERNEL_SIZE', 'SSIM_SIGMA', 'METRICS', 'LOSS_TERMS', 'RADIODIFF_PAPER', 'mse_per_map', 'nmse_per_map',
            'rmse_per_map', 'psnr_per_map', 'ssim_per_map', 'map_metrics', 'summarize', 'dataset_from_spec',
            'read_checkpoint', 'build_model', 'build_loss', 'per_map_losses', 'posterior_and_reconstructions',
-           'LatentStats', 'downsampling_factor', 'evaluate_model', 'summarize_rows', 'plot_reconstructions',
-           'plot_psnr_histogram', 'markdown_section', 'prepare_evaluation', 'resolve_data', 'evaluate_prepared',
-           'write_outputs', 'evaluate_checkpoint', 'add_evaluate_args', 'run_evaluate', 'spec_slug', 'evaluate_many']
+           'LatentStats', 'evaluate_model', 'summarize_rows', 'plot_reconstructions', 'plot_psnr_histogram',
+           'markdown_section', 'prepare_evaluation', 'resolve_data', 'evaluate_prepared', 'write_outputs',
+           'evaluate_checkpoint', 'add_evaluate_args', 'run_evaluate', 'spec_slug', 'evaluate_many']
 
 # %% ../nbs/17_evaluation.ipynb 5
 SSIM_KERNEL_SIZE, SSIM_SIGMA = 11, 1.5
@@ -268,10 +268,6 @@ class LatentStats:
                     scale_factor=(1 / pooled_std) if pooled_std > 0 else None, elements=self.count * len(self.sum))
 
 # %% ../nbs/17_evaluation.ipynb 44
-def downsampling_factor(ddconfig: dict) -> int:
-    "How much the encoder shrinks each side: 2^(levels-1)."
-    return 2 ** (len(ddconfig["ch_mult"]) - 1)
-
 def _check_map(image, name, index, ddconfig):
     "A DataError if map `name` cannot go through this architecture."
     c, h, w = image.shape

@@ -78,14 +78,14 @@ def posterior_noise(seed: int, k: int, positions, shape) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed(seed, k, i))) for i in positions])
 
 # %% ../nbs/13_trainer.ipynb 15
-def crop_offsets(seed: int, k: int, i: int, size: int, crop: int, multiple: int = 1) -> tuple[int, int]:
-    "Top-left corner (row, col) of the window of sample `i` of global batch `k`, on a grid of `multiple` pixels."
+def crop_offsets(seed: int, k: int, i: int, size: int, crop: int) -> tuple[int, int]:
+    "Top-left corner (row, col) of the window of sample `i` of global batch `k`."
     rng = np.random.default_rng(sample_seed(seed + 1, k, i))    # seed + 1: crops independent of the posterior noise
-    return tuple(int(v) * multiple for v in rng.integers(0, (size - crop) // multiple + 1, 2))
+    return tuple(int(v) for v in rng.integers(0, size - crop + 1, 2))
 
-def random_crops(x: torch.Tensor, seed: int, k: int, positions, crop: int, multiple: int = 1) -> torch.Tensor:
+def random_crops(x: torch.Tensor, seed: int, k: int, positions, crop: int) -> torch.Tensor:
     "Each map of `x` (B×C×H×W) cut to its crop×crop window (positions: the maps' places in global batch `k`)."
-    corners = [crop_offsets(seed, k, i, x.shape[-1], crop, multiple) for i in positions]
+    corners = [crop_offsets(seed, k, i, x.shape[-1], crop) for i in positions]
     return torch.stack([m[..., r:r + crop, c:c + crop] for m, (r, c) in zip(x, corners)])
 
 # %% ../nbs/13_trainer.ipynb 18
@@ -541,13 +541,13 @@ def _next_batch(self: Trainer):
     k, (rank, batch) = self.batches_drawn, (self.rank, next(self.batches))
     self.batches_drawn += 1
     x = batch['image'].to(self.device, non_blocking=True)
-    n, crop = len(x), self.cfg['data']['crop']
-    if crop and crop < x.shape[-1]: x = random_crops(x, self.t['seed'], k, range(rank * n, (rank + 1) * n), crop)
+    positions, crop = range(rank * len(x), (rank + 1) * len(x)), self.cfg['data']['crop']
+    if crop and crop < x.shape[-1]: x = random_crops(x, self.t['seed'], k, positions, crop)
     eps = None
     if self.t['sample_posterior']:
         f = self.ae.downsampling_factor
         shape = (self.cfg['model']['embed_dim'], x.shape[-2] // f, x.shape[-1] // f)
-        eps = posterior_noise(self.t['seed'], k, range(rank * n, (rank + 1) * n), shape).to(self.device)
+        eps = posterior_noise(self.t['seed'], k, positions, shape).to(self.device)
     return x, eps, list(batch.get('name', []))
 
 @patch
