@@ -42,14 +42,15 @@ def find_run_config(folder) -> Path | None:
 PARAM_ALIASES = {
     'lr': ('lr', 'base_lr', 'learning_rate'), 'total_steps': ('train_num_steps', 'total_steps', 'max_steps'),
     'schedule': ('lr_schedule', 'schedule', 'lr_scheduler'), 'min_lr': ('min_lr',), 'power': ('power', 'lr_power'),
-    'warmup_steps': ('warmup_steps', 'lr_warmup_steps'), 'disc_start': ('disc_start',), 'disc_weight': ('disc_weight',),
+    'warmup_steps': ('warmup_steps', 'lr_warmup_steps'), 'decay_fraction': ('decay_fraction',),
+    'disc_start': ('disc_start',), 'disc_weight': ('disc_weight',),
     'kl_weight': ('kl_weight',), 'd_weight_max': ('d_weight_max',), 'logvar_init': ('logvar_init',),
     'perceptual_weight': ('perceptual_weight',), 'batch_size': ('batch_size',), 'resolution': ('resolution',),
     'in_channels': ('in_channels',), 'save_every': ('save_and_sample_every', 'save_every'), 'log_freq': ('log_freq', 'log_every'),
     'gradient_accumulate_every': ('gradient_accumulate_every',), 'resume_milestone': ('resume_milestone',),
     'train_discriminator': ('train_discriminator',),
 }
-PARAM_DEFAULTS = {'schedule': 'radiodiff', 'min_lr': 5e-7, 'power': 0.95, 'warmup_steps': 0, 'd_weight_max': 1e4,
+PARAM_DEFAULTS = {'schedule': 'radiodiff', 'min_lr': 5e-7, 'power': 0.95, 'warmup_steps': 0, 'decay_fraction': 0.2, 'd_weight_max': 1e4,
                   'logvar_init': 0.0, 'in_channels': 1}
 
 def _find_key(config, names):
@@ -439,7 +440,7 @@ def schedule_lr(steps, params: dict) -> np.ndarray | None:
     "The learning rate at each step from the config's schedule, or `None` if lr, T or the schedule is missing or unknown."
     if params.get('lr') is None or params.get('total_steps') is None: return None
     kw = dict(base_lr=float(params['lr']), min_lr=float(params['min_lr']), power=float(params['power']),
-              warmup_steps=int(params['warmup_steps'] or 0))
+              warmup_steps=int(params['warmup_steps'] or 0), decay_fraction=float(params['decay_fraction']))
     try: return np.array([lr_at(params['schedule'], int(s), int(params['total_steps']), **kw) for s in steps], dtype=float)
     except ConfigError: return None
 

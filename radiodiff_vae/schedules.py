@@ -11,9 +11,9 @@ from .core import ConfigError
 __all__ = ['SCHEDULES', 'lr_multiplier', 'lr_at', 'make_lr_lambda']
 
 # %% ../nbs/08_schedules.ipynb 5
-SCHEDULES = ("radiodiff", "poly", "cosine", "constant")
+SCHEDULES = ("radiodiff", "poly", "cosine", "constant", "wsd")
 
-def _check(kind, step, total_steps, base_lr, min_lr, warmup_steps):
+def _check(kind, step, total_steps, base_lr, min_lr, warmup_steps, decay_fraction=0.2):
     "Raise a clear error for an unknown schedule or impossible settings."
     if kind not in SCHEDULES:
         raise ConfigError(f"lr schedule {kind!r} is unknown; valid schedules: {', '.join(SCHEDULES)}")
@@ -21,10 +21,13 @@ def _check(kind, step, total_steps, base_lr, min_lr, warmup_steps):
         raise ConfigError(f"total_steps must be a positive integer, got {total_steps!r}")
     if not base_lr > 0: raise ConfigError(f"base learning rate must be > 0, got {base_lr!r}")
     if min_lr < 0: raise ConfigError(f"min_lr must be >= 0, got {min_lr!r}")
-    if kind in ("poly", "cosine") and min_lr > base_lr:
+    if kind in ("poly", "cosine", "wsd") and min_lr > base_lr:
         raise ConfigError(f"min_lr ({min_lr}) is an absolute learning rate for {kind!r} and must be <= base lr ({base_lr})")
     if not 0 <= warmup_steps < total_steps:
         raise ConfigError(f"warmup_steps must be in [0, total_steps={total_steps}), got {warmup_steps!r}")
+    if kind == "wsd" and not (0 < decay_fraction <= 1 and warmup_steps + math.ceil(decay_fraction * total_steps) <= total_steps):
+        raise ConfigError(f"decay_fraction must be in (0, 1] and leave room for warmup_steps={warmup_steps} "
+                          f"(ceil(decay_fraction * total_steps) <= {total_steps - warmup_steps}), got {decay_fraction!r}")
     if step < 0: raise ValueError(f"step must be >= 0, got {step}")
 
 # %% ../nbs/08_schedules.ipynb 8
@@ -46,14 +49,22 @@ def _cosine_lr(step, total_steps, base_lr, min_lr, warmup_steps):
     progress = min((step - warmup_steps) / (total_steps - warmup_steps), 1.0)
     return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))
 
+def _wsd_lr(step, total_steps, base_lr, min_lr, warmup_steps, decay_fraction):
+    "Linear warm-up from `min_lr`, `base_lr` held, then a linear fall to `min_lr` over the last `decay_fraction` of the steps."
+    if step < warmup_steps: return min_lr + (base_lr - min_lr) * step / warmup_steps
+    decay_steps = math.ceil(decay_fraction * total_steps)
+    left = max(total_steps - step, 0)
+    return base_lr if left >= decay_steps else min_lr + (base_lr - min_lr) * left / decay_steps
+
 # %% ../nbs/08_schedules.ipynb 13
 def lr_multiplier(kind: str, step: int, total_steps: int, *, base_lr: float, min_lr: float = 5e-7,
-                  power: float = 0.95, warmup_steps: int = 0) -> float:
+                  power: float = 0.95, warmup_steps: int = 0, decay_fraction: float = 0.2) -> float:
     "Factor that multiplies `base_lr` at `step` for schedule `kind` (one of `SCHEDULES`)."
-    _check(kind, step, total_steps, base_lr, min_lr, warmup_steps)
+    _check(kind, step, total_steps, base_lr, min_lr, warmup_steps, decay_fraction)
     if kind == "radiodiff": return _radiodiff_multiplier(step, total_steps, min_lr, power)
     if kind == "constant": return 1.0
     if kind == "poly": return _poly_lr(step, total_steps, base_lr, min_lr, power) / base_lr
+    if kind == "wsd": return _wsd_lr(step, total_steps, base_lr, min_lr, warmup_steps, decay_fraction) / base_lr
     return _cosine_lr(step, total_steps, base_lr, min_lr, warmup_steps) / base_lr
 
 def lr_at(kind: str, step: int, total_steps: int, *, base_lr: float, **kwargs) -> float:
@@ -62,5 +73,5 @@ def lr_at(kind: str, step: int, total_steps: int, *, base_lr: float, **kwargs) -
 
 def make_lr_lambda(kind: str, total_steps: int, base_lr: float, **kwargs):
     "A `step -> multiplier` function for `torch.optim.lr_scheduler.LambdaLR` (optimizer lr = `base_lr`)."
-    _check(kind, 0, total_steps, base_lr, kwargs.get('min_lr', 5e-7), kwargs.get('warmup_steps', 0))
+    _check(kind, 0, total_steps, base_lr, kwargs.get('min_lr', 5e-7), kwargs.get('warmup_steps', 0), kwargs.get('decay_fraction', 0.2))
     return lambda step: lr_multiplier(kind, step, total_steps, base_lr=base_lr, **kwargs)

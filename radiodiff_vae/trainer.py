@@ -132,7 +132,7 @@ def build_optimizers(ae, loss, t: dict):
     kw, disc_lr = dict(betas=tuple(t['betas']), weight_decay=t['weight_decay']), t['disc_lr'] or t['lr']
     opt_ae = torch.optim.AdamW(groups, lr=t['lr'], **kw)
     opt_disc = torch.optim.AdamW(loss.discriminator.parameters(), lr=disc_lr, **kw)
-    sched = dict(min_lr=t['min_lr'], power=t['power'], warmup_steps=t['warmup_steps'])
+    sched = dict(min_lr=t['min_lr'], power=t['power'], warmup_steps=t['warmup_steps'], decay_fraction=t['decay_fraction'])
     lam = lambda base: make_lr_lambda(t['schedule'], t['train_num_steps'], base, **sched)
     return (opt_ae, opt_disc, torch.optim.lr_scheduler.LambdaLR(opt_ae, lam(t['lr'])),
             torch.optim.lr_scheduler.LambdaLR(opt_disc, lam(disc_lr)))

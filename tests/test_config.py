@@ -96,6 +96,12 @@ def test_schedule_settings_checked_at_load():
         load_config(CONFIGS/'quickstart.yaml', ['trainer.warmup_steps=5000'])
     with pytest.raises(ConfigError, match='trainer.min_lr'):
         load_config(CONFIGS/'quickstart.yaml', ['trainer.min_lr=0.1'])
+    for bad in ('0', '1.5', '0.99'):   # 0.99 of 1200 steps leaves no room for the 60 warm-up steps
+        with pytest.raises(ConfigError, match='trainer.decay_fraction'):
+            load_config(CONFIGS/'quickstart.yaml', ['trainer.schedule=wsd', f'trainer.decay_fraction={bad}'])
+    cfg = load_config(CONFIGS/'quickstart.yaml', ['trainer.schedule=wsd', 'trainer.decay_fraction=0.3'])
+    assert cfg['trainer']['decay_fraction'] == 0.3
+    load_config(CONFIGS/'quickstart.yaml', ['trainer.decay_fraction=0.99'])   # only wsd reads it
 
 
 @pytest.mark.parametrize('typed,stored', [('no', 'no'), ('false', 'no'), ('fp32', 'no'), ('none', 'no'), ('FP32', 'no'),

@@ -57,14 +57,14 @@ def test_cosine_warmup_is_linear_and_monotone():
     assert all(a >= b for a, b in zip(lrs[W:], lrs[W + 1:]))
 
 
-def test_poly_and_cosine_never_below_floor():
-    for kind in ("poly", "cosine"):
+def test_poly_cosine_wsd_never_below_floor():
+    for kind in ("poly", "cosine", "wsd"):
         lrs = [lr_at(kind, s, 500, base_lr=1e-3, min_lr=2e-4) for s in range(0, 700)]
         assert min(lrs) == pytest.approx(2e-4) and max(lrs) == pytest.approx(1e-3)
 
 
 def test_errors():
-    with pytest.raises(ConfigError, match="valid schedules: radiodiff, poly, cosine, constant"):
+    with pytest.raises(ConfigError, match="valid schedules: radiodiff, poly, cosine, constant, wsd"):
         lr_at("linear", 0, T, base_lr=LR0)
     with pytest.raises(ConfigError, match="total_steps"):
         lr_at("poly", 0, 0, base_lr=LR0)
@@ -74,6 +74,19 @@ def test_errors():
         lr_at("cosine", 0, 10, base_lr=1e-3, warmup_steps=10)
     with pytest.raises(ConfigError):
         make_lr_lambda("foo", 10, 1e-3)
+
+
+def test_wsd_warms_up_holds_then_falls_linearly():
+    W, T_, D = 60, 1200, 240          # decay_fraction 0.2 of 1200 steps
+    lrs = [lr_at("wsd", s, T_, base_lr=1e-3, min_lr=1e-5, warmup_steps=W, decay_fraction=0.2) for s in range(T_ + 50)]
+    assert lrs[0] == pytest.approx(1e-5) and lrs[W // 2] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))
+    assert all(a < b for a, b in zip(lrs[:W], lrs[1:W + 1]))
+    assert set(lrs[W:T_ - D + 1]) == {1e-3}                                       # held at the peak
+    steps = [lrs[s] - lrs[s + 1] for s in range(T_ - D, T_)]
+    assert steps == pytest.approx([(1e-3 - 1e-5) / D] * D, rel=1e-9)              # a straight line down
+    assert lrs[T_:] == pytest.approx([1e-5] * 50)
+    with pytest.raises(ConfigError, match="decay_fraction"):
+        lr_at("wsd", 0, T_, base_lr=1e-3, warmup_steps=1000, decay_fraction=0.2)  # 1000 + 240 > 1200
 
 
 @pytest.mark.parametrize("kind", SCHEDULES)
