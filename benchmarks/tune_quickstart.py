@@ -4,6 +4,7 @@
     python benchmarks/tune_quickstart.py search                # train every arm (seed 0), score it on held-out synthetic maps
     python benchmarks/tune_quickstart.py search --arms a,b --seeds 0,1
     python benchmarks/tune_quickstart.py guard --arm NAME      # the chosen arm, seeds 0-2, bf16 and fp32: PSNR on the real maps
+    python benchmarks/tune_quickstart.py real --arm NAME       # after choosing: the arm's searched runs on the real maps
     python benchmarks/tune_quickstart.py show                  # print the stored tables
 
 Held-out discipline: every arm is scored on HELDOUT_N synthetic maps at 256x256 (default generator parameters, so
@@ -33,8 +34,7 @@ BASE = {
     'trainer.mixed_precision': 'no', 'trainer.train_num_steps': 600, 'trainer.lr': 1.0e-3, 'trainer.min_lr': 1.0e-5,
     'trainer.schedule': 'cosine', 'trainer.warmup_steps': 20, 'model.lossconfig.disc_start': 300,
     'trainer.ema_decay': 0.99, 'trainer.save_and_sample_every': 150,
-    # keys first tuned in round 6, at their defaults
-    'trainer.betas': [0.9, 0.999], 'trainer.weight_decay': 0.01, 'trainer.grad_clip_norm': 1.0, 'model.ddconfig.num_res_blocks': 1,
+    'model.ddconfig.num_res_blocks': 1,   # tuned from round 6 on
 }
 
 def arm(steps, **changes) -> dict:
@@ -80,16 +80,16 @@ ARMS = {
                                            model__lossconfig__disc_start=960, trainer__lr=5.0e-4),
     'bf16_b2_4mpx_1200_gan960_lr2e-3': arm(1200, trainer__mixed_precision='bf16', data__batch_size=2, trainer__warmup_steps=60,
                                            model__lossconfig__disc_start=960, trainer__lr=2.0e-3),
-    # round 6 (the quickstart after round 5: fp32, batch 2, 1,200 steps, GAN from 960): settings that leave the step cost
-    # as it is (GAN start, AdamW betas and weight decay, gradient clipping, EMA decay), and a deeper model for fewer steps
+    # round 6 (the quickstart after round 5: fp32, batch 2, 1,200 steps, GAN from 960), each over several seeds: its six seeds
+    # spread 28.4-31.4 dB on the held-out maps, so one seed cannot settle a difference under about 2 dB
     **{f'fp32_b2_1200_{k}': arm(1200, **{'data__batch_size': 2, 'trainer__warmup_steps': 60, 'model__lossconfig__disc_start': 960, **v}) for k, v in {
-        'gan960': {}, 'gan1080': dict(model__lossconfig__disc_start=1080), 'betas0.5_0.9': dict(trainer__betas=[0.5, 0.9]),
-        'betas0.9_0.99': dict(trainer__betas=[0.9, 0.99]), 'wd0': dict(trainer__weight_decay=0.0),
-        'noclip': dict(trainer__grad_clip_norm=None), 'ema0.995': dict(trainer__ema_decay=0.995),
+        'gan960': {}, 'gan1080': dict(model__lossconfig__disc_start=1080),
         # warm-up, the peak rate held, a linear fall over the last 20% (the cosine spends half its steps below half the peak)
         'wsd': dict(trainer__schedule='wsd', trainer__decay_fraction=0.2),
+        # what the GAN phase costs in PSNR: the discriminator never switched on
+        'nogan': dict(model__lossconfig__disc_start=1200),
         # the training maps' scale. The six seeds of the round-5 choice end within 0.3 dB of each other on their own
-        # 64x64 validation maps but 1.7 dB apart on the held-out 256x256 ones: what varies is how a model trained at 4 m/px
+        # 64x64 validation maps but 3 dB apart on the held-out 256x256 ones: what varies is how a model trained at 4 m/px
         # carries over to 1 m/px. Random 64x64 windows of 256x256 maps (1 m/px) or of 128x128 maps (2 m/px), same step cost
         'crop64': dict(data__size=256, data__crop=64, model__ddconfig__resolution=256),
         's128crop64': dict(data__size=128, data__crop=64, model__ddconfig__resolution=128),
@@ -97,17 +97,21 @@ ARMS = {
         # way, 64x64 maps of 384 m (6 m/px) and of 512 m (8 m/px)
         'extent384': dict(data__synthetic={'extent_m': 384.0}), 'extent512': dict(data__synthetic={'extent_m': 512.0})}.items()},
     # 384 m lost 1.6 dB and 512 m 5.2 dB (seed 0): the whole 256 m of the held-out maps in view is what counts, so the same
-    # 256 m at more pixels per map, at about the same training time. Step costs (fp32, 2 threads): 64x64 batch 2 0.15-0.16 s,
-    # 96x96 batch 1 0.18 s, 128x128 batch 1 0.32 s, 64x64 batch 1 0.11 s
+    # 256 m at more pixels per map (96x96, batch 1), and batch 1 at 64x64, at about the same training time. Step costs (fp32,
+    # 2 threads, GAN off/on; `time`): 64x64 batch 2 0.140/0.154 s, 96x96 batch 1 0.166/0.205 s, 64x64 batch 1 0.082/0.099 s
     'fp32_s96b1_1000_gan800': arm(1000, data__size=96, model__ddconfig__resolution=96, data__batch_size=1,
                                   trainer__warmup_steps=50, model__lossconfig__disc_start=800),
-    'fp32_s128b1_600_gan480': arm(600, data__size=128, model__ddconfig__resolution=128, data__batch_size=1,
-                                  trainer__warmup_steps=30, model__lossconfig__disc_start=480),
     'fp32_b1_1700_gan1360': arm(1700, data__batch_size=1, trainer__warmup_steps=85, model__lossconfig__disc_start=1360),
-    # two residual blocks per level cost 1.3x per step (0.21 against 0.16 s, fp32, 2 threads): 950 steps for the same time
+    # two residual blocks per level cost 1.3x per step (0.185/0.198 against 0.140/0.154 s): 950 steps for about the same time
     'fp32_b2_nrb2_950_gan760': arm(950, data__batch_size=2, trainer__warmup_steps=48, model__lossconfig__disc_start=760,
                                    model__ddconfig__num_res_blocks=2),
+    # timed only (`time`): the round-6 base with torch.compile of the autoencoder and discriminator steps
+    'fp32_b2_1200_compiled': arm(1200, data__batch_size=2, trainer__warmup_steps=60, model__lossconfig__disc_start=960,
+                                 trainer__compile=True),
 }
+# The quickstart after round 5. Its seeds 0-5 were not trained again: runs/tune/fp32_b2_1200_gan960-s<N> were links to the
+# guard's fp32 runs (guard_bf16_b2_4mpx_1200_gan960_no-s<N>, the same settings), which `search` then scored
+ROUND6_BASE = 'fp32_b2_1200_gan960'
 CHOSEN = 'bf16_b2_4mpx_1200_gan960'   # best held-out synthetic PSNR per training minute (rounds 4-5); the guard trains it in bf16 and fp32
 
 # ---------------------------------------------------------------------------------------------------------------- utils
@@ -262,8 +266,7 @@ def step_cost(a: dict, steps=6, gan=True) -> dict:
     from radiodiff_vae.trainer import Trainer
     from radiodiff_vae.synthetic import SyntheticRadioMaps
     raw = read_yaml(CONFIG)
-    sets = [f'{k}={v!r}' if not isinstance(v, (dict, str)) else (f'{k}={json.dumps(v)}' if isinstance(v, dict) else f"{k}='{v}'")
-            for k, v in a.items()]
+    sets = overrides(a)[1::2]   # the same `key=value` texts as the training runs' --set arguments
     sets += [f"model.lossconfig.disc_start={0 if gan else a['trainer.train_num_steps']}", 'trainer.tensorboard=false',
              'trainer.save_and_sample_every=100000', 'trainer.log_freq=100000']
     cfg = resolve_config(raw, sets)
@@ -337,6 +340,17 @@ def cmd_guard(args):
     g = load_results()['guard']; summarize_guard(g); update_results(['guard', 'summary'], g['summary'])
     print(json.dumps(g['summary'], indent=1))
 
+def cmd_real(args):
+    "Score the searched runs of the chosen arm on the 26 real maps (after choosing it, never to choose)."
+    real = real_maps(); real = [real[i] for i in range(len(real))]
+    for seed in [int(x) for x in args.seeds.split(',')]:
+        run = RUNS / f'{args.arm}-s{seed}'
+        if not (run / 'tune_train.json').exists(): raise SystemExit(f'{run} has no finished run: search it first')
+        s = score(final_checkpoint(run), real)
+        update_results(['real', args.arm, str(seed)], dict(real_raw=s['raw']['psnr'], real_ema=s['ema']['psnr'],
+                                                           real_per_map_ema=s['ema']['per_map'], eval_s=s['eval_s']))
+        print(f"[real] {args.arm} seed {seed}: real PSNR raw {s['raw']['psnr']:.2f} ema {s['ema']['psnr']:.2f} dB", flush=True)
+
 def cmd_summarize(args):
     "Recompute the guard summary from the stored runs."
     g = load_results()['guard']; summarize_guard(g); update_results(['guard', 'summary'], g['summary'])
@@ -358,8 +372,9 @@ def summarize_guard(g: dict):
     g['summary'] = out
 
 def shape(a: dict) -> tuple:
-    "What a step costs depends on: map side, batch, precision (not on the metres a map covers)."
-    return a['data.size'], a['data.batch_size'], a['trainer.mixed_precision']
+    "What a step costs depends on: map side, batch, precision, depth, compilation (not on the metres a map covers)."
+    return (a['data.size'], a['data.batch_size'], a['trainer.mixed_precision'], a.get('model.ddconfig.num_res_blocks', 1),
+            a.get('trainer.compile', False))
 
 def step_costs(r: dict, name: str) -> dict:
     "Median wall s/step per phase over the stored timings of every arm with arm `name`'s step shape (None if untimed)."
@@ -393,6 +408,15 @@ def cmd_show(args):
         ema = [v['psnr_ema'] for v in s['runs'].values()]
         if len(ema) > 1:
             t = t_interval(ema); print(f"{n}: EMA mean {t['mean']:.2f} dB [{t['ci_low']:.2f}, {t['ci_high']:.2f}] over {t['n']} seeds")
+            base = r['search'].get(ROUND6_BASE, {}).get('runs', {})
+            common = sorted(set(s['runs']) & set(base), key=int)
+            if n != ROUND6_BASE and len(common) > 1:
+                d = t_interval([s['runs'][k]['psnr_ema'] - base[k]['psnr_ema'] for k in common])
+                print(f"    paired against {ROUND6_BASE} (seeds {','.join(common)}): {d['mean']:+.2f} dB [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]")
+    for n, seeds in r.get('real', {}).items():
+        t = t_interval([v['real_ema'] for v in seeds.values()])
+        print(f"{n}: real maps, EMA mean {t['mean']:.2f} dB" + (f" [{t['ci_low']:.2f}, {t['ci_high']:.2f}]" if t['n'] > 1 else '')
+              + f" over {t['n']} seeds: " + ', '.join(f"s{k} {v['real_ema']:.2f}" for k, v in sorted(seeds.items())))
     print()
     for n in r.get('timing', {}):
         c = step_costs(r, n); print(f"timing {n}: GAN off {c['gan_off']}, GAN on {c['gan_on']} s/step")
@@ -411,6 +435,7 @@ def main(argv=None):
     g.add_argument('--synthetic-seeds', type=lambda t: [int(x) for x in t.split(',') if x], default=[0],
                    help='seeds whose runs are also scored on the held-out synthetic maps (default 0)')
     g.add_argument('--precisions', default='bf16,no', help='which precisions to train')
+    r = sub.add_parser('real'); r.add_argument('--arm', required=True); r.add_argument('--seeds', default='0,1,2,3,4,5')
     sub.add_parser('show'); sub.add_parser('summarize')
     p.add_argument('--nice', type=int, default=15, help='niceness of this process and its training children')
     args = p.parse_args(argv)
@@ -418,7 +443,7 @@ def main(argv=None):
     if getattr(args, 'threads', None):
         import torch; torch.set_num_threads(args.threads)
     sys.path.insert(0, str(REPO))
-    dict(time=cmd_time, search=cmd_search, guard=cmd_guard, show=cmd_show, summarize=cmd_summarize)[args.cmd](args)
+    dict(time=cmd_time, search=cmd_search, guard=cmd_guard, real=cmd_real, show=cmd_show, summarize=cmd_summarize)[args.cmd](args)
 
 if __name__ == '__main__':
     main()

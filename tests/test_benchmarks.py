@@ -89,3 +89,14 @@ def test_results_render_the_stored_gpu_and_native_bf16_parts(tmp_path):
     assert "| bf16 ≥ 1.8× (a)'s fp32 on a CPU with AVX-512 BF16 (" in md and '| checkpointing on the GPU, full size' in md
     rec = next(l for l in md.splitlines() if l.startswith('**Recommendation.**'))
     assert 'On a CPU with AMX / AVX-512 BF16' in rec and 'On the GPU' in rec
+
+
+def test_every_tuning_arm_is_a_valid_config():
+    "Each arm of benchmarks/tune_quickstart.py, as its runs pass it (`--set` texts on configs/quickstart.yaml), loads."
+    import tune_quickstart as tq
+    from radiodiff_vae.config import load_config
+    for name, arm in tq.ARMS.items():
+        cfg = load_config(tq.CONFIG, tq.overrides(arm)[1::2])
+        assert cfg['trainer']['train_num_steps'] == arm['trainer.train_num_steps'], name
+        assert cfg['data']['crop'] == arm['data.crop'] and cfg['trainer']['schedule'] == arm['trainer.schedule'], name
+    assert tq.ROUND6_BASE in tq.ARMS and tq.ARMS['fp32_b2_1200_wsd']['trainer.schedule'] == 'wsd'

@@ -473,3 +473,18 @@ def test_checkpoints_load_with_weights_only(straight):
     for p in out.glob('model-*.pt'):
         ck = torch.load(p, weights_only=True)
         assert isinstance(ck['rng'][0]['numpy'][1], torch.Tensor) and ck['version'] == tr.CHECKPOINT_VERSION
+
+
+def test_wsd_schedule_drives_the_optimizers_and_the_analysis(tmp_path):
+    "A run with `schedule: wsd` steps with lr_at('wsd', ...) at every step, and the log analysis rebuilds that curve from the run's config."
+    from radiodiff_vae.analysis import training_params, schedule_lr
+    kw = dict(base_lr=1e-3, min_lr=1e-5, warmup_steps=2, decay_fraction=0.25)
+    out = tmp_path/'wsd'
+    train(tiny(**{'trainer.schedule': 'wsd', 'trainer.decay_fraction': 0.25}), out, progress=False)
+    recs = [json.loads(l) for l in (out/'metrics.jsonl').read_text().splitlines()]
+    lrs = {r['step']: r['lr_ae'] for r in recs if 'train/total_loss' in r}
+    want = [lr_at('wsd', s, 12, **kw) for s in range(12)]
+    assert [lrs[s] for s in range(12)] == pytest.approx(want, rel=1e-9)
+    assert want[2:10] == [1e-3] * 8 and want[11] < want[10] < 1e-3      # held, then the last 3 steps fall
+    config = load(out/'model-4.pt')['config']
+    assert schedule_lr(range(12), training_params(config)) == pytest.approx(want, rel=1e-9)
