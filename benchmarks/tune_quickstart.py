@@ -4,7 +4,6 @@
     python benchmarks/tune_quickstart.py search                # train every arm (seed 0), score it on held-out synthetic maps
     python benchmarks/tune_quickstart.py search --arms a,b --seeds 0,1
     python benchmarks/tune_quickstart.py guard --arm NAME      # the chosen arm, seeds 0-2, bf16 and fp32: PSNR on the real maps
-    python benchmarks/tune_quickstart.py real --arm NAME       # after choosing: the arm's searched runs on the real maps
     python benchmarks/tune_quickstart.py show                  # print the stored tables
 
 Held-out discipline: every arm is scored on HELDOUT_N synthetic maps at 256x256 (default generator parameters, so
@@ -340,17 +339,6 @@ def cmd_guard(args):
     g = load_results()['guard']; summarize_guard(g); update_results(['guard', 'summary'], g['summary'])
     print(json.dumps(g['summary'], indent=1))
 
-def cmd_real(args):
-    "Score the searched runs of the chosen arm on the 26 real maps (after choosing it, never to choose)."
-    real = real_maps(); real = [real[i] for i in range(len(real))]
-    for seed in [int(x) for x in args.seeds.split(',')]:
-        run = RUNS / f'{args.arm}-s{seed}'
-        if not (run / 'tune_train.json').exists(): raise SystemExit(f'{run} has no finished run: search it first')
-        s = score(final_checkpoint(run), real)
-        update_results(['real', args.arm, str(seed)], dict(real_raw=s['raw']['psnr'], real_ema=s['ema']['psnr'],
-                                                           real_per_map_ema=s['ema']['per_map'], eval_s=s['eval_s']))
-        print(f"[real] {args.arm} seed {seed}: real PSNR raw {s['raw']['psnr']:.2f} ema {s['ema']['psnr']:.2f} dB", flush=True)
-
 def cmd_summarize(args):
     "Recompute the guard summary from the stored runs."
     g = load_results()['guard']; summarize_guard(g); update_results(['guard', 'summary'], g['summary'])
@@ -413,10 +401,6 @@ def cmd_show(args):
             if n != ROUND6_BASE and len(common) > 1:
                 d = t_interval([s['runs'][k]['psnr_ema'] - base[k]['psnr_ema'] for k in common])
                 print(f"    paired against {ROUND6_BASE} (seeds {','.join(common)}): {d['mean']:+.2f} dB [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]")
-    for n, seeds in r.get('real', {}).items():
-        t = t_interval([v['real_ema'] for v in seeds.values()])
-        print(f"{n}: real maps, EMA mean {t['mean']:.2f} dB" + (f" [{t['ci_low']:.2f}, {t['ci_high']:.2f}]" if t['n'] > 1 else '')
-              + f" over {t['n']} seeds: " + ', '.join(f"s{k} {v['real_ema']:.2f}" for k, v in sorted(seeds.items())))
     print()
     for n in r.get('timing', {}):
         c = step_costs(r, n); print(f"timing {n}: GAN off {c['gan_off']}, GAN on {c['gan_on']} s/step")
@@ -435,7 +419,6 @@ def main(argv=None):
     g.add_argument('--synthetic-seeds', type=lambda t: [int(x) for x in t.split(',') if x], default=[0],
                    help='seeds whose runs are also scored on the held-out synthetic maps (default 0)')
     g.add_argument('--precisions', default='bf16,no', help='which precisions to train')
-    r = sub.add_parser('real'); r.add_argument('--arm', required=True); r.add_argument('--seeds', default='0,1,2,3,4,5')
     sub.add_parser('show'); sub.add_parser('summarize')
     p.add_argument('--nice', type=int, default=15, help='niceness of this process and its training children')
     args = p.parse_args(argv)
@@ -443,7 +426,7 @@ def main(argv=None):
     if getattr(args, 'threads', None):
         import torch; torch.set_num_threads(args.threads)
     sys.path.insert(0, str(REPO))
-    dict(time=cmd_time, search=cmd_search, guard=cmd_guard, real=cmd_real, show=cmd_show, summarize=cmd_summarize)[args.cmd](args)
+    dict(time=cmd_time, search=cmd_search, guard=cmd_guard, show=cmd_show, summarize=cmd_summarize)[args.cmd](args)
 
 if __name__ == '__main__':
     main()
