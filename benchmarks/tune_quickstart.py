@@ -36,6 +36,10 @@ BASE = {
     'model.ddconfig.num_res_blocks': 1,   # tuned from round 6 on
 }
 
+# The quickstart after round 5. Its seeds 0-5 were not trained again: runs/tune/fp32_b2_1200_gan960-s<N> were links to the
+# guard's fp32 runs (guard_bf16_b2_4mpx_1200_gan960_no-s<N>, the same settings), which `search` then scored
+ROUND6_BASE = 'fp32_b2_1200_gan960'
+
 def arm(steps, **changes) -> dict:
     "BASE with `changes` (keys with '__' for '.'): `steps` steps, GAN and checkpoints from half-way unless changed."
     return {**BASE, 'trainer.train_num_steps': steps, 'trainer.save_and_sample_every': steps // 2,
@@ -104,13 +108,15 @@ ARMS = {
     # two residual blocks per level cost 1.3x per step (0.185/0.198 against 0.140/0.154 s): 950 steps for about the same time
     'fp32_b2_nrb2_950_gan760': arm(950, data__batch_size=2, trainer__warmup_steps=48, model__lossconfig__disc_start=760,
                                    model__ddconfig__num_res_blocks=2),
+    # probe, not a candidate (the base's 1,200 steps plus 200 more): does a short last phase on 1 m/px windows help a model
+    # trained at 4 m/px carry over to 1 m/px? The same 200 steps on the base's own 4 m/px maps are the control
+    **{f'ft200_{k}_from_base': arm(200, _init_from=ROUND6_BASE, data__batch_size=2, trainer__lr=2.0e-4, trainer__warmup_steps=10,
+                                   model__lossconfig__disc_start=200, **v)
+       for k, v in {'1mpx': dict(data__size=256, data__crop=64, model__ddconfig__resolution=256), '4mpx': {}}.items()},
     # timed only (`time`): the round-6 base with torch.compile of the autoencoder and discriminator steps
     'fp32_b2_1200_compiled': arm(1200, data__batch_size=2, trainer__warmup_steps=60, model__lossconfig__disc_start=960,
                                  trainer__compile=True),
 }
-# The quickstart after round 5. Its seeds 0-5 were not trained again: runs/tune/fp32_b2_1200_gan960-s<N> were links to the
-# guard's fp32 runs (guard_bf16_b2_4mpx_1200_gan960_no-s<N>, the same settings), which `search` then scored
-ROUND6_BASE = 'fp32_b2_1200_gan960'
 CHOSEN = 'bf16_b2_4mpx_1200_gan960'   # best held-out synthetic PSNR per training minute (rounds 4-5); the guard trains it in bf16 and fp32
 
 # ---------------------------------------------------------------------------------------------------------------- utils
@@ -231,6 +237,10 @@ def train(name: str, a: dict, seed: int, force=False, threads=None) -> Path:
     if out.exists():
         import shutil; shutil.rmtree(out)
     RUNS.mkdir(parents=True, exist_ok=True)
+    a = dict(a)
+    if a.get('_init_from'):   # a fine-tuning arm: starts from the EMA weights of the same seed's run of another arm
+        init = RUNS / f"{a.pop('_init_from')}-s{seed}"
+        a.update({'model.ckpt_path': str(final_checkpoint(init)), 'model.ckpt_weights': 'ema'})
     cmd = [sys.executable, '-m', 'radiodiff_vae.cli', 'train', '--config', str(CONFIG), '--out', str(out), '--seed', str(seed),
            '--no-progress', *overrides(a), '--set', 'trainer.tensorboard=false']
     if threads: cmd += ['--set', f'trainer.num_threads={threads}']
