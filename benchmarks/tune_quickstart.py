@@ -160,9 +160,10 @@ def update_results(path: list[str], value):
         return r
 
 def overrides(a: dict) -> list[str]:
-    "`--set` arguments for arm `a` (values as YAML flow text)."
+    "`--set` arguments for arm `a` (values as YAML flow text); keys starting with '_' are the script's, not the config's."
     out = []
     for k, v in a.items():
+        if k.startswith('_'): continue
         text = json.dumps(v) if isinstance(v, (dict, list)) or v is None else (f"'{v}'" if isinstance(v, str) else repr(v))
         out += ['--set', f'{k}={text}']
     return out
@@ -237,10 +238,8 @@ def train(name: str, a: dict, seed: int, force=False, threads=None) -> Path:
     if out.exists():
         import shutil; shutil.rmtree(out)
     RUNS.mkdir(parents=True, exist_ok=True)
-    a = dict(a)
     if a.get('_init_from'):   # a fine-tuning arm: starts from the EMA weights of the same seed's run of another arm
-        init = RUNS / f"{a.pop('_init_from')}-s{seed}"
-        a.update({'model.ckpt_path': str(final_checkpoint(init)), 'model.ckpt_weights': 'ema'})
+        a = {**a, 'model.ckpt_path': str(final_checkpoint(RUNS / f"{a['_init_from']}-s{seed}")), 'model.ckpt_weights': 'ema'}
     cmd = [sys.executable, '-m', 'radiodiff_vae.cli', 'train', '--config', str(CONFIG), '--out', str(out), '--seed', str(seed),
            '--no-progress', *overrides(a), '--set', 'trainer.tensorboard=false']
     if threads: cmd += ['--set', f'trainer.num_threads={threads}']

@@ -14,7 +14,7 @@ from scipy import stats
 from scipy.signal import lfilter
 from .core import ConfigError, data_dir
 from .logs import CONFIG_NAMES, load_config_file, read_run
-from .schedules import lr_at
+from .schedules import DECAY_FRACTION, lr_at
 
 # %% auto 0
 __all__ = ['PARAM_ALIASES', 'PARAM_DEFAULTS', 'UPSTREAM_TRAINER_KEYS', 'BOOKKEEPING', 'RESUME_ORDER', 'DISC_COLUMNS',
@@ -50,8 +50,8 @@ PARAM_ALIASES = {
     'gradient_accumulate_every': ('gradient_accumulate_every',), 'resume_milestone': ('resume_milestone',),
     'train_discriminator': ('train_discriminator',),
 }
-PARAM_DEFAULTS = {'schedule': 'radiodiff', 'min_lr': 5e-7, 'power': 0.95, 'warmup_steps': 0, 'decay_fraction': 0.2, 'd_weight_max': 1e4,
-                  'logvar_init': 0.0, 'in_channels': 1}
+PARAM_DEFAULTS = {'schedule': 'radiodiff', 'min_lr': 5e-7, 'power': 0.95, 'warmup_steps': 0, 'decay_fraction': DECAY_FRACTION,
+                  'd_weight_max': 1e4, 'logvar_init': 0.0, 'in_channels': 1}
 
 def _find_key(config, names):
     "Breadth-first search of nested dicts for the first key in `names`."

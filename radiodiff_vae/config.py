@@ -4,10 +4,11 @@
 
 # %% ../nbs/10_config.ipynb 1
 from __future__ import annotations
-import copy, math
+import copy
 from pathlib import Path
 import yaml
 from .core import ConfigError
+from .schedules import DECAY_FRACTION, wsd_fits
 
 # %% auto 0
 __all__ = ['DDCONFIG_SCHEMA', 'LOSSCONFIG_SCHEMA', 'MODEL_SCHEMA', 'DATA_SCHEMA', 'TRAINER_SCHEMA', 'SCHEMA',
@@ -93,7 +94,7 @@ TRAINER_SCHEMA = {
     'schedule': ('choice:radiodiff|poly|cosine|constant|wsd', 'radiodiff', 'learning-rate schedule kind'),
     'power': ('float', 0.95, 'polynomial decay power'),
     'warmup_steps': ('int', 0, 'linear warm-up steps (cosine, wsd)'),
-    'decay_fraction': ('float', 0.2, 'wsd: the last fraction of the steps, over which the lr falls linearly to min_lr'),
+    'decay_fraction': ('float', DECAY_FRACTION, 'wsd: the last fraction of the steps, over which the lr falls linearly to min_lr'),
     'disc_lr': ('float?', None, 'discriminator lr (null: same as lr)'),
     'betas': ('floats', [0.9, 0.999], 'AdamW betas'),
     'weight_decay': ('float', 0.01, 'AdamW weight decay (not applied to logvar)'),
@@ -294,8 +295,7 @@ def validate_config(cfg: dict) -> dict:
     for key in ('warmup_steps', 'resume_milestone', 'max_nonfinite_skips', 'sample_maps'):
         _require(t[key] >= 0, f'trainer.{key}: must be >= 0, got {t[key]}')
     _require(t['warmup_steps'] < t['train_num_steps'], f"trainer.warmup_steps: must be < trainer.train_num_steps={t['train_num_steps']}, got {t['warmup_steps']}")
-    _require(t['schedule'] != 'wsd' or (0 < t['decay_fraction'] <= 1 and
-             t['warmup_steps'] + math.ceil(t['decay_fraction'] * t['train_num_steps']) <= t['train_num_steps']),
+    _require(t['schedule'] != 'wsd' or wsd_fits(t['train_num_steps'], t['warmup_steps'], t['decay_fraction']),
              f"trainer.decay_fraction: must be in (0, 1] and leave room for trainer.warmup_steps={t['warmup_steps']} in "
              f"trainer.train_num_steps={t['train_num_steps']}, got {t['decay_fraction']}")
     _require(t['schedule'] not in ('poly', 'cosine', 'wsd') or t['min_lr'] <= min(t['lr'], t['disc_lr'] or t['lr']),

@@ -209,8 +209,7 @@ def _write_release_files(out: Path, r: dict, model, selection, real_curve, real_
     order = real_rows.sort_values('mode_psnr').index
     picks = {'worst': int(order[0]), 'median': int(order[len(order) // 2]), 'best': int(order[-1])}
     atomic_save_png(plot_reconstructions(model, real_ds, picks, title='Released model on real RadioMapSeer maps (never trained on)'),
-          out/'figures'/'released_real_maps.png')
-
+                    out/'figures'/'released_real_maps.png')
 
 # %% ../nbs/22_pretrained.ipynb 27
 def build_release(run, out='.', select_spec: str = 'synthetic:32', card_spec: str = 'synthetic:100:1', weights: str = 'ema',

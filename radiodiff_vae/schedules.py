@@ -8,12 +8,17 @@ import math
 from .core import ConfigError
 
 # %% auto 0
-__all__ = ['SCHEDULES', 'lr_multiplier', 'lr_at', 'make_lr_lambda']
+__all__ = ['SCHEDULES', 'DECAY_FRACTION', 'wsd_fits', 'lr_multiplier', 'lr_at', 'make_lr_lambda']
 
 # %% ../nbs/08_schedules.ipynb 5
 SCHEDULES = ("radiodiff", "poly", "cosine", "constant", "wsd")
+DECAY_FRACTION = 0.2   # wsd's default: the last fifth of the steps anneal
 
-def _check(kind, step, total_steps, base_lr, min_lr, warmup_steps, decay_fraction=0.2):
+def wsd_fits(total_steps: int, warmup_steps: int, decay_fraction: float) -> bool:
+    "Whether `wsd`'s decay, `ceil(decay_fraction * total_steps)` steps with `decay_fraction` in (0, 1], fits after the warm-up."
+    return 0 < decay_fraction <= 1 and warmup_steps + math.ceil(decay_fraction * total_steps) <= total_steps
+
+def _check(kind, step, total_steps, base_lr, min_lr, warmup_steps, decay_fraction=DECAY_FRACTION):
     "Raise a clear error for an unknown schedule or impossible settings."
     if kind not in SCHEDULES:
         raise ConfigError(f"lr schedule {kind!r} is unknown; valid schedules: {', '.join(SCHEDULES)}")
@@ -25,7 +30,7 @@ def _check(kind, step, total_steps, base_lr, min_lr, warmup_steps, decay_fractio
         raise ConfigError(f"min_lr ({min_lr}) is an absolute learning rate for {kind!r} and must be <= base lr ({base_lr})")
     if not 0 <= warmup_steps < total_steps:
         raise ConfigError(f"warmup_steps must be in [0, total_steps={total_steps}), got {warmup_steps!r}")
-    if kind == "wsd" and not (0 < decay_fraction <= 1 and warmup_steps + math.ceil(decay_fraction * total_steps) <= total_steps):
+    if kind == "wsd" and not wsd_fits(total_steps, warmup_steps, decay_fraction):
         raise ConfigError(f"decay_fraction must be in (0, 1] and leave room for warmup_steps={warmup_steps} "
                           f"(ceil(decay_fraction * total_steps) <= {total_steps - warmup_steps}), got {decay_fraction!r}")
     if step < 0: raise ValueError(f"step must be >= 0, got {step}")
@@ -43,22 +48,26 @@ def _poly_lr(step, total_steps, base_lr, min_lr, power):
     base = max(1 - step / total_steps, 0.0)
     return max(base_lr * base ** power, min_lr)
 
+def _warmup_lr(step, warmup_steps, base_lr, min_lr):
+    "The linear warm-up from `min_lr` to `base_lr` that `cosine` and `wsd` share."
+    return min_lr + (base_lr - min_lr) * step / warmup_steps
+
 def _cosine_lr(step, total_steps, base_lr, min_lr, warmup_steps):
     "Linear warm-up from `min_lr` to `base_lr`, then a half cosine down to `min_lr`; `min_lr` after the end."
-    if step < warmup_steps: return min_lr + (base_lr - min_lr) * step / warmup_steps
+    if step < warmup_steps: return _warmup_lr(step, warmup_steps, base_lr, min_lr)
     progress = min((step - warmup_steps) / (total_steps - warmup_steps), 1.0)
     return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 def _wsd_lr(step, total_steps, base_lr, min_lr, warmup_steps, decay_fraction):
     "Linear warm-up from `min_lr`, `base_lr` held, then a linear fall to `min_lr` over the last `decay_fraction` of the steps."
-    if step < warmup_steps: return min_lr + (base_lr - min_lr) * step / warmup_steps
+    if step < warmup_steps: return _warmup_lr(step, warmup_steps, base_lr, min_lr)
     decay_steps = math.ceil(decay_fraction * total_steps)
     left = max(total_steps - step, 0)
     return base_lr if left >= decay_steps else min_lr + (base_lr - min_lr) * left / decay_steps
 
 # %% ../nbs/08_schedules.ipynb 13
 def lr_multiplier(kind: str, step: int, total_steps: int, *, base_lr: float, min_lr: float = 5e-7,
-                  power: float = 0.95, warmup_steps: int = 0, decay_fraction: float = 0.2) -> float:
+                  power: float = 0.95, warmup_steps: int = 0, decay_fraction: float = DECAY_FRACTION) -> float:
     "Factor that multiplies `base_lr` at `step` for schedule `kind` (one of `SCHEDULES`)."
     _check(kind, step, total_steps, base_lr, min_lr, warmup_steps, decay_fraction)
     if kind == "radiodiff": return _radiodiff_multiplier(step, total_steps, min_lr, power)
@@ -73,5 +82,5 @@ def lr_at(kind: str, step: int, total_steps: int, *, base_lr: float, **kwargs) -
 
 def make_lr_lambda(kind: str, total_steps: int, base_lr: float, **kwargs):
     "A `step -> multiplier` function for `torch.optim.lr_scheduler.LambdaLR` (optimizer lr = `base_lr`)."
-    _check(kind, 0, total_steps, base_lr, kwargs.get('min_lr', 5e-7), kwargs.get('warmup_steps', 0), kwargs.get('decay_fraction', 0.2))
+    lr_multiplier(kind, 0, total_steps, base_lr=base_lr, **kwargs)   # refuses bad settings now, not at the first step
     return lambda step: lr_multiplier(kind, step, total_steps, base_lr=base_lr, **kwargs)

@@ -96,7 +96,6 @@ def test_every_tuning_arm_is_a_valid_config():
     import tune_quickstart as tq
     from radiodiff_vae.config import load_config
     for name, arm in tq.ARMS.items():
-        arm = {k: v for k, v in arm.items() if k != '_init_from'}   # a fine-tuning arm's start, set per seed by train()
         cfg = load_config(tq.CONFIG, tq.overrides(arm)[1::2])
         assert cfg['trainer']['train_num_steps'] == arm['trainer.train_num_steps'], name
         assert cfg['data']['crop'] == arm['data.crop'] and cfg['trainer']['schedule'] == arm['trainer.schedule'], name
