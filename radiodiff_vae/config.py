@@ -72,6 +72,8 @@ DATA_SCHEMA = {
     'num_tx': ('int', 80, 'RadioMapSeer transmitters per map'),
     'size': ('int', 256, 'map side in pixels'),
     'crop': ('int?', None, 'train on a random crop×crop window of each map (null: the whole map); held-out maps stay whole'),
+    'finish_size': ('int?', None, 'train the last data.finish_steps steps on the same whole maps at this side (finer pixels); null: off'),
+    'finish_steps': ('int', 0, 'steps at the end of training on data.finish_size maps (0 when finish_size is null)'),
     'n_maps': ('int', 1000, 'synthetic: number of training maps'),
     'data_seed': ('int', 0, 'synthetic: seed of the map generator'),
     'synthetic': ('dict', {}, 'synthetic: extra generate_radio_map parameters'),
@@ -277,7 +279,18 @@ def downsampling_factor(ddconfig: dict) -> int:
     "How much the encoder shrinks each side: 2^(levels-1)."
     return 2 ** (len(ddconfig["ch_mult"]) - 1)
 
-# %% ../nbs/10_config.ipynb 52
+# %% ../nbs/10_config.ipynb 53
+def _check_finish(d: dict, total_steps: int, f: int):
+    "Raise a ConfigError unless data.finish_size / data.finish_steps describe a phase that fits the run (f: downsampling factor)."
+    size, steps = d['finish_size'], d['finish_steps']
+    if size is None:
+        _require(steps == 0, f'data.finish_steps: {steps} steps but data.finish_size is null; set data.finish_size (e.g. 128) or data.finish_steps=0')
+        return
+    _require(size > 0 and size % f == 0, f'data.finish_size: expected a positive multiple of the downsampling factor {f}, got {size}')
+    _require(0 < steps <= total_steps, f'data.finish_steps: expected 1..trainer.train_num_steps={total_steps} with data.finish_size set, got {steps}')
+    _require(d['crop'] is None, f"data.finish_size and data.crop ({d['crop']}) cannot be combined: the finishing phase trains on whole maps")
+
+# %% ../nbs/10_config.ipynb 55
 def validate_config(cfg: dict) -> dict:
     "Check value ranges and cross-key consistency of a filled config; return it."
     t, d, m = cfg['trainer'], cfg['data'], cfg['model']
@@ -309,6 +322,7 @@ def validate_config(cfg: dict) -> dict:
     f = downsampling_factor(dd)
     _require(d['crop'] is None or (0 < d['crop'] <= d['size'] and d['crop'] % f == 0),
              f"data.crop: expected null or a multiple of the downsampling factor {f} in (0, data.size={d['size']}], got {d['crop']}")
+    _check_finish(d, t['train_num_steps'], f)
     _require(len(dd['ch_mult']) >= 1 and all(c > 0 for c in dd['ch_mult']), f"model.ddconfig.ch_mult: expected positive integers, got {dd['ch_mult']}")
     for key in ('ch', 'z_channels', 'in_channels', 'out_ch'): _require(dd[key] > 0, f'model.ddconfig.{key}: must be positive, got {dd[key]}')
     _require(m['embed_dim'] > 0, f"model.embed_dim: must be positive, got {m['embed_dim']}")
@@ -318,7 +332,7 @@ def validate_config(cfg: dict) -> dict:
         raise ConfigError(f"trainer.fp16 is true but trainer.mixed_precision is {t['mixed_precision']!r}; set one of them")
     return cfg
 
-# %% ../nbs/10_config.ipynb 55
+# %% ../nbs/10_config.ipynb 58
 def parse_override(text: str) -> tuple[list[str], object]:
     "`'a.b.c=value'` -> (['a','b','c'], yaml.safe_load('value'))."
     if '=' not in text: raise ConfigError(f'override {text!r}: expected section.key=value')
@@ -328,7 +342,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
     try: return keys, yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as e: raise ConfigError(f'override {text!r}: value is not valid YAML ({e.__class__.__name__})') from None
 
-# %% ../nbs/10_config.ipynb 57
+# %% ../nbs/10_config.ipynb 60
 def _schema_at(keys: list[str]):
     "The schema entry at `keys`, or a ConfigError listing the valid keys at the first wrong level."
     schema, entry = SCHEMA, None
@@ -341,7 +355,7 @@ def _schema_at(keys: list[str]):
         schema = entry[1] if entry[0] == 'section' else None
     return entry
 
-# %% ../nbs/10_config.ipynb 59
+# %% ../nbs/10_config.ipynb 62
 def apply_overrides(raw: dict, overrides=()) -> dict:
     "A copy of `raw` with each `section.key=value` override set (keys checked against the schema)."
     raw = copy.deepcopy(raw)
@@ -355,7 +369,7 @@ def apply_overrides(raw: dict, overrides=()) -> dict:
         node[keys[-1]] = value
     return raw
 
-# %% ../nbs/10_config.ipynb 62
+# %% ../nbs/10_config.ipynb 65
 def resolve_config(raw: dict | None, overrides=()) -> dict:
     "Validated config with defaults filled, from a raw (YAML-loaded) dict and `section.key=value` overrides."
     if raw is None: raw = {}
@@ -363,7 +377,7 @@ def resolve_config(raw: dict | None, overrides=()) -> dict:
     raw = apply_overrides(unwrap_upstream(raw), overrides)
     return validate_config(_fill(raw, SCHEMA, ''))
 
-# %% ../nbs/10_config.ipynb 64
+# %% ../nbs/10_config.ipynb 67
 def _yaml_problem(e: yaml.YAMLError) -> str:
     "A YAML error on one line: what is wrong and where."
     mark = getattr(e, 'problem_mark', None)
@@ -382,7 +396,7 @@ def read_yaml(path) -> dict:
         raise ConfigError(f'config file {str(path)!r}: expected a mapping of sections (model, data, trainer), got {type(raw).__name__}')
     return raw or {}
 
-# %% ../nbs/10_config.ipynb 66
+# %% ../nbs/10_config.ipynb 69
 def load_config(path, overrides=()) -> dict:
     "Read, unwrap, override, fill and validate the YAML config at `path`."
     try: return resolve_config(read_yaml(path), overrides)
@@ -390,12 +404,12 @@ def load_config(path, overrides=()) -> dict:
         if str(path) in str(e): raise
         raise ConfigError(f'{path}: {e}') from None
 
-# %% ../nbs/10_config.ipynb 68
+# %% ../nbs/10_config.ipynb 71
 def dump_config(cfg: dict) -> str:
     "The config as YAML text (block style, key order kept)."
     return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
 
-# %% ../nbs/10_config.ipynb 75
+# %% ../nbs/10_config.ipynb 78
 RESUME_MUTABLE = {('trainer', k) for k in ('train_num_steps', 'save_and_sample_every', 'log_freq', 'results_folder',
                                            'resume_milestone', 'skip_nonfinite', 'max_nonfinite_skips', 'tensorboard',
                                            'sample_maps', 'cpu', 'amp', 'num_threads', 'compile',
@@ -418,7 +432,7 @@ def resume_changes(old: dict, new: dict) -> dict:
     return {f'{s}.{k}': [old.get(s, {}).get(k), new.get(s, {}).get(k)] for s, k in sorted(RESUME_MUTABLE)
             if k != 'results_folder' and old.get(s, {}).get(k) != new.get(s, {}).get(k)}
 
-# %% ../nbs/10_config.ipynb 78
+# %% ../nbs/10_config.ipynb 81
 def schema_table(schema: dict = SCHEMA, prefix: str = '') -> list[tuple[str, str, str, str]]:
     "(key, type, default, help) rows for every leaf of `schema`."
     rows = []

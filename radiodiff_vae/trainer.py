@@ -35,8 +35,8 @@ from .logs import RunLogs, format_log_line, UPSTREAM_AE_KEYS, UPSTREAM_DISC_KEYS
 
 # %% auto 0
 __all__ = ['UPSTREAM_EMA_AFTER', 'UPSTREAM_EMA_POWER', 'CHECKPOINT_VERSION', 'BatchStream', 'sample_seed', 'posterior_noise',
-           'crop_offsets', 'random_crops', 'CachedDataset', 'build_datasets', 'build_model_and_loss', 'ae_parameters',
-           'build_optimizers', 'AutoencoderStep', 'DiscriminatorStep', 'compile_step', 'world_size',
+           'crop_offsets', 'random_crops', 'CachedDataset', 'build_datasets', 'finish_dataset', 'build_model_and_loss',
+           'ae_parameters', 'build_optimizers', 'AutoencoderStep', 'DiscriminatorStep', 'compile_step', 'world_size',
            'GlobalBatchNorm2d', 'global_batchnorm', 'EMA', 'NonFiniteLossError', 'SkippedBatch', 'nonfinite_terms',
            'rng_state', 'set_rng_state', 'recon_metrics', 'precision_note', 'uses_cpu', 'run_precision',
            'make_accelerator', 'Trainer', 'world_size_dependence', 'load_scheduler', 'sample_grid_png', 'train',
@@ -115,6 +115,12 @@ def build_datasets(data: dict) -> tuple[Dataset, Dataset | None]:
     return MapFolder(data['root'], size=data['size']), None
 
 # %% ../nbs/13_trainer.ipynb 23
+def finish_dataset(data: dict) -> Dataset | None:
+    "The training maps at `data.finish_size` for the finishing phase; None when the config has none."
+    if data['finish_size'] is None: return None
+    return build_datasets({**data, 'size': data['finish_size'], 'val_maps': 0})[0]
+
+# %% ../nbs/13_trainer.ipynb 26
 def build_model_and_loss(model_cfg: dict) -> tuple[AutoencoderKL, LPIPSWithDiscriminator]:
     "The AutoencoderKL and the LPIPSWithDiscriminator of the config's `model` section."
     ae = AutoencoderKL(copy.deepcopy(model_cfg['ddconfig']), model_cfg['embed_dim'],
@@ -125,7 +131,7 @@ def ae_parameters(ae) -> list:
     "Autoencoder parameters in upstream's optimizer order."
     return [p for m in (ae.encoder, ae.decoder, ae.quant_conv, ae.post_quant_conv) for p in m.parameters()]
 
-# %% ../nbs/13_trainer.ipynb 25
+# %% ../nbs/13_trainer.ipynb 28
 def build_optimizers(ae, loss, t: dict):
     "AdamW for the autoencoder (+ logvar when `learn_logvar`) and for the discriminator, with LambdaLR schedules."
     groups = [{'params': ae_parameters(ae)}] + ([{'params': [loss.logvar], 'weight_decay': 0.0}] if t['learn_logvar'] else [])
@@ -137,7 +143,7 @@ def build_optimizers(ae, loss, t: dict):
     return (opt_ae, opt_disc, torch.optim.lr_scheduler.LambdaLR(opt_ae, lam(t['lr'])),
             torch.optim.lr_scheduler.LambdaLR(opt_disc, lam(disc_lr)))
 
-# %% ../nbs/13_trainer.ipynb 28
+# %% ../nbs/13_trainer.ipynb 31
 class AutoencoderStep(nn.Module):
     "Forward of the autoencoder update: reconstruction from noise `eps` (None: the posterior mode) and its loss."
     def __init__(self, ae: AutoencoderKL, loss: LPIPSWithDiscriminator, learn_logvar: bool):
@@ -152,7 +158,7 @@ class AutoencoderStep(nn.Module):
                                                      split='train', compute_d_weight=d_weight)
         return loss, log, x_hat.detach()
 
-# %% ../nbs/13_trainer.ipynb 30
+# %% ../nbs/13_trainer.ipynb 33
 class DiscriminatorStep(nn.Module):
     "Forward of the discriminator update: its loss on real maps and detached reconstructions."
     def __init__(self, loss: LPIPSWithDiscriminator):
@@ -161,14 +167,14 @@ class DiscriminatorStep(nn.Module):
 
     def forward(self, x, x_hat, step: int): return self.loss_fn[0].discriminator_loss(x, x_hat, step, split='train')
 
-# %% ../nbs/13_trainer.ipynb 33
+# %% ../nbs/13_trainer.ipynb 36
 def compile_step(ae: AutoencoderKL, loss: LPIPSWithDiscriminator):
     "torch.compile, in place, the encoder, the decoder's trunk (not its output layers) and the discriminator."
     ae.encoder.compile(dynamic=False)                 # dynamic=False: a new batch shape recompiles instead of
     ae.decoder.trunk = torch.compile(ae.decoder.trunk, dynamic=False)   # tracing symbolic shapes, which inductor
     loss.discriminator.compile(dynamic=False)         # failed on here (torch 2.14, CPU)
 
-# %% ../nbs/13_trainer.ipynb 36
+# %% ../nbs/13_trainer.ipynb 39
 def world_size() -> int:
     "Number of processes training together (1 without a process group)."
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -188,7 +194,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         y = (x - mean[:, None, None]) * torch.rsqrt(var + self.eps)[:, None, None]
         return y * self.weight[:, None, None] + self.bias[:, None, None] if self.affine else y
 
-# %% ../nbs/13_trainer.ipynb 38
+# %% ../nbs/13_trainer.ipynb 41
 def global_batchnorm(module: nn.Module) -> nn.Module:
     "`module` with every BatchNorm2d replaced (in place) by a GlobalBatchNorm2d with the same weights and statistics."
     for name, child in module.named_children():
@@ -198,7 +204,7 @@ def global_batchnorm(module: nn.Module) -> nn.Module:
         else: global_batchnorm(child)
     return module
 
-# %% ../nbs/13_trainer.ipynb 41
+# %% ../nbs/13_trainer.ipynb 44
 UPSTREAM_EMA_AFTER, UPSTREAM_EMA_POWER = 100, 2 / 3   # the defaults of the EMA wrapper upstream's trainer uses
 
 class EMA:
@@ -224,7 +230,7 @@ class EMA:
         for e, b in zip(self.ema_model.buffers(), model.buffers()): e.copy_(b)
         self.updates += 1
 
-# %% ../nbs/13_trainer.ipynb 43
+# %% ../nbs/13_trainer.ipynb 46
 @patch
 def state_dict(self: EMA) -> dict:
     "`ema_model.`-prefixed weights plus book-keeping, like upstream's EMA wrapper."
@@ -239,7 +245,7 @@ def load_state_dict(self: EMA, sd: dict, source=None):
     load_upstream_state_dict(self.ema_model, weights, strict=True, source=f'{source} [ema]' if source else 'ema')
     self.updates = int(sd['updates']) if 'updates' in sd else int(sd.get('step', 0)) // self.every
 
-# %% ../nbs/13_trainer.ipynb 46
+# %% ../nbs/13_trainer.ipynb 49
 class NonFiniteLossError(RadioDiffError, FloatingPointError):
     "A loss or gradient became NaN/inf during training."
 
@@ -253,7 +259,7 @@ def nonfinite_terms(values: dict) -> list[str]:
     rank = lambda k: next((i for i, o in enumerate(order) if k.endswith(o)), len(order))
     return sorted(bad, key=rank)
 
-# %% ../nbs/13_trainer.ipynb 49
+# %% ../nbs/13_trainer.ipynb 52
 def rng_state() -> dict:
     "Python, NumPy, torch (and CUDA) RNG states as tensors and plain values."
     version, mt, gauss = random.getstate()
@@ -273,7 +279,7 @@ def set_rng_state(s: dict):
     torch.set_rng_state(s['torch'].cpu())
     if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all([t.cpu() for t in s['cuda']])
 
-# %% ../nbs/13_trainer.ipynb 52
+# %% ../nbs/13_trainer.ipynb 55
 def recon_metrics(x, x_hat) -> dict:
     "Mean per-map PSNR (dB), NMSE and RMSE of reconstructions, both mapped from [-1, 1] to [0, 1] (clamped)."
     a, b = ((x.float() + 1) / 2).clamp(0, 1), ((x_hat.float() + 1) / 2).clamp(0, 1)
@@ -281,7 +287,7 @@ def recon_metrics(x, x_hat) -> dict:
     nmse = ((a - b) ** 2).flatten(1).sum(1) / (a ** 2).flatten(1).sum(1).clamp_min(1e-12)
     return {'psnr': (10 * torch.log10(1 / mse.clamp_min(1e-12))).mean().item(), 'nmse': nmse.mean().item(), 'rmse': mse.sqrt().mean().item()}
 
-# %% ../nbs/13_trainer.ipynb 55
+# %% ../nbs/13_trainer.ipynb 58
 def precision_note(mode: str, reason: str) -> str:
     "One line saying which arithmetic a run uses and why."
     return f"precision: {dict(no='fp32', bf16='bf16 autocast', fp16='fp16 autocast')[mode]} ({reason})"
@@ -307,7 +313,7 @@ def make_accelerator(t: dict, mixed: str | None = None) -> Accelerator:
                           f'({acc.distributed_type}); check the accelerate config (accelerate env)')
     return acc
 
-# %% ../nbs/13_trainer.ipynb 58
+# %% ../nbs/13_trainer.ipynb 61
 class Trainer:
     "Train an AutoencoderKL with LPIPSWithDiscriminator as configured, on one process or several; see `train`."
     def __init__(self, config: dict, out_dir=None, resume=None, progress=True, stop_at=None, dataset=None,
@@ -327,7 +333,7 @@ class Trainer:
             if self.main: self._abandon()
             raise
 
-# %% ../nbs/13_trainer.ipynb 60
+# %% ../nbs/13_trainer.ipynb 63
 @patch
 def _build(self: Trainer, dataset=None):
     "Model, loss, optimisers, schedules, EMA and data in memory (the same on every process), prepared by accelerate."
@@ -344,11 +350,14 @@ def _build(self: Trainer, dataset=None):
     self.disc_eval = steps[1]    # the discriminator pass of a step that does not train it (no gradients)
     self.ema = EMA(self.ae, t['ema_decay'], t['ema_update_every'], t['ema_warmup'], t['upstream_ema']) if self.main else None
     if t['compile']: compile_step(self.ae, self.loss)    # after the EMA's copy: the EMA model stays eager
+    if dataset is not None and self.cfg['data']['finish_size'] is not None:
+        raise ConfigError('data.finish_size: a finishing phase needs the configured maps, not a dataset passed to the trainer')
     self.train_ds, self.val_ds = (dataset, None) if dataset is not None else build_datasets(self.cfg['data'])
+    self.finish_ds = finish_dataset(self.cfg['data']) if dataset is None else None
     self.step, self.batches_drawn, self.skips, self.session = 0, 0, 0, 0
     self.resumed_config = None    # the config stored in the checkpoint this run resumes (ours only)
 
-# %% ../nbs/13_trainer.ipynb 62
+# %% ../nbs/13_trainer.ipynb 65
 @patch
 def _on_main(self: Trainer, fn, *args):
     "Run `fn` on process 0 only; an error it raises is raised on every process."
@@ -386,7 +395,7 @@ def _write(self: Trainer, fn, path, what: str):
         keep = f'; the previous checkpoint {self.last_checkpoint} is intact' if getattr(self, 'last_checkpoint', None) else ''
         raise RunFolderError(f'{path}: cannot write the {what} ({e.strerror or e}){keep}') from None
 
-# %% ../nbs/13_trainer.ipynb 65
+# %% ../nbs/13_trainer.ipynb 68
 @patch
 def _start(self: Trainer, resume):
     "Resume or initialise, then reseed per process, write the config, open the logs and the data stream."
@@ -442,22 +451,36 @@ def _init_weights(self: Trainer, path):
     if self.ema is not None: self.ema.ema_model.load_state_dict(self.ae.state_dict())
 
 @patch
+def _finishing(self: Trainer) -> bool:
+    "Whether the current step is in the finishing phase: the last data.finish_steps steps, on data.finish_size maps."
+    return self.finish_ds is not None and self.step >= self.t['train_num_steps'] - self.cfg['data']['finish_steps']
+
+@patch
 def _open_stream(self: Trainer):
     "A DataLoader over this process's share of the reproducible batch stream, from the batch the run has reached."
-    self.sampler = BatchStream(len(self.train_ds), self.cfg['data']['batch_size'], self.t['seed'], self.batches_drawn, self.rank, self.world)
+    self.stream_finishing = self._finishing()
+    ds = self.finish_ds if self.stream_finishing else self.train_ds
+    self.sampler = BatchStream(len(ds), self.cfg['data']['batch_size'], self.t['seed'], self.batches_drawn, self.rank, self.world)
     # its own generator: creating the iterator must not draw from the global torch RNG (exact resume)
-    dl = DataLoader(self.train_ds, batch_sampler=self.sampler, num_workers=self.cfg['data']['num_workers'], persistent_workers=False,
+    dl = DataLoader(ds, batch_sampler=self.sampler, num_workers=self.cfg['data']['num_workers'], persistent_workers=False,
                     pin_memory=self.device.type == 'cuda', generator=torch.Generator().manual_seed(self.t['seed'] + self.batches_drawn))
     self.batches = iter(dl)
 
-# %% ../nbs/13_trainer.ipynb 68
+@patch
+def _switch_stream(self: Trainer):
+    "Enter the finishing phase: the same batch stream, read from the data.finish_size maps from this step on."
+    self._open_stream()
+    n, s = self.cfg['data']['finish_steps'], self.cfg['data']['finish_size']
+    if self.main: self.logs.line(f'[Finish] step {self.step}: the last {n} steps train on the same maps at {s}x{s}')
+
+# %% ../nbs/13_trainer.ipynb 71
 def world_size_dependence(cfg: dict) -> list[str]:
     "What makes a run of `cfg` depend on its number of processes (empty: nothing)."
     why = [] if cfg['trainer']['sync_batchnorm'] else ["the discriminator's BatchNorm statistics are per process (trainer.sync_batchnorm: false)"]
     if cfg['model']['ddconfig'].get('dropout', 0.0) > 0: why.append('dropout draws from per-process random streams (model.ddconfig.dropout > 0)')
     return why
 
-# %% ../nbs/13_trainer.ipynb 70
+# %% ../nbs/13_trainer.ipynb 73
 def _load_optimizer(opt, state, path, name, extra_group: bool):
     "Load an optimizer state; an upstream AE state lacks our logvar group, which then starts fresh."
     try:
@@ -490,7 +513,7 @@ def load_scheduler(sched, state: dict, path, name) -> bool:
         for g, lr in zip(inner.optimizer.param_groups, inner._last_lr): g['lr'] = lr
     return extra == 1
 
-# %% ../nbs/13_trainer.ipynb 72
+# %% ../nbs/13_trainer.ipynb 75
 @patch
 def _resume_from(self: Trainer, path: Path):
     "Restore the full training state from checkpoint `path` (ours or upstream's model-N.pt)."
@@ -534,7 +557,7 @@ def _check_resumable(self: Trainer, ckpt: dict, path):
     if why: raise CheckpointError(f'{path}: written by {saved} processes, resumed on {self.world}, but {"; ".join(why)}: '
                                   f'resume with {saved} processes (accelerate launch --num_processes {saved})')
 
-# %% ../nbs/13_trainer.ipynb 75
+# %% ../nbs/13_trainer.ipynb 78
 @patch
 def _next_batch(self: Trainer):
     "This process's share of the next global batch, its posterior noise (None: train on the mode) and its map names."
@@ -557,7 +580,7 @@ def _mean_logs(self: Trainer, logs: list[dict]) -> dict:
     t = torch.stack([torch.stack([torch.as_tensor(l[k]).detach().reshape(()).to(self.device, torch.float32) for k in keys]) for l in logs]).mean(0)
     return dict(zip(keys, reduce(t, 'mean').tolist()))
 
-# %% ../nbs/13_trainer.ipynb 77
+# %% ../nbs/13_trainer.ipynb 80
 @patch
 def _ae_pass(self: Trainer, d_weight: bool):
     "Forward + backward of the autoencoder loss over the micro-batches (gradients averaged over processes on the last)."
@@ -587,7 +610,7 @@ def _disc_pass(self: Trainer, kept, train: bool) -> dict:
             logs.append(log)
     return self._mean_logs(logs)
 
-# %% ../nbs/13_trainer.ipynb 79
+# %% ../nbs/13_trainer.ipynb 82
 @patch
 def _update(self: Trainer, opt, params, vals: dict, names: list) -> float:
     "Clip (before the step: defect 2) and step; a non-finite loss or gradient norm skips the batch or stops the run."
@@ -627,14 +650,14 @@ def _nonfinite(self: Trainer, bad: list, values: dict, names: list):
     raise NonFiniteLossError(f'non-finite loss at step {step}: {desc}{why}; batch {names[:8]}; {last}; diagnostic: {diag}. '
                              'Resume with --resume latest (perhaps with a lower trainer.lr), or set trainer.skip_nonfinite=true to skip such batches.')
 
-# %% ../nbs/13_trainer.ipynb 82
+# %% ../nbs/13_trainer.ipynb 85
 @patch
 def _idle_disc_step(self: Trainer):
     "Upstream's discriminator update before disc_start: zero gradients, yet AdamW steps (weight decay, moments)."
     for p in self.disc_params: p.grad = torch.zeros_like(p)
     self.opt_disc.step(); self.opt_disc.zero_grad(set_to_none=True)
 
-# %% ../nbs/13_trainer.ipynb 84
+# %% ../nbs/13_trainer.ipynb 87
 @patch
 def train_step(self: Trainer) -> dict:
     "One optimisation step (both updates); the logged values (empty when the step is not logged)."
@@ -649,7 +672,7 @@ def train_step(self: Trainer) -> dict:
     except SkippedBatch: return {'skipped': True}
     return vals if logged else {}
 
-# %% ../nbs/13_trainer.ipynb 88
+# %% ../nbs/13_trainer.ipynb 91
 CHECKPOINT_VERSION = 2
 
 @patch
@@ -664,14 +687,14 @@ def checkpoint_state(self: Trainer) -> dict:
             'loss': {k: v for k, v in self.loss.state_dict().items() if not k.startswith('perceptual')},
             'version': CHECKPOINT_VERSION, 'nonfinite_skips': self.skips, 'session': self.session, 'world_size': self.world}
 
-# %% ../nbs/13_trainer.ipynb 90
+# %% ../nbs/13_trainer.ipynb 93
 def sample_grid_png(x, x_hat) -> bytes:
     "PNG bytes of a grid: one row per map, input | reconstruction, mapped to [0, 1]."
     pairs, buf = torch.stack([x, x_hat], 1).flatten(0, 1).float().cpu(), io.BytesIO()
     torchvision.utils.save_image(((pairs + 1) / 2).clamp(0, 1), buf, nrow=2, padding=2, format='png')
     return buf.getvalue()
 
-# %% ../nbs/13_trainer.ipynb 92
+# %% ../nbs/13_trainer.ipynb 95
 @patch
 def _write_milestone(self: Trainer, state: dict):
     "Write sample-{milestone}.png, the held-out scores, then model-{milestone}.pt (process 0); milestone = ceil(step / save_and_sample_every)."
@@ -695,7 +718,7 @@ def _sample_inputs(self: Trainer) -> torch.Tensor:
     n = len(ds) if self.val_ds is not None else min(len(ds), max(self.t['sample_maps'], 1))
     return torch.stack([ds[i]['image'] for i in range(n)]).to(self.device)
 
-# %% ../nbs/13_trainer.ipynb 95
+# %% ../nbs/13_trainer.ipynb 98
 @patch
 def _log_step(self: Trainer, vals: dict, timer: dict, bar=None):
     "Write the two upstream lines, one metrics record and the progress bar's loss."
@@ -710,7 +733,7 @@ def _log_step(self: Trainer, vals: dict, timer: dict, bar=None):
                       'nonfinite_skips': self.skips, 'epoch': self.batches_drawn // max(self.sampler.per_epoch, 1)})
     if bar is not None: bar.set_postfix(loss=f"{vals['train/total_loss']:.4g}", rec=f"{vals['train/rec_loss']:.3g}")
 
-# %% ../nbs/13_trainer.ipynb 97
+# %% ../nbs/13_trainer.ipynb 100
 @patch
 def fit(self: Trainer) -> dict:
     "Train until `train_num_steps` (or `stop_at`); return a summary."
@@ -720,6 +743,7 @@ def fit(self: Trainer) -> dict:
     bar = tqdm(total=T, initial=self.step, disable=not (self.main and self.progress), dynamic_ncols=True, desc='train')
     try:
         while self.step < stop:
+            if self._finishing() != self.stream_finishing: self._switch_stream()
             vals = self.train_step()      # whether a step is logged, skipped or a milestone is the same on every process
             if vals and 'skipped' not in vals: self._on_main(self._log_step, vals, timer, bar)
             with warnings.catch_warnings():   # the discriminator's optimizer legitimately skips steps before disc_start
@@ -741,7 +765,7 @@ def fit(self: Trainer) -> dict:
             'nonfinite_skips': self.skips, 'resumed_from': str(self.resumed_from) if self.resumed_from else None,
             'processes': self.world}
 
-# %% ../nbs/13_trainer.ipynb 106
+# %% ../nbs/13_trainer.ipynb 111
 def train(config,                          # a resolved config dict (`config.load_config`) or a YAML path
           out_dir=None,                    # the run folder (default: trainer.results_folder)
           resume=None,                     # 'latest', a milestone number or a checkpoint path; None: a fresh run
@@ -762,7 +786,7 @@ def train(config,                          # a resolved config dict (`config.loa
     return Trainer(cfg, out_dir, resume=resume, progress=progress, stop_at=stop_at, dataset=dataset,
                    skip_damaged=skip_damaged, trust_checkpoint=trust_checkpoint).fit()
 
-# %% ../nbs/13_trainer.ipynb 121
+# %% ../nbs/13_trainer.ipynb 126
 def add_train_args(parser: argparse.ArgumentParser):
     "Arguments of `radiodiff-vae train`."
     parser.add_argument('--config', default=None, help='YAML config (e.g. configs/quickstart.yaml); required')
@@ -785,7 +809,7 @@ def add_train_args(parser: argparse.ArgumentParser):
     parser.parse_known_args = parse_known_args
     return parser
 
-# %% ../nbs/13_trainer.ipynb 123
+# %% ../nbs/13_trainer.ipynb 128
 def run_train(args) -> int:
     "Run `radiodiff-vae train` from parsed `args`; print the summary as JSON (process 0); return 0."
     if not args.config: raise ConfigError('--config is required (a YAML file such as configs/quickstart.yaml)')
@@ -802,5 +826,5 @@ def main(argv=None) -> int:
     except RadioDiffError as e:
         print(f'radiodiff-vae train: error: {e}', file=sys.stderr); return 2
 
-# %% ../nbs/13_trainer.ipynb 125
+# %% ../nbs/13_trainer.ipynb 130
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())

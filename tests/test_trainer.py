@@ -488,3 +488,29 @@ def test_wsd_schedule_drives_the_optimizers_and_the_analysis(tmp_path):
     assert want[2:10] == [1e-3] * 8 and want[11] < want[10] < 1e-3      # held, then the last 3 steps fall
     config = load(out/'model-4.pt')['config']
     assert schedule_lr(range(12), training_params(config)) == pytest.approx(want, rel=1e-9)
+
+@pytest.fixture(scope='module')
+def finishing(tmp_path_factory):
+    "An uninterrupted 12-step run whose last 4 steps train on the same maps at 64x64."
+    out = tmp_path_factory.mktemp('runs')/'finishing'
+    return out, train(tiny(**{'data.finish_size': 64, 'data.finish_steps': 4}), out, progress=False)
+
+@pytest.mark.parametrize('stop', [6, 9])   # killed before the finishing phase, and inside it
+def test_finishing_phase_resumes_to_identical_weights(finishing, tmp_path, stop):
+    out, _ = finishing
+    cfg = tiny(**{'data.finish_size': 64, 'data.finish_steps': 4})
+    train(cfg, tmp_path/'b', progress=False, stop_at=stop)
+    assert train(cfg, tmp_path/'b', progress=False, resume='latest')['step'] == 12
+    a, b = load(out/'model-4.pt'), load(tmp_path/'b'/'model-4.pt')
+    for key in ('model', 'ema'):
+        for k in a[key]: assert torch.equal(a[key][k], b[key][k]), f'{key}.{k} differs'
+    logs = ''.join(p.read_text() for p in sorted((tmp_path/'b').glob('*.log')))
+    assert logs.count('[Finish] step 8: the last 4 steps train on the same maps at 64x64') == 1   # entered once, by either session
+
+def test_finishing_phase_changes_the_weights_and_needs_configured_maps(finishing, straight, tmp_path):
+    a, b = load(finishing[0]/'model-4.pt'), load(straight[0]/'model-4.pt')
+    assert not torch.equal(a['model']['decoder.conv_out.weight'], b['model']['decoder.conv_out.weight'])
+    c = load(finishing[0]/'model-2.pt'), load(straight[0]/'model-2.pt')   # step 6: before the phase, the same run
+    assert all(torch.equal(c[0]['model'][k], c[1]['model'][k]) for k in c[0]['model'])
+    with pytest.raises(ConfigError, match='finishing phase needs the configured maps'):
+        train(tiny(**{'data.finish_size': 64, 'data.finish_steps': 4}), tmp_path/'c', progress=False, dataset=[])
