@@ -236,6 +236,23 @@ def score(checkpoint: Path, dataset, batch_size=4) -> dict:
     out['eval_s'] = time.perf_counter() - t0
     return out
 
+def offset_share(checkpoint: Path, sizes=(64, 128, 256), batch_size=4) -> dict:
+    "Per side: EMA PSNR on the held-out maps drawn at that side (same 256 m), and the share of the squared error that is one offset per map."
+    import torch
+    from radiodiff_vae.evaluation import read_checkpoint, build_model
+    from radiodiff_vae.synthetic import SyntheticRadioMaps
+    ckpt, cfg, _ = read_checkpoint(checkpoint)
+    model, out = build_model(ckpt, cfg, 'ema', checkpoint), {}
+    for size in sizes:
+        ds = SyntheticRadioMaps(HELDOUT_N, seed=0, size=size, offset=HELDOUT_OFFSET)
+        x = torch.stack([ds[i]['image'] for i in range(len(ds))]).float()
+        with torch.no_grad():
+            x_hat = torch.cat([model.decode(model.encode(x[i:i + batch_size]).mode()) for i in range(0, len(x), batch_size)])
+        err = (x_hat.clamp(-1, 1) - x) / 2                     # in gray-level units / 255, as the PSNR reads them
+        mse = err.pow(2).mean((1, 2, 3))
+        out[str(size)] = dict(psnr=float((-10 * mse.log10()).mean()), offset_share=float(err.mean((1, 2, 3)).pow(2).sum() / mse.sum()))
+    return out
+
 # ------------------------------------------------------------------------------------------------------------ training
 
 def read_metrics(run: Path) -> dict:
@@ -434,6 +451,15 @@ def cmd_show(args):
         print(f"guard {k}: real raw {v['real_raw']:.2f} ema {v['real_ema']:.2f}; held-out syn raw {v['syn_raw']} ema {v['syn_ema']}")
     if r.get('guard', {}).get('summary'): print(json.dumps(r['guard']['summary'], indent=1))
 
+def cmd_offset(args):
+    "How much of each run's held-out error is one brightness offset per map, with the maps drawn at 64, 128 and 256 px."
+    for n in args.arms.split(','):
+        for seed in [int(v) for v in args.seeds.split(',')]:
+            res = offset_share(final_checkpoint(RUNS / f'{n}-s{seed}'))
+            update_results(['offset', n, str(seed)], res)
+            print(f'[offset] {n} seed {seed}: ' + ', '.join(f"{k}px {v['psnr']:.2f} dB, offset {100 * v['offset_share']:.0f}%"
+                                                        for k, v in res.items()), flush=True)
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     sub = p.add_subparsers(dest='cmd', required=True)
@@ -445,6 +471,7 @@ def main(argv=None):
     g.add_argument('--synthetic-seeds', type=lambda t: [int(x) for x in t.split(',') if x], default=[0],
                    help='seeds whose runs are also scored on the held-out synthetic maps (default 0)')
     g.add_argument('--precisions', default='bf16,no', help='which precisions to train')
+    o = sub.add_parser('offset'); o.add_argument('--arms', required=True); o.add_argument('--seeds', default='0')
     sub.add_parser('show'); sub.add_parser('summarize')
     p.add_argument('--nice', type=int, default=15, help='niceness of this process and its training children')
     args = p.parse_args(argv)
@@ -452,7 +479,7 @@ def main(argv=None):
     if getattr(args, 'threads', None):
         import torch; torch.set_num_threads(args.threads)
     sys.path.insert(0, str(REPO))
-    dict(time=cmd_time, search=cmd_search, guard=cmd_guard, show=cmd_show, summarize=cmd_summarize)[args.cmd](args)
+    dict(time=cmd_time, search=cmd_search, offset=cmd_offset, guard=cmd_guard, show=cmd_show, summarize=cmd_summarize)[args.cmd](args)
 
 if __name__ == '__main__':
     main()

@@ -18,15 +18,15 @@ from .schedules import DECAY_FRACTION, lr_at
 
 # %% auto 0
 __all__ = ['PARAM_ALIASES', 'PARAM_DEFAULTS', 'UPSTREAM_TRAINER_KEYS', 'BOOKKEEPING', 'RESUME_ORDER', 'DISC_COLUMNS',
-           'TREND_KEYS', 'find_run_config', 'training_params', 'TrainingLoop', 'training_loop', 'debiased_ema',
-           'segment_ids', 'segmented_ema', 'value_quantum', 'value_steps', 'column_of', 'metric_columns', 'logged_rows',
-           'sample_milestone', 'sample_distances', 'SampleRepeat', 'SampleRepeats', 'sample_repeats', 'ResumeEvidence',
-           'Resumes', 'resume_evidence', 'gate_step', 'GLossShift', 'g_loss_shift', 'DiscriminatorEvidence',
-           'discriminator_training', 'phase_names', 'Phase', 'Phases', 'phases', 'Throughput', 'Coverage', 'coverage',
-           'Completion', 'completion', 'schedule_lr', 'LearningRate', 'print_step', 'learning_rate', 'MapSize',
-           'pixels_per_image', 'DWeight', 'd_weight_clamp', 'Logvar', 'logvar_movement', 'loss_terms', 'WorkedExample',
-           'worked_example', 'LossComposition', 'loss_composition', 'metric_stats', 'Trend', 'trend', 'RunAnalysis',
-           'analyze_run', 'RunData', 'group_inputs', 'display_path', 'load_runs']
+           'TREND_KEYS', 'find_run_config', 'training_params', 'finish_start', 'TrainingLoop', 'training_loop',
+           'debiased_ema', 'segment_ids', 'segmented_ema', 'value_quantum', 'value_steps', 'column_of',
+           'metric_columns', 'logged_rows', 'sample_milestone', 'sample_distances', 'SampleRepeat', 'SampleRepeats',
+           'sample_repeats', 'ResumeEvidence', 'Resumes', 'resume_evidence', 'gate_step', 'GLossShift', 'g_loss_shift',
+           'DiscriminatorEvidence', 'discriminator_training', 'phase_names', 'Phase', 'Phases', 'phases', 'Throughput',
+           'Coverage', 'coverage', 'Completion', 'completion', 'schedule_lr', 'LearningRate', 'print_step',
+           'learning_rate', 'MapSize', 'pixels_per_image', 'DWeight', 'd_weight_clamp', 'Logvar', 'logvar_movement',
+           'loss_terms', 'WorkedExample', 'worked_example', 'LossComposition', 'loss_composition', 'metric_stats',
+           'Trend', 'trend', 'RunAnalysis', 'analyze_run', 'RunData', 'group_inputs', 'display_path', 'load_runs']
 
 # %% ../nbs/14_analysis.ipynb 5
 def find_run_config(folder) -> Path | None:
@@ -48,7 +48,7 @@ PARAM_ALIASES = {
     'perceptual_weight': ('perceptual_weight',), 'batch_size': ('batch_size',), 'resolution': ('resolution',),
     'in_channels': ('in_channels',), 'save_every': ('save_and_sample_every', 'save_every'), 'log_freq': ('log_freq', 'log_every'),
     'gradient_accumulate_every': ('gradient_accumulate_every',), 'resume_milestone': ('resume_milestone',),
-    'train_discriminator': ('train_discriminator',),
+    'train_discriminator': ('train_discriminator',), 'finish_size': ('finish_size',), 'finish_steps': ('finish_steps',),
 }
 PARAM_DEFAULTS = {'schedule': 'radiodiff', 'min_lr': 5e-7, 'power': 0.95, 'warmup_steps': 0, 'decay_fraction': DECAY_FRACTION,
                   'd_weight_max': 1e4, 'logvar_init': 0.0, 'in_channels': 1}
@@ -79,6 +79,12 @@ def training_params(config: dict | None) -> dict:
     return params
 
 # %% ../nbs/14_analysis.ipynb 13
+def finish_start(params: dict) -> int | None:
+    "First step of the run's finishing phase on `finish_size` maps (its last `finish_steps` steps); None without one."
+    size, steps, total = params.get('finish_size'), params.get('finish_steps'), params.get('total_steps')
+    return total - steps if size and steps and total else None
+
+# %% ../nbs/14_analysis.ipynb 16
 UPSTREAM_TRAINER_KEYS = frozenset({'gradient_accumulate_every', 'lr', 'min_lr', 'train_num_steps', 'save_and_sample_every',
                                    'log_freq', 'results_folder', 'amp', 'fp16', 'resume_milestone'})
 
@@ -98,7 +104,7 @@ def training_loop(info: dict, config: dict | None) -> TrainingLoop:
     if own: return TrainingLoop('radiodiff_vae', f"the config's trainer section has keys upstream's has not ({', '.join(own[:4])})")
     return TrainingLoop('upstream', f"upstream-format records ({', '.join(kinds)}) and a config with only upstream's trainer keys")
 
-# %% ../nbs/14_analysis.ipynb 16
+# %% ../nbs/14_analysis.ipynb 19
 def debiased_ema(values, smoothing: float = 0.9) -> np.ndarray:
     "Debiased exponential moving average of `values`; non-finite entries are skipped and stay NaN."
     if not 0 <= smoothing < 1: raise ConfigError(f'smoothing must be in [0, 1), got {smoothing}')
@@ -109,7 +115,7 @@ def debiased_ema(values, smoothing: float = 0.9) -> np.ndarray:
         out[ok] = m / (1 - smoothing ** np.arange(1, ok.sum() + 1))
     return out
 
-# %% ../nbs/14_analysis.ipynb 18
+# %% ../nbs/14_analysis.ipynb 21
 def segment_ids(steps, restarts) -> np.ndarray:
     "Segment number of each step: a new segment begins at every step in `restarts`."
     return np.searchsorted(np.sort(np.asarray(list(restarts), float)), np.asarray(steps, float), side='right')
@@ -121,7 +127,7 @@ def segmented_ema(values, segments, smoothing: float = 0.9) -> np.ndarray:
     for s in np.unique(seg): out[seg == s] = debiased_ema(v[seg == s], smoothing)
     return out
 
-# %% ../nbs/14_analysis.ipynb 21
+# %% ../nbs/14_analysis.ipynb 24
 def value_quantum(values) -> float | None:
     "The print step (1, 0.1, ..., 1e-8) that every finite non-zero value is a multiple of, or `None` (full precision)."
     x = np.asarray(values, dtype=float); x = x[np.isfinite(x) & (x != 0)]
@@ -131,7 +137,7 @@ def value_quantum(values) -> float | None:
         if np.all((np.abs(r - np.round(r)) <= 1e-3 + 1e-15 * np.abs(r)) & (np.abs(np.round(r)) >= 1)): return q
     return None
 
-# %% ../nbs/14_analysis.ipynb 23
+# %% ../nbs/14_analysis.ipynb 26
 def value_steps(values) -> np.ndarray:
     "Per value, the largest power of ten (1e-12 ... 1e6) it is a multiple of: its printed resolution."
     x = np.abs(np.asarray(values, dtype=float)); out = np.full(x.shape, 1e-12)
@@ -145,7 +151,7 @@ def _rounding_error(values) -> np.ndarray:
     v = np.asarray(values, dtype=float)
     return np.maximum(np.minimum(value_steps(v), value_quantum(v) or np.inf) / 2, 6e-8 * np.abs(v))
 
-# %% ../nbs/14_analysis.ipynb 26
+# %% ../nbs/14_analysis.ipynb 29
 BOOKKEEPING = ('timestamp', 'source', 'wall_time', 'elapsed_s', 'session', 'epoch', 'milestone', 'total_steps')
 
 def column_of(df: pd.DataFrame, name: str) -> str | None:
@@ -162,7 +168,7 @@ def logged_rows(df: pd.DataFrame, column: str) -> np.ndarray:
     same = [c for c in metric_columns(df) if (c.split('/')[0] if '/' in c else None) == group]
     return df[same].notna().any(axis=1).to_numpy() if same else np.ones(len(df), bool)
 
-# %% ../nbs/14_analysis.ipynb 29
+# %% ../nbs/14_analysis.ipynb 32
 def sample_milestone(path) -> int | None:
     "The milestone number in a sample's file name (`sample-12.png` -> 12), or `None`."
     m = re.search(r'(\d+)', Path(path).stem)
@@ -177,7 +183,7 @@ def sample_distances(paths) -> np.ndarray:
             if imgs[i].shape == imgs[j].shape: d[i, j] = d[j, i] = np.abs(imgs[i] - imgs[j]).mean()
     return d
 
-# %% ../nbs/14_analysis.ipynb 31
+# %% ../nbs/14_analysis.ipynb 34
 @dataclass
 class SampleRepeat:
     "Sample `sample` shows the map that the earlier sample `repeats` showed."
@@ -211,7 +217,7 @@ def sample_repeats(paths, save_every: int | None = None, rel_threshold: float = 
     restart = (reps[0].sample - reps[0].repeats) * int(save_every) if reps and save_every else None
     return SampleRepeats(len(paths), float(np.median(pairs)), thr, float(others.min()) if len(others) else None, reps, restart)
 
-# %% ../nbs/14_analysis.ipynb 34
+# %% ../nbs/14_analysis.ipynb 37
 @dataclass
 class ResumeEvidence:
     "One source's view of a resume: `config`, `samples`, `log restart` or `log start`."
@@ -229,7 +235,7 @@ class Resumes:
 
 RESUME_ORDER = ('config', 'samples', 'log restart', 'log start')
 
-# %% ../nbs/14_analysis.ipynb 36
+# %% ../nbs/14_analysis.ipynb 39
 def resume_evidence(params: dict, first_step: int, log_interval: int | None, log_restarts: list,
                     repeats: SampleRepeats | None) -> Resumes:
     "Collect the resume evidence of the config, the log's first step, restarts inside the logs and repeated samples."
@@ -248,7 +254,7 @@ def resume_evidence(params: dict, first_step: int, log_interval: int | None, log
     return Resumes(primary[0].step if primary else None, ev, sorted({e.step for e in ev}),
                    (len(main) == 1) if main else None)
 
-# %% ../nbs/14_analysis.ipynb 39
+# %% ../nbs/14_analysis.ipynb 42
 def gate_step(df: pd.DataFrame) -> int | None:
     "The first logged step with `disc_factor > 0`, or `None`."
     c = column_of(df, 'disc_factor')
@@ -270,7 +276,7 @@ class GLossShift:
     ks_d: float
     ks_p: float
 
-# %% ../nbs/14_analysis.ipynb 41
+# %% ../nbs/14_analysis.ipynb 44
 def g_loss_shift(df: pd.DataFrame, gate: int | None) -> GLossShift | None:
     "Compare the logged `g_loss` before `gate` with after it (at least 2 finite values each side)."
     c = column_of(df, 'g_loss')
@@ -282,7 +288,7 @@ def g_loss_shift(df: pd.DataFrame, gate: int | None) -> GLossShift | None:
     return GLossShift(len(a), len(b), float(a.mean()), float(b.mean()), float(a.std(ddof=1)), float(b.std(ddof=1)),
                       float(t.statistic), float(t.pvalue), float(k.statistic), float(k.pvalue))
 
-# %% ../nbs/14_analysis.ipynb 43
+# %% ../nbs/14_analysis.ipynb 46
 DISC_COLUMNS = ('disc_loss', 'logits_real', 'logits_fake')
 
 @dataclass
@@ -306,7 +312,7 @@ def _disc_from_config(loop: TrainingLoop, params: dict) -> tuple[bool | None, st
         return bool(own), f'trainer.train_discriminator is {own}'
     return None, 'unknown: ' + loop.evidence
 
-# %% ../nbs/14_analysis.ipynb 45
+# %% ../nbs/14_analysis.ipynb 48
 def discriminator_training(df: pd.DataFrame, info: dict, loop: TrainingLoop, params: dict, gate: int | None) -> DiscriminatorEvidence:
     "Did the discriminator train? The config's verdict under the loop's rules, else the logged lines'; plus the g_loss test."
     from_cfg, why = _disc_from_config(loop, params)
@@ -320,7 +326,7 @@ def discriminator_training(df: pd.DataFrame, info: dict, loop: TrainingLoop, par
         '; a parsed table may have kept only the autoencoder lines, so their absence says nothing' if 'csv' in kinds else '')
     return DiscriminatorEvidence(from_cfg if from_cfg is not None else lines, from_cfg, why, lines, why_l, g_loss_shift(df, gate))
 
-# %% ../nbs/14_analysis.ipynb 48
+# %% ../nbs/14_analysis.ipynb 51
 def phase_names(trained: bool | None) -> tuple[str, str]:
     "The names of the phases before and after the gate, for what happened in them."
     after = {True: 'adversarial: autoencoder and discriminator train', False: 'autoencoder against a frozen discriminator',
@@ -347,7 +353,7 @@ class Phases:
     switch_steps: list       # steps where disc_factor changes between 0 and > 0
     phases: list             # of Phase
 
-# %% ../nbs/14_analysis.ipynb 50
+# %% ../nbs/14_analysis.ipynb 53
 def _times(df: pd.DataFrame) -> pd.Series | None:
     "The table's timestamps as datetimes (NaT where missing), or `None` if it has none."
     if 'timestamp' not in df or df['timestamp'].isna().all(): return None
@@ -370,7 +376,7 @@ def phases(df: pd.DataFrame, params: dict, trained: bool | None = None) -> Phase
     if ds is not None: expected = steps >= ds; agree, bad = bool(np.array_equal(expected, on)), int((expected != on).sum())
     return Phases(col, ds, gate_step(df), agree, bad, [int(steps[i]) for i in starts[1:]], out)
 
-# %% ../nbs/14_analysis.ipynb 53
+# %% ../nbs/14_analysis.ipynb 56
 @dataclass
 class Throughput:
     "Steps per wall-clock hour over the logged span, and the pauses in it."
@@ -394,7 +400,7 @@ class Coverage:
     timestamps_going_back: int
     throughput: Throughput | None
 
-# %% ../nbs/14_analysis.ipynb 55
+# %% ../nbs/14_analysis.ipynb 58
 def _throughput(steps, t, gap_factor, min_gap_s) -> tuple[Throughput | None, int]:
     "Throughput and pauses from steps and their times (NaT rows dropped)."
     ok = t.notna().to_numpy(); ts = (t[ok] - t[ok].iloc[0]).dt.total_seconds().to_numpy(); st = steps[ok]
@@ -417,7 +423,7 @@ def coverage(df: pd.DataFrame, gap_factor: float = 5.0, min_gap_s: float = 60.0)
     tp, back = _throughput(steps, t, gap_factor, min_gap_s) if t is not None else (None, 0)
     return Coverage(int(steps[0]), int(steps[-1]), len(steps), interval, gaps, back, tp)
 
-# %% ../nbs/14_analysis.ipynb 58
+# %% ../nbs/14_analysis.ipynb 61
 @dataclass
 class Completion:
     "Whether the run reached `train_num_steps`, from its last logged step and its last sample."
@@ -435,7 +441,7 @@ def completion(params: dict, cov: Coverage, samples) -> Completion:
     done = None if T is None else bool((last_step is not None and last_step >= T) or cov.last_step + (cov.log_interval or 0) >= T)
     return Completion(T, cov.last_step, last, last_step, done)
 
-# %% ../nbs/14_analysis.ipynb 61
+# %% ../nbs/14_analysis.ipynb 64
 def schedule_lr(steps, params: dict) -> np.ndarray | None:
     "The learning rate at each step from the config's schedule, or `None` if lr, T or the schedule is missing or unknown."
     if params.get('lr') is None or params.get('total_steps') is None: return None
@@ -444,7 +450,7 @@ def schedule_lr(steps, params: dict) -> np.ndarray | None:
     try: return np.array([lr_at(params['schedule'], int(s), int(params['total_steps']), **kw) for s in steps], dtype=float)
     except ConfigError: return None
 
-# %% ../nbs/14_analysis.ipynb 63
+# %% ../nbs/14_analysis.ipynb 66
 @dataclass
 class LearningRate:
     "The logged learning-rate column against the schedule's rate, which is inferred where the log shows nothing."
@@ -470,7 +476,7 @@ def print_step(df: pd.DataFrame) -> float | None:
     quanta = [value_quantum(df[c]) for c in metric_columns(df) if np.any(np.nan_to_num(df[c].to_numpy(float)) != 0)]
     return None if not quanta or any(q is None for q in quanta) else min(quanta)
 
-# %% ../nbs/14_analysis.ipynb 65
+# %% ../nbs/14_analysis.ipynb 68
 def _lr_basis(params: dict, loop: TrainingLoop) -> str:
     "What an inferred learning rate rests on: the config's values and the defaulted ones."
     keys = {'lr': 'lr', 'total_steps': 'train_num_steps', 'min_lr': 'min_lr', 'schedule': 'schedule', 'power': 'power'}
@@ -496,7 +502,7 @@ def learning_rate(df: pd.DataFrame, params: dict, loop: TrainingLoop) -> tuple[L
         lr.max_rel_deviation_logged_vs_schedule = float(np.max(np.abs(logged[good] / sched[good] - 1))) if good.any() else None
     return lr, sched
 
-# %% ../nbs/14_analysis.ipynb 68
+# %% ../nbs/14_analysis.ipynb 71
 @dataclass
 class MapSize:
     "Pixels per image implied by `nll_loss`, `rec_loss` and `logvar` (an inference), with rounding bounds."
@@ -510,10 +516,13 @@ class MapSize:
     config_resolution: list | None
     config_pixels: int | None
     rests_on: str = 'nll_loss = pixels x (rec_loss x exp(-logvar) + logvar), per logged row'
+    finish_from: int | None = None   # rows from this step on (a finishing phase on larger maps) are left out
 
-# %% ../nbs/14_analysis.ipynb 70
+# %% ../nbs/14_analysis.ipynb 73
 def pixels_per_image(df: pd.DataFrame, params: dict | None = None) -> MapSize | None:
-    "The number of pixels per image implied by `nll_loss`, `rec_loss` and `logvar`, with rounding bounds."
+    "The number of pixels per image implied by `nll_loss`, `rec_loss` and `logvar`, with rounding bounds (before any finishing phase)."
+    start = finish_start(params or {})
+    if start is not None: df = df[df.index < start]
     c = {k: column_of(df, k) for k in ('nll_loss', 'rec_loss', 'logvar')}
     if c['nll_loss'] is None or c['rec_loss'] is None: return None
     nll, rec = df[c['nll_loss']].to_numpy(float), df[c['rec_loss']].to_numpy(float)
@@ -528,9 +537,9 @@ def pixels_per_image(df: pd.DataFrame, params: dict | None = None) -> MapSize | 
     n = int(round((lo + hi) / 2 if lo is not None and lo <= hi else med))
     ch = int((params or {}).get('in_channels') or 1); side = math.isqrt(n // ch); res = (params or {}).get('resolution')
     return MapSize(n, med, int(ok.sum()), lo, hi, ch, side if side * side * ch == n else None,
-                   list(res) if res else None, int(np.prod(res)) * ch if res else None)
+                   list(res) if res else None, int(np.prod(res)) * ch if res else None, finish_from=start)
 
-# %% ../nbs/14_analysis.ipynb 73
+# %% ../nbs/14_analysis.ipynb 76
 @dataclass
 class DWeight:
     "How often the logged adaptive weight equals its clamp `d_weight_max x disc_weight`, overall and per phase."
@@ -557,7 +566,7 @@ def d_weight_clamp(df: pd.DataFrame, params: dict) -> DWeight | None:
     part = lambda m: float(at[m].mean()) if m.any() else None
     return DWeight(col, clamp, len(w), int(at.sum()), float(at.mean()), part(~on), part(on), float(w.min()), float(w.max()))
 
-# %% ../nbs/14_analysis.ipynb 75
+# %% ../nbs/14_analysis.ipynb 78
 @dataclass
 class Logvar:
     "Whether the log-variance ever left its first logged value."
@@ -577,7 +586,7 @@ def logvar_movement(df: pd.DataFrame) -> Logvar | None:
     if not len(v): return None
     return Logvar(col, float(v[0]), float(v[-1]), float(v.min()), float(v.max()), bool(v.max() > v.min()), value_quantum(v))
 
-# %% ../nbs/14_analysis.ipynb 78
+# %% ../nbs/14_analysis.ipynb 81
 def loss_terms(df: pd.DataFrame, params: dict) -> pd.DataFrame | None:
     "Per logged step: `nll`, `kl_term` = kl_weight x kl, `adversarial_term` = d_weight x disc_factor x g, `computed_total`, `logged_total`."
     c = {k: column_of(df, k) for k in ('total_loss', 'nll_loss', 'kl_loss', 'd_weight', 'disc_factor', 'g_loss')}
@@ -589,7 +598,7 @@ def loss_terms(df: pd.DataFrame, params: dict) -> pd.DataFrame | None:
     out['computed_total'] = out.sum(axis=1, skipna=False); out['logged_total'] = x['total_loss']
     return out
 
-# %% ../nbs/14_analysis.ipynb 80
+# %% ../nbs/14_analysis.ipynb 83
 @dataclass
 class WorkedExample:
     "One logged row's loss, summed term by term and compared with the logged total."
@@ -614,7 +623,7 @@ def worked_example(df: pd.DataFrame, params: dict, step: int | None = None) -> W
     return WorkedExample(int(step), g('nll_loss'), g('kl_loss'), float(params['kl_weight']), g('d_weight'), g('disc_factor'),
                          g('g_loss'), float(t['kl_term']), float(t['adversarial_term']), float(t['computed_total']), float(t['logged_total']))
 
-# %% ../nbs/14_analysis.ipynb 82
+# %% ../nbs/14_analysis.ipynb 85
 @dataclass
 class LossComposition:
     "The KL weight the logged terms imply, and the terms' means before and after the gate (the sign of the total)."
@@ -629,7 +638,7 @@ class LossComposition:
     mean_after_gate: dict | None
     fraction_total_negative_after_gate: float | None
 
-# %% ../nbs/14_analysis.ipynb 84
+# %% ../nbs/14_analysis.ipynb 87
 def _implied_kl_weight(x: dict, params: dict):
     "Median and 5th/95th percentiles of (total - nll - adversarial) / kl where the rounding allows, and the sizes compared."
     with np.errstate(invalid='ignore', divide='ignore'):
@@ -654,7 +663,7 @@ def loss_composition(df: pd.DataFrame, params: dict) -> LossComposition | None:
     return LossComposition(*_implied_kl_weight(x, params), params.get('kl_weight'), means(~on), means(on),
                            float(np.mean(x['total_loss'][on] < 0)) if on.any() else None)
 
-# %% ../nbs/14_analysis.ipynb 87
+# %% ../nbs/14_analysis.ipynb 90
 def metric_stats(df: pd.DataFrame) -> dict:
     "Count, NaN/inf counts, first/final/min/max/mean/std (and their steps) of every metric column."
     stats_, all_steps = {}, df.index.to_numpy()
@@ -669,7 +678,7 @@ def metric_stats(df: pd.DataFrame) -> dict:
         stats_[c] = s
     return stats_
 
-# %% ../nbs/14_analysis.ipynb 89
+# %% ../nbs/14_analysis.ipynb 92
 @dataclass
 class Trend:
     "Mean of the first and of the last `window` finite values of a column, within one phase."
@@ -687,7 +696,7 @@ def trend(values, column: str = '', phase: str = '', fraction: float = 0.1) -> T
     k = max(1, int(len(v) * fraction)); a, b = float(v[:k].mean()), float(v[-k:].mean())
     return Trend(column, phase, k, a, b, (b - a) / abs(a) if a else None)
 
-# %% ../nbs/14_analysis.ipynb 92
+# %% ../nbs/14_analysis.ipynb 95
 @dataclass
 class RunAnalysis:
     "Everything derived about one run."
@@ -722,18 +731,19 @@ class RunAnalysis:
     sample_repeats: SampleRepeats | None
     smoothing_restarts: list
 
-# %% ../nbs/14_analysis.ipynb 94
+# %% ../nbs/14_analysis.ipynb 97
 TREND_KEYS = ('nll_loss', 'rec_loss', 'kl_loss', 'g_loss', 'disc_loss')   # not the total: the gate shifts it
 
-def _trends(df: pd.DataFrame, ph: Phases) -> list:
-    "Trends of the main columns within the last phase (the whole table if there are no phases)."
+def _trends(df: pd.DataFrame, ph: Phases, finish: int | None = None) -> list:
+    "Trends of the main columns within the last phase (the whole table if there are no phases), before any finishing phase."
     last = ph.phases[-1] if ph.phases else None
     rows = (df.index >= last.first_step) & (df.index <= last.last_step) if last else np.ones(len(df), bool)
+    if finish is not None and (rows & (df.index < finish)).sum() > 1: rows &= df.index < finish
     out = [trend(df[c].to_numpy(float)[rows], c, last.name if last else 'all logged steps')
            for c in (column_of(df, k) for k in TREND_KEYS) if c]
     return [t for t in out if t]
 
-# %% ../nbs/14_analysis.ipynb 96
+# %% ../nbs/14_analysis.ipynb 99
 def analyze_run(df: pd.DataFrame, info: dict, config: dict | None = None, config_source: str | None = None,
                 name: str = 'run') -> tuple[RunAnalysis, pd.DataFrame]:
     "Every derived quantity of one run, and the table with `lr_inferred` added where the schedule gives it."
@@ -747,16 +757,17 @@ def analyze_run(df: pd.DataFrame, info: dict, config: dict | None = None, config
     res = resume_evidence(params, cov.first_step, cov.log_interval, info.get('resumes') or [], reps)
     lr, sched = learning_rate(df, params, loop); table = df.copy()
     if sched is not None: table.insert(table.columns.get_loc('lr') + 1 if 'lr' in table else 0, 'lr_inferred', sched)
-    restarts = sorted({s for s in ph.switch_steps + res.steps if cov.first_step < s <= cov.last_step})
+    finish = finish_start(params)
+    restarts = sorted({s for s in ph.switch_steps + res.steps + ([finish] if finish else []) if cov.first_step < s <= cov.last_step})
     a = RunAnalysis(name, list(info.get('sources') or []), list(info.get('kinds') or []), len(df), info.get('records'),
                     info.get('skipped_lines'), list(info.get('files') or []), list(info.get('ignored') or []),
                     config_source or info.get('config_source'), cfg, params, loop, disc.trained, disc, res.resumed_from_step, res,
                     ph, cov, completion(params, cov, samples), lr, pixels_per_image(df, params), d_weight_clamp(df, params),
                     logvar_movement(df), loss_composition(df, params), worked_example(df, params), metric_stats(df),
-                    _trends(df, ph), [str(s) for s in samples], reps, restarts)
+                    _trends(df, ph, finish), [str(s) for s in samples], reps, restarts)
     return a, table
 
-# %% ../nbs/14_analysis.ipynb 99
+# %% ../nbs/14_analysis.ipynb 102
 @dataclass
 class RunData:
     "One run: a name, its step-indexed table (with `lr_inferred`), its analysis and its sample images."
@@ -773,7 +784,7 @@ class RunData:
         "`values` (one per row) smoothed with the average restarted at every segment."
         return segmented_ema(values, self.segments(), smoothing)
 
-# %% ../nbs/14_analysis.ipynb 102
+# %% ../nbs/14_analysis.ipynb 105
 def group_inputs(paths) -> list[tuple[str, list[Path]]]:
     "Group inputs into runs: each folder is a run; files in the same folder are one run. Returns `(name, paths)`."
     groups, names = {}, []
@@ -796,7 +807,7 @@ def display_path(p) -> str:
         except ValueError: pass
     return str(p)
 
-# %% ../nbs/14_analysis.ipynb 104
+# %% ../nbs/14_analysis.ipynb 107
 def _read_one(paths, config):
     "Read one run; without a config anywhere, use its folder's only YAML file."
     df, info = read_run(*paths, config=config)

@@ -10,7 +10,7 @@ import numpy as np
 import matplotlib.pyplot as plt
 from matplotlib import ticker
 from PIL import Image
-from .analysis import RunData, column_of, loss_terms, sample_milestone
+from .analysis import RunData, column_of, finish_start, loss_terms, sample_milestone
 
 # %% auto 0
 __all__ = ['STYLE', 'LABELS', 'COMPONENT_PANELS', 'METRIC_COLORS', 'MULTI_AXIS_KEYS', 'SHORT_LABELS', 'TERM_LABELS',
@@ -66,11 +66,14 @@ def plot_metric(ax, run: RunData, column: str, color, smoothing: float, label: s
 
 # %% ../nbs/15_figures.ipynb 13
 def phase_marker(ax, run: RunData, color='0.25', label: bool = True, shade: bool = True):
-    "Dashed line at the gate (legend: the phase it starts), the phase before it shaded; dotted lines at resumes."
+    "Dashed line at the gate (legend: the phase it starts), the phase before it shaded; dotted lines at resumes, dash-dot at a finishing phase."
     ph, x = run.analysis.phases, run.table.index
     for step in run.analysis.resumes.steps:
         if x.min() <= step <= x.max():
             ax.axvline(step, color=color, ls=':', lw=1.3, label=f'resumed from step {step:,}' if label else None)
+    finish, side = finish_start(run.analysis.params), run.analysis.params.get('finish_size')
+    if finish is not None and x.min() <= finish <= x.max():
+        ax.axvline(finish, color=color, ls='-.', lw=1.3, label=f'finishing phase from step {finish:,}: {side}x{side} maps' if label else None)
     if ph.gate_step is None: return None
     ax.axvline(ph.gate_step, color=color, ls='--', lw=1.3,
                label=f"gate at step {ph.gate_step:,}: {ph.phases[-1].name.split(' (')[0]}" if label and ph.phases else None)

@@ -118,6 +118,7 @@ def describe_map_size(m: MapSize | None) -> list[str]:
     s = f"Inferred map size: {fmt(m.pixels)} pixels per image" + (f" = {m.channels}x{m.square_side}x{m.square_side}" if m.square_side else '')
     s += f" (from {m.rests_on}" + (f"; the rounding of all rows bounds it to [{m.bound_low:,.2f}, {m.bound_high:,.2f}])" if m.bound_low is not None else ')')
     if m.config_pixels and m.config_pixels != m.pixels: s += f"; the config's resolution {m.config_resolution} would give {fmt(m.config_pixels)}"
+    if m.finish_from is not None: s += f"; the rows from step {fmt(m.finish_from)} on, a finishing phase on larger maps, are left out"
     return [s + '.']
 
 # %% ../nbs/16_report.ipynb 20
