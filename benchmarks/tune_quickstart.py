@@ -122,10 +122,11 @@ ARMS = {
        for n, k, v in [(100, 's128b2', dict(data__size=128, model__ddconfig__resolution=128, data__batch_size=2)),
                        (50, 's256b1', dict(data__size=256, model__ddconfig__resolution=256, data__batch_size=1))]},
     # both probes lifted seed 3 by 3.0-3.3 dB. Candidates: the base's training time, its last steps on the same maps at 128x128
-    # (2 m/px) in the same run (`data.finish_size`), fewer 64x64 steps to pay for them
+    # (2 m/px) in the same run (`data.finish_size`), fewer 64x64 steps to pay for them. A 128x128 step costs 3.5x a 64x64 one
+    # (0.55 against 0.157 s, GAN on; `time`), so 850 + 100 and 1,020 + 50 steps (950 and 1,070 in all) cost what the base's 1,200 do; the others 6-15% more
     **{f'fp32_b2_{n}_f128x{k}': arm(n, data__batch_size=2, trainer__warmup_steps=60, model__lossconfig__disc_start=int(0.8 * n),
                                     data__finish_size=128, data__finish_steps=k)
-       for n, k in [(1100, 100), (1150, 50), (1000, 150)]},
+       for n, k in [(1100, 100), (1150, 50), (1000, 150), (950, 100), (1070, 50)]},
     # the cosine gives the finishing steps 1-7% of the peak rate; wsd (flat, then a linear fall over the last 20%) 1-75%
     **{f'fp32_b2_{n}_f128x{k}_wsd': arm(n, data__batch_size=2, trainer__warmup_steps=60, model__lossconfig__disc_start=int(0.8 * n),
                                         data__finish_size=128, data__finish_steps=k, trainer__schedule='wsd', trainer__decay_fraction=0.2)

@@ -451,15 +451,15 @@ def _init_weights(self: Trainer, path):
     if self.ema is not None: self.ema.ema_model.load_state_dict(self.ae.state_dict())
 
 @patch
-def _finishing(self: Trainer) -> bool:
-    "Whether the current step is in the finishing phase: the last data.finish_steps steps, on data.finish_size maps."
-    return self.finish_ds is not None and self.step >= self.t['train_num_steps'] - self.cfg['data']['finish_steps']
+def _finish_start(self: Trainer) -> int | None:
+    "First step of the finishing phase (the last data.finish_steps steps, on data.finish_size maps); None without one."
+    return self.t['train_num_steps'] - self.cfg['data']['finish_steps'] if self.finish_ds is not None else None
 
 @patch
 def _open_stream(self: Trainer):
     "A DataLoader over this process's share of the reproducible batch stream, from the batch the run has reached."
-    self.stream_finishing = self._finishing()
-    ds = self.finish_ds if self.stream_finishing else self.train_ds
+    start = self._finish_start()
+    ds = self.finish_ds if start is not None and self.step >= start else self.train_ds
     self.sampler = BatchStream(len(ds), self.cfg['data']['batch_size'], self.t['seed'], self.batches_drawn, self.rank, self.world)
     # its own generator: creating the iterator must not draw from the global torch RNG (exact resume)
     dl = DataLoader(ds, batch_sampler=self.sampler, num_workers=self.cfg['data']['num_workers'], persistent_workers=False,
@@ -467,9 +467,10 @@ def _open_stream(self: Trainer):
     self.batches = iter(dl)
 
 @patch
-def _switch_stream(self: Trainer):
-    "Enter the finishing phase: the same batch stream, read from the data.finish_size maps from this step on."
+def _enter_finish(self: Trainer):
+    "At the finishing phase's first step: the same batch stream, read from the data.finish_size maps; the EMA's warm-up restarts."
     self._open_stream()
+    if self.ema is not None: self.ema.updates = 0   # the average so far holds weights trained at the coarser pixel scale
     n, s = self.cfg['data']['finish_steps'], self.cfg['data']['finish_size']
     if self.main: self.logs.line(f'[Finish] step {self.step}: the last {n} steps train on the same maps at {s}x{s}')
 
@@ -743,7 +744,7 @@ def fit(self: Trainer) -> dict:
     bar = tqdm(total=T, initial=self.step, disable=not (self.main and self.progress), dynamic_ncols=True, desc='train')
     try:
         while self.step < stop:
-            if self._finishing() != self.stream_finishing: self._switch_stream()
+            if self.step == self._finish_start(): self._enter_finish()
             vals = self.train_step()      # whether a step is logged, skipped or a milestone is the same on every process
             if vals and 'skipped' not in vals: self._on_main(self._log_step, vals, timer, bar)
             with warnings.catch_warnings():   # the discriminator's optimizer legitimately skips steps before disc_start

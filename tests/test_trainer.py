@@ -491,26 +491,33 @@ def test_wsd_schedule_drives_the_optimizers_and_the_analysis(tmp_path):
 
 @pytest.fixture(scope='module')
 def finishing(tmp_path_factory):
-    "An uninterrupted 12-step run whose last 4 steps train on the same maps at 64x64."
-    out = tmp_path_factory.mktemp('runs')/'finishing'
-    return out, train(tiny(**{'data.finish_size': 64, 'data.finish_steps': 4}), out, progress=False)
+    "Uninterrupted 12-step runs whose last `k` steps train on the same maps at 64x64 (one run per k, made on first use)."
+    runs = {}
+    def run(k):
+        if k not in runs:
+            out = tmp_path_factory.mktemp('runs')/f'finishing{k}'
+            runs[k] = out, train(tiny(**{'data.finish_size': 64, 'data.finish_steps': k}), out, progress=False)
+        return runs[k]
+    return run
 
-@pytest.mark.parametrize('stop', [6, 9])   # killed before the finishing phase, and inside it
-def test_finishing_phase_resumes_to_identical_weights(finishing, tmp_path, stop):
-    out, _ = finishing
-    cfg = tiny(**{'data.finish_size': 64, 'data.finish_steps': 4})
+# killed before the finishing phase, inside it, and at its first step (checkpoint 3 is step 9, where 3 finishing steps begin)
+@pytest.mark.parametrize('k,stop', [(4, 6), (4, 9), (3, 9)])
+def test_finishing_phase_resumes_to_identical_weights(finishing, tmp_path, k, stop):
+    out, _ = finishing(k)
+    cfg = tiny(**{'data.finish_size': 64, 'data.finish_steps': k})
     train(cfg, tmp_path/'b', progress=False, stop_at=stop)
     assert train(cfg, tmp_path/'b', progress=False, resume='latest')['step'] == 12
     a, b = load(out/'model-4.pt'), load(tmp_path/'b'/'model-4.pt')
     for key in ('model', 'ema'):
-        for k in a[key]: assert torch.equal(a[key][k], b[key][k]), f'{key}.{k} differs'
+        for k_ in a[key]: assert torch.equal(a[key][k_], b[key][k_]), f'{key}.{k_} differs'
     logs = ''.join(p.read_text() for p in sorted((tmp_path/'b').glob('*.log')))
-    assert logs.count('[Finish] step 8: the last 4 steps train on the same maps at 64x64') == 1   # entered once, by either session
+    assert logs.count(f'[Finish] step {12 - k}: the last {k} steps train on the same maps at 64x64') == 1   # entered once, by either session
 
 def test_finishing_phase_changes_the_weights_and_needs_configured_maps(finishing, straight, tmp_path):
-    a, b = load(finishing[0]/'model-4.pt'), load(straight[0]/'model-4.pt')
+    a, b = load(finishing(4)[0]/'model-4.pt'), load(straight[0]/'model-4.pt')
     assert not torch.equal(a['model']['decoder.conv_out.weight'], b['model']['decoder.conv_out.weight'])
-    c = load(finishing[0]/'model-2.pt'), load(straight[0]/'model-2.pt')   # step 6: before the phase, the same run
+    c = load(finishing(4)[0]/'model-2.pt'), load(straight[0]/'model-2.pt')   # step 6: before the phase, the same run
     assert all(torch.equal(c[0]['model'][k], c[1]['model'][k]) for k in c[0]['model'])
+    assert a['ema']['updates'] == 4 and b['ema']['updates'] == 12     # the EMA's warm-up restarted at the phase's first step
     with pytest.raises(ConfigError, match='finishing phase needs the configured maps'):
         train(tiny(**{'data.finish_size': 64, 'data.finish_steps': 4}), tmp_path/'c', progress=False, dataset=[])
