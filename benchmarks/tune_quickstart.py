@@ -126,11 +126,11 @@ ARMS = {
     # (0.55 against 0.157 s, GAN on; `time`), so 850 + 100 and 1,020 + 50 steps (950 and 1,070 in all) cost what the base's 1,200 do; the others 6-15% more
     **{f'fp32_b2_{n}_f128x{k}': arm(n, data__batch_size=2, trainer__warmup_steps=60, model__lossconfig__disc_start=int(0.8 * n),
                                     data__finish_size=128, data__finish_steps=k)
-       for n, k in [(1100, 100), (1150, 50), (1000, 150), (950, 100), (1070, 50)]},
+       for n, k in [(1100, 100), (1150, 50), (1000, 150), (950, 100), (1070, 50), (900, 150)]},
     # the cosine gives the finishing steps 1-7% of the peak rate; wsd (flat, then a linear fall over the last 20%) 1-75%
     **{f'fp32_b2_{n}_f128x{k}_wsd': arm(n, data__batch_size=2, trainer__warmup_steps=60, model__lossconfig__disc_start=int(0.8 * n),
                                         data__finish_size=128, data__finish_steps=k, trainer__schedule='wsd', trainer__decay_fraction=0.2)
-       for n, k in [(1100, 100), (1000, 150)]},
+       for n, k in [(1100, 100), (1000, 150), (950, 100)]},
     # timed only (`time`): the round-6 base with torch.compile of the autoencoder and discriminator steps
     'fp32_b2_1200_compiled': arm(1200, data__batch_size=2, trainer__warmup_steps=60, model__lossconfig__disc_start=960,
                                  trainer__compile=True),
@@ -383,6 +383,18 @@ def cmd_guard(args):
     g = load_results()['guard']; summarize_guard(g); update_results(['guard', 'summary'], g['summary'])
     print(json.dumps(g['summary'], indent=1))
 
+def cmd_real(args):
+    "Score the chosen arm's search runs on the 26 real maps: run once, after the choice (the real maps never choose)."
+    real = real_maps(); real = [real[i] for i in range(len(real))]
+    for seed in [int(v) for v in args.seeds.split(',')]:
+        s = score(final_checkpoint(RUNS / f'{args.arm}-s{seed}'), real)
+        update_results(['real', args.arm, str(seed)], dict(raw=s['raw']['psnr'], ema=s['ema']['psnr'], per_map_ema=s['ema']['per_map'],
+                                                            date_utc=now()))
+        print(f"[real] {args.arm} seed {seed}: real-map PSNR raw {s['raw']['psnr']:.2f} ema {s['ema']['psnr']:.2f} dB", flush=True)
+    runs = load_results()['real'][args.arm]
+    t = t_interval([v['ema'] for v in runs.values()])
+    print(f"[real] {args.arm}: EMA mean {t['mean']:.2f} dB [{t['ci_low']:.2f}, {t['ci_high']:.2f}] over {t['n']} seeds")
+
 def cmd_summarize(args):
     "Recompute the guard summary from the stored runs."
     g = load_results()['guard']; summarize_guard(g); update_results(['guard', 'summary'], g['summary'])
@@ -408,31 +420,53 @@ def shape(a: dict) -> tuple:
     return (a['data.size'], a['data.batch_size'], a['trainer.mixed_precision'], a.get('model.ddconfig.num_res_blocks', 1),
             a.get('trainer.compile', False))
 
-def step_costs(r: dict, name: str) -> dict:
-    "Median wall s/step per phase over the stored timings of every arm with arm `name`'s step shape (None if untimed)."
-    want, out = shape({**ARMS.get(name, {}), **r.get('search', {}).get(name, {}).get('overrides', {})}), {}
+def shape_costs(r: dict, want: tuple) -> dict:
+    "Median wall s/step per phase (GAN off, on) over the stored timings of every arm of step shape `want` (None if untimed)."
+    out = {}
     for phase in ('gan_off', 'gan_on'):
         w = sorted(x['wall'] for n, t in r.get('timing', {}).items() if n in ARMS and shape(ARMS[n]) == want
                    for x in t.get(phase, []))
         out[phase] = w[len(w) // 2] if w else None
     return out
 
+def arm_settings(r: dict, name: str) -> dict:
+    return {**ARMS.get(name, {}), **r.get('search', {}).get(name, {}).get('overrides', {})}
+
+def step_costs(r: dict, name: str) -> dict:
+    "Median wall s/step per phase of arm `name`'s step shape (its main phase: a finishing phase has its own shape)."
+    return shape_costs(r, shape(arm_settings(r, name)))
+
+def stepping_seconds(r: dict, a: dict) -> float | None:
+    "Estimated seconds of arm `a`'s optimizer steps on 2 idle threads: each step at its shape's and GAN phase's median cost."
+    T, gan_from, k, side = (a['trainer.train_num_steps'], a['model.lossconfig.disc_start'], a.get('data.finish_steps') or 0,
+                            a.get('data.finish_size'))
+    main, fin = shape_costs(r, shape(a)), shape_costs(r, shape({**a, 'data.size': side})) if side else {}
+    total = 0.0
+    for step_range, c in ((range(0, T - k), main), (range(T - k, T), fin)):
+        n_on = sum(1 for i in step_range if i >= gan_from); n_off = len(step_range) - n_on
+        if (n_off and c.get('gan_off') is None) or (n_on and c.get('gan_on') is None): return None
+        total += n_off * (c.get('gan_off') or 0) + n_on * (c.get('gan_on') or 0)
+    return total
+
 def describe(a: dict) -> str:
     "Short text of an arm's settings."
     px = a['data.size']; m = a['data.synthetic'].get('extent_m', 256.0)
     return (f"{px}x{px} maps of {m:g} m ({m / px:g} m/px), batch {a['data.batch_size']}, {a['trainer.train_num_steps']} steps, "
-            f"lr {a['trainer.lr']:g}, GAN from {a['model.lossconfig.disc_start']}, {a['trainer.mixed_precision']}")
+            f"lr {a['trainer.lr']:g}, GAN from {a['model.lossconfig.disc_start']}, {a['trainer.mixed_precision']}"
+            + (f", the last {a['data.finish_steps']} on the same maps at {a['data.finish_size']}x{a['data.finish_size']}"
+               if a.get('data.finish_size') else ''))
 
 def cmd_show(args):
     r = load_results()
     rows = []
     for n, s in r.get('search', {}).items():
         for seed, v in sorted(s['runs'].items()):
-            c = step_costs(r, n)
+            c, est = step_costs(r, n), stepping_seconds(r, s['overrides'])
             rows.append([n, describe(s['overrides']), seed, f"{v['psnr_raw']:.2f}", f"{v['psnr_ema']:.2f}",
-                         '' if c['gan_off'] is None else f"{c['gan_off']:.2f} / {c['gan_on']:.2f}",
+                         '' if c['gan_off'] is None else f"{c['gan_off']:.2f} / {c['gan_on']:.2f}", '' if est is None else f'{est:.0f}',
                          f"{v['wall_s']:.0f}", f"{v['load_start'][0]:.1f}-{v['load_end'][0]:.1f}"])
-    head = ['arm', 'settings', 'seed', 'held-out syn PSNR raw', 'EMA', 's/step GAN off / on (2 threads)', 'train wall s (shared)', 'load']
+    head = ['arm', 'settings', 'seed', 'held-out syn PSNR raw', 'EMA', 's/step GAN off / on (2 threads)', 'stepping s (2 threads, est.)',
+            'train wall s (shared)', 'load']
     print('| ' + ' | '.join(head) + ' |\n|' + '---|' * len(head))
     for row in rows: print('| ' + ' | '.join(str(x) for x in row) + ' |')
     print()
@@ -472,6 +506,7 @@ def main(argv=None):
     g.add_argument('--synthetic-seeds', type=lambda t: [int(x) for x in t.split(',') if x], default=[0],
                    help='seeds whose runs are also scored on the held-out synthetic maps (default 0)')
     g.add_argument('--precisions', default='bf16,no', help='which precisions to train')
+    rl = sub.add_parser('real'); rl.add_argument('--arm', required=True); rl.add_argument('--seeds', default='0,1,2')
     o = sub.add_parser('offset'); o.add_argument('--arms', required=True); o.add_argument('--seeds', default='0')
     sub.add_parser('show'); sub.add_parser('summarize')
     p.add_argument('--nice', type=int, default=15, help='niceness of this process and its training children')
@@ -480,7 +515,7 @@ def main(argv=None):
     if getattr(args, 'threads', None):
         import torch; torch.set_num_threads(args.threads)
     sys.path.insert(0, str(REPO))
-    dict(time=cmd_time, search=cmd_search, offset=cmd_offset, guard=cmd_guard, show=cmd_show, summarize=cmd_summarize)[args.cmd](args)
+    dict(time=cmd_time, search=cmd_search, offset=cmd_offset, real=cmd_real, guard=cmd_guard, show=cmd_show, summarize=cmd_summarize)[args.cmd](args)
 
 if __name__ == '__main__':
     main()
