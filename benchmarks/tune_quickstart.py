@@ -311,6 +311,7 @@ def step_cost(a: dict, steps=6, gan=True) -> dict:
     raw = read_yaml(CONFIG)
     sets = overrides(a)[1::2]   # the same `key=value` texts as the training runs' --set arguments
     sets += [f"model.lossconfig.disc_start={0 if gan else a['trainer.train_num_steps']}", 'trainer.tensorboard=false',
+             'data.finish_size=null', 'data.finish_steps=0',   # the main phase's shape; a finishing side is timed as its own arm
              'trainer.save_and_sample_every=100000', 'trainer.log_freq=100000']
     cfg = resolve_config(raw, sets)
     bs, size = cfg['data']['batch_size'], cfg['data']['size']
