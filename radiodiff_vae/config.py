@@ -287,7 +287,8 @@ def _check_finish(d: dict, total_steps: int, f: int):
         _require(steps == 0, f'data.finish_steps: {steps} steps but data.finish_size is null; set data.finish_size (e.g. 128) or data.finish_steps=0')
         return
     _require(size > 0 and size % f == 0, f'data.finish_size: expected a positive multiple of the downsampling factor {f}, got {size}')
-    _require(0 < steps <= total_steps, f'data.finish_steps: expected 1..trainer.train_num_steps={total_steps} with data.finish_size set, got {steps}')
+    _require(0 < steps <= total_steps, f'data.finish_steps: expected 1..trainer.train_num_steps={total_steps} with data.finish_size set, got {steps}; '
+             f'set e.g. --set data.finish_steps={max(1, total_steps // 6)}, or data.finish_size=null for no finishing phase')
     _require(d['crop'] is None, f"data.finish_size and data.crop ({d['crop']}) cannot be combined: the finishing phase trains on whole maps")
 
 # %% ../nbs/10_config.ipynb 55

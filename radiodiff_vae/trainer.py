@@ -351,7 +351,8 @@ def _build(self: Trainer, dataset=None):
     self.ema = EMA(self.ae, t['ema_decay'], t['ema_update_every'], t['ema_warmup'], t['upstream_ema']) if self.main else None
     if t['compile']: compile_step(self.ae, self.loss)    # after the EMA's copy: the EMA model stays eager
     if dataset is not None and self.cfg['data']['finish_size'] is not None:
-        raise ConfigError('data.finish_size: a finishing phase needs the configured maps, not a dataset passed to the trainer')
+        raise ConfigError('data.finish_size: a finishing phase needs the configured maps, not a dataset passed to the trainer '
+                          '(set data.finish_size=null and data.finish_steps=0 to train on that dataset alone)')
     self.train_ds, self.val_ds = (dataset, None) if dataset is not None else build_datasets(self.cfg['data'])
     self.finish_ds = finish_dataset(self.cfg['data']) if dataset is None else None
     self.step, self.batches_drawn, self.skips, self.session = 0, 0, 0, 0

@@ -59,6 +59,10 @@ def _with(section, key, value, sub=None):
     (cfg[section][sub] if sub else cfg[section])[key] = value
     return cfg
 
+def _finishing(size, steps):
+    cfg = tiny_config(); cfg['data'].update(finish_size=size, finish_steps=steps)
+    return cfg
+
 CONFIG_CASES = {
     'unknown key': (_with('trainer', 'learning_rate', 1e-3), ['learning_rate', 'valid keys']),
     'unknown nested key': (_with('model', 'chanels', 8, 'ddconfig'), ['model.ddconfig.chanels']),
@@ -68,6 +72,8 @@ CONFIG_CASES = {
     'zero batch': (_with('data', 'batch_size', 0), ['data.batch_size']),
     'disc_start past the end': (_with('model', 'disc_start', 99, 'lossconfig'), ['model.lossconfig.disc_start', '99']),
     'bad choice': (_with('trainer', 'schedule', 'linear'), ['trainer.schedule', 'linear']),
+    'finishing phase longer than the run': (_finishing(64, 9), ['data.finish_steps', 'got 9', '--set data.finish_steps=']),
+    'finishing steps without a size': (_finishing(None, 3), ['data.finish_steps', 'data.finish_size is null']),
     'not yaml': ('model: [unclosed\n  - x: {', ['not valid YAML']),
     'not a mapping': ('- just\n- a list\n', ['expected a mapping']),
 }
