@@ -217,22 +217,24 @@ def real_maps():
     from radiodiff_vae.data import MapFolder
     return MapFolder(real_maps_dir() / 'gain' / 'DPM', size=None, recursive=False)
 
+def reconstructions(model, x, batch_size=4):
+    "Posterior-mode reconstructions of the maps `x` (N x 1 x H x W in [-1, 1]), `batch_size` maps at a time."
+    import torch
+    from radiodiff_vae.model import reconstruct
+    return torch.cat([reconstruct(model, x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
 def score(checkpoint: Path, dataset, batch_size=4) -> dict:
     "Mean posterior-mode PSNR (dB) of the raw and EMA weights of `checkpoint` on every map of `dataset` (fp32)."
     import torch
     from radiodiff_vae.evaluation import read_checkpoint, build_model, map_metrics
     from radiodiff_vae.data import unscale_gain
     ckpt, cfg, _ = read_checkpoint(checkpoint)
-    xs = [dataset[i]['image'] for i in range(len(dataset))]
+    x = torch.stack([dataset[i]['image'] for i in range(len(dataset))]).float()
     out = {}
     t0 = time.perf_counter()
     for which in ('raw', 'ema'):
-        model, psnr = build_model(ckpt, cfg, which, checkpoint), []
-        with torch.no_grad():
-            for i in range(0, len(xs), batch_size):
-                x = torch.stack(xs[i:i + batch_size]).float()
-                x_hat = model.decode(model.encode(x).mode())
-                psnr += map_metrics(unscale_gain(x_hat), unscale_gain(x))['psnr'].tolist()
+        x_hat = reconstructions(build_model(ckpt, cfg, which, checkpoint), x, batch_size)
+        psnr = map_metrics(unscale_gain(x_hat), unscale_gain(x))['psnr'].tolist()
         out[which] = dict(psnr=sum(psnr) / len(psnr), per_map=psnr)
     out['eval_s'] = time.perf_counter() - t0
     return out
@@ -240,18 +242,18 @@ def score(checkpoint: Path, dataset, batch_size=4) -> dict:
 def offset_share(checkpoint: Path, sizes=(64, 128, 256), batch_size=4) -> dict:
     "Per side: EMA PSNR on the held-out maps drawn at that side (same 256 m), and the share of the squared error that is one offset per map."
     import torch
-    from radiodiff_vae.evaluation import read_checkpoint, build_model
+    from radiodiff_vae.evaluation import read_checkpoint, build_model, map_metrics
+    from radiodiff_vae.data import unscale_gain
     from radiodiff_vae.synthetic import SyntheticRadioMaps
     ckpt, cfg, _ = read_checkpoint(checkpoint)
     model, out = build_model(ckpt, cfg, 'ema', checkpoint), {}
     for size in sizes:
         ds = SyntheticRadioMaps(HELDOUT_N, seed=0, size=size, offset=HELDOUT_OFFSET)
         x = torch.stack([ds[i]['image'] for i in range(len(ds))]).float()
-        with torch.no_grad():
-            x_hat = torch.cat([model.decode(model.encode(x[i:i + batch_size]).mode()) for i in range(0, len(x), batch_size)])
-        err = (x_hat.clamp(-1, 1) - x) / 2                     # in gray-level units / 255, as the PSNR reads them
-        mse = err.pow(2).mean((1, 2, 3))
-        out[str(size)] = dict(psnr=float((-10 * mse.log10()).mean()), offset_share=float(err.mean((1, 2, 3)).pow(2).sum() / mse.sum()))
+        target, x_hat = unscale_gain(x), unscale_gain(reconstructions(model, x, batch_size))   # in [0, 1], as scored
+        err = x_hat - target
+        out[str(size)] = dict(psnr=float(map_metrics(x_hat, target)['psnr'].mean()),
+                              offset_share=float(err.mean((1, 2, 3)).pow(2).sum() / err.pow(2).mean((1, 2, 3)).sum()))
     return out
 
 # ------------------------------------------------------------------------------------------------------------ training
@@ -431,6 +433,7 @@ def shape_costs(r: dict, want: tuple) -> dict:
     return out
 
 def arm_settings(r: dict, name: str) -> dict:
+    "Arm `name`'s settings: as defined here, updated with those its stored runs were trained with."
     return {**ARMS.get(name, {}), **r.get('search', {}).get(name, {}).get('overrides', {})}
 
 def step_costs(r: dict, name: str) -> dict:

@@ -15,6 +15,7 @@ from scipy.signal import lfilter
 from .core import ConfigError, data_dir
 from .logs import CONFIG_NAMES, load_config_file, read_run
 from .schedules import DECAY_FRACTION, lr_at
+from .config import finish_start_step
 
 # %% auto 0
 __all__ = ['PARAM_ALIASES', 'PARAM_DEFAULTS', 'UPSTREAM_TRAINER_KEYS', 'BOOKKEEPING', 'RESUME_ORDER', 'DISC_COLUMNS',
@@ -81,8 +82,7 @@ def training_params(config: dict | None) -> dict:
 # %% ../nbs/14_analysis.ipynb 13
 def finish_start(params: dict) -> int | None:
     "First step of the run's finishing phase on `finish_size` maps (its last `finish_steps` steps); None without one."
-    size, steps, total = params.get('finish_size'), params.get('finish_steps'), params.get('total_steps')
-    return total - steps if size and steps and total else None
+    return finish_start_step(params.get('total_steps'), params.get('finish_size'), params.get('finish_steps'))
 
 # %% ../nbs/14_analysis.ipynb 16
 UPSTREAM_TRAINER_KEYS = frozenset({'gradient_accumulate_every', 'lr', 'min_lr', 'train_num_steps', 'save_and_sample_every',

@@ -13,9 +13,9 @@ from .schedules import DECAY_FRACTION, wsd_fits
 # %% auto 0
 __all__ = ['DDCONFIG_SCHEMA', 'LOSSCONFIG_SCHEMA', 'MODEL_SCHEMA', 'DATA_SCHEMA', 'TRAINER_SCHEMA', 'SCHEMA',
            'PRECISION_SPELLINGS', 'RESUME_MUTABLE', 'canonical_precision', 'read_cpu_flags', 'native_bf16',
-           'choose_precision', 'check_value', 'unwrap_upstream', 'downsampling_factor', 'validate_config',
-           'parse_override', 'apply_overrides', 'resolve_config', 'read_yaml', 'load_config', 'dump_config',
-           'config_differences', 'resume_changes', 'schema_table']
+           'choose_precision', 'check_value', 'unwrap_upstream', 'downsampling_factor', 'finish_start_step',
+           'validate_config', 'parse_override', 'apply_overrides', 'resolve_config', 'read_yaml', 'load_config',
+           'dump_config', 'config_differences', 'resume_changes', 'schema_table']
 
 # %% ../nbs/10_config.ipynb 7
 DDCONFIG_SCHEMA = {
@@ -291,7 +291,12 @@ def _check_finish(d: dict, total_steps: int, f: int):
              f'set e.g. --set data.finish_steps={max(1, total_steps // 6)}, or data.finish_size=null for no finishing phase')
     _require(d['crop'] is None, f"data.finish_size and data.crop ({d['crop']}) cannot be combined: the finishing phase trains on whole maps")
 
-# %% ../nbs/10_config.ipynb 55
+# %% ../nbs/10_config.ipynb 56
+def finish_start_step(total_steps: int | None, finish_size: int | None, finish_steps: int | None) -> int | None:
+    "First step of the finishing phase (the last `finish_steps` of `total_steps`, on `finish_size` maps); None without one."
+    return total_steps - finish_steps if finish_size and finish_steps and total_steps else None
+
+# %% ../nbs/10_config.ipynb 58
 def validate_config(cfg: dict) -> dict:
     "Check value ranges and cross-key consistency of a filled config; return it."
     t, d, m = cfg['trainer'], cfg['data'], cfg['model']
@@ -333,7 +338,7 @@ def validate_config(cfg: dict) -> dict:
         raise ConfigError(f"trainer.fp16 is true but trainer.mixed_precision is {t['mixed_precision']!r}; set one of them")
     return cfg
 
-# %% ../nbs/10_config.ipynb 58
+# %% ../nbs/10_config.ipynb 61
 def parse_override(text: str) -> tuple[list[str], object]:
     "`'a.b.c=value'` -> (['a','b','c'], yaml.safe_load('value'))."
     if '=' not in text: raise ConfigError(f'override {text!r}: expected section.key=value')
@@ -343,7 +348,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
     try: return keys, yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as e: raise ConfigError(f'override {text!r}: value is not valid YAML ({e.__class__.__name__})') from None
 
-# %% ../nbs/10_config.ipynb 60
+# %% ../nbs/10_config.ipynb 63
 def _schema_at(keys: list[str]):
     "The schema entry at `keys`, or a ConfigError listing the valid keys at the first wrong level."
     schema, entry = SCHEMA, None
@@ -356,7 +361,7 @@ def _schema_at(keys: list[str]):
         schema = entry[1] if entry[0] == 'section' else None
     return entry
 
-# %% ../nbs/10_config.ipynb 62
+# %% ../nbs/10_config.ipynb 65
 def apply_overrides(raw: dict, overrides=()) -> dict:
     "A copy of `raw` with each `section.key=value` override set (keys checked against the schema)."
     raw = copy.deepcopy(raw)
@@ -370,7 +375,7 @@ def apply_overrides(raw: dict, overrides=()) -> dict:
         node[keys[-1]] = value
     return raw
 
-# %% ../nbs/10_config.ipynb 65
+# %% ../nbs/10_config.ipynb 68
 def resolve_config(raw: dict | None, overrides=()) -> dict:
     "Validated config with defaults filled, from a raw (YAML-loaded) dict and `section.key=value` overrides."
     if raw is None: raw = {}
@@ -378,7 +383,7 @@ def resolve_config(raw: dict | None, overrides=()) -> dict:
     raw = apply_overrides(unwrap_upstream(raw), overrides)
     return validate_config(_fill(raw, SCHEMA, ''))
 
-# %% ../nbs/10_config.ipynb 67
+# %% ../nbs/10_config.ipynb 70
 def _yaml_problem(e: yaml.YAMLError) -> str:
     "A YAML error on one line: what is wrong and where."
     mark = getattr(e, 'problem_mark', None)
@@ -397,7 +402,7 @@ def read_yaml(path) -> dict:
         raise ConfigError(f'config file {str(path)!r}: expected a mapping of sections (model, data, trainer), got {type(raw).__name__}')
     return raw or {}
 
-# %% ../nbs/10_config.ipynb 69
+# %% ../nbs/10_config.ipynb 72
 def load_config(path, overrides=()) -> dict:
     "Read, unwrap, override, fill and validate the YAML config at `path`."
     try: return resolve_config(read_yaml(path), overrides)
@@ -405,12 +410,12 @@ def load_config(path, overrides=()) -> dict:
         if str(path) in str(e): raise
         raise ConfigError(f'{path}: {e}') from None
 
-# %% ../nbs/10_config.ipynb 71
+# %% ../nbs/10_config.ipynb 74
 def dump_config(cfg: dict) -> str:
     "The config as YAML text (block style, key order kept)."
     return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
 
-# %% ../nbs/10_config.ipynb 78
+# %% ../nbs/10_config.ipynb 81
 RESUME_MUTABLE = {('trainer', k) for k in ('train_num_steps', 'save_and_sample_every', 'log_freq', 'results_folder',
                                            'resume_milestone', 'skip_nonfinite', 'max_nonfinite_skips', 'tensorboard',
                                            'sample_maps', 'cpu', 'amp', 'num_threads', 'compile',
@@ -433,7 +438,7 @@ def resume_changes(old: dict, new: dict) -> dict:
     return {f'{s}.{k}': [old.get(s, {}).get(k), new.get(s, {}).get(k)] for s, k in sorted(RESUME_MUTABLE)
             if k != 'results_folder' and old.get(s, {}).get(k) != new.get(s, {}).get(k)}
 
-# %% ../nbs/10_config.ipynb 81
+# %% ../nbs/10_config.ipynb 84
 def schema_table(schema: dict = SCHEMA, prefix: str = '') -> list[tuple[str, str, str, str]]:
     "(key, type, default, help) rows for every leaf of `schema`."
     rows = []

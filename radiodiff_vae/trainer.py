@@ -29,7 +29,8 @@ from .losses import LPIPSWithDiscriminator, load_loss_state_dict
 from .schedules import make_lr_lambda
 from .data import RadioMapSeer, radiomapseer_split, MapFolder
 from .synthetic import SyntheticRadioMaps
-from .config import load_config, resolve_config, dump_config, config_differences, resume_changes, choose_precision
+from .config import (load_config, resolve_config, dump_config, config_differences, resume_changes, choose_precision,
+                                  finish_start_step)
 from .run_folder import RunLock, list_checkpoints, resolve_resume, check_run_folder
 from .logs import RunLogs, format_log_line, UPSTREAM_AE_KEYS, UPSTREAM_DISC_KEYS
 
@@ -354,7 +355,7 @@ def _build(self: Trainer, dataset=None):
         raise ConfigError('data.finish_size: a finishing phase needs the configured maps, not a dataset passed to the trainer '
                           '(set data.finish_size=null and data.finish_steps=0 to train on that dataset alone)')
     self.train_ds, self.val_ds = (dataset, None) if dataset is not None else build_datasets(self.cfg['data'])
-    self.finish_ds = finish_dataset(self.cfg['data']) if dataset is None else None
+    self.finish_ds = finish_dataset(self.cfg['data'])
     self.step, self.batches_drawn, self.skips, self.session = 0, 0, 0, 0
     self.resumed_config = None    # the config stored in the checkpoint this run resumes (ours only)
 
@@ -454,7 +455,8 @@ def _init_weights(self: Trainer, path):
 @patch
 def _finish_start(self: Trainer) -> int | None:
     "First step of the finishing phase (the last data.finish_steps steps, on data.finish_size maps); None without one."
-    return self.t['train_num_steps'] - self.cfg['data']['finish_steps'] if self.finish_ds is not None else None
+    d = self.cfg['data']
+    return finish_start_step(self.t['train_num_steps'], d['finish_size'], d['finish_steps'])
 
 @patch
 def _open_stream(self: Trainer):
