@@ -35,6 +35,7 @@ BASE = {
     'trainer.ema_decay': 0.99, 'trainer.save_and_sample_every': 150,
     'model.ddconfig.num_res_blocks': 1,   # tuned from round 6 on
     'data.finish_size': None, 'data.finish_steps': 0,   # from round 7 on
+    'trainer.finish_lr': None, 'data.finish_batch_size': None,   # from round 8 on
 }
 
 # The quickstart after round 5. Its seeds 0-5 were not trained again: runs/tune/fp32_b2_1200_gan960-s<N> were links to the
@@ -131,6 +132,23 @@ ARMS = {
     **{f'fp32_b2_{n}_f128x{k}_wsd': arm(n, data__batch_size=2, trainer__warmup_steps=60, model__lossconfig__disc_start=int(0.8 * n),
                                         data__finish_size=128, data__finish_steps=k, trainer__schedule='wsd', trainer__decay_fraction=0.2)
        for n, k in [(1100, 100), (1000, 150), (950, 100)]},
+    # round 8. The chosen arm's finishing steps get 1-9% of the peak rate from the cosine, while the probe that gained most
+    # (ft100_s128b2_from_base) trained its 100 steps from a fresh 2e-4. The chosen arm with the rate restarted at the phase
+    # (`trainer.finish_lr`: a new cosine from that peak down to min_lr over the phase): same steps, same cost
+    **{f'fp32_b2_900_f128x150_flr{k}': arm(900, data__batch_size=2, trainer__warmup_steps=60, model__lossconfig__disc_start=720,
+                                         data__finish_size=128, data__finish_steps=150, trainer__finish_lr=v)
+       for k, v in [('1e-4', 1.0e-4), ('2e-4', 2.0e-4), ('4e-4', 4.0e-4)]},
+    # the restart lost on every seed (2e-4: -0.18, -0.18, -1.18 dB; 4e-4: -0.45, -0.85), so the finishing phase wants a low
+    # rate. Next, the same finishing time spent at a finer scale with one map per step (`data.finish_batch_size`): 150 steps
+    # of 128x128 batch 2 cost 82 s; the step costs below (`time`, timing-only arms) size the phases at about that cost
+    **{f'time_s{s}b{b}': arm(100, data__size=s, model__ddconfig__resolution=s, data__batch_size=b) for s, b in [(128, 1), (192, 1), (256, 1)]},
+    # GAN on: 128x128 batch 1 0.36 s, batch 2 0.55 s, 192x192 batch 1 0.76 s, 256x256 batch 1 1.48 s. So the chosen arm's 750
+    # steps at 64x64, then 82 s of finishing: 226 steps at 128x128, 108 at 192x192 (1.33 m/px) or 55 at 256x256 (1 m/px,
+    # the real maps' scale), one map per step. GAN from step 720 as in the chosen arm
+    **{f'fp32_b2_{750 + k}_f{s}b1x{k}': arm(750 + k, data__batch_size=2, trainer__warmup_steps=60, model__lossconfig__disc_start=720,
+                                            trainer__save_and_sample_every=(750 + k) // 2,
+                                            data__finish_size=s, data__finish_steps=k, data__finish_batch_size=1)
+       for s, k in [(128, 226), (192, 108), (256, 55)]},
     # timed only (`time`): the round-6 base with torch.compile of the autoencoder and discriminator steps
     'fp32_b2_1200_compiled': arm(1200, data__batch_size=2, trainer__warmup_steps=60, model__lossconfig__disc_start=960,
                                  trainer__compile=True),
@@ -313,7 +331,7 @@ def step_cost(a: dict, steps=6, gan=True) -> dict:
     raw = read_yaml(CONFIG)
     sets = overrides(a)[1::2]   # the same `key=value` texts as the training runs' --set arguments
     sets += [f"model.lossconfig.disc_start={0 if gan else a['trainer.train_num_steps']}", 'trainer.tensorboard=false',
-             'data.finish_size=null', 'data.finish_steps=0',   # the main phase's shape; a finishing side is timed as its own arm
+             'data.finish_size=null', 'data.finish_steps=0', 'trainer.finish_lr=null',   # the main phase's shape; a finishing side is timed as its own arm
              'trainer.save_and_sample_every=100000', 'trainer.log_freq=100000']
     cfg = resolve_config(raw, sets)
     bs, size = cfg['data']['batch_size'], cfg['data']['size']

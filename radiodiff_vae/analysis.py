@@ -50,6 +50,7 @@ PARAM_ALIASES = {
     'in_channels': ('in_channels',), 'save_every': ('save_and_sample_every', 'save_every'), 'log_freq': ('log_freq', 'log_every'),
     'gradient_accumulate_every': ('gradient_accumulate_every',), 'resume_milestone': ('resume_milestone',),
     'train_discriminator': ('train_discriminator',), 'finish_size': ('finish_size',), 'finish_steps': ('finish_steps',),
+    'finish_lr': ('finish_lr',),
 }
 PARAM_DEFAULTS = {'schedule': 'radiodiff', 'min_lr': 5e-7, 'power': 0.95, 'warmup_steps': 0, 'decay_fraction': DECAY_FRACTION,
                   'd_weight_max': 1e4, 'logvar_init': 0.0, 'in_channels': 1}
@@ -447,6 +448,7 @@ def schedule_lr(steps, params: dict) -> np.ndarray | None:
     if params.get('lr') is None or params.get('total_steps') is None: return None
     kw = dict(base_lr=float(params['lr']), min_lr=float(params['min_lr']), power=float(params['power']),
               warmup_steps=int(params['warmup_steps'] or 0), decay_fraction=float(params['decay_fraction']))
+    if params.get('finish_lr') is not None: kw.update(restart_step=finish_start(params), restart_lr=float(params['finish_lr']))
     try: return np.array([lr_at(params['schedule'], int(s), int(params['total_steps']), **kw) for s in steps], dtype=float)
     except ConfigError: return None
 

@@ -74,6 +74,7 @@ DATA_SCHEMA = {
     'crop': ('int?', None, 'train on a random crop×crop window of each map (null: the whole map); held-out maps stay whole'),
     'finish_size': ('int?', None, 'train the last data.finish_steps steps on the same whole maps at this side (finer pixels); null: off'),
     'finish_steps': ('int', 0, 'steps at the end of training on data.finish_size maps (0 when finish_size is null)'),
+    'finish_batch_size': ('int?', None, 'maps per step in the finishing phase (null: data.batch_size)'),
     'n_maps': ('int', 1000, 'synthetic: number of training maps'),
     'data_seed': ('int', 0, 'synthetic: seed of the map generator'),
     'synthetic': ('dict', {}, 'synthetic: extra generate_radio_map parameters'),
@@ -120,6 +121,7 @@ TRAINER_SCHEMA = {
     'sync_batchnorm': ('bool', False, "SyncBatchNorm in the discriminator across processes (upstream: per-process BatchNorm)"),
     'train_discriminator': ('bool', True, 'update the discriminator (false: the autoencoder alone is trained)'),
     'compile': ('bool', False, 'torch.compile the autoencoder and discriminator steps (worth it on GPUs)'),
+    'finish_lr': ('float?', None, 'restart the lr at the finishing phase (data.finish_steps): a cosine from this peak to min_lr; null: no restart'),
 }
 
 # %% ../nbs/10_config.ipynb 17
@@ -282,21 +284,34 @@ def downsampling_factor(ddconfig: dict) -> int:
 # %% ../nbs/10_config.ipynb 53
 def _check_finish(d: dict, total_steps: int, f: int):
     "Raise a ConfigError unless data.finish_size / data.finish_steps describe a phase that fits the run (f: downsampling factor)."
-    size, steps = d['finish_size'], d['finish_steps']
+    size, steps, batch = d['finish_size'], d['finish_steps'], d['finish_batch_size']
     if size is None:
         _require(steps == 0, f'data.finish_steps: {steps} steps but data.finish_size is null; set data.finish_size (e.g. 128) or data.finish_steps=0')
+        _require(batch is None, f'data.finish_batch_size: {batch} but data.finish_size is null; set data.finish_size or data.finish_batch_size=null')
         return
+    _require(batch is None or batch > 0, f'data.finish_batch_size: expected a positive integer or null (data.batch_size), got {batch}')
     _require(size > 0 and size % f == 0, f'data.finish_size: expected a positive multiple of the downsampling factor {f}, got {size}')
     _require(0 < steps <= total_steps, f'data.finish_steps: expected 1..trainer.train_num_steps={total_steps} with data.finish_size set, got {steps}; '
              f'set e.g. --set data.finish_steps={max(1, total_steps // 6)}, or data.finish_size=null for no finishing phase')
     _require(d['crop'] is None, f"data.finish_size and data.crop ({d['crop']}) cannot be combined: the finishing phase trains on whole maps")
 
 # %% ../nbs/10_config.ipynb 56
+def _check_finish_lr(t: dict, d: dict):
+    "Raise a ConfigError unless trainer.finish_lr is null or a restart the run's finishing phase and schedule allow."
+    lr = t['finish_lr']
+    if lr is None: return
+    _require(d['finish_size'] is not None, f'trainer.finish_lr: {lr} restarts the rate at the finishing phase, but data.finish_size is null; '
+             'set data.finish_size and data.finish_steps, or trainer.finish_lr=null')
+    _require(lr >= t['min_lr'], f"trainer.finish_lr: must be >= trainer.min_lr={t['min_lr']}, got {lr}")
+    _require(t['schedule'] != 'radiodiff', "trainer.finish_lr: not with schedule 'radiodiff' (its min_lr is a multiplier, not a rate); "
+             "use e.g. trainer.schedule=cosine")
+
+# %% ../nbs/10_config.ipynb 59
 def finish_start_step(total_steps: int | None, finish_size: int | None, finish_steps: int | None) -> int | None:
     "First step of the finishing phase (the last `finish_steps` of `total_steps`, on `finish_size` maps); None without one."
     return total_steps - finish_steps if finish_size and finish_steps and total_steps else None
 
-# %% ../nbs/10_config.ipynb 58
+# %% ../nbs/10_config.ipynb 61
 def validate_config(cfg: dict) -> dict:
     "Check value ranges and cross-key consistency of a filled config; return it."
     t, d, m = cfg['trainer'], cfg['data'], cfg['model']
@@ -329,6 +344,7 @@ def validate_config(cfg: dict) -> dict:
     _require(d['crop'] is None or (0 < d['crop'] <= d['size'] and d['crop'] % f == 0),
              f"data.crop: expected null or a multiple of the downsampling factor {f} in (0, data.size={d['size']}], got {d['crop']}")
     _check_finish(d, t['train_num_steps'], f)
+    _check_finish_lr(t, d)
     _require(len(dd['ch_mult']) >= 1 and all(c > 0 for c in dd['ch_mult']), f"model.ddconfig.ch_mult: expected positive integers, got {dd['ch_mult']}")
     for key in ('ch', 'z_channels', 'in_channels', 'out_ch'): _require(dd[key] > 0, f'model.ddconfig.{key}: must be positive, got {dd[key]}')
     _require(m['embed_dim'] > 0, f"model.embed_dim: must be positive, got {m['embed_dim']}")
@@ -338,7 +354,7 @@ def validate_config(cfg: dict) -> dict:
         raise ConfigError(f"trainer.fp16 is true but trainer.mixed_precision is {t['mixed_precision']!r}; set one of them")
     return cfg
 
-# %% ../nbs/10_config.ipynb 61
+# %% ../nbs/10_config.ipynb 64
 def parse_override(text: str) -> tuple[list[str], object]:
     "`'a.b.c=value'` -> (['a','b','c'], yaml.safe_load('value'))."
     if '=' not in text: raise ConfigError(f'override {text!r}: expected section.key=value')
@@ -348,7 +364,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
     try: return keys, yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as e: raise ConfigError(f'override {text!r}: value is not valid YAML ({e.__class__.__name__})') from None
 
-# %% ../nbs/10_config.ipynb 63
+# %% ../nbs/10_config.ipynb 66
 def _schema_at(keys: list[str]):
     "The schema entry at `keys`, or a ConfigError listing the valid keys at the first wrong level."
     schema, entry = SCHEMA, None
@@ -361,7 +377,7 @@ def _schema_at(keys: list[str]):
         schema = entry[1] if entry[0] == 'section' else None
     return entry
 
-# %% ../nbs/10_config.ipynb 65
+# %% ../nbs/10_config.ipynb 68
 def apply_overrides(raw: dict, overrides=()) -> dict:
     "A copy of `raw` with each `section.key=value` override set (keys checked against the schema)."
     raw = copy.deepcopy(raw)
@@ -375,7 +391,7 @@ def apply_overrides(raw: dict, overrides=()) -> dict:
         node[keys[-1]] = value
     return raw
 
-# %% ../nbs/10_config.ipynb 68
+# %% ../nbs/10_config.ipynb 71
 def resolve_config(raw: dict | None, overrides=()) -> dict:
     "Validated config with defaults filled, from a raw (YAML-loaded) dict and `section.key=value` overrides."
     if raw is None: raw = {}
@@ -383,7 +399,7 @@ def resolve_config(raw: dict | None, overrides=()) -> dict:
     raw = apply_overrides(unwrap_upstream(raw), overrides)
     return validate_config(_fill(raw, SCHEMA, ''))
 
-# %% ../nbs/10_config.ipynb 70
+# %% ../nbs/10_config.ipynb 73
 def _yaml_problem(e: yaml.YAMLError) -> str:
     "A YAML error on one line: what is wrong and where."
     mark = getattr(e, 'problem_mark', None)
@@ -402,7 +418,7 @@ def read_yaml(path) -> dict:
         raise ConfigError(f'config file {str(path)!r}: expected a mapping of sections (model, data, trainer), got {type(raw).__name__}')
     return raw or {}
 
-# %% ../nbs/10_config.ipynb 72
+# %% ../nbs/10_config.ipynb 75
 def load_config(path, overrides=()) -> dict:
     "Read, unwrap, override, fill and validate the YAML config at `path`."
     try: return resolve_config(read_yaml(path), overrides)
@@ -410,12 +426,12 @@ def load_config(path, overrides=()) -> dict:
         if str(path) in str(e): raise
         raise ConfigError(f'{path}: {e}') from None
 
-# %% ../nbs/10_config.ipynb 74
+# %% ../nbs/10_config.ipynb 77
 def dump_config(cfg: dict) -> str:
     "The config as YAML text (block style, key order kept)."
     return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
 
-# %% ../nbs/10_config.ipynb 81
+# %% ../nbs/10_config.ipynb 84
 RESUME_MUTABLE = {('trainer', k) for k in ('train_num_steps', 'save_and_sample_every', 'log_freq', 'results_folder',
                                            'resume_milestone', 'skip_nonfinite', 'max_nonfinite_skips', 'tensorboard',
                                            'sample_maps', 'cpu', 'amp', 'num_threads', 'compile',
@@ -438,7 +454,7 @@ def resume_changes(old: dict, new: dict) -> dict:
     return {f'{s}.{k}': [old.get(s, {}).get(k), new.get(s, {}).get(k)] for s, k in sorted(RESUME_MUTABLE)
             if k != 'results_folder' and old.get(s, {}).get(k) != new.get(s, {}).get(k)}
 
-# %% ../nbs/10_config.ipynb 84
+# %% ../nbs/10_config.ipynb 87
 def schema_table(schema: dict = SCHEMA, prefix: str = '') -> list[tuple[str, str, str, str]]:
     "(key, type, default, help) rows for every leaf of `schema`."
     rows = []

@@ -133,18 +133,19 @@ def ae_parameters(ae) -> list:
     return [p for m in (ae.encoder, ae.decoder, ae.quant_conv, ae.post_quant_conv) for p in m.parameters()]
 
 # %% ../nbs/13_trainer.ipynb 28
-def build_optimizers(ae, loss, t: dict):
-    "AdamW for the autoencoder (+ logvar when `learn_logvar`) and for the discriminator, with LambdaLR schedules."
+def build_optimizers(ae, loss, t: dict, restart_step: int | None = None):
+    "AdamW for the autoencoder (+ logvar when `learn_logvar`) and for the discriminator, with LambdaLR schedules (restarted at `restart_step` by `finish_lr`)."
     groups = [{'params': ae_parameters(ae)}] + ([{'params': [loss.logvar], 'weight_decay': 0.0}] if t['learn_logvar'] else [])
     kw, disc_lr = dict(betas=tuple(t['betas']), weight_decay=t['weight_decay']), t['disc_lr'] or t['lr']
     opt_ae = torch.optim.AdamW(groups, lr=t['lr'], **kw)
     opt_disc = torch.optim.AdamW(loss.discriminator.parameters(), lr=disc_lr, **kw)
     sched = dict(min_lr=t['min_lr'], power=t['power'], warmup_steps=t['warmup_steps'], decay_fraction=t['decay_fraction'])
-    lam = lambda base: make_lr_lambda(t['schedule'], t['train_num_steps'], base, **sched)
+    restart = lambda base: {} if t['finish_lr'] is None else dict(restart_step=restart_step, restart_lr=t['finish_lr'] * base / t['lr'])
+    lam = lambda base: make_lr_lambda(t['schedule'], t['train_num_steps'], base, **sched, **restart(base))
     return (opt_ae, opt_disc, torch.optim.lr_scheduler.LambdaLR(opt_ae, lam(t['lr'])),
             torch.optim.lr_scheduler.LambdaLR(opt_disc, lam(disc_lr)))
 
-# %% ../nbs/13_trainer.ipynb 31
+# %% ../nbs/13_trainer.ipynb 32
 class AutoencoderStep(nn.Module):
     "Forward of the autoencoder update: reconstruction from noise `eps` (None: the posterior mode) and its loss."
     def __init__(self, ae: AutoencoderKL, loss: LPIPSWithDiscriminator, learn_logvar: bool):
@@ -159,7 +160,7 @@ class AutoencoderStep(nn.Module):
                                                      split='train', compute_d_weight=d_weight)
         return loss, log, x_hat.detach()
 
-# %% ../nbs/13_trainer.ipynb 33
+# %% ../nbs/13_trainer.ipynb 34
 class DiscriminatorStep(nn.Module):
     "Forward of the discriminator update: its loss on real maps and detached reconstructions."
     def __init__(self, loss: LPIPSWithDiscriminator):
@@ -168,14 +169,14 @@ class DiscriminatorStep(nn.Module):
 
     def forward(self, x, x_hat, step: int): return self.loss_fn[0].discriminator_loss(x, x_hat, step, split='train')
 
-# %% ../nbs/13_trainer.ipynb 36
+# %% ../nbs/13_trainer.ipynb 37
 def compile_step(ae: AutoencoderKL, loss: LPIPSWithDiscriminator):
     "torch.compile, in place, the encoder, the decoder's trunk (not its output layers) and the discriminator."
     ae.encoder.compile(dynamic=False)                 # dynamic=False: a new batch shape recompiles instead of
     ae.decoder.trunk = torch.compile(ae.decoder.trunk, dynamic=False)   # tracing symbolic shapes, which inductor
     loss.discriminator.compile(dynamic=False)         # failed on here (torch 2.14, CPU)
 
-# %% ../nbs/13_trainer.ipynb 39
+# %% ../nbs/13_trainer.ipynb 40
 def world_size() -> int:
     "Number of processes training together (1 without a process group)."
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -195,7 +196,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         y = (x - mean[:, None, None]) * torch.rsqrt(var + self.eps)[:, None, None]
         return y * self.weight[:, None, None] + self.bias[:, None, None] if self.affine else y
 
-# %% ../nbs/13_trainer.ipynb 41
+# %% ../nbs/13_trainer.ipynb 42
 def global_batchnorm(module: nn.Module) -> nn.Module:
     "`module` with every BatchNorm2d replaced (in place) by a GlobalBatchNorm2d with the same weights and statistics."
     for name, child in module.named_children():
@@ -205,7 +206,7 @@ def global_batchnorm(module: nn.Module) -> nn.Module:
         else: global_batchnorm(child)
     return module
 
-# %% ../nbs/13_trainer.ipynb 44
+# %% ../nbs/13_trainer.ipynb 45
 UPSTREAM_EMA_AFTER, UPSTREAM_EMA_POWER = 100, 2 / 3   # the defaults of the EMA wrapper upstream's trainer uses
 
 class EMA:
@@ -231,7 +232,7 @@ class EMA:
         for e, b in zip(self.ema_model.buffers(), model.buffers()): e.copy_(b)
         self.updates += 1
 
-# %% ../nbs/13_trainer.ipynb 46
+# %% ../nbs/13_trainer.ipynb 47
 @patch
 def state_dict(self: EMA) -> dict:
     "`ema_model.`-prefixed weights plus book-keeping, like upstream's EMA wrapper."
@@ -246,7 +247,7 @@ def load_state_dict(self: EMA, sd: dict, source=None):
     load_upstream_state_dict(self.ema_model, weights, strict=True, source=f'{source} [ema]' if source else 'ema')
     self.updates = int(sd['updates']) if 'updates' in sd else int(sd.get('step', 0)) // self.every
 
-# %% ../nbs/13_trainer.ipynb 49
+# %% ../nbs/13_trainer.ipynb 50
 class NonFiniteLossError(RadioDiffError, FloatingPointError):
     "A loss or gradient became NaN/inf during training."
 
@@ -260,7 +261,7 @@ def nonfinite_terms(values: dict) -> list[str]:
     rank = lambda k: next((i for i, o in enumerate(order) if k.endswith(o)), len(order))
     return sorted(bad, key=rank)
 
-# %% ../nbs/13_trainer.ipynb 52
+# %% ../nbs/13_trainer.ipynb 53
 def rng_state() -> dict:
     "Python, NumPy, torch (and CUDA) RNG states as tensors and plain values."
     version, mt, gauss = random.getstate()
@@ -280,7 +281,7 @@ def set_rng_state(s: dict):
     torch.set_rng_state(s['torch'].cpu())
     if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all([t.cpu() for t in s['cuda']])
 
-# %% ../nbs/13_trainer.ipynb 55
+# %% ../nbs/13_trainer.ipynb 56
 def recon_metrics(x, x_hat) -> dict:
     "Mean per-map PSNR (dB), NMSE and RMSE of reconstructions, both mapped from [-1, 1] to [0, 1] (clamped)."
     a, b = ((x.float() + 1) / 2).clamp(0, 1), ((x_hat.float() + 1) / 2).clamp(0, 1)
@@ -288,7 +289,7 @@ def recon_metrics(x, x_hat) -> dict:
     nmse = ((a - b) ** 2).flatten(1).sum(1) / (a ** 2).flatten(1).sum(1).clamp_min(1e-12)
     return {'psnr': (10 * torch.log10(1 / mse.clamp_min(1e-12))).mean().item(), 'nmse': nmse.mean().item(), 'rmse': mse.sqrt().mean().item()}
 
-# %% ../nbs/13_trainer.ipynb 58
+# %% ../nbs/13_trainer.ipynb 59
 def precision_note(mode: str, reason: str) -> str:
     "One line saying which arithmetic a run uses and why."
     return f"precision: {dict(no='fp32', bf16='bf16 autocast', fp16='fp16 autocast')[mode]} ({reason})"
@@ -314,7 +315,7 @@ def make_accelerator(t: dict, mixed: str | None = None) -> Accelerator:
                           f'({acc.distributed_type}); check the accelerate config (accelerate env)')
     return acc
 
-# %% ../nbs/13_trainer.ipynb 61
+# %% ../nbs/13_trainer.ipynb 62
 class Trainer:
     "Train an AutoencoderKL with LPIPSWithDiscriminator as configured, on one process or several; see `train`."
     def __init__(self, config: dict, out_dir=None, resume=None, progress=True, stop_at=None, dataset=None,
@@ -334,7 +335,7 @@ class Trainer:
             if self.main: self._abandon()
             raise
 
-# %% ../nbs/13_trainer.ipynb 63
+# %% ../nbs/13_trainer.ipynb 64
 @patch
 def _build(self: Trainer, dataset=None):
     "Model, loss, optimisers, schedules, EMA and data in memory (the same on every process), prepared by accelerate."
@@ -347,7 +348,8 @@ def _build(self: Trainer, dataset=None):
     self.disc_params = list(self.loss.discriminator.parameters())
     steps = AutoencoderStep(self.ae, self.loss, t['learn_logvar']), DiscriminatorStep(self.loss)
     (self.gen, self.disc, self.opt_ae, self.opt_disc, self.sched_ae,
-     self.sched_disc) = self.acc.prepare(*steps, *build_optimizers(self.ae, self.loss, t))
+     self.sched_disc) = self.acc.prepare(*steps, *build_optimizers(self.ae, self.loss, t, restart_step=finish_start_step(
+         t['train_num_steps'], self.cfg['data']['finish_size'], self.cfg['data']['finish_steps'])))
     self.disc_eval = steps[1]    # the discriminator pass of a step that does not train it (no gradients)
     self.ema = EMA(self.ae, t['ema_decay'], t['ema_update_every'], t['ema_warmup'], t['upstream_ema']) if self.main else None
     if t['compile']: compile_step(self.ae, self.loss)    # after the EMA's copy: the EMA model stays eager
@@ -356,10 +358,12 @@ def _build(self: Trainer, dataset=None):
                           '(set data.finish_size=null and data.finish_steps=0 to train on that dataset alone)')
     self.train_ds, self.val_ds = (dataset, None) if dataset is not None else build_datasets(self.cfg['data'])
     self.finish_ds = finish_dataset(self.cfg['data'])
+    if (fb := self.cfg['data']['finish_batch_size']) and fb % self.world:   # found now, not at the phase's first step
+        raise ConfigError(f'data.finish_batch_size {fb} must be divisible by the {self.world} processes')
     self.step, self.batches_drawn, self.skips, self.session = 0, 0, 0, 0
     self.resumed_config = None    # the config stored in the checkpoint this run resumes (ours only)
 
-# %% ../nbs/13_trainer.ipynb 65
+# %% ../nbs/13_trainer.ipynb 66
 @patch
 def _on_main(self: Trainer, fn, *args):
     "Run `fn` on process 0 only; an error it raises is raised on every process."
@@ -397,7 +401,7 @@ def _write(self: Trainer, fn, path, what: str):
         keep = f'; the previous checkpoint {self.last_checkpoint} is intact' if getattr(self, 'last_checkpoint', None) else ''
         raise RunFolderError(f'{path}: cannot write the {what} ({e.strerror or e}){keep}') from None
 
-# %% ../nbs/13_trainer.ipynb 68
+# %% ../nbs/13_trainer.ipynb 69
 @patch
 def _start(self: Trainer, resume):
     "Resume or initialise, then reseed per process, write the config, open the logs and the data stream."
@@ -461,9 +465,10 @@ def _finish_start(self: Trainer) -> int | None:
 @patch
 def _open_stream(self: Trainer):
     "A DataLoader over this process's share of the reproducible batch stream, from the batch the run has reached."
-    start = self._finish_start()
-    ds = self.finish_ds if start is not None and self.step >= start else self.train_ds
-    self.sampler = BatchStream(len(ds), self.cfg['data']['batch_size'], self.t['seed'], self.batches_drawn, self.rank, self.world)
+    start, d = self._finish_start(), self.cfg['data']
+    finishing = start is not None and self.step >= start
+    ds, batch = (self.finish_ds, d['finish_batch_size'] or d['batch_size']) if finishing else (self.train_ds, d['batch_size'])
+    self.sampler = BatchStream(len(ds), batch, self.t['seed'], self.batches_drawn, self.rank, self.world)
     # its own generator: creating the iterator must not draw from the global torch RNG (exact resume)
     dl = DataLoader(ds, batch_sampler=self.sampler, num_workers=self.cfg['data']['num_workers'], persistent_workers=False,
                     pin_memory=self.device.type == 'cuda', generator=torch.Generator().manual_seed(self.t['seed'] + self.batches_drawn))
@@ -474,17 +479,17 @@ def _enter_finish(self: Trainer):
     "At the finishing phase's first step: the same batch stream, read from the data.finish_size maps; the EMA's warm-up restarts."
     self._open_stream()
     if self.ema is not None: self.ema.updates = 0   # the average so far holds weights trained at the coarser pixel scale
-    n, s = self.cfg['data']['finish_steps'], self.cfg['data']['finish_size']
-    if self.main: self.logs.line(f'[Finish] step {self.step}: the last {n} steps train on the same maps at {s}x{s}')
+    n, s, b = self.cfg['data']['finish_steps'], self.cfg['data']['finish_size'], self.sampler.batch_size
+    if self.main: self.logs.line(f'[Finish] step {self.step}: the last {n} steps train on the same maps at {s}x{s}, {b} per batch')
 
-# %% ../nbs/13_trainer.ipynb 71
+# %% ../nbs/13_trainer.ipynb 72
 def world_size_dependence(cfg: dict) -> list[str]:
     "What makes a run of `cfg` depend on its number of processes (empty: nothing)."
     why = [] if cfg['trainer']['sync_batchnorm'] else ["the discriminator's BatchNorm statistics are per process (trainer.sync_batchnorm: false)"]
     if cfg['model']['ddconfig'].get('dropout', 0.0) > 0: why.append('dropout draws from per-process random streams (model.ddconfig.dropout > 0)')
     return why
 
-# %% ../nbs/13_trainer.ipynb 73
+# %% ../nbs/13_trainer.ipynb 74
 def _load_optimizer(opt, state, path, name, extra_group: bool):
     "Load an optimizer state; an upstream AE state lacks our logvar group, which then starts fresh."
     try:
@@ -517,7 +522,7 @@ def load_scheduler(sched, state: dict, path, name) -> bool:
         for g, lr in zip(inner.optimizer.param_groups, inner._last_lr): g['lr'] = lr
     return extra == 1
 
-# %% ../nbs/13_trainer.ipynb 75
+# %% ../nbs/13_trainer.ipynb 76
 @patch
 def _resume_from(self: Trainer, path: Path):
     "Restore the full training state from checkpoint `path` (ours or upstream's model-N.pt)."
@@ -561,7 +566,7 @@ def _check_resumable(self: Trainer, ckpt: dict, path):
     if why: raise CheckpointError(f'{path}: written by {saved} processes, resumed on {self.world}, but {"; ".join(why)}: '
                                   f'resume with {saved} processes (accelerate launch --num_processes {saved})')
 
-# %% ../nbs/13_trainer.ipynb 78
+# %% ../nbs/13_trainer.ipynb 79
 @patch
 def _next_batch(self: Trainer):
     "This process's share of the next global batch, its posterior noise (None: train on the mode) and its map names."
@@ -584,7 +589,7 @@ def _mean_logs(self: Trainer, logs: list[dict]) -> dict:
     t = torch.stack([torch.stack([torch.as_tensor(l[k]).detach().reshape(()).to(self.device, torch.float32) for k in keys]) for l in logs]).mean(0)
     return dict(zip(keys, reduce(t, 'mean').tolist()))
 
-# %% ../nbs/13_trainer.ipynb 80
+# %% ../nbs/13_trainer.ipynb 81
 @patch
 def _ae_pass(self: Trainer, d_weight: bool):
     "Forward + backward of the autoencoder loss over the micro-batches (gradients averaged over processes on the last)."
@@ -614,7 +619,7 @@ def _disc_pass(self: Trainer, kept, train: bool) -> dict:
             logs.append(log)
     return self._mean_logs(logs)
 
-# %% ../nbs/13_trainer.ipynb 82
+# %% ../nbs/13_trainer.ipynb 83
 @patch
 def _update(self: Trainer, opt, params, vals: dict, names: list) -> float:
     "Clip (before the step: defect 2) and step; a non-finite loss or gradient norm skips the batch or stops the run."
@@ -654,14 +659,14 @@ def _nonfinite(self: Trainer, bad: list, values: dict, names: list):
     raise NonFiniteLossError(f'non-finite loss at step {step}: {desc}{why}; batch {names[:8]}; {last}; diagnostic: {diag}. '
                              'Resume with --resume latest (perhaps with a lower trainer.lr), or set trainer.skip_nonfinite=true to skip such batches.')
 
-# %% ../nbs/13_trainer.ipynb 85
+# %% ../nbs/13_trainer.ipynb 86
 @patch
 def _idle_disc_step(self: Trainer):
     "Upstream's discriminator update before disc_start: zero gradients, yet AdamW steps (weight decay, moments)."
     for p in self.disc_params: p.grad = torch.zeros_like(p)
     self.opt_disc.step(); self.opt_disc.zero_grad(set_to_none=True)
 
-# %% ../nbs/13_trainer.ipynb 87
+# %% ../nbs/13_trainer.ipynb 88
 @patch
 def train_step(self: Trainer) -> dict:
     "One optimisation step (both updates); the logged values (empty when the step is not logged)."
@@ -676,7 +681,7 @@ def train_step(self: Trainer) -> dict:
     except SkippedBatch: return {'skipped': True}
     return vals if logged else {}
 
-# %% ../nbs/13_trainer.ipynb 91
+# %% ../nbs/13_trainer.ipynb 92
 CHECKPOINT_VERSION = 2
 
 @patch
@@ -691,14 +696,14 @@ def checkpoint_state(self: Trainer) -> dict:
             'loss': {k: v for k, v in self.loss.state_dict().items() if not k.startswith('perceptual')},
             'version': CHECKPOINT_VERSION, 'nonfinite_skips': self.skips, 'session': self.session, 'world_size': self.world}
 
-# %% ../nbs/13_trainer.ipynb 93
+# %% ../nbs/13_trainer.ipynb 94
 def sample_grid_png(x, x_hat) -> bytes:
     "PNG bytes of a grid: one row per map, input | reconstruction, mapped to [0, 1]."
     pairs, buf = torch.stack([x, x_hat], 1).flatten(0, 1).float().cpu(), io.BytesIO()
     torchvision.utils.save_image(((pairs + 1) / 2).clamp(0, 1), buf, nrow=2, padding=2, format='png')
     return buf.getvalue()
 
-# %% ../nbs/13_trainer.ipynb 95
+# %% ../nbs/13_trainer.ipynb 96
 @patch
 def _write_milestone(self: Trainer, state: dict):
     "Write sample-{milestone}.png, the held-out scores, then model-{milestone}.pt (process 0); milestone = ceil(step / save_and_sample_every)."
@@ -722,7 +727,7 @@ def _sample_inputs(self: Trainer) -> torch.Tensor:
     n = len(ds) if self.val_ds is not None else min(len(ds), max(self.t['sample_maps'], 1))
     return torch.stack([ds[i]['image'] for i in range(n)]).to(self.device)
 
-# %% ../nbs/13_trainer.ipynb 98
+# %% ../nbs/13_trainer.ipynb 99
 @patch
 def _log_step(self: Trainer, vals: dict, timer: dict, bar=None):
     "Write the two upstream lines, one metrics record and the progress bar's loss."
@@ -737,7 +742,7 @@ def _log_step(self: Trainer, vals: dict, timer: dict, bar=None):
                       'nonfinite_skips': self.skips, 'epoch': self.batches_drawn // max(self.sampler.per_epoch, 1)})
     if bar is not None: bar.set_postfix(loss=f"{vals['train/total_loss']:.4g}", rec=f"{vals['train/rec_loss']:.3g}")
 
-# %% ../nbs/13_trainer.ipynb 100
+# %% ../nbs/13_trainer.ipynb 101
 @patch
 def fit(self: Trainer) -> dict:
     "Train until `train_num_steps` (or `stop_at`); return a summary."
@@ -769,7 +774,7 @@ def fit(self: Trainer) -> dict:
             'nonfinite_skips': self.skips, 'resumed_from': str(self.resumed_from) if self.resumed_from else None,
             'processes': self.world}
 
-# %% ../nbs/13_trainer.ipynb 111
+# %% ../nbs/13_trainer.ipynb 112
 def train(config,                          # a resolved config dict (`config.load_config`) or a YAML path
           out_dir=None,                    # the run folder (default: trainer.results_folder)
           resume=None,                     # 'latest', a milestone number or a checkpoint path; None: a fresh run
@@ -790,7 +795,7 @@ def train(config,                          # a resolved config dict (`config.loa
     return Trainer(cfg, out_dir, resume=resume, progress=progress, stop_at=stop_at, dataset=dataset,
                    skip_damaged=skip_damaged, trust_checkpoint=trust_checkpoint).fit()
 
-# %% ../nbs/13_trainer.ipynb 126
+# %% ../nbs/13_trainer.ipynb 127
 def add_train_args(parser: argparse.ArgumentParser):
     "Arguments of `radiodiff-vae train`."
     parser.add_argument('--config', default=None, help='YAML config (e.g. configs/quickstart.yaml); required')
@@ -813,7 +818,7 @@ def add_train_args(parser: argparse.ArgumentParser):
     parser.parse_known_args = parse_known_args
     return parser
 
-# %% ../nbs/13_trainer.ipynb 128
+# %% ../nbs/13_trainer.ipynb 129
 def run_train(args) -> int:
     "Run `radiodiff-vae train` from parsed `args`; print the summary as JSON (process 0); return 0."
     if not args.config: raise ConfigError('--config is required (a YAML file such as configs/quickstart.yaml)')
@@ -830,5 +835,5 @@ def main(argv=None) -> int:
     except RadioDiffError as e:
         print(f'radiodiff-vae train: error: {e}', file=sys.stderr); return 2
 
-# %% ../nbs/13_trainer.ipynb 130
+# %% ../nbs/13_trainer.ipynb 131
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())

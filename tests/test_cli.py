@@ -59,8 +59,12 @@ def _with(section, key, value, sub=None):
     (cfg[section][sub] if sub else cfg[section])[key] = value
     return cfg
 
-def _finishing(size, steps):
-    cfg = tiny_config(); cfg['data'].update(finish_size=size, finish_steps=steps)
+def _finishing(size, steps, **data):
+    cfg = tiny_config(); cfg['data'].update(finish_size=size, finish_steps=steps, **data)
+    return cfg
+
+def _finish_lr(lr, size=64, steps=3):
+    cfg = _finishing(size, steps); cfg['trainer']['finish_lr'] = lr
     return cfg
 
 CONFIG_CASES = {
@@ -74,6 +78,10 @@ CONFIG_CASES = {
     'bad choice': (_with('trainer', 'schedule', 'linear'), ['trainer.schedule', 'linear']),
     'finishing phase longer than the run': (_finishing(64, 9), ['data.finish_steps', 'got 9', '--set data.finish_steps=']),
     'finishing steps without a size': (_finishing(None, 3), ['data.finish_steps', 'data.finish_size is null']),
+    'finishing batch size without a size': (_finishing(None, 0, finish_batch_size=1), ['data.finish_batch_size', 'data.finish_size is null']),
+    'finishing batch size zero': (_finishing(64, 3, finish_batch_size=0), ['data.finish_batch_size', 'positive integer']),
+    'finishing lr without a phase': (_finish_lr(2e-4, None, 0), ['trainer.finish_lr', 'data.finish_size is null']),
+    'finishing lr under the floor': (_finish_lr(1e-9), ['trainer.finish_lr', 'trainer.min_lr']),
     'not yaml': ('model: [unclosed\n  - x: {', ['not valid YAML']),
     'not a mapping': ('- just\n- a list\n', ['expected a mapping']),
 }

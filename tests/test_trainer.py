@@ -493,11 +493,12 @@ def test_wsd_schedule_drives_the_optimizers_and_the_analysis(tmp_path):
 def finishing(tmp_path_factory):
     "Uninterrupted 12-step runs whose last `k` steps train on the same maps at 64x64 (one run per k, made on first use)."
     runs = {}
-    def run(k):
-        if k not in runs:
+    def run(k, **extra):
+        key = (k, *sorted(extra.items()))
+        if key not in runs:
             out = tmp_path_factory.mktemp('runs')/f'finishing{k}'
-            runs[k] = out, train(tiny(**{'data.finish_size': 64, 'data.finish_steps': k}), out, progress=False)
-        return runs[k]
+            runs[key] = out, train(tiny(**{'data.finish_size': 64, 'data.finish_steps': k, **extra}), out, progress=False)
+        return runs[key]
     return run
 
 # killed before the finishing phase, inside it, and at its first step (checkpoint 3 is step 9, where 3 finishing steps begin)
@@ -511,7 +512,22 @@ def test_finishing_phase_resumes_to_identical_weights(finishing, tmp_path, k, st
     for key in ('model', 'ema'):
         for k_ in a[key]: assert torch.equal(a[key][k_], b[key][k_]), f'{key}.{k_} differs'
     logs = ''.join(p.read_text() for p in sorted((tmp_path/'b').glob('*.log')))
-    assert logs.count(f'[Finish] step {12 - k}: the last {k} steps train on the same maps at 64x64') == 1   # entered once, by either session
+    assert logs.count(f'[Finish] step {12 - k}: the last {k} steps train on the same maps at 64x64, 4 per batch') == 1   # entered once, by either session
+
+def test_finishing_phase_with_its_own_batch_and_rate_resumes_to_identical_weights(finishing, tmp_path):
+    "A phase with one map per step and a restarted rate: killed inside it, the run resumes to the same weights and rates."
+    extra = {'data.finish_batch_size': 2, 'trainer.finish_lr': 2e-4}
+    out, _ = finishing(4, **extra)
+    cfg = tiny(**{'data.finish_size': 64, 'data.finish_steps': 4, **extra})
+    train(cfg, tmp_path/'b', progress=False, stop_at=10)
+    train(cfg, tmp_path/'b', progress=False, resume='latest')
+    a, b = load(out/'model-4.pt'), load(tmp_path/'b'/'model-4.pt')
+    for k_ in a['model']: assert torch.equal(a['model'][k_], b['model'][k_]), f'model.{k_} differs'
+    recs = [json.loads(l) for l in (out/'metrics.jsonl').read_text().splitlines()]
+    lrs = {r['step']: r['lr_ae'] for r in recs if 'lr_ae' in r}
+    assert lrs[8] == pytest.approx(2e-4) and lrs[7] > 5e-4 and lrs[11] < lrs[9] < 2e-4   # restarted at the phase's first step (8 of 12), then falls
+    logs = ''.join(p.read_text() for p in sorted((tmp_path/'b').glob('*.log')))
+    assert logs.count('[Finish] step 8: the last 4 steps train on the same maps at 64x64, 2 per batch') == 1
 
 def test_finishing_phase_changes_the_weights_and_needs_configured_maps(finishing, straight, tmp_path):
     a, b = load(finishing(4)[0]/'model-4.pt'), load(straight[0]/'model-4.pt')
