@@ -331,7 +331,7 @@ def step_cost(a: dict, steps=6, gan=True) -> dict:
     raw = read_yaml(CONFIG)
     sets = overrides(a)[1::2]   # the same `key=value` texts as the training runs' --set arguments
     sets += [f"model.lossconfig.disc_start={0 if gan else a['trainer.train_num_steps']}", 'trainer.tensorboard=false',
-             'data.finish_size=null', 'data.finish_steps=0', 'trainer.finish_lr=null',   # the main phase's shape; a finishing side is timed as its own arm
+             'data.finish_size=null', 'data.finish_steps=0', 'data.finish_batch_size=null', 'trainer.finish_lr=null',   # the main phase's shape; a finishing side is timed as its own arm
              'trainer.save_and_sample_every=100000', 'trainer.log_freq=100000']
     cfg = resolve_config(raw, sets)
     bs, size = cfg['data']['batch_size'], cfg['data']['size']
@@ -462,7 +462,8 @@ def stepping_seconds(r: dict, a: dict) -> float | None:
     "Estimated seconds of arm `a`'s optimizer steps on 2 idle threads: each step at its shape's and GAN phase's median cost."
     T, gan_from, k, side = (a['trainer.train_num_steps'], a['model.lossconfig.disc_start'], a.get('data.finish_steps') or 0,
                             a.get('data.finish_size'))
-    main, fin = shape_costs(r, shape(a)), shape_costs(r, shape({**a, 'data.size': side})) if side else {}
+    fin_shape = {**a, 'data.size': side, 'data.batch_size': a.get('data.finish_batch_size') or a['data.batch_size']}
+    main, fin = shape_costs(r, shape(a)), shape_costs(r, shape(fin_shape)) if side else {}
     total = 0.0
     for step_range, c in ((range(0, T - k), main), (range(T - k, T), fin)):
         n_on = sum(1 for i in step_range if i >= gan_from); n_off = len(step_range) - n_on

@@ -12,10 +12,10 @@ from .schedules import DECAY_FRACTION, wsd_fits
 
 # %% auto 0
 __all__ = ['DDCONFIG_SCHEMA', 'LOSSCONFIG_SCHEMA', 'MODEL_SCHEMA', 'DATA_SCHEMA', 'TRAINER_SCHEMA', 'SCHEMA',
-           'PRECISION_SPELLINGS', 'RESUME_MUTABLE', 'canonical_precision', 'read_cpu_flags', 'native_bf16',
-           'choose_precision', 'check_value', 'unwrap_upstream', 'downsampling_factor', 'finish_start_step',
-           'validate_config', 'parse_override', 'apply_overrides', 'resolve_config', 'read_yaml', 'load_config',
-           'dump_config', 'config_differences', 'resume_changes', 'schema_table']
+           'PRECISION_SPELLINGS', 'FINISH_OFF', 'RESUME_MUTABLE', 'canonical_precision', 'read_cpu_flags',
+           'native_bf16', 'choose_precision', 'check_value', 'unwrap_upstream', 'downsampling_factor',
+           'finish_start_step', 'validate_config', 'parse_override', 'apply_overrides', 'resolve_config', 'read_yaml',
+           'load_config', 'dump_config', 'config_differences', 'resume_changes', 'schema_table']
 
 # %% ../nbs/10_config.ipynb 7
 DDCONFIG_SCHEMA = {
@@ -282,6 +282,8 @@ def downsampling_factor(ddconfig: dict) -> int:
     return 2 ** (len(ddconfig["ch_mult"]) - 1)
 
 # %% ../nbs/10_config.ipynb 53
+FINISH_OFF = 'data.finish_size=null data.finish_steps=0 data.finish_batch_size=null'   # the settings of a run without the phase
+
 def _check_finish(d: dict, total_steps: int, f: int):
     "Raise a ConfigError unless data.finish_size / data.finish_steps describe a phase that fits the run (f: downsampling factor)."
     size, steps, batch = d['finish_size'], d['finish_steps'], d['finish_batch_size']
@@ -292,7 +294,7 @@ def _check_finish(d: dict, total_steps: int, f: int):
     _require(batch is None or batch > 0, f'data.finish_batch_size: expected a positive integer or null (data.batch_size), got {batch}')
     _require(size > 0 and size % f == 0, f'data.finish_size: expected a positive multiple of the downsampling factor {f}, got {size}')
     _require(0 < steps <= total_steps, f'data.finish_steps: expected 1..trainer.train_num_steps={total_steps} with data.finish_size set, got {steps}; '
-             f'set e.g. --set data.finish_steps={max(1, total_steps // 6)}, or data.finish_size=null for no finishing phase')
+             f'set e.g. --set data.finish_steps={max(1, total_steps // 6)}, or {FINISH_OFF} for no finishing phase')
     _require(d['crop'] is None, f"data.finish_size and data.crop ({d['crop']}) cannot be combined: the finishing phase trains on whole maps")
 
 # %% ../nbs/10_config.ipynb 56

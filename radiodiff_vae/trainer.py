@@ -30,7 +30,7 @@ from .schedules import make_lr_lambda
 from .data import RadioMapSeer, radiomapseer_split, MapFolder
 from .synthetic import SyntheticRadioMaps
 from .config import (load_config, resolve_config, dump_config, config_differences, resume_changes, choose_precision,
-                                  finish_start_step)
+                                  finish_start_step, FINISH_OFF)
 from .run_folder import RunLock, list_checkpoints, resolve_resume, check_run_folder
 from .logs import RunLogs, format_log_line, UPSTREAM_AE_KEYS, UPSTREAM_DISC_KEYS
 
@@ -355,7 +355,7 @@ def _build(self: Trainer, dataset=None):
     if t['compile']: compile_step(self.ae, self.loss)    # after the EMA's copy: the EMA model stays eager
     if dataset is not None and self.cfg['data']['finish_size'] is not None:
         raise ConfigError('data.finish_size: a finishing phase needs the configured maps, not a dataset passed to the trainer '
-                          '(set data.finish_size=null and data.finish_steps=0 to train on that dataset alone)')
+                          f'(set {FINISH_OFF} to train on that dataset alone)')
     self.train_ds, self.val_ds = (dataset, None) if dataset is not None else build_datasets(self.cfg['data'])
     self.finish_ds = finish_dataset(self.cfg['data'])
     if (fb := self.cfg['data']['finish_batch_size']) and fb % self.world:   # found now, not at the phase's first step

@@ -165,10 +165,13 @@ def test_auto_precision_on_this_gpu():
     assert choose_precision('auto', 'cuda') == (('bf16' if native else 'no'), choose_precision('auto', 'cuda', cuda_bf16=native)[1])
 
 def test_quickstart_finishes_on_larger_maps():
-    "The shipped quickstart ends with its finishing phase (tuning round 7), and a bad phase is refused with the key named."
+    "The shipped quickstart ends with its finishing phase (tuning rounds 7-8), and a bad phase is refused with the key named."
     qs = load_config(CONFIGS/'quickstart.yaml')
-    assert (qs['data']['finish_size'], qs['data']['finish_steps'], qs['trainer']['train_num_steps']) == (128, 150, 900)
+    d = qs['data']
+    assert (d['finish_size'], d['finish_steps'], d['finish_batch_size'], qs['trainer']['train_num_steps']) == (192, 108, 1, 858)
     with pytest.raises(ConfigError, match='data.finish_steps'):
-        load_config(CONFIGS/'quickstart.yaml', ['data.finish_steps=901'])
+        load_config(CONFIGS/'quickstart.yaml', ['data.finish_steps=859'])
+    with pytest.raises(ConfigError, match='data.finish_batch_size'):
+        load_config(CONFIGS/'quickstart.yaml', ['data.finish_batch_size=0'])
     with pytest.raises(ConfigError, match='data.finish_size'):
         load_config(CONFIGS/'quickstart.yaml', ['data.finish_size=130'])
