@@ -305,6 +305,9 @@ def _check_finish_lr(t: dict, d: dict):
     _require(d['finish_size'] is not None, f'trainer.finish_lr: {lr} restarts the rate at the finishing phase, but data.finish_size is null; '
              'set data.finish_size and data.finish_steps, or trainer.finish_lr=null')
     _require(lr >= t['min_lr'], f"trainer.finish_lr: must be >= trainer.min_lr={t['min_lr']}, got {lr}")
+    disc = lr * (t['disc_lr'] or t['lr']) / t['lr']    # the discriminator restarts at the same fraction of its own rate
+    _require(disc >= t['min_lr'], f"trainer.finish_lr: {lr} restarts the discriminator at {disc:.3g} (trainer.disc_lr scaled alike), "
+             f"below trainer.min_lr={t['min_lr']}; raise trainer.finish_lr or trainer.disc_lr")
     _require(t['schedule'] != 'radiodiff', "trainer.finish_lr: not with schedule 'radiodiff' (its min_lr is a multiplier, not a rate); "
              "use e.g. trainer.schedule=cosine")
 
