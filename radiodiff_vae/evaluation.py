@@ -26,12 +26,12 @@ from .synthetic import SyntheticRadioMaps
 from .config import downsampling_factor, load_config, resolve_config
 
 # %% auto 0
-__all__ = ['SSIM_KERNEL_SIZE', 'SSIM_SIGMA', 'METRICS', 'LOSS_TERMS', 'RADIODIFF_PAPER', 'mse_per_map', 'nmse_per_map',
-           'rmse_per_map', 'psnr_per_map', 'ssim_per_map', 'map_metrics', 'summarize', 'dataset_from_spec',
-           'read_checkpoint', 'build_model', 'build_loss', 'per_map_losses', 'posterior_and_reconstructions',
-           'LatentStats', 'evaluate_model', 'summarize_rows', 'plot_reconstructions', 'plot_psnr_histogram',
-           'markdown_section', 'prepare_evaluation', 'resolve_data', 'evaluate_prepared', 'write_outputs',
-           'evaluate_checkpoint', 'add_evaluate_args', 'run_evaluate', 'spec_slug', 'evaluate_many']
+__all__ = ['SSIM_KERNEL_SIZE', 'SSIM_SIGMA', 'METRICS', 'EVAL_BATCH', 'LOSS_TERMS', 'RADIODIFF_PAPER', 'mse_per_map',
+           'nmse_per_map', 'rmse_per_map', 'psnr_per_map', 'ssim_per_map', 'map_metrics', 'summarize',
+           'dataset_from_spec', 'read_checkpoint', 'build_model', 'build_loss', 'per_map_losses',
+           'posterior_and_reconstructions', 'LatentStats', 'evaluate_model', 'summarize_rows', 'plot_reconstructions',
+           'plot_psnr_histogram', 'markdown_section', 'prepare_evaluation', 'resolve_data', 'evaluate_prepared',
+           'write_outputs', 'evaluate_checkpoint', 'add_evaluate_args', 'run_evaluate', 'spec_slug', 'evaluate_many']
 
 # %% ../nbs/17_evaluation.ipynb 5
 SSIM_KERNEL_SIZE, SSIM_SIGMA = 11, 1.5
@@ -268,6 +268,8 @@ class LatentStats:
                     scale_factor=(1 / pooled_std) if pooled_std > 0 else None, elements=self.count * len(self.sum))
 
 # %% ../nbs/17_evaluation.ipynb 44
+EVAL_BATCH = 2   # maps per forward pass by default: the fastest per map on a CPU (see above)
+
 def _check_map(image, name, index, ddconfig):
     "A DataError if map `name` cannot go through this architecture."
     c, h, w = image.shape
@@ -290,7 +292,7 @@ def _batches(dataset, indices, batch_size, ddconfig):
     if batch: yield batch
 
 # %% ../nbs/17_evaluation.ipynb 46
-def evaluate_model(model, loss, dataset, indices, *, batch_size=8, device="cpu", sample_seed=0, train_on_sample=True,
+def evaluate_model(model, loss, dataset, indices, *, batch_size=EVAL_BATCH, device="cpu", sample_seed=0, train_on_sample=True,
                    progress=True, desc="evaluate") -> tuple[list[dict], dict]:
     "Per-map rows (metrics, losses) and latent statistics of `model` on `dataset[indices]`."
     rows, latents = [], {"sample": LatentStats(), "mode": LatentStats()}
@@ -466,7 +468,7 @@ def resolve_data(data, cfg: dict, include_leaked: bool = False, limit=None):
     return dataset, dict(spec=str(data) if isinstance(data, (str, Path)) else None, **info), indices
 
 # %% ../nbs/17_evaluation.ipynb 66
-def evaluate_prepared(setup: dict, dataset, data_info: dict, indices, batch_size=8, sample_seed=0, progress=True,
+def evaluate_prepared(setup: dict, dataset, data_info: dict, indices, batch_size=EVAL_BATCH, sample_seed=0, progress=True,
                       settings: dict | None = None) -> dict:
     "Evaluate every model of `setup` on `dataset[indices]` -> {'summary', 'per_map'}; nothing is written."
     cfg, notes = setup["cfg"], list(setup["notes"]) + ([data_info["note"]] if data_info.get("note") else [])
@@ -510,7 +512,7 @@ def evaluate_checkpoint(checkpoint, # model-N.pt: ours or upstream's
                         data, # a data spec (see the table above) or a Dataset of {'image', 'name'} items
                         out_dir=None, # folder for per_map.csv, summary.json, figures, evaluation.md; None: write nothing
                         use_ema=False, # False: raw weights, True: EMA weights, 'both'
-                        batch_size=8, # maps per forward pass (a map's numbers do not depend on it)
+                        batch_size=EVAL_BATCH, # maps per forward pass (a map's numbers do not depend on it)
                         limit=None, # evaluate only the first `limit` maps
                         device="cpu",
                         sample_seed=0, # seed of the posterior samples (per map, batch-independent)
@@ -545,7 +547,7 @@ def add_evaluate_args(parser):
     weights.add_argument("--ema", action="store_true", help="evaluate the EMA weights instead of the raw ones")
     weights.add_argument("--both", action="store_true", help="evaluate raw and EMA weights")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N maps")
-    parser.add_argument("--batch-size", type=int, default=8, help="maps per forward pass (default 8)")
+    parser.add_argument("--batch-size", type=int, default=EVAL_BATCH, help=f"maps per forward pass (default {EVAL_BATCH}, the fastest on a CPU; more on a GPU)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the posterior samples (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -577,7 +579,7 @@ def spec_slug(spec) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "data"
 
 # %% ../nbs/17_evaluation.ipynb 78
-def evaluate_many(checkpoint, specs, out_dir, use_ema=False, batch_size=8, limit=None, device="cpu", sample_seed=0,
+def evaluate_many(checkpoint, specs, out_dir, use_ema=False, batch_size=EVAL_BATCH, limit=None, device="cpu", sample_seed=0,
                   progress=True, config=None, trust: bool = False, include_leaked: bool = False) -> dict:
     "`evaluate_checkpoint` for each data spec into `out_dir/<slug>/`, all checked first; a joint evaluation.md and summary.json."
     specs = [specs] if isinstance(specs, (str, Path)) else list(specs)

@@ -12,8 +12,8 @@ from .core import RadioDiffError, RunFolderError, atomic_write_text, reference_r
 from .run_folder import latest_checkpoint
 
 # %% auto 0
-__all__ = ['DEFAULTS', 'EVAL_BATCH', 'MANIFEST', 'pipeline_path', 'job_settings', 'plan', 'open_run_folder', 'user_error',
-           'run_stage', 'resolve_params', 'training_progress', 'StageProgress', 'write_index', 'headline_numbers',
+__all__ = ['DEFAULTS', 'MANIFEST', 'pipeline_path', 'job_settings', 'plan', 'open_run_folder', 'user_error', 'run_stage',
+           'resolve_params', 'training_progress', 'StageProgress', 'write_index', 'headline_numbers',
            'check_training_config', 'reproduce', 'add_reproduce_args', 'run_reproduce']
 
 # %% ../nbs/19_reproduce.ipynb 5
@@ -41,10 +41,6 @@ def _config_path(config: str) -> str:
     p = Path(config)
     return str(p if p.is_absolute() else repo_dir()/p)
 
-# Maps per evaluation batch. On a 2-core CPU, 256x256 maps run 30% faster per map in batches of 2 than of 8 (23 against
-# 32 s for the 26 real maps; 64x64 maps alike); the results do not depend on the batching.
-EVAL_BATCH = 2
-
 def plan(out, settings: dict) -> list[dict]:
     "The stages of the main job writing into `out`: name, pipeline, parameters, output folder."
     out, s = Path(out).resolve(), settings
@@ -59,7 +55,7 @@ def plan(out, settings: dict) -> list[dict]:
         dict(name='evaluate', pipeline='evaluate', out=out/'evaluation',
              what='evaluate on held-out synthetic maps and on the 26 bundled real RadioMapSeer maps',
              params=dict(checkpoint=None, run_dir=str(train_dir), data=[synthetic, 'real'], out_dir=str(out/'evaluation'),
-                         limit=s['eval_limit'], use_ema=True, batch_size=EVAL_BATCH)),
+                         limit=s['eval_limit'], use_ema=True)),
         dict(name='analyze', pipeline='analyze', out=out/'analysis', what='analyse the new run',
              params=dict(inputs=[str(train_dir)], out_dir=str(out/'analysis'), smoothing=s['smoothing'], config=None)),
     ]

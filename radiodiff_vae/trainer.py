@@ -337,6 +337,12 @@ class Trainer:
 
 # %% ../nbs/13_trainer.ipynb 64
 @patch
+def _finish_start(self: Trainer) -> int | None:
+    "First step of the finishing phase (the last data.finish_steps steps, on data.finish_size maps); None without one."
+    d = self.cfg['data']
+    return finish_start_step(self.t['train_num_steps'], d['finish_size'], d['finish_steps'])
+
+@patch
 def _build(self: Trainer, dataset=None):
     "Model, loss, optimisers, schedules, EMA and data in memory (the same on every process), prepared by accelerate."
     t = self.t
@@ -348,8 +354,7 @@ def _build(self: Trainer, dataset=None):
     self.disc_params = list(self.loss.discriminator.parameters())
     steps = AutoencoderStep(self.ae, self.loss, t['learn_logvar']), DiscriminatorStep(self.loss)
     (self.gen, self.disc, self.opt_ae, self.opt_disc, self.sched_ae,
-     self.sched_disc) = self.acc.prepare(*steps, *build_optimizers(self.ae, self.loss, t, restart_step=finish_start_step(
-         t['train_num_steps'], self.cfg['data']['finish_size'], self.cfg['data']['finish_steps'])))
+     self.sched_disc) = self.acc.prepare(*steps, *build_optimizers(self.ae, self.loss, t, restart_step=self._finish_start()))
     self.disc_eval = steps[1]    # the discriminator pass of a step that does not train it (no gradients)
     self.ema = EMA(self.ae, t['ema_decay'], t['ema_update_every'], t['ema_warmup'], t['upstream_ema']) if self.main else None
     if t['compile']: compile_step(self.ae, self.loss)    # after the EMA's copy: the EMA model stays eager
@@ -455,12 +460,6 @@ def _init_weights(self: Trainer, path):
     ckpt = load_checkpoint(path, self.trust)
     load_upstream_state_dict(self.ae, select_state_dict(ckpt, self.cfg['model']['ckpt_weights'], path), strict=True, source=path)
     if self.ema is not None: self.ema.ema_model.load_state_dict(self.ae.state_dict())
-
-@patch
-def _finish_start(self: Trainer) -> int | None:
-    "First step of the finishing phase (the last data.finish_steps steps, on data.finish_size maps); None without one."
-    d = self.cfg['data']
-    return finish_start_step(self.t['train_num_steps'], d['finish_size'], d['finish_steps'])
 
 @patch
 def _open_stream(self: Trainer):
