@@ -36,6 +36,7 @@ BASE = {
     'model.ddconfig.num_res_blocks': 1,   # tuned from round 6 on
     'data.finish_size': None, 'data.finish_steps': 0,   # from round 7 on
     'trainer.finish_lr': None, 'data.finish_batch_size': None,   # from round 8 on
+    'data.finish_crop': None,   # from round 9 on
 }
 
 # The quickstart after round 5. Its seeds 0-5 were not trained again: runs/tune/fp32_b2_1200_gan960-s<N> were links to the
@@ -149,6 +150,36 @@ ARMS = {
                                             trainer__save_and_sample_every=(750 + k) // 2,
                                             data__finish_size=s, data__finish_steps=k, data__finish_batch_size=1)
        for s, k in [(128, 226), (192, 108), (256, 55)]},
+    # round 9. With the 192x192 finishing phase (1.33 m/px) a brightness offset per map still makes 17-33% of the error at
+    # 256x256 (1 m/px, the real maps' scale): the phase fixes the offset at the scale it shows. So the same phase on random
+    # windows of the 256x256 maps (`data.finish_crop`): the real maps' 1 m pixels, and most of a map in view (a 192x192
+    # window covers 56% of it; round 6's 64x64 windows, 6%, lost the far field). Same step cost as the 192x192 arm; and
+    # 160x160 windows (39% of a map) for more steps at the same finishing time
+    **{f'fp32_b2_{750 + k}_f256c{c}b1x{k}': arm(750 + k, data__batch_size=2, trainer__warmup_steps=60, model__lossconfig__disc_start=720,
+                                                trainer__save_and_sample_every=(750 + k) // 2, data__finish_size=256,
+                                                data__finish_crop=c, data__finish_steps=k, data__finish_batch_size=1)
+       for c, k in [(192, 108), (160, 163)]},   # 160x160 at batch 1: 0.46 s per step against 0.695 s at 192x192 (`time`, idle)
+    'time_s160b1': arm(100, data__size=160, model__ddconfig__resolution=160, data__batch_size=1),
+    # the quality guard again, on today's quickstart: its seeds spread half as much on the real maps as round 5's (sd 0.27
+    # against 0.53 dB), so a new bf16 check is sharper than the one that kept the quickstart in fp32. The fp32 side is the
+    # chosen arm's own runs (seeds 0-5, scored on the real maps after round 8's choice)
+    'time_s192b1_bf16': arm(100, data__size=192, model__ddconfig__resolution=192, data__batch_size=1, trainer__mixed_precision='bf16'),
+    'bf16_b2_858_f192b1x108': arm(858, data__batch_size=2, trainer__warmup_steps=60, model__lossconfig__disc_start=720,
+                                  trainer__save_and_sample_every=429, data__finish_size=192, data__finish_steps=108,
+                                  data__finish_batch_size=1, trainer__mixed_precision='bf16'),
+    # bf16 passed that check (real maps, six seeds: -0.15 dB [-0.64, +0.35] paired, within the 0.3 dB allowed), so `auto`
+    # may train the quickstart in bf16 where the CPU has it. bf16 steps (`time`, 2 threads, idle): 64x64 batch 2 0.125/0.121 s,
+    # 192x192 batch 1 0.481/0.511 s (GAN off/on), against fp32's 0.142/0.163 and 0.649/0.737 s, so the shipped steps cost
+    # 149 s of stepping in bf16 against 190 s in fp32 (`show`). Round 9 spends the freed time (about 190 s in all, as in fp32): more
+    # steps at 64x64, more at 192x192, or both. GAN from 30 steps before the phase, as in the shipped config
+    **{f'bf16_b2_{n + k}_f192b1x{k}': arm(n + k, data__batch_size=2, trainer__warmup_steps=60, model__lossconfig__disc_start=n - 30,
+                                          trainer__save_and_sample_every=(n + k) // 2, data__finish_size=192, data__finish_steps=k,
+                                          data__finish_batch_size=1, trainer__mixed_precision='bf16')
+       for n, k in [(1080, 108), (750, 190), (900, 150)]},
+    # the choice (1,080 + 108 steps) in fp32: what `auto` runs on a CPU without native bf16 (scored after the choice)
+    'fp32_b2_1188_f192b1x108': arm(1188, data__batch_size=2, trainer__warmup_steps=60, model__lossconfig__disc_start=1050,
+                                   trainer__save_and_sample_every=594, data__finish_size=192, data__finish_steps=108,
+                                   data__finish_batch_size=1),
     # timed only (`time`): the round-6 base with torch.compile of the autoencoder and discriminator steps
     'fp32_b2_1200_compiled': arm(1200, data__batch_size=2, trainer__warmup_steps=60, model__lossconfig__disc_start=960,
                                  trainer__compile=True),
@@ -325,13 +356,13 @@ def run_arm(name: str, a: dict, seed: int, dataset, force=False, threads=None) -
 def step_cost(a: dict, steps=6, gan=True) -> dict:
     "Wall and CPU seconds per optimizer step of arm `a`'s step shape (data in memory, no checkpoints), GAN on or off."
     import tempfile
-    from radiodiff_vae.config import resolve_config, read_yaml, apply_overrides
+    from radiodiff_vae.config import resolve_config, read_yaml, apply_overrides, FINISH_OFF
     from radiodiff_vae.trainer import Trainer
     from radiodiff_vae.synthetic import SyntheticRadioMaps
     raw = read_yaml(CONFIG)
     sets = overrides(a)[1::2]   # the same `key=value` texts as the training runs' --set arguments
     sets += [f"model.lossconfig.disc_start={0 if gan else a['trainer.train_num_steps']}", 'trainer.tensorboard=false',
-             'data.finish_size=null', 'data.finish_steps=0', 'data.finish_batch_size=null', 'trainer.finish_lr=null',   # the main phase's shape; a finishing side is timed as its own arm
+             *FINISH_OFF.split(), 'trainer.finish_lr=null',   # the main phase's shape; a finishing side is timed as its own arm
              'trainer.save_and_sample_every=100000', 'trainer.log_freq=100000']
     cfg = resolve_config(raw, sets)
     bs, size = cfg['data']['batch_size'], cfg['data']['size']
@@ -414,7 +445,8 @@ def cmd_real(args):
         print(f"[real] {args.arm} seed {seed}: real-map PSNR raw {s['raw']['psnr']:.2f} ema {s['ema']['psnr']:.2f} dB", flush=True)
     runs = load_results()['real'][args.arm]
     t = t_interval([v['ema'] for v in runs.values()])
-    print(f"[real] {args.arm}: EMA mean {t['mean']:.2f} dB [{t['ci_low']:.2f}, {t['ci_high']:.2f}] over {t['n']} seeds")
+    ci = f" [{t['ci_low']:.2f}, {t['ci_high']:.2f}]" if t['n'] > 1 else ''
+    print(f"[real] {args.arm}: EMA mean {t['mean']:.2f} dB{ci} over {t['n']} seed(s)")
 
 def cmd_summarize(args):
     "Recompute the guard summary from the stored runs."
@@ -462,7 +494,7 @@ def stepping_seconds(r: dict, a: dict) -> float | None:
     "Estimated seconds of arm `a`'s optimizer steps on 2 idle threads: each step at its shape's and GAN phase's median cost."
     T, gan_from, k, side = (a['trainer.train_num_steps'], a['model.lossconfig.disc_start'], a.get('data.finish_steps') or 0,
                             a.get('data.finish_size'))
-    fin_shape = {**a, 'data.size': side, 'data.batch_size': a.get('data.finish_batch_size') or a['data.batch_size']}
+    fin_shape = {**a, 'data.size': a.get('data.finish_crop') or side, 'data.batch_size': a.get('data.finish_batch_size') or a['data.batch_size']}
     main, fin = shape_costs(r, shape(a)), shape_costs(r, shape(fin_shape)) if side else {}
     total = 0.0
     for step_range, c in ((range(0, T - k), main), (range(T - k, T), fin)):
@@ -509,6 +541,28 @@ def cmd_show(args):
         print(f"guard {k}: real raw {v['real_raw']:.2f} ema {v['real_ema']:.2f}; held-out syn raw {v['syn_raw']} ema {v['syn_ema']}")
     if r.get('guard', {}).get('summary'): print(json.dumps(r['guard']['summary'], indent=1))
 
+def compare(r: dict, a: str, b: str) -> dict:
+    "Arm `a` against arm `b` on the seeds both have, EMA weights: means, Welch and paired 95% intervals, held-out and real."
+    out = {}
+    for where, runs in (('heldout_synthetic', lambda n: {k: v['psnr_ema'] for k, v in r.get('search', {}).get(n, {}).get('runs', {}).items()}),
+                        ('real', lambda n: {k: v['ema'] for k, v in r.get('real', {}).get(n, {}).items()})):
+        x, y = runs(a), runs(b)
+        common = sorted(set(x) & set(y), key=int)
+        if len(common) < 2: continue
+        out[where] = dict(seeds=[int(k) for k in common], a=t_interval([x[k] for k in common]), b=t_interval([y[k] for k in common]),
+                          welch=welch([x[k] for k in common], [y[k] for k in common]),
+                          paired=t_interval([x[k] - y[k] for k in common]), per_seed={k: round(x[k] - y[k], 3) for k in common})
+    return out
+
+def cmd_pair(args):
+    "Print (and store under `pairs`) arm --a against arm --b over their common seeds."
+    c = compare(load_results(), args.a, args.b)
+    update_results(['pairs', f'{args.a}_vs_{args.b}'], c)
+    for where, v in c.items():
+        print(f"{where} (seeds {','.join(map(str, v['seeds']))}): {args.a} {v['a']['mean']:.2f} [{v['a']['ci_low']:.2f}, {v['a']['ci_high']:.2f}], "
+              f"{args.b} {v['b']['mean']:.2f} [{v['b']['ci_low']:.2f}, {v['b']['ci_high']:.2f}]; paired {v['paired']['mean']:+.2f} "
+              f"[{v['paired']['ci_low']:+.2f}, {v['paired']['ci_high']:+.2f}], per seed {v['per_seed']}")
+
 def cmd_offset(args):
     "How much of each run's held-out error is one brightness offset per map, with the maps drawn at 64, 128 and 256 px."
     for n in args.arms.split(','):
@@ -531,6 +585,7 @@ def main(argv=None):
     g.add_argument('--precisions', default='bf16,no', help='which precisions to train')
     rl = sub.add_parser('real'); rl.add_argument('--arm', required=True); rl.add_argument('--seeds', default='0,1,2')
     o = sub.add_parser('offset'); o.add_argument('--arms', required=True); o.add_argument('--seeds', default='0')
+    pr = sub.add_parser('pair'); pr.add_argument('--a', required=True); pr.add_argument('--b', required=True)
     sub.add_parser('show'); sub.add_parser('summarize')
     p.add_argument('--nice', type=int, default=15, help='niceness of this process and its training children')
     args = p.parse_args(argv)
@@ -538,7 +593,7 @@ def main(argv=None):
     if getattr(args, 'threads', None):
         import torch; torch.set_num_threads(args.threads)
     sys.path.insert(0, str(REPO))
-    dict(time=cmd_time, search=cmd_search, offset=cmd_offset, real=cmd_real, guard=cmd_guard, show=cmd_show, summarize=cmd_summarize)[args.cmd](args)
+    dict(time=cmd_time, search=cmd_search, offset=cmd_offset, real=cmd_real, guard=cmd_guard, pair=cmd_pair, show=cmd_show, summarize=cmd_summarize)[args.cmd](args)
 
 if __name__ == '__main__':
     main()

@@ -75,6 +75,7 @@ DATA_SCHEMA = {
     'finish_size': ('int?', None, 'train the last data.finish_steps steps on the same whole maps at this side (finer pixels); null: off'),
     'finish_steps': ('int', 0, 'steps at the end of training on data.finish_size maps (0 when finish_size is null)'),
     'finish_batch_size': ('int?', None, 'maps per step in the finishing phase (null: data.batch_size)'),
+    'finish_crop': ('int?', None, 'finishing phase: train on random finish_crop×finish_crop windows of the finish_size maps (null: whole maps)'),
     'n_maps': ('int', 1000, 'synthetic: number of training maps'),
     'data_seed': ('int', 0, 'synthetic: seed of the map generator'),
     'synthetic': ('dict', {}, 'synthetic: extra generate_radio_map parameters'),
@@ -282,20 +283,24 @@ def downsampling_factor(ddconfig: dict) -> int:
     return 2 ** (len(ddconfig["ch_mult"]) - 1)
 
 # %% ../nbs/10_config.ipynb 53
-FINISH_OFF = 'data.finish_size=null data.finish_steps=0 data.finish_batch_size=null'   # the settings of a run without the phase
+FINISH_OFF = 'data.finish_size=null data.finish_steps=0 data.finish_batch_size=null data.finish_crop=null'   # a run without the phase
 
 def _check_finish(d: dict, total_steps: int, f: int):
     "Raise a ConfigError unless data.finish_size / data.finish_steps describe a phase that fits the run (f: downsampling factor)."
-    size, steps, batch = d['finish_size'], d['finish_steps'], d['finish_batch_size']
+    size, steps, batch, crop = d['finish_size'], d['finish_steps'], d['finish_batch_size'], d['finish_crop']
     if size is None:
         _require(steps == 0, f'data.finish_steps: {steps} steps but data.finish_size is null; set data.finish_size (e.g. 128) or data.finish_steps=0')
         _require(batch is None, f'data.finish_batch_size: {batch} but data.finish_size is null; set data.finish_size or data.finish_batch_size=null')
+        _require(crop is None, f'data.finish_crop: {crop} but data.finish_size is null; set data.finish_size or data.finish_crop=null')
         return
     _require(batch is None or batch > 0, f'data.finish_batch_size: expected a positive integer or null (data.batch_size), got {batch}')
     _require(size > 0 and size % f == 0, f'data.finish_size: expected a positive multiple of the downsampling factor {f}, got {size}')
+    _require(crop is None or (0 < crop <= size and crop % f == 0),
+             f'data.finish_crop: expected null or a multiple of the downsampling factor {f} in (0, data.finish_size={size}], got {crop}')
     _require(0 < steps <= total_steps, f'data.finish_steps: expected 1..trainer.train_num_steps={total_steps} with data.finish_size set, got {steps}; '
              f'set e.g. --set data.finish_steps={max(1, total_steps // 6)}, or {FINISH_OFF} for no finishing phase')
-    _require(d['crop'] is None, f"data.finish_size and data.crop ({d['crop']}) cannot be combined: the finishing phase trains on whole maps")
+    _require(d['crop'] is None, f"data.finish_size and data.crop ({d['crop']}) cannot be combined: the finishing phase "
+             'trains on whole maps or on its own windows (data.finish_crop)')
 
 # %% ../nbs/10_config.ipynb 56
 def _check_finish_lr(t: dict, d: dict):

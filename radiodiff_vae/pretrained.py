@@ -172,14 +172,18 @@ def model_card(r: dict) -> str:
 def _release_record(run, cfg, model, selection, chosen, real_curve, real, syn, card_spec, select_spec) -> dict:
     "Everything the card states, as plain values."
     t, d, f = cfg['trainer'], cfg['data'], 2 ** (len(model.ddconfig['ch_mult']) - 1)
-    crop = f", each step on random {d['crop']}x{d['crop']} windows" if d.get('crop') else ''
+    sampling = f", each step on random {d['crop']}x{d['crop']} windows" if d.get('crop') else ''
+    if d.get('finish_size'):   # a finishing phase (data.finish_size): its maps, windows and batch
+        fc = f", random {d['finish_crop']}x{d['finish_crop']} windows" if d.get('finish_crop') else ''
+        sampling += (f"; the last {d['finish_steps']} steps on the same maps at {d['finish_size']}x{d['finish_size']}{fc}, "
+                 f"{d.get('finish_batch_size') or d['batch_size']} per step")
     sel = dataset_from_spec(select_spec, cfg)[1]
     return dict(
         architecture={'ddconfig': dict(model.ddconfig), 'embed_dim': model.embed_dim}, factor=f,
         latent_shape=f"{model.embed_dim}x{256 // f}x{256 // f}", parameters=sum(p.numel() for p in model.parameters()),
         chosen_step=int(chosen.step), machine=machine_description(),
         data_description=f"{d['n_maps']} synthetic {d['size']}x{d['size']} maps (generator seed {d['data_seed']}, maps 0-{d['n_maps'] - 1}"
-                         f"{', parameters ' + json.dumps(d['synthetic']) if d['synthetic'] else ', default parameters: 256 m across'}){crop}; "
+                         f"{', parameters ' + json.dumps(d['synthetic']) if d['synthetic'] else ', default parameters: 256 m across'}){sampling}; "
                          f"{d['val_maps']} further maps of the stream validated during training.",
         training=_training_facts(run) | dict(steps=t['train_num_steps'], batch_size=d['batch_size'], lr=t['lr'], min_lr=t['min_lr'],
                                              disc_start=cfg['model']['lossconfig']['disc_start'], ema_decay=t['ema_decay'],

@@ -343,6 +343,12 @@ def _finish_start(self: Trainer) -> int | None:
     return finish_start_step(self.t['train_num_steps'], d['finish_size'], d['finish_steps'])
 
 @patch
+def _finishing(self: Trainer) -> bool:
+    "Whether the current step belongs to the finishing phase."
+    start = self._finish_start()
+    return start is not None and self.step >= start
+
+@patch
 def _build(self: Trainer, dataset=None):
     "Model, loss, optimisers, schedules, EMA and data in memory (the same on every process), prepared by accelerate."
     t = self.t
@@ -464,9 +470,8 @@ def _init_weights(self: Trainer, path):
 @patch
 def _open_stream(self: Trainer):
     "A DataLoader over this process's share of the reproducible batch stream, from the batch the run has reached."
-    start, d = self._finish_start(), self.cfg['data']
-    finishing = start is not None and self.step >= start
-    ds, batch = (self.finish_ds, d['finish_batch_size'] or d['batch_size']) if finishing else (self.train_ds, d['batch_size'])
+    d = self.cfg['data']
+    ds, batch = (self.finish_ds, d['finish_batch_size'] or d['batch_size']) if self._finishing() else (self.train_ds, d['batch_size'])
     self.sampler = BatchStream(len(ds), batch, self.t['seed'], self.batches_drawn, self.rank, self.world)
     # its own generator: creating the iterator must not draw from the global torch RNG (exact resume)
     dl = DataLoader(ds, batch_sampler=self.sampler, num_workers=self.cfg['data']['num_workers'], persistent_workers=False,
@@ -478,8 +483,10 @@ def _enter_finish(self: Trainer):
     "At the finishing phase's first step: the same batch stream, read from the data.finish_size maps; the EMA's warm-up restarts."
     self._open_stream()
     if self.ema is not None: self.ema.updates = 0   # the average so far holds weights trained at the coarser pixel scale
-    n, s, b = self.cfg['data']['finish_steps'], self.cfg['data']['finish_size'], self.sampler.batch_size
-    if self.main: self.logs.line(f'[Finish] step {self.step}: the last {n} steps train on the same maps at {s}x{s}, {b} per batch')
+    d, b = self.cfg['data'], self.sampler.batch_size
+    n, s, c = d['finish_steps'], d['finish_size'], d['finish_crop']
+    windows = f', random {c}x{c} windows' if c and c < s else ''
+    if self.main: self.logs.line(f'[Finish] step {self.step}: the last {n} steps train on the same maps at {s}x{s}{windows}, {b} per batch')
 
 # %% ../nbs/13_trainer.ipynb 72
 def world_size_dependence(cfg: dict) -> list[str]:
@@ -572,7 +579,7 @@ def _next_batch(self: Trainer):
     k, (rank, batch) = self.batches_drawn, (self.rank, next(self.batches))
     self.batches_drawn += 1
     x = batch['image'].to(self.device, non_blocking=True)
-    positions, crop = range(rank * len(x), (rank + 1) * len(x)), self.cfg['data']['crop']
+    positions, crop = range(rank * len(x), (rank + 1) * len(x)), self.cfg['data']['finish_crop' if self._finishing() else 'crop']
     if crop and crop < x.shape[-1]: x = random_crops(x, self.t['seed'], k, positions, crop)
     eps = None
     if self.t['sample_posterior']:
@@ -773,7 +780,7 @@ def fit(self: Trainer) -> dict:
             'nonfinite_skips': self.skips, 'resumed_from': str(self.resumed_from) if self.resumed_from else None,
             'processes': self.world}
 
-# %% ../nbs/13_trainer.ipynb 112
+# %% ../nbs/13_trainer.ipynb 114
 def train(config,                          # a resolved config dict (`config.load_config`) or a YAML path
           out_dir=None,                    # the run folder (default: trainer.results_folder)
           resume=None,                     # 'latest', a milestone number or a checkpoint path; None: a fresh run
@@ -794,7 +801,7 @@ def train(config,                          # a resolved config dict (`config.loa
     return Trainer(cfg, out_dir, resume=resume, progress=progress, stop_at=stop_at, dataset=dataset,
                    skip_damaged=skip_damaged, trust_checkpoint=trust_checkpoint).fit()
 
-# %% ../nbs/13_trainer.ipynb 127
+# %% ../nbs/13_trainer.ipynb 129
 def add_train_args(parser: argparse.ArgumentParser):
     "Arguments of `radiodiff-vae train`."
     parser.add_argument('--config', default=None, help='YAML config (e.g. configs/quickstart.yaml); required')
@@ -817,7 +824,7 @@ def add_train_args(parser: argparse.ArgumentParser):
     parser.parse_known_args = parse_known_args
     return parser
 
-# %% ../nbs/13_trainer.ipynb 129
+# %% ../nbs/13_trainer.ipynb 131
 def run_train(args) -> int:
     "Run `radiodiff-vae train` from parsed `args`; print the summary as JSON (process 0); return 0."
     if not args.config: raise ConfigError('--config is required (a YAML file such as configs/quickstart.yaml)')
@@ -834,5 +841,5 @@ def main(argv=None) -> int:
     except RadioDiffError as e:
         print(f'radiodiff-vae train: error: {e}', file=sys.stderr); return 2
 
-# %% ../nbs/13_trainer.ipynb 131
+# %% ../nbs/13_trainer.ipynb 133
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())

@@ -529,6 +529,19 @@ def test_finishing_phase_with_its_own_batch_and_rate_resumes_to_identical_weight
     logs = ''.join(p.read_text() for p in sorted((tmp_path/'b').glob('*.log')))
     assert logs.count('[Finish] step 8: the last 4 steps train on the same maps at 64x64, 2 per batch') == 1
 
+def test_finishing_phase_on_windows_resumes_to_identical_weights(finishing, tmp_path):
+    "A phase on random 32x32 windows of the 64x64 maps: the windows are replayed on resume, and they change the weights."
+    extra = {'data.finish_crop': 32}
+    out, _ = finishing(4, **extra)
+    cfg = tiny(**{'data.finish_size': 64, 'data.finish_steps': 4, **extra})
+    train(cfg, tmp_path/'b', progress=False, stop_at=10)
+    train(cfg, tmp_path/'b', progress=False, resume='latest')
+    a, b, whole = load(out/'model-4.pt'), load(tmp_path/'b'/'model-4.pt'), load(finishing(4)[0]/'model-4.pt')
+    for k_ in a['model']: assert torch.equal(a['model'][k_], b['model'][k_]), f'model.{k_} differs'
+    assert not torch.equal(a['model']['decoder.conv_out.weight'], whole['model']['decoder.conv_out.weight'])
+    logs = ''.join(p.read_text() for p in sorted((tmp_path/'b').glob('*.log')))
+    assert logs.count('[Finish] step 8: the last 4 steps train on the same maps at 64x64, random 32x32 windows, 4 per batch') == 1
+
 def test_finishing_phase_changes_the_weights_and_needs_configured_maps(finishing, straight, tmp_path):
     a, b = load(finishing(4)[0]/'model-4.pt'), load(straight[0]/'model-4.pt')
     assert not torch.equal(a['model']['decoder.conv_out.weight'], b['model']['decoder.conv_out.weight'])
