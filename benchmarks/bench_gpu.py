@@ -24,7 +24,7 @@ def run_one(variant: str, batch: int, warmup: int, steps: int, log_every: int, c
             size: int = 256) -> dict:
     "Train one variant in this process; its throughput and first logged losses."
     import torch
-    from radiodiff_vae.config import load_config
+    from radiodiff_vae.config import load_config, FINISH_OFF
     from radiodiff_vae.trainer import Trainer
     precision, compiled = VARIANTS[variant]
     total = warmup + steps
@@ -33,7 +33,8 @@ def run_one(variant: str, batch: int, warmup: int, steps: int, log_every: int, c
                  'model.lossconfig.perceptual_weight=1.0', 'model.lossconfig.lpips_pretrained=false',
                  f'trainer.train_num_steps={total}', f'trainer.save_and_sample_every={10 * total}',
                  f'trainer.log_freq={log_every}', 'trainer.tensorboard=false', f'trainer.mixed_precision={precision}',
-                 f'trainer.compile={str(compiled).lower()}', 'trainer.sample_maps=2', 'trainer.warmup_steps=0']
+                 f'trainer.compile={str(compiled).lower()}', 'trainer.sample_maps=2', 'trainer.warmup_steps=0',
+                 *FINISH_OFF.split(), 'trainer.finish_lr=null']   # one map size throughout
     cfg = load_config(ROOT / config, overrides)
     out = Path(tempfile.mkdtemp()) / 'run'
     t0 = time.time()
