@@ -244,6 +244,7 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
     out += _cpu_bf16_section(cpu_bf16)
     out += _recommendation(bf16, gpu, machine, cpu_bf16)
     out += _gpu_section(gpu)
+    out += _gpu_compiled_section(load(results_dir, 'gpu_compiled'))
     out += _profile_section(full or quick)
     out += _data_section(data) + _analysis_section(analysis) + _main_job_section(main_job) + _machine_kinds_section(results_dir)
     out += _notes()
@@ -317,6 +318,26 @@ def _main_job_section(m: dict | None) -> list[str]:
                      f"{f['wall_seconds'] / 60:.1f} min wall, training {f['stages']['train'] / 60:.1f} min; real maps {f['real_maps_psnr_ema']:.2f} dB")
     return lines + ['']
 
+def _gpu_compiled_section(g: dict | None) -> list[str]:
+    "The whole training loop at full size on a GPU (benchmarks/bench_gpu.py): eager vs compiled, fp32 vs bf16, per batch size."
+    if not g: return []
+    runs = [r for r in g['runs'] if not r.get('error')]
+    ref = {r['batch']: r for r in runs if r['variant'] == 'eager-fp32'}
+    lines = ['## Whole training loop on a GPU at full size: eager vs compiled (benchmarks/bench_gpu.py)', '',
+             f"{g['date_utc']}, {g['machine'].get('gpu', '?')} (torch {g['machine'].get('torch', '?')}); `{g['command']}`. {g.get('note', '')}.", '',
+             '| variant | batch | steps/h | images/s | x the original run (19,606 steps/h) | first-step total loss, relative to eager fp32 | peak GB |',
+             '|---|---|---|---|---|---|---|']
+    for r in sorted(runs, key=lambda r: (r['batch'], r['variant'])):
+        base = ref.get(r['batch'], {}).get('first_step', {}).get('train/total_loss')
+        dev = abs(r['first_step']['train/total_loss'] - base) / abs(base) if base else None
+        lines.append(f"| {r['variant']} | {r['batch']} | {r['steps_per_hour']:,.0f} | {r['images_per_s']:.1f} | "
+                     f"{r['steps_per_hour'] / g['original_run_steps_per_hour']:.2f} | {'' if dev is None else f'{dev:.1e}'} | "
+                     f"{r.get('peak_memory_gb') or 0:.1f} |")
+    missing = [f"{r['variant']} at batch {r['batch']} ({r['error']})" for r in g['runs'] if r.get('error') and not any(
+               x['variant'] == r['variant'] and x['batch'] == r['batch'] for x in runs)]
+    if missing: lines += ['', 'Not measured: ' + '; '.join(missing) + '.']
+    return lines + ['']
+
 def _machine_name(mc: dict) -> str:
     isa = mc.get('cpu_isa') or mc.get('isa') or []
     return f"{mc.get('cpu', '?')}, {mc.get('logical_cpus', '?')} logical CPUs ({', '.join(isa)})"
@@ -324,7 +345,7 @@ def _machine_name(mc: dict) -> str:
 def _machine_kinds_section(results_dir: Path) -> list[str]:
     "One row per machine kind measured: where the figures for it are, with the date."
     rows = []
-    for name in ('step_full', 'step_quickstart', 'cpu_bf16', 'gpu', 'quickstart_tuning', 'main_job'):
+    for name in ('step_full', 'step_quickstart', 'cpu_bf16', 'gpu', 'gpu_compiled', 'quickstart_tuning', 'main_job'):
         path = results_dir / f'{name}.json'
         if not path.exists(): continue
         r = json.loads(path.read_text())   # raw, not load(): only the machine and command are read, and load() re-derives step timings
