@@ -100,3 +100,19 @@ def test_every_tuning_arm_is_a_valid_config():
         assert cfg['trainer']['train_num_steps'] == arm['trainer.train_num_steps'], name
         assert cfg['data']['crop'] == arm['data.crop'] and cfg['trainer']['schedule'] == arm['trainer.schedule'], name
     assert tq.ROUND6_BASE in tq.ARMS and tq.ARMS['fp32_b2_1200_wsd']['trainer.schedule'] == 'wsd'
+
+
+def test_gpu_loop_benchmark_runs_on_a_small_config_and_renders(tmp_path):
+    "bench_gpu.py (whole fit() loop per variant, in its own process) at quickstart size on the CPU; its table renders."
+    import bench_gpu
+    out = tmp_path / 'gpu_compiled.json'
+    args = ['--variants', 'eager-fp32', '--batches', '2', '--warmup', '1', '--steps', '2', '--log-every', '1',
+            '--config', 'configs/quickstart.yaml', '--size', '64', '--timeout', '200', '--out', str(out)]
+    assert bench_gpu.main(args) == 0
+    g = json.loads(out.read_text())
+    (r,) = g['runs']
+    assert 'error' not in r, r.get('error')
+    assert r['steps_per_hour'] > 0 and r['timed_steps'] == 1 and 'train/total_loss' in r['first_step']   # steps 1 to 2
+    g.update(date_utc='today', note='a test')
+    md = '\n'.join(run_all._gpu_compiled_section(g))
+    assert '| eager-fp32 | 2 |' in md and '0.0e+00' in md   # eager fp32 is its own reference
