@@ -48,6 +48,12 @@ def arm(steps, **changes) -> dict:
     return {**BASE, 'trainer.train_num_steps': steps, 'trainer.save_and_sample_every': steps // 2,
             'model.lossconfig.disc_start': steps // 2, **{k.replace('__', '.'): v for k, v in changes.items()}}
 
+def finishing_arm(n: int, k: int, side: int, **changes) -> dict:
+    "Batch 2 (warm-up 60) for `n` steps, then `k` finishing steps of one `side`x`side` map each; GAN from 30 steps before the phase."
+    return arm(n + k, data__batch_size=2, trainer__warmup_steps=60, model__lossconfig__disc_start=n - 30,
+               trainer__save_and_sample_every=(n + k) // 2, data__finish_size=side, data__finish_steps=k,
+               data__finish_batch_size=1, **changes)
+
 M64, M128 = {'extent_m': 64.0}, {'extent_m': 128.0}
 ARMS = {
     # today's quickstart, and its cheap precision change
@@ -146,40 +152,28 @@ ARMS = {
     # GAN on: 128x128 batch 1 0.36 s, batch 2 0.55 s, 192x192 batch 1 0.76 s, 256x256 batch 1 1.48 s. So the chosen arm's 750
     # steps at 64x64, then 82 s of finishing: 226 steps at 128x128, 108 at 192x192 (1.33 m/px) or 55 at 256x256 (1 m/px,
     # the real maps' scale), one map per step. GAN from step 720 as in the chosen arm
-    **{f'fp32_b2_{750 + k}_f{s}b1x{k}': arm(750 + k, data__batch_size=2, trainer__warmup_steps=60, model__lossconfig__disc_start=720,
-                                            trainer__save_and_sample_every=(750 + k) // 2,
-                                            data__finish_size=s, data__finish_steps=k, data__finish_batch_size=1)
-       for s, k in [(128, 226), (192, 108), (256, 55)]},
+    **{f'fp32_b2_{750 + k}_f{s}b1x{k}': finishing_arm(750, k, s) for s, k in [(128, 226), (192, 108), (256, 55)]},
     # round 9. With the 192x192 finishing phase (1.33 m/px) a brightness offset per map still makes 17-33% of the error at
     # 256x256 (1 m/px, the real maps' scale): the phase fixes the offset at the scale it shows. So the same phase on random
     # windows of the 256x256 maps (`data.finish_crop`): the real maps' 1 m pixels, and most of a map in view (a 192x192
     # window covers 56% of it; round 6's 64x64 windows, 6%, lost the far field). Same step cost as the 192x192 arm; and
     # 160x160 windows (39% of a map) for more steps at the same finishing time
-    **{f'fp32_b2_{750 + k}_f256c{c}b1x{k}': arm(750 + k, data__batch_size=2, trainer__warmup_steps=60, model__lossconfig__disc_start=720,
-                                                trainer__save_and_sample_every=(750 + k) // 2, data__finish_size=256,
-                                                data__finish_crop=c, data__finish_steps=k, data__finish_batch_size=1)
-       for c, k in [(192, 108), (160, 163)]},   # 160x160 at batch 1: 0.46 s per step against 0.695 s at 192x192 (`time`, idle)
+    **{f'fp32_b2_{750 + k}_f256c{c}b1x{k}': finishing_arm(750, k, 256, data__finish_crop=c) for c, k in [(192, 108), (160, 163)]},   # 160x160 at batch 1: 0.46 s per step against 0.695 s at 192x192 (`time`, idle)
     'time_s160b1': arm(100, data__size=160, model__ddconfig__resolution=160, data__batch_size=1),
     # the quality guard again, on today's quickstart: its seeds spread half as much on the real maps as round 5's (sd 0.27
     # against 0.53 dB), so a new bf16 check is sharper than the one that kept the quickstart in fp32. The fp32 side is the
     # chosen arm's own runs (seeds 0-5, scored on the real maps after round 8's choice)
     'time_s192b1_bf16': arm(100, data__size=192, model__ddconfig__resolution=192, data__batch_size=1, trainer__mixed_precision='bf16'),
-    'bf16_b2_858_f192b1x108': arm(858, data__batch_size=2, trainer__warmup_steps=60, model__lossconfig__disc_start=720,
-                                  trainer__save_and_sample_every=429, data__finish_size=192, data__finish_steps=108,
-                                  data__finish_batch_size=1, trainer__mixed_precision='bf16'),
+    'bf16_b2_858_f192b1x108': finishing_arm(750, 108, 192, trainer__mixed_precision='bf16'),
     # bf16 passed that check (real maps, six seeds: -0.15 dB [-0.64, +0.35] paired, within the 0.3 dB allowed), so `auto`
     # may train the quickstart in bf16 where the CPU has it. bf16 steps (`time`, 2 threads, idle): 64x64 batch 2 0.125/0.121 s,
     # 192x192 batch 1 0.481/0.511 s (GAN off/on), against fp32's 0.142/0.163 and 0.649/0.737 s, so the shipped steps cost
     # 149 s of stepping in bf16 against 190 s in fp32 (`show`). Round 9 spends the freed time (about 190 s in all, as in fp32): more
     # steps at 64x64, more at 192x192, or both. GAN from 30 steps before the phase, as in the shipped config
-    **{f'bf16_b2_{n + k}_f192b1x{k}': arm(n + k, data__batch_size=2, trainer__warmup_steps=60, model__lossconfig__disc_start=n - 30,
-                                          trainer__save_and_sample_every=(n + k) // 2, data__finish_size=192, data__finish_steps=k,
-                                          data__finish_batch_size=1, trainer__mixed_precision='bf16')
+    **{f'bf16_b2_{n + k}_f192b1x{k}': finishing_arm(n, k, 192, trainer__mixed_precision='bf16')
        for n, k in [(1080, 108), (750, 190), (900, 150)]},
     # the choice (1,080 + 108 steps) in fp32: what `auto` runs on a CPU without native bf16 (scored after the choice)
-    'fp32_b2_1188_f192b1x108': arm(1188, data__batch_size=2, trainer__warmup_steps=60, model__lossconfig__disc_start=1050,
-                                   trainer__save_and_sample_every=594, data__finish_size=192, data__finish_steps=108,
-                                   data__finish_batch_size=1),
+    'fp32_b2_1188_f192b1x108': finishing_arm(1080, 108, 192),
     # timed only (`time`): the round-6 base with torch.compile of the autoencoder and discriminator steps
     'fp32_b2_1200_compiled': arm(1200, data__batch_size=2, trainer__warmup_steps=60, model__lossconfig__disc_start=960,
                                  trainer__compile=True),

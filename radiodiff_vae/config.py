@@ -12,8 +12,8 @@ from .schedules import DECAY_FRACTION, wsd_fits
 
 # %% auto 0
 __all__ = ['DDCONFIG_SCHEMA', 'LOSSCONFIG_SCHEMA', 'MODEL_SCHEMA', 'DATA_SCHEMA', 'TRAINER_SCHEMA', 'SCHEMA',
-           'PRECISION_SPELLINGS', 'FINISH_OFF', 'RESUME_MUTABLE', 'canonical_precision', 'read_cpu_flags',
-           'native_bf16', 'choose_precision', 'check_value', 'unwrap_upstream', 'downsampling_factor',
+           'PRECISION_SPELLINGS', 'FINISH_OFF_DATA', 'FINISH_OFF', 'RESUME_MUTABLE', 'canonical_precision',
+           'read_cpu_flags', 'native_bf16', 'choose_precision', 'check_value', 'unwrap_upstream', 'downsampling_factor',
            'finish_start_step', 'validate_config', 'parse_override', 'apply_overrides', 'resolve_config', 'read_yaml',
            'load_config', 'dump_config', 'config_differences', 'resume_changes', 'schema_table']
 
@@ -283,7 +283,8 @@ def downsampling_factor(ddconfig: dict) -> int:
     return 2 ** (len(ddconfig["ch_mult"]) - 1)
 
 # %% ../nbs/10_config.ipynb 53
-FINISH_OFF = 'data.finish_size=null data.finish_steps=0 data.finish_batch_size=null data.finish_crop=null'   # a run without the phase
+FINISH_OFF_DATA = dict(finish_size=None, finish_steps=0, finish_batch_size=None, finish_crop=None)   # a run without the phase
+FINISH_OFF = ' '.join(f'data.{k}={"null" if v is None else v}' for k, v in FINISH_OFF_DATA.items())   # the same, as --set texts
 
 def _check_finish(d: dict, total_steps: int, f: int):
     "Raise a ConfigError unless data.finish_size / data.finish_steps describe a phase that fits the run (f: downsampling factor)."

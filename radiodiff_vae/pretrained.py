@@ -176,7 +176,7 @@ def _release_record(run, cfg, model, selection, chosen, real_curve, real, syn, c
     if d.get('finish_size'):   # a finishing phase (data.finish_size): its maps, windows and batch
         fc = f", random {d['finish_crop']}x{d['finish_crop']} windows" if d.get('finish_crop') else ''
         sampling += (f"; the last {d['finish_steps']} steps on the same maps at {d['finish_size']}x{d['finish_size']}{fc}, "
-                 f"{d.get('finish_batch_size') or d['batch_size']} per step")
+                     f"{d.get('finish_batch_size') or d['batch_size']} per step")
     sel = dataset_from_spec(select_spec, cfg)[1]
     return dict(
         architecture={'ddconfig': dict(model.ddconfig), 'embed_dim': model.embed_dim}, factor=f,
