@@ -15,30 +15,35 @@ import argparse, json, os, platform, subprocess, sys, tempfile, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = {'eager-fp32': ('no', False), 'eager-bf16': ('bf16', False),
-            'compiled-fp32': ('no', True), 'compiled-bf16': ('bf16', True)}
+VARIANTS = {   # name: (trainer.mixed_precision, trainer.compile_mode or None for eager, other --set texts)
+    'eager-fp32': ('no', None, []), 'eager-bf16': ('bf16', None, []),
+    'compiled-fp32': ('no', 'default', []), 'compiled-bf16': ('bf16', 'default', []),
+    'cudagraphs-bf16': ('bf16', 'reduce-overhead', []), 'cudagraphs-fp32': ('no', 'reduce-overhead', []),
+    'eager-bf16-no-cudnn-benchmark': ('bf16', None, ['trainer.cudnn_benchmark=false'])}
 ORIGINAL_RUN_STEPS_PER_HOUR = 19606  # the original 150k-step run, batch 2, fp32, upstream's loop (reports/reference_run)
 
 
 def run_one(variant: str, batch: int, warmup: int, steps: int, log_every: int, config: str = 'configs/radiodiff.yaml',
-            size: int = 256) -> dict:
+            size: int = 256, profile: int = 0) -> dict:
     "Train one variant in this process; its throughput and first logged losses."
     import torch
     from radiodiff_vae.config import load_config, FINISH_OFF
     from radiodiff_vae.trainer import Trainer
-    precision, compiled = VARIANTS[variant]
+    precision, mode, extra = VARIANTS[variant]
     total = warmup + steps
     overrides = ['data.source=synthetic', f'data.size={size}', f'data.n_maps={max(batch, 8)}', 'data.val_maps=2',
                  f'data.batch_size={batch}', 'data.num_workers=0', 'model.lossconfig.disc_start=0',
                  'model.lossconfig.perceptual_weight=1.0', 'model.lossconfig.lpips_pretrained=false',
                  f'trainer.train_num_steps={total}', f'trainer.save_and_sample_every={10 * total}',
                  f'trainer.log_freq={log_every}', 'trainer.tensorboard=false', f'trainer.mixed_precision={precision}',
-                 f'trainer.compile={str(compiled).lower()}', 'trainer.sample_maps=2', 'trainer.warmup_steps=0',
-                 *FINISH_OFF.split(), 'trainer.finish_lr=null']   # one map size throughout
+                 f'trainer.compile={str(mode is not None).lower()}', f"trainer.compile_mode={mode or 'default'}",
+                 'trainer.sample_maps=2', 'trainer.warmup_steps=0', *FINISH_OFF.split(), 'trainer.finish_lr=null',  # one map size
+                 *extra]
     cfg = load_config(ROOT / config, overrides)
     out = Path(tempfile.mkdtemp()) / 'run'
     t0 = time.time()
-    Trainer(cfg, out_dir=out, progress=False).fit()
+    trainer = Trainer(cfg, out_dir=out, progress=False)
+    trainer.fit()
     recs = [json.loads(l) for l in (out / 'metrics.jsonl').read_text().splitlines() if l.strip()]
     recs = [r for r in recs if 'train/total_loss' in r]
     timed = [r for r in recs if r['step'] >= warmup]
@@ -47,7 +52,34 @@ def run_one(variant: str, batch: int, warmup: int, steps: int, log_every: int, c
     first = {k: v for k, v in recs[0].items() if k.startswith('train/')}
     return dict(variant=variant, batch=batch, steps_per_s=rate, steps_per_hour=rate * 3600, images_per_s=rate * batch,
                 timed_steps=b['step'] - a['step'], wall_s=time.time() - t0, first_step=first,
-                peak_memory_gb=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None)
+                peak_memory_gb=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+                profile=profile_steps(trainer, profile) if profile else None)
+
+
+def profile_steps(trainer, steps: int) -> dict:
+    "Where a warm step's time goes: wall, the host's own time (Python, launches) and the device's, per step; top operators."
+    import torch
+    from torch.profiler import profile, ProfilerActivity
+    cuda = torch.cuda.is_available()
+    trainer.t['train_num_steps'] += steps; trainer.t['log_freq'] = 10**9   # the run ended: a few more unlogged steps
+    def step():
+        trainer.train_step(); trainer.step += 1
+        if cuda: torch.cuda.synchronize()
+    step()                                                              # not profiled: the schedule's last value settles
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps): step()
+        wall = (time.perf_counter() - t0) / steps
+    events = prof.key_averages()
+    device = sum(getattr(e, 'self_device_time_total', 0) for e in events) / steps / 1e6
+    host = sum(e.self_cpu_time_total for e in events) / steps / 1e6
+    launches = sum(e.count for e in events if e.key in ('cudaLaunchKernel', 'cuLaunchKernel', 'cudaLaunchKernelExC', 'cuLaunchKernelEx')) / steps
+    syncs = sum(e.count for e in events if 'Synchronize' in e.key) / steps
+    top = lambda key: [dict(op=e.key[:60], ms_per_step=getattr(e, key) / steps / 1e3, calls_per_step=e.count / steps)
+                       for e in sorted(events, key=lambda e: -getattr(e, key))[:15]]
+    return dict(steps=steps, wall_s_per_step=wall, host_self_s_per_step=host, device_s_per_step=device,
+                kernel_launches_per_step=launches, synchronizations_per_step=syncs,
+                top_by_device=top('self_device_time_total') if cuda else [], top_by_host=top('self_cpu_time_total'))
 
 
 def machine() -> dict:
@@ -66,11 +98,12 @@ def main(argv=None) -> int:
     ap.add_argument('--timeout', type=float, default=300, help='seconds per variant')
     ap.add_argument('--config', default='configs/radiodiff.yaml', help='base config (a smaller one for a smoke test)')
     ap.add_argument('--size', type=int, default=256, help='map size')
+    ap.add_argument('--profile', type=int, default=0, help='after the timed steps, profile this many more (torch.profiler)')
     ap.add_argument('--out', type=Path, default=None)
     ap.add_argument('--one', nargs=2, metavar=('VARIANT', 'BATCH'), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.one:
-        print('RESULT ' + json.dumps(run_one(a.one[0], int(a.one[1]), a.warmup, a.steps, a.log_every, a.config, a.size)), flush=True)
+        print('RESULT ' + json.dumps(run_one(a.one[0], int(a.one[1]), a.warmup, a.steps, a.log_every, a.config, a.size, a.profile)), flush=True)
         return 0
     results = dict(command='python benchmarks/bench_gpu.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
                    date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()), machine=machine(),
@@ -78,7 +111,7 @@ def main(argv=None) -> int:
     for batch in a.batches:
         for v in a.variants:
             cmd = [sys.executable, __file__, '--one', v, str(batch), '--warmup', str(a.warmup), '--steps', str(a.steps),
-                   '--log-every', str(a.log_every), '--config', a.config, '--size', str(a.size)]
+                   '--log-every', str(a.log_every), '--config', a.config, '--size', str(a.size), '--profile', str(a.profile)]
             t0 = time.time()
             try:
                 p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, cwd=ROOT)

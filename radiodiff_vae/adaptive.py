@@ -20,13 +20,13 @@ def mean_over_processes(t: torch.Tensor) -> torch.Tensor:
 # %% ../nbs/03_adaptive.ipynb 7
 def calculate_adaptive_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
                               disc_weight: float = 1.0, max_weight: float = 1e4):
-    "`(d_weight, clamped)`: clamp(‖∇nll‖/(‖∇g‖+1e-4), 0, max_weight)·disc_weight at `last_layer`; `clamped` if the cap was hit."
+    "`(d_weight, clamped)`: clamp(‖∇nll‖/(‖∇g‖+1e-4), 0, max_weight)·disc_weight at `last_layer`; `clamped`: a bool tensor, the cap was hit."
     nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
     g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     nll_grads, g_grads = mean_over_processes(torch.stack([nll_grads, g_grads]))   # the global batch's gradients
     wide = torch.promote_types(nll_grads.dtype, torch.float32)   # fp16 norms overflow past 65504; float64 stays float64
     ratio = torch.norm(nll_grads.to(wide)) / (torch.norm(g_grads.to(wide)) + 1e-4)
-    clamped = bool(ratio > max_weight)
+    clamped = ratio > max_weight       # kept a tensor: reading it here would make the CPU wait for the GPU mid-step
     d_weight = torch.clamp(ratio, 0.0, max_weight).detach()
     return d_weight * disc_weight, clamped
 

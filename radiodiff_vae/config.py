@@ -121,7 +121,10 @@ TRAINER_SCHEMA = {
     'sample_maps': ('int', 4, 'maps shown in sample-N.png'),
     'sync_batchnorm': ('bool', False, "SyncBatchNorm in the discriminator across processes (upstream: per-process BatchNorm)"),
     'train_discriminator': ('bool', True, 'update the discriminator (false: the autoencoder alone is trained)'),
-    'compile': ('bool', False, 'torch.compile the autoencoder and discriminator steps (worth it on GPUs)'),
+    'compile': ('bool', False, 'torch.compile the autoencoder, discriminator and LPIPS (worth it on GPUs)'),
+    'compile_mode': ('choice:default|reduce-overhead|max-autotune|max-autotune-no-cudagraphs', 'default',
+                     "torch.compile's mode with trainer.compile (reduce-overhead: replay CUDA graphs, fewer kernel launches; GPU)"),
+    'cudnn_benchmark': ('bool', True, "let cuDNN time its convolution algorithms for each new shape and keep the fastest (GPU)"),
     'finish_lr': ('float?', None, 'restart the lr at the finishing phase (data.finish_steps): a cosine from this peak to min_lr; null: no restart'),
 }
 
@@ -361,6 +364,7 @@ def validate_config(cfg: dict) -> dict:
     _require(m['embed_dim'] > 0, f"model.embed_dim: must be positive, got {m['embed_dim']}")
     _require(not m['lossconfig']['disc_conditional'], 'model.lossconfig.disc_conditional: true is not supported (a radio map has no '
              'conditioning image for the discriminator to see); set it to false')
+    _require(t['compile'] or t['compile_mode'] == 'default', f"trainer.compile_mode: {t['compile_mode']!r} needs trainer.compile: true")
     if t['fp16'] and t['mixed_precision'] not in (None, 'fp16'):
         raise ConfigError(f"trainer.fp16 is true but trainer.mixed_precision is {t['mixed_precision']!r}; set one of them")
     return cfg
@@ -445,7 +449,7 @@ def dump_config(cfg: dict) -> str:
 # %% ../nbs/10_config.ipynb 84
 RESUME_MUTABLE = {('trainer', k) for k in ('train_num_steps', 'save_and_sample_every', 'log_freq', 'results_folder',
                                            'resume_milestone', 'skip_nonfinite', 'max_nonfinite_skips', 'tensorboard',
-                                           'sample_maps', 'cpu', 'amp', 'num_threads', 'compile',
+                                           'sample_maps', 'cpu', 'amp', 'num_threads', 'compile', 'compile_mode', 'cudnn_benchmark',
                                            'lr', 'min_lr', 'disc_lr')} | {('data', 'num_workers'), ('data', 'root')}
 
 def config_differences(a: dict, b: dict) -> list[str]:

@@ -57,20 +57,19 @@ def _rec_nll_kl(self: LPIPSWithDiscriminator, inputs, reconstructions, posterior
 @patch
 def _d_weight(self: LPIPSWithDiscriminator, nll, g_loss, last_layer, needed: bool, graph: bool = True):
     "`(d_weight, clamped)`: the adaptive weight if `needed`, else 0; 0 in eval mode when the reconstruction has no graph (`graph` False)."
-    if not (needed and self.disc_factor > 0.0):
-        return torch.zeros((), device=g_loss.device), False
+    zero = torch.zeros((), device=g_loss.device), torch.zeros((), dtype=torch.bool, device=g_loss.device)
+    if not (needed and self.disc_factor > 0.0): return zero
     if last_layer is None:
         raise ValueError("last_layer is required for the adaptive weight: pass model.get_last_layer() "
                          "(decoder.conv_out.weight), or compute_d_weight=False before disc_start")
-    if not self.training and not graph:
-        return torch.zeros((), device=g_loss.device), False  # validation under no_grad, as upstream
+    if not self.training and not graph: return zero   # validation under no_grad, as upstream
     return calculate_adaptive_weight(nll, g_loss, last_layer, self.discriminator_weight, self.d_weight_max)
 
 # %% ../nbs/06_losses.ipynb 13
 @patch
 def autoencoder_loss(self: LPIPSWithDiscriminator, inputs, reconstructions, posteriors, global_step,
                      last_layer=None, split="train", weights=None, compute_d_weight=True, cond=None):
-    "`(loss, log)` for the encoder/decoder update; log values are detached tensors with upstream's keys."
+    "`(loss, log)` for the encoder/decoder update; log values are detached tensors on the loss's device, with upstream's keys."
     rec, nll, weighted_nll, kl = self._rec_nll_kl(inputs, reconstructions, posteriors, weights)
     logits_fake = self.discriminator(self._disc_input(reconstructions, cond))
     g_loss = -torch.mean(logits_fake)
@@ -81,8 +80,8 @@ def autoencoder_loss(self: LPIPSWithDiscriminator, inputs, reconstructions, post
     log = {f"{split}/total_loss": loss.clone().detach().mean(), f"{split}/logvar": self.logvar.detach(),
            f"{split}/kl_loss": kl.detach().mean(), f"{split}/nll_loss": nll.detach().mean(),
            f"{split}/rec_loss": rec.detach().mean(), f"{split}/d_weight": d_weight.detach(),
-           f"{split}/disc_factor": torch.tensor(disc_factor), f"{split}/g_loss": g_loss.detach().mean(),
-           f"{split}/d_weight_clamped": torch.tensor(float(clamped))}
+           f"{split}/disc_factor": torch.full((), float(disc_factor), device=loss.device), f"{split}/g_loss": g_loss.detach().mean(),
+           f"{split}/d_weight_clamped": clamped.float()}
     return loss, log
 
 # %% ../nbs/06_losses.ipynb 16

@@ -37,11 +37,11 @@ from .logs import RunLogs, format_log_line, UPSTREAM_AE_KEYS, UPSTREAM_DISC_KEYS
 # %% auto 0
 __all__ = ['UPSTREAM_EMA_AFTER', 'UPSTREAM_EMA_POWER', 'CHECKPOINT_VERSION', 'BatchStream', 'sample_seed', 'posterior_noise',
            'crop_offsets', 'random_crops', 'CachedDataset', 'build_datasets', 'finish_dataset', 'build_model_and_loss',
-           'ae_parameters', 'build_optimizers', 'AutoencoderStep', 'DiscriminatorStep', 'compile_step', 'world_size',
-           'GlobalBatchNorm2d', 'global_batchnorm', 'EMA', 'NonFiniteLossError', 'SkippedBatch', 'nonfinite_terms',
-           'rng_state', 'set_rng_state', 'recon_metrics', 'precision_note', 'uses_cpu', 'run_precision',
-           'make_accelerator', 'Trainer', 'world_size_dependence', 'load_scheduler', 'sample_grid_png', 'train',
-           'add_train_args', 'run_train', 'main']
+           'ae_parameters', 'build_optimizers', 'AutoencoderStep', 'DiscriminatorStep', 'compile_step',
+           'uses_cuda_graphs', 'world_size', 'GlobalBatchNorm2d', 'global_batchnorm', 'EMA', 'NonFiniteLossError',
+           'SkippedBatch', 'nonfinite_terms', 'rng_state', 'set_rng_state', 'recon_metrics', 'precision_note',
+           'uses_cpu', 'run_precision', 'make_accelerator', 'Trainer', 'world_size_dependence', 'load_scheduler',
+           'host_values', 'sample_grid_png', 'train', 'add_train_args', 'run_train', 'main']
 
 # %% ../nbs/13_trainer.ipynb 9
 class BatchStream(Sampler):
@@ -133,10 +133,10 @@ def ae_parameters(ae) -> list:
     return [p for m in (ae.encoder, ae.decoder, ae.quant_conv, ae.post_quant_conv) for p in m.parameters()]
 
 # %% ../nbs/13_trainer.ipynb 28
-def build_optimizers(ae, loss, t: dict, restart_step: int | None = None):
+def build_optimizers(ae, loss, t: dict, restart_step: int | None = None, fused: bool = False):
     "AdamW for the autoencoder (+ logvar when `learn_logvar`) and for the discriminator, with LambdaLR schedules (restarted at `restart_step` by `finish_lr`)."
     groups = [{'params': ae_parameters(ae)}] + ([{'params': [loss.logvar], 'weight_decay': 0.0}] if t['learn_logvar'] else [])
-    kw, disc_lr = dict(betas=tuple(t['betas']), weight_decay=t['weight_decay']), t['disc_lr'] or t['lr']
+    kw, disc_lr = dict(betas=tuple(t['betas']), weight_decay=t['weight_decay'], fused=fused or None), t['disc_lr'] or t['lr']
     opt_ae = torch.optim.AdamW(groups, lr=t['lr'], **kw)
     opt_disc = torch.optim.AdamW(loss.discriminator.parameters(), lr=disc_lr, **kw)
     sched = dict(min_lr=t['min_lr'], power=t['power'], warmup_steps=t['warmup_steps'], decay_fraction=t['decay_fraction'])
@@ -170,11 +170,17 @@ class DiscriminatorStep(nn.Module):
     def forward(self, x, x_hat, step: int): return self.loss_fn[0].discriminator_loss(x, x_hat, step, split='train')
 
 # %% ../nbs/13_trainer.ipynb 37
-def compile_step(ae: AutoencoderKL, loss: LPIPSWithDiscriminator):
-    "torch.compile, in place, the encoder, the decoder's trunk (not its output layers) and the discriminator."
-    ae.encoder.compile(dynamic=False)                 # dynamic=False: a new batch shape recompiles instead of
-    ae.decoder.trunk = torch.compile(ae.decoder.trunk, dynamic=False)   # tracing symbolic shapes, which inductor
-    loss.discriminator.compile(dynamic=False)         # failed on here (torch 2.14, CPU)
+def compile_step(ae: AutoencoderKL, loss: LPIPSWithDiscriminator, mode: str = 'default'):
+    "torch.compile (`mode`), in place, the encoder, the decoder's trunk (not its output layers), the discriminator and LPIPS."
+    kw = dict(dynamic=False, mode=mode)   # dynamic=False: a new batch shape recompiles instead of tracing symbolic
+    ae.encoder.compile(**kw)              # shapes, which inductor failed on here (torch 2.14, CPU)
+    ae.decoder.trunk = torch.compile(ae.decoder.trunk, **kw)
+    loss.discriminator.compile(**kw)
+    if loss.perceptual_loss is not None: loss.perceptual_loss.compile(**kw)
+
+def uses_cuda_graphs(t: dict, device) -> bool:
+    "Whether the compiled step replays CUDA graphs (then each step must say where it begins)."
+    return t['compile'] and t['compile_mode'] in ('reduce-overhead', 'max-autotune') and torch.device(device).type == 'cuda'
 
 # %% ../nbs/13_trainer.ipynb 40
 def world_size() -> int:
@@ -228,7 +234,8 @@ class EMA:
         "Update after optimizer step `step` (1-based) when `step` (upstream: `step - 1`) is a multiple of `every`."
         if (step - 1 if self.upstream else step) % self.every: return
         d = self.current_decay(step)
-        for e, p in zip(self.ema_model.parameters(), model.parameters()): e.lerp_(p.detach().to(e.dtype), 1 - d)
+        ema, live = list(self.ema_model.parameters()), [p.detach().to(e.dtype) for e, p in zip(self.ema_model.parameters(), model.parameters())]
+        torch._foreach_lerp_(ema, live, 1 - d)        # one launch per chunk of tensors on a GPU, not one per tensor
         for e, b in zip(self.ema_model.buffers(), model.buffers()): e.copy_(b)
         self.updates += 1
 
@@ -360,10 +367,12 @@ def _build(self: Trainer, dataset=None):
     self.disc_params = list(self.loss.discriminator.parameters())
     steps = AutoencoderStep(self.ae, self.loss, t['learn_logvar']), DiscriminatorStep(self.loss)
     (self.gen, self.disc, self.opt_ae, self.opt_disc, self.sched_ae,
-     self.sched_disc) = self.acc.prepare(*steps, *build_optimizers(self.ae, self.loss, t, restart_step=self._finish_start()))
+     self.sched_disc) = self.acc.prepare(*steps, *build_optimizers(self.ae, self.loss, t, restart_step=self._finish_start(), fused=self.device.type == 'cuda'))
     self.disc_eval = steps[1]    # the discriminator pass of a step that does not train it (no gradients)
     self.ema = EMA(self.ae, t['ema_decay'], t['ema_update_every'], t['ema_warmup'], t['upstream_ema']) if self.main else None
-    if t['compile']: compile_step(self.ae, self.loss)    # after the EMA's copy: the EMA model stays eager
+    if t['compile']: compile_step(self.ae, self.loss, t['compile_mode'])   # after the EMA's copy: the EMA model stays eager
+    self.cuda_graphs = uses_cuda_graphs(t, self.device)
+    if self.device.type == 'cuda': torch.backends.cudnn.benchmark = t['cudnn_benchmark']
     if dataset is not None and self.cfg['data']['finish_size'] is not None:
         raise ConfigError('data.finish_size: a finishing phase needs the configured maps, not a dataset passed to the trainer '
                           f'(set {FINISH_OFF} to train on that dataset alone)')
@@ -504,7 +513,11 @@ def _load_optimizer(opt, state, path, name, extra_group: bool):
             ids = [i for g in state['param_groups'] for i in g['params']]
             group = {k: v for k, v in opt.state_dict()['param_groups'][-1].items() if k != 'params'}
             state['param_groups'].append({**group, 'params': [max(ids, default=-1) + 1]})
+        kernels = [{k: g[k] for k in ('foreach', 'fused')} for g in opt.param_groups]
         opt.load_state_dict(state)
+        for g, k in zip(opt.param_groups, kernels): g.update(k)   # the kernels are this machine's, not the writer's
+        for p, s in opt.state.items():      # a fused AdamW keeps its step counts beside the weights, the others on the CPU
+            if torch.is_tensor(s.get('step')): s['step'] = s['step'].to(p.device if kernels[0]['fused'] else 'cpu')
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f'{path}: {name} does not fit this model ({e}); is it a checkpoint of another architecture?') from None
 
@@ -585,15 +598,20 @@ def _next_batch(self: Trainer):
     if self.t['sample_posterior']:
         f = self.ae.downsampling_factor
         shape = (self.cfg['model']['embed_dim'], x.shape[-2] // f, x.shape[-1] // f)
-        eps = posterior_noise(self.t['seed'], k, positions, shape).to(self.device)
+        eps = posterior_noise(self.t['seed'], k, positions, shape).to(self.device, non_blocking=True)   # no wait for the GPU
     return x, eps, list(batch.get('name', []))
 
 @patch
-def _mean_logs(self: Trainer, logs: list[dict]) -> dict:
-    "Each logged value averaged over the micro-batches and the processes (equal shares: the global batch's value)."
+def _mean_logs(self: Trainer, logs: list[dict]) -> tuple[list, torch.Tensor]:
+    "`(keys, values)`: each logged value averaged over the micro-batches and the processes, left on the device."
     keys = list(logs[0])
-    t = torch.stack([torch.stack([torch.as_tensor(l[k]).detach().reshape(()).to(self.device, torch.float32) for k in keys]) for l in logs]).mean(0)
-    return dict(zip(keys, reduce(t, 'mean').tolist()))
+    t = torch.stack([torch.stack([torch.as_tensor(l[k], device=self.device).detach().reshape(()).float() for k in keys]) for l in logs]).mean(0)
+    return keys, reduce(t, 'mean')        # equal shares: the global batch's value
+
+def host_values(logged: tuple) -> dict:
+    "What `_mean_logs` returned, read to the host as a dict of floats."
+    keys, values = logged
+    return dict(zip(keys, values.tolist()))
 
 # %% ../nbs/13_trainer.ipynb 81
 @patch
@@ -627,15 +645,26 @@ def _disc_pass(self: Trainer, kept, train: bool) -> dict:
 
 # %% ../nbs/13_trainer.ipynb 83
 @patch
-def _update(self: Trainer, opt, params, vals: dict, names: list) -> float:
-    "Clip (before the step: defect 2) and step; a non-finite loss or gradient norm skips the batch or stops the run."
-    bad = nonfinite_terms({k: v for k, v in vals.items() if not k.startswith('grad_norm')})
-    if not bad:
-        norm = float(self.acc.clip_grad_norm_(params, self.t['grad_clip_norm'] if self.t['grad_clip_norm'] is not None else math.inf))
-        if math.isfinite(norm): opt.step(); return norm
-        if self.acc.scaler is not None: opt.step(); self._scaler_skipped(opt); return norm
-        bad = ['grad_norm']
-    self._nonfinite(bad, vals, names)
+def _update(self: Trainer, opt, params, logged: tuple, names: list, norm_key: str) -> dict:
+    "Clip (before the step: defect 2) and step; the logged losses and the norm `norm_key`, a non-finite one skips or stops."
+    clip = self.t['grad_clip_norm'] if self.t['grad_clip_norm'] is not None else math.inf
+    if self.acc.scaler is not None: return self._update_fp16(opt, params, host_values(logged), names, norm_key, clip)
+    keys, values = logged
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    *losses, host_norm = torch.cat([values, norm.reshape(1).to(values)]).tolist()   # the update's one wait for the device
+    vals = dict(zip(keys, losses)) | {norm_key: host_norm}
+    if bad := nonfinite_terms(vals): self._nonfinite(bad, vals, names)
+    torch.nn.utils.clip_grads_with_norm_(params, clip, norm); opt.step()
+    return vals
+
+@patch
+def _update_fp16(self: Trainer, opt, params, vals: dict, names: list, norm_key: str, clip: float) -> dict:
+    "The fp16 update: the losses are checked first, as the grad scaler must unscale the gradients before their norm."
+    if bad := nonfinite_terms(vals): self._nonfinite(bad, vals, names)
+    norm = float(self.acc.clip_grad_norm_(params, clip))
+    opt.step()                                       # on an overflow the scaler skips the update itself
+    if not math.isfinite(norm): self._scaler_skipped(opt)
+    return vals | {norm_key: norm}
 
 @patch
 def _scaler_skipped(self: Trainer, opt):
@@ -678,14 +707,17 @@ def train_step(self: Trainer) -> dict:
     "One optimisation step (both updates); the logged values (empty when the step is not logged)."
     gan, logged = self.step >= self.loss.discriminator_iter_start and self.loss.disc_factor > 0, self.step % self.t['log_freq'] == 0
     train_disc = gan and self.t['train_discriminator']
+    if self.cuda_graphs: torch.compiler.cudagraph_mark_step_begin()   # last step's graph outputs may now be overwritten
     try:
-        kept, vals, names = self._ae_pass(d_weight=gan or logged)
-        vals['grad_norm_ae'] = self._update(self.opt_ae, self.ae_params, vals, names)
-        if gan or logged: vals |= self._disc_pass(kept, train_disc)
-        vals['grad_norm_disc'] = self._update(self.opt_disc, self.disc_params, vals, names) if train_disc else float('nan')
+        kept, ae_logs, names = self._ae_pass(d_weight=gan or logged)
+        vals = self._update(self.opt_ae, self.ae_params, ae_logs, names, 'grad_norm_ae')
+        if gan or logged:
+            disc_logs = self._disc_pass(kept, train_disc)
+            if train_disc: vals |= self._update(self.opt_disc, self.disc_params, disc_logs, names, 'grad_norm_disc')
+            elif logged: vals |= host_values(disc_logs)
         if not gan and self.t['step_idle_discriminator']: self._idle_disc_step()
     except SkippedBatch: return {'skipped': True}
-    return vals if logged else {}
+    return vals | ({} if train_disc else {'grad_norm_disc': float('nan')}) if logged else {}
 
 # %% ../nbs/13_trainer.ipynb 92
 CHECKPOINT_VERSION = 2

@@ -2,6 +2,7 @@
 import ast, copy, errno, json, math, os, re, shutil, socket
 from pathlib import Path
 import pytest, torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from radiodiff_vae import trainer as tr
 from radiodiff_vae.trainer import train, Trainer, NonFiniteLossError, list_checkpoints
 from radiodiff_vae.config import resolve_config
@@ -302,11 +303,13 @@ def test_auto_precision_is_printed_and_recorded(tmp_path, monkeypatch, capsys):
         assert f'[Precision] {text}' in next(out.glob('*.log')).read_text()
         assert resolve_config(tiny())['trainer']['mixed_precision'] is None     # unset: upstream's fp16 flag decides (fp32)
 
-def test_compiled_step_equals_eager_on_cpu(tmp_path):
-    "trainer.compile: the same losses as eager on the first steps (GAN on from step 1), the same checkpoint keys."
-    changes = {'trainer.train_num_steps': 2, 'trainer.save_and_sample_every': 2, 'model.lossconfig.disc_start': 1, 'trainer.warmup_steps': 1}
+@pytest.mark.parametrize('mode,lpips', [('default', False), ('reduce-overhead', True)])
+def test_compiled_step_equals_eager_on_cpu(tmp_path, mode, lpips):
+    "trainer.compile (any mode; LPIPS compiled too): the same losses as eager on the first steps (GAN on from step 1), the same checkpoint keys."
+    changes = {'trainer.train_num_steps': 2, 'trainer.save_and_sample_every': 2, 'model.lossconfig.disc_start': 1, 'trainer.warmup_steps': 1,
+               'model.lossconfig.perceptual_weight': 1.0 if lpips else 0.0}
     eager = mixed_precision_run(tmp_path/'eager', 'fp32', **changes)
-    compiled = mixed_precision_run(tmp_path/'compiled', 'fp32', **changes, **{'trainer.compile': True})
+    compiled = mixed_precision_run(tmp_path/'compiled', 'fp32', **changes, **{'trainer.compile': True, 'trainer.compile_mode': mode})
     keys = ('train/total_loss', 'train/nll_loss', 'train/rec_loss', 'train/kl_loss', 'train/g_loss', 'train/d_weight', 'train/disc_loss', 'train/logits_real')
     for e, c in zip(eager, compiled, strict=True):
         for k in keys:
@@ -359,6 +362,57 @@ def test_gradient_clipping_clips_before_the_step(tmp_path):
     finally: t.lock.release()
     logged = [json.loads(l)['grad_norm_ae'] for l in (tmp_path/'clip'/'metrics.jsonl').read_text().splitlines() if 'grad_norm_ae' in l]
     assert len(seen) == 3 and all(n <= 1e-3 * 1.001 for n in seen) and all(n > 1e-2 for n in logged)
+
+class HostReads(TorchDispatchMode):
+    "Counts the host's reads of tensor values (`.item()`, `bool()`, `float()`, `.tolist()`): on a GPU each waits for it."
+    def __init__(self, ignored):
+        super().__init__(); self.ignored, self.n = ignored, 0
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].data_ptr() not in self.ignored(): self.n += 1
+        return func(*args, **(kwargs or {}))
+    def __enter__(self):
+        self.tolist = torch.Tensor.tolist      # the CPU's tolist reads memory without dispatching: count it here
+        def counted(t): self.n += 1; return self.tolist(t)
+        torch.Tensor.tolist = counted
+        return super().__enter__()
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self.tolist
+        return super().__exit__(*exc)
+
+def test_a_step_reads_the_device_once_per_update(tmp_path):
+    "One host read per optimizer update (losses and gradient norm together); none in the forward (the adaptive weight's cap)."
+    cfg = resolve_config(tiny(**{'trainer.log_freq': 4, 'model.lossconfig.disc_start': 2, 'trainer.train_num_steps': 8}))
+    t = Trainer(cfg, tmp_path/'reads', progress=False)
+    counters = lambda: {s['step'].data_ptr() for o in (t.opt_ae, t.opt_disc) for s in o.state.values() if 'step' in s}
+    reads = []   # AdamW's step counters live on the CPU (fused: beside the weights, unread): not waits for the device
+    try:
+        for _ in range(6):
+            with HostReads(counters) as h: t.train_step()
+            reads.append(h.n); t.step += 1
+    finally: t.lock.release()
+    # step 0: logged, GAN off (AE update + D's logged values); 1: AE update only; 2-5: both updates (4: also logged)
+    assert reads == [2, 1, 2, 2, 2, 2], reads
+
+def test_fused_adamw_matches_and_resumes_across_kernels(tmp_path):
+    "The fused AdamW (what a CUDA run uses) steps like the default one; a checkpoint of either loads into the other."
+    cfg = resolve_config(tiny())
+    t = Trainer(cfg, tmp_path/'fused', progress=False)
+    try:
+        plain = tr.build_optimizers(t.ae, t.loss, t.t)[0]
+        for p in t.ae_params: p.grad = torch.randn_like(p)
+        before = [p.detach().clone() for p in t.ae_params]
+        plain.step(); after_plain = [p.detach().clone() for p in t.ae_params]
+        for p, b in zip(t.ae_params, before): p.data.copy_(b)
+        fused = tr.build_optimizers(t.ae, t.loss, t.t, fused=True)[0]
+        fused.step()
+        assert all(g['fused'] for g in fused.param_groups) and not any(g['fused'] for g in plain.param_groups)
+        for a, b in zip(after_plain, t.ae_params): torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-7)
+        tr._load_optimizer(plain, fused.state_dict(), 'fused.pt', 'opt_ae', extra_group=False)
+        assert not any(g['fused'] for g in plain.param_groups)     # the machine's kernel, not the writer's
+        tr._load_optimizer(fused, plain.state_dict(), 'plain.pt', 'opt_ae', extra_group=False)
+        assert all(g['fused'] for g in fused.param_groups)
+        plain.step(); fused.step()                                  # both still step after the swap
+    finally: t.lock.release()
 
 @pytest.mark.parametrize('learn', [True, False])
 def test_logvar_moves_only_when_learnable(tmp_path, learn):
