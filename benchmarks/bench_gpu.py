@@ -100,14 +100,18 @@ def main(argv=None) -> int:
     ap.add_argument('--size', type=int, default=256, help='map size')
     ap.add_argument('--profile', type=int, default=0, help='after the timed steps, profile this many more (torch.profiler)')
     ap.add_argument('--out', type=Path, default=None)
+    ap.add_argument('--append', action='store_true', help='add to the runs already in --out (one file for a session of several calls)')
     ap.add_argument('--one', nargs=2, metavar=('VARIANT', 'BATCH'), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.one:
         print('RESULT ' + json.dumps(run_one(a.one[0], int(a.one[1]), a.warmup, a.steps, a.log_every, a.config, a.size, a.profile)), flush=True)
         return 0
     results = dict(command='python benchmarks/bench_gpu.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
-                   date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()), machine=machine(),
+                   date_utc=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()), machine=machine(),
                    original_run_steps_per_hour=ORIGINAL_RUN_STEPS_PER_HOUR, runs=[])
+    if a.append and a.out and a.out.exists():
+        before = json.loads(a.out.read_text())
+        results.update(command=before['command'] + ' ; ' + results['command'], date_utc=before['date_utc'], runs=before['runs'])
     for batch in a.batches:
         for v in a.variants:
             cmd = [sys.executable, __file__, '--one', v, str(batch), '--warmup', str(a.warmup), '--steps', str(a.steps),

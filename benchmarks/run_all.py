@@ -245,6 +245,7 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
     out += _recommendation(bf16, gpu, machine, cpu_bf16)
     out += _gpu_section(gpu)
     out += _gpu_compiled_section(load(results_dir, 'gpu_compiled'))
+    out += _gpu_compiled_section(load(results_dir, 'gpu_loop'), 'with the step reading the device once per update (2026-11-30 code)')
     out += _profile_section(full or quick)
     out += _data_section(data) + _analysis_section(analysis) + _main_job_section(main_job) + _machine_kinds_section(results_dir)
     out += _notes()
@@ -318,12 +319,12 @@ def _main_job_section(m: dict | None) -> list[str]:
                      f"{f['wall_seconds'] / 60:.1f} min wall, training {f['stages']['train'] / 60:.1f} min; real maps {f['real_maps_psnr_ema']:.2f} dB")
     return lines + ['']
 
-def _gpu_compiled_section(g: dict | None) -> list[str]:
+def _gpu_compiled_section(g: dict | None, which: str = '') -> list[str]:
     "The whole training loop at full size on a GPU (benchmarks/bench_gpu.py): eager vs compiled, fp32 vs bf16, per batch size."
     if not g: return []
     runs = [r for r in g['runs'] if not r.get('error')]
     ref = {r['batch']: r for r in runs if r['variant'] == 'eager-fp32'}
-    lines = ['## Whole training loop on a GPU at full size: eager vs compiled (benchmarks/bench_gpu.py)', '',
+    lines = [f"## Whole training loop on a GPU at full size: eager vs compiled{', ' + which if which else ''} (benchmarks/bench_gpu.py)", '',
              f"{g['date_utc']}, {g['machine'].get('gpu', '?')} (torch {g['machine'].get('torch', '?')}); `{g['command']}`. {g.get('note', '')}.", '',
              '| variant | batch | steps/h | images/s | x the original run (19,606 steps/h) | first-step total loss, relative to eager fp32 | peak GB |',
              '|---|---|---|---|---|---|---|']
@@ -336,6 +337,13 @@ def _gpu_compiled_section(g: dict | None) -> list[str]:
     missing = [f"{r['variant']} at batch {r['batch']} ({r['error']})" for r in g['runs'] if r.get('error') and not any(
                x['variant'] == r['variant'] and x['batch'] == r['batch'] for x in runs)]
     if missing: lines += ['', 'Not measured: ' + '; '.join(missing) + '.']
+    profiled = [r for r in runs if r.get('profile')]
+    if profiled: lines += ['', 'Where a step\'s time goes (torch.profiler, steps after the timed ones; host: the CPU\'s own time in operators):', '']
+    for r in profiled:
+        p = r['profile']
+        lines.append(f"- {r['variant']}, batch {r['batch']}: {p['wall_s_per_step'] * 1e3:.1f} ms per step; host {p['host_self_s_per_step'] * 1e3:.1f} ms, "
+                     f"device {p['device_s_per_step'] * 1e3:.1f} ms; {p['kernel_launches_per_step']:.0f} kernel launches, "
+                     f"{p['synchronizations_per_step']:.0f} synchronisations per step")
     return lines + ['']
 
 def _machine_name(mc: dict) -> str:
@@ -345,7 +353,7 @@ def _machine_name(mc: dict) -> str:
 def _machine_kinds_section(results_dir: Path) -> list[str]:
     "One row per machine kind measured: where the figures for it are, with the date."
     rows = []
-    for name in ('step_full', 'step_quickstart', 'cpu_bf16', 'gpu', 'gpu_compiled', 'quickstart_tuning', 'main_job'):
+    for name in ('step_full', 'step_quickstart', 'cpu_bf16', 'gpu', 'gpu_compiled', 'gpu_loop', 'quickstart_tuning', 'main_job'):
         path = results_dir / f'{name}.json'
         if not path.exists(): continue
         r = json.loads(path.read_text())   # raw, not load(): only the machine and command are read, and load() re-derives step timings

@@ -115,6 +115,10 @@ def test_gpu_loop_benchmark_runs_on_a_small_config_and_renders(tmp_path):
     assert r['steps_per_hour'] > 0 and r['timed_steps'] == 1 and 'train/total_loss' in r['first_step']   # steps 1 to 2
     p = r['profile']      # one more step under the profiler: on the CPU all its time is the host's
     assert p['steps'] == 1 and 0 < p['host_self_s_per_step'] <= p['wall_s_per_step'] * 1.5 and p['top_by_host'][0]['calls_per_step'] >= 1
-    g.update(date_utc='today', note='a test')
+    assert bench_gpu.main(args[:-2] + ['--profile', '0', '--append', '--out', str(out)]) == 0   # a second call adds its run
+    g = json.loads(out.read_text())
+    assert [x['variant'] for x in g['runs']] == ['eager-fp32'] * 2 and g['command'].count('bench_gpu.py') == 2 and g['runs'][1]['profile'] is None
+    g.update(note='a test')
     md = '\n'.join(run_all._gpu_compiled_section(g))
     assert '| eager-fp32 | 2 |' in md and '0.0e+00' in md   # eager fp32 is its own reference
+    assert '- eager-fp32, batch 2: ' in md and 'kernel launches' in md
