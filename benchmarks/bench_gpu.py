@@ -1,7 +1,9 @@
 """Whole-loop training throughput at full size on a GPU: eager vs compiled, fp32 vs bf16, several batch sizes.
 
 Each (variant, batch) runs in its own process (a failure or a slow compile cannot take the others with it): a
-`Trainer` on `configs/radiodiff.yaml` (upstream's architecture, ch 128) fed 256x256 synthetic maps, the GAN term on
+`Trainer` on `configs/radiodiff.yaml` (upstream's architecture, ch 128) fed 256x256 synthetic maps, generated ahead
+by `--workers` DataLoader worker processes as a real run loads its maps (0: in the training process, between the
+steps, with the GPU idle meanwhile: about 11 ms of host time per map on a 2-core AMD EPYC), the GAN term on
 from step 0, LPIPS on with randomly initialised VGG weights (the same work as the pretrained ones, which this
 offline machine cannot download), trained for `warmup + steps` steps by `fit()` (EMA, schedules and logging
 included, as in the original run). Throughput is read from the run's own `metrics.jsonl`: steps between the first
@@ -24,7 +26,7 @@ ORIGINAL_RUN_STEPS_PER_HOUR = 19606  # the original 150k-step run, batch 2, fp32
 
 
 def run_one(variant: str, batch: int, warmup: int, steps: int, log_every: int, config: str = 'configs/radiodiff.yaml',
-            size: int = 256, profile: int = 0) -> dict:
+            size: int = 256, profile: int = 0, workers: int = 0) -> dict:
     "Train one variant in this process; its throughput and first logged losses."
     import torch
     from radiodiff_vae.config import load_config, FINISH_OFF
@@ -32,7 +34,7 @@ def run_one(variant: str, batch: int, warmup: int, steps: int, log_every: int, c
     precision, mode, extra = VARIANTS[variant]
     total = warmup + steps
     overrides = ['data.source=synthetic', f'data.size={size}', f'data.n_maps={max(batch, 8)}', 'data.val_maps=2',
-                 f'data.batch_size={batch}', 'data.num_workers=0', 'model.lossconfig.disc_start=0',
+                 f'data.batch_size={batch}', f'data.num_workers={workers}', 'model.lossconfig.disc_start=0',
                  'model.lossconfig.perceptual_weight=1.0', 'model.lossconfig.lpips_pretrained=false',
                  f'trainer.train_num_steps={total}', f'trainer.save_and_sample_every={10 * total}',
                  f'trainer.log_freq={log_every}', 'trainer.tensorboard=false', f'trainer.mixed_precision={precision}',
@@ -50,7 +52,7 @@ def run_one(variant: str, batch: int, warmup: int, steps: int, log_every: int, c
     a, b = timed[0], timed[-1]
     rate = (b['step'] - a['step']) / (b['wall_time'] - a['wall_time'])
     first = {k: v for k, v in recs[0].items() if k.startswith('train/')}
-    return dict(variant=variant, batch=batch, steps_per_s=rate, steps_per_hour=rate * 3600, images_per_s=rate * batch,
+    return dict(variant=variant, batch=batch, data_workers=workers, steps_per_s=rate, steps_per_hour=rate * 3600, images_per_s=rate * batch,
                 timed_steps=b['step'] - a['step'], wall_s=time.time() - t0, first_step=first,
                 peak_memory_gb=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
                 profile=profile_steps(trainer, profile) if profile else None)
@@ -98,13 +100,15 @@ def main(argv=None) -> int:
     ap.add_argument('--timeout', type=float, default=300, help='seconds per variant')
     ap.add_argument('--config', default='configs/radiodiff.yaml', help='base config (a smaller one for a smoke test)')
     ap.add_argument('--size', type=int, default=256, help='map size')
+    ap.add_argument('--workers', type=int, default=min(8, max(1, (os.cpu_count() or 2) - 4)),
+                    help='DataLoader workers generating the maps ahead of the steps (default: min(8, CPUs - 4))')
     ap.add_argument('--profile', type=int, default=0, help='after the timed steps, profile this many more (torch.profiler)')
     ap.add_argument('--out', type=Path, default=None)
     ap.add_argument('--append', action='store_true', help='add to the runs already in --out (one file for a session of several calls)')
     ap.add_argument('--one', nargs=2, metavar=('VARIANT', 'BATCH'), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.one:
-        print('RESULT ' + json.dumps(run_one(a.one[0], int(a.one[1]), a.warmup, a.steps, a.log_every, a.config, a.size, a.profile)), flush=True)
+        print('RESULT ' + json.dumps(run_one(a.one[0], int(a.one[1]), a.warmup, a.steps, a.log_every, a.config, a.size, a.profile, a.workers)), flush=True)
         return 0
     results = dict(command='python benchmarks/bench_gpu.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
                    date_utc=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()), machine=machine(),
@@ -115,7 +119,8 @@ def main(argv=None) -> int:
     for batch in a.batches:
         for v in a.variants:
             cmd = [sys.executable, __file__, '--one', v, str(batch), '--warmup', str(a.warmup), '--steps', str(a.steps),
-                   '--log-every', str(a.log_every), '--config', a.config, '--size', str(a.size), '--profile', str(a.profile)]
+                   '--log-every', str(a.log_every), '--config', a.config, '--size', str(a.size), '--profile', str(a.profile),
+                   '--workers', str(a.workers)]
             t0 = time.time()
             try:
                 p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, cwd=ROOT)

@@ -319,13 +319,20 @@ def _main_job_section(m: dict | None) -> list[str]:
                      f"{f['wall_seconds'] / 60:.1f} min wall, training {f['stages']['train'] / 60:.1f} min; real maps {f['real_maps_psnr_ema']:.2f} dB")
     return lines + ['']
 
+def _data_feed(runs: list) -> str:
+    "How the loop got its synthetic maps: DataLoader workers ahead of the steps, or the training process itself."
+    workers = sorted({r.get('data_workers', 0) for r in runs})
+    if workers == [0]: return ('The maps were generated in the training process between the steps (data.num_workers=0), '
+                               'while the GPU waited: host time a real run, which loads its maps in workers, does not spend.')
+    return f"The maps were generated ahead of the steps by {'/'.join(map(str, workers))} DataLoader workers, as a real run loads them."
+
 def _gpu_compiled_section(g: dict | None, which: str = '') -> list[str]:
     "The whole training loop at full size on a GPU (benchmarks/bench_gpu.py): eager vs compiled, fp32 vs bf16, per batch size."
     if not g: return []
     runs = [r for r in g['runs'] if not r.get('error')]
     ref = {r['batch']: r for r in runs if r['variant'] == 'eager-fp32'}
     lines = [f"## Whole training loop on a GPU at full size: eager vs compiled{', ' + which if which else ''} (benchmarks/bench_gpu.py)", '',
-             f"{g['date_utc']}, {g['machine'].get('gpu', '?')} (torch {g['machine'].get('torch', '?')}); `{g['command']}`. {g.get('note', '')}.", '',
+             f"{g['date_utc']}, {g['machine'].get('gpu', '?')} (torch {g['machine'].get('torch', '?')}); `{g['command']}`. {_data_feed(runs)} {g.get('note', '')}.", '',
              '| variant | batch | steps/h | images/s | x the original run (19,606 steps/h) | first-step total loss, relative to eager fp32 | peak GB |',
              '|---|---|---|---|---|---|---|']
     for r in sorted(runs, key=lambda r: (r['batch'], r['variant'])):

@@ -107,11 +107,12 @@ def test_gpu_loop_benchmark_runs_on_a_small_config_and_renders(tmp_path):
     import bench_gpu
     out = tmp_path / 'gpu_compiled.json'
     args = ['--variants', 'eager-fp32', '--batches', '2', '--warmup', '1', '--steps', '2', '--log-every', '1',
-            '--config', 'configs/quickstart.yaml', '--size', '64', '--timeout', '200', '--profile', '1', '--out', str(out)]
+            '--config', 'configs/quickstart.yaml', '--size', '64', '--timeout', '200', '--profile', '1', '--workers', '1', '--out', str(out)]
     assert bench_gpu.main(args) == 0
     g = json.loads(out.read_text())
     (r,) = g['runs']
     assert 'error' not in r, r.get('error')
+    assert r['data_workers'] == 1                         # maps generated ahead by a worker, as in a real run
     assert r['steps_per_hour'] > 0 and r['timed_steps'] == 1 and 'train/total_loss' in r['first_step']   # steps 1 to 2
     p = r['profile']      # one more step under the profiler: on the CPU all its time is the host's
     assert p['steps'] == 1 and 0 < p['host_self_s_per_step'] <= p['wall_s_per_step'] * 1.5 and p['top_by_host'][0]['calls_per_step'] >= 1
