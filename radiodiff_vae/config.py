@@ -12,10 +12,11 @@ from .schedules import DECAY_FRACTION, wsd_fits
 
 # %% auto 0
 __all__ = ['DDCONFIG_SCHEMA', 'LOSSCONFIG_SCHEMA', 'MODEL_SCHEMA', 'DATA_SCHEMA', 'TRAINER_SCHEMA', 'SCHEMA',
-           'PRECISION_SPELLINGS', 'FINISH_OFF_DATA', 'FINISH_OFF', 'RESUME_MUTABLE', 'canonical_precision',
-           'read_cpu_flags', 'native_bf16', 'choose_precision', 'check_value', 'unwrap_upstream', 'downsampling_factor',
-           'finish_start_step', 'validate_config', 'parse_override', 'apply_overrides', 'resolve_config', 'read_yaml',
-           'load_config', 'dump_config', 'config_differences', 'resume_changes', 'schema_table']
+           'PRECISION_SPELLINGS', 'FINISH_OFF_DATA', 'FINISH_OFF', 'CUDA_GRAPH_MODES', 'RESUME_MUTABLE',
+           'canonical_precision', 'read_cpu_flags', 'native_bf16', 'choose_precision', 'check_value', 'unwrap_upstream',
+           'downsampling_factor', 'finish_start_step', 'validate_config', 'parse_override', 'apply_overrides',
+           'resolve_config', 'read_yaml', 'load_config', 'dump_config', 'config_differences', 'resume_changes',
+           'schema_table']
 
 # %% ../nbs/10_config.ipynb 7
 DDCONFIG_SCHEMA = {
@@ -326,6 +327,8 @@ def finish_start_step(total_steps: int | None, finish_size: int | None, finish_s
     return total_steps - finish_steps if finish_size and finish_steps and total_steps else None
 
 # %% ../nbs/10_config.ipynb 61
+CUDA_GRAPH_MODES = ('reduce-overhead', 'max-autotune')   # torch.compile modes that replay CUDA graphs on a GPU
+
 def validate_config(cfg: dict) -> dict:
     "Check value ranges and cross-key consistency of a filled config; return it."
     t, d, m = cfg['trainer'], cfg['data'], cfg['model']
@@ -365,6 +368,10 @@ def validate_config(cfg: dict) -> dict:
     _require(not m['lossconfig']['disc_conditional'], 'model.lossconfig.disc_conditional: true is not supported (a radio map has no '
              'conditioning image for the discriminator to see); set it to false')
     _require(t['compile'] or t['compile_mode'] == 'default', f"trainer.compile_mode: {t['compile_mode']!r} needs trainer.compile: true")
+    _require(t['compile_mode'] not in CUDA_GRAPH_MODES or t['gradient_accumulate_every'] == 1,
+             f"trainer.compile_mode: {t['compile_mode']!r} replays CUDA graphs, which PyTorch has been reported to let overwrite one micro-batch's "
+             f"gradients with the next one's (github.com/pytorch/pytorch/issues/96693 and /169545); with trainer.gradient_accumulate_every="
+             f"{t['gradient_accumulate_every']} use trainer.compile_mode=default")
     if t['fp16'] and t['mixed_precision'] not in (None, 'fp16'):
         raise ConfigError(f"trainer.fp16 is true but trainer.mixed_precision is {t['mixed_precision']!r}; set one of them")
     return cfg

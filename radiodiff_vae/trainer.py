@@ -30,7 +30,7 @@ from .schedules import make_lr_lambda
 from .data import RadioMapSeer, radiomapseer_split, MapFolder
 from .synthetic import SyntheticRadioMaps
 from .config import (load_config, resolve_config, dump_config, config_differences, resume_changes, choose_precision,
-                                  finish_start_step, FINISH_OFF)
+                                  finish_start_step, FINISH_OFF, CUDA_GRAPH_MODES)
 from .run_folder import RunLock, list_checkpoints, resolve_resume, check_run_folder
 from .logs import RunLogs, format_log_line, UPSTREAM_AE_KEYS, UPSTREAM_DISC_KEYS
 
@@ -180,7 +180,7 @@ def compile_step(ae: AutoencoderKL, loss: LPIPSWithDiscriminator, mode: str = 'd
 
 def uses_cuda_graphs(t: dict, device) -> bool:
     "Whether the compiled step replays CUDA graphs (then each step must say where it begins)."
-    return t['compile'] and t['compile_mode'] in ('reduce-overhead', 'max-autotune') and torch.device(device).type == 'cuda'
+    return t['compile'] and t['compile_mode'] in CUDA_GRAPH_MODES and torch.device(device).type == 'cuda'
 
 # %% ../nbs/13_trainer.ipynb 40
 def world_size() -> int:
