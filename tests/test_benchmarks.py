@@ -123,3 +123,17 @@ def test_gpu_loop_benchmark_runs_on_a_small_config_and_renders(tmp_path):
     md = '\n'.join(run_all._gpu_compiled_section(g))
     assert '| eager-fp32 | 2 |' in md and '0.0e+00' in md   # eager fp32 is its own reference
     assert '- eager-fp32, batch 2: ' in md and 'kernel launches' in md
+
+
+def test_gpu_session_script_names_only_existing_variants_and_flags():
+    "benchmarks/gpu_session.sh spends scarce GPU time: a renamed variant or flag must fail here, not there."
+    import re, bench_gpu
+    script = (Path(bench_gpu.__file__).parent / 'gpu_session.sh').read_text().replace('\\\n', ' ')
+    calls = [l for l in script.splitlines() if 'bench_gpu.py' in l and not l.lstrip().startswith('#')]
+    source = Path(bench_gpu.__file__).read_text()
+    assert len(calls) >= 3
+    for call in calls:
+        after = call.split('--variants', 1)[1].split()
+        variants = after[:next((i for i, w in enumerate(after) if w.startswith('--')), len(after))]
+        assert variants and set(variants) <= set(bench_gpu.VARIANTS), variants
+        for flag in re.findall(r'(?<!\S)(--[a-z-]+)', call): assert f"'{flag}'" in source, flag
