@@ -234,8 +234,8 @@ class EMA:
         "Update after optimizer step `step` (1-based) when `step` (upstream: `step - 1`) is a multiple of `every`."
         if (step - 1 if self.upstream else step) % self.every: return
         d = self.current_decay(step)
-        ema, live = list(self.ema_model.parameters()), [p.detach().to(e.dtype) for e, p in zip(self.ema_model.parameters(), model.parameters())]
-        torch._foreach_lerp_(ema, live, 1 - d)        # one launch per chunk of tensors on a GPU, not one per tensor
+        ema = list(self.ema_model.parameters())
+        torch._foreach_lerp_(ema, [p.detach().to(e.dtype) for e, p in zip(ema, model.parameters())], 1 - d)        # one launch per chunk of tensors on a GPU, not one per tensor
         for e, b in zip(self.ema_model.buffers(), model.buffers()): e.copy_(b)
         self.updates += 1
 
@@ -639,7 +639,7 @@ def _ae_pass(self: Trainer, d_weight: bool):
     return kept, self._mean_logs(logs), names
 
 @patch
-def _disc_pass(self: Trainer, kept, train: bool) -> dict:
+def _disc_pass(self: Trainer, kept, train: bool) -> tuple[list, torch.Tensor]:
     "Discriminator loss on the kept reconstructions: forward + backward when `train`, else only for the log."
     ga, logs = len(kept), []
     self.opt_disc.zero_grad(set_to_none=True)
@@ -654,7 +654,7 @@ def _disc_pass(self: Trainer, kept, train: bool) -> dict:
 # %% ../nbs/13_trainer.ipynb 83
 @patch
 def _update(self: Trainer, opt, params, logged: tuple, names: list, norm_key: str) -> dict:
-    "Clip (before the step: defect 2) and step; the logged losses and the norm `norm_key`, a non-finite one skips or stops."
+    "Read the losses and the gradient norm (`norm_key`) in one go, clip (before the step: defect 2), step; a non-finite value skips or stops."
     clip = self.t['grad_clip_norm'] if self.t['grad_clip_norm'] is not None else math.inf
     if self.acc.scaler is not None: return self._update_fp16(opt, params, host_values(logged), names, norm_key, clip)
     keys, values = logged
@@ -725,7 +725,8 @@ def train_step(self: Trainer) -> dict:
             elif logged: vals |= host_values(disc_logs)
         if not gan and self.t['step_idle_discriminator']: self._idle_disc_step()
     except SkippedBatch: return {'skipped': True}
-    return vals | ({} if train_disc else {'grad_norm_disc': float('nan')}) if logged else {}
+    if not logged: return {}
+    return vals if train_disc else vals | {'grad_norm_disc': float('nan')}   # the discriminator was not updated
 
 # %% ../nbs/13_trainer.ipynb 92
 CHECKPOINT_VERSION = 2
