@@ -276,6 +276,8 @@ class GLossShift:
     welch_p: float
     ks_d: float
     ks_p: float
+    lag1_before: float   # lag-1 autocorrelation of the rows before the gate: both tests assume it is zero
+    lag1_after: float
 
 # %% ../nbs/14_analysis.ipynb 44
 def g_loss_shift(df: pd.DataFrame, gate: int | None) -> GLossShift | None:
@@ -286,8 +288,9 @@ def g_loss_shift(df: pd.DataFrame, gate: int | None) -> GLossShift | None:
     a, b = v[ok & (s < gate)], v[ok & (s >= gate)]
     if len(a) < 2 or len(b) < 2: return None
     t, k = stats.ttest_ind(a, b, equal_var=False), stats.ks_2samp(a, b)
+    lag1 = lambda x: float(np.corrcoef(x[:-1], x[1:])[0, 1]) if len(x) > 2 and x.std() > 0 else float('nan')
     return GLossShift(len(a), len(b), float(a.mean()), float(b.mean()), float(a.std(ddof=1)), float(b.std(ddof=1)),
-                      float(t.statistic), float(t.pvalue), float(k.statistic), float(k.pvalue))
+                      float(t.statistic), float(t.pvalue), float(k.statistic), float(k.pvalue), lag1(a), lag1(b))
 
 # %% ../nbs/14_analysis.ipynb 46
 DISC_COLUMNS = ('disc_loss', 'logits_real', 'logits_fake')

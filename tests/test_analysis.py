@@ -220,6 +220,19 @@ def test_reference_run_read_with_its_own_config():
     assert a.metrics['train/total_loss']['min'] == raw['train/total_loss'].min()
 
 
+
+def test_committed_reference_report_is_the_generators_text():
+    "reports/reference_run/REPORT.md holds what the generator writes today, with the g_loss test worded to what it can tell."
+    from radiodiff_vae.report import run_section
+    a = load_runs([reference_run_dir()])[0].analysis
+    committed = (reference_run_dir().parent.parent / 'reports' / 'reference_run' / 'REPORT.md').read_text(encoding='utf-8')
+    assert run_section(a) in committed, 'reports/reference_run is stale: radiodiff-vae analyze data/reference_run --out reports/reference_run'
+    g_sentence = describe_discriminator(a.discriminator)[2]
+    assert 'as expected of a discriminator that does not learn' not in committed
+    assert 'only weakly: a frozen one still pushes the autoencoder' in g_sentence        # no change does not single out a frozen D
+    assert 'treat the rows as independent draws' in g_sentence and 'lag-1 autocorrelation' in g_sentence
+    assert 'randomly initialised discriminator) is an inference' in committed
+
 def test_cli_writes_every_output_and_overlays_runs(tmp_path):
     from radiodiff_vae.cli import main
     _write_upstream_log(tmp_path / 'run_a', 2001)
