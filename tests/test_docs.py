@@ -75,6 +75,23 @@ def test_tuning_gains_carry_their_baseline_interval_and_selection_story():
     assert 'the real maps scored only afterwards. Three' not in readme
     assert 'faithful stand-in for the real ones' not in tuning
 
+
+def test_results_lead_with_the_like_for_like_speed_and_name_each_comparison():
+    "RESULTS.md is its renderer's output; its first section is our step against upstream's loop on one GPU, and every ratio to the original run says it is not like for like."
+    sys.path.insert(0, str(ROOT / 'benchmarks'))
+    try: import run_all
+    finally: sys.path.remove(str(ROOT / 'benchmarks'))
+    md = (ROOT / 'benchmarks' / 'RESULTS.md').read_text(encoding='utf-8')
+    assert md == run_all.render(run_all.RESULTS_DIR), 'RESULTS.md is stale: python benchmarks/run_all.py --render'
+    on = json.loads((ROOT / 'benchmarks' / 'results' / 'gpu.json').read_text())['full']['timing']['gan_on']['variants']
+    ours, upstream = 3600 / on['ours']['median_s'], 3600 / on['upstream']['median_s']
+    first_section = md.split('\n## ')[1]
+    assert first_section.startswith('Speed on a GPU, like for like first')
+    assert f'{ours:,.0f} / {upstream:,.0f} steps/h = **{ours / upstream:.2f}×**' in first_section.split('\n- ')[1]
+    assert f'{ours / upstream:.2f}' == '1.22'
+    for line in md.splitlines():
+        if 'original run' in line: assert 'not like for like' in line, line
+
 def _png_1x1():
     return base64.b64encode(bytes.fromhex(
         '89504e470d0a1a0a0000000d4948445200000001000000010806000000'
