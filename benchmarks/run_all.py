@@ -343,7 +343,8 @@ def _main_job_section(m: dict | None) -> list[str]:
     if m.get('complete'): lines.append(f"- total: {m['seconds'] / 60:.1f} min")
     else: lines.append('- ' + how)
     if (q := m.get('real_maps_native_256')):
-        lines.append(f"- its model on the 26 real maps at 256x256 (EMA): PSNR {q['psnr_ema']:.2f} dB {q.get('psnr_ema_ci', '')}, SSIM {q['ssim_ema']:.3f}")
+        lines.append(f"- its model on the 26 bundled real maps at 256x256 (from upstream's training split; EMA): PSNR {q['psnr_ema']:.2f} dB "
+                     f"{q.get('psnr_ema_ci', '')} (95% interval over the maps), SSIM {q['ssim_ema']:.3f}")
     if (f := m.get('fp32_same_cpu')):
         lines.append(f"- the same job in fp32 on the same machine ({f['date_utc']}, `{f['command']}`, {f['note']}): "
                      f"{f['wall_seconds'] / 60:.1f} min wall, training {f['stages']['train'] / 60:.1f} min; real maps {f['real_maps_psnr_ema']:.2f} dB")
