@@ -18,6 +18,8 @@ REPO = HERE.parent
 RESULTS_DIR = HERE / 'results'
 RESULTS_MD = HERE / 'RESULTS.md'
 ORIGINAL_STEPS_PER_HOUR = 19_600   # the original run on its GPU, batch 2 (issue 8)
+ORIGINAL_RUN_CAVEAT = ("not like for like: that run's GPU is unknown, and with gradient_accumulate_every 1 its loop never ran a "
+                       "discriminator pass, so each of its steps did less work than either loop timed here")
 sys.path.insert(0, str(HERE))
 import bench_step  # noqa: E402
 
@@ -160,7 +162,7 @@ def _targets(full, quick, bf16, gpu, cpu_bf16=None) -> list[str]:
             rows.append(f"| checkpointing on the GPU, full size: ≥ 40% less peak memory at ≤ 40% more time | peak CUDA memory {m0 / 1024:.2f} → {m1 / 1024:.2f} GB "
                         f"({100 * (1 - m1 / m0):.0f}% less); time {t1:.2f}× (b) (the slower phase) | {ok(1 - m1 / m0 >= 0.40 and t1 <= 1.40)} |")
         sph = 3600 / g['ours']['median_s']
-        rows.append(f"| GPU steps/hour at full size (original run: ~{ORIGINAL_STEPS_PER_HOUR:,}/h, batch 2) | ours fp32 {sph:,.0f}/h (GAN on) | {ok(sph >= ORIGINAL_STEPS_PER_HOUR)} |")
+        rows.append(f"| GPU steps/hour at full size (original run's logged ~{ORIGINAL_STEPS_PER_HOUR:,}/h, batch 2: not like for like) | ours fp32 {sph:,.0f}/h (GAN on) | {ok(sph >= ORIGINAL_STEPS_PER_HOUR)} |")
     else:
         rows.append('| GPU: the benchmark on a lent GPU, fp32 and bf16 | not run | see the GPU section |')
     return rows
@@ -234,6 +236,7 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
     if machine:
         out += [f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs ({', '.join(machine.get('cpu_isa', []))}; "
                 f"native bf16: {'yes' if machine.get('cpu_bf16') else 'no'}), torch {machine['torch']}, Python {machine['python']}.", '']
+    out += _speed_section(gpu, load(results_dir, 'gpu_compiled'))
     notes = load(results_dir, 'notes')
     if notes and notes.get('lines'): out += ['## Status of these figures', ''] + [f'- {l}' for l in notes['lines']] + ['']
     cpu_bf16 = load(results_dir, 'cpu_bf16')
@@ -251,6 +254,31 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
     out += _notes()
     return '\n'.join(out) + '\n'
 
+def _speed_section(gpu: dict | None, loop: dict | None) -> list[str]:
+    "Speed at full size on a GPU, like for like first (both loops on one GPU), each other comparison named for what it is."
+    lines = []
+    if gpu:
+        on = gpu['full']['timing']['gan_on']['variants']; sph = {v: 3600 / on[v]['median_s'] for v in on}
+        lines.append(f"- **Like for like** (same GPU, weights, batch and precision; full size, batch 2, GAN on): our step against upstream's loop on "
+                     f"the {gpu['full']['machine'].get('gpu')}, fp32: {sph['ours']:,.0f} / {sph['upstream']:,.0f} steps/h = "
+                     f"**{sph['ours'] / sph['upstream']:.2f}×** (median of the per-round paired ratios: {on['ours']['speedup_vs_upstream']:.2f}×; "
+                     f"{gpu['date_utc'][:10]}, section 'GPU' below).")
+        if 'ours+bf16' in sph:
+            lines.append(f"- Our step in bf16 against upstream's loop in fp32, same GPU: {sph['ours+bf16'] / sph['upstream']:.2f}× "
+                         "(the loop and the precision both change).")
+    runs = {(r['variant'], r['batch']): r['steps_per_hour'] for r in (loop or {}).get('runs', []) if not r.get('error')}
+    best = max((k for k in runs if k[1] == 2), key=runs.get, default=None)
+    if best and ('eager-fp32', 2) in runs:
+        lines.append(f"- Our whole training loop, its options against its plain form on one GPU ({loop['machine'].get('gpu')}, batch 2, "
+                     f"{loop['date_utc'][:10]}): {best[0]} {runs[best]:,.0f} against eager-fp32 {runs[('eager-fp32', 2)]:,.0f} steps/h = "
+                     f"{runs[best] / runs[('eager-fp32', 2)]:.2f}×; upstream's loop was not timed on this GPU.")
+    if lines:
+        ratios = ([f"our fp32 step on the {gpu['full']['machine'].get('gpu')} {sph['ours'] / ORIGINAL_STEPS_PER_HOUR:.2f}×"] if gpu else []) + (
+                 [f"{best[0]} on the {loop['machine'].get('gpu')} {runs[best] / loop['original_run_steps_per_hour']:.2f}×"] if best else [])
+        lines.append(f"- Against the original run's logged rate (~{ORIGINAL_STEPS_PER_HOUR:,} steps/h, from its log's timestamps), "
+                     f"{ORIGINAL_RUN_CAVEAT}: {', '.join(ratios)}.")
+    return ['## Speed on a GPU, like for like first', ''] + lines + [''] if lines else []
+
 def _gpu_section(gpu: dict | None) -> list[str]:
     if gpu is None:
         return ['## GPU', '', 'Not run. On a GPU machine: `python benchmarks/run_all.py --device cuda --results-dir OUT`, '
@@ -261,10 +289,12 @@ def _gpu_section(gpu: dict | None) -> list[str]:
              f"`{gpu['command']}` — {gpu['date_utc']} — torch {f['machine']['torch']}, CUDA {f['machine'].get('cuda')}. "
              "fp32 means PyTorch's defaults: cuDNN convolutions may use TF32 (`torch.backends.cudnn.allow_tf32` is on by default), matmuls do not.", '']
     per = f['timing']['gan_on']['variants']
-    lines += [f"Steps per hour at full size (batch 2, GAN on / off), vs the original run's ~{ORIGINAL_STEPS_PER_HOUR:,}/h:", '']
+    lines += [f"Steps per hour at full size (batch 2, GAN on / off); with GAN on, × upstream's loop on this GPU (like for like) and × the original "
+              f"run's logged ~{ORIGINAL_STEPS_PER_HOUR:,}/h ({ORIGINAL_RUN_CAVEAT}):", '']
     for v in f['variants']:
         on, off = per[v]['median_s'], f['timing']['gan_off']['variants'][v]['median_s']
-        lines.append(f"- {v}: {3600 / on:,.0f} / {3600 / off:,.0f} steps/h ({3600 / on / ORIGINAL_STEPS_PER_HOUR:.2f}× the original's rate with GAN on)")
+        lines.append(f"- {v}: {3600 / on:,.0f} / {3600 / off:,.0f} steps/h ({per['upstream']['median_s'] / on:.2f}× upstream's loop here; "
+                     f"{3600 / on / ORIGINAL_STEPS_PER_HOUR:.2f}× the original's rate)")
     lines += [''] + _step_section('GPU, full size', f, '')[2:]
     if gpu.get('quickstart'): lines += _step_section('GPU, quickstart size', {**gpu['quickstart'], **stamp}, '')
     if gpu.get('bf16_deviation'): lines += _bf16_section({**gpu['bf16_deviation'], **stamp}, {'cpu_bf16': True})
@@ -313,7 +343,8 @@ def _main_job_section(m: dict | None) -> list[str]:
     if m.get('complete'): lines.append(f"- total: {m['seconds'] / 60:.1f} min")
     else: lines.append('- ' + how)
     if (q := m.get('real_maps_native_256')):
-        lines.append(f"- its model on the 26 real maps at 256x256 (EMA): PSNR {q['psnr_ema']:.2f} dB {q.get('psnr_ema_ci', '')}, SSIM {q['ssim_ema']:.3f}")
+        lines.append(f"- its model on the 26 bundled real maps at 256x256 (from upstream's training split; EMA): PSNR {q['psnr_ema']:.2f} dB "
+                     f"{q.get('psnr_ema_ci', '')} (95% interval over the maps), SSIM {q['ssim_ema']:.3f}")
     if (f := m.get('fp32_same_cpu')):
         lines.append(f"- the same job in fp32 on the same machine ({f['date_utc']}, `{f['command']}`, {f['note']}): "
                      f"{f['wall_seconds'] / 60:.1f} min wall, training {f['stages']['train'] / 60:.1f} min; real maps {f['real_maps_psnr_ema']:.2f} dB")
@@ -333,12 +364,14 @@ def _gpu_compiled_section(g: dict | None, which: str = '') -> list[str]:
     ref = {r['batch']: r for r in runs if r['variant'] == 'eager-fp32'}
     lines = [f"## Whole training loop on a GPU at full size: eager vs compiled{', ' + which if which else ''} (benchmarks/bench_gpu.py)", '',
              f"{g['date_utc']}, {g['machine'].get('gpu', '?')} (torch {g['machine'].get('torch', '?')}); `{g['command']}`. {_data_feed(runs)} {g.get('note', '')}.", '',
-             '| variant | batch | steps/h | images/s | x the original run (19,606 steps/h) | first-step total loss, relative to eager fp32 | peak GB |',
-             '|---|---|---|---|---|---|---|']
+             "| variant | batch | steps/h | images/s | x eager fp32, same GPU and batch | x the original run's logged 19,606 steps/h (not like for like) | first-step total loss, relative to eager fp32 | peak GB |",
+             '|---|---|---|---|---|---|---|---|']
     for r in sorted(runs, key=lambda r: (r['batch'], r['variant'])):
         base = ref.get(r['batch'], {}).get('first_step', {}).get('train/total_loss')
         dev = abs(r['first_step']['train/total_loss'] - base) / abs(base) if base else None
-        lines.append(f"| {r['variant']} | {r['batch']} | {r['steps_per_hour']:,.0f} | {r['images_per_s']:.1f} | "
+        same = ref.get(r['batch'], {}).get('steps_per_hour')
+        vs_same = f"{r['steps_per_hour'] / same:.2f}" if same else ''
+        lines.append(f"| {r['variant']} | {r['batch']} | {r['steps_per_hour']:,.0f} | {r['images_per_s']:.1f} | {vs_same} | "
                      f"{r['steps_per_hour'] / g['original_run_steps_per_hour']:.2f} | {'' if dev is None else f'{dev:.1e}'} | "
                      f"{r.get('peak_memory_gb') or 0:.1f} |")
     missing = [f"{r['variant']} at batch {r['batch']} ({r['error']})" for r in g['runs'] if r.get('error') and not any(

@@ -4,7 +4,7 @@
 
 # %% ../nbs/14_analysis.ipynb 1
 from __future__ import annotations
-import math, re
+import copy, math, re
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -15,19 +15,20 @@ from scipy.signal import lfilter
 from .core import ConfigError, data_dir
 from .logs import CONFIG_NAMES, load_config_file, read_run
 from .schedules import DECAY_FRACTION, lr_at
-from .config import finish_start_step
+from .config import SCHEMA, finish_start_step, resolve_config, unwrap_upstream
 
 # %% auto 0
-__all__ = ['PARAM_ALIASES', 'PARAM_DEFAULTS', 'UPSTREAM_TRAINER_KEYS', 'BOOKKEEPING', 'RESUME_ORDER', 'DISC_COLUMNS',
-           'TREND_KEYS', 'find_run_config', 'training_params', 'finish_start', 'TrainingLoop', 'training_loop',
-           'debiased_ema', 'segment_ids', 'segmented_ema', 'value_quantum', 'value_steps', 'column_of',
-           'metric_columns', 'logged_rows', 'sample_milestone', 'sample_distances', 'SampleRepeat', 'SampleRepeats',
-           'sample_repeats', 'ResumeEvidence', 'Resumes', 'resume_evidence', 'gate_step', 'GLossShift', 'g_loss_shift',
-           'DiscriminatorEvidence', 'discriminator_training', 'phase_names', 'Phase', 'Phases', 'phases', 'Throughput',
-           'Coverage', 'coverage', 'Completion', 'completion', 'schedule_lr', 'LearningRate', 'print_step',
-           'learning_rate', 'MapSize', 'pixels_per_image', 'DWeight', 'd_weight_clamp', 'Logvar', 'logvar_movement',
-           'loss_terms', 'WorkedExample', 'worked_example', 'LossComposition', 'loss_composition', 'metric_stats',
-           'Trend', 'trend', 'RunAnalysis', 'analyze_run', 'RunData', 'group_inputs', 'display_path', 'load_runs']
+__all__ = ['PARAM_PATHS', 'PARAM_ALIASES', 'UPSTREAM_HARD_CODED', 'PARAM_DEFAULTS', 'UPSTREAM_TRAINER_KEYS', 'BOOKKEEPING',
+           'RESUME_ORDER', 'DISC_COLUMNS', 'TREND_KEYS', 'find_run_config', 'training_params', 'finish_start',
+           'TrainingLoop', 'training_loop', 'debiased_ema', 'segment_ids', 'segmented_ema', 'value_quantum',
+           'value_steps', 'column_of', 'metric_columns', 'logged_rows', 'sample_milestone', 'sample_distances',
+           'SampleRepeat', 'SampleRepeats', 'sample_repeats', 'ResumeEvidence', 'Resumes', 'resume_evidence',
+           'gate_step', 'GLossShift', 'g_loss_shift', 'DiscriminatorEvidence', 'discriminator_training', 'phase_names',
+           'Phase', 'Phases', 'phases', 'Throughput', 'Coverage', 'coverage', 'Completion', 'completion', 'schedule_lr',
+           'LearningRate', 'print_step', 'learning_rate', 'MapSize', 'pixels_per_image', 'DWeight', 'd_weight_clamp',
+           'Logvar', 'logvar_movement', 'loss_terms', 'WorkedExample', 'worked_example', 'LossComposition',
+           'loss_composition', 'metric_stats', 'Trend', 'trend', 'RunAnalysis', 'analyze_run', 'RunData',
+           'group_inputs', 'display_path', 'load_runs']
 
 # %% ../nbs/14_analysis.ipynb 5
 def find_run_config(folder) -> Path | None:
@@ -40,7 +41,34 @@ def find_run_config(folder) -> Path | None:
     return yamls[0] if len(yamls) == 1 else None
 
 # %% ../nbs/14_analysis.ipynb 8
-PARAM_ALIASES = {
+PARAM_PATHS = {   # where this project's config schema keeps each parameter the analysis needs
+    'lr': 'trainer.lr', 'total_steps': 'trainer.train_num_steps', 'schedule': 'trainer.schedule', 'min_lr': 'trainer.min_lr',
+    'power': 'trainer.power', 'warmup_steps': 'trainer.warmup_steps', 'decay_fraction': 'trainer.decay_fraction',
+    'disc_start': 'model.lossconfig.disc_start', 'disc_weight': 'model.lossconfig.disc_weight',
+    'kl_weight': 'model.lossconfig.kl_weight', 'd_weight_max': 'model.lossconfig.d_weight_max',
+    'logvar_init': 'model.lossconfig.logvar_init', 'perceptual_weight': 'model.lossconfig.perceptual_weight',
+    'batch_size': 'data.batch_size', 'resolution': 'model.ddconfig.resolution', 'in_channels': 'model.ddconfig.in_channels',
+    'save_every': 'trainer.save_and_sample_every', 'log_freq': 'trainer.log_freq',
+    'gradient_accumulate_every': 'trainer.gradient_accumulate_every', 'resume_milestone': 'trainer.resume_milestone',
+    'train_discriminator': 'trainer.train_discriminator', 'finish_size': 'data.finish_size', 'finish_steps': 'data.finish_steps',
+    'finish_lr': 'trainer.finish_lr',
+}
+
+def _schema_default(path: str):
+    "The config schema's default at a dotted `path` (`trainer.lr`)."
+    node, keys = SCHEMA, path.split('.')
+    for k in keys[:-1]: node = node[k][1]
+    return copy.deepcopy(node[keys[-1]][1])
+
+def _at(config: dict, path: str):
+    "(value, found) at a dotted `path` of a nested config."
+    node = config
+    for k in path.split('.'):
+        if not isinstance(node, dict) or k not in node: return None, False
+        node = node[k]
+    return node, True
+
+PARAM_ALIASES = {   # how upstream-style configs spell the same parameters
     'lr': ('lr', 'base_lr', 'learning_rate'), 'total_steps': ('train_num_steps', 'total_steps', 'max_steps'),
     'schedule': ('lr_schedule', 'schedule', 'lr_scheduler'), 'min_lr': ('min_lr',), 'power': ('power', 'lr_power'),
     'warmup_steps': ('warmup_steps', 'lr_warmup_steps'), 'decay_fraction': ('decay_fraction',),
@@ -52,8 +80,8 @@ PARAM_ALIASES = {
     'train_discriminator': ('train_discriminator',), 'finish_size': ('finish_size',), 'finish_steps': ('finish_steps',),
     'finish_lr': ('finish_lr',),
 }
-PARAM_DEFAULTS = {'schedule': 'radiodiff', 'min_lr': 5e-7, 'power': 0.95, 'warmup_steps': 0, 'decay_fraction': DECAY_FRACTION,
-                  'd_weight_max': 1e4, 'logvar_init': 0.0, 'in_channels': 1}
+UPSTREAM_HARD_CODED = ('schedule', 'min_lr', 'power', 'warmup_steps', 'decay_fraction', 'd_weight_max', 'logvar_init', 'in_channels')
+PARAM_DEFAULTS = {name: _schema_default(PARAM_PATHS[name]) for name in UPSTREAM_HARD_CODED}   # upstream's values, as the schema holds them
 
 def _find_key(config, names):
     "Breadth-first search of nested dicts for the first key in `names`."
@@ -66,10 +94,20 @@ def _find_key(config, names):
     return None, False
 
 # %% ../nbs/14_analysis.ipynb 10
-def training_params(config: dict | None) -> dict:
-    "The parameters the analysis needs, from a nested config; `_defaulted` lists those not in it."
+def training_params(config: dict | None,
+                    own: bool = False,  # the run was written by this project's trainer: read `config` through the resolver
+                   ) -> dict:
+    "The parameters the analysis needs, from a nested config; `_defaulted` lists those the config does not give."
+    resolved = None
+    if own and config:
+        try: resolved = resolve_config(config)
+        except ConfigError: resolved = None   # a config this version no longer accepts: read it by name as below
     params, defaulted = {}, []
     for name, aliases in PARAM_ALIASES.items():
+        if resolved is not None:
+            value, found = _at(resolved, PARAM_PATHS[name])[0], _at(unwrap_upstream(config), PARAM_PATHS[name])[1]
+            if not found: defaulted.append(name)
+            params[name] = value; continue
         value, found = _find_key(config, aliases) if config else (None, False)
         if isinstance(value, dict): value = value.get('kind', value.get('name', value.get('type')))
         if not found or value is None:
@@ -276,6 +314,8 @@ class GLossShift:
     welch_p: float
     ks_d: float
     ks_p: float
+    lag1_before: float   # lag-1 autocorrelation of the rows before the gate: both tests assume it is zero
+    lag1_after: float
 
 # %% ../nbs/14_analysis.ipynb 44
 def g_loss_shift(df: pd.DataFrame, gate: int | None) -> GLossShift | None:
@@ -286,8 +326,9 @@ def g_loss_shift(df: pd.DataFrame, gate: int | None) -> GLossShift | None:
     a, b = v[ok & (s < gate)], v[ok & (s >= gate)]
     if len(a) < 2 or len(b) < 2: return None
     t, k = stats.ttest_ind(a, b, equal_var=False), stats.ks_2samp(a, b)
+    lag1 = lambda x: float(np.corrcoef(x[:-1], x[1:])[0, 1]) if len(x) > 2 and x.std() > 0 else float('nan')
     return GLossShift(len(a), len(b), float(a.mean()), float(b.mean()), float(a.std(ddof=1)), float(b.std(ddof=1)),
-                      float(t.statistic), float(t.pvalue), float(k.statistic), float(k.pvalue))
+                      float(t.statistic), float(t.pvalue), float(k.statistic), float(k.pvalue), lag1(a), lag1(b))
 
 # %% ../nbs/14_analysis.ipynb 46
 DISC_COLUMNS = ('disc_loss', 'logits_real', 'logits_fake')
@@ -749,9 +790,10 @@ def _trends(df: pd.DataFrame, ph: Phases, finish: int | None = None) -> list:
 def analyze_run(df: pd.DataFrame, info: dict, config: dict | None = None, config_source: str | None = None,
                 name: str = 'run') -> tuple[RunAnalysis, pd.DataFrame]:
     "Every derived quantity of one run, and the table with `lr_inferred` added where the schedule gives it."
-    cfg = config if config is not None else info.get('config'); params = training_params(cfg)
+    cfg = config if config is not None else info.get('config'); loop = training_loop(info, cfg)
+    params = training_params(cfg, own=loop.name == 'radiodiff_vae')
     if params['total_steps'] is None and info.get('total_steps'): params['total_steps'] = info['total_steps']
-    loop, samples = training_loop(info, cfg), list(info.get('samples') or [])
+    samples = list(info.get('samples') or [])
     gate, cov = gate_step(df), coverage(df)
     disc = discriminator_training(df, info, loop, params, gate)
     ph = phases(df, params, disc.trained)

@@ -54,8 +54,13 @@ def describe_discriminator(d: DiscriminatorEvidence) -> list[str]:
         out.append(f"g_loss = -mean D(x̂) averages {fmt(g.mean_before)} (sd {fmt(g.std_before, 3)}, {fmt(g.n_before)} steps) before the gate "
                    f"and {fmt(g.mean_after)} (sd {fmt(g.std_after, 3)}, {fmt(g.n_after)} steps) after it; Welch t = {g.welch_t:.2f} "
                    f"(p = {g.welch_p:.2g}), Kolmogorov-Smirnov D = {g.ks_d:.3f} (p = {g.ks_p:.2g}): "
-                   + ('no change detected, as expected of a discriminator that does not learn.' if same
-                      else 'the distribution changed across the gate.'))
+                   + ('no change detected. This separates a frozen discriminator from a learning one only weakly: a frozen one still '
+                      'pushes the autoencoder (through d_weight x disc_factor x g_loss) towards reconstructions it scores higher, which '
+                      'lowers g_loss, while a learning one raises it.' if same
+                      else 'the distribution changed across the gate, which a learning discriminator and a frozen one pushing the '
+                           'autoencoder can both cause.')
+                   + f" Both tests treat the rows as independent draws; rows of one run are not (the weights carry over; lag-1 "
+                     f"autocorrelation {g.lag1_before:+.2f} before the gate, {g.lag1_after:+.2f} after), so their p-values are approximate.")
     return out
 
 # %% ../nbs/16_report.ipynb 13
@@ -214,13 +219,19 @@ def limitations(a: RunAnalysis) -> list[str]:
     elif a.discriminator.trained is None: out.append('Whether the discriminator trained cannot be told from these data and config.')
     if c.log_interval and c.first_step > c.log_interval:
         out.append(f"Steps before {fmt(c.first_step)} are not in the data: their losses, phases and timing are unknown (only their samples remain).")
+    if a.resumed_from_step is not None and a.config_source:
+        out.append(f"The configuration is the resumed session's; the one the run started with (steps before {fmt(a.resumed_from_step)}) is not in the "
+                   "data, so the state the model and the discriminator were in at the resume (for instance a randomly initialised discriminator) "
+                   "is an inference, not an observation.")
     if a.learning_rate.inferred: out.append(f"The learning rate was not logged usably; the rates shown are inferred and rest on {a.learning_rate.rests_on}.")
     if a.map_size: out.append('The map size is inferred from the ratio of two logged losses, not read from the data.')
     out.append(f"rec_loss and nll_loss are measured on each step's training batch ({fmt(a.params.get('batch_size'))} map(s)): noisy, and not a "
                'measure of quality on held-out maps, which these data do not contain.')
     if a.samples: out.append('Each sample image shows one map: the samples show what the reconstructions looked like, not how good they were on average.')
     if c.throughput and c.throughput.time_resolution_s: out.append(f'Timestamps have a resolution of {c.throughput.time_resolution_s:g} s; durations are exact only to that.')
-    if a.discriminator.g_loss: out.append('The g_loss test can only fail to detect a change; it is consistent with a frozen discriminator, not a proof of one.')
+    if a.discriminator.g_loss: out.append('The g_loss test separates a frozen discriminator from a learning one only weakly (a frozen one still pushes '
+                                          'the autoencoder, which moves g_loss too), and its Welch and Kolmogorov-Smirnov tests treat '
+                                          'autocorrelated rows as independent: their p-values are approximate.')
     return out
 
 # %% ../nbs/16_report.ipynb 32

@@ -220,6 +220,19 @@ def test_reference_run_read_with_its_own_config():
     assert a.metrics['train/total_loss']['min'] == raw['train/total_loss'].min()
 
 
+
+def test_committed_reference_report_is_the_generators_text():
+    "reports/reference_run/REPORT.md holds what the generator writes today, with the g_loss test worded to what it can tell."
+    from radiodiff_vae.report import run_section
+    a = load_runs([reference_run_dir()])[0].analysis
+    committed = (reference_run_dir().parent.parent / 'reports' / 'reference_run' / 'REPORT.md').read_text(encoding='utf-8')
+    assert run_section(a) in committed, 'reports/reference_run is stale: radiodiff-vae analyze data/reference_run --out reports/reference_run'
+    g_sentence = describe_discriminator(a.discriminator)[2]
+    assert 'as expected of a discriminator that does not learn' not in committed
+    assert 'only weakly: a frozen one still pushes the autoencoder' in g_sentence        # no change does not single out a frozen D
+    assert 'treat the rows as independent draws' in g_sentence and 'lag-1 autocorrelation' in g_sentence
+    assert 'randomly initialised discriminator) is an inference' in committed
+
 def test_cli_writes_every_output_and_overlays_runs(tmp_path):
     from radiodiff_vae.cli import main
     _write_upstream_log(tmp_path / 'run_a', 2001)
@@ -280,6 +293,26 @@ def test_trainer_style_run_folder(tmp_path):
     assert a.loss_composition.kl_weight_resolvable is False
     assert any('cannot determine the KL weight' in s for s in statements(a))
 
+
+
+def test_runs_of_ours_are_read_through_the_config_resolver(tmp_path):
+    "A run of this project's trainer takes what its config leaves out from the schema's defaults; an upstream config keeps its aliases."
+    from radiodiff_vae.config import resolve_config
+    run = tmp_path / 'run'; run.mkdir()
+    recs = [{'step': s, 'total_steps': 40, 'train/total_loss': 1.0, 'train/rec_loss': 0.5, 'train/nll_loss': 512.0, 'train/kl_loss': 1.0,
+             'train/disc_factor': float(s >= 20), 'train/g_loss': 0.5, 'lr_ae': 1e-3, 'wall_time': 1755288000.0 + s} for s in range(0, 40, 10)]
+    (run / 'metrics.jsonl').write_text('\n'.join(json.dumps(r) for r in recs) + '\n')
+    (run / 'config.yaml').write_text('model:\n  lossconfig:\n    disc_start: 20\ntrainer:\n  lr: 0.001\n  train_num_steps: 40\n  schedule: cosine\n'
+                                     '  warmup_steps: 4\n  grad_clip_norm: 1.0\n')
+    a, _ = analyze_run(*read_run(run))
+    schema = resolve_config({'model': {'lossconfig': {'disc_start': 20}}, 'trainer': {'train_num_steps': 40}})
+    assert a.loop.name == 'radiodiff_vae'
+    assert (a.params['perceptual_weight'], a.params['batch_size'], a.params['train_discriminator'], a.params['power']) == (
+        schema['model']['lossconfig']['perceptual_weight'], schema['data']['batch_size'], schema['trainer']['train_discriminator'],
+        schema['trainer']['power'])
+    assert {'perceptual_weight', 'batch_size', 'power'} <= set(a.params['_defaulted']) and 'lr' not in a.params['_defaulted']
+    ref = training_params(RUN_CONFIG)                      # upstream's config: read by name, perceptual_weight not given
+    assert ref['perceptual_weight'] is None and ref['schedule'] == 'radiodiff' and 'schedule' in ref['_defaulted']
 
 def test_pipeline_notebook_runs_with_papermill(tmp_path):
     import papermill as pm
