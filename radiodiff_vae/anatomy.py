@@ -17,7 +17,8 @@ from .synthetic import estimate_transmitter
 
 # %% auto 0
 __all__ = ['TX_EDGES', 'BUILDING_EDGES', 'distance_to_transmitter', 'distance_to_buildings', 'binned_error', 'reconstruct_gray',
-           'error_profiles', 'paired_difference', 'plot_error_profiles', 'plot_worst_maps']
+           'error_profiles', 'paired_difference', 'plot_error_profiles', 'plot_worst_maps', 'compare_models',
+           'candidate_markdown', 'candidate_report']
 
 # %% ../nbs/22a_anatomy.ipynb 6
 def distance_to_transmitter(gain, # H×W gray map (uint8) or any array whose brightest pixel is the transmitter
@@ -113,3 +114,98 @@ def plot_worst_maps(rec:dict, # from `reconstruct_gray`
         for ax in row: ax.set_axis_off()
     fig.suptitle(title, fontsize=9); fig.tight_layout()
     return fig
+
+# %% ../nbs/22a_anatomy.ipynb 26
+def compare_models(baseline, # the model compared against, e.g. `load_pretrained('released-v1')`
+                   candidate, # the model under test
+                   dataset, # the maps both reconstruct (items {'image', 'name'})
+                   labels=('baseline', 'candidate'), progress:bool=True) -> dict:
+    "Per-map PSNR of both models, the paired difference candidate - baseline, and both error profiles."
+    recs = {labels[0]: reconstruct_gray(baseline, dataset, progress), labels[1]: reconstruct_gray(candidate, dataset, progress)}
+    a, b = recs[labels[0]], recs[labels[1]]
+    per_map = pd.DataFrame({'name': a['names'], f'psnr_{labels[0]}': a['psnr'], f'psnr_{labels[1]}': b['psnr'],
+                            'difference': b['psnr'] - a['psnr']})
+    return dict(per_map=per_map, paired=paired_difference(a['psnr'], b['psnr']), recs=recs,
+                profiles={k: error_profiles(r) for k, r in recs.items()})
+
+# %% ../nbs/22a_anatomy.ipynb 29
+def _plot_curves(selection, real_curve, chosen_step, baseline_curve=None, step_offset=0, title='') -> Figure:
+    "PSNR per checkpoint: the candidate on the choosing and the comparison maps; the baseline's comparison curve if given."
+    fig = Figure(figsize=(8, 4.2), layout='constrained'); ax = fig.subplots()
+    for df, label, colour in ((selection, 'candidate, held-out synthetic maps (chooses)', 'C0'), (real_curve, 'candidate, comparison maps', 'C3')):
+        ax.fill_between(df.step + step_offset, df.psnr_low, df.psnr_high, color=colour, alpha=.15)
+        ax.plot(df.step + step_offset, df.psnr, 'o-', color=colour, label=label)
+    if baseline_curve is not None: ax.plot(baseline_curve.step, baseline_curve.psnr, 's--', color='grey', label='baseline, comparison maps')
+    ax.axvline(chosen_step + step_offset, color='k', ls=':', lw=1, label=f'chosen: step {chosen_step}')
+    ax.set(xlabel='training step' + (f' (the candidate continues at step {step_offset})' if step_offset else ''),
+           ylabel='PSNR of the posterior mode (dB)', title=title); ax.grid(alpha=.3); ax.legend(fontsize=8)
+    return fig
+
+# %% ../nbs/22a_anatomy.ipynb 30
+def candidate_markdown(record:dict, selection, comparison_curve, profiles:dict) -> str:
+    "The candidate's report: the choice, the paired comparison with its interval, the curves and where the errors sit."
+    p, b = record['paired'], record['baseline']
+    verdict = ('better than' if p['ci_low'] > 0 else 'worse than' if p['ci_high'] < 0 else 'not distinguishable from')
+    rows = '\n'.join(f"| {int(r.step)} | {r.psnr:.2f} [{r.psnr_low:.2f}, {r.psnr_high:.2f}] | {c.psnr:.2f} |"
+                       for r, c in zip(selection.itertuples(), comparison_curve.itertuples()))
+    tx = profiles['candidate'].query("by == 'transmitter'"); bd = profiles['candidate'].query("by == 'building'")
+    return f"""# Release candidate: {record['run']}
+
+Checkpoint chosen on {record['select_spec']} (held-out synthetic maps): step {record['chosen_step']}, {record['selection_psnr']:.2f} dB.
+The comparison maps ({record['compare_spec']}) were scored only after that choice.
+
+| step | PSNR on {record['select_spec']} (chooses), 95% interval | PSNR on {record['compare_spec']} |
+|---|---|---|
+{rows}
+
+On the {p['maps']} comparison maps, same maps and protocol for both (per-map PSNR of the posterior mode, data range 1):
+{b} {record['baseline_mean']:.2f} dB, candidate {record['candidate_mean']:.2f} dB; paired difference candidate − {b}
+{p['mean']:+.2f} dB [{p['ci_low']:+.2f}, {p['ci_high']:+.2f}] (95% Student-t over maps), candidate better on {p['wins']} of {p['maps']} maps:
+{verdict} {b} on these maps. Machine: {record['machine'] or 'not recorded'}.
+
+Where the candidate errs (mean |error| in gray levels, pooled over the maps): {tx.mean_abs_error.iloc[0]:.1f} within
+{tx.high.iloc[0]:g} m of the transmitter against {tx.mean_abs_error.iloc[-2]:.1f} at {tx.low.iloc[-2]:g}–{tx.high.iloc[-2]:g} m;
+{bd.mean_abs_error.iloc[1]:.1f} at {bd.low.iloc[1]:g}–{bd.high.iloc[1]:g} m from a building against {bd.mean_abs_error.iloc[-1]:.1f} beyond {bd.low.iloc[-1]:g} m.
+
+![curves](curves.png) ![error profiles](error_profiles.png) ![worst maps](worst_maps.png)
+
+Tables: `selection.csv`, `comparison_curve.csv`, `per_map.csv`, `error_profiles.csv`; the record: `comparison.json`.
+"""
+
+# %% ../nbs/22a_anatomy.ipynb 32
+def candidate_report(run, # a training run folder (model-N.pt checkpoints)
+                     out, # folder for REPORT.md, the tables and the figures
+                     baseline:str='released', # the shipped model compared against (a name `load_pretrained` knows)
+                     select_spec:str='synthetic:32', # held-out synthetic maps that choose the checkpoint
+                     compare_spec:str='real', # maps scored after the choice, for both models
+                     step_offset:int=0, # the baseline's steps before the candidate's first (a continued run)
+                     baseline_curve=None, # the baseline's own per-checkpoint scores on `compare_spec` (columns step, psnr), drawn beside
+                     machine:str='', progress:bool=True) -> dict:
+    "Choose a run's checkpoint on `select_spec`, then compare it with `baseline` on `compare_spec`; write the evidence to `out`."
+    from pathlib import Path
+    import json
+    from radiodiff_vae.core import atomic_save_png, atomic_write_text, to_jsonable
+    from radiodiff_vae.evaluation import dataset_from_spec
+    from radiodiff_vae.model import load_checkpoint, model_from_checkpoint
+    from radiodiff_vae.pretrained import checkpoint_scores, load_pretrained
+    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    selection = checkpoint_scores(run, select_spec, progress=progress)
+    chosen = selection.loc[selection.psnr.idxmax()]
+    real_curve = checkpoint_scores(run, compare_spec, progress=progress)
+    candidate = model_from_checkpoint(load_checkpoint(chosen.path), 'ema', source=chosen.path).float().eval()
+    base = load_pretrained(baseline)
+    dataset, info = dataset_from_spec(compare_spec)
+    cmp = compare_models(base, candidate, dataset, labels=(baseline, 'candidate'), progress=progress)
+    selection.to_csv(out / 'selection.csv', index=False); real_curve.to_csv(out / 'comparison_curve.csv', index=False)
+    cmp['per_map'].to_csv(out / 'per_map.csv', index=False)
+    pd.concat([p.assign(model=k) for k, p in cmp['profiles'].items()]).to_csv(out / 'error_profiles.csv', index=False)
+    record = dict(run=str(run), baseline=baseline, select_spec=select_spec, compare_spec=compare_spec, chosen_step=int(chosen.step),
+                  chosen_path=str(chosen.path), selection_psnr=float(chosen.psnr), compare_data=info, paired=cmp['paired'],
+                  baseline_mean=float(cmp['per_map'][f'psnr_{baseline}'].mean()), candidate_mean=float(cmp['per_map'].psnr_candidate.mean()),
+                  machine=machine)
+    atomic_write_text(out / 'comparison.json', json.dumps(to_jsonable(record), indent=1))
+    atomic_save_png(_plot_curves(selection, real_curve, int(chosen.step), baseline_curve, step_offset, machine), out / 'curves.png')
+    atomic_save_png(plot_error_profiles(cmp['profiles'], f'{compare_spec}: {len(dataset)} maps'), out / 'error_profiles.png')
+    atomic_save_png(plot_worst_maps(cmp['recs']['candidate'], k=4, title='candidate: the worst maps'), out / 'worst_maps.png')
+    atomic_write_text(out / 'REPORT.md', candidate_markdown(record, selection, real_curve, cmp['profiles']))
+    return record | dict(selection=selection, comparison_curve=real_curve, per_map=cmp['per_map'], profiles=cmp['profiles'])
