@@ -367,7 +367,7 @@ def _machine_kinds_section(results_dir: Path) -> list[str]:
         mc = r.get('machine') or (r.get('full') or r.get('quickstart') or {}).get('machine') or {}
         where = mc.get('gpu') or r.get('where') or _machine_name(mc)
         date = r.get('date_utc') or r.get('updated_utc') or '?'
-        rows.append(f"| {where} | `{name}.json` | {date} | `{(r.get('command') or 'benchmarks/tune_quickstart.py (see QUICKSTART_TUNING.md)')[:160]}` |")
+        rows.append(f"| {where} | `{name}.json` | {date} | `{(r.get('command') or 'the tuning rounds (configs/studies/tuning/, QUICKSTART_TUNING.md)')[:160]}` |")
     if not rows: return []
     return (['## Machines measured', '', '| machine | part | date | command |', '|---|---|---|---|'] + rows +
             ['', 'Quickstart tuning, bf16 vs fp32 step costs and the bf16 quality check on the AMD EPYC with AVX-512 BF16: '

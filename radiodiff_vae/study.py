@@ -15,6 +15,7 @@ from .config import load_config, apply_overrides
 from .trainer import train
 from .evaluation import METRICS, summarize, dataset_from_spec, evaluate_checkpoint
 from .run_folder import latest_checkpoint
+from .synthetic import SyntheticRadioMaps
 from .logs import read_run
 from .reproduce import training_progress, StageProgress
 
@@ -22,10 +23,10 @@ from .reproduce import training_progress, StageProgress
 __all__ = ['STUDY_KEYS', 'REQUIRED_KEYS', 'ARM_KEYS', 'EVALUATION_DEFAULTS', 'LABEL_RE', 'STEPS_RE', 'REAL_NATIVE_SIZE',
            'RUN_STATE', 'USE_EMA', 'MANIFEST', 'GITIGNORE', 'STAT_KEYS', 'COLUMNS', 'PAIRED_COLUMNS', 'METRIC_LABELS',
            'SHOWN_METRICS', 'CURVES', 'CURVES_CSV', 'CURVE_BOOKKEEPING', 'RESULT_COLUMNS', 'CURVE_COLUMNS', 'FORMATS',
-           'SHORT_LABELS', 'POSITIVE', 'read_study_file', 'expand_steps', 'check_study', 'arm_configs', 'load_study',
-           'ResizedMaps', 'evaluation_sets', 'run_plan', 'read_run_state', 'missing_work', 'execute_run',
-           'tiny_study_file', 'study_changes', 'open_study_folder', 'save_manifest', 'threads_per_job', 'execute_runs',
-           'run_results', 'collect_results', 'summarize_arms', 'paired_difference', 'distinguishable',
+           'SHORT_LABELS', 'POSITIVE', 'read_study_file', 'expand_steps', 'arm_steps', 'arm_seeds', 'check_study',
+           'arm_configs', 'load_study', 'ResizedMaps', 'evaluation_sets', 'run_plan', 'read_run_state', 'missing_work',
+           'execute_run', 'tiny_study_file', 'study_changes', 'open_study_folder', 'save_manifest', 'threads_per_job',
+           'execute_runs', 'run_results', 'collect_results', 'summarize_arms', 'paired_difference', 'distinguishable',
            'compare_with_baseline', 'ema_minus_raw', 'plot_arms', 'plot_differences', 'plot_rate_distortion',
            'plot_latents', 'read_curves', 'plot_curves', 'pd_concat_mean', 'curves_table', 'curves_from_table',
            'run_record', 'read_evidence', 'save_evidence', 'fmt_interval', 'verdict', 'geometric_summary',
@@ -37,17 +38,18 @@ STUDY_KEYS = {
     'base': 'training config of every arm, relative to the study file',
     'overrides': 'section.key=value overrides of every arm',
     'steps': 'training steps of every run',
-    'seeds': 'trainer.seed of the runs of each arm (two or more)',
+    'seeds': 'trainer.seed of the runs of each arm (one or more; two or more give intervals)',
     'baseline': 'label of the arm the others are compared with',
     'arms': 'list of arms: label, set (a list of overrides), note',
     'evaluation': 'what each run is evaluated on',
 }
 REQUIRED_KEYS = ('base', 'steps', 'seeds', 'baseline', 'arms')
-ARM_KEYS = {'label': 'short name, also the folder name', 'set': 'overrides of this arm', 'note': 'one line on what the arm is'}
+ARM_KEYS = {'label': 'short name, also the folder name', 'set': 'overrides of this arm', 'note': 'one line on what the arm is',
+            'steps': "this arm's training steps (default: the study's steps)", 'seeds': "this arm's seeds (default: the study's seeds)"}
 
 # %% ../nbs/21_study.ipynb 9
 EVALUATION_DEFAULTS = dict(synthetic_maps=64, real_maps=None, real_resolutions=['training', 'native'], weights='both',
-                           primary='ema', batch_size=8)
+                           primary='ema', batch_size=8, synthetic_size=None, synthetic_offset=None)
 LABEL_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$')
 
 # %% ../nbs/21_study.ipynb 12
@@ -94,8 +96,8 @@ def _overrides(value, path, key: str, steps: int) -> list[str]:
     except ConfigError as e: raise _fail(path, key, str(e)) from None
 
 # %% ../nbs/21_study.ipynb 18
-def _check_arm(arm, i: int, path, steps: int) -> dict:
-    "Arm `i` of a study file as {label, set, note}."
+def _check_arm(arm, i: int, path, steps: int, seeds: list) -> dict:
+    "Arm `i` of a study file as {label, set, note, steps, seeds} (`{steps}` in its set: its own steps)."
     if not isinstance(arm, dict): raise _fail(path, f'arms[{i}]', f'expected a mapping with keys {", ".join(ARM_KEYS)}, got {arm!r}')
     _check_keys(path, f'arms[{i}]: ', arm, ARM_KEYS)
     label = arm.get('label')
@@ -103,7 +105,19 @@ def _check_arm(arm, i: int, path, steps: int) -> dict:
         raise _fail(path, f'arms[{i}].label', f'expected a short name of letters, digits, - _ . (it names a folder), got {label!r}')
     note = arm.get('note') or ''
     if not isinstance(note, str): raise _fail(path, f'arms[{i}].note', f'expected one line of text, got {note!r}')
-    return dict(label=label, set=_overrides(arm.get('set'), path, f'arms[{i}].set', steps), note=' '.join(note.split()))
+    own_steps, own_seeds = arm.get('steps', steps), arm.get('seeds', seeds)
+    if not _is_int(own_steps) or own_steps < 1: raise _fail(path, f'arms[{i}].steps', f'expected a positive integer, got {own_steps!r}')
+    _check_seeds(own_seeds, path, f'arms[{i}].seeds')
+    return dict(label=label, set=_overrides(arm.get('set'), path, f'arms[{i}].set', own_steps), note=' '.join(note.split()),
+                **({'steps': own_steps} if 'steps' in arm else {}), **({'seeds': list(own_seeds)} if 'seeds' in arm else {}))
+
+def _check_seeds(seeds, path, key: str):
+    "A ConfigError unless `seeds` is a list of one or more different integers >= 0."
+    if not isinstance(seeds, list) or not seeds or not all(_is_int(s) and s >= 0 for s in seeds) or len(set(seeds)) < len(seeds):
+        raise _fail(path, key, f'expected a list of one or more different integers >= 0, got {seeds!r}')
+
+def arm_steps(spec: dict, arm: dict) -> int: return arm.get('steps', spec['steps'])
+def arm_seeds(spec: dict, arm: dict) -> list: return arm.get('seeds', spec['seeds'])
 
 # %% ../nbs/21_study.ipynb 20
 def _check_evaluation(ev, path) -> dict:
@@ -115,11 +129,14 @@ def _check_evaluation(ev, path) -> dict:
     bad = lambda key, what: _fail(path, f'evaluation.{key}', f'expected {what}, got {ev[key]!r}')
     if not _is_int(ev['synthetic_maps']) or ev['synthetic_maps'] < 0: raise bad('synthetic_maps', 'an integer >= 0')
     if ev['real_maps'] is not None and (not _is_int(ev['real_maps']) or ev['real_maps'] < 0): raise bad('real_maps', 'null or an integer >= 0')
-    if not isinstance(ev['real_resolutions'], list) or not ev['real_resolutions'] or not set(ev['real_resolutions']) <= {'training', 'native'}:
+    if not isinstance(ev['real_resolutions'], list) or not (ev['real_resolutions'] or ev['real_maps'] == 0) or not set(ev['real_resolutions']) <= {'training', 'native'}:
         raise bad('real_resolutions', "a list of 'training' and/or 'native'")
     if ev['weights'] not in ('raw', 'ema', 'both'): raise bad('weights', "'raw', 'ema' or 'both'")
     if ev['primary'] not in ('raw', 'ema') or ev['weights'] not in ('both', ev['primary']): raise bad('primary', f"'raw' or 'ema', among the evaluated weights ({ev['weights']})")
     if not _is_int(ev['batch_size']) or ev['batch_size'] < 1: raise bad('batch_size', 'a positive integer')
+    for key in ('synthetic_size', 'synthetic_offset'):
+        if ev[key] is not None and (not _is_int(ev[key]) or ev[key] < (16 if key == 'synthetic_size' else 0)):
+            raise bad(key, 'null or an integer >= 16' if key == 'synthetic_size' else 'null or an integer >= 0')
     if ev['synthetic_maps'] == 0 and ev['real_maps'] == 0: raise _fail(path, 'evaluation', 'synthetic_maps and real_maps are both 0: nothing to evaluate')
     return ev
 
@@ -131,12 +148,11 @@ def check_study(raw: dict, path) -> dict:
     if missing: raise _fail(path, missing[0], f'missing ({STUDY_KEYS[missing[0]]})')
     steps, seeds, base, arms = raw['steps'], raw['seeds'], raw['base'], raw['arms']
     if not _is_int(steps) or steps < 1: raise _fail(path, 'steps', f'expected a positive integer, got {steps!r}')
-    if not isinstance(seeds, list) or len(seeds) < 2 or not all(_is_int(s) and s >= 0 for s in seeds) or len(set(seeds)) < len(seeds):
-        raise _fail(path, 'seeds', f'expected a list of two or more different integers >= 0, got {seeds!r}')
+    _check_seeds(seeds, path, 'seeds')
     if not isinstance(base, str) or not base.strip(): raise _fail(path, 'base', f'expected the path of a training config, got {base!r}')
     if not isinstance(raw.get('description', ''), (str, type(None))): raise _fail(path, 'description', 'expected text')
     if not isinstance(arms, list) or len(arms) < 2: raise _fail(path, 'arms', f'expected a list of two or more arms, got {arms!r}')
-    arms = [_check_arm(a, i, path, steps) for i, a in enumerate(arms)]
+    arms = [_check_arm(a, i, path, steps, seeds) for i, a in enumerate(arms)]
     labels = [a['label'] for a in arms]
     if len(set(labels)) < len(labels): raise _fail(path, 'arms', f'labels must differ, got {labels}')
     if raw['baseline'] not in labels: raise _fail(path, 'baseline', f'expected one of the arm labels {labels}, got {raw["baseline"]!r}')
@@ -148,17 +164,18 @@ def check_study(raw: dict, path) -> dict:
 # %% ../nbs/21_study.ipynb 25
 def arm_configs(spec: dict) -> dict:
     "Each arm's resolved training config (with the first seed), by label; a ConfigError naming the study file and the key otherwise."
-    path, steps = spec['path'], [f"trainer.train_num_steps={spec['steps']}", f"trainer.seed={spec['seeds'][0]}"]
+    path = spec['path']
     try: load_config(spec['base_path'])
     except ConfigError as e: raise _fail(path, 'base', str(e)) from None
     try: apply_overrides({}, spec['overrides'])                # the keys and values' syntax; the values are checked per arm
     except ConfigError as e: raise _fail(path, 'overrides', str(e)) from None
     configs = {}
     for i, arm in enumerate(spec['arms']):
-        try: cfg = load_config(spec['base_path'], spec['overrides'] + arm['set'] + steps)
+        steps, seeds = arm_steps(spec, arm), arm_seeds(spec, arm)
+        try: cfg = load_config(spec['base_path'], spec['overrides'] + arm['set'] + [f'trainer.train_num_steps={steps}', f'trainer.seed={seeds[0]}'])
         except ConfigError as e: raise _fail(path, f"arms[{i}] ({arm['label']}): base + overrides + set", str(e)) from None
         every = cfg['trainer']['save_and_sample_every']
-        if spec['steps'] % every: raise _fail(path, 'steps', f"{spec['steps']} is not a multiple of trainer.save_and_sample_every={every} "
+        if steps % every: raise _fail(path, 'steps', f"{steps} is not a multiple of trainer.save_and_sample_every={every} "
                                                     f"(arm {arm['label']}), so the last step would have no checkpoint to evaluate")
         configs[arm['label']] = cfg
     return configs
@@ -187,8 +204,10 @@ def evaluation_sets(evaluation: dict, size: int) -> list[dict]:
     "The sets a run with maps of side `size` is evaluated on: slug, label, data spec, side to resize to (or None), map limit."
     sets = []
     if evaluation['synthetic_maps']:
-        sets.append(dict(slug='synthetic', label=f'held-out synthetic maps, {size}x{size}', data=f"synthetic:{evaluation['synthetic_maps']}",
-                         resize=None, limit=None))
+        side, offset = evaluation.get('synthetic_size') or size, evaluation.get('synthetic_offset')
+        sets.append(dict(slug='synthetic', label=f'held-out synthetic maps, {side}x{side}' + (f', maps {offset}+ of seed 0' if offset is not None else ''),
+                         data=f"synthetic:{evaluation['synthetic_maps']}" + (f':0:{side}' if side != size or offset is not None else ''),
+                         resize=None, limit=None, **({'offset': offset} if offset is not None else {})))
     if evaluation['real_maps'] != 0:
         native = REAL_NATIVE_SIZE
         for side in dict.fromkeys(size if r == 'training' else native for r in evaluation['real_resolutions']):
@@ -205,10 +224,10 @@ def run_plan(spec: dict, out, configs: dict) -> list[dict]:
     "One entry per arm × seed (arm-major): key, run folder, what to train and what to evaluate it on."
     out = Path(out).resolve()
     return [dict(key=f"{a['label']}/seed-{s}", arm=a['label'], seed=s, folder=str(out/'runs'/a['label']/f'seed-{s}'),
-                 config=spec['base_path'], overrides=spec['overrides'] + a['set'], steps=spec['steps'],
+                 config=spec['base_path'], overrides=spec['overrides'] + a['set'], steps=arm_steps(spec, a),
                  sets=evaluation_sets(spec['evaluation'], configs[a['label']]['data']['size']),
                  weights=spec['evaluation']['weights'], batch_size=spec['evaluation']['batch_size'])
-            for a in spec['arms'] for s in spec['seeds']]
+            for a in spec['arms'] for s in arm_seeds(spec, a)]
 
 # %% ../nbs/21_study.ipynb 35
 def read_run_state(folder) -> dict:
@@ -230,6 +249,9 @@ USE_EMA = {'raw': False, 'ema': True, 'both': 'both'}
 
 def _data(es: dict):
     "The data of evaluation set `es`: its spec, or the real maps resized."
+    if es.get('offset') is not None:     # maps far past any training or validation index, as the quickstart's tuning scored them
+        n, seed, size = (int(v) for v in es['data'].split(':')[1:4])
+        return SyntheticRadioMaps(n, seed=seed, size=size, offset=es['offset'])
     return es['data'] if es['resize'] is None else ResizedMaps(dataset_from_spec(es['data'])[0], es['resize'])
 
 def execute_run(run: dict, threads: int | None = None, progress: bool = False) -> dict:
@@ -254,7 +276,7 @@ def execute_run(run: dict, threads: int | None = None, progress: bool = False) -
         _save_run_state(folder, state)
     return state
 
-# %% ../nbs/21_study.ipynb 40
+# %% ../nbs/21_study.ipynb 41
 def tiny_study_file(folder, steps: int = 4, seeds=(0, 1), arms=None, maps: int = 2) -> Path:
     "Write a tiny study (32×32 maps, a small autoencoder, `steps` steps, `maps` maps per evaluation set) into `folder`; return its path."
     tiny = ['model.ddconfig.resolution=32', 'data.size=32', 'data.n_maps=16', 'data.val_maps=2',
@@ -268,7 +290,7 @@ def tiny_study_file(folder, steps: int = 4, seeds=(0, 1), arms=None, maps: int =
     path = Path(folder)/'tiny.yaml'; path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(study, sort_keys=False)); return path
 
-# %% ../nbs/21_study.ipynb 44
+# %% ../nbs/21_study.ipynb 45
 MANIFEST = 'study.json'
 GITIGNORE = ('# written by radiodiff-vae study: the run folders (checkpoints, logs, evaluations) stay out of git;\n'
              '# the evidence is kept: STUDY.md, study.json, the CSV tables (results.csv, curves.csv, ...) and the figures\n'
@@ -276,11 +298,15 @@ GITIGNORE = ('# written by radiodiff-vae study: the run folders (checkpoints, lo
 
 def study_changes(old: dict, new: dict) -> list[str]:
     "The keys in which study `new` differs from `old` in a way that would change finished runs (added arms or seeds do not)."
+    filled = lambda spec: {**spec, 'evaluation': {**EVALUATION_DEFAULTS, **(spec.get('evaluation') or {})}}   # keys added since
+    old, new = filled(old), filled(new)
     changed = [k for k in ('base', 'overrides', 'steps', 'evaluation') if old.get(k) != new.get(k)]
     sets = {a['label']: a['set'] for a in new['arms']}
-    return changed + [f"arms ({a['label']}).set" for a in old.get('arms', []) if a['label'] in sets and sets[a['label']] != a['set']]
+    steps = {a['label']: a.get('steps') for a in new['arms']}
+    return changed + [f"arms ({a['label']}).set" for a in old.get('arms', []) if a['label'] in sets and sets[a['label']] != a['set']] \
+                   + [f"arms ({a['label']}).steps" for a in old.get('arms', []) if a['label'] in steps and steps[a['label']] != a.get('steps')]
 
-# %% ../nbs/21_study.ipynb 46
+# %% ../nbs/21_study.ipynb 47
 def open_study_folder(out, spec: dict) -> dict:
     "The manifest of study folder `out`: created for `spec`, or reopened when it holds the same study; refuse anything else."
     out = Path(out)
@@ -302,7 +328,7 @@ def save_manifest(out, manifest: dict):
     "Write `study.json` atomically."
     atomic_write_text(Path(out)/MANIFEST, json.dumps(to_jsonable(manifest), indent=1) + '\n')
 
-# %% ../nbs/21_study.ipynb 49
+# %% ../nbs/21_study.ipynb 50
 def threads_per_job(jobs: int, cores: int | None = None) -> int:
     "Torch threads for each of `jobs` runs at once: the usable cores split evenly, at least one."
     cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1)
@@ -316,7 +342,7 @@ def _attempt(run: dict, threads: int | None) -> tuple[dict | None, str | None]:
         except OSError: pass
         return None, f'{type(e).__name__}: {e}'.splitlines()[0]
 
-# %% ../nbs/21_study.ipynb 51
+# %% ../nbs/21_study.ipynb 52
 def _running_note(runs) -> str:
     "The training step of each run in `runs`, for the progress bar."
     return ', '.join(f"{r['key']} {training_progress(r['folder']) or 'starting'}" for r in runs)
@@ -339,7 +365,7 @@ def execute_runs(runs: list[dict], jobs: int = 1, progress: bool = True, on_done
     finally: bar.close()
     return failed
 
-# %% ../nbs/21_study.ipynb 53
+# %% ../nbs/21_study.ipynb 54
 def _execute_parallel(runs, jobs: int, bar, finish, every: float):
     "The runs in a pool of `jobs` spawned processes with the threads split between them."
     import multiprocessing as mp
@@ -356,7 +382,7 @@ def _execute_parallel(runs, jobs: int, bar, finish, every: float):
         pool.shutdown(wait=False, cancel_futures=True); raise
     pool.shutdown()
 
-# %% ../nbs/21_study.ipynb 58
+# %% ../nbs/21_study.ipynb 59
 def run_results(run: dict) -> list[dict]:
     "One row per evaluation set and weights that run `run` finished: metric means over maps, KL per latent element, latent statistics."
     rows, state = [], read_run_state(run['folder'])
@@ -378,7 +404,7 @@ def collect_results(runs: list[dict]):
     cols = ['arm', 'seed', 'set', 'weights', 'step', 'n_maps', *METRICS, 'kl_per_element', 'latent_std', 'scale_factor', 'channel_std']
     return pd.DataFrame([row for run in runs for row in run_results(run)], columns=cols)
 
-# %% ../nbs/21_study.ipynb 63
+# %% ../nbs/21_study.ipynb 64
 STAT_KEYS = ('n', 'mean', 'std', 'ci_low', 'ci_high')
 COLUMNS = (*METRICS, 'kl_per_element', 'latent_std', 'scale_factor')
 
@@ -389,7 +415,7 @@ def summarize_arms(df, columns=COLUMNS):
             for (st, w, arm), g in df.groupby(['set', 'weights', 'arm'], sort=False) for c in columns]
     return pd.DataFrame(rows, columns=['set', 'weights', 'arm', 'metric', *STAT_KEYS])
 
-# %% ../nbs/21_study.ipynb 66
+# %% ../nbs/21_study.ipynb 67
 def paired_difference(a: dict, b: dict, confidence: float = 0.95) -> dict:
     "`a[s] - b[s]` over the seeds `s` both have finite values for: mean, std, Student-t interval, t, two-sided p, the differences."
     from scipy import stats
@@ -405,7 +431,7 @@ def distinguishable(d: dict) -> bool | None:
     "Whether the interval of difference `d` excludes zero (None without an interval)."
     return None if d['ci_low'] is None else bool(d['ci_low'] > 0 or d['ci_high'] < 0)
 
-# %% ../nbs/21_study.ipynb 69
+# %% ../nbs/21_study.ipynb 70
 PAIRED_COLUMNS = ['set', 'weights', 'arm', 'metric', 'seeds', 'diffs', *STAT_KEYS, 't', 'p']
 
 def _by_seed(g, column) -> dict: return dict(zip(g['seed'], g[column]))
@@ -428,7 +454,7 @@ def ema_minus_raw(df, columns=METRICS):
             for (st, arm), g in df.groupby(['set', 'arm'], sort=False) for c in columns]
     return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
 
-# %% ../nbs/21_study.ipynb 72
+# %% ../nbs/21_study.ipynb 73
 METRIC_LABELS = dict(psnr='PSNR (dB)', ssim='SSIM', nmse='NMSE', rmse='RMSE', kl_per_element='KL per latent element',
                      latent_std='latent std', scale_factor='scale factor 1/std')
 SHOWN_METRICS = ('psnr', 'ssim', 'nmse', 'rmse')
@@ -445,7 +471,7 @@ def _dots(ax, x: float, values, color, label=None, bar: bool = True):
     err = None if s['ci_low'] is None else [[s['mean'] - s['ci_low']], [s['ci_high'] - s['mean']]]
     ax.errorbar(x + 0.25, s['mean'], yerr=err, fmt='_', color='k', ms=10, capsize=3, lw=1, zorder=4)
 
-# %% ../nbs/21_study.ipynb 75
+# %% ../nbs/21_study.ipynb 76
 def _row_label(ax, label: str):
     "The evaluation set of a row of panels, as the y label of its first panel."
     import textwrap
@@ -468,7 +494,7 @@ def plot_arms(df, arms: list, sets: dict, weights: str, metrics=SHOWN_METRICS):
     fig.suptitle(f'{weights} weights, posterior mode: each dot one run (seed), black: mean and 95% interval over seeds', fontsize=9)
     return fig
 
-# %% ../nbs/21_study.ipynb 77
+# %% ../nbs/21_study.ipynb 78
 def plot_differences(paired, arms: list, sets: dict, metrics=SHOWN_METRICS, title: str = '', all_arms: list | None = None):
     "Figure: rows = evaluation sets, columns = metrics; per arm the per-seed differences as dots, mean and 95% interval, zero line (colours by `all_arms`)."
     from matplotlib.figure import Figure
@@ -485,7 +511,7 @@ def plot_differences(paired, arms: list, sets: dict, metrics=SHOWN_METRICS, titl
     if title: fig.suptitle(title, fontsize=9)
     return fig
 
-# %% ../nbs/21_study.ipynb 80
+# %% ../nbs/21_study.ipynb 81
 def plot_rate_distortion(df, arms: list, slug: str, label: str, weights: str):
     "Figure: PSNR against KL per latent element (log axis) on evaluation set `slug`, a dot per run, a cross per arm mean."
     from matplotlib.figure import Figure
@@ -515,7 +541,7 @@ def plot_latents(df, arms: list, slug: str, label: str, weights: str):
     fig.suptitle(f'latents (posterior samples) on {label}, {weights} weights', fontsize=9)
     return fig
 
-# %% ../nbs/21_study.ipynb 84
+# %% ../nbs/21_study.ipynb 85
 CURVES = (('train/rec_loss', 'reconstruction loss (train)', True), ('train/kl_loss', 'KL (train, sum per map)', True),
           ('val/psnr_ema', 'held-out PSNR, EMA weights (dB)', False), ('train/g_loss', 'generator loss (train)', False),
           ('train/disc_loss', 'discriminator loss (train)', False))
@@ -556,7 +582,7 @@ def pd_concat_mean(series: list):
     import pandas as pd
     return pd.concat(series, axis=1, join='inner').mean(axis=1)
 
-# %% ../nbs/21_study.ipynb 87
+# %% ../nbs/21_study.ipynb 88
 def _csv(df) -> str:
     "A table as CSV, its list cells (seeds, differences, channel stds) as JSON."
     d = df.copy()
@@ -564,7 +590,7 @@ def _csv(df) -> str:
         if c in d.columns: d[c] = d[c].map(json.dumps)
     return d.to_csv(index=False)
 
-# %% ../nbs/21_study.ipynb 89
+# %% ../nbs/21_study.ipynb 90
 CURVES_CSV = 'curves.csv'
 CURVE_BOOKKEEPING = ('epoch', 'session', 'milestone', 'elapsed_s', 'wall_time', 'timestamp', 'source')
 RESULT_COLUMNS = ['arm', 'seed', 'set', 'weights', 'step', 'n_maps', *METRICS, 'kl_per_element', 'latent_std', 'scale_factor', 'channel_std']
@@ -606,7 +632,7 @@ def _commit() -> str | None:
     except (OSError, subprocess.SubprocessError): return None
     return None if head.returncode else head.stdout.strip() + ('+changes' if dirty.stdout.strip() else '')
 
-# %% ../nbs/21_study.ipynb 90
+# %% ../nbs/21_study.ipynb 91
 def read_evidence(out):
     "(results, curves) of study folder `out` as DataFrames, read back exactly as written (empty when missing)."
     import pandas as pd
@@ -640,7 +666,7 @@ def save_evidence(out, runs: list[dict], manifest: dict):
     for r in present: records[r['key']] = {**run_record(r), 'commit': records.get(r['key'], {}).get('commit') or commit}
     save_manifest(out, manifest)
 
-# %% ../nbs/21_study.ipynb 93
+# %% ../nbs/21_study.ipynb 94
 FORMATS = dict(psnr='{:.2f}', ssim='{:.4f}', nmse='{:.4g}', rmse='{:.4g}', kl_per_element='{:.4g}', latent_std='{:.4g}', scale_factor='{:.4g}')
 
 def fmt_interval(row, metric: str, signed: bool = False) -> str:
@@ -659,7 +685,7 @@ def verdict(row) -> str:
     if d is None: return f"no interval ({row['n']} paired seed{'s' if row['n'] != 1 else ''})"
     return f"distinguishable from zero ({row['n']} seeds)" if d else f"not distinguishable from zero ({row['n']} seeds)"
 
-# %% ../nbs/21_study.ipynb 95
+# %% ../nbs/21_study.ipynb 96
 def _size_line(cfg: dict) -> str:
     "The size of a run in one line: maps, network, latent, batch, training maps."
     dd, d, t = cfg['model']['ddconfig'], cfg['data'], cfg['trainer']
@@ -671,14 +697,15 @@ def _size_line(cfg: dict) -> str:
 
 def _minutes(seconds) -> str: return f'{seconds / 60:.1f} min' if seconds < 5400 else f'{seconds / 3600:.2f} h'
 
-# %% ../nbs/21_study.ipynb 97
+# %% ../nbs/21_study.ipynb 98
 def _setup_section(spec, manifest, configs, runs) -> list[str]:
     "The set-up: what was run, at what size, with which commands, and how long it took."
     records = {r['key']: manifest.get('run_records', {}).get(r['key'], {}) for r in runs}
     done = [k for k, s in records.items() if s.get('status') == 'done']
     compute = sum((s.get('train_s') or 0) + (s.get('eval_s') or 0) for s in records.values())
     wall = sum(x.get('wall_s', 0) for x in manifest['sessions'])
-    arms = [[f"`{a['label']}`" + (' (baseline)' if a['label'] == spec['baseline'] else ''), ' '.join(f'`{o}`' for o in a['set']) or '(none)',
+    own = lambda a: ''.join(f' ({k} {v})' for k, v in (('steps', a.get('steps')), ('seeds', ', '.join(map(str, a.get('seeds', []))))) if v)
+    arms = [[f"`{a['label']}`" + (' (baseline)' if a['label'] == spec['baseline'] else '') + own(a), ' '.join(f'`{o}`' for o in a['set']) or '(none)',
              a['note'], sum(1 for r in runs if r['arm'] == a['label'] and r['key'] in done)] for a in spec['arms']]
     L = ['## Set-up', '', f"- Base config `{spec['base']}`, for every arm with " + (' '.join(f'`{o}`' for o in spec['overrides']) or 'no overrides')
          + f"; {spec['steps']} steps; seeds {', '.join(map(str, spec['seeds']))}.",
@@ -692,7 +719,7 @@ def _setup_section(spec, manifest, configs, runs) -> list[str]:
           f"{x.get('device', 'CPU only')}, load average {x['load_start']} at the start" for x in manifest['sessions']] + ['```', '']
     return L
 
-# %% ../nbs/21_study.ipynb 99
+# %% ../nbs/21_study.ipynb 100
 def _results_section(spec, arm_stats, sets: dict, primary: str) -> list[str]:
     "Per evaluation set, a table of the arms' means and 95% intervals over seeds."
     L = [f'## Results ({primary} weights)', '', 'Each cell: mean over seeds [95% Student-t interval]; each seed is the mean over the maps of the set.', '']
@@ -704,7 +731,7 @@ def _results_section(spec, arm_stats, sets: dict, primary: str) -> list[str]:
         L += [f'**{label}**', '', markdown_table(['arm', 'seeds', *(METRIC_LABELS[m] for m in SHOWN_METRICS)], rows), '']
     return L + ['![each run as a dot, mean and 95% interval per arm](metrics.png)', '']
 
-# %% ../nbs/21_study.ipynb 101
+# %% ../nbs/21_study.ipynb 102
 SHORT_LABELS = dict(psnr='PSNR', ssim='SSIM', nmse='NMSE', rmse='RMSE')
 
 def _seeds_and_intervals(cells: dict) -> str:
@@ -757,7 +784,7 @@ def _paired_section(spec, paired, sets: dict, primary: str) -> list[str]:
                 f'and they were independent, about {psnr_n * 0.05:.1f} would by chance (5% each).', '']
     return L + ['![per-seed differences from the baseline](differences.png)', '']
 
-# %% ../nbs/21_study.ipynb 103
+# %% ../nbs/21_study.ipynb 104
 POSITIVE = ('kl_per_element',)   # reported as a geometric mean with a log-scale interval
 
 def geometric_summary(values, confidence: float = 0.95) -> dict:
@@ -807,7 +834,7 @@ def _latent_section(spec, arm_stats, paired, slug: str, label: str, primary: str
               markdown_table(['arm', *(f'Δ {METRIC_LABELS[c]}' for c in cols)], rows), '', _latent_shift_sentence(p, cols, spec['baseline']), '']
     return L + ['![rate and distortion of every run](rate_distortion.png)', '', '![scale factor and per-channel std](latents.png)', '']
 
-# %% ../nbs/21_study.ipynb 105
+# %% ../nbs/21_study.ipynb 106
 def _ema_section(ema, sets: dict) -> list[str]:
     "EMA minus raw weights of each run, paired by seed, per set and arm."
     if not len(ema): return []
@@ -820,7 +847,7 @@ def _ema_section(ema, sets: dict) -> list[str]:
         L += [f'**{label}**', '', markdown_table(['arm', *(f'Δ {METRIC_LABELS[m]}' for m in SHOWN_METRICS), 'PSNR difference'], rows), '']
     return L + ['![EMA minus raw weights, per run](ema_vs_raw.png)', '']
 
-# %% ../nbs/21_study.ipynb 107
+# %% ../nbs/21_study.ipynb 108
 def _runs_section(runs, manifest) -> list[str]:
     "Every run: its status and times, from the run records."
     rows = []
@@ -854,7 +881,7 @@ def _display_path(out) -> str:
     try: return str(Path(out).resolve().relative_to(repo_dir().resolve()))
     except ValueError: return str(out)
 
-# %% ../nbs/21_study.ipynb 110
+# %% ../nbs/21_study.ipynb 111
 def write_report(out, spec: dict, manifest: dict, configs: dict, runs: list[dict]) -> Path:
     "Write arms.csv, paired.csv, ema_vs_raw.csv, the figures and STUDY.md into study folder `out` from its evidence alone (results.csv, curves.csv, study.json)."
     out, primary, arms = Path(out), spec['evaluation']['primary'], [a['label'] for a in spec['arms']]
@@ -878,7 +905,7 @@ def write_report(out, spec: dict, manifest: dict, configs: dict, runs: list[dict
     L += _regenerate_section(spec, manifest, _display_path(out))
     return atomic_write_text(out/'STUDY.md', '\n'.join(L))
 
-# %% ../nbs/21_study.ipynb 113
+# %% ../nbs/21_study.ipynb 114
 def _command(path, out, jobs) -> str:
     return f"radiodiff-vae study {path} --out {out}" + (f' --jobs {jobs}' if jobs != 1 else '')
 
@@ -889,7 +916,7 @@ def _session(path, out, jobs) -> dict:
                 cpus=threads_per_job(1), load_start=None if load is None else round(load, 2), wall_s=0.0, finished_runs=0, failed={},
                 device=f'CUDA ({torch.cuda.get_device_name(0)}) for training' if torch.cuda.is_available() else 'CPU only')
 
-# %% ../nbs/21_study.ipynb 115
+# %% ../nbs/21_study.ipynb 116
 def _report_only(out, spec, manifest, configs, runs, echo=print) -> dict:
     "`--report-only`: STUDY.md, the tables and figures from the study's evidence alone (no run folder is read)."
     if not (Path(out)/'results.csv').is_file(): raise RunFolderError(f'{out} holds no results.csv: no evidence to report on')
@@ -897,7 +924,7 @@ def _report_only(out, spec, manifest, configs, runs, echo=print) -> dict:
     done = sum(1 for r in runs if manifest.get('run_records', {}).get(r['key'], {}).get('status') == 'done')
     echo(f"wrote {Path(out)/'STUDY.md'} from the evidence of the {done} finished of {len(runs)} runs"); return manifest
 
-# %% ../nbs/21_study.ipynb 116
+# %% ../nbs/21_study.ipynb 117
 def study(path, out, jobs: int = 1, progress: bool = True, report_only: bool = False, echo=print) -> dict:
     "Run (or resume) study file `path` into folder `out`: train and evaluate the missing runs, then write STUDY.md; return the manifest."
     if not _is_int(jobs) or jobs < 1: raise ConfigError(f'--jobs must be a positive integer, got {jobs!r}')
@@ -930,7 +957,7 @@ def study(path, out, jobs: int = 1, progress: bool = True, report_only: bool = F
                                     'STUDY.md covers the finished ones; the same command retries the rest')
     return manifest
 
-# %% ../nbs/21_study.ipynb 120
+# %% ../nbs/21_study.ipynb 121
 def add_study_args(parser):
     "Arguments of `radiodiff-vae study`."
     parser.add_argument('study', metavar='STUDY.yaml', help='study file, e.g. configs/studies/adversarial.yaml')
@@ -951,5 +978,5 @@ def main(argv=None) -> int:
     try: return run_study(args)
     except RadioDiffError as e: print(f'radiodiff-vae study: error: {e}', file=sys.stderr); return 2
 
-# %% ../nbs/21_study.ipynb 122
+# %% ../nbs/21_study.ipynb 123
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())
