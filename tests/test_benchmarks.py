@@ -167,3 +167,15 @@ def test_gpu_session_script_names_only_existing_variants_and_flags():
         variants = after[:next((i for i, w in enumerate(after) if w.startswith('--')), len(after))]
         assert variants and set(variants) <= set(bench_gpu.VARIANTS), variants
         for flag in re.findall(r'(?<!\S)(--[a-z-]+)', call): assert f"'{flag}'" in source, flag
+
+
+def test_one_machine_record():
+    "The benchmarks describe the machine with the package's `machine_info`, not copies of their own."
+    import bench_data, bench_gpu
+    from radiodiff_vae.core import machine_info
+    assert bench_step.machine_info is machine_info
+    scripts = [p for p in BENCH.glob('*.py')]
+    assert not [p.name for p in scripts if '/proc/cpuinfo' in p.read_text() or 'platform.python_version' in p.read_text()]
+    same = lambda m: {k: v for k, v in m.items() if k != 'load_average'}
+    assert same(bench_gpu.machine()) == same(machine_info('cuda' if torch.cuda.is_available() else 'cpu'))
+    assert 'machine_info()' in (BENCH / 'bench_data.py').read_text()
