@@ -45,7 +45,8 @@ STUDY_KEYS = {
 }
 REQUIRED_KEYS = ('base', 'steps', 'seeds', 'baseline', 'arms')
 ARM_KEYS = {'label': 'short name, also the folder name', 'set': 'overrides of this arm', 'note': 'one line on what the arm is',
-            'steps': "this arm's training steps (default: the study's steps)", 'seeds': "this arm's seeds (default: the study's seeds)"}
+            'steps': "this arm's training steps (default: the study's steps)", 'seeds': "this arm's seeds (default: the study's seeds)",
+            'init_from': "label of an earlier arm: each run starts from the EMA weights of that arm's run of the same seed"}
 
 # %% ../nbs/21_study.ipynb 9
 EVALUATION_DEFAULTS = dict(synthetic_maps=64, real_maps=None, real_resolutions=['training', 'native'], weights='both',
@@ -109,7 +110,8 @@ def _check_arm(arm, i: int, path, steps: int, seeds: list) -> dict:
     if not _is_int(own_steps) or own_steps < 1: raise _fail(path, f'arms[{i}].steps', f'expected a positive integer, got {own_steps!r}')
     _check_seeds(own_seeds, path, f'arms[{i}].seeds')
     return dict(label=label, set=_overrides(arm.get('set'), path, f'arms[{i}].set', own_steps), note=' '.join(note.split()),
-                **({'steps': own_steps} if 'steps' in arm else {}), **({'seeds': list(own_seeds)} if 'seeds' in arm else {}))
+                **({'steps': own_steps} if 'steps' in arm else {}), **({'seeds': list(own_seeds)} if 'seeds' in arm else {}),
+                **({'init_from': arm['init_from']} if arm.get('init_from') is not None else {}))
 
 def _check_seeds(seeds, path, key: str):
     "A ConfigError unless `seeds` is a list of one or more different integers >= 0."
@@ -155,6 +157,13 @@ def check_study(raw: dict, path) -> dict:
     arms = [_check_arm(a, i, path, steps, seeds) for i, a in enumerate(arms)]
     labels = [a['label'] for a in arms]
     if len(set(labels)) < len(labels): raise _fail(path, 'arms', f'labels must differ, got {labels}')
+    for k, a in enumerate(arms):
+        source = a.get('init_from')
+        if source is None: continue
+        earlier = {b['label']: b for b in arms[:k]}
+        if source not in earlier: raise _fail(path, f'arms[{k}].init_from', f'expected the label of an earlier arm {list(earlier)}, got {source!r}')
+        missing = sorted(set(arm_seeds({'seeds': seeds}, a)) - set(arm_seeds({'seeds': seeds}, earlier[source])))
+        if missing: raise _fail(path, f'arms[{k}].init_from', f'arm {source!r} has no run of seed(s) {missing} to start from')
     if raw['baseline'] not in labels: raise _fail(path, 'baseline', f'expected one of the arm labels {labels}, got {raw["baseline"]!r}')
     base_path = Path(base) if Path(base).is_absolute() else Path(path).resolve().parent/base
     return dict(name=Path(path).stem, path=str(path), description=' '.join((raw.get('description') or '').split()), base=base,
@@ -162,6 +171,10 @@ def check_study(raw: dict, path) -> dict:
                 seeds=list(seeds), baseline=raw['baseline'], arms=arms, evaluation=_check_evaluation(raw.get('evaluation'), path))
 
 # %% ../nbs/21_study.ipynb 25
+def _init_overrides(arm: dict) -> list[str]:
+    "The overrides of an arm that starts from another arm's runs (their path is known only when those runs exist)."
+    return ['model.ckpt_weights=ema'] if arm.get('init_from') else []
+
 def arm_configs(spec: dict) -> dict:
     "Each arm's resolved training config (with the first seed), by label; a ConfigError naming the study file and the key otherwise."
     path = spec['path']
@@ -172,7 +185,7 @@ def arm_configs(spec: dict) -> dict:
     configs = {}
     for i, arm in enumerate(spec['arms']):
         steps, seeds = arm_steps(spec, arm), arm_seeds(spec, arm)
-        try: cfg = load_config(spec['base_path'], spec['overrides'] + arm['set'] + [f'trainer.train_num_steps={steps}', f'trainer.seed={seeds[0]}'])
+        try: cfg = load_config(spec['base_path'], spec['overrides'] + arm['set'] + _init_overrides(arm) + [f'trainer.train_num_steps={steps}', f'trainer.seed={seeds[0]}'])
         except ConfigError as e: raise _fail(path, f"arms[{i}] ({arm['label']}): base + overrides + set", str(e)) from None
         every = cfg['trainer']['save_and_sample_every']
         if steps % every: raise _fail(path, 'steps', f"{steps} is not a multiple of trainer.save_and_sample_every={every} "
@@ -224,7 +237,8 @@ def run_plan(spec: dict, out, configs: dict) -> list[dict]:
     "One entry per arm × seed (arm-major): key, run folder, what to train and what to evaluate it on."
     out = Path(out).resolve()
     return [dict(key=f"{a['label']}/seed-{s}", arm=a['label'], seed=s, folder=str(out/'runs'/a['label']/f'seed-{s}'),
-                 config=spec['base_path'], overrides=spec['overrides'] + a['set'], steps=arm_steps(spec, a),
+                 config=spec['base_path'], overrides=spec['overrides'] + a['set'] + _init_overrides(a), steps=arm_steps(spec, a),
+                 **({'init_from': str(out/'runs'/a['init_from']/f'seed-{s}')} if a.get('init_from') else {}),
                  sets=evaluation_sets(spec['evaluation'], configs[a['label']]['data']['size']),
                  weights=spec['evaluation']['weights'], batch_size=spec['evaluation']['batch_size'])
             for a in spec['arms'] for s in arm_seeds(spec, a)]
@@ -254,13 +268,22 @@ def _data(es: dict):
         return SyntheticRadioMaps(n, seed=seed, size=size, offset=es['offset'])
     return es['data'] if es['resize'] is None else ResizedMaps(dataset_from_spec(es['data'])[0], es['resize'])
 
+def _start_from(run: dict) -> list[str]:
+    "`model.ckpt_path` of a run that starts from another arm's run: that run's last checkpoint (it must be trained first)."
+    if not run.get('init_from'): return []
+    source = latest_checkpoint(run['init_from']) if Path(run['init_from']).is_dir() else None
+    if source is None or not read_run_state(run['init_from']).get('train'):
+        raise RunFolderError(f"{run['folder']}: starts from {run['init_from']}, which is not trained yet")
+    return [f'model.ckpt_path={source}']
+
 def execute_run(run: dict, threads: int | None = None, progress: bool = False) -> dict:
     "Train run `run` to its last step (resuming its latest checkpoint) unless done, then evaluate what is missing; return its state."
     if threads: torch.set_num_threads(int(threads))
     folder, state = Path(run['folder']), read_run_state(run['folder'])
     if not state.get('train'):
         t0, resume = time.perf_counter(), 'latest' if latest_checkpoint(folder) is not None else None
-        s = train(run['config'], folder, resume=resume, steps=run['steps'], seed=run['seed'], progress=progress, overrides=run['overrides'])
+        s = train(run['config'], folder, resume=resume, steps=run['steps'], seed=run['seed'], progress=progress,
+                  overrides=run['overrides'] + _start_from(run))
         if s['step'] != run['steps']: raise RunFolderError(f"{folder}: training stopped at step {s['step']} of {run['steps']}")
         state['train'] = dict(seconds=round(time.perf_counter() - t0, 1), step=s['step'], resumed_from=s['resumed_from'],
                               steps_per_s=s['steps_per_s'], finished=time.strftime('%Y-%m-%d %H:%M:%S'))
@@ -948,7 +971,10 @@ def study(path, out, jobs: int = 1, progress: bool = True, report_only: bool = F
         manifest['runs'][run['key']] = 'failed: ' + error if error else 'done'
         save_manifest(out, manifest); save_evidence(out, [run], manifest)
     echo(f"study {spec['name']!r}: {len(todo)} of {len(runs)} runs to do, {jobs} at a time, into {out}")
-    try: failed = execute_runs(todo, jobs, progress, on_done)
+    try:
+        failed = {}
+        for wave in ([r for r in todo if not r.get('init_from')], [r for r in todo if r.get('init_from')]):   # starting points first
+            if wave: failed.update(execute_runs(wave, jobs, progress, on_done))
     finally:
         session.update(wall_s=round(time.perf_counter() - t0, 1)); save_manifest(out, manifest)
     save_evidence(out, runs, manifest); write_report(out, spec, manifest, configs, runs)

@@ -251,3 +251,18 @@ def test_committed_study_reports_rebuild_unchanged(name, tmp_path):
     for f in ('arms.csv', 'paired.csv', 'ema_vs_raw.csv', 'results.csv', 'curves.csv'):
         assert (copy/f).read_bytes() == (root/'studies'/name/f).read_bytes(), f
     assert (copy/'STUDY.md').read_text().replace(str(copy), f'studies/{name}') == (root/'studies'/name/'STUDY.md').read_text()
+
+
+def test_an_arm_starts_from_another_arms_runs(tmp_path):
+    "`init_from`: each run of the arm starts from the EMA weights of the other arm's run of the same seed, trained first even with --jobs 2."
+    arms = [dict(label='base', set=['model.lossconfig.disc_start={steps}']),
+            dict(label='ft', set=['model.lossconfig.disc_start={steps}', 'trainer.lr=2e-4'], steps=2, init_from='base', note='from base')]
+    path = tiny_study_file(tmp_path, arms=arms)
+    res = _study(str(path), '--out', str(tmp_path/'out'), '--jobs', '2', '--no-progress', cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for seed in (0, 1):
+        run = tmp_path/'out'/'runs'/'ft'/f'seed-{seed}'
+        cfg = yaml.safe_load((run/'config.yaml').read_text())
+        assert cfg['model']['ckpt_path'] == str(tmp_path/'out'/'runs'/'base'/f'seed-{seed}'/'model-2.pt')
+        assert cfg['model']['ckpt_weights'] == 'ema' and read_run_state(run)['train']['step'] == 2
+    assert 'ft (steps 2)' in (tmp_path/'out'/'STUDY.md').read_text().replace('`', '')
