@@ -10,7 +10,7 @@ medians; the process CPU times are reported too, since a shared machine's load i
     python benchmarks/bench_analysis.py --lines 3000 --repeats 3 --samples data/reference_run/samples
 """
 from __future__ import annotations
-import argparse, json, os, platform, statistics, sys, tempfile, time
+import argparse, json, os, statistics, sys, tempfile, time
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,7 @@ def measure_analysis(lines: int = 3000, repeats: int = 3, figures: bool = True, 
     from radiodiff_vae.logs import read_run, find_samples
     from radiodiff_vae.analysis import RunData, analyze_run
     from radiodiff_vae.figures import save_figures
+    from radiodiff_vae.core import machine_info
     import matplotlib; matplotlib.use('Agg')
     sample_paths = find_samples(samples) if samples else []
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,8 +72,7 @@ def measure_analysis(lines: int = 3000, repeats: int = 3, figures: bool = True, 
                figures=(sorted(saved) if figures else []), gallery_images=len(sample_paths),
                figures_s=statistics.median(figs) if figs else None, figures_max_s=max(figs) if figs else None,
                figures_cpu_s=statistics.median(fig_cpu) if fig_cpu else None,
-               figures_budget_s=FIGURES_BUDGET_S, cpu_count=os.cpu_count(), load_avg_1min=os.getloadavg()[0],
-               python=platform.python_version(), machine=platform.machine())
+               figures_budget_s=FIGURES_BUDGET_S, machine=machine_info())
     res['within_budget'] = bool(res['parse_derive_s'] < PARSE_DERIVE_BUDGET_S and (not figures or res['figures_s'] < FIGURES_BUDGET_S))
     return res
 

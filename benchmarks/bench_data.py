@@ -14,19 +14,11 @@ Measures, in maps per second:
 A benchmark aggregator can import `measure_data_throughput` (runpy.run_path or importlib) and call it.
 """
 from __future__ import annotations
-import argparse, json, os, platform, sys, tempfile, time
+import argparse, json, os, sys, tempfile, time
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-
-
-def _machine() -> dict:
-    "What the figures were measured on."
-    info = dict(python=platform.python_version(), torch=torch.__version__, cpus=os.cpu_count(), platform=platform.platform())
-    try: info['load_average_1min'] = round(os.getloadavg()[0], 2)
-    except OSError: pass
-    return info
 
 
 def _epoch_rate(dataset, workers: int, batch_size: int) -> float:
@@ -42,6 +34,7 @@ def _epoch_rate(dataset, workers: int, batch_size: int) -> float:
 def measure_data_throughput(n_generate: int = 100, size: int = 256, n_load: int = 200, workers=(0, 1, 2),
                             batch_size: int = 8, folder=None, seed: int = 0, synthetic_loader: bool = True) -> dict:
     "Maps/s of synthetic generation (one core), PNG loading and on-the-fly synthesis through DataLoaders; a JSON-able dict."
+    from radiodiff_vae.core import machine_info
     from radiodiff_vae.data import MapFolder, RadioMapSeer
     from radiodiff_vae.synthetic import SyntheticRadioMaps, generate_radio_map, write_radiomapseer_layout
     torch.set_num_threads(1)
@@ -49,7 +42,7 @@ def measure_data_throughput(n_generate: int = 100, size: int = 256, n_load: int 
     c0, w0 = time.process_time(), time.perf_counter()
     for i in range(n_generate): generate_radio_map(seed, i, size)
     cpu, wall = time.process_time() - c0, time.perf_counter() - w0
-    result = dict(size=size, batch_size=batch_size, machine=_machine(),
+    result = dict(size=size, batch_size=batch_size, machine=machine_info(),
                   generate=dict(n=n_generate, maps_per_s_cpu=n_generate / cpu, maps_per_s_wall=n_generate / wall))
     with tempfile.TemporaryDirectory() as tmp:
         if folder is None:
@@ -70,7 +63,7 @@ def _report(r: dict) -> str:
     "A short human-readable table of `measure_data_throughput`'s result."
     g = r['generate']
     lines = [f"maps {r['size']}x{r['size']}, batch {r['batch_size']}, {r['machine'].get('cpus')} CPUs, "
-             f"load average {r['machine'].get('load_average_1min', '?')}",
+             f"load average {r['machine'].get('load_average_1min') or (r['machine'].get('load_average') or ['?'])[0]}",
              f"generate (one core)        {g['maps_per_s_cpu']:8.1f} maps/s CPU time   {g['maps_per_s_wall']:8.1f} maps/s wall"]
     for key, label in (('load_png', 'PNG loading'), ('synthetic_loader', 'on-the-fly synthetic')):
         if key in r:

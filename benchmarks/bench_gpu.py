@@ -85,9 +85,10 @@ def profile_steps(trainer, steps: int) -> dict:
 
 
 def machine() -> dict:
-    "What the benchmark ran on: bench_step's machine record (CPU model and flags, GPU, CUDA)."
-    import torch, bench_step   # bench_step sits beside this script
-    return bench_step.machine_info('cuda' if torch.cuda.is_available() else 'cpu')
+    "What the benchmark ran on (the package's machine record, with the GPU where there is one)."
+    import torch
+    from radiodiff_vae.core import machine_info
+    return machine_info('cuda' if torch.cuda.is_available() else 'cpu')
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,7 @@ Peak resident memory is measured per variant in a fresh subprocess.
     python benchmarks/bench_step.py --size tiny --steps 2 --warmup 1
 """
 from __future__ import annotations
-import argparse, contextlib, copy, json, os, platform, resource, statistics, subprocess, sys, time, warnings
+import argparse, contextlib, copy, json, os, resource, statistics, subprocess, sys, time, warnings
 from pathlib import Path
 
 import torch
@@ -25,6 +25,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from radiodiff_vae.core import machine_info  # noqa: E402   the one record of the machine, shared with the package
+
 VARIANTS = ('upstream', 'ours', 'ours+channels_last', 'ours+bf16', 'ours+checkpointing')
 PHASES = ('gan_off', 'gan_on')
 # what each size is: the config file it comes from and what the benchmark changes in it
@@ -39,35 +42,9 @@ SIZES = {
 
 
 # ----------------------------------------------------------------------------------------------- machine
-def cpu_flags() -> set[str]:
-    "The CPU feature flags of /proc/cpuinfo (empty set where there is none)."
-    try: text = Path('/proc/cpuinfo').read_text()
-    except OSError: return set()
-    for line in text.splitlines():
-        if line.startswith('flags'): return set(line.split(':', 1)[1].split())
-    return set()
-
 def cpu_has_bf16() -> bool:
     "Whether the CPU computes bf16 natively (AVX-512 BF16 or AMX); elsewhere torch emulates it, slowly."
-    return bool(cpu_flags() & {'avx512_bf16', 'amx_bf16'})
-
-def machine_info(device: str = 'cpu') -> dict:
-    "CPU model, cores, threads, torch version, bf16 support, GPU name: what the figures were measured on."
-    model = platform.processor() or '?'
-    try:
-        out = subprocess.run(['lscpu'], capture_output=True, text=True, timeout=10).stdout
-        fields = dict(l.split(':', 1) for l in out.splitlines() if ':' in l)
-        model = fields.get('Model name', model).strip()
-    except (OSError, subprocess.SubprocessError): pass
-    info = dict(cpu=model, logical_cpus=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-                python=platform.python_version(), cpu_bf16=cpu_has_bf16(),
-                cpu_isa=sorted(cpu_flags() & {'avx2', 'fma', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile'}),
-                load_average=list(os.getloadavg()) if hasattr(os, 'getloadavg') else None)
-    if device.startswith('cuda'):
-        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda, gpu_bf16=torch.cuda.is_bf16_supported(),
-                    cudnn_allow_tf32=torch.backends.cudnn.allow_tf32, matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
-                    cudnn_benchmark=torch.backends.cudnn.benchmark)
-    return info
+    return machine_info()['cpu_bf16']
 
 def sync(device: str):
     if device.startswith('cuda'): torch.cuda.synchronize()

@@ -318,7 +318,7 @@ def _data_section(d: dict | None) -> list[str]:
 def _analysis_section(a: dict | None) -> list[str]:
     if a is None: return ['## Log analysis', '', 'Not measured (benchmarks/bench_analysis.py missing or failed).', '']
     if 'error' in a: return ['## Log analysis', '', f"Failed: {a['error']}", '']
-    lines = ['## Log analysis (benchmarks/bench_analysis.py)', '', f"`{a['command']}` — {a['date_utc']}; load average {a.get('load_avg_1min', float('nan')):.1f}.", '']
+    lines = ['## Log analysis (benchmarks/bench_analysis.py)', '', f"`{a['command']}` — {a['date_utc']}; load average {a.get('load_avg_1min', ((a.get('machine') or {}).get('load_average') or [float('nan')])[0]):.1f}.", '']
     if 'parse_derive_s' in a:
         lines.append(f"- parse + derive a {a['record_lines']:,}-line upstream log ({a['logged_steps']:,} logged steps): median {a['parse_derive_s']:.2f} s wall "
                      f"({a['parse_derive_cpu_s']:.2f} s CPU) over {a['repeats']} repeats; budget {a['parse_derive_budget_s']:.0f} s")
@@ -400,7 +400,7 @@ def _machine_kinds_section(results_dir: Path) -> list[str]:
         mc = r.get('machine') or (r.get('full') or r.get('quickstart') or {}).get('machine') or {}
         where = mc.get('gpu') or r.get('where') or _machine_name(mc)
         date = r.get('date_utc') or r.get('updated_utc') or '?'
-        rows.append(f"| {where} | `{name}.json` | {date} | `{(r.get('command') or 'benchmarks/tune_quickstart.py (see QUICKSTART_TUNING.md)')[:160]}` |")
+        rows.append(f"| {where} | `{name}.json` | {date} | `{(r.get('command') or 'the tuning rounds (configs/studies/tuning/, QUICKSTART_TUNING.md)')[:160]}` |")
     if not rows: return []
     return (['## Machines measured', '', '| machine | part | date | command |', '|---|---|---|---|'] + rows +
             ['', 'Quickstart tuning, bf16 vs fp32 step costs and the bf16 quality check on the AMD EPYC with AVX-512 BF16: '

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 
 # %% auto 0
-__all__ = ['PRETRAINED', 'RadioDiffError', 'ConfigError', 'DataError', 'CheckpointError', 'LogParseError', 'RunFolderError',
-           'atomic_write_bytes', 'atomic_write_text', 'atomic_torch_save', 'atomic_save_png', 'seed_everything',
-           'to_jsonable', 'markdown_table', 'repo_dir', 'shared_dir', 'data_dir', 'reference_run_dir', 'real_maps_dir',
-           'pretrained_path']
+__all__ = ['CPU_ISA', 'PRETRAINED', 'RadioDiffError', 'ConfigError', 'DataError', 'CheckpointError', 'LogParseError',
+           'RunFolderError', 'atomic_write_bytes', 'atomic_write_text', 'atomic_torch_save', 'atomic_save_png',
+           'seed_everything', 'to_jsonable', 'markdown_table', 'machine_info', 'repo_dir', 'shared_dir', 'data_dir',
+           'reference_run_dir', 'real_maps_dir', 'pretrained_path']
 
 # %% ../nbs/00_core.ipynb 5
 class RadioDiffError(Exception):
@@ -96,6 +96,32 @@ def markdown_table(header, rows) -> str:
     return '\n'.join([line(header), '|' + '---|' * len(header)] + [line(r) for r in rows])
 
 # %% ../nbs/00_core.ipynb 25
+CPU_ISA = ('avx2', 'fma', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile')
+
+def _cpuinfo(path='/proc/cpuinfo') -> tuple[str | None, set]:
+    "The CPU's model name and feature flags from `path` (None and an empty set where there is none)."
+    try: text = Path(path).read_text()
+    except OSError: return None, set()
+    field = lambda key: next((l.split(':', 1)[1].strip() for l in text.splitlines() if l.startswith(key)), None)
+    return field('model name'), set((field('flags') or '').split())
+
+def machine_info(device: str = 'cpu', # 'cpu', or 'cuda' to add the GPU, CUDA and its TF32/cuDNN settings
+                 cpuinfo: str = '/proc/cpuinfo', # where the CPU describes itself (Linux)
+                ) -> dict:
+    "What a figure was measured on: CPU model, logical CPUs, ISA flags, native bf16, torch threads and version, Python, load, GPU."
+    import platform
+    model, flags = _cpuinfo(cpuinfo)
+    info = dict(cpu=model or platform.processor() or platform.machine() or 'unknown CPU', logical_cpus=os.cpu_count(),
+                cpu_isa=sorted(flags & set(CPU_ISA)), cpu_bf16=bool(flags & {'avx512_bf16', 'amx_bf16'}),
+                torch_threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version(),
+                load_average=[round(v, 2) for v in os.getloadavg()] if hasattr(os, 'getloadavg') else None)
+    if str(device).startswith('cuda'):
+        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda, gpu_bf16=torch.cuda.is_bf16_supported(),
+                    cudnn_allow_tf32=torch.backends.cudnn.allow_tf32, matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+                    cudnn_benchmark=torch.backends.cudnn.benchmark)
+    return info
+
+# %% ../nbs/00_core.ipynb 28
 def repo_dir() -> Path:
     "The repository root: the folder above the installed package (an editable install; also inside a notebook)."
     return Path(importlib.util.find_spec('radiodiff_vae').origin).resolve().parent.parent

@@ -15,19 +15,22 @@ from .config import load_config, apply_overrides
 from .trainer import train
 from .evaluation import METRICS, summarize, dataset_from_spec, evaluate_checkpoint
 from .run_folder import latest_checkpoint
+from .synthetic import SyntheticRadioMaps
 from .logs import read_run
 from .reproduce import training_progress, StageProgress
 
 # %% auto 0
 __all__ = ['STUDY_KEYS', 'REQUIRED_KEYS', 'ARM_KEYS', 'EVALUATION_DEFAULTS', 'LABEL_RE', 'STEPS_RE', 'REAL_NATIVE_SIZE',
            'RUN_STATE', 'USE_EMA', 'MANIFEST', 'GITIGNORE', 'STAT_KEYS', 'COLUMNS', 'PAIRED_COLUMNS', 'METRIC_LABELS',
-           'SHOWN_METRICS', 'CURVES', 'FORMATS', 'read_study_file', 'expand_steps', 'check_study', 'arm_configs',
-           'load_study', 'ResizedMaps', 'evaluation_sets', 'run_plan', 'read_run_state', 'missing_work', 'execute_run',
-           'tiny_study_file', 'study_changes', 'open_study_folder', 'save_manifest', 'threads_per_job', 'execute_runs',
-           'run_results', 'collect_results', 'summarize_arms', 'paired_difference', 'distinguishable',
+           'SHOWN_METRICS', 'CURVES', 'CURVES_CSV', 'CURVE_BOOKKEEPING', 'RESULT_COLUMNS', 'CURVE_COLUMNS', 'FORMATS',
+           'SHORT_LABELS', 'POSITIVE', 'read_study_file', 'expand_steps', 'arm_steps', 'arm_seeds', 'check_study',
+           'arm_configs', 'load_study', 'ResizedMaps', 'evaluation_sets', 'run_plan', 'read_run_state', 'missing_work',
+           'execute_run', 'tiny_study_file', 'study_changes', 'open_study_folder', 'save_manifest', 'threads_per_job',
+           'execute_runs', 'run_results', 'collect_results', 'summarize_arms', 'paired_difference', 'distinguishable',
            'compare_with_baseline', 'ema_minus_raw', 'plot_arms', 'plot_differences', 'plot_rate_distortion',
-           'plot_latents', 'read_curves', 'plot_curves', 'pd_concat_mean', 'fmt_interval', 'verdict', 'write_report',
-           'study', 'add_study_args', 'run_study', 'main']
+           'plot_latents', 'read_curves', 'plot_curves', 'pd_concat_mean', 'curves_table', 'curves_from_table',
+           'run_record', 'read_evidence', 'save_evidence', 'fmt_interval', 'verdict', 'geometric_summary',
+           'write_report', 'study', 'add_study_args', 'run_study', 'main']
 
 # %% ../nbs/21_study.ipynb 6
 STUDY_KEYS = {
@@ -35,17 +38,19 @@ STUDY_KEYS = {
     'base': 'training config of every arm, relative to the study file',
     'overrides': 'section.key=value overrides of every arm',
     'steps': 'training steps of every run',
-    'seeds': 'trainer.seed of the runs of each arm (two or more)',
+    'seeds': 'trainer.seed of the runs of each arm (one or more; two or more give intervals)',
     'baseline': 'label of the arm the others are compared with',
     'arms': 'list of arms: label, set (a list of overrides), note',
     'evaluation': 'what each run is evaluated on',
 }
 REQUIRED_KEYS = ('base', 'steps', 'seeds', 'baseline', 'arms')
-ARM_KEYS = {'label': 'short name, also the folder name', 'set': 'overrides of this arm', 'note': 'one line on what the arm is'}
+ARM_KEYS = {'label': 'short name, also the folder name', 'set': 'overrides of this arm', 'note': 'one line on what the arm is',
+            'steps': "this arm's training steps (default: the study's steps)", 'seeds': "this arm's seeds (default: the study's seeds)",
+            'init_from': "label of an earlier arm: each run starts from the EMA weights of that arm's run of the same seed"}
 
 # %% ../nbs/21_study.ipynb 9
 EVALUATION_DEFAULTS = dict(synthetic_maps=64, real_maps=None, real_resolutions=['training', 'native'], weights='both',
-                           primary='ema', batch_size=8)
+                           primary='ema', batch_size=8, synthetic_size=None, synthetic_offset=None)
 LABEL_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$')
 
 # %% ../nbs/21_study.ipynb 12
@@ -92,8 +97,8 @@ def _overrides(value, path, key: str, steps: int) -> list[str]:
     except ConfigError as e: raise _fail(path, key, str(e)) from None
 
 # %% ../nbs/21_study.ipynb 18
-def _check_arm(arm, i: int, path, steps: int) -> dict:
-    "Arm `i` of a study file as {label, set, note}."
+def _check_arm(arm, i: int, path, steps: int, seeds: list) -> dict:
+    "Arm `i` of a study file as {label, set, note, steps, seeds} (`{steps}` in its set: its own steps)."
     if not isinstance(arm, dict): raise _fail(path, f'arms[{i}]', f'expected a mapping with keys {", ".join(ARM_KEYS)}, got {arm!r}')
     _check_keys(path, f'arms[{i}]: ', arm, ARM_KEYS)
     label = arm.get('label')
@@ -101,7 +106,20 @@ def _check_arm(arm, i: int, path, steps: int) -> dict:
         raise _fail(path, f'arms[{i}].label', f'expected a short name of letters, digits, - _ . (it names a folder), got {label!r}')
     note = arm.get('note') or ''
     if not isinstance(note, str): raise _fail(path, f'arms[{i}].note', f'expected one line of text, got {note!r}')
-    return dict(label=label, set=_overrides(arm.get('set'), path, f'arms[{i}].set', steps), note=' '.join(note.split()))
+    own_steps, own_seeds = arm.get('steps', steps), arm.get('seeds', seeds)
+    if not _is_int(own_steps) or own_steps < 1: raise _fail(path, f'arms[{i}].steps', f'expected a positive integer, got {own_steps!r}')
+    _check_seeds(own_seeds, path, f'arms[{i}].seeds')
+    return dict(label=label, set=_overrides(arm.get('set'), path, f'arms[{i}].set', own_steps), note=' '.join(note.split()),
+                **({'steps': own_steps} if 'steps' in arm else {}), **({'seeds': list(own_seeds)} if 'seeds' in arm else {}),
+                **({'init_from': arm['init_from']} if arm.get('init_from') is not None else {}))
+
+def _check_seeds(seeds, path, key: str):
+    "A ConfigError unless `seeds` is a list of one or more different integers >= 0."
+    if not isinstance(seeds, list) or not seeds or not all(_is_int(s) and s >= 0 for s in seeds) or len(set(seeds)) < len(seeds):
+        raise _fail(path, key, f'expected a list of one or more different integers >= 0, got {seeds!r}')
+
+def arm_steps(spec: dict, arm: dict) -> int: return arm.get('steps', spec['steps'])
+def arm_seeds(spec: dict, arm: dict) -> list: return arm.get('seeds', spec['seeds'])
 
 # %% ../nbs/21_study.ipynb 20
 def _check_evaluation(ev, path) -> dict:
@@ -113,11 +131,14 @@ def _check_evaluation(ev, path) -> dict:
     bad = lambda key, what: _fail(path, f'evaluation.{key}', f'expected {what}, got {ev[key]!r}')
     if not _is_int(ev['synthetic_maps']) or ev['synthetic_maps'] < 0: raise bad('synthetic_maps', 'an integer >= 0')
     if ev['real_maps'] is not None and (not _is_int(ev['real_maps']) or ev['real_maps'] < 0): raise bad('real_maps', 'null or an integer >= 0')
-    if not isinstance(ev['real_resolutions'], list) or not ev['real_resolutions'] or not set(ev['real_resolutions']) <= {'training', 'native'}:
+    if not isinstance(ev['real_resolutions'], list) or not (ev['real_resolutions'] or ev['real_maps'] == 0) or not set(ev['real_resolutions']) <= {'training', 'native'}:
         raise bad('real_resolutions', "a list of 'training' and/or 'native'")
     if ev['weights'] not in ('raw', 'ema', 'both'): raise bad('weights', "'raw', 'ema' or 'both'")
     if ev['primary'] not in ('raw', 'ema') or ev['weights'] not in ('both', ev['primary']): raise bad('primary', f"'raw' or 'ema', among the evaluated weights ({ev['weights']})")
     if not _is_int(ev['batch_size']) or ev['batch_size'] < 1: raise bad('batch_size', 'a positive integer')
+    for key in ('synthetic_size', 'synthetic_offset'):
+        if ev[key] is not None and (not _is_int(ev[key]) or ev[key] < (16 if key == 'synthetic_size' else 0)):
+            raise bad(key, 'null or an integer >= 16' if key == 'synthetic_size' else 'null or an integer >= 0')
     if ev['synthetic_maps'] == 0 and ev['real_maps'] == 0: raise _fail(path, 'evaluation', 'synthetic_maps and real_maps are both 0: nothing to evaluate')
     return ev
 
@@ -129,14 +150,20 @@ def check_study(raw: dict, path) -> dict:
     if missing: raise _fail(path, missing[0], f'missing ({STUDY_KEYS[missing[0]]})')
     steps, seeds, base, arms = raw['steps'], raw['seeds'], raw['base'], raw['arms']
     if not _is_int(steps) or steps < 1: raise _fail(path, 'steps', f'expected a positive integer, got {steps!r}')
-    if not isinstance(seeds, list) or len(seeds) < 2 or not all(_is_int(s) and s >= 0 for s in seeds) or len(set(seeds)) < len(seeds):
-        raise _fail(path, 'seeds', f'expected a list of two or more different integers >= 0, got {seeds!r}')
+    _check_seeds(seeds, path, 'seeds')
     if not isinstance(base, str) or not base.strip(): raise _fail(path, 'base', f'expected the path of a training config, got {base!r}')
     if not isinstance(raw.get('description', ''), (str, type(None))): raise _fail(path, 'description', 'expected text')
     if not isinstance(arms, list) or len(arms) < 2: raise _fail(path, 'arms', f'expected a list of two or more arms, got {arms!r}')
-    arms = [_check_arm(a, i, path, steps) for i, a in enumerate(arms)]
+    arms = [_check_arm(a, i, path, steps, seeds) for i, a in enumerate(arms)]
     labels = [a['label'] for a in arms]
     if len(set(labels)) < len(labels): raise _fail(path, 'arms', f'labels must differ, got {labels}')
+    for k, a in enumerate(arms):
+        source = a.get('init_from')
+        if source is None: continue
+        earlier = {b['label']: b for b in arms[:k]}
+        if source not in earlier: raise _fail(path, f'arms[{k}].init_from', f'expected the label of an earlier arm {list(earlier)}, got {source!r}')
+        missing = sorted(set(arm_seeds({'seeds': seeds}, a)) - set(arm_seeds({'seeds': seeds}, earlier[source])))
+        if missing: raise _fail(path, f'arms[{k}].init_from', f'arm {source!r} has no run of seed(s) {missing} to start from')
     if raw['baseline'] not in labels: raise _fail(path, 'baseline', f'expected one of the arm labels {labels}, got {raw["baseline"]!r}')
     base_path = Path(base) if Path(base).is_absolute() else Path(path).resolve().parent/base
     return dict(name=Path(path).stem, path=str(path), description=' '.join((raw.get('description') or '').split()), base=base,
@@ -144,19 +171,24 @@ def check_study(raw: dict, path) -> dict:
                 seeds=list(seeds), baseline=raw['baseline'], arms=arms, evaluation=_check_evaluation(raw.get('evaluation'), path))
 
 # %% ../nbs/21_study.ipynb 25
+def _init_overrides(arm: dict) -> list[str]:
+    "The overrides of an arm that starts from another arm's runs (their path is known only when those runs exist)."
+    return ['model.ckpt_weights=ema'] if arm.get('init_from') else []
+
 def arm_configs(spec: dict) -> dict:
     "Each arm's resolved training config (with the first seed), by label; a ConfigError naming the study file and the key otherwise."
-    path, steps = spec['path'], [f"trainer.train_num_steps={spec['steps']}", f"trainer.seed={spec['seeds'][0]}"]
+    path = spec['path']
     try: load_config(spec['base_path'])
     except ConfigError as e: raise _fail(path, 'base', str(e)) from None
     try: apply_overrides({}, spec['overrides'])                # the keys and values' syntax; the values are checked per arm
     except ConfigError as e: raise _fail(path, 'overrides', str(e)) from None
     configs = {}
     for i, arm in enumerate(spec['arms']):
-        try: cfg = load_config(spec['base_path'], spec['overrides'] + arm['set'] + steps)
+        steps, seeds = arm_steps(spec, arm), arm_seeds(spec, arm)
+        try: cfg = load_config(spec['base_path'], spec['overrides'] + arm['set'] + _init_overrides(arm) + [f'trainer.train_num_steps={steps}', f'trainer.seed={seeds[0]}'])
         except ConfigError as e: raise _fail(path, f"arms[{i}] ({arm['label']}): base + overrides + set", str(e)) from None
         every = cfg['trainer']['save_and_sample_every']
-        if spec['steps'] % every: raise _fail(path, 'steps', f"{spec['steps']} is not a multiple of trainer.save_and_sample_every={every} "
+        if steps % every: raise _fail(path, 'steps', f"{steps} is not a multiple of trainer.save_and_sample_every={every} "
                                                     f"(arm {arm['label']}), so the last step would have no checkpoint to evaluate")
         configs[arm['label']] = cfg
     return configs
@@ -185,8 +217,10 @@ def evaluation_sets(evaluation: dict, size: int) -> list[dict]:
     "The sets a run with maps of side `size` is evaluated on: slug, label, data spec, side to resize to (or None), map limit."
     sets = []
     if evaluation['synthetic_maps']:
-        sets.append(dict(slug='synthetic', label=f'held-out synthetic maps, {size}x{size}', data=f"synthetic:{evaluation['synthetic_maps']}",
-                         resize=None, limit=None))
+        side, offset = evaluation.get('synthetic_size') or size, evaluation.get('synthetic_offset')
+        sets.append(dict(slug='synthetic', label=f'held-out synthetic maps, {side}x{side}' + (f', maps {offset}+ of seed 0' if offset is not None else ''),
+                         data=f"synthetic:{evaluation['synthetic_maps']}" + (f':0:{side}' if side != size or offset is not None else ''),
+                         resize=None, limit=None, **({'offset': offset} if offset is not None else {})))
     if evaluation['real_maps'] != 0:
         native = REAL_NATIVE_SIZE
         for side in dict.fromkeys(size if r == 'training' else native for r in evaluation['real_resolutions']):
@@ -203,10 +237,11 @@ def run_plan(spec: dict, out, configs: dict) -> list[dict]:
     "One entry per arm × seed (arm-major): key, run folder, what to train and what to evaluate it on."
     out = Path(out).resolve()
     return [dict(key=f"{a['label']}/seed-{s}", arm=a['label'], seed=s, folder=str(out/'runs'/a['label']/f'seed-{s}'),
-                 config=spec['base_path'], overrides=spec['overrides'] + a['set'], steps=spec['steps'],
+                 config=spec['base_path'], overrides=spec['overrides'] + a['set'] + _init_overrides(a), steps=arm_steps(spec, a),
+                 **({'init_from': str(out/'runs'/a['init_from']/f'seed-{s}')} if a.get('init_from') else {}),
                  sets=evaluation_sets(spec['evaluation'], configs[a['label']]['data']['size']),
                  weights=spec['evaluation']['weights'], batch_size=spec['evaluation']['batch_size'])
-            for a in spec['arms'] for s in spec['seeds']]
+            for a in spec['arms'] for s in arm_seeds(spec, a)]
 
 # %% ../nbs/21_study.ipynb 35
 def read_run_state(folder) -> dict:
@@ -228,7 +263,18 @@ USE_EMA = {'raw': False, 'ema': True, 'both': 'both'}
 
 def _data(es: dict):
     "The data of evaluation set `es`: its spec, or the real maps resized."
+    if es.get('offset') is not None:     # maps far past any training or validation index, as the quickstart's tuning scored them
+        n, seed, size = (int(v) for v in es['data'].split(':')[1:4])
+        return SyntheticRadioMaps(n, seed=seed, size=size, offset=es['offset'])
     return es['data'] if es['resize'] is None else ResizedMaps(dataset_from_spec(es['data'])[0], es['resize'])
+
+def _start_from(run: dict) -> list[str]:
+    "`model.ckpt_path` of a run that starts from another arm's run: that run's last checkpoint (it must be trained first)."
+    if not run.get('init_from'): return []
+    source = latest_checkpoint(run['init_from']) if Path(run['init_from']).is_dir() else None
+    if source is None or not read_run_state(run['init_from']).get('train'):
+        raise RunFolderError(f"{run['folder']}: starts from {run['init_from']}, which is not trained yet")
+    return [f'model.ckpt_path={source}']
 
 def execute_run(run: dict, threads: int | None = None, progress: bool = False) -> dict:
     "Train run `run` to its last step (resuming its latest checkpoint) unless done, then evaluate what is missing; return its state."
@@ -236,7 +282,8 @@ def execute_run(run: dict, threads: int | None = None, progress: bool = False) -
     folder, state = Path(run['folder']), read_run_state(run['folder'])
     if not state.get('train'):
         t0, resume = time.perf_counter(), 'latest' if latest_checkpoint(folder) is not None else None
-        s = train(run['config'], folder, resume=resume, steps=run['steps'], seed=run['seed'], progress=progress, overrides=run['overrides'])
+        s = train(run['config'], folder, resume=resume, steps=run['steps'], seed=run['seed'], progress=progress,
+                  overrides=run['overrides'] + _start_from(run))
         if s['step'] != run['steps']: raise RunFolderError(f"{folder}: training stopped at step {s['step']} of {run['steps']}")
         state['train'] = dict(seconds=round(time.perf_counter() - t0, 1), step=s['step'], resumed_from=s['resumed_from'],
                               steps_per_s=s['steps_per_s'], finished=time.strftime('%Y-%m-%d %H:%M:%S'))
@@ -252,7 +299,7 @@ def execute_run(run: dict, threads: int | None = None, progress: bool = False) -
         _save_run_state(folder, state)
     return state
 
-# %% ../nbs/21_study.ipynb 40
+# %% ../nbs/21_study.ipynb 41
 def tiny_study_file(folder, steps: int = 4, seeds=(0, 1), arms=None, maps: int = 2) -> Path:
     "Write a tiny study (32×32 maps, a small autoencoder, `steps` steps, `maps` maps per evaluation set) into `folder`; return its path."
     tiny = ['model.ddconfig.resolution=32', 'data.size=32', 'data.n_maps=16', 'data.val_maps=2',
@@ -266,19 +313,23 @@ def tiny_study_file(folder, steps: int = 4, seeds=(0, 1), arms=None, maps: int =
     path = Path(folder)/'tiny.yaml'; path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(study, sort_keys=False)); return path
 
-# %% ../nbs/21_study.ipynb 44
+# %% ../nbs/21_study.ipynb 45
 MANIFEST = 'study.json'
-GITIGNORE = ('# written by radiodiff-vae study: the runs\' text (configs, logs, metrics, scores) is kept in git;\n'
-             '# their checkpoints, TensorBoard files and images are not (the study\'s own figures are)\n'
-             '!runs/\nmodel-*.pt\ntb/\nevents.out.tfevents.*\n.lock\n*.tmp\nruns/**/*.png\n')
+GITIGNORE = ('# written by radiodiff-vae study: the run folders (checkpoints, logs, evaluations) stay out of git;\n'
+             '# the evidence is kept: STUDY.md, study.json, the CSV tables (results.csv, curves.csv, ...) and the figures\n'
+             'runs/\n.lock\n*.tmp\n')
 
 def study_changes(old: dict, new: dict) -> list[str]:
     "The keys in which study `new` differs from `old` in a way that would change finished runs (added arms or seeds do not)."
+    filled = lambda spec: {**spec, 'evaluation': {**EVALUATION_DEFAULTS, **(spec.get('evaluation') or {})}}   # keys added since
+    old, new = filled(old), filled(new)
     changed = [k for k in ('base', 'overrides', 'steps', 'evaluation') if old.get(k) != new.get(k)]
     sets = {a['label']: a['set'] for a in new['arms']}
-    return changed + [f"arms ({a['label']}).set" for a in old.get('arms', []) if a['label'] in sets and sets[a['label']] != a['set']]
+    steps = {a['label']: a.get('steps') for a in new['arms']}
+    return changed + [f"arms ({a['label']}).set" for a in old.get('arms', []) if a['label'] in sets and sets[a['label']] != a['set']] \
+                   + [f"arms ({a['label']}).steps" for a in old.get('arms', []) if a['label'] in steps and steps[a['label']] != a.get('steps')]
 
-# %% ../nbs/21_study.ipynb 46
+# %% ../nbs/21_study.ipynb 47
 def open_study_folder(out, spec: dict) -> dict:
     "The manifest of study folder `out`: created for `spec`, or reopened when it holds the same study; refuse anything else."
     out = Path(out)
@@ -300,7 +351,7 @@ def save_manifest(out, manifest: dict):
     "Write `study.json` atomically."
     atomic_write_text(Path(out)/MANIFEST, json.dumps(to_jsonable(manifest), indent=1) + '\n')
 
-# %% ../nbs/21_study.ipynb 49
+# %% ../nbs/21_study.ipynb 50
 def threads_per_job(jobs: int, cores: int | None = None) -> int:
     "Torch threads for each of `jobs` runs at once: the usable cores split evenly, at least one."
     cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1)
@@ -314,7 +365,7 @@ def _attempt(run: dict, threads: int | None) -> tuple[dict | None, str | None]:
         except OSError: pass
         return None, f'{type(e).__name__}: {e}'.splitlines()[0]
 
-# %% ../nbs/21_study.ipynb 51
+# %% ../nbs/21_study.ipynb 52
 def _running_note(runs) -> str:
     "The training step of each run in `runs`, for the progress bar."
     return ', '.join(f"{r['key']} {training_progress(r['folder']) or 'starting'}" for r in runs)
@@ -337,7 +388,7 @@ def execute_runs(runs: list[dict], jobs: int = 1, progress: bool = True, on_done
     finally: bar.close()
     return failed
 
-# %% ../nbs/21_study.ipynb 53
+# %% ../nbs/21_study.ipynb 54
 def _execute_parallel(runs, jobs: int, bar, finish, every: float):
     "The runs in a pool of `jobs` spawned processes with the threads split between them."
     import multiprocessing as mp
@@ -354,7 +405,7 @@ def _execute_parallel(runs, jobs: int, bar, finish, every: float):
         pool.shutdown(wait=False, cancel_futures=True); raise
     pool.shutdown()
 
-# %% ../nbs/21_study.ipynb 58
+# %% ../nbs/21_study.ipynb 59
 def run_results(run: dict) -> list[dict]:
     "One row per evaluation set and weights that run `run` finished: metric means over maps, KL per latent element, latent statistics."
     rows, state = [], read_run_state(run['folder'])
@@ -376,7 +427,7 @@ def collect_results(runs: list[dict]):
     cols = ['arm', 'seed', 'set', 'weights', 'step', 'n_maps', *METRICS, 'kl_per_element', 'latent_std', 'scale_factor', 'channel_std']
     return pd.DataFrame([row for run in runs for row in run_results(run)], columns=cols)
 
-# %% ../nbs/21_study.ipynb 63
+# %% ../nbs/21_study.ipynb 64
 STAT_KEYS = ('n', 'mean', 'std', 'ci_low', 'ci_high')
 COLUMNS = (*METRICS, 'kl_per_element', 'latent_std', 'scale_factor')
 
@@ -387,7 +438,7 @@ def summarize_arms(df, columns=COLUMNS):
             for (st, w, arm), g in df.groupby(['set', 'weights', 'arm'], sort=False) for c in columns]
     return pd.DataFrame(rows, columns=['set', 'weights', 'arm', 'metric', *STAT_KEYS])
 
-# %% ../nbs/21_study.ipynb 66
+# %% ../nbs/21_study.ipynb 67
 def paired_difference(a: dict, b: dict, confidence: float = 0.95) -> dict:
     "`a[s] - b[s]` over the seeds `s` both have finite values for: mean, std, Student-t interval, t, two-sided p, the differences."
     from scipy import stats
@@ -403,7 +454,7 @@ def distinguishable(d: dict) -> bool | None:
     "Whether the interval of difference `d` excludes zero (None without an interval)."
     return None if d['ci_low'] is None else bool(d['ci_low'] > 0 or d['ci_high'] < 0)
 
-# %% ../nbs/21_study.ipynb 69
+# %% ../nbs/21_study.ipynb 70
 PAIRED_COLUMNS = ['set', 'weights', 'arm', 'metric', 'seeds', 'diffs', *STAT_KEYS, 't', 'p']
 
 def _by_seed(g, column) -> dict: return dict(zip(g['seed'], g[column]))
@@ -426,7 +477,7 @@ def ema_minus_raw(df, columns=METRICS):
             for (st, arm), g in df.groupby(['set', 'arm'], sort=False) for c in columns]
     return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
 
-# %% ../nbs/21_study.ipynb 72
+# %% ../nbs/21_study.ipynb 73
 METRIC_LABELS = dict(psnr='PSNR (dB)', ssim='SSIM', nmse='NMSE', rmse='RMSE', kl_per_element='KL per latent element',
                      latent_std='latent std', scale_factor='scale factor 1/std')
 SHOWN_METRICS = ('psnr', 'ssim', 'nmse', 'rmse')
@@ -443,7 +494,7 @@ def _dots(ax, x: float, values, color, label=None, bar: bool = True):
     err = None if s['ci_low'] is None else [[s['mean'] - s['ci_low']], [s['ci_high'] - s['mean']]]
     ax.errorbar(x + 0.25, s['mean'], yerr=err, fmt='_', color='k', ms=10, capsize=3, lw=1, zorder=4)
 
-# %% ../nbs/21_study.ipynb 75
+# %% ../nbs/21_study.ipynb 76
 def _row_label(ax, label: str):
     "The evaluation set of a row of panels, as the y label of its first panel."
     import textwrap
@@ -466,7 +517,7 @@ def plot_arms(df, arms: list, sets: dict, weights: str, metrics=SHOWN_METRICS):
     fig.suptitle(f'{weights} weights, posterior mode: each dot one run (seed), black: mean and 95% interval over seeds', fontsize=9)
     return fig
 
-# %% ../nbs/21_study.ipynb 77
+# %% ../nbs/21_study.ipynb 78
 def plot_differences(paired, arms: list, sets: dict, metrics=SHOWN_METRICS, title: str = '', all_arms: list | None = None):
     "Figure: rows = evaluation sets, columns = metrics; per arm the per-seed differences as dots, mean and 95% interval, zero line (colours by `all_arms`)."
     from matplotlib.figure import Figure
@@ -483,7 +534,7 @@ def plot_differences(paired, arms: list, sets: dict, metrics=SHOWN_METRICS, titl
     if title: fig.suptitle(title, fontsize=9)
     return fig
 
-# %% ../nbs/21_study.ipynb 80
+# %% ../nbs/21_study.ipynb 81
 def plot_rate_distortion(df, arms: list, slug: str, label: str, weights: str):
     "Figure: PSNR against KL per latent element (log axis) on evaluation set `slug`, a dot per run, a cross per arm mean."
     from matplotlib.figure import Figure
@@ -513,7 +564,7 @@ def plot_latents(df, arms: list, slug: str, label: str, weights: str):
     fig.suptitle(f'latents (posterior samples) on {label}, {weights} weights', fontsize=9)
     return fig
 
-# %% ../nbs/21_study.ipynb 84
+# %% ../nbs/21_study.ipynb 85
 CURVES = (('train/rec_loss', 'reconstruction loss (train)', True), ('train/kl_loss', 'KL (train, sum per map)', True),
           ('val/psnr_ema', 'held-out PSNR, EMA weights (dB)', False), ('train/g_loss', 'generator loss (train)', False),
           ('train/disc_loss', 'discriminator loss (train)', False))
@@ -554,7 +605,91 @@ def pd_concat_mean(series: list):
     import pandas as pd
     return pd.concat(series, axis=1, join='inner').mean(axis=1)
 
-# %% ../nbs/21_study.ipynb 87
+# %% ../nbs/21_study.ipynb 88
+def _csv(df) -> str:
+    "A table as CSV, its list cells (seeds, differences, channel stds) as JSON."
+    d = df.copy()
+    for c in ('diffs', 'seeds', 'channel_std'):
+        if c in d.columns: d[c] = d[c].map(json.dumps)
+    return d.to_csv(index=False)
+
+# %% ../nbs/21_study.ipynb 90
+CURVES_CSV = 'curves.csv'
+CURVE_BOOKKEEPING = ('epoch', 'session', 'milestone', 'elapsed_s', 'wall_time', 'timestamp', 'source')
+RESULT_COLUMNS = ['arm', 'seed', 'set', 'weights', 'step', 'n_maps', *METRICS, 'kl_per_element', 'latent_std', 'scale_factor', 'channel_std']
+CURVE_COLUMNS = ['arm', 'seed', 'step', 'name', 'value']
+
+def curves_table(runs: list[dict]):
+    "One long table of every logged training value of `runs` (arm, seed, step, name, value), from their logs; NaNs left out."
+    import pandas as pd
+    logs, parts = read_curves(runs), []
+    for run in runs:
+        if run['key'] not in logs: continue
+        wide = logs[run['key']].select_dtypes('number').drop(columns=list(CURVE_BOOKKEEPING), errors='ignore')
+        long = wide.stack().rename('value').reset_index()
+        long.columns = ['step', 'name', 'value']
+        parts.append(long.assign(arm=run['arm'], seed=run['seed'])[CURVE_COLUMNS])
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=CURVE_COLUMNS)
+
+def curves_from_table(table, runs: list[dict]) -> dict:
+    "{run key: step-indexed DataFrame of its logged values} from `curves_table`'s long table (what `read_curves` gives)."
+    out = {}
+    for (arm, seed), g in table.groupby(['arm', 'seed'], sort=False):
+        key = f'{arm}/seed-{seed}'
+        if any(r['key'] == key for r in runs): out[key] = g.pivot(index='step', columns='name', values='value').rename_axis(columns=None)
+    return out
+
+def run_record(run: dict) -> dict:
+    "What study.json keeps of run `run`: status, training and evaluation seconds, the evaluation sets done."
+    s = read_run_state(run['folder']); t = s.get('train') or {}
+    status = 'done' if t and len(s['eval']) == len(run['sets']) else 'trained' if t else 'started'
+    return dict(status=status, train_s=t.get('seconds'), steps_per_s=t.get('steps_per_s'), finished=t.get('finished'),
+                eval_s=round(sum(e.get('seconds', 0) for e in s['eval'].values()), 1) if s['eval'] else None, sets=sorted(s['eval']))
+
+def _commit() -> str | None:
+    "The repository's commit (with '+changes' when its tracked files differ from it); None outside git."
+    import subprocess
+    try:
+        head = subprocess.run(['git', 'rev-parse', '--short=12', 'HEAD'], cwd=repo_dir(), capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=repo_dir(), capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError): return None
+    return None if head.returncode else head.stdout.strip() + ('+changes' if dirty.stdout.strip() else '')
+
+# %% ../nbs/21_study.ipynb 91
+def read_evidence(out):
+    "(results, curves) of study folder `out` as DataFrames, read back exactly as written (empty when missing)."
+    import pandas as pd
+    out = Path(out)
+    def read(name, columns):
+        if not (out/name).is_file(): return pd.DataFrame(columns=columns)
+        exact = {} if int(pd.__version__.split('.')[0]) >= 3 else dict(float_precision='round_trip')   # pandas 3 round-trips by default
+        return pd.read_csv(out/name, **exact)
+    results, curves = read('results.csv', RESULT_COLUMNS), read(CURVES_CSV, CURVE_COLUMNS)
+    if len(results): results['channel_std'] = results['channel_std'].map(lambda v: json.loads(v) if isinstance(v, str) else None)
+    return results, curves
+
+def save_evidence(out, runs: list[dict], manifest: dict):
+    "Update results.csv, curves.csv and the run records in study.json from the folders of `runs` that exist; other runs keep theirs."
+    import pandas as pd
+    out = Path(out); results, curves = read_evidence(out)
+    present = [r for r in runs if (Path(r['folder'])/RUN_STATE).is_file()]
+    if not present and (out/'results.csv').is_file(): return
+    keys, order = {r['key'] for r in present}, {r['key']: i for i, r in enumerate(runs)}
+    def merged(old, new):
+        "`old`'s rows of the runs not in `present`, then `new`'s, in the order of `runs`."
+        kept = old[[f'{a}/seed-{s}' not in keys for a, s in zip(old['arm'], old['seed'])]] if len(old) else old
+        parts = [t for t in (kept, new) if len(t)]
+        if not parts: return new
+        both = pd.concat(parts, ignore_index=True)
+        rank = [order.get(f'{a}/seed-{s}', len(order)) for a, s in zip(both['arm'], both['seed'])]
+        return both.assign(_rank=rank).sort_values('_rank', kind='stable').drop(columns='_rank').reset_index(drop=True)
+    atomic_write_text(out/'results.csv', _csv(merged(results, collect_results(present))))
+    atomic_write_text(out/CURVES_CSV, merged(curves, curves_table(present)).to_csv(index=False))
+    records, commit = manifest.setdefault('run_records', {}), _commit()
+    for r in present: records[r['key']] = {**run_record(r), 'commit': records.get(r['key'], {}).get('commit') or commit}
+    save_manifest(out, manifest)
+
+# %% ../nbs/21_study.ipynb 94
 FORMATS = dict(psnr='{:.2f}', ssim='{:.4f}', nmse='{:.4g}', rmse='{:.4g}', kl_per_element='{:.4g}', latent_std='{:.4g}', scale_factor='{:.4g}')
 
 def fmt_interval(row, metric: str, signed: bool = False) -> str:
@@ -573,7 +708,7 @@ def verdict(row) -> str:
     if d is None: return f"no interval ({row['n']} paired seed{'s' if row['n'] != 1 else ''})"
     return f"distinguishable from zero ({row['n']} seeds)" if d else f"not distinguishable from zero ({row['n']} seeds)"
 
-# %% ../nbs/21_study.ipynb 89
+# %% ../nbs/21_study.ipynb 96
 def _size_line(cfg: dict) -> str:
     "The size of a run in one line: maps, network, latent, batch, training maps."
     dd, d, t = cfg['model']['ddconfig'], cfg['data'], cfg['trainer']
@@ -585,14 +720,15 @@ def _size_line(cfg: dict) -> str:
 
 def _minutes(seconds) -> str: return f'{seconds / 60:.1f} min' if seconds < 5400 else f'{seconds / 3600:.2f} h'
 
-# %% ../nbs/21_study.ipynb 91
+# %% ../nbs/21_study.ipynb 98
 def _setup_section(spec, manifest, configs, runs) -> list[str]:
     "The set-up: what was run, at what size, with which commands, and how long it took."
-    states = {r['key']: read_run_state(r['folder']) for r in runs}
-    done = [k for k, s in states.items() if s.get('train') and len(s['eval']) == len(next(r['sets'] for r in runs if r['key'] == k))]
-    compute = sum((s.get('train') or {}).get('seconds', 0) + sum(e.get('seconds', 0) for e in s['eval'].values()) for s in states.values())
+    records = {r['key']: manifest.get('run_records', {}).get(r['key'], {}) for r in runs}
+    done = [k for k, s in records.items() if s.get('status') == 'done']
+    compute = sum((s.get('train_s') or 0) + (s.get('eval_s') or 0) for s in records.values())
     wall = sum(x.get('wall_s', 0) for x in manifest['sessions'])
-    arms = [[f"`{a['label']}`" + (' (baseline)' if a['label'] == spec['baseline'] else ''), ' '.join(f'`{o}`' for o in a['set']) or '(none)',
+    own = lambda a: ''.join(f' ({k} {v})' for k, v in (('steps', a.get('steps')), ('seeds', ', '.join(map(str, a.get('seeds', []))))) if v)
+    arms = [[f"`{a['label']}`" + (' (baseline)' if a['label'] == spec['baseline'] else '') + own(a), ' '.join(f'`{o}`' for o in a['set']) or '(none)',
              a['note'], sum(1 for r in runs if r['arm'] == a['label'] and r['key'] in done)] for a in spec['arms']]
     L = ['## Set-up', '', f"- Base config `{spec['base']}`, for every arm with " + (' '.join(f'`{o}`' for o in spec['overrides']) or 'no overrides')
          + f"; {spec['steps']} steps; seeds {', '.join(map(str, spec['seeds']))}.",
@@ -606,7 +742,7 @@ def _setup_section(spec, manifest, configs, runs) -> list[str]:
           f"{x.get('device', 'CPU only')}, load average {x['load_start']} at the start" for x in manifest['sessions']] + ['```', '']
     return L
 
-# %% ../nbs/21_study.ipynb 93
+# %% ../nbs/21_study.ipynb 100
 def _results_section(spec, arm_stats, sets: dict, primary: str) -> list[str]:
     "Per evaluation set, a table of the arms' means and 95% intervals over seeds."
     L = [f'## Results ({primary} weights)', '', 'Each cell: mean over seeds [95% Student-t interval]; each seed is the mean over the maps of the set.', '']
@@ -618,48 +754,110 @@ def _results_section(spec, arm_stats, sets: dict, primary: str) -> list[str]:
         L += [f'**{label}**', '', markdown_table(['arm', 'seeds', *(METRIC_LABELS[m] for m in SHOWN_METRICS)], rows), '']
     return L + ['![each run as a dot, mean and 95% interval per arm](metrics.png)', '']
 
-# %% ../nbs/21_study.ipynb 95
+# %% ../nbs/21_study.ipynb 102
+SHORT_LABELS = dict(psnr='PSNR', ssim='SSIM', nmse='NMSE', rmse='RMSE')
+
+def _seeds_and_intervals(cells: dict) -> str:
+    "On how many seeds PSNR moved the way its mean did, and which metrics' intervals exclude zero."
+    psnr, excluding = cells['psnr'], [SHORT_LABELS[m] for m, r in cells.items() if distinguishable(r)]
+    d = np.asarray(psnr['diffs'] if isinstance(psnr['diffs'], list) else [], float)
+    if psnr['ci_low'] is None or not len(d): return verdict(psnr)
+    way = 'higher' if psnr['mean'] > 0 else 'lower'
+    return f"PSNR {way} on {int((np.sign(d) == np.sign(psnr['mean'])).sum())} of {len(d)} seeds; excludes zero: {', '.join(excluding) or 'none'}"
+
+def _detection_limit(rows: list, power: float = 0.8) -> str:
+    "What these seeds could not see: per arm, the true PSNR difference a paired t-test on them detects with probability `power`."
+    from scipy import stats
+    mde = sorted((stats.t.ppf(0.975, r['n'] - 1) + stats.t.ppf(power, r['n'] - 1)) * r['std'] / math.sqrt(r['n'])
+                 for r in rows if r['std'] is not None and np.isfinite(r['std']) and r['n'] > 1)
+    if not mde: return ''
+    n, low, high = max(int(r['n']) for r in rows), f'{mde[0]:.2f}', f'{mde[-1]:.2f}'
+    size = f'about {low} dB' if low == high else f'about {low}–{high} dB (by arm)'
+    return (f'Detection limit: with {n} seeds and the seed-to-seed spread of these differences, a true PSNR difference must reach '
+            f'{size} to be detected {power:.0%} of the time; smaller ones are mostly missed, '
+            'so "not distinguishable" is not "no difference".')
+
 def _paired_section(spec, paired, sets: dict, primary: str) -> list[str]:
-    "The differences from the baseline, paired by seed, with a verdict each, and a summary of the distinguishable ones."
+    "The differences from the baseline, paired by seed, what each set could detect, and the distinguishable ones, said for what they are."
     L = [f"## Each arm minus the baseline `{spec['baseline']}`, paired by seed ({primary} weights)", '',
-         'Each cell: mean difference [95% interval]; the verdict is about PSNR.', '']
-    found = []
+         'Each cell: mean difference [95% Student-t interval over the paired seeds]. The last column: on how many seeds PSNR moved '
+         'the way its mean did, and which of the four metrics have an interval that excludes zero.', '']
+    found, psnr_found, psnr_n = [], 0, 0
     for slug, label in sets.items():
         p = paired[paired.set == slug] if len(paired) else paired
         if not len(p): continue
-        rows = []
+        rows, psnr_rows = [], []
         for arm, g in p.groupby('arm', sort=False):
             cells = {m: g[g.metric == m].iloc[0] for m in SHOWN_METRICS}
-            rows.append([f'`{arm}`'] + [fmt_interval(cells[m], m, signed=True) for m in SHOWN_METRICS] + [verdict(cells['psnr'])])
+            rows.append([f'`{arm}`'] + [fmt_interval(cells[m], m, signed=True) for m in SHOWN_METRICS] + [_seeds_and_intervals(cells)])
             found += [f"`{arm}` − `{spec['baseline']}`, {METRIC_LABELS[m]} on {label}: {fmt_interval(r, m, signed=True)}"
                       for m, r in cells.items() if distinguishable(r)]
-        L += [f'**{label}**', '', markdown_table(['arm', *(f'Δ {METRIC_LABELS[m]}' for m in SHOWN_METRICS), 'PSNR difference'], rows), '']
+            psnr_rows.append(cells['psnr']); psnr_found += bool(distinguishable(cells['psnr'])); psnr_n += 1
+        limit = _detection_limit(psnr_rows)
+        L += [f'**{label}**', '', markdown_table(['arm', *(f'Δ {METRIC_LABELS[m]}' for m in SHOWN_METRICS), 'seeds and intervals'], rows), '']
+        L += [limit, ''] if limit else []
     n = int(paired.metric.isin(SHOWN_METRICS).sum()) if len(paired) else 0
     L += [f'Of the {n} differences above, ' + (f'{len(found)} have a 95% interval that excludes zero:' if found else
-          'none has a 95% interval that excludes zero: at this size and number of seeds no arm differs measurably from the baseline in these metrics.')]
-    L += [f'- {f}' for f in found] + ['', f'If no arm differed from the baseline at all, about {n * 0.05:.1f} of {n} such intervals would still exclude zero, '
-          'on average, by chance (5% each).', '', '![per-seed differences from the baseline](differences.png)', '']
-    return L
+          'none has a 95% interval that excludes zero: at this size and number of seeds no arm differs from the baseline by more '
+          'than the detection limits above in these metrics.')]
+    L += [f'- {f}' for f in found] + ['']
+    if n: L += [f'These {n} are not independent tests, so their count is no evidence by itself: the four metrics score the same '
+                'reconstructions (PSNR, NMSE and RMSE all follow from each map\'s squared error) and every evaluation set scores the '
+                f'same runs. On PSNR alone, {psnr_found} of {psnr_n} arm-and-set differences exclude zero; if no arm differed '
+                f'and they were independent, about {psnr_n * 0.05:.1f} would by chance (5% each).', '']
+    return L + ['![per-seed differences from the baseline](differences.png)', '']
 
-# %% ../nbs/21_study.ipynb 97
-def _latent_section(spec, arm_stats, paired, slug: str, label: str, primary: str) -> list[str]:
-    "KL per latent element, latent std and scale factor per arm, with their paired differences from the baseline."
+# %% ../nbs/21_study.ipynb 104
+POSITIVE = ('kl_per_element',)   # reported as a geometric mean with a log-scale interval
+
+def geometric_summary(values, confidence: float = 0.95) -> dict:
+    "n, geometric mean and the Student-t interval of log values, back-transformed: an interval of a positive quantity that stays positive."
+    v = np.asarray([float(u) for u in values if u is not None and np.isfinite(float(u)) and float(u) > 0])
+    s = summarize(np.log(v), confidence) if len(v) else dict(n=0, mean=None, std=None, ci_low=None, ci_high=None)
+    ex = lambda x: None if x is None else float(np.exp(x))
+    return dict(n=s['n'], mean=ex(s['mean']), std=None, ci_low=ex(s['ci_low']), ci_high=ex(s['ci_high']))
+
+def _latent_shift_sentence(p, cols, baseline: str) -> str:
+    "The latent statistics that moved measurably, in words (what a second stage trained on these latents would see)."
+    moved = [f"`{arm}` {METRIC_LABELS[c]} {fmt_interval(r, c, signed=True)}" for arm, g in p.groupby('arm', sort=False)
+             for c in cols[1:] for r in [g[g.metric == c].iloc[0]] if distinguishable(r)]
+    if not moved: return f'No arm moved the latent std or the scale factor measurably from `{baseline}` (every interval includes zero).'
+    return ('The latents moved measurably (interval excludes zero): ' + '; '.join(moved) + '. A second (diffusion) stage trained on '
+            'these latents sees this shift: it multiplies them by the scale factor.')
+
+def _latent_section(spec, arm_stats, paired, slug: str, label: str, primary: str, df=None) -> list[str]:
+    "KL per latent element (geometric), latent std and scale factor per arm, with their paired differences from the baseline."
     a = arm_stats[(arm_stats.set == slug) & (arm_stats.weights == primary)]
     if not len(a): return []
     cols = ('kl_per_element', 'latent_std', 'scale_factor')
-    rows = [[f'`{arm}`'] + [fmt_interval(g[g.metric == c].iloc[0], c) for c in cols] for arm, g in a.groupby('arm', sort=False)]
+    d = None if df is None else df[(df.set == slug) & (df.weights == primary)]
+    def cell(arm, g, c):
+        if c in POSITIVE and d is not None: return fmt_interval(geometric_summary(d[d.arm == arm][c]), c)
+        return fmt_interval(g[g.metric == c].iloc[0], c)
+    rows = [[f'`{arm}`'] + [cell(arm, g, c) for c in cols] for arm, g in a.groupby('arm', sort=False)]
+    below = [f"`{arm}`" for arm, g in a.groupby('arm', sort=False) for c in cols[1:] for r in [g[g.metric == c].iloc[0]]
+             if r['ci_low'] is not None and np.isfinite(r['ci_low']) and r['ci_low'] <= 0]
+    kl_t = sum(1 for arm, g in a.groupby('arm', sort=False) for r in [g[g.metric == 'kl_per_element'].iloc[0]]
+               if r['ci_low'] is not None and np.isfinite(r['ci_low']) and r['ci_low'] <= 0)
     L = [f'## Latents ({label}, {primary} weights)', '', 'KL per latent element: the mean per-map KL of the posterior over the latent elements of a map; '
          'std: of the posterior samples, pooled over channels; the scale factor 1/std is what a latent-diffusion stage multiplies '
-         'the latents by.', '', markdown_table(['arm', *(METRIC_LABELS[c] for c in cols)], rows), '']
+         'the latents by.', '']
+    if d is not None:
+        L += ['KL cannot be negative and varies by a factor between seeds: its cells are the geometric mean over seeds with the 95% '
+              'Student-t interval of log KL, back-transformed, which stays positive' + (f' (a Student-t interval of KL itself reaches '
+              f'below zero for {kl_t} of {a.arm.nunique()} arms here).' if kl_t else '.') + ' The std and scale factor keep Student-t '
+              'intervals: ' + ('they stay above zero for every arm here.' if not below else
+              f"they reach zero or below for {', '.join(sorted(set(below)))}: read those as unbounded below."), '']
+    L += [markdown_table(['arm', *(METRIC_LABELS[c] + (' (geometric)' if c in POSITIVE and d is not None else '') for c in cols)], rows), '']
     p = paired[(paired.set == slug) & paired.metric.isin(cols)] if len(paired) else paired
     if len(p):
         rows = [[f'`{arm}`'] + [fmt_interval(g[g.metric == c].iloc[0], c, signed=True) + (' *' if distinguishable(g[g.metric == c].iloc[0]) else '') for c in cols]
                 for arm, g in p.groupby('arm', sort=False)]
         L += [f"Minus the baseline `{spec['baseline']}`, paired by seed (* : the interval excludes zero):", '',
-              markdown_table(['arm', *(f'Δ {METRIC_LABELS[c]}' for c in cols)], rows), '']
+              markdown_table(['arm', *(f'Δ {METRIC_LABELS[c]}' for c in cols)], rows), '', _latent_shift_sentence(p, cols, spec['baseline']), '']
     return L + ['![rate and distortion of every run](rate_distortion.png)', '', '![scale factor and per-channel std](latents.png)', '']
 
-# %% ../nbs/21_study.ipynb 99
+# %% ../nbs/21_study.ipynb 106
 def _ema_section(ema, sets: dict) -> list[str]:
     "EMA minus raw weights of each run, paired by seed, per set and arm."
     if not len(ema): return []
@@ -672,35 +870,48 @@ def _ema_section(ema, sets: dict) -> list[str]:
         L += [f'**{label}**', '', markdown_table(['arm', *(f'Δ {METRIC_LABELS[m]}' for m in SHOWN_METRICS), 'PSNR difference'], rows), '']
     return L + ['![EMA minus raw weights, per run](ema_vs_raw.png)', '']
 
-# %% ../nbs/21_study.ipynb 101
-def _runs_section(runs, out) -> list[str]:
-    "Every run: where it is, its status and times."
+# %% ../nbs/21_study.ipynb 108
+def _runs_section(runs, manifest) -> list[str]:
+    "Every run: its status and times, from the run records."
     rows = []
     for r in runs:
-        s = read_run_state(r['folder']); t = s.get('train') or {}
-        status = 'done' if t and len(s['eval']) == len(r['sets']) else ('trained' if t else ('started' if Path(r['folder']).exists() else 'not started'))
-        link = Path(r['folder']).relative_to(Path(out).resolve())
-        rows.append([f"`{r['arm']}`", r['seed'], status, f"{t['seconds'] / 60:.1f}" if t else '',
-                     f"{sum(e.get('seconds', 0) for e in s['eval'].values()) / 60:.1f}" if s['eval'] else '', f'[{link}]({link})'])
-    return ['## Runs', '', markdown_table(['arm', 'seed', 'status', 'training (min)', 'evaluation (min)', 'folder'], rows), '',
-            'Tables: [results.csv](results.csv) (a row per run, set and weights), [arms.csv](arms.csv), [paired.csv](paired.csv), '
-            '[ema_vs_raw.csv](ema_vs_raw.csv); the study and its sessions: [study.json](study.json).', '']
+        s = manifest.get('run_records', {}).get(r['key'], {})
+        rows.append([f"`{r['arm']}`", r['seed'], s.get('status', 'not started'), f"{s['train_s'] / 60:.1f}" if s.get('train_s') else '',
+                     f"{s['eval_s'] / 60:.1f}" if s.get('eval_s') else '', s.get('commit') or ''])
+    return ['## Runs', '', markdown_table(['arm', 'seed', 'status', 'training (min)', 'evaluation (min)', 'made at commit'], rows), '',
+            'Tables: [results.csv](results.csv) (a row per run, set and weights), [curves.csv](curves.csv) (every logged training '
+            'value of every run, one row each), [arms.csv](arms.csv), [paired.csv](paired.csv), [ema_vs_raw.csv](ema_vs_raw.csv); '
+            'the study, its sessions and runs: [study.json](study.json).', '']
 
-# %% ../nbs/21_study.ipynb 104
-def _csv(df) -> str:
-    d = df.copy()
-    for c in ('diffs', 'seeds', 'channel_std'):
-        if c in d.columns: d[c] = d[c].map(json.dumps)
-    return d.to_csv(index=False)
+def _regenerate_section(spec, manifest, out) -> list[str]:
+    "How to rebuild this page from the committed files, and the run folders from scratch."
+    path = _display_path(spec.get('path', f'configs/studies/{Path(out).name}.yaml'))
+    command = manifest['sessions'][-1]['command'] if manifest['sessions'] else f'radiodiff-vae study {path} --out {out}'
+    in_git = manifest.get('runs_in_git')
+    L = ['## Regenerating', '', f'The run folders (`runs/`: checkpoints, logs, evaluations) are not in git. This page, the tables and '
+         f'the figures are made from the committed evidence alone (results.csv, curves.csv, study.json):', '', '```',
+         f'radiodiff-vae study {path} --out {out} --report-only', '```', '',
+         'The runs are deterministic for the same code, the same machine type and the same `--jobs` (thread count): at the commit '
+         'that made them (the runs table above), the study\'s own command retrains and re-evaluates every run into `runs/` and '
+         'rewrites these files with the same numbers:', '', '```', command, '```', '']
+    if in_git: L += [f'The run folders of this study were committed once, in {in_git}; `git checkout {in_git} -- {out}/runs` restores them '
+                     'as they were.', '']
+    return L
 
-# %% ../nbs/21_study.ipynb 106
+def _display_path(out) -> str:
+    "An absolute `out` relative to the repository when inside it (how the commands in STUDY.md name it), else as given."
+    if not Path(out).is_absolute(): return str(out)
+    try: return str(Path(out).resolve().relative_to(repo_dir().resolve()))
+    except ValueError: return str(out)
+
+# %% ../nbs/21_study.ipynb 111
 def write_report(out, spec: dict, manifest: dict, configs: dict, runs: list[dict]) -> Path:
-    "Write results.csv, arms.csv, paired.csv, ema_vs_raw.csv, the figures and STUDY.md into study folder `out` from the finished runs."
+    "Write arms.csv, paired.csv, ema_vs_raw.csv, the figures and STUDY.md into study folder `out` from its evidence alone (results.csv, curves.csv, study.json)."
     out, primary, arms = Path(out), spec['evaluation']['primary'], [a['label'] for a in spec['arms']]
-    df = collect_results(runs)
+    df, curves = read_evidence(out)
     sets = {s['slug']: s['label'] for r in runs for s in r['sets']}
     arm_stats, paired, ema = summarize_arms(df), compare_with_baseline(df, spec['baseline'], primary), ema_minus_raw(df) if df.weights.nunique() > 1 else df.iloc[:0]
-    for name, table in (('results.csv', df), ('arms.csv', arm_stats), ('paired.csv', paired), ('ema_vs_raw.csv', ema)): atomic_write_text(out/name, _csv(table))
+    for name, table in (('arms.csv', arm_stats), ('paired.csv', paired), ('ema_vs_raw.csv', ema)): atomic_write_text(out/name, _csv(table))
     latent = next((s for s in ('synthetic', *sets) if s in sets), None)
     rd = next((s for s in sets if s.startswith('real-') and s != f'real-{REAL_NATIVE_SIZE}'), next(iter(sets), None))
     others = [a for a in arms if a != spec['baseline']]
@@ -709,14 +920,15 @@ def write_report(out, spec: dict, manifest: dict, configs: dict, runs: list[dict
     atomic_save_png(plot_rate_distortion(df, arms, rd, sets.get(rd, ''), primary), out/'rate_distortion.png')
     atomic_save_png(plot_latents(df, arms, latent, sets.get(latent, ''), primary), out/'latents.png')
     if len(ema): atomic_save_png(plot_differences(ema, arms, sets, title='EMA minus raw weights of the same run: a dot per seed'), out/'ema_vs_raw.png')
-    atomic_save_png(plot_curves(read_curves(runs), runs, arms), out/'curves.png')
+    atomic_save_png(plot_curves(curves_from_table(curves, runs), runs, arms), out/'curves.png')
     L = [f"# Study: {spec['name']}", '', spec['description'], ''] + _setup_section(spec, manifest, configs, runs)
     L += _results_section(spec, arm_stats, sets, primary) + _paired_section(spec, paired, sets, primary)
-    L += _latent_section(spec, arm_stats, paired, latent, sets.get(latent, ''), primary) + _ema_section(ema, sets)
-    L += ['## Training curves', '', '![training curves by arm](curves.png)', ''] + _runs_section(runs, out)
+    L += _latent_section(spec, arm_stats, paired, latent, sets.get(latent, ''), primary, df) + _ema_section(ema, sets)
+    L += ['## Training curves', '', '![training curves by arm](curves.png)', ''] + _runs_section(runs, manifest)
+    L += _regenerate_section(spec, manifest, _display_path(out))
     return atomic_write_text(out/'STUDY.md', '\n'.join(L))
 
-# %% ../nbs/21_study.ipynb 109
+# %% ../nbs/21_study.ipynb 114
 def _command(path, out, jobs) -> str:
     return f"radiodiff-vae study {path} --out {out}" + (f' --jobs {jobs}' if jobs != 1 else '')
 
@@ -727,7 +939,15 @@ def _session(path, out, jobs) -> dict:
                 cpus=threads_per_job(1), load_start=None if load is None else round(load, 2), wall_s=0.0, finished_runs=0, failed={},
                 device=f'CUDA ({torch.cuda.get_device_name(0)}) for training' if torch.cuda.is_available() else 'CPU only')
 
-# %% ../nbs/21_study.ipynb 111
+# %% ../nbs/21_study.ipynb 116
+def _report_only(out, spec, manifest, configs, runs, echo=print) -> dict:
+    "`--report-only`: STUDY.md, the tables and figures from the study's evidence alone (no run folder is read)."
+    if not (Path(out)/'results.csv').is_file(): raise RunFolderError(f'{out} holds no results.csv: no evidence to report on')
+    manifest['spec'] = spec; save_manifest(out, manifest); write_report(out, spec, manifest, configs, runs)
+    done = sum(1 for r in runs if manifest.get('run_records', {}).get(r['key'], {}).get('status') == 'done')
+    echo(f"wrote {Path(out)/'STUDY.md'} from the evidence of the {done} finished of {len(runs)} runs"); return manifest
+
+# %% ../nbs/21_study.ipynb 117
 def study(path, out, jobs: int = 1, progress: bool = True, report_only: bool = False, echo=print) -> dict:
     "Run (or resume) study file `path` into folder `out`: train and evaluate the missing runs, then write STUDY.md; return the manifest."
     if not _is_int(jobs) or jobs < 1: raise ConfigError(f'--jobs must be a positive integer, got {jobs!r}')
@@ -736,13 +956,11 @@ def study(path, out, jobs: int = 1, progress: bool = True, report_only: bool = F
     manifest = open_study_folder(out, spec)
     runs = run_plan(spec, out, configs)
     todo = [r for r in runs if missing_work(r)]
-    if report_only:
-        manifest['spec'] = spec; save_manifest(out, manifest); write_report(out, spec, manifest, configs, runs)
-        echo(f"wrote {Path(out)/'STUDY.md'} from the {len(runs) - len(todo)} finished of {len(runs)} runs"); return manifest
+    if report_only: return _report_only(out, spec, manifest, configs, runs, echo)
     if not todo:
         echo(f"nothing to do: the {len(runs)} runs of study {spec['name']!r} in {out} are complete")
         if manifest['spec'] != spec or not (Path(out)/'STUDY.md').exists():   # arms or seeds removed, text changed
-            manifest['spec'] = spec; save_manifest(out, manifest); write_report(out, spec, manifest, configs, runs)
+            manifest['spec'] = spec; save_evidence(out, runs, manifest); save_manifest(out, manifest); write_report(out, spec, manifest, configs, runs)
         return manifest
     manifest['spec'] = spec; session = _session(path, out, jobs); manifest['sessions'].append(session)
     t0 = time.perf_counter()
@@ -751,24 +969,27 @@ def study(path, out, jobs: int = 1, progress: bool = True, report_only: bool = F
         if error: session['failed'][run['key']] = error
         else: session['finished_runs'] += 1
         manifest['runs'][run['key']] = 'failed: ' + error if error else 'done'
-        save_manifest(out, manifest)
+        save_manifest(out, manifest); save_evidence(out, [run], manifest)
     echo(f"study {spec['name']!r}: {len(todo)} of {len(runs)} runs to do, {jobs} at a time, into {out}")
-    try: failed = execute_runs(todo, jobs, progress, on_done)
+    try:
+        failed = {}
+        for wave in ([r for r in todo if not r.get('init_from')], [r for r in todo if r.get('init_from')]):   # starting points first
+            if wave: failed.update(execute_runs(wave, jobs, progress, on_done))
     finally:
         session.update(wall_s=round(time.perf_counter() - t0, 1)); save_manifest(out, manifest)
-    write_report(out, spec, manifest, configs, runs)
+    save_evidence(out, runs, manifest); write_report(out, spec, manifest, configs, runs)
     echo(f"wrote {Path(out)/'STUDY.md'} ({len(todo) - len(failed)} runs done in {_minutes(session['wall_s'])})")
     if failed: raise RunFolderError(f"{len(failed)} of {len(todo)} runs failed ({'; '.join(f'{k}: {v}' for k, v in failed.items())}); "
                                     'STUDY.md covers the finished ones; the same command retries the rest')
     return manifest
 
-# %% ../nbs/21_study.ipynb 115
+# %% ../nbs/21_study.ipynb 121
 def add_study_args(parser):
     "Arguments of `radiodiff-vae study`."
     parser.add_argument('study', metavar='STUDY.yaml', help='study file, e.g. configs/studies/adversarial.yaml')
     parser.add_argument('--out', required=True, help='study folder, e.g. studies/adversarial (created; the same study resumes it)')
     parser.add_argument('--jobs', type=int, default=1, help='runs at once, each in its own process with the CPU threads split (default 1)')
-    parser.add_argument('--report-only', action='store_true', help='only rewrite STUDY.md, tables and figures from the finished runs')
+    parser.add_argument('--report-only', action='store_true', help='only rewrite STUDY.md, tables and figures from the study folder\'s evidence (results.csv, curves.csv, study.json)')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
     return parser
 
@@ -783,5 +1004,5 @@ def main(argv=None) -> int:
     try: return run_study(args)
     except RadioDiffError as e: print(f'radiodiff-vae study: error: {e}', file=sys.stderr); return 2
 
-# %% ../nbs/21_study.ipynb 117
+# %% ../nbs/21_study.ipynb 123
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())

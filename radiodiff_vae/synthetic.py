@@ -15,10 +15,11 @@ from .core import DataError, ConfigError, RunFolderError, atomic_write_bytes, at
 from .data import scale_gain
 
 # %% auto 0
-__all__ = ['DEFAULT_PARAMS', 'MARKER', 'DISTANCE_BINS', 'resolve_params', 'random_city', 'place_transmitter', 'polar_buildings',
-           'obstacles_along_rays', 'path_gain_db', 'db_to_gray', 'shadow_loss', 'radio_map', 'generate_radio_map',
-           'generation_speed', 'SyntheticRadioMaps', 'write_radiomapseer_layout', 'add_make_data_args', 'run_make_data',
-           'pixel_histogram', 'histogram_distance', 'estimate_transmitter', 'gain_vs_distance']
+__all__ = ['DEFAULT_PARAMS', 'REFERENCE_SIZE', 'MARKER', 'DISTANCE_BINS', 'resolve_params', 'random_city', 'place_transmitter',
+           'transmitter_m', 'pixel_near', 'polar_buildings', 'obstacles_along_rays', 'path_gain_db', 'db_to_gray',
+           'shadow_loss', 'radio_map', 'generate_radio_map', 'generation_speed', 'SyntheticRadioMaps',
+           'write_radiomapseer_layout', 'add_make_data_args', 'run_make_data', 'pixel_histogram', 'histogram_distance',
+           'estimate_transmitter', 'gain_vs_distance']
 
 # %% ../nbs/09a_synthetic.ipynb 6
 DEFAULT_PARAMS = dict(
@@ -102,26 +103,37 @@ def _lot_buildings(rng, lu, lv, blk, blocks, p) -> np.ndarray:
     return out
 
 # %% ../nbs/09a_synthetic.ipynb 15
-def _district(rng, y, x, p):
+def _district(rng, y, x, p, ref=None, anchor=None):
     "Buildings and open space at coordinates (y, x) in metres for one district: a rotated street grid of blocks."
     phi = rng.uniform(0, np.pi / 2)
     pu, pv = rng.uniform(*p['pitch'], 2)
     w = rng.uniform(*p['street'])
     c, s = np.float32(np.cos(phi)), np.float32(np.sin(phi))
-    u = x * c + y * s + np.float32(rng.uniform(0, pu))
-    v = y * c - x * s + np.float32(rng.uniform(0, pv))
-    bu, bv = np.floor(u * np.float32(1 / pu)), np.floor(v * np.float32(1 / pv))
+    ou, ov = np.float32(rng.uniform(0, pu)), np.float32(rng.uniform(0, pv))
+    def blocks_of(y, x):
+        u, v = x * c + y * s + ou, y * c - x * s + ov
+        return u, v, np.floor(u * np.float32(1 / pu)), np.floor(v * np.float32(1 / pv))
+    u, v, bu, bv = blocks_of(y, x)
     lu, lv = u - bu * np.float32(pu) - np.float32(w / 2), v - bv * np.float32(pv) - np.float32(w / 2)  # block-local
-    u0, v0 = int(bu.min()), int(bv.min())
-    nbv = int(bv.max()) - v0 + 1
+    # Blocks are numbered over the district's points on the reference grid (and these points), not these points alone:
+    # the block table, and so every random draw after it, is then the same at every map size.
+    span = [(bu, bv)]
+    if ref is not None: span.append(blocks_of(*ref)[2:])
+    if not sum(len(t) for t, _ in span) and anchor is not None:      # a district too small to hold a pixel
+        span.append(blocks_of(anchor[:1], anchor[1:])[2:])
+    span_u, span_v = (np.concatenate(t) for t in zip(*span))
+    u0, v0 = int(span_u.min()), int(span_v.min())
+    nbv = int(span_v.max()) - v0 + 1
     blk = (bu.astype(np.int32) - u0) * nbv + (bv.astype(np.int32) - v0)
-    blocks = _block_table(rng, (int(bu.max()) - u0 + 1) * nbv, np.float32(pu - w), np.float32(pv - w), p)
+    blocks = _block_table(rng, (int(span_u.max()) - u0 + 1) * nbv, np.float32(pu - w), np.float32(pv - w), p)
     b = _lot_buildings(rng, lu, lv, blk, blocks, p)
     bw, bh = blocks['size']
     inside = (lu >= 0) & (lu <= bw) & (lv >= 0) & (lv <= bh)
     return b & inside, ~inside | blocks['park'][blk]     # a turned building stays off the street
 
 # %% ../nbs/09a_synthetic.ipynb 17
+REFERENCE_SIZE = 256     # the grid a city's blocks are numbered on and its transmitter drawn on: 1 m pixels over 256 m
+
 _COORDS = {}
 def _pixel_coords(size, extent_m):
     "Row and column coordinates in metres of every pixel, flattened (cached, read-only)."
@@ -133,18 +145,26 @@ def _pixel_coords(size, extent_m):
         _COORDS[size, extent_m] = yy, xx
     return _COORDS[size, extent_m]
 
+def _city(rng, yy, xx, p, ref=None):
+    "Flat (buildings, open) masks at the points (yy, xx) in metres; blocks numbered over `ref`'s points (default: these)."
+    k = int(rng.integers(p['n_districts'][0], p['n_districts'][1] + 1))
+    seeds = rng.uniform(0, p['extent_m'], (k, 2)).astype(np.float32)
+    def district_of(y, x):
+        return (np.argmin((y[None] - seeds[:, :1])**2 + (x[None] - seeds[:, 1:])**2, 0) if k > 1 else np.zeros(len(y), np.int64))
+    district = district_of(yy, xx)
+    ref_district = None if ref is None else district_of(*ref)
+    buildings, open_ = np.zeros(len(yy), bool), np.zeros(len(yy), bool)
+    for d in range(k):
+        sel = np.flatnonzero(district == d) if k > 1 else slice(None)
+        ref_d = None if ref is None else tuple(t[ref_district == d] for t in ref)
+        buildings[sel], open_[sel] = _district(rng, yy[sel], xx[sel], p, ref_d, seeds[d])
+    return buildings, open_
+
 def random_city(rng, size=256, **params):
     "Random city: (buildings, open) boolean size×size masks; `open` marks streets and parks (where a transmitter may stand)."
     p = resolve_params(**params)
-    yy, xx = _pixel_coords(size, p['extent_m'])
-    k = int(rng.integers(p['n_districts'][0], p['n_districts'][1] + 1))
-    seeds = rng.uniform(0, p['extent_m'], (k, 2)).astype(np.float32)
-    buildings, open_ = np.zeros(size * size, bool), np.zeros(size * size, bool)
-    district = (np.argmin((yy[None] - seeds[:, :1])**2 + (xx[None] - seeds[:, 1:])**2, 0) if k > 1
-                else np.zeros(size * size, np.int64))
-    for d in range(k):
-        sel = np.flatnonzero(district == d) if k > 1 else slice(None)
-        buildings[sel], open_[sel] = _district(rng, yy[sel], xx[sel], p)
+    ref = None if size == REFERENCE_SIZE else _pixel_coords(REFERENCE_SIZE, p['extent_m'])
+    buildings, open_ = _city(rng, *_pixel_coords(size, p['extent_m']), p, ref)
     return buildings.reshape(size, size), open_.reshape(size, size)
 
 # %% ../nbs/09a_synthetic.ipynb 21
@@ -157,6 +177,40 @@ def place_transmitter(rng, buildings, open_, lo=0.2, hi=0.8):
         free = np.flatnonzero(allowed)
         if len(free): return tuple(int(v) for v in divmod(int(free[rng.integers(len(free))]), size))
     raise DataError(f'the generated {size}x{size} city is all buildings; lower cell_fill/solid_prob')
+
+def _tx_window(p) -> np.ndarray:
+    "Flat indices of the reference grid's central [tx_lo, tx_hi] window, in row-major order (as `place_transmitter` lists them)."
+    n = REFERENCE_SIZE
+    a, b = int(p['tx_lo'] * n), max(int(p['tx_hi'] * n), int(p['tx_lo'] * n) + 1)
+    return (np.arange(a, b)[:, None] * n + np.arange(a, b)[None]).ravel()
+
+def _draw_transmitter_m(seed, index, tx_index, window_buildings, window_open, p) -> tuple:
+    "`place_transmitter` on the 1 m reference grid, from the city's masks on its central window; (y, x) in metres."
+    n, window = REFERENCE_SIZE, _tx_window(p)
+    free = window[window_open & ~window_buildings]
+    rng = np.random.default_rng([seed, index, tx_index])
+    if len(free): row, col = divmod(int(free[rng.integers(len(free))]), n)    # its first choice, without the whole grid
+    else: row, col = place_transmitter(rng, *random_city(np.random.default_rng([seed, index]), n, **p), p['tx_lo'], p['tx_hi'])
+    return row * p['extent_m'] / n, col * p['extent_m'] / n
+
+def transmitter_m(seed, index, tx_index=0, **params) -> tuple:
+    "(y, x) in metres of transmitter `tx_index` of map `index` of stream `seed`: the same at every map size."
+    p = resolve_params(**params)
+    ref = _pixel_coords(REFERENCE_SIZE, p['extent_m'])
+    window = _tx_window(p)
+    buildings, open_ = _city(np.random.default_rng([seed, index]), ref[0][window], ref[1][window], p, ref)
+    return _draw_transmitter_m(seed, index, tx_index, buildings, open_, p)
+
+def pixel_near(buildings, point_m, extent_m=256.0) -> tuple:
+    "(row, col) of the pixel of `buildings` nearest to `point_m` (metres) that is not a building."
+    size = buildings.shape[0]; scale = extent_m / size
+    row, col = (min(max(int(np.floor(v / scale + 0.5)), 0), size - 1) for v in point_m)
+    if not buildings[row, col]: return row, col
+    free = np.flatnonzero(~buildings)
+    if not len(free): raise DataError(f'the generated {size}x{size} city is all buildings; lower cell_fill/solid_prob')
+    rows, cols = np.divmod(free, size)
+    best = int(np.argmin((rows * scale - point_m[0])**2 + (cols * scale - point_m[1])**2))
+    return int(rows[best]), int(cols[best])
 
 # %% ../nbs/09a_synthetic.ipynb 24
 _GEOMETRY = {}
@@ -276,12 +330,22 @@ def radio_map(buildings, tx, **params) -> np.ndarray:
 
 # %% ../nbs/09a_synthetic.ipynb 40
 def generate_radio_map(seed, index, size=256, tx_index=0, **params) -> dict:
-    "Map `index` of stream `seed`: dict(gain, buildings, antenna: uint8 size×size, tx=(row, col)). Deterministic."
+    "Map `index` of stream `seed`: dict(gain, buildings, antenna: uint8 size×size, tx=(row, col), tx_m=(y, x) metres)."
     p = resolve_params(**params)
-    buildings, open_ = random_city(np.random.default_rng([seed, index]), size, **params)
-    tx = place_transmitter(np.random.default_rng([seed, index, tx_index]), buildings, open_, p['tx_lo'], p['tx_hi'])
+    if size == REFERENCE_SIZE:
+        buildings, open_ = random_city(np.random.default_rng([seed, index]), size, **params)
+        tx = place_transmitter(np.random.default_rng([seed, index, tx_index]), buildings, open_, p['tx_lo'], p['tx_hi'])
+        tx_m = tuple(v * p['extent_m'] / size for v in tx)
+    else:        # one pass over this size's pixels and the reference window the transmitter is drawn on
+        ref, window, (yy, xx) = _pixel_coords(REFERENCE_SIZE, p['extent_m']), _tx_window(p), _pixel_coords(size, p['extent_m'])
+        both = _city(np.random.default_rng([seed, index]), np.concatenate([yy, ref[0][window]]),
+                     np.concatenate([xx, ref[1][window]]), p, ref)
+        buildings, open_ = (t[:size * size].reshape(size, size) for t in both)
+        tx_m = _draw_transmitter_m(seed, index, tx_index, *(t[size * size:] for t in both), p)
+        tx = pixel_near(buildings, tx_m, p['extent_m'])
     antenna = np.zeros((size, size), np.uint8); antenna[tx] = 255
-    return dict(gain=radio_map(buildings, tx, **params), buildings=buildings.astype(np.uint8) * 255, antenna=antenna, tx=tx)
+    return dict(gain=radio_map(buildings, tx, **params), buildings=buildings.astype(np.uint8) * 255, antenna=antenna,
+                tx=tx, tx_m=tx_m)
 
 # %% ../nbs/09a_synthetic.ipynb 43
 def generation_speed(n=20, size=256, seed=0, rounds=1, **params) -> float:
@@ -363,8 +427,8 @@ def add_make_data_args(parser):
     "Arguments of `radiodiff-vae make-data`."
     parser.add_argument('--out', required=True, help='output folder (new, empty, or an earlier make-data output)')
     parser.add_argument('--n', type=int, required=True, help='number of maps (cities); map ids are 1..n')
-    parser.add_argument('--seed', type=int, default=0, help='random stream; map m depends only on (seed, m)')
-    parser.add_argument('--size', type=int, default=256, help='map side in pixels; a map covers 256 m at any size')
+    parser.add_argument('--seed', type=int, default=0, help='random stream; map m depends only on (seed, m) and is the same scene at every --size')
+    parser.add_argument('--size', type=int, default=256, help='map side in pixels (at least 16); a map covers 256 m at any size, city and transmitter alike')
     parser.add_argument('--num-tx', type=int, default=1, help='transmitters per map')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
     return parser

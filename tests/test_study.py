@@ -95,7 +95,7 @@ def test_report_tables_figures_and_paired_numbers(killed_then_resumed):
     for fig in ('metrics.png', 'differences.png', 'rate_distortion.png', 'latents.png', 'ema_vs_raw.png', 'curves.png'):
         assert (out/fig).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', fig
         assert f']({fig})' in md, fig
-    assert 'model-*.pt' in (out/'.gitignore').read_text()
+    assert 'runs/' in (out/'.gitignore').read_text().splitlines()
 
 
 def test_rerun_does_nothing_and_says_so(killed_then_resumed, capsys):
@@ -192,3 +192,77 @@ def test_pipeline_notebook_reports_a_copied_study(killed_then_resumed, tmp_path)
                                parameters=dict(study_file=str(k['path']), out_dir=str(copy), report_only=True, progress=False))
     assert (copy/'metrics.png').is_file() and '## Each arm minus the baseline `no-gan`' in (copy/'STUDY.md').read_text()
     assert 'Each arm minus the baseline' in (tmp_path/'executed.ipynb').read_text()
+
+
+def test_report_only_rebuilds_the_report_from_the_evidence_alone(killed_then_resumed, tmp_path, capsys):
+    "A copy of the study folder without its run folders (as git holds it): --report-only writes the same STUDY.md, tables and figures."
+    import shutil
+    k = killed_then_resumed
+    copy = tmp_path/'tiny'; shutil.copytree(k['out'], copy, ignore=shutil.ignore_patterns('runs'))
+    rebuilt = ('STUDY.md', 'arms.csv', 'paired.csv', 'ema_vs_raw.csv', 'metrics.png', 'differences.png', 'curves.png')
+    for name in rebuilt: (copy/name).unlink()
+    assert study_main([str(k['path']), '--out', str(copy), '--report-only', '--no-progress']) == 0
+    assert 'from the evidence of the 4 finished of 4 runs' in capsys.readouterr().out
+    assert not (copy/'runs').exists()
+    for name in ('arms.csv', 'paired.csv', 'ema_vs_raw.csv', 'curves.png', 'metrics.png'):
+        assert (copy/name).read_bytes() == (k['out']/name).read_bytes(), name
+    original, again = (k['out']/'STUDY.md').read_text(), (copy/'STUDY.md').read_text()
+    assert again.replace(str(copy), str(k['out'])) == original
+    curves = pd.read_csv(copy/'curves.csv')
+    assert set(curves.columns) == {'arm', 'seed', 'step', 'name', 'value'} and {'train/rec_loss', 'val/psnr_ema'} <= set(curves.name)
+    assert sorted(curves.groupby(['arm', 'seed']).size().index.tolist()) == sorted([('gan-half', 0), ('gan-half', 1), ('no-gan', 0), ('no-gan', 1)])
+
+
+def test_report_only_without_evidence_is_refused(tmp_path, capsys):
+    path = tiny_study_file(tmp_path)
+    out = tmp_path/'empty'; out.mkdir(); (out/'study.json').write_text(json.dumps(dict(spec=load_study(path)[0], sessions=[], runs={})))
+    assert study_main([str(path), '--out', str(out), '--report-only', '--no-progress']) == 2
+    assert 'holds no results.csv' in capsys.readouterr().err
+
+
+def test_committed_studies_keep_evidence_not_run_folders():
+    "Each committed study tracks at most 60 files, none under runs/, and holds the evidence its report is rebuilt from."
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    listed = subprocess.run(['git', 'ls-files', 'studies'], cwd=root, capture_output=True, text=True)
+    if listed.returncode: pytest.skip('not a git checkout')
+    files = listed.stdout.split()
+    studies = sorted({f.split('/')[1] for f in files})
+    assert studies == ['adversarial', 'kl_weight', 'logvar_ema']
+    for name in studies:
+        mine = [f for f in files if f.split('/')[1] == name]
+        assert len(mine) <= 60, (name, len(mine))
+        assert not [f for f in mine if '/runs/' in f], name
+        for needed in ('STUDY.md', 'study.json', 'results.csv', 'paired.csv', 'curves.csv', 'metrics.png', 'curves.png'):
+            assert f'studies/{name}/{needed}' in mine, (name, needed)
+        md = (root/'studies'/name/'STUDY.md').read_text()
+        assert f'radiodiff-vae study configs/studies/{name}.yaml --out studies/{name} --report-only' in md
+
+
+@pytest.mark.slow   # three reports: about 40 s each on the shared 2-core machine
+@pytest.mark.parametrize('name', ['adversarial', 'kl_weight', 'logvar_ema'])
+def test_committed_study_reports_rebuild_unchanged(name, tmp_path):
+    "--report-only on a copy of a committed study folder reproduces its STUDY.md and tables byte for byte."
+    import shutil
+    root = Path(__file__).resolve().parents[1]
+    copy = tmp_path/name; shutil.copytree(root/'studies'/name, copy, ignore=shutil.ignore_patterns('runs'))
+    res = _study(str(root/'configs'/'studies'/f'{name}.yaml'), '--out', str(copy), '--report-only', '--no-progress', cwd=root)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for f in ('arms.csv', 'paired.csv', 'ema_vs_raw.csv', 'results.csv', 'curves.csv'):
+        assert (copy/f).read_bytes() == (root/'studies'/name/f).read_bytes(), f
+    assert (copy/'STUDY.md').read_text().replace(str(copy), f'studies/{name}') == (root/'studies'/name/'STUDY.md').read_text()
+
+
+def test_an_arm_starts_from_another_arms_runs(tmp_path):
+    "`init_from`: each run of the arm starts from the EMA weights of the other arm's run of the same seed, trained first even with --jobs 2."
+    arms = [dict(label='base', set=['model.lossconfig.disc_start={steps}']),
+            dict(label='ft', set=['model.lossconfig.disc_start={steps}', 'trainer.lr=2e-4'], steps=2, init_from='base', note='from base')]
+    path = tiny_study_file(tmp_path, arms=arms)
+    res = _study(str(path), '--out', str(tmp_path/'out'), '--jobs', '2', '--no-progress', cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for seed in (0, 1):
+        run = tmp_path/'out'/'runs'/'ft'/f'seed-{seed}'
+        cfg = yaml.safe_load((run/'config.yaml').read_text())
+        assert cfg['model']['ckpt_path'] == str(tmp_path/'out'/'runs'/'base'/f'seed-{seed}'/'model-2.pt')
+        assert cfg['model']['ckpt_weights'] == 'ema' and read_run_state(run)['train']['step'] == 2
+    assert 'ft (steps 2)' in (tmp_path/'out'/'STUDY.md').read_text().replace('`', '')
