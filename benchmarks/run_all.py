@@ -315,10 +315,16 @@ def _data_section(d: dict | None) -> list[str]:
         if key in d: lines.append(f"- {label}: " + ', '.join(f"{w} workers {v:.1f} maps/s" for w, v in d[key]['maps_per_s'].items()))
     return lines + ['']
 
+def _load_average(a: dict) -> float:
+    "The 1-minute load average a timing recorded: the old field, or the machine record's (a string machine has none)."
+    if 'load_avg_1min' in a: return a['load_avg_1min']
+    m = a.get('machine')
+    return ((m.get('load_average') if isinstance(m, dict) else None) or [float('nan')])[0]
+
 def _analysis_section(a: dict | None) -> list[str]:
     if a is None: return ['## Log analysis', '', 'Not measured (benchmarks/bench_analysis.py missing or failed).', '']
     if 'error' in a: return ['## Log analysis', '', f"Failed: {a['error']}", '']
-    lines = ['## Log analysis (benchmarks/bench_analysis.py)', '', f"`{a['command']}` — {a['date_utc']}; load average {a.get('load_avg_1min', ((a.get('machine') or {}).get('load_average') or [float('nan')])[0]):.1f}.", '']
+    lines = ['## Log analysis (benchmarks/bench_analysis.py)', '', f"`{a['command']}` — {a['date_utc']}; load average {_load_average(a):.1f}.", '']
     if 'parse_derive_s' in a:
         lines.append(f"- parse + derive a {a['record_lines']:,}-line upstream log ({a['logged_steps']:,} logged steps): median {a['parse_derive_s']:.2f} s wall "
                      f"({a['parse_derive_cpu_s']:.2f} s CPU) over {a['repeats']} repeats; budget {a['parse_derive_budget_s']:.0f} s")
