@@ -336,6 +336,8 @@ def validate_config(cfg: dict) -> dict:
         _require(t[key] > 0, f'trainer.{key}: must be a positive integer, got {t[key]}')
     for key in ('batch_size', 'size', 'n_maps'): _require(d[key] > 0, f'data.{key}: must be positive, got {d[key]}')
     for key in ('val_maps', 'num_workers', 'num_tx'): _require(d[key] >= 0, f'data.{key}: must be >= 0, got {d[key]}')
+    for key, value in (('trainer.seed', t['seed']), ('data.data_seed', d['data_seed'])):
+        _require(0 <= value <= 2**63 - 1, f'{key}: expected an integer seed from 0 to 2**63-1, got {value}')
     _require(t['lr'] > 0, f"trainer.lr: must be > 0, got {t['lr']}")
     _require(t['min_lr'] >= 0, f"trainer.min_lr: must be >= 0, got {t['min_lr']}")
     _require(t['disc_lr'] is None or t['disc_lr'] > 0, f"trainer.disc_lr: must be > 0 or null, got {t['disc_lr']}")

@@ -23,6 +23,7 @@ from .losses import LPIPSWithDiscriminator
 from .model import load_checkpoint, model_from_checkpoint, upstream_loss_state_dict
 from .data import MapFolder, RadioMapSeer, leaked_maps, unscale_gain
 from .synthetic import SyntheticRadioMaps
+from .checks import check_seed, check_map_side
 from .config import downsampling_factor, load_config, resolve_config
 
 # %% auto 0
@@ -105,6 +106,7 @@ def _synthetic_dataset(spec: str, cfg: dict | None):
     size = size or (data.get("size") if trained_on else None) or 256
     params = dict(data.get("synthetic") or {}) if trained_on else {}
     if seed is None: seed = data.get("data_seed", 0) if trained_on else 0
+    check_seed(seed, f"data spec {spec!r}: SEED"); check_map_side(size, f"data spec {spec!r}: SIZE")   # before any map is made
     offset = data.get("n_maps", 0) + data.get("val_maps", 0) if trained_on and seed == data.get("data_seed") else 0
     return SyntheticRadioMaps(n, seed=seed, size=size, offset=offset, **params), dict(
         kind="synthetic", n=n, seed=seed, size=size, offset=offset, params=params, held_out_from_training=trained_on)

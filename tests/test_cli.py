@@ -208,3 +208,52 @@ def test_real_process_exit_status(tmp_path):
         assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr
         assert expected in [l for l in r.stderr.splitlines() if 'error:' in l][0]
     assert not (tmp_path/'out').exists()
+
+# ---------------------------------------------------------------------------------------------------------------
+# checked before any work, one line each (issue 34: items 6, 9, 10, 12, 14)
+
+def _a_log(tmp_path):
+    "A tiny upstream-format log analyze can read."
+    log = tmp_path/'run'/'r_.log'; log.parent.mkdir(exist_ok=True)
+    log.write_text(''.join(f'2025-01-01 00:00:0{s},000 [Train Step] {s}/9: train/total_loss: 1.0, train/rec_loss: 0.5, lr: 0.001, \n' for s in range(1, 4)))
+    return log
+
+def _every_command(tmp_path, checkpoint, study_file, out):
+    "One valid-looking command line per command, writing into `out`."
+    cfg = tmp_path/'cfg.yaml'; cfg.write_text(yaml.safe_dump(tiny_config()))
+    return {'make-data': ['make-data', '--out', out, '--n', '1', '--size', '32', '--no-progress'],
+            'train': ['train', '--config', cfg, '--out', out, '--no-progress'],
+            'analyze': ['analyze', _a_log(tmp_path), '--out', out],
+            'evaluate': ['evaluate', '--checkpoint', checkpoint, '--data', 'synthetic:2:0:32', '--out', out, '--no-progress'],
+            'reproduce': ['reproduce', '--out', out, '--config', cfg, '--no-progress'],
+            'study': ['study', study_file, '--out', out, '--no-progress'],
+            'release': ['release', '--run', tmp_path, '--out', out]}
+
+@pytest.mark.parametrize('command', ['make-data', 'train', 'analyze', 'evaluate', 'reproduce', 'study', 'release'])
+def test_output_folder_that_cannot_be_made_is_one_line(capsys, tmp_path, checkpoint, command):
+    from radiodiff_vae.study import tiny_study_file
+    study_file = tiny_study_file(tmp_path/'s')
+    blocker = tmp_path/'a_file'; blocker.write_text('in the way')
+    for out, expected in [(blocker, 'exists and is not a folder'), (blocker/'sub', 'is a file, not a folder')]:
+        fails(capsys, _every_command(tmp_path, checkpoint, study_file, out)[command], str(blocker), expected)
+    assert blocker.read_text() == 'in the way'
+    if os.geteuid() != 0:
+        ro = tmp_path/'ro'; ro.mkdir(); os.chmod(ro, 0o555)
+        try: fails(capsys, _every_command(tmp_path, checkpoint, study_file, ro/'out')[command], 'not writable')
+        finally: os.chmod(ro, 0o755)
+
+def test_seeds_devices_sizes_and_dpi_are_checked_first(capsys, tmp_path, checkpoint, cfg_file):
+    out, cfg = tmp_path/'out', cfg_file(tiny_config())
+    for seed in ('-1', '99999999999999999999999'):
+        fails(capsys, ['make-data', '--out', out, '--n', '1', '--seed', seed], '--seed', seed)
+        fails(capsys, ['train', '--config', cfg, '--out', out, '--seed', seed], '--seed', seed)
+    fails(capsys, ['train', '--config', cfg, '--out', out, '--seed', '-5'], '--seed', '-5')
+    fails(capsys, ['train', '--config', cfg, '--out', out, '--set', 'trainer.seed=-5'], 'trainer.seed', '-5')
+    for device, expected in [('banana', 'not a device name')] + ([] if __import__('torch').cuda.is_available() else [('cuda', 'no CUDA GPU')]):
+        fails(capsys, ['evaluate', '--checkpoint', checkpoint, '--data', 'synthetic:2:0:32', '--out', out, '--device', device], device, expected)
+    fails(capsys, ['make-data', '--out', out, '--n', '1', '--size', '1000000'], '--size', 'needs about', 'TiB')
+    fails(capsys, ['train', '--config', cfg, '--out', out, '--set', 'data.size=1000000'], 'data.size=1000000', 'needs about')
+    fails(capsys, ['evaluate', '--checkpoint', checkpoint, '--data', 'synthetic:2:0:100000', '--out', out], 'synthetic:2:0:100000', 'needs about')
+    log = _a_log(tmp_path)
+    for dpi in ('0', '100000'): fails(capsys, ['analyze', log, '--out', out, '--dpi', dpi], '--dpi', dpi)
+    assert not out.exists()
