@@ -98,7 +98,7 @@ def test_bad_overrides_and_arguments(capsys, tmp_path, cfg_file):
     fails(capsys, ['train', '--config', tmp_path/'missing.yaml', '--out', out], 'missing.yaml', 'not found')
     fails(capsys, ['train', '--config', path, '--out', out, '--set', 'trainer.nope=1'], 'trainer.nope')
     fails(capsys, ['train', '--config', path, '--out', out, '--set', 'trainer.lr'], 'trainer.lr', 'section.key=value')
-    fails(capsys, ['train', '--config', path, '--out', out, '--steps', '-3'], 'train_num_steps', '-3')
+    fails(capsys, ['train', '--config', path, '--out', out, '--steps', '-3'], '--steps', '-3')   # checked at parse time (checks.check_args)
     fails(capsys, ['train', '--config', path, '--out', out, '--steps', '1'], 'disc_start')  # disc_start 2 > 1 step
     fails(capsys, ['train', '--config', path, '--out', out, '--resume', tmp_path/'nope.pt'], 'nope.pt')
     assert not out.exists()
@@ -227,7 +227,7 @@ def _every_command(tmp_path, checkpoint, study_file, out):
             'evaluate': ['evaluate', '--checkpoint', checkpoint, '--data', 'synthetic:2:0:32', '--out', out, '--no-progress'],
             'reproduce': ['reproduce', '--out', out, '--config', cfg, '--no-progress'],
             'study': ['study', study_file, '--out', out, '--no-progress'],
-            'release': ['release', '--run', tmp_path, '--out', out]}
+            'release': ['release', tmp_path, '--out', out]}
 
 @pytest.mark.parametrize('command', ['make-data', 'train', 'analyze', 'evaluate', 'reproduce', 'study', 'release'])
 def test_output_folder_that_cannot_be_made_is_one_line(capsys, tmp_path, checkpoint, command):
