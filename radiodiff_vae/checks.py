@@ -11,7 +11,7 @@ from .core import ConfigError, RunFolderError
 # %% auto 0
 __all__ = ['SEED_MAX', 'GENERATOR_BYTES_PER_PIXEL', 'POSITIVE_ARGS', 'NONNEGATIVE_ARGS', 'DPI_RANGE', 'check_output_folder',
            'make_output_folder', 'check_seed', 'check_device', 'available_memory', 'check_memory', 'check_map_side',
-           'check_training_memory', 'check_args']
+           'check_training_memory', 'check_args', 'printable_name']
 
 # %% ../nbs/00a_checks.ipynb 6
 def check_output_folder(out, option: str = '--out') -> Path:
@@ -126,3 +126,10 @@ def check_args(args) -> None:
         raise ConfigError(f'--smoothing: expected a number in [0, 1), got {get("smoothing")}')
     if get('device') is not None: check_device(get('device'))
     if get('out') is not None: check_output_folder(get('out'))
+
+# %% ../nbs/00a_checks.ipynb 23
+def printable_name(name) -> str:
+    "`name` as text that can be drawn and written as UTF-8: undecodable bytes of a file name become U+FFFD."
+    text = str(name)
+    try: return text.encode('utf-8', 'surrogateescape').decode('utf-8', 'replace')
+    except UnicodeEncodeError: return text.encode('utf-8', 'replace').decode('utf-8')
