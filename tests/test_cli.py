@@ -257,3 +257,27 @@ def test_seeds_devices_sizes_and_dpi_are_checked_first(capsys, tmp_path, checkpo
     log = _a_log(tmp_path)
     for dpi in ('0', '100000'): fails(capsys, ['analyze', log, '--out', out, '--dpi', dpi], '--dpi', dpi)
     assert not out.exists()
+
+def test_logs_beyond_drawing_are_one_line_and_leave_no_partial_figures(capsys, tmp_path):
+    "issue 34 item 14: a log with a negative step and 1e308 losses."
+    import json
+    run = tmp_path/'run'; run.mkdir()
+    rows = [{'step': s, 'total_steps': 9, 'train/total_loss': 1e308, 'train/rec_loss': 1e308, 'train/kl_loss': 1e308,
+             'train/nll_loss': 1e308, 'lr_ae': 1e-3} for s in (-5, 1, 2, 3)]
+    (run/'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    out = tmp_path/'out'
+    capsys.readouterr()
+    code = main(['analyze', str(run), '--out', str(out)])
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err
+    if code == 2:
+        assert '1e+308' in err and not out.exists()
+    else: assert code == 0 and (out/'REPORT.md').exists()
+
+def test_run_folder_names_that_are_not_utf8_can_be_analysed(capsys, tmp_path):
+    "issue 34 item 11: figure titles name the run by its folder."
+    run = Path(os.fsdecode(bytes(tmp_path) + b'/caf\xe9'))
+    run.mkdir()
+    (run/'r_.log').write_text(_a_log(tmp_path).read_text())
+    assert main(['analyze', str(run), '--out', str(tmp_path/'out')]) == 0, capsys.readouterr().err[-2000:]
+    assert (tmp_path/'out'/'REPORT.md').exists()
