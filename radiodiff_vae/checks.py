@@ -113,7 +113,7 @@ DPI_RANGE = (20, 1200)   # 1200 dpi already makes an 11-inch figure 13200 pixels
 def _option(name: str) -> str: return '--' + name.replace('_', '-')
 
 def check_args(args) -> None:
-    "Check the generic arguments of a parsed command line (see above); raise a one-line RadioDiffError on the first bad one."
+    "Check the generic arguments of a parsed command line (see above; `run`: release's run folder); raise a one-line RadioDiffError on the first bad one."
     get = lambda name: getattr(args, name, None)
     for name in POSITIVE_ARGS + NONNEGATIVE_ARGS:
         v, low = get(name), 0 if name in NONNEGATIVE_ARGS else 1
@@ -125,6 +125,8 @@ def check_args(args) -> None:
     if get('smoothing') is not None and not (isinstance(get('smoothing'), float) and 0 <= get('smoothing') < 1):
         raise ConfigError(f'--smoothing: expected a number in [0, 1), got {get("smoothing")}')
     if get('device') is not None: check_device(get('device'))
+    if get('run') is not None and not Path(get('run')).is_dir():
+        raise RunFolderError(f"{get('run')}: no such run folder; expected a finished training run folder (model-N.pt, metrics.jsonl)")
     if get('out') is not None: check_output_folder(get('out'))
 
 # %% ../nbs/00a_checks.ipynb 23

@@ -433,12 +433,15 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
 def read_yaml(path) -> dict:
     "Read a YAML config file with clear errors for a missing, unreadable or malformed file."
     path = Path(path)
+    if path.is_dir(): raise ConfigError(f'config file {str(path)!r} is a folder; expected a YAML file such as configs/quickstart.yaml')
     if not path.is_file(): raise ConfigError(f'config file {str(path)!r} not found')
     try: text = path.read_text(encoding='utf-8')
     except (OSError, UnicodeDecodeError) as e: raise ConfigError(f'config file {str(path)!r} cannot be read: {e}') from None
     try: raw = yaml.safe_load(text)
     except yaml.YAMLError as e: raise ConfigError(f'config file {str(path)!r} is not valid YAML: {_yaml_problem(e)}') from None
-    if raw is not None and not isinstance(raw, dict):
+    if raw is None: raise ConfigError(f'config file {str(path)!r} is empty (no YAML value); write the sections model, data, trainer, '
+                                      'or {} to mean every default (the full-size RadioDiff run)')
+    if not isinstance(raw, dict):
         raise ConfigError(f'config file {str(path)!r}: expected a mapping of sections (model, data, trainer), got {type(raw).__name__}')
     return raw or {}
 

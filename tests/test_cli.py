@@ -2,6 +2,7 @@
 no traceback, and nothing written (the --out folder is not created, existing files are untouched)."""
 import hashlib, os, subprocess, sys
 from pathlib import Path
+import numpy as np
 import pytest, yaml
 from radiodiff_vae.cli import main
 
@@ -281,3 +282,33 @@ def test_run_folder_names_that_are_not_utf8_can_be_analysed(capsys, tmp_path):
     (run/'r_.log').write_text(_a_log(tmp_path).read_text())
     assert main(['analyze', str(run), '--out', str(tmp_path/'out')]) == 0, capsys.readouterr().err[-2000:]
     assert (tmp_path/'out'/'REPORT.md').exists()
+
+# ---------------------------------------------------------------------------------------------------------------
+# messages that say what is true (issue 34 item 15)
+
+def test_damaged_checkpoint_messages_are_whole_and_do_not_advise_the_unsafe_loader(capsys, tmp_path, checkpoint):
+    rand = tmp_path/'model-5.pt'; rand.write_bytes(os.urandom(4096))
+    line = fails(capsys, ['evaluate', '--checkpoint', rand, '--data', 'synthetic:2:0:32', '--out', tmp_path/'out'], 'model-5.pt')
+    assert 'weights_only' not in line and 'bytes are neither the zip archive torch.save writes nor a pickle' in line
+    data = checkpoint.read_bytes()
+    cut = tmp_path/'model-6.pt'; cut.write_bytes(data[:len(data) // 2])
+    line = fails(capsys, ['evaluate', '--checkpoint', cut, '--data', 'synthetic:2:0:32', '--out', tmp_path/'out'], 'model-6.pt', 'truncated')
+    assert 'high likelihood' not in line and line.rstrip().endswith('use another checkpoint of the run')
+
+def test_config_folder_empty_config_and_missing_release_folder(capsys, tmp_path, cfg_file):
+    (tmp_path/'conf').mkdir()
+    fails(capsys, ['train', '--config', tmp_path/'conf', '--out', tmp_path/'out'], 'conf', 'is a folder')
+    fails(capsys, ['train', '--config', cfg_file('', 'empty.yaml'), '--out', tmp_path/'out'], 'empty.yaml', 'is empty')
+    fails(capsys, ['train', '--config', cfg_file('# only a comment\n', 'comment.yaml'), '--out', tmp_path/'out'], 'comment.yaml', 'is empty')
+    fails(capsys, ['release', tmp_path/'no_such_run', '--out', tmp_path/'out'], 'no_such_run', 'no such run folder')
+    assert not (tmp_path/'out').exists()
+
+def test_transparent_maps_say_their_alpha_is_dropped(capsys, tmp_path, checkpoint):
+    from PIL import Image
+    maps = tmp_path/'maps'; maps.mkdir()
+    rgba = np.zeros((32, 32, 4), np.uint8); rgba[..., :3] = 120; rgba[..., 3] = 128
+    Image.fromarray(rgba, 'RGBA').save(maps/'see_through.png')
+    capsys.readouterr()
+    assert main(['evaluate', '--checkpoint', str(checkpoint), '--data', str(maps), '--out', str(tmp_path/'out'), '--no-progress']) == 0
+    err = capsys.readouterr().err
+    assert 'alpha' in err and 'see_through.png' in err
