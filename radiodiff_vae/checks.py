@@ -126,7 +126,8 @@ def check_args(args) -> None:
         raise ConfigError(f'--smoothing: expected a number in [0, 1), got {get("smoothing")}')
     if get('device') is not None: check_device(get('device'))
     if get('run') is not None and not Path(get('run')).is_dir():
-        raise RunFolderError(f"{get('run')}: no such run folder; expected a finished training run folder (model-N.pt, metrics.jsonl)")
+        what = 'is a file, not a run folder' if Path(get('run')).exists() else 'no such run folder'
+        raise RunFolderError(f"{get('run')}: {what}; expected a finished training run folder (model-N.pt, metrics.jsonl)")
     if get('out') is not None: check_output_folder(get('out'))
 
 # %% ../nbs/00a_checks.ipynb 23

@@ -151,6 +151,8 @@ def test_sigkill_at_random_moments_resumes_bit_exactly(tmp_path):
     a, b = load_ckpt(base/last), load_ckpt(killed/last)
     assert b['session'] > 0 and a['session'] == 0
     a.pop('session'); b.pop('session')
+    assert len({load_ckpt(p)['run_id'] for p in killed.glob('model-*.pt')}) == 1   # one run across its sessions
+    assert a.pop('run_id') != b.pop('run_id')                                       # two runs
     assert_same(a, b)       # model, ema, loss (discriminator + logvar), both optimizers, schedulers, RNG, data position
     for m in range(1, steps // every + 1): assert_same(load_ckpt(base/f'model-{m}.pt')['model'], load_ckpt(killed/f'model-{m}.pt')['model'], f'model-{m}')
 
