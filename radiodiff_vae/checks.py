@@ -98,12 +98,16 @@ def check_map_side(size, where: str, minimum: int = 1) -> int:
     return size
 
 def check_training_memory(cfg: dict, where: str = 'data.size'):
-    "Refuse a training config whose batch cannot fit in memory (a lower bound of the need; see above)."
+    "Refuse a training config whose batch cannot fit in memory, the GPU's free memory where it trains on one (a lower bound of the need; see above)."
     d, ch = cfg['data'], cfg['model']['ddconfig']['ch']
+    import torch
+    on_gpu = not cfg['trainer']['cpu'] and torch.cuda.is_available()
+    device_memory = torch.cuda.mem_get_info()[0] if on_gpu else None      # the activations live on the GPU there
     for size, batch, key in ((d['size'], d['batch_size'], 'data.size'), (d['finish_size'], d['finish_batch_size'] or d['batch_size'], 'data.finish_size')):
         if size is None: continue
         if d['source'] == 'synthetic': check_map_side(size, f'{key}={size}')
-        check_memory(2.0 * batch * float(size) ** 2 * ch * 4, f'a batch of {batch} maps of {size}x{size} through {ch} channels', f'{key}={size}')
+        check_memory(2.0 * batch * float(size) ** 2 * ch * 4, f'a batch of {batch} maps of {size}x{size} through {ch} channels'
+                     + (' (on the GPU)' if on_gpu else ''), f'{key}={size}', available=device_memory)
 
 # %% ../nbs/00a_checks.ipynb 20
 POSITIVE_ARGS = ('n', 'num_tx', 'steps', 'limit', 'batch_size', 'jobs', 'eval_limit', 'eval_synthetic_maps')

@@ -24,7 +24,7 @@ RUN_FOLDER_FILES = (   # (file name pattern, written by, read by, what it holds)
     ('config_history.jsonl', 'trainer, at every start', 'you', 'one line per session: start step, checkpoint resumed, precision and its reason, settings changed on resume (learning rates, step count, ...)'),
     ('.lock', '`RunLock`', '`RunLock`, `run_health`', "pid, host and start time of the trainer that holds the folder (the lock itself is the OS's)"),
     ('model-*.pt', 'trainer, every `save_and_sample_every` steps and at the end of training', '`resolve_resume`, `latest_checkpoint`, evaluation, `run_health`',
-     'milestone N: weights, EMA, discriminator, log-variance, optimizers, schedulers, RNG states, data position'),
+     'milestone N: weights, EMA, discriminator, log-variance, optimizers, schedulers, RNG states, data position, the run id (lineage)'),
     ('sample-*.png', 'trainer, before each `model-N.pt`', '`logs.find_samples`, figures, report', 'held-out maps beside their reconstructions'),
     ('*_.log', '`logs.RunLogs`, one file per session', '`logs.read_text_log`, upstream\'s tools', 'upstream-format text log: the config line, two `[Train Step]` lines per logged step, resume/checkpoint/skip/stop lines'),
     ('metrics.jsonl', '`logs.RunLogs`', '`logs.read_jsonl`, reproduce (progress)', 'one JSON object per logged step and per milestone (held-out scores)'),
