@@ -173,7 +173,7 @@ def run_lineage(out, path, ckpts) -> str:
     if path is None: return new_run_id()
     same_folder = Path(path).resolve().parent == out.resolve()
     theirs = checkpoint_record(path)['run_id']
-    if same_folder: return theirs or new_run_id()
+    if same_folder: return theirs or _folder_run_id(ckpts) or new_run_id()   # unreadable (skipped as damaged later): the folder's run
     if not ckpts: return new_run_id()              # continued in a new folder: a branch, a new run
     mine = _folder_run_id(ckpts)
     if theirs is not None and theirs == mine: return mine     # a copy of this folder's own run
