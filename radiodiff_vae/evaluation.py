@@ -245,7 +245,7 @@ def per_map_losses(loss, x, x_rec, posterior, last_layer) -> dict:
 # %% ../nbs/17_evaluation.ipynb 40
 def _map_noise(shape, index: int, sample_seed: int) -> torch.Tensor:
     "Standard normal noise of `shape` for map `index`: the same for every batch layout."
-    return torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed * 1_000_003 + index))
+    return torch.randn(shape, generator=torch.Generator().manual_seed((sample_seed * 1_000_003 + index) % 2**64))   # any seed up to 2**63-1
 
 @torch.no_grad()
 def posterior_and_reconstructions(model, x, indices, sample_seed: int = 0) -> dict:

@@ -448,3 +448,10 @@ def test_file_names_that_are_not_utf8(tiny_ckpt, tmp_path, capsys):
     out = tmp_path / "eval"
     assert cli_main(["evaluate", "--checkpoint", str(path), "--data", str(maps), "--out", str(out), "--no-progress"]) == 0
     assert "caf\ufffd" in pd.read_csv(out / "per_map.csv")["name"].iloc[0] and (out / "reconstructions_raw.png").is_file()
+
+
+def test_every_accepted_seed_works(tiny_ckpt, tmp_path):
+    "issue 34 item 9: --seed takes 0..2**63-1; the per-map noise seed must not overflow torch's 64 bits for the large ones."
+    path, _ = tiny_ckpt
+    assert cli_main(["evaluate", "--checkpoint", str(path), "--data", "synthetic:1", "--out", str(tmp_path / "e"), "--seed", str(2**63 - 1),
+                     "--no-progress"]) == 0
