@@ -17,6 +17,7 @@ from .evaluation import METRICS, summarize, dataset_from_spec, evaluate_checkpoi
 from .run_folder import latest_checkpoint
 from .logs import read_run
 from .reproduce import training_progress, StageProgress, record_differences
+from .checks import check_args
 
 # %% auto 0
 __all__ = ['STUDY_KEYS', 'REQUIRED_KEYS', 'ARM_KEYS', 'EVALUATION_DEFAULTS', 'LABEL_RE', 'STEPS_RE', 'REAL_NATIVE_SIZE',
@@ -800,7 +801,7 @@ def run_study(args) -> int:
 def main(argv=None) -> int:
     "`python -m radiodiff_vae.study ...`: user errors print one line and exit with status 2."
     args = add_study_args(argparse.ArgumentParser(prog='radiodiff-vae study', description='arms x seeds of training runs, compared')).parse_args(argv)
-    try: return run_study(args)
+    try: check_args(args); return run_study(args)      # the checks every command shares (checks.ipynb)
     except RadioDiffError as e: print(f'radiodiff-vae study: error: {e}', file=sys.stderr); return 2
 
 # %% ../nbs/21_study.ipynb 117

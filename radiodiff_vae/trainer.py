@@ -31,7 +31,7 @@ from .data import RadioMapSeer, radiomapseer_split, MapFolder
 from .synthetic import SyntheticRadioMaps
 from .config import (load_config, resolve_config, dump_config, config_differences, resume_changes, choose_precision,
                                   finish_start_step, FINISH_OFF, CUDA_GRAPH_MODES)
-from .checks import make_output_folder
+from .checks import make_output_folder, check_args
 from .run_folder import RunLock, list_checkpoints, resolve_resume, check_run_folder
 from .logs import RunLogs, format_log_line, UPSTREAM_AE_KEYS, UPSTREAM_DISC_KEYS
 
@@ -879,7 +879,7 @@ def run_train(args) -> int:
 def main(argv=None) -> int:
     "`python -m radiodiff_vae.trainer ...` (for `accelerate launch -m`): user errors exit with status 2."
     args = add_train_args(argparse.ArgumentParser(prog='radiodiff_vae.trainer', description='train the VAE-GAN')).parse_args(argv)
-    try: return run_train(args)
+    try: check_args(args); return run_train(args)      # the checks every command shares (checks.ipynb)
     except RadioDiffError as e:
         print(f'radiodiff-vae train: error: {e}', file=sys.stderr); return 2
 

@@ -312,3 +312,14 @@ def test_transparent_maps_say_their_alpha_is_dropped(capsys, tmp_path, checkpoin
     assert main(['evaluate', '--checkpoint', str(checkpoint), '--data', str(maps), '--out', str(tmp_path/'out'), '--no-progress']) == 0
     err = capsys.readouterr().err
     assert 'alpha' in err and 'see_through.png' in err
+
+def test_module_entry_points_share_the_checks(capsys, tmp_path, cfg_file):
+    "`python -m radiodiff_vae.study` and `python -m radiodiff_vae.trainer` (accelerate launch) check like `radiodiff-vae`."
+    from radiodiff_vae.study import main as study_main
+    from radiodiff_vae.trainer import main as train_main
+    blocker = tmp_path/'a_file'; blocker.write_text('x')
+    from radiodiff_vae.study import tiny_study_file
+    assert study_main([str(tiny_study_file(tmp_path/'s')), '--out', str(blocker/'sub'), '--no-progress']) == 2
+    assert train_main(['--config', str(cfg_file(tiny_config())), '--out', str(tmp_path/'o'), '--seed', '-1']) == 2
+    err = capsys.readouterr().err
+    assert 'is a file, not a folder' in err and '--seed' in err and 'Traceback' not in err and not (tmp_path/'o').exists()
