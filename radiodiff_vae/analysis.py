@@ -16,6 +16,7 @@ from .core import ConfigError, data_dir
 from .logs import CONFIG_NAMES, load_config_file, read_run
 from .schedules import DECAY_FRACTION, lr_at
 from .config import SCHEMA, finish_start_step, resolve_config, unwrap_upstream
+from .checks import printable_name
 
 # %% auto 0
 __all__ = ['PARAM_PATHS', 'PARAM_ALIASES', 'UPSTREAM_HARD_CODED', 'PARAM_DEFAULTS', 'UPSTREAM_TRAINER_KEYS', 'BOOKKEEPING',
@@ -838,8 +839,8 @@ def group_inputs(paths) -> list[tuple[str, list[Path]]]:
         groups[key].append(p)
     out, used = [], set()
     for key in names:
-        name = key.name or 'run'; n = 2
-        while name in used: name = f'{key.name}-{n}'; n += 1
+        name = printable_name(key.name) or 'run'; n = 2
+        while name in used: name = f'{printable_name(key.name)}-{n}'; n += 1
         used.add(name); out.append((name, groups[key]))
     return out
 
@@ -847,9 +848,9 @@ def display_path(p) -> str:
     "A path as shown in reports: relative to the repository (or the working folder) when inside it."
     p = Path(p).resolve()
     for root in (data_dir().resolve().parent, Path.cwd().resolve()):
-        try: return str(p.relative_to(root))
+        try: return printable_name(p.relative_to(root))
         except ValueError: pass
-    return str(p)
+    return printable_name(p)
 
 # %% ../nbs/14_analysis.ipynb 107
 def _read_one(paths, config):

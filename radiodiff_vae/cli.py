@@ -6,6 +6,7 @@
 from __future__ import annotations
 import argparse, importlib, sys
 from .core import RadioDiffError
+from .checks import check_args
 
 # %% auto 0
 __all__ = ['COMMANDS', 'build_parser', 'main']
@@ -40,15 +41,19 @@ def build_parser(command=None) -> argparse.ArgumentParser:
 
 # %% ../nbs/18_cli.ipynb 10
 def main(argv=None) -> int:
-    "Run `radiodiff-vae` with `argv`; user errors print one line and return 2."
+    "Run `radiodiff-vae` with `argv`; the arguments are checked first; user errors print one line and return 2."
     argv = list(sys.argv[1:] if argv is None else argv)
     chosen = next((a for a in argv if a in COMMANDS), None)
     args = build_parser(chosen).parse_args(argv)
     module, _, run = _job(args.command)
     try:
+        check_args(args)      # output folder, seed, device, sizes: before any work (checks.ipynb)
         return int(getattr(module, run)(args) or 0)
     except RadioDiffError as e:
         print(f'radiodiff-vae {args.command}: error: {e}', file=sys.stderr)
+        return 2
+    except OSError as e:      # a write the environment refused (disk full, permissions changed meanwhile): still one line
+        print(f'radiodiff-vae {args.command}: error: {e.filename or ""}: {e.strerror or e}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f'radiodiff-vae {args.command}: interrupted', file=sys.stderr)

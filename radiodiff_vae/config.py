@@ -336,6 +336,8 @@ def validate_config(cfg: dict) -> dict:
         _require(t[key] > 0, f'trainer.{key}: must be a positive integer, got {t[key]}')
     for key in ('batch_size', 'size', 'n_maps'): _require(d[key] > 0, f'data.{key}: must be positive, got {d[key]}')
     for key in ('val_maps', 'num_workers', 'num_tx'): _require(d[key] >= 0, f'data.{key}: must be >= 0, got {d[key]}')
+    for key, value in (('trainer.seed', t['seed']), ('data.data_seed', d['data_seed'])):
+        _require(0 <= value <= 2**63 - 1, f'{key}: expected an integer seed from 0 to 2**63-1, got {value}')
     _require(t['lr'] > 0, f"trainer.lr: must be > 0, got {t['lr']}")
     _require(t['min_lr'] >= 0, f"trainer.min_lr: must be >= 0, got {t['min_lr']}")
     _require(t['disc_lr'] is None or t['disc_lr'] > 0, f"trainer.disc_lr: must be > 0 or null, got {t['disc_lr']}")
@@ -431,12 +433,15 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
 def read_yaml(path) -> dict:
     "Read a YAML config file with clear errors for a missing, unreadable or malformed file."
     path = Path(path)
+    if path.is_dir(): raise ConfigError(f'config file {str(path)!r} is a folder; expected a YAML file such as configs/quickstart.yaml')
     if not path.is_file(): raise ConfigError(f'config file {str(path)!r} not found')
     try: text = path.read_text(encoding='utf-8')
     except (OSError, UnicodeDecodeError) as e: raise ConfigError(f'config file {str(path)!r} cannot be read: {e}') from None
     try: raw = yaml.safe_load(text)
     except yaml.YAMLError as e: raise ConfigError(f'config file {str(path)!r} is not valid YAML: {_yaml_problem(e)}') from None
-    if raw is not None and not isinstance(raw, dict):
+    if raw is None: raise ConfigError(f'config file {str(path)!r} is empty (no YAML value); write the sections model, data, trainer, '
+                                      'or {} to mean every default (the full-size RadioDiff run)')
+    if not isinstance(raw, dict):
         raise ConfigError(f'config file {str(path)!r}: expected a mapping of sections (model, data, trainer), got {type(raw).__name__}')
     return raw or {}
 

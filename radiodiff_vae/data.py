@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_data.ipynb 1
 from __future__ import annotations
-import os, re
+import os, re, sys
 from pathlib import Path
 import numpy as np
 import torch
@@ -74,12 +74,24 @@ def read_gray_png(path, size=256) -> np.ndarray:
             raise DataError(f'{path}: image is {a.shape[0]}x{a.shape[1]} (HxW), expected {want[0]}x{want[1]}')
     return a
 
+_ALPHA_SAID: set = set()   # folders whose transparent maps were already reported
+
+def _say_alpha_dropped(im, path):
+    "Say on stderr (once per folder) that a map's transparency is dropped: only its gray levels are used."
+    if 'A' not in im.getbands() and 'transparency' not in im.info: return
+    alpha = np.asarray(im.convert('RGBA'), np.uint8)[..., 3]
+    if alpha.min() == 255 or str(Path(path).parent) in _ALPHA_SAID: return
+    _ALPHA_SAID.add(str(Path(path).parent))
+    print(f'note: {path} (and maybe other maps in its folder) has transparent pixels (alpha {int(alpha.min())}..{int(alpha.max())}); '
+          'the alpha channel is dropped and only the gray levels are used', file=sys.stderr)
+
 def _to_gray(im, path) -> np.ndarray:
     "PIL image -> uint8 H×W; equal-channel colour is accepted, differing channels and >8-bit data are not."
     if im.mode == 'L': return np.asarray(im, np.uint8).copy()
     if im.mode == '1': return np.asarray(im.convert('L'), np.uint8).copy()
     if im.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'F'):
         raise DataError(f'{path}: image mode {im.mode} (16/32-bit); expected 8-bit grayscale gray levels 0..255')
+    _say_alpha_dropped(im, path)
     rgb = np.asarray(im.convert('RGB'), np.uint8)
     if not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()):
         raise DataError(f'{path}: colour image ({im.mode}) whose channels differ; expected a grayscale map (1 channel, or equal R, G, B)')

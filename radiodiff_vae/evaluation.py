@@ -23,15 +23,17 @@ from .losses import LPIPSWithDiscriminator
 from .model import load_checkpoint, model_from_checkpoint, upstream_loss_state_dict
 from .data import MapFolder, RadioMapSeer, leaked_maps, unscale_gain
 from .synthetic import SyntheticRadioMaps
+from .checks import check_seed, check_map_side, printable_name
 from .config import downsampling_factor, load_config, resolve_config
 
 # %% auto 0
-__all__ = ['SSIM_KERNEL_SIZE', 'SSIM_SIGMA', 'METRICS', 'EVAL_BATCH', 'LOSS_TERMS', 'RADIODIFF_PAPER', 'mse_per_map',
-           'nmse_per_map', 'rmse_per_map', 'psnr_per_map', 'ssim_per_map', 'map_metrics', 'summarize',
-           'dataset_from_spec', 'read_checkpoint', 'build_model', 'build_loss', 'per_map_losses',
-           'posterior_and_reconstructions', 'LatentStats', 'evaluate_model', 'summarize_rows', 'plot_reconstructions',
-           'plot_psnr_histogram', 'markdown_section', 'prepare_evaluation', 'resolve_data', 'evaluate_prepared',
-           'write_outputs', 'evaluate_checkpoint', 'add_evaluate_args', 'run_evaluate', 'spec_slug', 'evaluate_many']
+__all__ = ['SSIM_KERNEL_SIZE', 'SSIM_SIGMA', 'METRICS', 'EVAL_BATCH', 'LOSS_TERMS', 'RADIODIFF_PAPER', 'EVALUATION_FILES',
+           'mse_per_map', 'nmse_per_map', 'rmse_per_map', 'psnr_per_map', 'ssim_per_map', 'map_metrics', 'summarize',
+           'dataset_from_spec', 'read_checkpoint', 'build_model', 'check_finite_weights', 'build_loss',
+           'per_map_losses', 'posterior_and_reconstructions', 'LatentStats', 'evaluate_model', 'summarize_rows',
+           'degenerate_notes', 'plot_reconstructions', 'plot_psnr_histogram', 'markdown_section', 'prepare_evaluation',
+           'resolve_data', 'evaluate_prepared', 'write_outputs', 'remove_stale_outputs', 'evaluate_checkpoint',
+           'add_evaluate_args', 'run_evaluate', 'spec_slug', 'evaluate_many']
 
 # %% ../nbs/17_evaluation.ipynb 5
 SSIM_KERNEL_SIZE, SSIM_SIGMA = 11, 1.5
@@ -50,15 +52,16 @@ def mse_per_map(pred, target):
     return (pred.double() - target.double()).pow(2).flatten(1).mean(1)
 
 def nmse_per_map(pred, target):
-    "Normalised MSE of each map: squared error summed over pixels over the target's summed square -> [B]."
+    "Normalised MSE of each map: squared error summed over pixels over the target's summed square -> [B]; NaN (undefined) for a map with no signal."
     p, t = pred.double().flatten(1), target.double().flatten(1)
-    return (p - t).pow(2).sum(1) / t.pow(2).sum(1)
+    energy = t.pow(2).sum(1)
+    return torch.where(energy > 0, (p - t).pow(2).sum(1) / energy.clamp_min(torch.finfo(torch.float64).tiny), torch.nan)
 
 def rmse_per_map(pred, target):
     "Root mean squared error of each map -> [B]."
     return mse_per_map(pred, target).sqrt()
 
-# %% ../nbs/17_evaluation.ipynb 9
+# %% ../nbs/17_evaluation.ipynb 11
 def psnr_per_map(pred, target):
     "PSNR (dB) of each map with data range 1, through torchmetrics -> [B]."
     return peak_signal_noise_ratio(pred.double(), target.double(), data_range=1.0, reduction="none", dim=(1, 2, 3))
@@ -69,7 +72,7 @@ def ssim_per_map(pred, target):
     return structural_similarity_index_measure(pred.float(), target.float(), gaussian_kernel=True, sigma=SSIM_SIGMA,
                                               kernel_size=SSIM_KERNEL_SIZE, data_range=1.0, reduction="none").double()
 
-# %% ../nbs/17_evaluation.ipynb 12
+# %% ../nbs/17_evaluation.ipynb 14
 def map_metrics(pred, target, clamp=True) -> dict:
     "NMSE, RMSE, PSNR, SSIM (and MSE) of each map, for maps Bx1xHxW in [0, 1] -> dict of float64 [B] tensors."
     _check_maps(pred, target)
@@ -77,7 +80,7 @@ def map_metrics(pred, target, clamp=True) -> dict:
     return dict(nmse=nmse_per_map(pred, target), rmse=rmse_per_map(pred, target), psnr=psnr_per_map(pred, target),
                 ssim=ssim_per_map(pred, target), mse=mse_per_map(pred, target))
 
-# %% ../nbs/17_evaluation.ipynb 15
+# %% ../nbs/17_evaluation.ipynb 17
 def summarize(values, confidence=0.95) -> dict:
     "Mean, std (ddof 1), Student-t confidence interval, median, min, max over the finite `values`; counts too."
     v = np.asarray(values, dtype=np.float64).ravel()
@@ -93,7 +96,7 @@ def summarize(values, confidence=0.95) -> dict:
         out.update(std=std, ci_low=mean - half, ci_high=mean + half)
     return out
 
-# %% ../nbs/17_evaluation.ipynb 18
+# %% ../nbs/17_evaluation.ipynb 20
 def _synthetic_dataset(spec: str, cfg: dict | None):
     "The `SyntheticRadioMaps` of a `synthetic:N[:SEED[:SIZE]]` spec, held out from `cfg`'s synthetic training maps."
     parts = spec.split(":")[1:]
@@ -105,11 +108,12 @@ def _synthetic_dataset(spec: str, cfg: dict | None):
     size = size or (data.get("size") if trained_on else None) or 256
     params = dict(data.get("synthetic") or {}) if trained_on else {}
     if seed is None: seed = data.get("data_seed", 0) if trained_on else 0
+    check_seed(seed, f"data spec {spec!r}: SEED"); check_map_side(size, f"data spec {spec!r}: SIZE")   # before any map is made
     offset = data.get("n_maps", 0) + data.get("val_maps", 0) if trained_on and seed == data.get("data_seed") else 0
     return SyntheticRadioMaps(n, seed=seed, size=size, offset=offset, **params), dict(
         kind="synthetic", n=n, seed=seed, size=size, offset=offset, params=params, held_out_from_training=trained_on)
 
-# %% ../nbs/17_evaluation.ipynb 20
+# %% ../nbs/17_evaluation.ipynb 22
 def _leak_note(left_out: list, include_leaked: bool, kept=()) -> str | None:
     "What the evaluation did about the map that upstream's split puts in both train and test."
     if left_out: return (f"map(s) {', '.join(map(str, left_out))} left out: upstream's split also trains on them (test position 600); "
@@ -145,7 +149,7 @@ def _radiomapseer_dataset(root: Path, simulation: str = "DPM", include_leaked: b
     return ds, dict(kind="radiomapseer", root=str(root), simulation=simulation, split="test", complete=True,
                     left_out=ds.left_out, include_leaked=include_leaked, note=_leak_note(ds.left_out, include_leaked, kept))
 
-# %% ../nbs/17_evaluation.ipynb 22
+# %% ../nbs/17_evaluation.ipynb 24
 def _real_dataset():
     "The bundled real maps, described honestly: real RadioMapSeer maps, named by label, from upstream's training split."
     root = real_maps_dir() / "gain" / "DPM"
@@ -154,7 +158,7 @@ def _real_dataset():
         f"the {len(ds)} bundled real RadioMapSeer maps: their names are labels, not map ids, and they come from upstream's "
         "training split, so they are held out only for a model not trained on RadioMapSeer with upstream's split"))
 
-# %% ../nbs/17_evaluation.ipynb 24
+# %% ../nbs/17_evaluation.ipynb 26
 def dataset_from_spec(spec, cfg: dict | None = None, include_leaked: bool = False):
     "A dataset of maps (items {'image', 'name'}) and a description of it, from a data spec (see the table above)."
     spec = str(spec)
@@ -169,7 +173,7 @@ def dataset_from_spec(spec, cfg: dict | None = None, include_leaked: bool = Fals
     if (path / "gain").is_dir() or spec.startswith("radiomapseer:"): return _radiomapseer_dataset(path, include_leaked=include_leaked)
     return MapFolder(path, size=None), dict(kind="folder", root=str(path))
 
-# %% ../nbs/17_evaluation.ipynb 28
+# %% ../nbs/17_evaluation.ipynb 30
 def _evaluation_config(ckpt: dict, path: Path, config=None):
     "The resolved config for a checkpoint: `config` (a path or dict) if given, else the checkpoint's, else defaults."
     if config is not None:
@@ -180,7 +184,7 @@ def _evaluation_config(ckpt: dict, path: Path, config=None):
         except ConfigError as e: raise CheckpointError(f"{path}: its stored config is not valid ({e}); pass a config file") from None
     return resolve_config(None), "default (RadioDiff config; the checkpoint carries none)"
 
-# %% ../nbs/17_evaluation.ipynb 30
+# %% ../nbs/17_evaluation.ipynb 32
 def _weights_to_evaluate(use_ema) -> list[str]:
     "`False` -> ['raw'], `True` -> ['ema'], 'both' -> ['raw', 'ema']."
     if use_ema == "both": return ["raw", "ema"]
@@ -202,7 +206,13 @@ def build_model(ckpt: dict, cfg: dict, which: str, path, device="cpu"):
                                   map_location=None, source=f"{path} [{which} weights]")
     return model.to(device).eval().requires_grad_(False)
 
-# %% ../nbs/17_evaluation.ipynb 33
+def check_finite_weights(model, path, which: str):
+    "Refuse (CheckpointError, one line) a model whose weights hold NaN or infinity: every map would be reconstructed as NaN."
+    bad = [(k, int((~torch.isfinite(v)).sum())) for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad: raise CheckpointError(f"{path}: the {which} weights hold non-finite values ({len(bad)} tensors, e.g. {bad[0][0]}: {bad[0][1]} NaN/inf); "
+                                  "nothing to evaluate" + ("; the EMA weights may be intact (--ema)" if which == "raw" else ""))
+
+# %% ../nbs/17_evaluation.ipynb 35
 def build_loss(ckpt: dict, cfg: dict, device="cpu") -> tuple[torch.nn.Module, list[str], float]:
     "The config's `LPIPSWithDiscriminator` with the checkpoint's loss state; notes on what differs; the LPIPS weight used."
     lossconfig, notes = dict(cfg["model"]["lossconfig"]), []
@@ -220,7 +230,7 @@ def build_loss(ckpt: dict, cfg: dict, device="cpu") -> tuple[torch.nn.Module, li
                        "does not fit the lossconfig") + ": fresh values used (logvar = logvar_init; g_loss meaningless)")
     return loss.to(device).eval().requires_grad_(False), notes, perceptual_weight
 
-# %% ../nbs/17_evaluation.ipynb 35
+# %% ../nbs/17_evaluation.ipynb 37
 def per_map_losses(loss, x, x_rec, posterior, last_layer) -> dict:
     "Training loss terms of each map (the batch is split into single maps) -> dict of float lists."
     keys = dict(rec_loss="rec", kl_loss="kl", nll_loss="nll", total_loss="total", g_loss="g")
@@ -232,10 +242,10 @@ def per_map_losses(loss, x, x_rec, posterior, last_layer) -> dict:
         for k, short in keys.items(): out[short].append(float(log[f"eval/{k}"]))
     return out
 
-# %% ../nbs/17_evaluation.ipynb 38
+# %% ../nbs/17_evaluation.ipynb 40
 def _map_noise(shape, index: int, sample_seed: int) -> torch.Tensor:
     "Standard normal noise of `shape` for map `index`: the same for every batch layout."
-    return torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed * 1_000_003 + index))
+    return torch.randn(shape, generator=torch.Generator().manual_seed((sample_seed * 1_000_003 + index) % 2**64))   # any seed up to 2**63-1
 
 @torch.no_grad()
 def posterior_and_reconstructions(model, x, indices, sample_seed: int = 0) -> dict:
@@ -246,7 +256,7 @@ def posterior_and_reconstructions(model, x, indices, sample_seed: int = 0) -> di
     return dict(posterior=posterior, z_mode=posterior.mode(), z_sample=z_sample,
                 x_mode=model.decode(posterior.mode()), x_sample=model.decode(z_sample))
 
-# %% ../nbs/17_evaluation.ipynb 41
+# %% ../nbs/17_evaluation.ipynb 43
 class LatentStats:
     "Running per-channel sums of latents -> mean, std per channel and pooled, and the scale factor 1/std."
     def __init__(self): self.sum = self.sumsq = None; self.count = 0
@@ -267,7 +277,7 @@ class LatentStats:
         return dict(channel_mean=mean.tolist(), channel_std=var.sqrt().tolist(), mean=pooled_mean, std=pooled_std,
                     scale_factor=(1 / pooled_std) if pooled_std > 0 else None, elements=self.count * len(self.sum))
 
-# %% ../nbs/17_evaluation.ipynb 44
+# %% ../nbs/17_evaluation.ipynb 46
 EVAL_BATCH = 2   # maps per forward pass by default: the fastest per map on a CPU (see above)
 
 def _check_map(image, name, index, ddconfig):
@@ -291,7 +301,7 @@ def _batches(dataset, indices, batch_size, ddconfig):
         batch.append((i, item))
     if batch: yield batch
 
-# %% ../nbs/17_evaluation.ipynb 46
+# %% ../nbs/17_evaluation.ipynb 48
 def evaluate_model(model, loss, dataset, indices, *, batch_size=EVAL_BATCH, device="cpu", sample_seed=0, train_on_sample=True,
                    progress=True, desc="evaluate") -> tuple[list[dict], dict]:
     "Per-map rows (metrics, losses) and latent statistics of `model` on `dataset[indices]`."
@@ -306,21 +316,20 @@ def evaluate_model(model, loss, dataset, indices, *, batch_size=EVAL_BATCH, devi
             m = {kind: map_metrics(unscale_gain(r[f"x_{kind}"]).cpu(), target) for kind in ("mode", "sample")}
             losses = per_map_losses(loss, x, r["x_sample" if train_on_sample else "x_mode"], r["posterior"], model.get_last_layer())
             for j, (i, item) in enumerate(batch):
-                row = dict(index=i, name=item.get("name", str(i)), height=x.shape[-2], width=x.shape[-1])
+                row = dict(index=i, name=printable_name(item.get("name", str(i))), height=x.shape[-2], width=x.shape[-1])
                 row.update({f"{kind}_{k}": float(v[j]) for kind in ("mode", "sample") for k, v in m[kind].items()})
                 row.update({f"loss_{k}": v[j] for k, v in losses.items()})
                 rows.append(row)
             bar.update(len(batch))
     return rows, {k: v.result() for k, v in latents.items()}
 
-# %% ../nbs/17_evaluation.ipynb 49
+# %% ../nbs/17_evaluation.ipynb 51
 LOSS_TERMS = ("rec", "kl", "nll", "total", "g")
 
 def summarize_rows(rows: list[dict], latents: dict) -> dict:
     "Summary of one model's per-map rows: metric and loss statistics, latent statistics, typical and worst maps."
     df = pd.DataFrame(rows)
-    psnr = df["mode_psnr"].replace([np.inf, -np.inf], np.nan)
-    order = psnr.dropna().sort_values(kind="stable")
+    order = df["mode_psnr"].dropna().sort_values(kind="stable")     # +inf (exact reconstructions) sorts last: the best maps
     pick = lambda pos: None if order.empty else dict(index=int(df.loc[order.index[pos], "index"]),
                                                      name=str(df.loc[order.index[pos], "name"]), psnr=float(order.iloc[pos]))
     sizes = df.groupby(["height", "width"]).size()
@@ -330,7 +339,21 @@ def summarize_rows(rows: list[dict], latents: dict) -> dict:
                 latents=latents, scale_factor=latents.get("sample", {}).get("scale_factor"),
                 typical_map=pick((len(order) - 1) // 2), worst_map=pick(0))
 
-# %% ../nbs/17_evaluation.ipynb 52
+# %% ../nbs/17_evaluation.ipynb 53
+def degenerate_notes(per_map, weights: str = "") -> list[str]:
+    "One line per kind of degenerate map in per-map rows (no signal, exact or non-finite reconstruction), naming the maps."
+    df, tag, notes = pd.DataFrame(per_map), f"{weights} weights: " if weights else "", []
+    if not len(df): return notes
+    names = lambda mask: ", ".join(map(str, df.loc[mask, "name"].head(10))) + (f" and {int(mask.sum()) - 10} more" if mask.sum() > 10 else "")
+    broken = ~np.isfinite(df["mode_mse"].astype(float))
+    no_signal = df["mode_nmse"].isna() & ~broken
+    exact = (df["mode_psnr"].astype(float) == np.inf) & ~broken
+    if broken.any(): notes.append(f"{tag}{int(broken.sum())} map(s) reconstructed as non-finite values, left out of every mean: {names(broken)}")
+    if no_signal.any(): notes.append(f"{tag}NMSE undefined for {int(no_signal.sum())} map(s) with no signal (all pixels 0), left out of the NMSE mean: {names(no_signal)}")
+    if exact.any(): notes.append(f"{tag}PSNR infinite for {int(exact.sum())} map(s) reconstructed exactly (MSE 0), left out of the PSNR mean: {names(exact)}")
+    return notes
+
+# %% ../nbs/17_evaluation.ipynb 56
 def plot_reconstructions(model, dataset, picks: dict, sample_seed=0, device="cpu", title=""):
     "Figure: rows = picked maps ({label: index}), columns = map, mode and sampled reconstruction, |error|."
     picks = {k: v for k, v in picks.items() if v is not None}
@@ -346,7 +369,7 @@ def plot_reconstructions(model, dataset, picks: dict, sample_seed=0, device="cpu
         for ax, img, name in zip(axes[row], maps, ("map", "mode reconstruction", "sampled reconstruction")):
             ax.imshow(img, cmap="gray", vmin=0, vmax=1); ax.set_title(name, fontsize=9)
         shown.append(axes[row, 3].imshow(err, cmap="magma")); axes[row, 3].set_title(f"|error| (mode), PSNR {psnr:.2f} dB", fontsize=9)
-        axes[row, 0].set_ylabel(f"{label}\n{dataset[index].get('name', index)}", fontsize=9)
+        axes[row, 0].set_ylabel(f"{label}\n{printable_name(dataset[index].get('name', index))}", fontsize=9)
     vmax = max([im.get_array().max() for im in shown] + [1e-6])
     for im in shown: im.set_clim(0, vmax)
     if shown: fig.colorbar(shown[0], ax=axes[:, 3].tolist(), shrink=0.8, label="absolute error (0-1 scale)")
@@ -354,7 +377,7 @@ def plot_reconstructions(model, dataset, picks: dict, sample_seed=0, device="cpu
     if title: fig.suptitle(title, fontsize=10)
     return fig
 
-# %% ../nbs/17_evaluation.ipynb 54
+# %% ../nbs/17_evaluation.ipynb 58
 def plot_psnr_histogram(df, title=""):
     "Figure: histogram of per-map PSNR, mode and sampled reconstructions, one panel per weights."
     groups = list(df.groupby("weights", sort=False))
@@ -371,7 +394,7 @@ def plot_psnr_histogram(df, title=""):
     if title: fig.suptitle(title, fontsize=10)
     return fig
 
-# %% ../nbs/17_evaluation.ipynb 57
+# %% ../nbs/17_evaluation.ipynb 61
 RADIODIFF_PAPER = dict(nmse=0.0049, rmse=0.0190, psnr=35.0, ssim=(0.95, 0.97))
 _FMT = dict(nmse="{:.4g}", rmse="{:.4g}", psnr="{:.2f}", ssim="{:.4f}", mse="{:.4g}", rec="{:.4g}", kl="{:.4g}",
             nll="{:.5g}", total="{:.5g}", g="{:.4g}")
@@ -396,7 +419,7 @@ def _describe_data(d: dict) -> str:
     if d["kind"] == "dataset": return f"the maps of `{d['description']}`"
     return f"the maps in `{d['root']}`"
 
-# %% ../nbs/17_evaluation.ipynb 59
+# %% ../nbs/17_evaluation.ipynb 63
 def _like_for_like(data: dict) -> bool:
     "Whether the maps are the RadioMapSeer test split RadioDiff's numbers were measured on."
     return data["kind"] == "radiomapseer" and bool(data.get("complete"))
@@ -425,7 +448,7 @@ def markdown_section(summary: dict, figures: dict | None = None) -> str:
                           for w, z in ((w, s["latents"]["sample"]) for w, s in res.items())]), ""]
     for w, s in res.items():
         m = s["metrics"]["mode"]
-        if m["rmse"]["mean"] is None: continue
+        if m["rmse"]["mean"] is None or s["typical_map"] is None: continue
         cmp = "below" if m["rmse"]["mean"] < RADIODIFF_PAPER["rmse"] else "above"
         L.append(f"- {w}: typical map `{s['typical_map']['name']}` ({s['typical_map']['psnr']:.2f} dB), worst map "
                  f"`{s['worst_map']['name']}` ({s['worst_map']['psnr']:.2f} dB). Mean mode RMSE {m['rmse']['mean']:.4g} is {cmp} "
@@ -435,7 +458,7 @@ def markdown_section(summary: dict, figures: dict | None = None) -> str:
     for caption, name in (figures or {}).items(): L += ["", f"![{caption}]({name})"]
     return "\n".join(L) + "\n"
 
-# %% ../nbs/17_evaluation.ipynb 62
+# %% ../nbs/17_evaluation.ipynb 66
 def _check_limit(limit, n, data):
     "The indices to evaluate: the first `limit` of `n` maps."
     if n == 0: raise DataError(f"data {data!r}: the dataset is empty; expected at least one map")
@@ -446,12 +469,13 @@ def _training_size(cfg) -> int | None:
     "The map side the model was trained on, from the config's data section."
     return (cfg.get("data") or {}).get("size")
 
-# %% ../nbs/17_evaluation.ipynb 64
+# %% ../nbs/17_evaluation.ipynb 68
 def prepare_evaluation(checkpoint, use_ema=False, config=None, trust: bool = False, device="cpu") -> dict:
     "Read `checkpoint` once; build the models to evaluate and the loss, which every dataset shares."
     weights = _weights_to_evaluate(use_ema)
     ckpt, cfg, info = read_checkpoint(checkpoint, config, trust)
     models = {w: build_model(ckpt, cfg, w, checkpoint, device) for w in weights}
+    for w, m in models.items(): check_finite_weights(m, checkpoint, w)
     loss, notes, perceptual_weight = build_loss(ckpt, cfg, device)
     if cfg["model"]["lossconfig"]["disc_start"] <= 0: notes.append("disc_start <= 0: the GAN term is active at step 0 but "
                                                                     "total_loss here leaves it out (no adaptive weight at evaluation)")
@@ -467,7 +491,7 @@ def resolve_data(data, cfg: dict, include_leaked: bool = False, limit=None):
     _check_map(first["image"], first.get("name", str(indices[0])), indices[0], cfg["model"]["ddconfig"])
     return dataset, dict(spec=str(data) if isinstance(data, (str, Path)) else None, **info), indices
 
-# %% ../nbs/17_evaluation.ipynb 66
+# %% ../nbs/17_evaluation.ipynb 70
 def evaluate_prepared(setup: dict, dataset, data_info: dict, indices, batch_size=EVAL_BATCH, sample_seed=0, progress=True,
                       settings: dict | None = None) -> dict:
     "Evaluate every model of `setup` on `dataset[indices]` -> {'summary', 'per_map'}; nothing is written."
@@ -479,6 +503,8 @@ def evaluate_prepared(setup: dict, dataset, data_info: dict, indices, batch_size
                                     sample_seed=sample_seed, train_on_sample=train_on_sample, progress=progress, desc=f"evaluate [{w}]")
         rows += [dict(weights=w, **row) for row in r]
         results[w] = summarize_rows(r, latents)
+        results[w]["degenerate"] = degenerate_notes(r, w if len(setup["models"]) > 1 else "")
+        notes += results[w]["degenerate"]
     first, trained = results[setup["weights"][0]], _training_size(cfg)
     if trained and any(s != f"{trained}x{trained}" for s in first["sizes"]):
         notes.append(f"map size {', '.join(first['sizes'])} differs from the training size {trained}x{trained} in the config "
@@ -490,7 +516,7 @@ def evaluate_prepared(setup: dict, dataset, data_info: dict, indices, batch_size
                    ddconfig=dict(cfg["model"]["ddconfig"]), embed_dim=cfg["model"]["embed_dim"], settings=settings or {})
     return dict(summary=summary, per_map=pd.DataFrame(rows))
 
-# %% ../nbs/17_evaluation.ipynb 68
+# %% ../nbs/17_evaluation.ipynb 72
 def write_outputs(out_dir, summary: dict, per_map, models: dict, dataset, sample_seed=0, device="cpu") -> dict:
     "Write per_map.csv, summary.json, the figures and evaluation.md into `out_dir`; return their paths."
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
@@ -507,7 +533,25 @@ def write_outputs(out_dir, summary: dict, per_map, models: dict, dataset, sample
     atomic_write_text(out / "evaluation.md", markdown_section(summary, figures))
     return {k: out / k for k in ("per_map.csv", "summary.json", "evaluation.md", *figures.values())}
 
-# %% ../nbs/17_evaluation.ipynb 70
+# %% ../nbs/17_evaluation.ipynb 74
+EVALUATION_FILES = ("per_map.csv", "summary.json", "evaluation.md", "psnr_histogram.png")
+
+def _evaluation_file(name: str) -> bool:
+    return name in EVALUATION_FILES or (name.startswith("reconstructions_") and name.endswith(".png"))
+
+def remove_stale_outputs(out_dir, keep) -> list[str]:
+    "Delete what an earlier evaluation wrote into `out_dir` and this one did not (`keep`: the names written now); return their names."
+    import shutil
+    out, removed = Path(out_dir), []
+    if not out.is_dir(): return removed
+    for p in sorted(out.iterdir()):
+        if p.name in keep or p.is_symlink(): continue
+        if p.is_file() and _evaluation_file(p.name): p.unlink(); removed.append(p.name)
+        elif p.is_dir() and (p / "summary.json").is_file() and all(q.is_file() and _evaluation_file(q.name) for q in p.iterdir()):
+            shutil.rmtree(p); removed.append(p.name + "/")
+    return removed
+
+# %% ../nbs/17_evaluation.ipynb 77
 def evaluate_checkpoint(checkpoint, # model-N.pt: ours or upstream's
                         data, # a data spec (see the table above) or a Dataset of {'image', 'name'} items
                         out_dir=None, # folder for per_map.csv, summary.json, figures, evaluation.md; None: write nothing
@@ -528,9 +572,10 @@ def evaluate_checkpoint(checkpoint, # model-N.pt: ours or upstream's
     settings = dict(batch_size=int(batch_size), limit=limit, device=str(device), sample_seed=sample_seed, include_leaked=include_leaked)
     out = evaluate_prepared(setup, dataset, data_info, indices, batch_size, sample_seed, progress, settings)
     out["files"] = {} if out_dir is None else write_outputs(out_dir, out["summary"], out["per_map"], setup["models"], dataset, sample_seed, device)
+    out["removed"] = [] if out_dir is None else remove_stale_outputs(out_dir, {p.name for p in out["files"].values()})
     return out
 
-# %% ../nbs/17_evaluation.ipynb 73
+# %% ../nbs/17_evaluation.ipynb 80
 def add_evaluate_args(parser):
     "Arguments of `radiodiff-vae evaluate`."
     parser.add_argument("--checkpoint", required=True, help="model-N.pt (ours or upstream's), or 'released' (the shipped model, MODEL.md)")
@@ -553,6 +598,13 @@ def add_evaluate_args(parser):
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
+_CONSOLE = (("psnr", "PSNR", "{:.2f} dB"), ("ssim", "SSIM", "{:.4f}"), ("nmse", "NMSE", "{:.4g}"), ("rmse", "RMSE", "{:.4g}"))
+
+def _mean(s: dict, fmt: str) -> str:
+    "A metric's mean for the console, 'n/a' when no map has a finite value, with the count left out."
+    text = "n/a" if s["mean"] is None else fmt.format(s["mean"])
+    return text + (f" ({s['n_nonfinite']} map(s) left out)" if s["n_nonfinite"] else "")
+
 def run_evaluate(args) -> int:
     "Run `radiodiff-vae evaluate`; print where the results are and the headline numbers."
     kw = dict(use_ema="both" if args.both else bool(args.ema), batch_size=args.batch_size, limit=args.limit,
@@ -564,13 +616,15 @@ def run_evaluate(args) -> int:
     for name, res in results.items():
         for w, s in res["summary"]["results"].items():
             m, sf = s["metrics"]["mode"], s["scale_factor"]
-            print(f"{name} [{w}]: {s['n_maps']} maps, PSNR {m['psnr']['mean']:.2f} dB, SSIM {m['ssim']['mean']:.4f}, "
-                  f"NMSE {m['nmse']['mean']:.4g}, RMSE {m['rmse']['mean']:.4g} (posterior mode); "
-                  + (f"scale factor {sf:.4g}" if sf else "scale factor n/a"))
+            print(f"{name} [{w}]: {s['n_maps']} maps, " + ", ".join(f"{label} {_mean(m[k], fmt)}" for k, label, fmt in _CONSOLE)
+                  + " (posterior mode); " + (f"scale factor {sf:.4g}" if sf else "scale factor n/a"))
+            for note in s.get("degenerate", []): print(f"  note: {note}")
+    removed = next(iter(results.values())).get("removed") or []
+    if removed: print(f"removed {len(removed)} output(s) of an earlier evaluation from {args.out}: {', '.join(removed)}")
     print(f"wrote {Path(args.out) / 'evaluation.md'}")
     return 0
 
-# %% ../nbs/17_evaluation.ipynb 76
+# %% ../nbs/17_evaluation.ipynb 83
 def spec_slug(spec) -> str:
     "A folder name for a data spec: 'real', 'synthetic-64', or the folder's name."
     spec = str(spec)
@@ -578,7 +632,7 @@ def spec_slug(spec) -> str:
     name = Path(spec.split(":", 1)[1] if spec.startswith(("folder:", "radiomapseer:")) else spec).name
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "data"
 
-# %% ../nbs/17_evaluation.ipynb 78
+# %% ../nbs/17_evaluation.ipynb 85
 def evaluate_many(checkpoint, specs, out_dir, use_ema=False, batch_size=EVAL_BATCH, limit=None, device="cpu", sample_seed=0,
                   progress=True, config=None, trust: bool = False, include_leaked: bool = False) -> dict:
     "`evaluate_checkpoint` for each data spec into `out_dir/<slug>/`, all checked first; a joint evaluation.md and summary.json."
@@ -593,10 +647,13 @@ def evaluate_many(checkpoint, specs, out_dir, use_ema=False, batch_size=EVAL_BAT
     out, sections, headline = Path(out_dir), [], {}
     for (slug, res), (dataset, _, _) in zip(results.items(), data):                        # only now: write
         res["files"] = write_outputs(out / slug, res["summary"], res["per_map"], setup["models"], dataset, sample_seed, device)
+        removed = [f"{slug}/{n}" for n in remove_stale_outputs(out / slug, {p.name for p in res["files"].values()})]
         sections.append(res["files"]["evaluation.md"].read_text(encoding="utf-8").replace("](", f"]({slug}/"))
         headline[slug] = {w: {k: s["metrics"]["mode"][k]["mean"] for k in METRICS} | {"scale_factor": s["scale_factor"]}
                           for w, s in res["summary"]["results"].items()}
     atomic_write_text(out / "evaluation.md", "\n".join(sections))
     atomic_write_text(out / "summary.json", json.dumps(to_jsonable(dict(checkpoint=str(checkpoint), posterior_mode_means=headline)),
                                                        indent=2, allow_nan=False) + "\n")
+    removed = remove_stale_outputs(out, set(slugs) | {"evaluation.md", "summary.json"}) + removed
+    for res in results.values(): res["removed"] = removed
     return results

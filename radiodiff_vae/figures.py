@@ -4,19 +4,21 @@
 
 # %% ../nbs/15_figures.ipynb 1
 from __future__ import annotations
-import textwrap
+import io, textwrap
 from pathlib import Path
 import numpy as np
 import matplotlib.pyplot as plt
 from matplotlib import ticker
 from PIL import Image
 from .analysis import RunData, column_of, finish_start, loss_terms, sample_milestone
+from .core import LogParseError, atomic_write_bytes
 
 # %% auto 0
 __all__ = ['STYLE', 'LABELS', 'COMPONENT_PANELS', 'METRIC_COLORS', 'MULTI_AXIS_KEYS', 'SHORT_LABELS', 'TERM_LABELS',
            'TERM_COLORS', 'DASHBOARD_PANELS', 'FIGURES', 'run_color', 'choose_scale', 'step_axis', 'broken',
            'plot_metric', 'phase_marker', 'figure_training_phases', 'figure_loss_components', 'figure_multi_axis',
-           'term_shares', 'figure_loss_terms', 'figure_dashboard', 'figure_sample_gallery', 'save_figures']
+           'term_shares', 'figure_loss_terms', 'figure_dashboard', 'figure_sample_gallery', 'save_figures',
+           'largest_value']
 
 # %% ../nbs/15_figures.ipynb 6
 STYLE = {'font.size': 11, 'axes.titlesize': 12.5, 'axes.labelsize': 11, 'legend.fontsize': 9.5, 'figure.dpi': 80,
@@ -300,7 +302,7 @@ FIGURES = {'figure_1_training_phases.png': figure_training_phases, 'figure_2_los
 
 def save_figures(runs: list[RunData], out_dir, smoothing: float = 0.9, dpi: int = 110, notes: dict | None = None) -> dict:
     "Draw and save the figures and each run's sample gallery; return `{file name: path}`."
-    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True); saved = {}
+    out_dir, saved, drawn = Path(out_dir), {}, []
     items = [(n, (lambda f: lambda: f(runs, smoothing, notes))(f) if f is figure_dashboard else (lambda f: lambda: f(runs, smoothing))(f))
              for n, f in FIGURES.items()]
     for r in runs:
@@ -309,7 +311,24 @@ def save_figures(runs: list[RunData], out_dir, smoothing: float = 0.9, dpi: int 
             items.append((name, lambda r=r: figure_sample_gallery(r.samples, r.analysis.params.get('save_every'), r.analysis.sample_repeats,
                                                                   title=f'{r.name}: sample reconstructions')))
     for name, make in items:
-        fig = make()
-        if fig is None: continue
-        fig.savefig(out_dir/name, dpi=dpi); saved[name] = out_dir/name
+        try:
+            fig = make()
+            if fig is None: continue
+            buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=dpi); plt.close(fig)
+        except (ValueError, OverflowError, FloatingPointError) as e:
+            raise LogParseError(f"{name}: cannot be drawn from these logs ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                                f"{largest_value(runs)}; nothing was written") from None
+        drawn.append((name, buf.getvalue()))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, data in drawn: saved[name] = atomic_write_bytes(out_dir/name, data)
     return saved
+
+def largest_value(runs) -> str:
+    "The largest finite logged magnitude over `runs`: value, column, step and run."
+    best = None
+    for r in runs:
+        num = r.table.select_dtypes('number').abs().replace(np.inf, np.nan)
+        if num.empty or not num.notna().any().any(): continue
+        col = num.max().idxmax(); row = num[col].idxmax()
+        if best is None or num[col].max() > best[0]: best = (float(num[col].max()), col, row, r.name)
+    return 'no finite logged value' if best is None else f'largest logged value {best[0]:.3g} ({best[1]} at step {best[2]} of {best[3]})'

@@ -17,8 +17,8 @@ from .distributions import DiagonalGaussianDistribution
 # %% auto 0
 __all__ = ['DEFAULT_DDCONFIG', 'DEFAULT_EMBED_DIM', 'logger', 'MODEL_PREFIXES', 'Normalize', 'swish', 'ResnetBlock', 'Downsample',
            'Upsample', 'AttnBlock', 'Encoder', 'Decoder', 'AutoencoderKL', 'infer_ddconfig', 'load_upstream_state_dict',
-           'upstream_loss_state_dict', 'load_checkpoint', 'select_state_dict', 'model_from_checkpoint',
-           'save_autoencoder', 'reconstruct']
+           'upstream_loss_state_dict', 'unreadable_reason', 'load_checkpoint', 'select_state_dict',
+           'model_from_checkpoint', 'save_autoencoder', 'reconstruct']
 
 # %% ../nbs/07_model.ipynb 5
 def Normalize(in_channels: int) -> nn.GroupNorm:
@@ -365,6 +365,18 @@ def _refused_object(e: Exception) -> str | None:
     return (m.group(1).split('. ')[0].strip().rstrip('.') if m else 'an object outside tensors and plain Python values')
 
 # %% ../nbs/07_model.ipynb 40
+def unreadable_reason(path, error: Exception) -> str:
+    "Why torch could not read checkpoint `path`, in one whole sentence (torch's own message advises the unsafe loader for any bytes it cannot parse)."
+    with open(path, 'rb') as f: head = f.read(4)
+    size = Path(path).stat().st_size
+    if head.startswith(b'PK'):
+        return (f'not a readable torch checkpoint: its zip archive is truncated or damaged ({size} bytes; '
+                'an interrupted save or copy leaves such a file); use another checkpoint of the run')
+    if head[:1] == b'\x80':
+        return f'not a readable torch checkpoint: an old-format (pickle) file that ends or breaks early ({type(error).__name__})'
+    return f"not a readable torch checkpoint: its {size} bytes are neither the zip archive torch.save writes nor a pickle"
+
+# %% ../nbs/07_model.ipynb 41
 def load_checkpoint(path, trust: bool = False, map_location='cpu') -> dict:
     "Read checkpoint `path` (or a shipped model's name, e.g. `'released'`) with the safe unpickler; `trust=True` allows any pickle."
     path = pretrained_path(str(path)) if str(path) in PRETRAINED else Path(path)
@@ -375,12 +387,12 @@ def load_checkpoint(path, trust: bool = False, map_location='cpu') -> dict:
     except Exception as e:
         refused = None if trust else _refused_object(e)
         if refused: raise CheckpointError(f'{path}: refused to load: it holds {refused}, which could run code when read; '
-                                          'if you trust this file, load it with --trust-checkpoint (trust=True in Python)') from None
-        raise CheckpointError(f'{path}: not a readable torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""})') from e
+                                          'if you trust this file, load it with --trust-checkpoint (train, evaluate) or trust=True in Python') from None
+        raise CheckpointError(f'{path}: {unreadable_reason(path, e)}') from None
     if not isinstance(ckpt, dict): raise CheckpointError(f'{path}: holds a {type(ckpt).__name__}, expected a dict with model weights')
     return ckpt
 
-# %% ../nbs/07_model.ipynb 46
+# %% ../nbs/07_model.ipynb 48
 def _config_architecture(ckpt: dict):
     "(ddconfig, embed_dim) recorded in a checkpoint's `config` (ours: config.model.ddconfig; also top-level or upstream `params`)."
     cfg = ckpt.get('config')
@@ -406,7 +418,7 @@ def select_state_dict(ckpt: dict, weights: str = 'raw', source=None) -> dict:
     if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()): return ckpt
     raise CheckpointError(f"{where}no model weights found; expected a 'model', 'ema' or 'state_dict' entry (top-level keys: {sorted(map(str, ckpt))[:20]})")
 
-# %% ../nbs/07_model.ipynb 49
+# %% ../nbs/07_model.ipynb 51
 def model_from_checkpoint(checkpoint, weights: str = 'raw', trust: bool = False,
                           ddconfig: dict | None = None, # architecture (default: the checkpoint's config, else upstream's)
                           embed_dim: int | None = None, # latent channels (same default rule)
@@ -421,7 +433,7 @@ def model_from_checkpoint(checkpoint, weights: str = 'raw', trust: bool = False,
     model.load_report = load_upstream_state_dict(model, select_state_dict(ckpt, weights, source), source=source)
     return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
 
-# %% ../nbs/07_model.ipynb 51
+# %% ../nbs/07_model.ipynb 53
 @classmethod
 def _from_checkpoint(cls, path, use_ema: bool = False, ddconfig: dict | None = None, embed_dim: int | None = None,
                      map_location='cpu', gradient_checkpointing: bool = False, trust: bool = False) -> AutoencoderKL:
@@ -435,7 +447,7 @@ def save_autoencoder(model: AutoencoderKL, path, **extra) -> Path:
     cfg = {'model': {'ddconfig': copy.deepcopy(model.ddconfig), 'embed_dim': model.embed_dim}}
     return atomic_torch_save({'model': model.state_dict(), 'config': cfg, **extra}, Path(path))
 
-# %% ../nbs/07_model.ipynb 55
+# %% ../nbs/07_model.ipynb 57
 @torch.no_grad()
 def reconstruct(ae: AutoencoderKL, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
     "Decode the posterior mode (or, `sample=True`, a sample drawn with `generator`) of `x`, in eval mode, without gradients."

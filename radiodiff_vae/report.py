@@ -314,7 +314,7 @@ def write_analysis(inputs,                  # run folders or log files; files in
     "Analyse `inputs` and write `training_data_parsed.csv`, `training_analysis.json`, `training_summary.txt`, the figures and `REPORT.md`."
     debiased_ema([0.0], smoothing)   # a bad smoothing fails before any reading
     runs = load_runs(inputs, config)
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)              # created by save_figures once every figure could be drawn
     figures = save_figures(runs, out, smoothing, dpi=dpi, notes={r.name: dashboard_notes(r.analysis) for r in runs})
     written = dict(figures)
     for name, text in (('training_data_parsed.csv', table_csv(runs)), ('training_analysis.json', analysis_json(runs, figures, smoothing)),

@@ -12,9 +12,9 @@ from .core import RadioDiffError, RunFolderError, atomic_write_text, reference_r
 from .run_folder import latest_checkpoint
 
 # %% auto 0
-__all__ = ['DEFAULTS', 'MANIFEST', 'pipeline_path', 'job_settings', 'plan', 'open_run_folder', 'user_error', 'run_stage',
-           'resolve_params', 'training_progress', 'StageProgress', 'write_index', 'headline_numbers',
-           'check_training_config', 'reproduce', 'add_reproduce_args', 'run_reproduce']
+__all__ = ['DEFAULTS', 'MANIFEST', 'pipeline_path', 'job_settings', 'plan', 'record_differences', 'open_run_folder', 'user_error',
+           'run_stage', 'resolve_params', 'training_progress', 'StageProgress', 'write_index', 'headline_numbers',
+           'check_training_config', 'job_record', 'reproduce', 'add_reproduce_args', 'run_reproduce']
 
 # %% ../nbs/19_reproduce.ipynb 5
 def pipeline_path(name) -> Path:
@@ -63,15 +63,28 @@ def plan(out, settings: dict) -> list[dict]:
 # %% ../nbs/19_reproduce.ipynb 13
 MANIFEST = 'reproduce.json'
 
-def open_run_folder(out, settings: dict) -> dict:
-    "Create `out` or reopen it for the same settings; return its manifest. Refuse anything else."
+def record_differences(stored: dict, now: dict, prefix: str = '') -> list[str]:
+    "'key (stored A, now B)' for each dotted key whose value differs between two nested records."
+    out = []
+    for k in list(stored) + [k for k in now if k not in stored]:
+        a, b = stored.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict): out += record_differences(a, b, f'{prefix}{k}.')
+        elif a != b: out.append(f'{prefix}{k} (stored {a!r}, now {b!r})')
+    return out
+
+def open_run_folder(out, settings: dict, record: dict | None = None) -> dict:
+    "Create `out` or reopen it for the same job (`record`: what it is made from, see `job_record`; else the settings' text); return its manifest."
     out = Path(out)
     if out.exists() and not out.is_dir(): raise RunFolderError(f'{out} exists and is not a folder')
     manifest_path = out/MANIFEST
     if manifest_path.exists():
         try: manifest = json.loads(manifest_path.read_text())
         except (OSError, json.JSONDecodeError) as e: raise RunFolderError(f'{manifest_path} is unreadable ({e}); choose another --out') from None
-        if manifest.get('settings') != settings:
+        if record is not None and 'record' in manifest:
+            diff = record_differences(manifest['record'], record)
+            if diff: raise RunFolderError(f"{out} holds a run made with other settings: {'; '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}; "
+                                          'choose another --out, or restore those settings to resume')
+        elif manifest.get('settings') != settings:
             diff = {k: (manifest.get('settings', {}).get(k), v) for k, v in settings.items() if manifest.get('settings', {}).get(k) != v}
             raise RunFolderError(f'{out} holds a run made with other settings (stored, requested): {diff}; '
                                  'choose another --out, or repeat the same settings to resume')
@@ -79,11 +92,11 @@ def open_run_folder(out, settings: dict) -> dict:
     if out.exists() and any(out.iterdir()):
         raise RunFolderError(f'{out} is not empty and holds no {MANIFEST}: it is not a reproduce run; choose another --out')
     out.mkdir(parents=True, exist_ok=True)
-    manifest = dict(settings=settings, stages={}, created=time.strftime('%Y-%m-%d %H:%M:%S'))
+    manifest = dict(settings=settings, stages={}, created=time.strftime('%Y-%m-%d %H:%M:%S'), **({'record': record} if record is not None else {}))
     atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
     return manifest
 
-# %% ../nbs/19_reproduce.ipynb 16
+# %% ../nbs/19_reproduce.ipynb 17
 def user_error(exc, stage_name: str) -> RadioDiffError | None:
     "A failed pipeline's error as a one-line `RadioDiffError` of the class the pipeline raised, or `None` if it raised another kind."
     cls = getattr(core, getattr(exc, 'ename', None) or '', None)
@@ -104,7 +117,7 @@ def run_stage(stage: dict, out, progress: bool = True) -> float:
         raise err from None
     return time.perf_counter() - t0
 
-# %% ../nbs/19_reproduce.ipynb 19
+# %% ../nbs/19_reproduce.ipynb 20
 def resolve_params(stage: dict, out) -> dict:
     "`stage`'s parameters with the on-disk ones filled in."
     params, train_dir = dict(stage['params']), Path(out).resolve()/'train'
@@ -115,7 +128,7 @@ def resolve_params(stage: dict, out) -> dict:
         params['checkpoint'] = str(ckpt)  # named in the executed notebook, not left to the pipeline's search
     return params
 
-# %% ../nbs/19_reproduce.ipynb 22
+# %% ../nbs/19_reproduce.ipynb 23
 def training_progress(folder) -> str | None:
     "`step N/T` from the last complete line of `folder/metrics.jsonl`, or None before the first one."
     path = Path(folder)/'metrics.jsonl'
@@ -128,7 +141,7 @@ def training_progress(folder) -> str | None:
         except (ValueError, KeyError, TypeError): continue
     return None
 
-# %% ../nbs/19_reproduce.ipynb 24
+# %% ../nbs/19_reproduce.ipynb 25
 class StageProgress:
     "While a stage runs, show its training progress (if any) next to its name on `bar`; every `every` seconds."
     def __init__(self, bar, name: str, folder, every: float = 2.0):
@@ -141,7 +154,7 @@ class StageProgress:
     def __enter__(self): self.thread.start(); return self
     def __exit__(self, *exc): self.stop.set(); self.thread.join()
 
-# %% ../nbs/19_reproduce.ipynb 27
+# %% ../nbs/19_reproduce.ipynb 28
 _KINDS = [('figures', ('.png', '.svg')), ('reports', ('.md',)), ('tables', ('.csv',)), ('data', ('.json', '.jsonl', '.txt'))]
 
 def _links(folder: Path, root: Path) -> list[str]:
@@ -167,7 +180,7 @@ def write_index(out, manifest: dict, stages: list[dict]) -> Path:
     lines += headline_numbers(out)
     return atomic_write_text(out/'README.md', '\n'.join(lines) + '\n')
 
-# %% ../nbs/19_reproduce.ipynb 29
+# %% ../nbs/19_reproduce.ipynb 30
 def headline_numbers(out) -> list[str]:
     "Markdown lines quoting each evaluation's own summary section (`evaluation.md`), with links made relative to `out`."
     lines = []
@@ -178,18 +191,23 @@ def headline_numbers(out) -> list[str]:
         lines += ['## Headline numbers', '', text, '']
     return lines
 
-# %% ../nbs/19_reproduce.ipynb 32
+# %% ../nbs/19_reproduce.ipynb 33
 def check_training_config(settings: dict) -> dict:
     "Load the job's training config with its overrides and step count; raise `ConfigError` if it is invalid."
     steps = [] if settings['steps'] is None else [f"trainer.train_num_steps={int(settings['steps'])}"]
-    return load_config(_config_path(settings['config']), list(settings['overrides']) + steps)
+    return load_config(_config_path(settings['config']), list(settings['overrides']) + steps + [f"trainer.seed={int(settings['seed'])}"])
 
-# %% ../nbs/19_reproduce.ipynb 34
+def job_record(settings: dict) -> dict:
+    "What the job is made from: the resolved training config (overrides, steps, seed applied) and the evaluation settings, as JSON values."
+    record = dict(training=check_training_config(settings), **{k: settings[k] for k in ('eval_synthetic_maps', 'eval_limit', 'smoothing')})
+    return json.loads(json.dumps(core.to_jsonable(record)))
+
+# %% ../nbs/19_reproduce.ipynb 35
 def reproduce(out, progress: bool = True, **settings) -> dict:
     "Run (or resume) the main job into `out`; return its manifest."
     settings = job_settings(**settings)
-    check_training_config(settings)
-    manifest, stages = open_run_folder(out, settings), plan(out, settings)
+    record = job_record(settings)                  # the config is checked (and read) before the folder is touched
+    manifest, stages = open_run_folder(out, settings, record), plan(out, settings)
     from tqdm.auto import tqdm
     bar = tqdm(stages, desc='reproduce', unit='stage', disable=not progress)
     for stage in bar:
@@ -210,7 +228,7 @@ def reproduce(out, progress: bool = True, **settings) -> dict:
     write_index(out, manifest, stages)
     return manifest
 
-# %% ../nbs/19_reproduce.ipynb 36
+# %% ../nbs/19_reproduce.ipynb 37
 def add_reproduce_args(parser):
     "Arguments of `radiodiff-vae reproduce`."
     parser.add_argument('--out', required=True, help='run folder, e.g. runs/first (created; the same settings resume it)')

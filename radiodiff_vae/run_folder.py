@@ -4,17 +4,19 @@
 
 # %% ../nbs/11_run_folder.ipynb 1
 from __future__ import annotations
-import fcntl, json, os, re, socket, time
+import fcntl, json, os, re, secrets, socket, time
 from datetime import datetime
 from pathlib import Path
 from fastcore.basics import patch
 from .core import CheckpointError, ConfigError, RunFolderError
 from .config import read_yaml, resolve_config, config_differences
 from .model import load_checkpoint
+from .checks import check_training_memory
 
 # %% auto 0
 __all__ = ['RUN_FOLDER_FILES', 'CKPT_RE', 'read_lock', 'RunLock', 'list_checkpoints', 'latest_checkpoint', 'resolve_resume',
-           'check_run_folder', 'lock_status', 'run_health', 'remove_temp_files']
+           'new_run_id', 'checkpoint_record', 'resume_path', 'run_lineage', 'check_run_folder', 'lock_status',
+           'run_health', 'remove_temp_files']
 
 # %% ../nbs/11_run_folder.ipynb 5
 RUN_FOLDER_FILES = (   # (file name pattern, written by, read by, what it holds)
@@ -22,7 +24,7 @@ RUN_FOLDER_FILES = (   # (file name pattern, written by, read by, what it holds)
     ('config_history.jsonl', 'trainer, at every start', 'you', 'one line per session: start step, checkpoint resumed, precision and its reason, settings changed on resume (learning rates, step count, ...)'),
     ('.lock', '`RunLock`', '`RunLock`, `run_health`', "pid, host and start time of the trainer that holds the folder (the lock itself is the OS's)"),
     ('model-*.pt', 'trainer, every `save_and_sample_every` steps and at the end of training', '`resolve_resume`, `latest_checkpoint`, evaluation, `run_health`',
-     'milestone N: weights, EMA, discriminator, log-variance, optimizers, schedulers, RNG states, data position'),
+     'milestone N: weights, EMA, discriminator, log-variance, optimizers, schedulers, RNG states, data position, the run id (lineage)'),
     ('sample-*.png', 'trainer, before each `model-N.pt`', '`logs.find_samples`, figures, report', 'held-out maps beside their reconstructions'),
     ('*_.log', '`logs.RunLogs`, one file per session', '`logs.read_text_log`, upstream\'s tools', 'upstream-format text log: the config line, two `[Train Step]` lines per logged step, resume/checkpoint/skip/stop lines'),
     ('metrics.jsonl', '`logs.RunLogs`', '`logs.read_jsonl`, reproduce (progress)', 'one JSON object per logged step and per milestone (held-out scores)'),
@@ -138,24 +140,78 @@ def resolve_resume(out, resume) -> Path | None:
     return path
 
 # %% ../nbs/11_run_folder.ipynb 36
-def check_run_folder(out, cfg: dict, resuming: bool):
-    "Refuse (RunFolderError, nothing written) a folder that holds another run or checkpoints that a fresh start would overwrite."
+def new_run_id() -> str:
+    "A new run id: the start time and 8 random hex digits (unique without coordination)."
+    return f"{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(4)}"
+
+def checkpoint_record(path) -> dict:
+    "`run_id` and `step` of checkpoint `path`, read without loading its tensors; None for what is absent or unreadable."
+    import torch
+    try: ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception: return {'run_id': None, 'step': None}     # damaged, legacy format or upstream pickle: the loader says why later
+    if not isinstance(ckpt, dict): return {'run_id': None, 'step': None}
+    run_id, step = ckpt.get('run_id'), ckpt.get('step')
+    return {'run_id': run_id if isinstance(run_id, str) else None,
+            'step': int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else None}
+
+# %% ../nbs/11_run_folder.ipynb 37
+def resume_path(out, cfg: dict, resume) -> Path | None:
+    "The checkpoint a start resumes: `resume` resolved, or upstream's implicit `trainer.resume_milestone` in `out`; None for a fresh start."
+    if resume not in (None, False): return resolve_resume(out, resume)
+    m = cfg['trainer']['resume_milestone']
+    return Path(out)/f'model-{m}.pt' if m > 0 and (Path(out)/f'model-{m}.pt').is_file() else None
+
+def _folder_run_id(ckpts) -> str | None:
+    "The run id of the newest readable checkpoint among `ckpts` (None: none recorded)."
+    for _, p in reversed(ckpts):
+        if (rid := checkpoint_record(p)['run_id']) is not None: return rid
+    return None
+
+def run_lineage(out, path, ckpts) -> str:
+    "The run id a start writes into `out` resuming checkpoint `path` (None: fresh); RunFolderError for another run's checkpoint in a folder that holds a run."
+    out = Path(out)
+    if path is None: return new_run_id()
+    same_folder = Path(path).resolve().parent == out.resolve()
+    theirs = checkpoint_record(path)['run_id']
+    if same_folder: return theirs or _folder_run_id(ckpts) or new_run_id()   # unreadable (skipped as damaged later): the folder's run
+    if not ckpts: return new_run_id()              # continued in a new folder: a branch, a new run
+    mine = _folder_run_id(ckpts)
+    if theirs is not None and theirs == mine: return mine     # a copy of this folder's own run
+    names = ', '.join(p.name for _, p in ckpts[-3:])
+    raise RunFolderError(f"{path}: a checkpoint of another run (run {theirs or 'unrecorded'}, written in {Path(path).parent}); {out} holds run "
+                         f"{mine or 'unrecorded'} ({names}), whose checkpoints its continuation would overwrite; continue it in a new --out, "
+                         "or pass --resume latest to continue this folder's run")
+
+def _check_horizon(path, cfg: dict):
+    "Refuse resuming a checkpoint past the end of the run (a shorter trainer.train_num_steps would rewrite config.yaml and train nothing)."
+    step, total = checkpoint_record(path)['step'], cfg['trainer']['train_num_steps']
+    if step is not None and step > total:
+        raise ConfigError(f'{path}: the run is at step {step}, past the end the config gives it (trainer.train_num_steps={total}, '
+                          f'--steps); nothing would be trained; pass --steps {step} or more to continue it, or choose another --out for a new run')
+
+# %% ../nbs/11_run_folder.ipynb 38
+def check_run_folder(out, cfg: dict, resuming: bool, resume=None) -> str:
+    "Refuse (RunFolderError, nothing written) a folder that holds another run, checkpoints a fresh start would overwrite, or a foreign checkpoint; return the run id to write."
     out = Path(out)
     if out.exists() and not out.is_dir(): raise RunFolderError(f'{out}: exists and is not a folder')
-    stored = out/'config.yaml'
-    if stored.exists():
+    check_training_memory(cfg)
+    ckpts, stored = list_checkpoints(out), out/'config.yaml'
+    path = resume_path(out, cfg, resume)
+    run_id = run_lineage(out, path, ckpts)
+    if path is not None: _check_horizon(path, cfg)
+    if stored.exists() and ckpts:          # a start that wrote no checkpoint holds no run
         try: old = resolve_config(read_yaml(stored))
         except ConfigError as e:
             raise RunFolderError(f'{stored}: unreadable run config ({e}); this folder is not a run of this trainer, choose another --out') from None
         diff = config_differences(old, cfg)
         if diff: raise RunFolderError(f'{out}: holds a different run ({", ".join(diff[:6])}{" ..." if len(diff) > 6 else ""} differ from '
                                       f'{stored}); choose another --out, or use that run\'s config to resume it')
-    ckpts = list_checkpoints(out)
-    if ckpts and not resuming:
+    if ckpts and not (resuming or path is not None):
         raise RunFolderError(f'{out}: already holds checkpoints ({", ".join(p.name for _, p in ckpts[-3:])}); '
                              'pass --resume latest to continue that run, or choose another --out')
+    return run_id
 
-# %% ../nbs/11_run_folder.ipynb 40
+# %% ../nbs/11_run_folder.ipynb 43
 def _checkpoint_status(path: Path) -> dict:
     "Whether checkpoint `path` loads as a training checkpoint, and its step."
     try: ckpt = load_checkpoint(path)
@@ -164,7 +220,7 @@ def _checkpoint_status(path: Path) -> dict:
         return {'ok': False, 'error': f'{path}: not a training checkpoint (no step/model entries)'}
     return {'ok': True, 'step': int(ckpt['step'])}
 
-# %% ../nbs/11_run_folder.ipynb 43
+# %% ../nbs/11_run_folder.ipynb 46
 def lock_status(folder) -> dict | None:
     "The lock file of `folder`: its recorded owner and whether a live process holds it (None: no lock file)."
     path = Path(folder)/'.lock'
@@ -174,7 +230,7 @@ def lock_status(folder) -> dict | None:
     finally: os.close(fd)
     return {'owner': read_lock(path) or {}, 'alive': held, 'stale': not held}
 
-# %% ../nbs/11_run_folder.ipynb 45
+# %% ../nbs/11_run_folder.ipynb 48
 def run_health(folder) -> dict:
     "What state run folder `folder` is in: checkpoints (loadable?), newest good one, lock, temp files, NaN diagnostics."
     folder = Path(folder)
@@ -188,7 +244,7 @@ def run_health(folder) -> dict:
             'temp_files': sorted(p.name for p in folder.glob('.*.tmp')), 'diagnostics': sorted(p.name for p in folder.glob('nonfinite-step*.json')),
             'resume': hint}
 
-# %% ../nbs/11_run_folder.ipynb 48
+# %% ../nbs/11_run_folder.ipynb 51
 def remove_temp_files(folder) -> list[str]:
     "Delete leftover `.*.tmp` files of killed writes in run folder `folder` (refused while a live trainer holds it)."
     folder = Path(folder)

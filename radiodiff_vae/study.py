@@ -17,7 +17,8 @@ from .evaluation import METRICS, summarize, dataset_from_spec, evaluate_checkpoi
 from .run_folder import latest_checkpoint
 from .synthetic import SyntheticRadioMaps
 from .logs import read_run
-from .reproduce import training_progress, StageProgress
+from .reproduce import training_progress, StageProgress, record_differences
+from .checks import check_args
 
 # %% auto 0
 __all__ = ['STUDY_KEYS', 'REQUIRED_KEYS', 'ARM_KEYS', 'EVALUATION_DEFAULTS', 'LABEL_RE', 'STEPS_RE', 'REAL_NATIVE_SIZE',
@@ -25,12 +26,12 @@ __all__ = ['STUDY_KEYS', 'REQUIRED_KEYS', 'ARM_KEYS', 'EVALUATION_DEFAULTS', 'LA
            'SHOWN_METRICS', 'CURVES', 'CURVES_CSV', 'CURVE_BOOKKEEPING', 'RESULT_COLUMNS', 'CURVE_COLUMNS', 'FORMATS',
            'SHORT_LABELS', 'POSITIVE', 'read_study_file', 'expand_steps', 'arm_steps', 'arm_seeds', 'check_study',
            'arm_configs', 'load_study', 'ResizedMaps', 'evaluation_sets', 'run_plan', 'read_run_state', 'missing_work',
-           'execute_run', 'tiny_study_file', 'study_changes', 'open_study_folder', 'save_manifest', 'threads_per_job',
-           'execute_runs', 'run_results', 'collect_results', 'summarize_arms', 'paired_difference', 'distinguishable',
-           'compare_with_baseline', 'ema_minus_raw', 'plot_arms', 'plot_differences', 'plot_rate_distortion',
-           'plot_latents', 'read_curves', 'plot_curves', 'pd_concat_mean', 'curves_table', 'curves_from_table',
-           'run_record', 'read_evidence', 'save_evidence', 'fmt_interval', 'verdict', 'geometric_summary',
-           'write_report', 'study', 'add_study_args', 'run_study', 'main']
+           'execute_run', 'tiny_study_file', 'resolved_record', 'study_changes', 'open_study_folder', 'save_manifest',
+           'threads_per_job', 'execute_runs', 'run_results', 'collect_results', 'summarize_arms', 'paired_difference',
+           'distinguishable', 'compare_with_baseline', 'ema_minus_raw', 'plot_arms', 'plot_differences',
+           'plot_rate_distortion', 'plot_latents', 'read_curves', 'plot_curves', 'pd_concat_mean', 'curves_table',
+           'curves_from_table', 'run_record', 'read_evidence', 'save_evidence', 'fmt_interval', 'verdict',
+           'geometric_summary', 'write_report', 'thread_note', 'study', 'add_study_args', 'run_study', 'main']
 
 # %% ../nbs/21_study.ipynb 6
 STUDY_KEYS = {
@@ -286,7 +287,7 @@ def execute_run(run: dict, threads: int | None = None, progress: bool = False) -
                   overrides=run['overrides'] + _start_from(run))
         if s['step'] != run['steps']: raise RunFolderError(f"{folder}: training stopped at step {s['step']} of {run['steps']}")
         state['train'] = dict(seconds=round(time.perf_counter() - t0, 1), step=s['step'], resumed_from=s['resumed_from'],
-                              steps_per_s=s['steps_per_s'], finished=time.strftime('%Y-%m-%d %H:%M:%S'))
+                              threads=torch.get_num_threads(), steps_per_s=s['steps_per_s'], finished=time.strftime('%Y-%m-%d %H:%M:%S'))
         _save_run_state(folder, state)
     checkpoint = latest_checkpoint(folder)
     if checkpoint is None: raise RunFolderError(f'{folder}: trained, but holds no model-N.pt checkpoint to evaluate')
@@ -319,10 +320,19 @@ GITIGNORE = ('# written by radiodiff-vae study: the run folders (checkpoints, lo
              '# the evidence is kept: STUDY.md, study.json, the CSV tables (results.csv, curves.csv, ...) and the figures\n'
              'runs/\n.lock\n*.tmp\n')
 
-def study_changes(old: dict, new: dict) -> list[str]:
-    "The keys in which study `new` differs from `old` in a way that would change finished runs (added arms or seeds do not)."
+def resolved_record(configs: dict) -> dict:
+    "Each arm's resolved training config (by label) as JSON values, without the seed, which differs between its runs."
+    out = json.loads(json.dumps(to_jsonable(configs)))
+    for cfg in out.values(): cfg.get('trainer', {}).pop('seed', None)
+    return out
+
+def study_changes(old: dict, new: dict, old_resolved: dict | None = None, new_resolved: dict | None = None) -> list[str]:
+    "The keys in which study `new` differs from `old` in a way that would change finished runs (added arms or seeds do not); by resolved configs where both are recorded."
     filled = lambda spec: {**spec, 'evaluation': {**EVALUATION_DEFAULTS, **(spec.get('evaluation') or {})}}   # keys added since
     old, new = filled(old), filled(new)
+    if old_resolved is not None and new_resolved is not None:
+        return (['evaluation'] if old.get('evaluation') != new.get('evaluation') else []) + [
+            f'arm {label}: {d}' for label in old_resolved if label in new_resolved for d in record_differences(old_resolved[label], new_resolved[label])]
     changed = [k for k in ('base', 'overrides', 'steps', 'evaluation') if old.get(k) != new.get(k)]
     sets = {a['label']: a['set'] for a in new['arms']}
     steps = {a['label']: a.get('steps') for a in new['arms']}
@@ -330,21 +340,23 @@ def study_changes(old: dict, new: dict) -> list[str]:
                    + [f"arms ({a['label']}).steps" for a in old.get('arms', []) if a['label'] in steps and steps[a['label']] != a.get('steps')]
 
 # %% ../nbs/21_study.ipynb 47
-def open_study_folder(out, spec: dict) -> dict:
-    "The manifest of study folder `out`: created for `spec`, or reopened when it holds the same study; refuse anything else."
+def open_study_folder(out, spec: dict, configs: dict | None = None) -> dict:
+    "The manifest of study folder `out`: created for `spec` (and its arms' resolved `configs`), or reopened when it holds the same study; refuse anything else."
+    resolved = resolved_record(configs) if configs is not None else None
     out = Path(out)
     if out.exists() and not out.is_dir(): raise RunFolderError(f'{out} exists and is not a folder')
     if (out/MANIFEST).exists():
         try: manifest = json.loads((out/MANIFEST).read_text())
         except (OSError, ValueError) as e: raise RunFolderError(f'{out/MANIFEST} is unreadable ({e}); choose another --out') from None
-        changed = study_changes(manifest.get('spec', {}), spec)
+        changed = study_changes(manifest.get('spec', {}), spec, manifest.get('resolved'), resolved)
         if changed: raise RunFolderError(f"{out} holds study {manifest['spec'].get('name')!r} made with other settings ({', '.join(changed)} "
                                          "differ); choose another --out, or change only arms, seeds and text")
+        if resolved is not None: manifest['resolved'] = {**(manifest.get('resolved') or {}), **resolved}   # added arms; saved with the session
         return manifest
     if out.exists() and any(out.iterdir()): raise RunFolderError(f'{out} is not empty and holds no {MANIFEST}: it is not a study folder; choose another --out')
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out/'.gitignore', GITIGNORE)
-    manifest = dict(spec=spec, created=time.strftime('%Y-%m-%d %H:%M:%S'), sessions=[], runs={})
+    manifest = dict(spec=spec, created=time.strftime('%Y-%m-%d %H:%M:%S'), sessions=[], runs={}, **({'resolved': resolved} if resolved is not None else {}))
     save_manifest(out, manifest); return manifest
 
 def save_manifest(out, manifest: dict):
@@ -939,6 +951,14 @@ def _session(path, out, jobs) -> dict:
                 cpus=threads_per_job(1), load_start=None if load is None else round(load, 2), wall_s=0.0, finished_runs=0, failed={},
                 device=f'CUDA ({torch.cuda.get_device_name(0)}) for training' if torch.cuda.is_available() else 'CPU only')
 
+def thread_note(manifest: dict, session: dict) -> str | None:
+    "A note when this session trains with another CPU thread count than earlier sessions that finished runs (results differ in the last digits by thread count)."
+    before = sorted({s['threads_per_job'] for s in manifest['sessions'] if s.get('finished_runs') and s is not session})
+    if not before or before == [session['threads_per_job']]: return None
+    return (f"note: the runs finished so far trained with {' or '.join(map(str, before))} CPU thread(s) each, this session's with "
+            f"{session['threads_per_job']} (--jobs {session['jobs']}); float sums differ in their last digits with the thread count, "
+            "so these runs are not bit-identical to what the earlier setting gives; study.json records each session's threads")
+
 # %% ../nbs/21_study.ipynb 116
 def _report_only(out, spec, manifest, configs, runs, echo=print) -> dict:
     "`--report-only`: STUDY.md, the tables and figures from the study's evidence alone (no run folder is read)."
@@ -953,7 +973,7 @@ def study(path, out, jobs: int = 1, progress: bool = True, report_only: bool = F
     if not _is_int(jobs) or jobs < 1: raise ConfigError(f'--jobs must be a positive integer, got {jobs!r}')
     spec, configs = load_study(path)                       # every check before anything is written
     if report_only and not (Path(out)/MANIFEST).exists(): raise RunFolderError(f'{out} holds no {MANIFEST}: no study to report on')
-    manifest = open_study_folder(out, spec)
+    manifest = open_study_folder(out, spec, configs)
     runs = run_plan(spec, out, configs)
     todo = [r for r in runs if missing_work(r)]
     if report_only: return _report_only(out, spec, manifest, configs, runs, echo)
@@ -963,6 +983,7 @@ def study(path, out, jobs: int = 1, progress: bool = True, report_only: bool = F
             manifest['spec'] = spec; save_evidence(out, runs, manifest); save_manifest(out, manifest); write_report(out, spec, manifest, configs, runs)
         return manifest
     manifest['spec'] = spec; session = _session(path, out, jobs); manifest['sessions'].append(session)
+    if note := thread_note(manifest, session): echo(note)
     t0 = time.perf_counter()
     def on_done(run, state, error):
         session.update(wall_s=round(time.perf_counter() - t0, 1))
@@ -1001,7 +1022,7 @@ def run_study(args) -> int:
 def main(argv=None) -> int:
     "`python -m radiodiff_vae.study ...`: user errors print one line and exit with status 2."
     args = add_study_args(argparse.ArgumentParser(prog='radiodiff-vae study', description='arms x seeds of training runs, compared')).parse_args(argv)
-    try: return run_study(args)
+    try: check_args(args); return run_study(args)      # the checks every command shares (checks.ipynb)
     except RadioDiffError as e: print(f'radiodiff-vae study: error: {e}', file=sys.stderr); return 2
 
 # %% ../nbs/21_study.ipynb 123

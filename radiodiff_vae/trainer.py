@@ -31,6 +31,7 @@ from .data import RadioMapSeer, radiomapseer_split, MapFolder
 from .synthetic import SyntheticRadioMaps
 from .config import (load_config, resolve_config, dump_config, config_differences, resume_changes, choose_precision,
                                   finish_start_step, FINISH_OFF, CUDA_GRAPH_MODES)
+from .checks import make_output_folder, check_args
 from .run_folder import RunLock, list_checkpoints, resolve_resume, check_run_folder
 from .logs import RunLogs, format_log_line, UPSTREAM_AE_KEYS, UPSTREAM_DISC_KEYS
 
@@ -407,11 +408,10 @@ def _on_main(self: Trainer, fn, *args):
 @patch
 def _claim_folder(self: Trainer, resume):
     "Lock the output folder and check that it may be used for this run."
-    try: self.out.mkdir(parents=True, exist_ok=True)
-    except OSError as e: raise RunFolderError(f'{self.out}: cannot create the output folder ({e.strerror})') from None
+    make_output_folder(self.out)   # the check every command shares (checks.ipynb)
     self.lock.acquire()
     implicit = self.t['resume_milestone'] > 0 and (self.out/f"model-{self.t['resume_milestone']}.pt").is_file()
-    try: check_run_folder(self.out, self.cfg, resuming=resume not in (None, False) or implicit)
+    try: self.run_id = check_run_folder(self.out, self.cfg, resuming=resume not in (None, False) or implicit, resume=resume)
     except BaseException: self._abandon(); raise
 
 @patch
@@ -741,7 +741,8 @@ def checkpoint_state(self: Trainer) -> dict:
             'scaler': self.acc.scaler.state_dict() if self.acc.scaler is not None else None, 'config': self.cfg,
             'rng': rngs, 'data_state': {'batches_drawn': self.batches_drawn, 'seed': self.t['seed']},
             'loss': {k: v for k, v in self.loss.state_dict().items() if not k.startswith('perceptual')},
-            'version': CHECKPOINT_VERSION, 'nonfinite_skips': self.skips, 'session': self.session, 'world_size': self.world}
+            'version': CHECKPOINT_VERSION, 'nonfinite_skips': self.skips, 'session': self.session, 'world_size': self.world,
+            'run_id': getattr(self, 'run_id', None)}   # the lineage (run_folder.ipynb); chosen on process 0
 
 # %% ../nbs/13_trainer.ipynb 94
 def sample_grid_png(x, x_hat) -> bytes:
@@ -878,7 +879,7 @@ def run_train(args) -> int:
 def main(argv=None) -> int:
     "`python -m radiodiff_vae.trainer ...` (for `accelerate launch -m`): user errors exit with status 2."
     args = add_train_args(argparse.ArgumentParser(prog='radiodiff_vae.trainer', description='train the VAE-GAN')).parse_args(argv)
-    try: return run_train(args)
+    try: check_args(args); return run_train(args)      # the checks every command shares (checks.ipynb)
     except RadioDiffError as e:
         print(f'radiodiff-vae train: error: {e}', file=sys.stderr); return 2
 

@@ -2,6 +2,7 @@
 no traceback, and nothing written (the --out folder is not created, existing files are untouched)."""
 import hashlib, os, subprocess, sys
 from pathlib import Path
+import numpy as np
 import pytest, yaml
 from radiodiff_vae.cli import main
 
@@ -98,7 +99,7 @@ def test_bad_overrides_and_arguments(capsys, tmp_path, cfg_file):
     fails(capsys, ['train', '--config', tmp_path/'missing.yaml', '--out', out], 'missing.yaml', 'not found')
     fails(capsys, ['train', '--config', path, '--out', out, '--set', 'trainer.nope=1'], 'trainer.nope')
     fails(capsys, ['train', '--config', path, '--out', out, '--set', 'trainer.lr'], 'trainer.lr', 'section.key=value')
-    fails(capsys, ['train', '--config', path, '--out', out, '--steps', '-3'], 'train_num_steps', '-3')
+    fails(capsys, ['train', '--config', path, '--out', out, '--steps', '-3'], '--steps', '-3')   # checked at parse time (checks.check_args)
     fails(capsys, ['train', '--config', path, '--out', out, '--steps', '1'], 'disc_start')  # disc_start 2 > 1 step
     fails(capsys, ['train', '--config', path, '--out', out, '--resume', tmp_path/'nope.pt'], 'nope.pt')
     assert not out.exists()
@@ -208,3 +209,117 @@ def test_real_process_exit_status(tmp_path):
         assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr
         assert expected in [l for l in r.stderr.splitlines() if 'error:' in l][0]
     assert not (tmp_path/'out').exists()
+
+# ---------------------------------------------------------------------------------------------------------------
+# checked before any work, one line each (issue 34: items 6, 9, 10, 12, 14)
+
+def _a_log(tmp_path):
+    "A tiny upstream-format log analyze can read."
+    log = tmp_path/'run'/'r_.log'; log.parent.mkdir(exist_ok=True)
+    log.write_text(''.join(f'2025-01-01 00:00:0{s},000 [Train Step] {s}/9: train/total_loss: 1.0, train/rec_loss: 0.5, lr: 0.001, \n' for s in range(1, 4)))
+    return log
+
+def _every_command(tmp_path, checkpoint, study_file, out):
+    "One valid-looking command line per command, writing into `out`."
+    cfg = tmp_path/'cfg.yaml'; cfg.write_text(yaml.safe_dump(tiny_config()))
+    return {'make-data': ['make-data', '--out', out, '--n', '1', '--size', '32', '--no-progress'],
+            'train': ['train', '--config', cfg, '--out', out, '--no-progress'],
+            'analyze': ['analyze', _a_log(tmp_path), '--out', out],
+            'evaluate': ['evaluate', '--checkpoint', checkpoint, '--data', 'synthetic:2:0:32', '--out', out, '--no-progress'],
+            'reproduce': ['reproduce', '--out', out, '--config', cfg, '--no-progress'],
+            'study': ['study', study_file, '--out', out, '--no-progress'],
+            'release': ['release', tmp_path, '--out', out]}
+
+@pytest.mark.parametrize('command', ['make-data', 'train', 'analyze', 'evaluate', 'reproduce', 'study', 'release'])
+def test_output_folder_that_cannot_be_made_is_one_line(capsys, tmp_path, checkpoint, command):
+    from radiodiff_vae.study import tiny_study_file
+    study_file = tiny_study_file(tmp_path/'s')
+    blocker = tmp_path/'a_file'; blocker.write_text('in the way')
+    for out, expected in [(blocker, 'exists and is not a folder'), (blocker/'sub', 'is a file, not a folder')]:
+        fails(capsys, _every_command(tmp_path, checkpoint, study_file, out)[command], str(blocker), expected)
+    assert blocker.read_text() == 'in the way'
+    if os.geteuid() != 0:
+        ro = tmp_path/'ro'; ro.mkdir(); os.chmod(ro, 0o555)
+        try: fails(capsys, _every_command(tmp_path, checkpoint, study_file, ro/'out')[command], 'not writable')
+        finally: os.chmod(ro, 0o755)
+
+def test_seeds_devices_sizes_and_dpi_are_checked_first(capsys, tmp_path, checkpoint, cfg_file):
+    out, cfg = tmp_path/'out', cfg_file(tiny_config())
+    for seed in ('-1', '99999999999999999999999'):
+        fails(capsys, ['make-data', '--out', out, '--n', '1', '--seed', seed], '--seed', seed)
+        fails(capsys, ['train', '--config', cfg, '--out', out, '--seed', seed], '--seed', seed)
+    fails(capsys, ['train', '--config', cfg, '--out', out, '--seed', '-5'], '--seed', '-5')
+    fails(capsys, ['train', '--config', cfg, '--out', out, '--set', 'trainer.seed=-5'], 'trainer.seed', '-5')
+    for device, expected in [('banana', 'not a device name')] + ([] if __import__('torch').cuda.is_available() else [('cuda', 'no CUDA GPU')]):
+        fails(capsys, ['evaluate', '--checkpoint', checkpoint, '--data', 'synthetic:2:0:32', '--out', out, '--device', device], device, expected)
+    fails(capsys, ['make-data', '--out', out, '--n', '1', '--size', '1000000'], '--size', 'needs about', 'TiB')
+    fails(capsys, ['train', '--config', cfg, '--out', out, '--set', 'data.size=1000000'], 'data.size=1000000', 'needs about')
+    fails(capsys, ['evaluate', '--checkpoint', checkpoint, '--data', 'synthetic:2:0:100000', '--out', out], 'synthetic:2:0:100000', 'needs about')
+    log = _a_log(tmp_path)
+    for dpi in ('0', '100000'): fails(capsys, ['analyze', log, '--out', out, '--dpi', dpi], '--dpi', dpi)
+    assert not out.exists()
+
+def test_logs_beyond_drawing_are_one_line_and_leave_no_partial_figures(capsys, tmp_path):
+    "issue 34 item 14: a log with a negative step and 1e308 losses."
+    import json
+    run = tmp_path/'run'; run.mkdir()
+    rows = [{'step': s, 'total_steps': 9, 'train/total_loss': 1e308, 'train/rec_loss': 1e308, 'train/kl_loss': 1e308,
+             'train/nll_loss': 1e308, 'lr_ae': 1e-3} for s in (-5, 1, 2, 3)]
+    (run/'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    out = tmp_path/'out'
+    capsys.readouterr()
+    code = main(['analyze', str(run), '--out', str(out)])
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err
+    if code == 2:
+        assert '1e+308' in err and not out.exists()
+    else: assert code == 0 and (out/'REPORT.md').exists()
+
+def test_run_folder_names_that_are_not_utf8_can_be_analysed(capsys, tmp_path):
+    "issue 34 item 11: figure titles name the run by its folder."
+    run = Path(os.fsdecode(bytes(tmp_path) + b'/caf\xe9'))
+    run.mkdir()
+    (run/'r_.log').write_text(_a_log(tmp_path).read_text())
+    assert main(['analyze', str(run), '--out', str(tmp_path/'out')]) == 0, capsys.readouterr().err[-2000:]
+    assert (tmp_path/'out'/'REPORT.md').exists()
+
+# ---------------------------------------------------------------------------------------------------------------
+# messages that say what is true (issue 34 item 15)
+
+def test_damaged_checkpoint_messages_are_whole_and_do_not_advise_the_unsafe_loader(capsys, tmp_path, checkpoint):
+    rand = tmp_path/'model-5.pt'; rand.write_bytes(os.urandom(4096))
+    line = fails(capsys, ['evaluate', '--checkpoint', rand, '--data', 'synthetic:2:0:32', '--out', tmp_path/'out'], 'model-5.pt')
+    assert 'weights_only' not in line and 'bytes are neither the zip archive torch.save writes nor a pickle' in line
+    data = checkpoint.read_bytes()
+    cut = tmp_path/'model-6.pt'; cut.write_bytes(data[:len(data) // 2])
+    line = fails(capsys, ['evaluate', '--checkpoint', cut, '--data', 'synthetic:2:0:32', '--out', tmp_path/'out'], 'model-6.pt', 'truncated')
+    assert 'high likelihood' not in line and line.rstrip().endswith('use another checkpoint of the run')
+
+def test_config_folder_empty_config_and_missing_release_folder(capsys, tmp_path, cfg_file):
+    (tmp_path/'conf').mkdir()
+    fails(capsys, ['train', '--config', tmp_path/'conf', '--out', tmp_path/'out'], 'conf', 'is a folder')
+    fails(capsys, ['train', '--config', cfg_file('', 'empty.yaml'), '--out', tmp_path/'out'], 'empty.yaml', 'is empty')
+    fails(capsys, ['train', '--config', cfg_file('# only a comment\n', 'comment.yaml'), '--out', tmp_path/'out'], 'comment.yaml', 'is empty')
+    fails(capsys, ['release', tmp_path/'no_such_run', '--out', tmp_path/'out'], 'no_such_run', 'no such run folder')
+    assert not (tmp_path/'out').exists()
+
+def test_transparent_maps_say_their_alpha_is_dropped(capsys, tmp_path, checkpoint):
+    from PIL import Image
+    maps = tmp_path/'maps'; maps.mkdir()
+    rgba = np.zeros((32, 32, 4), np.uint8); rgba[..., :3] = 120; rgba[..., 3] = 128
+    Image.fromarray(rgba, 'RGBA').save(maps/'see_through.png')
+    capsys.readouterr()
+    assert main(['evaluate', '--checkpoint', str(checkpoint), '--data', str(maps), '--out', str(tmp_path/'out'), '--no-progress']) == 0
+    err = capsys.readouterr().err
+    assert 'alpha' in err and 'see_through.png' in err
+
+def test_module_entry_points_share_the_checks(capsys, tmp_path, cfg_file):
+    "`python -m radiodiff_vae.study` and `python -m radiodiff_vae.trainer` (accelerate launch) check like `radiodiff-vae`."
+    from radiodiff_vae.study import main as study_main
+    from radiodiff_vae.trainer import main as train_main
+    blocker = tmp_path/'a_file'; blocker.write_text('x')
+    from radiodiff_vae.study import tiny_study_file
+    assert study_main([str(tiny_study_file(tmp_path/'s')), '--out', str(blocker/'sub'), '--no-progress']) == 2
+    assert train_main(['--config', str(cfg_file(tiny_config())), '--out', str(tmp_path/'o'), '--seed', '-1']) == 2
+    err = capsys.readouterr().err
+    assert 'is a file, not a folder' in err and '--seed' in err and 'Traceback' not in err and not (tmp_path/'o').exists()

@@ -1,5 +1,5 @@
 """Evaluation: metric functions against plain NumPy, end-to-end evaluations of tiny checkpoints, and bad input."""
-import math
+import math, os
 import numpy as np
 import pytest
 import torch
@@ -379,3 +379,79 @@ def test_a_bad_spec_among_several_leaves_nothing_behind(tiny_ckpt, tmp_path, cap
     assert cli_main(["evaluate", "--checkpoint", str(tmp_path / "missing.pt"), "--data", "synthetic:2", "synthetic:3",
                      "--out", str(out), "--no-progress"]) == 2
     assert not out.exists()
+
+
+# ---------- issue 34: old outputs, degenerate maps, odd file names ----------
+
+def test_stale_outputs_of_an_earlier_evaluation_are_removed_and_named(tiny_ckpt, tmp_path, capsys):
+    path, _ = tiny_ckpt
+    out = tmp_path / "eval"
+    assert cli_main(["evaluate", "--checkpoint", str(path), "--data", "synthetic:2", "synthetic:2:9", "--out", str(out), "--no-progress"]) == 0
+    (out / "my_notes.txt").write_text("mine")
+    (out / "mine").mkdir(); (out / "mine" / "draft.md").write_text("mine")
+    capsys.readouterr()
+    assert cli_main(["evaluate", "--checkpoint", str(path), "--data", "synthetic:2", "--out", str(out), "--ema", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert not (out / "synthetic-2").exists() and not (out / "synthetic-2-9").exists()      # the earlier run's subfolders
+    assert "removed" in printed and "synthetic-2-9" in printed
+    assert (out / "my_notes.txt").read_text() == "mine" and (out / "mine" / "draft.md").read_text() == "mine"
+    assert cli_main(["evaluate", "--checkpoint", str(path), "--data", "synthetic:2", "synthetic:1:5", "--out", str(out), "--no-progress"]) == 0
+    assert not (out / "per_map.csv").exists() and not (out / "reconstructions_ema.png").exists()   # single-spec files of the last run
+    assert sorted(p.name for p in out.iterdir()) == ["evaluation.md", "mine", "my_notes.txt", "summary.json", "synthetic-1-5", "synthetic-2"]
+
+
+def _png_folder(folder, maps: dict):
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, array in maps.items(): Image.fromarray(array).save(folder / name if isinstance(name, str) else os.fsdecode(bytes(folder) + b"/" + name), format="PNG")
+    return folder
+
+
+def test_a_map_with_no_signal_and_exact_reconstructions_are_defined_and_named(tiny_ckpt, tmp_path, capsys):
+    path, _ = tiny_ckpt
+    rng = np.random.default_rng(0)
+    maps = _png_folder(tmp_path / "maps", {"zero.png": np.zeros((32, 32), np.uint8), "city.png": rng.integers(0, 255, (32, 32), dtype=np.uint8)})
+    out = tmp_path / "eval"
+    assert cli_main(["evaluate", "--checkpoint", str(path), "--data", f"folder:{maps}", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "NMSE" in printed and "zero" in printed                                                # the left-out map is named
+    df = pd.read_csv(out / "per_map.csv")
+    assert math.isnan(df.loc[df.name == "zero", "mode_nmse"].iloc[0])                            # undefined, not infinite
+    md = (out / "evaluation.md").read_text()
+    assert "no signal" in md and "zero" in md
+    # exact reconstructions: PSNR +inf for every map; the summary still writes, naming them
+    from radiodiff_vae.evaluation import summarize_rows, markdown_section
+    rows = [dict(index=i, name=f"m{i}", height=32, width=32, **{f"{k}_{m}": v for k in ("mode", "sample") for m, v in
+            dict(nmse=0.0, rmse=0.0, psnr=math.inf, ssim=1.0, mse=0.0).items()}, **{f"loss_{t}": 0.0 for t in ("rec", "kl", "nll", "total", "g")})
+            for i in range(2)]
+    s = summarize_rows(rows, {})
+    assert s["typical_map"]["psnr"] == math.inf and s["metrics"]["mode"]["psnr"]["n_nonfinite"] == 2
+
+
+def test_a_checkpoint_with_nan_weights_is_one_line(tiny_ckpt, tmp_path, capsys):
+    path, _ = tiny_ckpt
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model"] = {k: v.float().fill_(float("nan")) if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    bad = tmp_path / "model-9.pt"; atomic_torch_save(ckpt, bad)
+    capsys.readouterr()
+    assert cli_main(["evaluate", "--checkpoint", str(bad), "--data", "synthetic:2", "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "model-9.pt" in err and "non-finite" in err
+    assert not (tmp_path / "out").exists()
+    assert cli_main(["evaluate", "--checkpoint", str(bad), "--data", "synthetic:2", "--out", str(tmp_path / "out"), "--ema", "--no-progress"]) == 0
+
+
+def test_file_names_that_are_not_utf8(tiny_ckpt, tmp_path, capsys):
+    path, _ = tiny_ckpt
+    rng = np.random.default_rng(1)
+    maps = _png_folder(tmp_path / "maps", {b"caf\xe9.png": rng.integers(0, 255, (32, 32), dtype=np.uint8)})
+    out = tmp_path / "eval"
+    assert cli_main(["evaluate", "--checkpoint", str(path), "--data", str(maps), "--out", str(out), "--no-progress"]) == 0
+    assert "caf\ufffd" in pd.read_csv(out / "per_map.csv")["name"].iloc[0] and (out / "reconstructions_raw.png").is_file()
+
+
+def test_every_accepted_seed_works(tiny_ckpt, tmp_path):
+    "issue 34 item 9: --seed takes 0..2**63-1; the per-map noise seed must not overflow torch's 64 bits for the large ones."
+    path, _ = tiny_ckpt
+    assert cli_main(["evaluate", "--checkpoint", str(path), "--data", "synthetic:1", "--out", str(tmp_path / "e"), "--seed", str(2**63 - 1),
+                     "--no-progress"]) == 0

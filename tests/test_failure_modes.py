@@ -151,6 +151,8 @@ def test_sigkill_at_random_moments_resumes_bit_exactly(tmp_path):
     a, b = load_ckpt(base/last), load_ckpt(killed/last)
     assert b['session'] > 0 and a['session'] == 0
     a.pop('session'); b.pop('session')
+    assert len({load_ckpt(p)['run_id'] for p in killed.glob('model-*.pt')}) == 1   # one run across its sessions
+    assert a.pop('run_id') != b.pop('run_id')                                       # two runs
     assert_same(a, b)       # model, ema, loss (discriminator + logvar), both optimizers, schedulers, RNG, data position
     for m in range(1, steps // every + 1): assert_same(load_ckpt(base/f'model-{m}.pt')['model'], load_ckpt(killed/f'model-{m}.pt')['model'], f'model-{m}')
 
@@ -331,3 +333,47 @@ def test_torn_log_line_does_not_swallow_the_next_record(tmp_path):
     from radiodiff_vae.logs import read_run
     df, info = read_run(out)
     assert df.index[df['train/total_loss'].notna()].tolist() == list(range(6)) and info['skipped_lines'] == 1
+
+# --------------------------------------------------------------------------------------------------------------
+# lineage (issue 34): a run id chosen at a run's start is stored in every checkpoint; a checkpoint of another run is
+# never continued into a folder that holds a run; a start that wrote no checkpoint holds no run
+
+def _seeded(seed, steps=4, every=2):
+    cfg = tiny_config(steps, every); cfg['trainer']['seed'] = seed
+    return cfg
+
+def test_foreign_checkpoint_is_refused_and_overwrites_nothing(run_copy, tmp_path):
+    other = tmp_path/'other'
+    train(_seeded(1), other, stop_at=2, progress=False)                   # another run, stopped at model-1.pt
+    mine, theirs = load_ckpt(run_copy/'model-1.pt'), load_ckpt(other/'model-1.pt')
+    assert isinstance(mine['run_id'], str) and isinstance(theirs['run_id'], str) and mine['run_id'] != theirs['run_id']
+    before = snapshot(run_copy)
+    with pytest.raises(RunFolderError, match=rf"model-1\.pt: a checkpoint of another run.*{theirs['run_id']}.*{mine['run_id']}"):
+        train(_seeded(1), run_copy, resume=other/'model-1.pt', progress=False)
+    assert snapshot(run_copy) == before                                   # no checkpoint, log or metrics row touched
+    # a copy of this run's own checkpoint, kept elsewhere, continues this run
+    shutil.copy(run_copy/'model-1.pt', tmp_path/'kept.pt')
+    s = train(tiny_config(4, 2), run_copy, resume=tmp_path/'kept.pt', progress=False)
+    assert s['step'] == 4 and load_ckpt(run_copy/'model-2.pt')['run_id'] == mine['run_id']
+    # continuing another run's checkpoint in a new folder is a new run (a branch), with its own id
+    branch = tmp_path/'branch'
+    train(_seeded(1), branch, resume=other/'model-1.pt', progress=False)
+    assert load_ckpt(branch/'model-2.pt')['run_id'] not in (mine['run_id'], theirs['run_id'])
+    with pytest.raises(RunFolderError, match='a checkpoint of another run'):   # and it cannot come back either
+        train(_seeded(1), other, resume=branch/'model-2.pt', progress=False)
+
+@pytest.mark.parametrize('bad', ['data.batch_size=100000', 'data.size=63', 'trainer.seed=-3'])
+def test_failed_start_does_not_block_the_corrected_rerun(tmp_path, bad):
+    out = tmp_path/'run'
+    with pytest.raises(RadioDiffError): train(tiny_config(4, 2), out, overrides=[bad], progress=False)
+    assert not list(out.glob('model-*.pt'))
+    s = train(tiny_config(4, 2), out, resume='latest', stop_at=2, progress=False)
+    assert s['step'] == 2 and (out/'model-1.pt').exists()
+    s = train(tiny_config(4, 2), tmp_path/'run2', progress=False, overrides=['trainer.lr=2e-3'], stop_at=0)   # folder made, nothing trained
+    assert train(tiny_config(4, 2), tmp_path/'run2', stop_at=1, progress=False)['step'] == 1              # another config, no checkpoint: accepted
+
+def test_resume_with_fewer_steps_than_done_is_refused(run_copy):
+    before = snapshot(run_copy)
+    with pytest.raises(RadioDiffError, match=r'model-2\.pt.*step 4.*train_num_steps=3'):
+        train(tiny_config(3, 2), run_copy, resume='latest', progress=False)
+    assert snapshot(run_copy) == before                                  # config.yaml not rewritten

@@ -181,3 +181,140 @@ def test_unknown_keys_are_named(where, key):
        value=st.integers(-10**9, 0))
 def test_non_positive_counts_are_refused(key, value):
     with pytest.raises(ConfigError, match=f'trainer.{key}'): resolve_config({'trainer': {key: value}})
+
+# ---------------------------------------------------------------------------------------------------------------
+# every command's argument parser (and, through train/reproduce/study, the config loader) with generated command lines:
+# exit 0 or 2, never a traceback, and on exit 2 nothing written. Each command's long work is cut short by a sentinel
+# raised where it would begin: make-data makes its first map, train draws its first batch (tiny maps) and builds its
+# model, then stops before the first forward pass; the others stop where they would score, draw or train.
+
+import contextlib, io, os
+from radiodiff_vae.cli import main as cli_main
+
+class ReachedWork(Exception):
+    "Every check passed: the command would now do its work."
+
+WORK = {'trainer': 'AutoencoderStep.forward', 'figures': 'save_figures', 'report': 'save_figures',
+        'evaluation': 'evaluate_prepared', 'reproduce': 'run_stage', 'study': 'execute_runs', 'pretrained': 'checkpoint_scores'}
+
+def stop_work(mp):
+    "Put the sentinels in place (on MonkeyPatch `mp`)."
+    import importlib
+    from radiodiff_vae import synthetic
+    def stop(*a, **k): raise ReachedWork()
+    for module, name in WORK.items():
+        owner = importlib.import_module(f'radiodiff_vae.{module}')
+        *path, attr = name.split('.')
+        for p in path: owner = getattr(owner, p)
+        mp.setattr(owner, attr, stop)
+    real = synthetic.generate_radio_map
+    def first_map_only(*a, **k): real(*a, **k); raise ReachedWork()
+    mp.setattr(synthetic, 'generate_radio_map', first_map_only)
+
+@pytest.fixture(scope='module')
+def no_work():
+    mp = pytest.MonkeyPatch(); stop_work(mp)
+    yield
+    mp.undo()
+
+_GOOD = []
+def GOOD_CHECKPOINT() -> bytes:
+    "The bytes of a valid tiny checkpoint (made once)."
+    if not _GOOD:
+        import io as _io, torch
+        from radiodiff_vae.model import AutoencoderKL
+        from radiodiff_vae.config import resolve_config
+        cfg = resolve_config({'model': {'ddconfig': {'ch': 32, 'ch_mult': [1, 2], 'num_res_blocks': 1, 'resolution': 32},
+                                        'lossconfig': {'perceptual_weight': 0.0, 'lpips_pretrained': False, 'disc_ndf': 8}}})
+        buf = _io.BytesIO(); torch.save({'model': AutoencoderKL(cfg['model']['ddconfig'], 3).state_dict(), 'config': cfg, 'step': 1}, buf)
+        _GOOD.append(buf.getvalue())
+    return _GOOD[0]
+
+def workspace(root: Path) -> dict:
+    "Inputs a command may be pointed at: good and bad configs, logs, checkpoints, study files, folders."
+    from radiodiff_vae.study import tiny_study_file
+    tiny = {'model': {'ddconfig': {'ch': 32, 'ch_mult': [1, 2], 'num_res_blocks': 1, 'resolution': 32},
+                      'lossconfig': {'disc_start': 2, 'perceptual_weight': 0.0, 'lpips_pretrained': False, 'disc_ndf': 8}},
+            'data': {'source': 'synthetic', 'size': 32, 'n_maps': 8, 'val_maps': 0}, 'trainer': {'train_num_steps': 4, 'save_and_sample_every': 2}}
+    files = {'cfg.yaml': yaml.safe_dump(tiny), 'bad.yaml': 'model: [', 'empty.yaml': '', 'list.yaml': '- 1\n',
+             'run/r_.log': '2025-01-01 00:00:01,000 [Train Step] 1/9: train/total_loss: 1.0, train/rec_loss: 0.5, \n',
+             'garbage.pt': 'not a checkpoint', 'afile': 'in the way'}
+    for name, text in files.items():
+        (root/name).parent.mkdir(parents=True, exist_ok=True); (root/name).write_text(text)
+    (root/'emptydir').mkdir()
+    (root/'good.pt').write_bytes(GOOD_CHECKPOINT())
+    tiny_study_file(root/'studies')
+    return {'cfg': root/'cfg.yaml', 'study': root/'studies'/'tiny.yaml'}
+
+def snapshot_tree(folder) -> dict:
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(Path(folder).rglob('*'))}
+
+TEXT = st.text(st.characters(blacklist_characters='\x00', blacklist_categories=('Cs',)), max_size=10)   # a real argv holds no NUL
+INT = st.one_of(st.integers(-3, 40), st.integers(1, 8), st.sampled_from([-1, 2**63, 10**20, 999_999, 'ten'])).map(str)   # mostly integers
+FLOAT = st.one_of(st.floats(0, 1).map(str), st.floats(allow_nan=True, allow_infinity=True).map(str), TEXT)
+OUT = st.sampled_from(['new', 'new/deeper', 'emptydir', 'afile', 'afile/sub', 'run', ''])
+CONFIG = st.sampled_from(['cfg.yaml', 'bad.yaml', 'empty.yaml', 'list.yaml', 'missing.yaml', 'emptydir', 'afile'])
+SET = st.one_of(st.sampled_from(['trainer.lr=1e-4', 'trainer.seed=-5', 'data.size=1000000', 'data.batch_size=100000', 'trainer.nope=1',
+                                 'trainer.lr', '=', 'data.size=63', 'trainer.train_num_steps=0', 'model.ddconfig.ch_mult=[]']), TEXT)
+DEVICE = st.one_of(st.sampled_from(['cpu', 'cuda', 'cuda:7', 'banana', 'meta', 'mps', '']), TEXT)
+DATA = st.one_of(st.sampled_from(['synthetic:2:0:32', 'synthetic:0', 'synthetic:2:-1', 'synthetic:2:0:100000', 'synthetic:x', 'real',
+                                  'missing', 'folder:emptydir', 'run']), TEXT)
+CKPT = st.sampled_from(['good.pt', 'good.pt', 'garbage.pt', 'missing.pt', 'emptydir', 'released'])
+
+OPTIONS = {   # option -> strategy of its value (None: a flag); positional arguments under ''
+    'make-data': {'--out': OUT, '--n': INT, '--seed': INT, '--size': INT, '--num-tx': INT, '--no-progress': None},
+    'train': {'--config': CONFIG, '--set': SET, '--out': OUT, '--resume': st.sampled_from(['latest', '3', 'garbage.pt', 'missing.pt']),
+              '--steps': INT, '--stop-at': INT, '--seed': INT, '--no-progress': None, '--trust-checkpoint': None},
+    'analyze': {'': st.sampled_from(['run', 'run/r_.log', 'missing', 'emptydir', 'garbage.pt']), '--out': OUT, '--smoothing': FLOAT,
+                '--dpi': INT, '--config': CONFIG},
+    'evaluate': {'--checkpoint': CKPT, '--data': DATA, '--out': OUT, '--limit': INT, '--batch-size': INT, '--device': DEVICE,
+                 '--seed': INT, '--config': CONFIG, '--no-progress': None, '--both': None},
+    'reproduce': {'--out': OUT, '--config': CONFIG, '--steps': INT, '--seed': INT, '--set': SET, '--eval-synthetic-maps': INT,
+                  '--eval-limit': INT, '--no-progress': None},
+    'study': {'': st.sampled_from(['studies/tiny.yaml', 'bad.yaml', 'missing.yaml', 'cfg.yaml']), '--out': OUT, '--jobs': INT, '--no-progress': None},
+    'release': {'': st.sampled_from(['run', 'missing', 'afile']), '--out': OUT, '--select': DATA, '--card-data': DATA,
+                '--weights': st.sampled_from(['ema', 'raw', 'both'])},
+}
+
+REQUIRED = {'', '--out', '--n', '--config', '--checkpoint', '--data'}
+
+@st.composite
+def command_lines(draw):
+    command = draw(st.sampled_from(sorted(OPTIONS)))
+    argv = [command]
+    for option, values in OPTIONS[command].items():
+        if not draw(st.booleans()) and option not in REQUIRED: continue
+        if option == '': argv.append(draw(values)); continue
+        if option in REQUIRED and draw(st.integers(0, 19)) == 0: continue     # sometimes a required option is missing
+        argv += [option] if values is None else [option, draw(values)]
+    return argv
+
+def _in(root: Path, argv: list) -> list:
+    "Relative names made into paths under `root` (values that name nothing there stay as they are)."
+    names = {'good.pt', 'new', 'new/deeper', 'emptydir', 'afile', 'afile/sub', 'run', 'run/r_.log', 'missing', 'cfg.yaml', 'bad.yaml',
+             'empty.yaml', 'list.yaml', 'missing.yaml', 'garbage.pt', 'missing.pt', 'studies/tiny.yaml'}
+    out = []
+    for a in argv:
+        if a in names: out.append(str(root/a))
+        elif a == 'folder:emptydir': out.append(f'folder:{root/"emptydir"}')
+        else: out.append(a)
+    return out
+
+@settings(max_examples=70, **FUZZ)   # about 30 s on a 2-core machine
+@given(argv=command_lines())
+def test_every_command_line_exits_0_or_2_without_a_traceback(tmp_path_factory, no_work, argv):
+    root = tmp_path_factory.mktemp('cmd')
+    workspace(root)
+    argv = _in(root, argv)
+    before = snapshot_tree(root)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try: code = cli_main(argv)
+        except SystemExit as e: code = e.code          # argparse: usage errors (2) and --help (0)
+        except ReachedWork: code = 0                   # every check passed
+    assert code in (0, 2), (argv, code, err.getvalue()[-2000:])
+    assert 'Traceback' not in err.getvalue(), (argv, err.getvalue()[-3000:])
+    if code == 2:
+        lines = [l for l in err.getvalue().splitlines() if 'error:' in l]
+        assert len(lines) == 1, (argv, err.getvalue()[-2000:])
+        assert snapshot_tree(root) == before, (argv, 'a refused command wrote something', lines)

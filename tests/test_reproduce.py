@@ -69,3 +69,26 @@ def test_user_error_inside_a_stage_is_one_line_and_exit_2(tmp_path, monkeypatch,
     err = capsys.readouterr().err.strip()
     assert err == f"radiodiff-vae reproduce: error: stage 'reference': {missing}: no such file or folder"
     assert json.loads((tmp_path/'run'/'reproduce.json').read_text())['stages']['reference']['status'] == 'failed: LogParseError'
+
+
+def test_settings_are_compared_resolved_not_as_text(tmp_path, monkeypatch):
+    "issue 34: an absolute --config path or reordered --set resume the job; an edited config file is refused (not silently kept)."
+    import shutil, yaml
+    from radiodiff_vae import reproduce as rp
+    from radiodiff_vae.core import RunFolderError, repo_dir
+    ran = []
+    monkeypatch.setattr(rp, 'run_stage', lambda stage, out, progress=True: ran.append(stage['name']) or 0.0)
+    monkeypatch.setattr(rp, 'resolve_params', lambda stage, out: stage['params'])
+    cfg = tmp_path/'cfg.yaml'; shutil.copy(repo_dir()/'configs'/'quickstart.yaml', cfg)
+    sets = ['trainer.log_freq=2', 'trainer.warmup_steps=2', 'model.lossconfig.disc_start=6', 'data.finish_steps=2']
+    out = tmp_path/'job'
+    (tmp_path/'sub').mkdir()
+    rp.reproduce(out, progress=False, config=str(cfg), steps=12, overrides=sets)
+    assert len(ran) == 4
+    rp.reproduce(out, progress=False, config=str(tmp_path/'sub'/'..'/'cfg.yaml'), steps=12, overrides=sets[::-1])   # same settings, other text
+    assert len(ran) == 4                                                                          # nothing redone
+    raw = yaml.safe_load(cfg.read_text()); raw['trainer']['lr'] = raw['trainer'].get('lr', 5e-6) * 2
+    cfg.write_text(yaml.safe_dump(raw))
+    before = (out/'reproduce.json').read_text()
+    with pytest.raises(RunFolderError, match=r'trainer\.lr'): rp.reproduce(out, progress=False, config=str(cfg), steps=12, overrides=sets)
+    assert (out/'reproduce.json').read_text() == before and len(ran) == 4

@@ -266,3 +266,30 @@ def test_an_arm_starts_from_another_arms_runs(tmp_path):
         assert cfg['model']['ckpt_path'] == str(tmp_path/'out'/'runs'/'base'/f'seed-{seed}'/'model-2.pt')
         assert cfg['model']['ckpt_weights'] == 'ema' and read_run_state(run)['train']['step'] == 2
     assert 'ft (steps 2)' in (tmp_path/'out'/'STUDY.md').read_text().replace('`', '')
+
+
+def test_edited_base_config_is_noticed(tmp_path):
+    "issue 34: the resolved settings of every arm are recorded; an edited base file is refused, the same settings in other words are not."
+    import shutil
+    from radiodiff_vae.core import repo_dir
+    base = tmp_path/'base.yaml'; shutil.copy(repo_dir()/'configs'/'studies'/'quickstart_batch8.yaml', base)
+    raw = yaml.safe_load(tiny_study_file(tmp_path).read_text())
+    path = tmp_path/'s.yaml'; path.write_text(yaml.safe_dump({**raw, 'base': str(base)}))
+    spec, configs = load_study(path)
+    out = tmp_path/'out'
+    open_study_folder(out, spec, configs)
+    assert json.loads((out/'study.json').read_text())['resolved']['no-gan']['trainer']['lr'] == configs['no-gan']['trainer']['lr']
+    moved = {**raw, 'base': 'base.yaml', 'overrides': raw['overrides'][::-1]}          # relative path, reordered overrides
+    path.write_text(yaml.safe_dump(moved)); open_study_folder(out, *load_study(path))
+    cfg = yaml.safe_load(base.read_text()); cfg['trainer']['lr'] = configs['no-gan']['trainer']['lr'] * 2; base.write_text(yaml.safe_dump(cfg))
+    before = _files(out)
+    with pytest.raises(RunFolderError, match=r'no-gan.*trainer\.lr'): open_study_folder(out, *load_study(path))
+    assert _files(out) == before
+
+
+def test_a_resumed_study_says_when_the_thread_count_changes():
+    "issue 34: runs finished with one thread count and resumed with another --jobs: said, not silent."
+    from radiodiff_vae.study import thread_note
+    manifest = {'sessions': [{'threads_per_job': 2, 'finished_runs': 1}]}
+    note = thread_note(manifest, {'threads_per_job': 1, 'jobs': 2})
+    assert '2 CPU thread(s)' in note and '--jobs 2' in note
