@@ -669,7 +669,10 @@ def _update(self: Trainer, opt, params, logged: tuple, names: list, norm_key: st
 def _update_fp16(self: Trainer, opt, params, vals: dict, names: list, norm_key: str, clip: float) -> dict:
     "The fp16 update: the losses are checked first, as the grad scaler must unscale the gradients before their norm."
     if bad := nonfinite_terms(vals): self._nonfinite(bad, vals, names)
-    norm = float(self.acc.clip_grad_norm_(params, clip))
+    # only `opt`'s gradients: accelerate's clip_grad_norm_ unscales every optimizer, and the other one's gradients would
+    # then count again in this step's scaler.update(), halving the scale twice for one overflow
+    self.acc.unscale_gradients(opt)
+    norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
     opt.step()                                       # on an overflow the scaler skips the update itself
     if not math.isfinite(norm): self._scaler_skipped(opt)
     return vals | {norm_key: norm}

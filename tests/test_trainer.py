@@ -349,6 +349,28 @@ def test_fp16_overflow_is_left_to_the_grad_scaler(tmp_path, monkeypatch, skip_no
     scale = load(tmp_path/'fp32'/'model-2.pt')['scaler']['scale']
     assert scale < 2.0**24 and not list((tmp_path/'fp32').glob('nonfinite-*.json'))
 
+def test_one_fp16_overflow_halves_the_scale_once(tmp_path, monkeypatch):
+    """A real GradScaler (on the CPU) in the trainer's call order, one overflow injected into the autoencoder's gradients
+    (step 2) and one into the discriminator's (step 4): each halves the scale once, 4 -> 2 -> 1 (a small first scale: this
+    tiny model's own gradients overflow fp16 at 1024), and the [Scaler] line names the scale the run goes on with. Before
+    the fix clipping unscaled both optimizers, so the other one's gradients reached the next update again: 4 -> 1 at
+    step 2, then 1 -> 0.5 at step 4 and -> 0.25 at step 5."""
+    fp16_scaler_on_cpu(monkeypatch, init_scale=4.0)
+    t = Trainer(resolve_config(tiny(**{'model.lossconfig.disc_start': 1, 'trainer.train_num_steps': 6, 'data.val_maps': 0})),
+                tmp_path/'fp16', progress=False)
+    poison = {2: t.ae.encoder.conv_in.weight, 4: t.loss.discriminator.main[0].weight}
+    for step, p in poison.items(): p.register_hook(lambda g, step=step: g * math.inf if t.step == step else g)
+    scales = []
+    try:
+        for _ in range(6):
+            t.train_step(); scales.append(t.acc.scaler.get_scale()); t.step += 1
+    finally: t.logs.close(); t.lock.release()
+    assert scales == [4, 4, 2, 2, 1, 1]
+    lines = [l for l in t.logs.text_path.read_text().splitlines() if '[Scaler]' in l]
+    assert [l[l.index('[Scaler]'):] for l in lines] == [
+        '[Scaler] step 2: fp16 gradients of the autoencoder overflowed; the grad scaler skipped this update and lowered its scale to 2',
+        '[Scaler] step 4: fp16 gradients of the discriminator overflowed; the grad scaler skipped this update and lowered its scale to 1']
+
 def test_gradient_clipping_clips_before_the_step(tmp_path):
     "The gradient the optimizer sees has norm <= grad_clip_norm, while the logged (pre-clip) norm is larger."
     cfg = resolve_config(tiny(**{'trainer.grad_clip_norm': 1e-3, 'trainer.train_num_steps': 3, 'model.lossconfig.disc_start': 1, 'trainer.save_and_sample_every': 3}))
