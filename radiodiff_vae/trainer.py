@@ -220,6 +220,7 @@ class EMA:
     def __init__(self, model, decay=0.995, every=10, warmup=True, upstream=False):
         self.ema_model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay, self.every, self.warmup, self.upstream, self.updates = decay, every, warmup, upstream, 0
+        self.initted = not upstream   # upstream's flag: False until its first update after the copy phase (a second copy)
 
     def current_decay(self, step: int = 0) -> float:
         "Decay used by the update after optimizer step `step` (1-based)."
@@ -233,7 +234,9 @@ class EMA:
     def update(self, model, step: int):
         "Update after optimizer step `step` (1-based) when `step` (upstream: `step - 1`) is a multiple of `every`."
         if (step - 1 if self.upstream else step) % self.every: return
-        d = self.current_decay(step)
+        first = self.upstream and not self.initted and step - 1 > UPSTREAM_EMA_AFTER   # upstream copies again, then averages
+        d = 0.0 if first else self.current_decay(step)
+        if first: self.initted = True
         ema = list(self.ema_model.parameters())
         torch._foreach_lerp_(ema, [p.detach().to(e.dtype) for e, p in zip(ema, model.parameters())], 1 - d)        # one launch per chunk of tensors on a GPU, not one per tensor
         for e, b in zip(self.ema_model.buffers(), model.buffers()): e.copy_(b)
@@ -244,7 +247,7 @@ class EMA:
 def state_dict(self: EMA) -> dict:
     "`ema_model.`-prefixed weights plus book-keeping, like upstream's EMA wrapper."
     sd = {f'ema_model.{k}': v for k, v in self.ema_model.state_dict().items()}
-    sd.update(step=torch.tensor(self.updates * self.every), initted=torch.tensor(True), updates=torch.tensor(self.updates))
+    sd.update(step=torch.tensor(self.updates * self.every), initted=torch.tensor(self.initted), updates=torch.tensor(self.updates))
     return sd
 
 @patch
@@ -253,6 +256,11 @@ def load_state_dict(self: EMA, sd: dict, source=None):
     weights = {k: v for k, v in sd.items() if k.startswith('ema_model.')}
     load_upstream_state_dict(self.ema_model, weights, strict=True, source=f'{source} [ema]' if source else 'ema')
     self.updates = int(sd['updates']) if 'updates' in sd else int(sd.get('step', 0)) // self.every
+    copies = UPSTREAM_EMA_AFTER // self.every + 1        # updates of upstream's copy phase (after steps 1, 1 + every, ..., 101)
+    if not self.upstream: self.initted = True
+    elif 'updates' in sd:   # ours; versions before the flag was kept wrote initted=True always: the update count tells
+        self.initted = bool(sd.get('initted', True)) and self.updates > copies
+    else: self.initted = bool(sd['initted']) if 'initted' in sd else self.updates > copies   # upstream's wrapper
 
 # %% ../nbs/13_trainer.ipynb 50
 class NonFiniteLossError(RadioDiffError, FloatingPointError):

@@ -509,6 +509,45 @@ def test_upstream_switches(straight, tmp_path):
         assert all(torch.equal(v, source[k]) for k, v in t.ae.state_dict().items()), weights
     assert not torch.equal(ck['model']['decoder.conv_out.weight'], ck['ema']['ema_model.decoder.conv_out.weight'])
 
+class UpstreamEMA:
+    """Upstream's EMA wrapper's rule (the `EMA` of the ema-pytorch package its trainer makes with beta=0.995, every
+    10 steps; update_after_step=100, inv_gamma=1, power=2/3, min_value=0), written out independently of ours."""
+    def __init__(self, model, beta=0.995, update_after_step=100, update_every=10, power=2 / 3):
+        self.ema_model, self.beta, self.after, self.every, self.power = copy.deepcopy(model), beta, update_after_step, update_every, power
+        self.step, self.initted = 0, False
+    def copy_from(self, model):
+        for e, p in zip(self.ema_model.parameters(), model.parameters()): e.data.copy_(p.data)
+    def get_current_decay(self):
+        epoch = max(self.step - self.after - 1, 0)
+        return 0.0 if epoch <= 0 else min(max(1 - (1 + epoch) ** -self.power, 0.0), self.beta)
+    def update(self, model):       # called once after every optimizer step
+        step = self.step; self.step += 1
+        if step % self.every: return
+        if step <= self.after: self.copy_from(model); return
+        if not self.initted: self.copy_from(model); self.initted = True
+        decay = self.get_current_decay()
+        for e, p in zip(self.ema_model.parameters(), model.parameters()): e.data.lerp_(p.data, 1 - decay)
+
+def test_upstream_ema_is_upstreams_rule_past_step_111():
+    """trainer.upstream_ema against upstream's rule on a drifting model for 400 steps: equal at every step. Before the fix
+    ours averaged from the step-101 copy at step 111 (decay 0.798) where upstream copies again (its `initted` flag): 2.9
+    apart at step 111. The flag is saved, and a state of an earlier version (which always wrote initted=True) resumed
+    inside the copy phase still copies at step 111."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    ours, ref = tr.EMA(model, 0.995, 10, upstream=True), UpstreamEMA(model)
+    for step in range(1, 401):
+        with torch.no_grad():
+            for p in model.parameters(): p.add_(0.1 + 0.05 * torch.randn_like(p))
+        ours.update(model, step); ref.update(model)
+        gap = max(float((a - b).abs().max()) for a, b in zip(ours.ema_model.parameters(), ref.ema_model.parameters()))
+        assert gap <= 1e-5, (step, gap)
+        if step in (105, 200):          # resume from the saved state; at 105 as an earlier version wrote it
+            sd = ours.state_dict()
+            assert bool(sd['initted']) == (step == 200)
+            if step == 105: sd['initted'] = torch.tensor(True)
+            ours = tr.EMA(model, 0.995, 10, upstream=True); ours.load_state_dict(sd)
+
 def test_bad_input_is_clear(tmp_path):
     with pytest.raises(ConfigError, match='not found'): train(tmp_path/'nope.yaml', tmp_path/'x')
     with pytest.raises(ConfigError, match='trainer.lrate'): train(tiny(**{'trainer.lrate': 1}), tmp_path/'x')
