@@ -538,7 +538,7 @@ def _load_optimizer(opt, state, path, name, extra_group: bool):
         raise CheckpointError(f'{path}: {name} does not fit this model ({e}); is it a checkpoint of another architecture?') from None
 
 def load_scheduler(sched, state: dict, path, name) -> bool:
-    "Load a LambdaLR state; one written for one group fewer (upstream: no logvar group) gets the new group's own rate. True if so."
+    "Load a LambdaLR state, every group then at this config's schedule at the stored step; one written for one group fewer (upstream: no logvar group) gets the new group too. True if so."
     inner, state = getattr(sched, 'scheduler', sched), copy.deepcopy(state)
     extra = len(inner.optimizer.param_groups) - len(state.get('base_lrs', []))
     if extra == 1:
@@ -552,9 +552,11 @@ def load_scheduler(sched, state: dict, path, name) -> bool:
     inner.load_state_dict(state)
     if any(abs(a - b) > 1e-12 * max(abs(a), abs(b)) for a, b in zip(inner.base_lrs, ours)):   # trainer.lr changed: the config wins
         print(f'note: {name}: base learning rates {inner.base_lrs} in {path} replaced by the config\'s {ours} from step {inner.last_epoch}', file=sys.stderr)
-        inner.base_lrs = ours
-        inner._last_lr = [b * f(inner.last_epoch) for b, f in zip(ours, inner.lr_lambdas)]
-        for g, lr in zip(inner.optimizer.param_groups, inner._last_lr): g['lr'] = lr
+    # every group at this config's schedule from the resumed step on: a new horizon or floor (allowed on resume) changes
+    # the rate without changing the base rates, and the stored rate is the old schedule's
+    inner.base_lrs = ours
+    inner._last_lr = [b * f(inner.last_epoch) for b, f in zip(ours, inner.lr_lambdas)]
+    for g, lr in zip(inner.optimizer.param_groups, inner._last_lr): g['lr'] = lr
     return extra == 1
 
 # %% ../nbs/13_trainer.ipynb 76

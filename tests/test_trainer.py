@@ -260,8 +260,9 @@ def test_resume_from_faithful_upstream_checkpoint_with_learn_logvar(straight, tm
     t = Trainer(cfg, tmp_path/'cont', resume=str(tmp_path/'model-4.pt'), progress=False)
     try:
         assert t.step == 12 and len(t.opt_ae.param_groups) == 2
-        assert t.opt_ae.param_groups[0]['lr'] == opt_ae['param_groups'][0]['lr']     # upstream's rate continues
-        assert t.opt_ae.param_groups[1]['lr'] == pytest.approx(lr_at(cfg['trainer']['schedule'], 12, 14, base_lr=cfg['trainer']['lr'], min_lr=cfg['trainer']['min_lr'], power=cfg['trainer']['power'], warmup_steps=cfg['trainer']['warmup_steps']))  # logvar group: our schedule at step 12
+        want = lr_at(cfg['trainer']['schedule'], 12, 14, base_lr=cfg['trainer']['lr'], min_lr=cfg['trainer']['min_lr'], power=cfg['trainer']['power'], warmup_steps=cfg['trainer']['warmup_steps'])
+        assert opt_ae['param_groups'][0]['lr'] != pytest.approx(want)     # upstream's own schedule stored another rate
+        assert [g['lr'] for g in t.opt_ae.param_groups] == pytest.approx([want] * 2)   # both groups (logvar's new): the config's schedule at step 12
         s = t.fit()
     finally: t.lock.release()
     assert s['step'] == 14
@@ -465,6 +466,26 @@ def test_changed_lr_on_resume_takes_effect(straight, tmp_path, capsys):
         t.fit()
     finally: t.lock.release()
     assert 'replaced by the config' in capsys.readouterr().err
+
+@pytest.mark.parametrize('change', [{'trainer.train_num_steps': 200}, {'trainer.min_lr': 1e-4}])
+def test_changed_schedule_on_resume_takes_effect_at_the_resumed_step(tmp_path, change):
+    """A cosine run of 100 steps checkpointed at step 60, resumed with 200 steps (or another min_lr; both allowed on
+    resume): every group's rate is the new schedule's at step 60 from the first resumed step. Before the fix the rates
+    were re-derived only when the base rates differed, so step 60 ran at the old schedule's 3.64e-4 instead of 8.05e-4."""
+    base = {'trainer.train_num_steps': 100, 'trainer.save_and_sample_every': 50, 'data.val_maps': 0}
+    t = Trainer(resolve_config(tiny(**base)), tmp_path/'run', progress=False)
+    for _ in range(60): t.sched_ae.step(); t.sched_disc.step()
+    t.step = t.batches_drawn = 60
+    torch.save(t.checkpoint_state(), tmp_path/'step60.pt'); t.logs.close(); t.lock.release()
+    cfg = resolve_config(tiny(**{**base, **change}))
+    r = Trainer(cfg, tmp_path/'resumed', resume=str(tmp_path/'step60.pt'), progress=False)
+    r.logs.close(); r.lock.release()
+    T = cfg['trainer']
+    want = lr_at('cosine', 60, T['train_num_steps'], base_lr=T['lr'], min_lr=T['min_lr'], warmup_steps=T['warmup_steps'])
+    old = lr_at('cosine', 60, 100, base_lr=T['lr'], min_lr=1e-5, warmup_steps=T['warmup_steps'])
+    assert abs(want - old) > 1e-5
+    assert [g['lr'] for g in r.opt_ae.param_groups + r.opt_disc.param_groups] == pytest.approx([want] * 3, rel=1e-12)
+    assert r.sched_ae.get_last_lr() == pytest.approx([want] * 2, rel=1e-12)
 
 def test_changed_lr_in_the_same_folder_takes_effect_and_is_recorded(tmp_path):
     "--resume latest in the same folder with a lower lr: accepted (it was refused), the new rate from the resumed step, the change in config_history.jsonl and the log; a change of the experiment is still refused."
