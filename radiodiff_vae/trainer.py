@@ -110,7 +110,8 @@ def build_datasets(data: dict) -> tuple[Dataset, Dataset | None]:
     if data['source'] == 'radiomapseer':
         root, kw = data['root'] or 'RadioMapSeer', dict(simulation=data['simulation'], size=data['size'])
         train = RadioMapSeer(root, phase=data['phase'], num_tx=data['num_tx'], **kw)
-        val = RadioMapSeer(root, maps=radiomapseer_split('test')[:data['val_maps']], num_tx=1, **kw) if data['val_maps'] else None
+        held_out = radiomapseer_split('test', train.n_maps)[:data['val_maps']]   # the split of the folder's own map count, as train's
+        val = RadioMapSeer(root, maps=held_out, num_tx=1, **kw) if data['val_maps'] else None
         return train, val
     if data['root'] is None: raise ConfigError("data.root: required for data.source: folder (a folder of PNG maps)")
     return MapFolder(data['root'], size=data['size']), None

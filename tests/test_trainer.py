@@ -569,6 +569,20 @@ def test_upstream_ema_is_upstreams_rule_past_step_111():
             if step == 105: sd['initted'] = torch.tensor(True)
             ours = tr.EMA(model, 0.995, 10, upstream=True); ours.load_state_dict(sd)
 
+def test_radiomapseer_held_out_maps_follow_the_folders_size(tmp_path):
+    """The maps scored at each checkpoint come from the split of the folder's own map count (make_data.json's n), like the
+    training maps. Before the fix they came from the 700-map split: with 20 maps in the folder, ids past 20 (missing files)."""
+    import numpy as np
+    from PIL import Image
+    from radiodiff_vae.data import radiomapseer_split
+    root = tmp_path/'rms'
+    (root/'gain'/'DPM').mkdir(parents=True)
+    for m in range(1, 21): Image.fromarray(np.full((8, 8), m, np.uint8)).save(root/'gain'/'DPM'/f'{m}_0.png')
+    (root/'make_data.json').write_text(json.dumps({'n': 20, 'num_tx': 1}))
+    data = resolve_config({'data': {'source': 'radiomapseer', 'root': str(root), 'size': 8, 'num_tx': 1, 'val_maps': 3}})['data']
+    train_ds, val_ds = tr.build_datasets(data)
+    assert val_ds.maps == radiomapseer_split('test', 20)[:3] and not set(val_ds.maps) & set(train_ds.maps)
+
 def test_bad_input_is_clear(tmp_path):
     with pytest.raises(ConfigError, match='not found'): train(tmp_path/'nope.yaml', tmp_path/'x')
     with pytest.raises(ConfigError, match='trainer.lrate'): train(tiny(**{'trainer.lrate': 1}), tmp_path/'x')
