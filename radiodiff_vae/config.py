@@ -127,6 +127,7 @@ TRAINER_SCHEMA = {
                      "torch.compile's mode with trainer.compile (reduce-overhead: replay CUDA graphs, fewer kernel launches; GPU)"),
     'cudnn_benchmark': ('bool', True, "let cuDNN time its convolution algorithms for each new shape and keep the fastest (GPU)"),
     'finish_lr': ('float?', None, 'restart the lr at the finishing phase (data.finish_steps): a cosine from this peak to min_lr; null: no restart'),
+    'finish_ema_restart': ('bool', True, "restart the EMA's warm-up (trainer.ema_warmup) at the finishing phase's first step; false: the average goes on"),
 }
 
 # %% ../nbs/10_config.ipynb 17
@@ -322,11 +323,22 @@ def _check_finish_lr(t: dict, d: dict):
              "use e.g. trainer.schedule=cosine")
 
 # %% ../nbs/10_config.ipynb 59
+def _check_switches(t: dict, d: dict):
+    "Raise a ConfigError naming both keys when two `trainer` switches contradict each other."
+    _require(t['train_discriminator'] or not t['step_idle_discriminator'],
+             'trainer.step_idle_discriminator: true steps the discriminator\'s AdamW (weight decay shrinks it), but trainer.train_discriminator: '
+             'false freezes it; set trainer.step_idle_discriminator=false')
+    if d['finish_size'] is None or not t['finish_ema_restart']: return
+    for key, bad in (('upstream_ema', t['upstream_ema']), ('ema_warmup', not t['ema_warmup'])):
+        _require(not bad, f"trainer.finish_ema_restart: true (the default) restarts the EMA's warm-up at the finishing phase, but trainer.{key}: "
+                 f"{str(t[key]).lower()} has no warm-up to restart; set trainer.finish_ema_restart=false")
+
+# %% ../nbs/10_config.ipynb 62
 def finish_start_step(total_steps: int | None, finish_size: int | None, finish_steps: int | None) -> int | None:
     "First step of the finishing phase (the last `finish_steps` of `total_steps`, on `finish_size` maps); None without one."
     return total_steps - finish_steps if finish_size and finish_steps and total_steps else None
 
-# %% ../nbs/10_config.ipynb 61
+# %% ../nbs/10_config.ipynb 64
 CUDA_GRAPH_MODES = ('reduce-overhead', 'max-autotune')   # torch.compile modes that replay CUDA graphs on a GPU
 
 def validate_config(cfg: dict) -> dict:
@@ -362,6 +374,7 @@ def validate_config(cfg: dict) -> dict:
              f"data.crop: expected null or a multiple of the downsampling factor {f} in (0, data.size={d['size']}], got {d['crop']}")
     _check_finish(d, t['train_num_steps'], f)
     _check_finish_lr(t, d)
+    _check_switches(t, d)
     _require(len(dd['ch_mult']) >= 1 and all(c > 0 for c in dd['ch_mult']), f"model.ddconfig.ch_mult: expected positive integers, got {dd['ch_mult']}")
     for key in ('ch', 'z_channels', 'in_channels', 'out_ch'): _require(dd[key] > 0, f'model.ddconfig.{key}: must be positive, got {dd[key]}')
     _require(m['embed_dim'] > 0, f"model.embed_dim: must be positive, got {m['embed_dim']}")
@@ -376,7 +389,7 @@ def validate_config(cfg: dict) -> dict:
         raise ConfigError(f"trainer.fp16 is true but trainer.mixed_precision is {t['mixed_precision']!r}; set one of them")
     return cfg
 
-# %% ../nbs/10_config.ipynb 64
+# %% ../nbs/10_config.ipynb 67
 def parse_override(text: str) -> tuple[list[str], object]:
     "`'a.b.c=value'` -> (['a','b','c'], yaml.safe_load('value'))."
     if '=' not in text: raise ConfigError(f'override {text!r}: expected section.key=value')
@@ -386,7 +399,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
     try: return keys, yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as e: raise ConfigError(f'override {text!r}: value is not valid YAML ({e.__class__.__name__})') from None
 
-# %% ../nbs/10_config.ipynb 66
+# %% ../nbs/10_config.ipynb 69
 def _schema_at(keys: list[str]):
     "The schema entry at `keys`, or a ConfigError listing the valid keys at the first wrong level."
     schema, entry = SCHEMA, None
@@ -399,7 +412,7 @@ def _schema_at(keys: list[str]):
         schema = entry[1] if entry[0] == 'section' else None
     return entry
 
-# %% ../nbs/10_config.ipynb 68
+# %% ../nbs/10_config.ipynb 71
 def apply_overrides(raw: dict, overrides=()) -> dict:
     "A copy of `raw` with each `section.key=value` override set (keys checked against the schema)."
     raw = copy.deepcopy(raw)
@@ -413,7 +426,7 @@ def apply_overrides(raw: dict, overrides=()) -> dict:
         node[keys[-1]] = value
     return raw
 
-# %% ../nbs/10_config.ipynb 71
+# %% ../nbs/10_config.ipynb 74
 def resolve_config(raw: dict | None, overrides=()) -> dict:
     "Validated config with defaults filled, from a raw (YAML-loaded) dict and `section.key=value` overrides."
     if raw is None: raw = {}
@@ -421,7 +434,7 @@ def resolve_config(raw: dict | None, overrides=()) -> dict:
     raw = apply_overrides(unwrap_upstream(raw), overrides)
     return validate_config(_fill(raw, SCHEMA, ''))
 
-# %% ../nbs/10_config.ipynb 73
+# %% ../nbs/10_config.ipynb 76
 def _yaml_problem(e: yaml.YAMLError) -> str:
     "A YAML error on one line: what is wrong and where."
     mark = getattr(e, 'problem_mark', None)
@@ -440,7 +453,7 @@ def read_yaml(path) -> dict:
         raise ConfigError(f'config file {str(path)!r}: expected a mapping of sections (model, data, trainer), got {type(raw).__name__}')
     return raw or {}
 
-# %% ../nbs/10_config.ipynb 75
+# %% ../nbs/10_config.ipynb 78
 def load_config(path, overrides=()) -> dict:
     "Read, unwrap, override, fill and validate the YAML config at `path`."
     try: return resolve_config(read_yaml(path), overrides)
@@ -448,12 +461,12 @@ def load_config(path, overrides=()) -> dict:
         if str(path) in str(e): raise
         raise ConfigError(f'{path}: {e}') from None
 
-# %% ../nbs/10_config.ipynb 77
+# %% ../nbs/10_config.ipynb 80
 def dump_config(cfg: dict) -> str:
     "The config as YAML text (block style, key order kept)."
     return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
 
-# %% ../nbs/10_config.ipynb 84
+# %% ../nbs/10_config.ipynb 87
 RESUME_MUTABLE = {('trainer', k) for k in ('train_num_steps', 'save_and_sample_every', 'log_freq', 'results_folder',
                                            'resume_milestone', 'skip_nonfinite', 'max_nonfinite_skips', 'tensorboard',
                                            'sample_maps', 'cpu', 'amp', 'num_threads', 'compile', 'compile_mode', 'cudnn_benchmark',
@@ -476,7 +489,7 @@ def resume_changes(old: dict, new: dict) -> dict:
     return {f'{s}.{k}': [old.get(s, {}).get(k), new.get(s, {}).get(k)] for s, k in sorted(RESUME_MUTABLE)
             if k != 'results_folder' and old.get(s, {}).get(k) != new.get(s, {}).get(k)}
 
-# %% ../nbs/10_config.ipynb 87
+# %% ../nbs/10_config.ipynb 90
 def schema_table(schema: dict = SCHEMA, prefix: str = '') -> list[tuple[str, str, str, str]]:
     "(key, type, default, help) rows for every leaf of `schema`."
     rows = []

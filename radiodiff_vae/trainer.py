@@ -506,9 +506,9 @@ def _open_stream(self: Trainer):
 
 @patch
 def _enter_finish(self: Trainer):
-    "At the finishing phase's first step: the same batch stream, read from the data.finish_size maps; the EMA's warm-up restarts."
+    "At the finishing phase's first step: the same batch stream, read from the data.finish_size maps; the EMA's warm-up restarts (trainer.finish_ema_restart)."
     self._open_stream()
-    if self.ema is not None: self.ema.updates = 0   # the average so far holds weights trained at the coarser pixel scale
+    if self.ema is not None and self.t['finish_ema_restart']: self.ema.updates = 0   # the average so far holds weights trained at the coarser pixel scale
     d, b = self.cfg['data'], self.sampler.batch_size
     n, s, c = d['finish_steps'], d['finish_size'], d['finish_crop']
     windows = f', random {c}x{c} windows' if c and c < s else ''

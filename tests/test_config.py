@@ -176,3 +176,19 @@ def test_quickstart_finishes_on_larger_maps():
     with pytest.raises(ConfigError, match=r'data.finish_crop: expected null or a multiple of the downsampling factor 4 in \(0, data.finish_size=192\]'):
         load_config(CONFIGS/'quickstart.yaml', ['data.finish_crop=256'])
     assert load_config(CONFIGS/'quickstart.yaml', ['data.finish_size=256', 'data.finish_crop=192'])['data']['finish_crop'] == 192
+
+@pytest.mark.parametrize('sets,keys', [
+    (['trainer.train_discriminator=false', 'trainer.step_idle_discriminator=true'], ('trainer.step_idle_discriminator', 'trainer.train_discriminator')),
+    (['trainer.upstream_ema=true'], ('trainer.finish_ema_restart', 'trainer.upstream_ema')),
+    (['trainer.ema_warmup=false'], ('trainer.finish_ema_restart', 'trainer.ema_warmup'))])
+def test_contradictory_switches_are_refused_at_load(sets, keys):
+    """Switches that contradict each other are refused with one line naming both keys: a frozen discriminator that idle
+    AdamW steps would shrink by weight decay; the EMA warm-up restart of a finishing phase (the quickstart has one) under
+    upstream's EMA or without a warm-up. Before the fix these ran silently."""
+    with pytest.raises(ConfigError) as e: load_config(CONFIGS/'quickstart.yaml', sets)
+    message = str(e.value)
+    assert '\n' not in message and all(k in message for k in keys), message
+    if keys[0] == 'trainer.finish_ema_restart':     # the way out it names works
+        assert load_config(CONFIGS/'quickstart.yaml', sets + ['trainer.finish_ema_restart=false'])['trainer']['finish_ema_restart'] is False
+        assert load_config(CONFIGS/'quickstart.yaml', sets + [f'data.{k}={"null" if k != "finish_steps" else 0}' for k in ('finish_size', 'finish_steps', 'finish_batch_size')])
+    else: assert load_config(CONFIGS/'quickstart.yaml', sets[:1])['trainer']['train_discriminator'] is False
