@@ -35,13 +35,14 @@ from .run_folder import RunLock, list_checkpoints, resolve_resume, check_run_fol
 from .logs import RunLogs, format_log_line, UPSTREAM_AE_KEYS, UPSTREAM_DISC_KEYS
 
 # %% auto 0
-__all__ = ['UPSTREAM_EMA_AFTER', 'UPSTREAM_EMA_POWER', 'CHECKPOINT_VERSION', 'BatchStream', 'sample_seed', 'posterior_noise',
-           'crop_offsets', 'random_crops', 'CachedDataset', 'build_datasets', 'finish_dataset', 'build_model_and_loss',
-           'ae_parameters', 'build_optimizers', 'AutoencoderStep', 'DiscriminatorStep', 'compile_step',
-           'uses_cuda_graphs', 'world_size', 'GlobalBatchNorm2d', 'global_batchnorm', 'EMA', 'NonFiniteLossError',
-           'SkippedBatch', 'nonfinite_terms', 'rng_state', 'set_rng_state', 'recon_metrics', 'precision_note',
-           'data_feed_note', 'uses_cpu', 'run_precision', 'make_accelerator', 'Trainer', 'world_size_dependence',
-           'load_scheduler', 'host_values', 'sample_grid_png', 'train', 'add_train_args', 'run_train', 'main']
+__all__ = ['MAP_CACHE_BYTES', 'UPSTREAM_EMA_AFTER', 'UPSTREAM_EMA_POWER', 'CHECKPOINT_VERSION', 'BatchStream', 'sample_seed',
+           'posterior_noise', 'crop_offsets', 'random_crops', 'CachedDataset', 'cached', 'build_datasets',
+           'finish_dataset', 'build_model_and_loss', 'ae_parameters', 'build_optimizers', 'AutoencoderStep',
+           'DiscriminatorStep', 'compile_step', 'uses_cuda_graphs', 'world_size', 'GlobalBatchNorm2d',
+           'global_batchnorm', 'EMA', 'NonFiniteLossError', 'SkippedBatch', 'nonfinite_terms', 'rng_state',
+           'set_rng_state', 'recon_metrics', 'precision_note', 'data_feed_note', 'map_cache_note', 'uses_cpu',
+           'run_precision', 'make_accelerator', 'Trainer', 'world_size_dependence', 'load_scheduler', 'host_values',
+           'sample_grid_png', 'train', 'add_train_args', 'run_train', 'main']
 
 # %% ../nbs/13_trainer.ipynb 9
 class BatchStream(Sampler):
@@ -90,13 +91,23 @@ def random_crops(x: torch.Tensor, seed: int, k: int, positions, crop: int) -> to
     return torch.stack([m[..., r:r + crop, c:c + crop] for m, (r, c) in zip(x, corners)])
 
 # %% ../nbs/13_trainer.ipynb 18
+MAP_CACHE_BYTES = 2**30   # the most the map caches hold together: the main process and every DataLoader worker
+
 class CachedDataset(Dataset):
-    "Keep each item of `ds` in memory after its first use."
-    def __init__(self, ds): self.ds, self.cache = ds, {}
+    "Keep up to `capacity` items of `ds` (None: all) in memory after their first use; each process reading them keeps its own."
+    def __init__(self, ds, capacity: int | None = None, map_bytes: int = 0):
+        self.ds, self.cache, self.map_bytes = ds, {}, map_bytes
+        self.capacity = len(ds) if capacity is None else min(capacity, len(ds))
     def __len__(self): return len(self.ds)
     def __getitem__(self, i):
-        if i not in self.cache: self.cache[i] = self.ds[i]
-        return self.cache[i]
+        if i in self.cache: return self.cache[i]
+        item = self.ds[i]
+        if len(self.cache) < self.capacity: self.cache[i] = item
+        return item
+
+def cached(ds, budget: int, map_bytes: int):
+    "`ds` with a cache of as many maps of `map_bytes` as `budget` bytes hold; `ds` itself where not one fits."
+    return CachedDataset(ds, budget // map_bytes, map_bytes) if budget >= map_bytes else ds
 
 # %% ../nbs/13_trainer.ipynb 20
 def build_datasets(data: dict) -> tuple[Dataset, Dataset | None]:
@@ -104,9 +115,10 @@ def build_datasets(data: dict) -> tuple[Dataset, Dataset | None]:
     if data['source'] == 'synthetic':
         make = lambda n, offset: SyntheticRadioMaps(n, seed=data['data_seed'], size=data['size'], offset=offset, **data['synthetic'])
         train, val = make(data['n_maps'], 0), (make(data['val_maps'], data['n_maps']) if data['val_maps'] else None)
-        if (data['n_maps'] + data['val_maps']) * data['size'] ** 2 * 4 < 2**30:
-            train, val = CachedDataset(train), (CachedDataset(val) if val is not None else None)
-        return train, val
+        map_bytes = data['size'] ** 2 * 4
+        val = cached(val, MAP_CACHE_BYTES, map_bytes) if val is not None else None   # read by the main process only
+        left = MAP_CACHE_BYTES - (val.capacity * map_bytes if isinstance(val, CachedDataset) else 0)
+        return cached(train, left // max(data['num_workers'], 1), map_bytes), val    # one cache per data worker
     if data['source'] == 'radiomapseer':
         root, kw = data['root'] or 'RadioMapSeer', dict(simulation=data['simulation'], size=data['size'])
         train = RadioMapSeer(root, phase=data['phase'], num_tx=data['num_tx'], **kw)
@@ -317,6 +329,18 @@ def data_feed_note(device_type: str, d: dict) -> str | None:
     return (f'note: data.num_workers=0 on a GPU: each batch\'s maps are {made} between the steps while the GPU waits; '
             '--set data.num_workers=4 (or more) prepares them ahead')
 
+def _amount(n_bytes: float) -> str:
+    "A byte count in MB (KB below 0.1 MB)."
+    return f'{n_bytes / 2**20:.1f} MB' if n_bytes >= 0.1 * 2**20 else f'{n_bytes / 2**10:.0f} KB'
+
+def map_cache_note(ds, workers: int) -> str | None:
+    "What the training maps' cache will hold (maps, MB), per data worker and in all; None where `ds` has no cache."
+    if not isinstance(ds, CachedDataset): return None
+    n, size = ds.capacity, ds.capacity * ds.map_bytes
+    part = f'all {n} training maps' if n == len(ds) else f'{n} of the {len(ds)} training maps (the others are made again at each use)'
+    where = f'in each of {workers} data workers, {_amount(workers * size)} in all' if workers else 'in this process'
+    return f'map cache: {part}, {_amount(size)} {where}'
+
 def uses_cpu(t: dict) -> bool:
     "Whether a run with `trainer` settings `t` runs on the CPU: `trainer.cpu`, or no CUDA device."
     return t['cpu'] or not torch.cuda.is_available()
@@ -503,10 +527,13 @@ def _open_stream(self: Trainer):
     dl = DataLoader(ds, batch_sampler=self.sampler, num_workers=self.cfg['data']['num_workers'], persistent_workers=False,
                     pin_memory=self.device.type == 'cuda', generator=torch.Generator().manual_seed(self.t['seed'] + self.batches_drawn))
     self.batches = iter(dl)
+    if self.main and (note := map_cache_note(ds, self.cfg['data']['num_workers'])):
+        print(note, file=sys.stderr); self.logs.line(f'[Data] {note}')
 
 @patch
 def _enter_finish(self: Trainer):
     "At the finishing phase's first step: the same batch stream, read from the data.finish_size maps; the EMA's warm-up restarts (trainer.finish_ema_restart)."
+    if isinstance(self.train_ds, CachedDataset): self.train_ds.cache.clear()   # the main phase's maps are not read again
     self._open_stream()
     if self.ema is not None and self.t['finish_ema_restart']: self.ema.updates = 0   # the average so far holds weights trained at the coarser pixel scale
     d, b = self.cfg['data'], self.sampler.batch_size
