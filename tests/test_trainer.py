@@ -657,6 +657,22 @@ def test_wsd_schedule_drives_the_optimizers_and_the_analysis(tmp_path):
     config = load(out/'model-4.pt')['config']
     assert schedule_lr(range(12), training_params(config)) == pytest.approx(want, rel=1e-9)
 
+def test_crop_in_the_main_phase_resumes_to_identical_weights(tmp_path):
+    "data.crop: random 24x24 windows of the 32x32 maps; killed at step 3 and resumed, the windows are replayed: the same weights as straight through, and not those of whole maps."
+    cfg = tiny(**{'data.crop': 24, 'trainer.train_num_steps': 6, 'model.lossconfig.disc_start': 2})
+    sides = []
+    t = Trainer(resolve_config(cfg), tmp_path/'straight', progress=False)
+    t.gen.register_forward_pre_hook(lambda m, args: sides.append(args[0].shape[-1]))
+    t.fit()
+    assert sides == [24] * 6                         # the crop reached the model at every step
+    train(cfg, tmp_path/'b', progress=False, stop_at=3)
+    assert train(cfg, tmp_path/'b', progress=False, resume='latest')['start_step'] == 3
+    whole = train(tiny(**{'trainer.train_num_steps': 6, 'model.lossconfig.disc_start': 2}), tmp_path/'whole', progress=False)
+    a, b, c = (load(tmp_path/n/'model-2.pt') for n in ('straight', 'b', 'whole'))
+    for k in a['model']: assert torch.equal(a['model'][k], b['model'][k]), f'model.{k} differs'
+    for k in a['ema']: assert torch.equal(a['ema'][k], b['ema'][k]), f'ema.{k} differs'
+    assert not torch.equal(a['model']['decoder.conv_out.weight'], c['model']['decoder.conv_out.weight'])
+
 @pytest.fixture(scope='module')
 def finishing(tmp_path_factory):
     "Uninterrupted 12-step runs whose last `k` steps train on the same maps at 64x64 (one run per k, made on first use)."
