@@ -12,11 +12,11 @@ from .schedules import DECAY_FRACTION, wsd_fits
 
 # %% auto 0
 __all__ = ['DDCONFIG_SCHEMA', 'LOSSCONFIG_SCHEMA', 'MODEL_SCHEMA', 'DATA_SCHEMA', 'TRAINER_SCHEMA', 'SCHEMA',
-           'PRECISION_SPELLINGS', 'FINISH_OFF_DATA', 'FINISH_OFF', 'CUDA_GRAPH_MODES', 'RESUME_MUTABLE',
+           'PRECISION_SPELLINGS', 'FINISH_OFF_DATA', 'FINISH_OFF', 'CUDA_GRAPH_MODES', 'STEP_KEYS', 'RESUME_MUTABLE',
            'canonical_precision', 'read_cpu_flags', 'native_bf16', 'choose_precision', 'check_value', 'unwrap_upstream',
-           'downsampling_factor', 'finish_start_step', 'validate_config', 'parse_override', 'apply_overrides',
-           'resolve_config', 'read_yaml', 'load_config', 'dump_config', 'config_differences', 'resume_changes',
-           'schema_table']
+           'downsampling_factor', 'finish_start_step', 'validate_config', 'scale_steps', 'parse_override',
+           'apply_overrides', 'resolve_config', 'step_changes', 'read_yaml', 'load_config', 'dump_config',
+           'config_differences', 'resume_changes', 'schema_table']
 
 # %% ../nbs/10_config.ipynb 7
 DDCONFIG_SCHEMA = {
@@ -390,6 +390,35 @@ def validate_config(cfg: dict) -> dict:
     return cfg
 
 # %% ../nbs/10_config.ipynb 67
+STEP_KEYS = (('trainer', 'warmup_steps'), ('model', 'lossconfig', 'disc_start'), ('data', 'finish_steps'),
+             ('trainer', 'save_and_sample_every'), ('trainer', 'log_freq'))   # the settings counted in steps
+
+def _override_keys(overrides) -> set[str]:
+    "The dotted keys the `section.key=value` overrides set."
+    return {'.'.join(parse_override(text)[0]) for text in overrides or ()}
+
+def scale_steps(cfg: dict, steps: int, fixed=()) -> dict:
+    "A copy of the filled config `cfg` that runs `steps` steps: each of STEP_KEYS (unless in `fixed`) scaled by steps / train_num_steps."
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f'steps: expected a positive number of steps (trainer.train_num_steps), got {steps!r}')
+    cfg, T = copy.deepcopy(cfg), cfg['trainer']['train_num_steps']
+    scaled = lambda v: round(v * steps / T)
+    t, d, loss = cfg['trainer'], cfg['data'], cfg['model']['lossconfig']
+    new = {'trainer.warmup_steps': min(scaled(t['warmup_steps']), steps - 1),
+           'model.lossconfig.disc_start': min(scaled(loss['disc_start']), steps),
+           'data.finish_steps': min(max(scaled(d['finish_steps']), 1), steps) if d['finish_size'] is not None else d['finish_steps'],
+           'trainer.save_and_sample_every': max(scaled(t['save_and_sample_every']), 1),
+           'trainer.log_freq': max(scaled(t['log_freq']), 1)}
+    if T <= 0: new = {}                                   # a bad horizon is validate_config's to report
+    for key, value in new.items():
+        if key in fixed: continue
+        *path, last = key.split('.'); node = cfg
+        for k in path: node = node[k]
+        node[last] = value
+    t['train_num_steps'] = steps
+    return cfg
+
+# %% ../nbs/10_config.ipynb 70
 def parse_override(text: str) -> tuple[list[str], object]:
     "`'a.b.c=value'` -> (['a','b','c'], yaml.safe_load('value'))."
     if '=' not in text: raise ConfigError(f'override {text!r}: expected section.key=value')
@@ -399,7 +428,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
     try: return keys, yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as e: raise ConfigError(f'override {text!r}: value is not valid YAML ({e.__class__.__name__})') from None
 
-# %% ../nbs/10_config.ipynb 69
+# %% ../nbs/10_config.ipynb 72
 def _schema_at(keys: list[str]):
     "The schema entry at `keys`, or a ConfigError listing the valid keys at the first wrong level."
     schema, entry = SCHEMA, None
@@ -412,7 +441,7 @@ def _schema_at(keys: list[str]):
         schema = entry[1] if entry[0] == 'section' else None
     return entry
 
-# %% ../nbs/10_config.ipynb 71
+# %% ../nbs/10_config.ipynb 74
 def apply_overrides(raw: dict, overrides=()) -> dict:
     "A copy of `raw` with each `section.key=value` override set (keys checked against the schema)."
     raw = copy.deepcopy(raw)
@@ -426,15 +455,29 @@ def apply_overrides(raw: dict, overrides=()) -> dict:
         node[keys[-1]] = value
     return raw
 
-# %% ../nbs/10_config.ipynb 74
-def resolve_config(raw: dict | None, overrides=()) -> dict:
-    "Validated config with defaults filled, from a raw (YAML-loaded) dict and `section.key=value` overrides."
+# %% ../nbs/10_config.ipynb 77
+def _filled(raw: dict | None, overrides=()) -> dict:
+    "The config with overrides applied and defaults filled, not yet validated."
     if raw is None: raw = {}
     if not isinstance(raw, dict): raise ConfigError(f'config: expected a mapping of sections, got {type(raw).__name__}')
-    raw = apply_overrides(unwrap_upstream(raw), overrides)
-    return validate_config(_fill(raw, SCHEMA, ''))
+    return _fill(apply_overrides(unwrap_upstream(raw), overrides), SCHEMA, '')
 
-# %% ../nbs/10_config.ipynb 76
+def resolve_config(raw: dict | None, overrides=(), steps: int | None = None) -> dict:
+    "Validated config with defaults filled, from a raw (YAML-loaded) dict, `section.key=value` overrides and a run length `steps` (see `scale_steps`)."
+    cfg = _filled(raw, overrides)
+    if steps is not None: cfg = scale_steps(cfg, steps, _override_keys(overrides))
+    return validate_config(cfg)
+
+def step_changes(raw: dict | None, overrides=(), steps: int | None = None) -> dict:
+    "`{dotted key: [configured, now]}` for the settings `steps` changed (empty without `steps`)."
+    if steps is None: return {}
+    before = _filled(raw, overrides)
+    after = scale_steps(before, steps, _override_keys(overrides))
+    keys = ['trainer.train_num_steps'] + ['.'.join(k) for k in STEP_KEYS]
+    value = lambda cfg, key: [cfg := cfg[k] for k in key.split('.')][-1]
+    return {k: [value(before, k), value(after, k)] for k in keys if value(before, k) != value(after, k)}
+
+# %% ../nbs/10_config.ipynb 79
 def _yaml_problem(e: yaml.YAMLError) -> str:
     "A YAML error on one line: what is wrong and where."
     mark = getattr(e, 'problem_mark', None)
@@ -453,20 +496,20 @@ def read_yaml(path) -> dict:
         raise ConfigError(f'config file {str(path)!r}: expected a mapping of sections (model, data, trainer), got {type(raw).__name__}')
     return raw or {}
 
-# %% ../nbs/10_config.ipynb 78
-def load_config(path, overrides=()) -> dict:
-    "Read, unwrap, override, fill and validate the YAML config at `path`."
-    try: return resolve_config(read_yaml(path), overrides)
+# %% ../nbs/10_config.ipynb 81
+def load_config(path, overrides=(), steps: int | None = None) -> dict:
+    "Read, unwrap, override, fill and validate the YAML config at `path` (run for `steps` steps if given, see `scale_steps`)."
+    try: return resolve_config(read_yaml(path), overrides, steps)
     except ConfigError as e:
         if str(path) in str(e): raise
         raise ConfigError(f'{path}: {e}') from None
 
-# %% ../nbs/10_config.ipynb 80
+# %% ../nbs/10_config.ipynb 83
 def dump_config(cfg: dict) -> str:
     "The config as YAML text (block style, key order kept)."
     return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
 
-# %% ../nbs/10_config.ipynb 87
+# %% ../nbs/10_config.ipynb 90
 RESUME_MUTABLE = {('trainer', k) for k in ('train_num_steps', 'save_and_sample_every', 'log_freq', 'results_folder',
                                            'resume_milestone', 'skip_nonfinite', 'max_nonfinite_skips', 'tensorboard',
                                            'sample_maps', 'cpu', 'amp', 'num_threads', 'compile', 'compile_mode', 'cudnn_benchmark',
@@ -489,7 +532,7 @@ def resume_changes(old: dict, new: dict) -> dict:
     return {f'{s}.{k}': [old.get(s, {}).get(k), new.get(s, {}).get(k)] for s, k in sorted(RESUME_MUTABLE)
             if k != 'results_folder' and old.get(s, {}).get(k) != new.get(s, {}).get(k)}
 
-# %% ../nbs/10_config.ipynb 90
+# %% ../nbs/10_config.ipynb 93
 def schema_table(schema: dict = SCHEMA, prefix: str = '') -> list[tuple[str, str, str, str]]:
     "(key, type, default, help) rows for every leaf of `schema`."
     rows = []

@@ -29,8 +29,8 @@ from .losses import LPIPSWithDiscriminator, load_loss_state_dict
 from .schedules import make_lr_lambda
 from .data import RadioMapSeer, radiomapseer_split, MapFolder
 from .synthetic import SyntheticRadioMaps
-from .config import (load_config, resolve_config, dump_config, config_differences, resume_changes, choose_precision,
-                                  finish_start_step, FINISH_OFF, CUDA_GRAPH_MODES)
+from .config import (load_config, resolve_config, read_yaml, step_changes, dump_config, config_differences, resume_changes,
+                                  choose_precision, finish_start_step, FINISH_OFF, CUDA_GRAPH_MODES)
 from .run_folder import RunLock, list_checkpoints, resolve_resume, check_run_folder
 from .logs import RunLogs, format_log_line, UPSTREAM_AE_KEYS, UPSTREAM_DISC_KEYS
 
@@ -366,8 +366,9 @@ def make_accelerator(t: dict, mixed: str | None = None) -> Accelerator:
 class Trainer:
     "Train an AutoencoderKL with LPIPSWithDiscriminator as configured, on one process or several; see `train`."
     def __init__(self, config: dict, out_dir=None, resume=None, progress=True, stop_at=None, dataset=None,
-                 skip_damaged=False, trust_checkpoint=False):
+                 skip_damaged=False, trust_checkpoint=False, step_changes: dict | None = None):
         self.cfg = copy.deepcopy(config); self.t = t = self.cfg['trainer']
+        self.step_changes = step_changes or {}   # what `steps` changed in the config ({key: [configured, now]}), said at start
         self.out = Path(out_dir if out_dir is not None else t['results_folder'])
         self.progress, self.stop_at, self.skip_damaged, self.trust = progress, stop_at, skip_damaged, trust_checkpoint
         if t['num_threads']: torch.set_num_threads(t['num_threads'])
@@ -480,6 +481,9 @@ def _start(self: Trainer, resume):
         self.logs.line(f'[Precision] {note}')
         if feed := data_feed_note(self.device.type, self.cfg['data']): print(feed, file=sys.stderr); self.logs.line(f'[Data] {feed}')
         if path is not None: self.logs.line(f'[Resume] from {path} at step {self.step}')
+        if self.step_changes:
+            scaled = ', '.join(f'{k} {a} -> {b}' for k, a, b in ((k, *v) for k, v in self.step_changes.items()))
+            print(f'steps: {scaled}', file=sys.stderr); self.logs.line(f'[Steps] {scaled}')
         self._record_session(path)
     self._open_stream()
 
@@ -489,7 +493,8 @@ def _record_session(self: Trainer, path):
     changes = resume_changes(self.resumed_config, self.cfg) if self.resumed_config is not None else {}
     for key, (a, b) in changes.items(): self.logs.line(f'[Config] {key}: {a} -> {b} from step {self.step}')
     self.logs.config_history(dict(session=self.session, start_step=self.step, resumed_from=None if path is None else str(path),
-                                  precision=self.precision[0], precision_reason=self.precision[1], changed=changes))
+                                  precision=self.precision[0], precision_reason=self.precision[1], changed=changes,
+                                  steps_scaled=self.step_changes))
 
 @patch
 def _resume_candidates(self: Trainer, resume) -> Path | None:
@@ -867,6 +872,7 @@ def train(config,                          # a resolved config dict (`config.loa
           out_dir=None,                    # the run folder (default: trainer.results_folder)
           resume=None,                     # 'latest', a milestone number or a checkpoint path; None: a fresh run
           steps: int | None = None,        # overrides trainer.train_num_steps (the run's length and the schedule's horizon)
+          scale_steps: bool = False,       # with `steps`: scale every setting counted in steps to it as well (`--steps`; config.scale_steps)
           seed: int | None = None,         # overrides trainer.seed
           progress: bool = True,           # a progress bar (process 0)
           overrides=(),                    # 'section.key=value' strings, like `--set`
@@ -876,12 +882,14 @@ def train(config,                          # a resolved config dict (`config.loa
           trust_checkpoint: bool = False,  # read checkpoints with the full unpickler (only a file you vouch for)
          ) -> dict:                        # summary: steps, wall time, last checkpoint, held-out scores
     "Run (or resume) a training job on this process, or on every process of `accelerate launch`."
-    extra = list(overrides or ()) + ([f'trainer.seed={int(seed)}'] if seed is not None else []) \
-            + ([f'trainer.train_num_steps={int(steps)}'] if steps is not None else [])
-    cfg = load_config(config, extra) if isinstance(config, (str, Path)) else resolve_config(config, extra)
+    extra = list(overrides or ()) + ([f'trainer.seed={int(seed)}'] if seed is not None else [])
+    if steps is not None and not scale_steps: extra.append(f'trainer.train_num_steps={int(steps)}')   # the horizon alone
+    steps, path = steps if scale_steps else None, isinstance(config, (str, Path))
+    cfg = load_config(config, extra, steps) if path else resolve_config(config, extra, steps)
+    scaled = step_changes(read_yaml(config) if path else config, extra, steps)
     if stop_at is not None and stop_at < 0: raise ConfigError(f'stop_at must be >= 0, got {stop_at}')
     return Trainer(cfg, out_dir, resume=resume, progress=progress, stop_at=stop_at, dataset=dataset,
-                   skip_damaged=skip_damaged, trust_checkpoint=trust_checkpoint).fit()
+                   skip_damaged=skip_damaged, trust_checkpoint=trust_checkpoint, step_changes=scaled).fit()
 
 # %% ../nbs/13_trainer.ipynb 129
 def add_train_args(parser: argparse.ArgumentParser):
@@ -893,7 +901,9 @@ def add_train_args(parser: argparse.ArgumentParser):
     parser.add_argument('--resume', default=None, metavar='latest|N|PATH', help='continue from a checkpoint')
     parser.add_argument('--resume-skip-damaged', action='store_true', help='with --resume latest: fall back past an unreadable newest checkpoint')
     parser.add_argument('--trust-checkpoint', action='store_true', help='read checkpoints with the full unpickler (only files you trust)')
-    parser.add_argument('--steps', type=int, default=None, help='override trainer.train_num_steps')
+    parser.add_argument('--steps', type=int, default=None, help='run N steps: trainer.train_num_steps and the settings counted in steps '
+                        '(warm-up, GAN start, finishing phase, checkpoint and log intervals) scaled to N; '
+                        '--set trainer.train_num_steps=N changes the horizon alone')
     parser.add_argument('--stop-at', type=int, default=None, help='stop this session at this step (the schedule keeps its length)')
     parser.add_argument('--seed', type=int, default=None, help='override trainer.seed')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
@@ -910,7 +920,7 @@ def add_train_args(parser: argparse.ArgumentParser):
 def run_train(args) -> int:
     "Run `radiodiff-vae train` from parsed `args`; print the summary as JSON (process 0); return 0."
     if not args.config: raise ConfigError('--config is required (a YAML file such as configs/quickstart.yaml)')
-    s = train(args.config, args.out, resume=args.resume, steps=args.steps, seed=args.seed, progress=not args.no_progress,
+    s = train(args.config, args.out, resume=args.resume, steps=args.steps, scale_steps=True, seed=args.seed, progress=not args.no_progress,
               overrides=args.overrides, stop_at=args.stop_at, skip_damaged=args.resume_skip_damaged,
               trust_checkpoint=args.trust_checkpoint)
     if s.get('log_file'): print(json.dumps(s, indent=1, default=str))

@@ -198,3 +198,40 @@ def test_contradictory_switches_are_refused_at_load(sets, keys):
         assert load_config(CONFIGS/'quickstart.yaml', sets + ['trainer.finish_ema_restart=false'])['trainer']['finish_ema_restart'] is False
         assert load_config(CONFIGS/'quickstart.yaml', sets + [f'data.{k}={"null" if k != "finish_steps" else 0}' for k in ('finish_size', 'finish_steps', 'finish_batch_size')])
     else: assert load_config(CONFIGS/'quickstart.yaml', sets[:1])['trainer']['train_discriminator'] is False
+
+SHIPPED = sorted(p.name for p in CONFIGS.glob('*.yaml'))     # configs/studies/ holds study files and their bases
+
+@pytest.mark.parametrize('name', SHIPPED)
+@pytest.mark.parametrize('steps', [1, 2, 7, 40])
+def test_steps_alone_makes_a_short_run_of_every_shipped_config(name, steps):
+    """`--steps N` (load_config's `steps`): every shipped config loads at a tiny N with no other setting, its step-based
+    settings scaled by N / train_num_steps within the run, and the changes reported. Before, the quickstart at 40 steps
+    failed on trainer.warmup_steps, then on data.finish_steps."""
+    from radiodiff_vae.config import read_yaml, step_changes, STEP_KEYS
+    full = load_config(CONFIGS/name)
+    cfg = load_config(CONFIGS/name, steps=steps)
+    T, t, d, loss = full['trainer']['train_num_steps'], cfg['trainer'], cfg['data'], cfg['model']['lossconfig']
+    assert t['train_num_steps'] == steps
+    assert 0 <= t['warmup_steps'] < steps and 0 <= loss['disc_start'] <= steps
+    assert t['save_and_sample_every'] >= 1 and t['log_freq'] >= 1
+    assert d['finish_steps'] == 0 if d['finish_size'] is None else 1 <= d['finish_steps'] <= steps
+    for section, *path in STEP_KEYS:                       # each scaled by N / T (rounded), within its bounds
+        old = full[section]; new = cfg[section]
+        for k in path: old, new = old[k], new[k]
+        assert abs(new - old * steps / T) <= 1 or new in (0, 1, steps - 1, steps), (path, old, new)
+    changes = step_changes(read_yaml(CONFIGS/name), (), steps)
+    assert changes['trainer.train_num_steps'] == [T, steps]
+    assert all(cfg_value(cfg, k) == new and cfg_value(full, k) == old for k, (old, new) in changes.items())
+    assert load_config(CONFIGS/name, steps=T) == full and step_changes(read_yaml(CONFIGS/name), (), T) == {}
+
+def cfg_value(cfg, dotted):
+    for k in dotted.split('.'): cfg = cfg[k]
+    return cfg
+
+def test_steps_keeps_what_is_set_explicitly_and_the_numbers_of_the_quickstart():
+    qs = load_config(CONFIGS/'quickstart.yaml', steps=40)
+    assert (qs['trainer']['warmup_steps'], qs['model']['lossconfig']['disc_start'], qs['data']['finish_steps'],
+            qs['trainer']['save_and_sample_every'], qs['trainer']['log_freq']) == (2, 35, 4, 20, 1)
+    kept = load_config(CONFIGS/'quickstart.yaml', ['model.lossconfig.disc_start=10', 'trainer.log_freq=5'], steps=40)
+    assert (kept['model']['lossconfig']['disc_start'], kept['trainer']['log_freq'], kept['data']['finish_steps']) == (10, 5, 4)
+    with pytest.raises(ConfigError, match=r'steps: expected a positive number of steps \(trainer.train_num_steps\), got 0'): load_config(CONFIGS/'quickstart.yaml', steps=0)

@@ -601,6 +601,23 @@ def test_map_cache_is_budgeted_across_data_workers(tmp_path, monkeypatch, capsys
     note = 'map cache: 7 of the 12 training maps (the others are made again at each use), 28 KB in each of 2 data workers, 56 KB in all'
     assert note in capsys.readouterr().err and f'[Data] {note}' in t.logs.text_path.read_text()
 
+def test_quickstart_trains_with_steps_alone(tmp_path, capsys):
+    """`radiodiff-vae train --config configs/quickstart.yaml --steps 6` and nothing else: the warm-up, GAN start, finishing
+    phase, checkpoint and log intervals scaled to 6 steps, printed, and recorded (config.yaml, log, config_history.jsonl).
+    Before, --steps 40 failed on trainer.warmup_steps, then on data.finish_steps."""
+    config = Path(__file__).resolve().parent.parent/'configs'/'quickstart.yaml'
+    assert tr.main(['--config', str(config), '--steps', '6', '--out', str(tmp_path/'qs'), '--no-progress']) == 0
+    scaled = ('trainer.train_num_steps 1188 -> 6, trainer.warmup_steps 60 -> 0, model.lossconfig.disc_start 1050 -> 5, '
+              'data.finish_steps 108 -> 1, trainer.save_and_sample_every 594 -> 3, trainer.log_freq 10 -> 1')
+    assert f'steps: {scaled}' in capsys.readouterr().err
+    out = tmp_path/'qs'
+    assert f'[Steps] {scaled}' in next(out.glob('*.log')).read_text()
+    history = json.loads((out/'config_history.jsonl').read_text().splitlines()[0])
+    assert history['steps_scaled']['model.lossconfig.disc_start'] == [1050, 5]
+    ck = load(out/'model-2.pt')
+    assert ck['step'] == 6 and ck['config']['data']['finish_steps'] == 1 and ck['config']['trainer']['warmup_steps'] == 0
+    assert '[Finish] step 5: the last 1 steps train on the same maps at 192x192, 1 per batch' in next(out.glob('*.log')).read_text()
+
 def test_bad_input_is_clear(tmp_path):
     with pytest.raises(ConfigError, match='not found'): train(tmp_path/'nope.yaml', tmp_path/'x')
     with pytest.raises(ConfigError, match='trainer.lrate'): train(tiny(**{'trainer.lrate': 1}), tmp_path/'x')
