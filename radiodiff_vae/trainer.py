@@ -29,7 +29,7 @@ from .losses import LPIPSWithDiscriminator, load_loss_state_dict
 from .schedules import make_lr_lambda
 from .data import RadioMapSeer, radiomapseer_split, MapFolder
 from .synthetic import SyntheticRadioMaps
-from .config import (load_config, resolve_config, read_yaml, step_changes, dump_config, config_differences, resume_changes,
+from .config import (load_config, resolve_config, read_yaml, step_changes, config_notes, dump_config, config_differences, resume_changes,
                                   choose_precision, finish_start_step, FINISH_OFF, CUDA_GRAPH_MODES)
 from .run_folder import RunLock, list_checkpoints, resolve_resume, check_run_folder
 from .logs import RunLogs, format_log_line, UPSTREAM_AE_KEYS, UPSTREAM_DISC_KEYS
@@ -366,9 +366,10 @@ def make_accelerator(t: dict, mixed: str | None = None) -> Accelerator:
 class Trainer:
     "Train an AutoencoderKL with LPIPSWithDiscriminator as configured, on one process or several; see `train`."
     def __init__(self, config: dict, out_dir=None, resume=None, progress=True, stop_at=None, dataset=None,
-                 skip_damaged=False, trust_checkpoint=False, step_changes: dict | None = None):
+                 skip_damaged=False, trust_checkpoint=False, step_changes: dict | None = None, notes=()):
         self.cfg = copy.deepcopy(config); self.t = t = self.cfg['trainer']
         self.step_changes = step_changes or {}   # what `steps` changed in the config ({key: [configured, now]}), said at start
+        self.notes = list(notes)                 # about the config file (config.config_notes), said at start
         self.out = Path(out_dir if out_dir is not None else t['results_folder'])
         self.progress, self.stop_at, self.skip_damaged, self.trust = progress, stop_at, skip_damaged, trust_checkpoint
         if t['num_threads']: torch.set_num_threads(t['num_threads'])
@@ -481,6 +482,7 @@ def _start(self: Trainer, resume):
         self.logs.line(f'[Precision] {note}')
         if feed := data_feed_note(self.device.type, self.cfg['data']): print(feed, file=sys.stderr); self.logs.line(f'[Data] {feed}')
         if path is not None: self.logs.line(f'[Resume] from {path} at step {self.step}')
+        for n in self.notes: print(f'note: {n}', file=sys.stderr); self.logs.line(f'[Config] {n}')
         if self.step_changes:
             scaled = ', '.join(f'{k} {a} -> {b}' for k, a, b in ((k, *v) for k, v in self.step_changes.items()))
             print(f'steps: {scaled}', file=sys.stderr); self.logs.line(f'[Steps] {scaled}')
@@ -886,10 +888,11 @@ def train(config,                          # a resolved config dict (`config.loa
     if steps is not None and not scale_steps: extra.append(f'trainer.train_num_steps={int(steps)}')   # the horizon alone
     steps, path = steps if scale_steps else None, isinstance(config, (str, Path))
     cfg = load_config(config, extra, steps) if path else resolve_config(config, extra, steps)
-    scaled = step_changes(read_yaml(config) if path else config, extra, steps)
+    raw = read_yaml(config) if path else config
+    scaled, notes = step_changes(raw, extra, steps), config_notes(raw, extra)
     if stop_at is not None and stop_at < 0: raise ConfigError(f'stop_at must be >= 0, got {stop_at}')
     return Trainer(cfg, out_dir, resume=resume, progress=progress, stop_at=stop_at, dataset=dataset,
-                   skip_damaged=skip_damaged, trust_checkpoint=trust_checkpoint, step_changes=scaled).fit()
+                   skip_damaged=skip_damaged, trust_checkpoint=trust_checkpoint, step_changes=scaled, notes=notes).fit()
 
 # %% ../nbs/13_trainer.ipynb 129
 def add_train_args(parser: argparse.ArgumentParser):

@@ -235,3 +235,27 @@ def test_steps_keeps_what_is_set_explicitly_and_the_numbers_of_the_quickstart():
     kept = load_config(CONFIGS/'quickstart.yaml', ['model.lossconfig.disc_start=10', 'trainer.log_freq=5'], steps=40)
     assert (kept['model']['lossconfig']['disc_start'], kept['trainer']['log_freq'], kept['data']['finish_steps']) == (10, 5, 4)
     with pytest.raises(ConfigError, match=r'steps: expected a positive number of steps \(trainer.train_num_steps\), got 0'): load_config(CONFIGS/'quickstart.yaml', steps=0)
+
+def test_upstream_only_keys_are_read_and_explained_not_in_the_schema(tmp_path):
+    """Keys that exist only for upstream's files (latent-diffusion's monitor, the loss's unused pixelloss_weight, its
+    disc_conditional, the trainer's amp) load with a note each and are not part of our schema; disc_conditional: true is
+    still refused. Before, they were schema keys: stored, dumped and never read."""
+    from radiodiff_vae.config import config_notes, SCHEMA, UPSTREAM_ONLY
+    ldm = yaml.safe_load((CONFIGS/'first_radio_upstream.yaml').read_text())
+    ldm['model']['monitor'] = 'val/rec_loss'
+    ldm['model']['lossconfig'].update(pixelloss_weight=2.0, disc_conditional=False)
+    (tmp_path/'ldm.yaml').write_text(yaml.safe_dump(ldm))
+    cfg = load_config(tmp_path/'ldm.yaml')
+    assert cfg == load_config(CONFIGS/'first_radio_upstream.yaml')          # read, and nothing of ours changed
+    notes = config_notes(ldm)
+    assert [n.split(':')[0] for n in notes] == ['model.monitor', 'model.lossconfig.pixelloss_weight', 'model.lossconfig.disc_conditional', 'trainer.amp']
+    assert notes[0].startswith('model.monitor: val/rec_loss read and not used (') and notes[-1].startswith('trainer.amp: false read')
+    assert all('\n' not in n and 'not used' in n for n in notes), notes
+    assert config_notes(ldm, ['trainer.amp=true'])[-1].startswith('trainer.amp: true')
+    schema_keys = {r[0] for r in schema_table()}
+    assert not schema_keys & set(UPSTREAM_ONLY) and 'monitor' not in SCHEMA['model'][1]
+    assert not {'monitor', 'pixelloss_weight', 'disc_conditional', 'amp'} & set(dump_config(cfg).replace(':', ' ').split())
+    for name in ('first_radio_upstream.yaml', 'radiodiff.yaml'): assert load_config(CONFIGS/name)
+    with pytest.raises(ConfigError, match='disc_conditional: true is not supported'): load_config(tmp_path/'ldm.yaml', ['model.lossconfig.disc_conditional=true'])
+    stored = dict(cfg); stored['trainer'] = {**cfg['trainer'], 'amp': False}      # a checkpoint's config from before
+    assert resolve_config(stored) == cfg

@@ -618,6 +618,14 @@ def test_quickstart_trains_with_steps_alone(tmp_path, capsys):
     assert ck['step'] == 6 and ck['config']['data']['finish_steps'] == 1 and ck['config']['trainer']['warmup_steps'] == 0
     assert '[Finish] step 5: the last 1 steps train on the same maps at 192x192, 1 per batch' in next(out.glob('*.log')).read_text()
 
+def test_upstream_only_keys_are_noted_at_start(tmp_path, capsys):
+    "A config holding a key of upstream's files only (latent-diffusion's monitor) trains, and says at start that it is read and not used."
+    train(tiny(**{'model.monitor': 'val/rec_loss', 'trainer.train_num_steps': 1, 'model.lossconfig.disc_start': 1,
+                  'trainer.warmup_steps': 0, 'data.val_maps': 0}), tmp_path/'run', progress=False)
+    note = 'model.monitor: val/rec_loss read and not used ('
+    assert f'note: {note}' in capsys.readouterr().err and f'[Config] {note}' in next((tmp_path/'run').glob('*.log')).read_text()
+    assert 'monitor' not in (tmp_path/'run'/'config.yaml').read_text()
+
 def test_bad_input_is_clear(tmp_path):
     with pytest.raises(ConfigError, match='not found'): train(tmp_path/'nope.yaml', tmp_path/'x')
     with pytest.raises(ConfigError, match='trainer.lrate'): train(tiny(**{'trainer.lrate': 1}), tmp_path/'x')
