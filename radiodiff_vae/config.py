@@ -104,7 +104,7 @@ TRAINER_SCHEMA = {
     'ema_decay': ('float', 0.995, 'EMA decay of the autoencoder weights'),
     'ema_update_every': ('int', 10, 'steps between EMA updates'),
     'ema_warmup': ('bool', True, 'use min(decay, (1+n)/(10+n)) for the n-th update'),
-    'upstream_ema': ('bool', False, "upstream's EMA wrapper: a copy of the weights for 100 steps, then decay min(ema_decay, 1-(1+e)^(-2/3))"),
+    'upstream_ema': ('bool', False, "upstream's EMA wrapper: a copy of the weights up to step 101 and again at step 111, then decay min(ema_decay, 1-(1+e)^(-2/3))"),
     'step_idle_discriminator': ('bool', False, "upstream: step the discriminator's AdamW with zero gradients before disc_start (weight decay shrinks it)"),
     'log_decimals': ('int?', None, "decimals of the losses in the text log (upstream: 5, as '%.5f'); null: 6 significant digits"),
     'sample_posterior': ('bool', True, 'train on z ~ q(z|x) (False: the posterior mode)'),
