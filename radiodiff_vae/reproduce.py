@@ -180,9 +180,9 @@ def headline_numbers(out) -> list[str]:
 
 # %% ../nbs/19_reproduce.ipynb 32
 def check_training_config(settings: dict) -> dict:
-    "Load the job's training config with its overrides and step count; raise `ConfigError` if it is invalid."
-    steps = [] if settings['steps'] is None else [f"trainer.train_num_steps={int(settings['steps'])}"]
-    return load_config(_config_path(settings['config']), list(settings['overrides']) + steps)
+    "Load the job's training config with its overrides and step count (scaled as the train pipeline does, `--steps`); raise `ConfigError` if it is invalid."
+    steps = None if settings['steps'] is None else int(settings['steps'])
+    return load_config(_config_path(settings['config']), list(settings['overrides']), steps)
 
 # %% ../nbs/19_reproduce.ipynb 34
 def reproduce(out, progress: bool = True, **settings) -> dict:
