@@ -12,11 +12,11 @@ from .schedules import DECAY_FRACTION, wsd_fits
 
 # %% auto 0
 __all__ = ['DDCONFIG_SCHEMA', 'LOSSCONFIG_SCHEMA', 'MODEL_SCHEMA', 'DATA_SCHEMA', 'TRAINER_SCHEMA', 'SCHEMA',
-           'PRECISION_SPELLINGS', 'FINISH_OFF_DATA', 'FINISH_OFF', 'CUDA_GRAPH_MODES', 'RESUME_MUTABLE',
-           'canonical_precision', 'read_cpu_flags', 'native_bf16', 'choose_precision', 'check_value', 'unwrap_upstream',
-           'downsampling_factor', 'finish_start_step', 'validate_config', 'parse_override', 'apply_overrides',
-           'resolve_config', 'read_yaml', 'load_config', 'dump_config', 'config_differences', 'resume_changes',
-           'schema_table']
+           'PRECISION_SPELLINGS', 'UPSTREAM_ONLY', 'FINISH_OFF_DATA', 'FINISH_OFF', 'CUDA_GRAPH_MODES', 'STEP_KEYS',
+           'RESUME_MUTABLE', 'canonical_precision', 'read_cpu_flags', 'native_bf16', 'choose_precision', 'check_value',
+           'unwrap_upstream', 'downsampling_factor', 'finish_start_step', 'validate_config', 'scale_steps',
+           'parse_override', 'apply_overrides', 'resolve_config', 'config_notes', 'step_changes', 'read_yaml',
+           'load_config', 'dump_config', 'config_differences', 'resume_changes', 'schema_table']
 
 # %% ../nbs/10_config.ipynb 7
 DDCONFIG_SCHEMA = {
@@ -37,14 +37,12 @@ LOSSCONFIG_SCHEMA = {
     'disc_start': ('int', 50001, 'step at which the GAN terms switch on'),
     'logvar_init': ('float', 0.0, 'initial value of the scalar log-variance'),
     'kl_weight': ('float', 1.0e-6, 'weight of the KL term'),
-    'pixelloss_weight': ('float', 1.0, 'weight of |x-x̂|+(x-x̂)²'),
     'disc_num_layers': ('int', 3, 'PatchGAN layers'),
     'disc_in_channels': ('int', 1, 'discriminator input channels'),
     'disc_factor': ('float', 1.0, 'GAN factor once active'),
     'disc_weight': ('float', 0.5, 'scale of the adaptive weight'),
     'perceptual_weight': ('float', 1.0, 'weight of LPIPS (needs VGG weights)'),
     'use_actnorm': ('bool', False, 'ActNorm instead of BatchNorm in the discriminator'),
-    'disc_conditional': ('bool', False, 'conditional discriminator (unused for radio maps)'),
     'disc_loss': ('choice:hinge|vanilla', 'hinge', 'discriminator loss'),
     'disc_ndf': ('int', 64, 'discriminator base width'),
     'lpips_pretrained': ('bool', True, 'load the pretrained VGG backbone for LPIPS'),
@@ -59,7 +57,6 @@ MODEL_SCHEMA = {
     'ckpt_path': ('str?', None, 'initial autoencoder weights (ours or upstream model-N.pt)'),
     'ckpt_weights': ('choice:raw|ema', 'raw', 'which weights of ckpt_path initialise the autoencoder (upstream: ema)'),
     'gradient_checkpointing': ('bool', False, 'trade compute for memory in the autoencoder'),
-    'monitor': ('str?', None, 'latent-diffusion field, accepted and unused'),
 }
 
 # %% ../nbs/10_config.ipynb 13
@@ -93,7 +90,6 @@ TRAINER_SCHEMA = {
     'save_and_sample_every': ('int', 5000, 'checkpoint + sample image interval'),
     'log_freq': ('int', 100, 'log interval (steps)'),
     'results_folder': ('str', './results', 'output folder (--out overrides)'),
-    'amp': ('bool', False, 'upstream flag, kept for compatibility'),
     'fp16': ('bool', False, "upstream flag: same as mixed_precision: fp16"),
     'resume_milestone': ('int', 0, 'upstream: resume from model-N.pt if it exists (0: no)'),
     'schedule': ('choice:radiodiff|poly|cosine|constant|wsd', 'radiodiff', 'learning-rate schedule kind'),
@@ -108,7 +104,7 @@ TRAINER_SCHEMA = {
     'ema_decay': ('float', 0.995, 'EMA decay of the autoencoder weights'),
     'ema_update_every': ('int', 10, 'steps between EMA updates'),
     'ema_warmup': ('bool', True, 'use min(decay, (1+n)/(10+n)) for the n-th update'),
-    'upstream_ema': ('bool', False, "upstream's EMA wrapper: a copy of the weights for 100 steps, then decay min(ema_decay, 1-(1+e)^(-2/3))"),
+    'upstream_ema': ('bool', False, "upstream's EMA wrapper: a copy of the weights up to step 101 and again at step 111, then decay min(ema_decay, 1-(1+e)^(-2/3))"),
     'step_idle_discriminator': ('bool', False, "upstream: step the discriminator's AdamW with zero gradients before disc_start (weight decay shrinks it)"),
     'log_decimals': ('int?', None, "decimals of the losses in the text log (upstream: 5, as '%.5f'); null: 6 significant digits"),
     'sample_posterior': ('bool', True, 'train on z ~ q(z|x) (False: the posterior mode)'),
@@ -127,6 +123,7 @@ TRAINER_SCHEMA = {
                      "torch.compile's mode with trainer.compile (reduce-overhead: replay CUDA graphs, fewer kernel launches; GPU)"),
     'cudnn_benchmark': ('bool', True, "let cuDNN time its convolution algorithms for each new shape and keep the fastest (GPU)"),
     'finish_lr': ('float?', None, 'restart the lr at the finishing phase (data.finish_steps): a cosine from this peak to min_lr; null: no restart'),
+    'finish_ema_restart': ('bool', True, "restart the EMA's warm-up (trainer.ema_warmup) at the finishing phase's first step; false: the average goes on"),
 }
 
 # %% ../nbs/10_config.ipynb 17
@@ -260,6 +257,27 @@ def unwrap_upstream(raw: dict) -> dict:
     return raw
 
 # %% ../nbs/10_config.ipynb 44
+UPSTREAM_ONLY = {   # dotted key -> why it is read and not used
+    'model.monitor': "latent-diffusion's checkpoint monitor; this trainer keeps every checkpoint and scores held-out maps itself",
+    'model.lossconfig.pixelloss_weight': "upstream's loss stores it and never uses it: the pixel term is weighted 1, here as there",
+    'model.lossconfig.disc_conditional': 'a conditional discriminator; a radio map has no conditioning image to show it',
+    'trainer.amp': "upstream's trainer flag; the precision is trainer.mixed_precision (or upstream's trainer.fp16)",
+}
+
+def _pop_upstream_only(raw: dict) -> tuple[dict, list[str]]:
+    "`raw` (unwrapped) without the UPSTREAM_ONLY keys, and a note for each one it held; disc_conditional: true is refused."
+    raw, notes = copy.deepcopy(raw), []
+    for key, why in UPSTREAM_ONLY.items():
+        *path, last = key.split('.'); node = raw
+        for k in path: node = node.get(k) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or last not in node: continue
+        value = node.pop(last)
+        if key == 'model.lossconfig.disc_conditional' and value not in (False, None):
+            raise ConfigError(f'{key}: true is not supported (a radio map has no conditioning image for the discriminator to see); set it to false')
+        notes.append(f'{key}: {yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()} read and not used ({why})')
+    return raw, notes
+
+# %% ../nbs/10_config.ipynb 47
 def _fill(raw, schema: dict, where: str) -> dict:
     "Check `raw` against `schema` recursively; return a new dict with defaults for missing keys."
     if raw is None: raw = {}
@@ -276,17 +294,17 @@ def _fill(raw, schema: dict, where: str) -> dict:
         else: out[key] = check_value(kind, raw[key], sub) if key in raw else copy.deepcopy(default)
     return out
 
-# %% ../nbs/10_config.ipynb 47
+# %% ../nbs/10_config.ipynb 50
 def _require(ok: bool, message: str):
     "Raise a ConfigError with `message` unless `ok`."
     if not ok: raise ConfigError(message)
 
-# %% ../nbs/10_config.ipynb 50
+# %% ../nbs/10_config.ipynb 53
 def downsampling_factor(ddconfig: dict) -> int:
     "How much the encoder shrinks each side: 2^(levels-1)."
     return 2 ** (len(ddconfig["ch_mult"]) - 1)
 
-# %% ../nbs/10_config.ipynb 53
+# %% ../nbs/10_config.ipynb 56
 FINISH_OFF_DATA = dict(finish_size=None, finish_steps=0, finish_batch_size=None, finish_crop=None)   # a run without the phase
 FINISH_OFF = ' '.join(f'data.{k}={"null" if v is None else v}' for k, v in FINISH_OFF_DATA.items())   # the same, as --set texts
 
@@ -307,7 +325,7 @@ def _check_finish(d: dict, total_steps: int, f: int):
     _require(d['crop'] is None, f"data.finish_size and data.crop ({d['crop']}) cannot be combined: the finishing phase "
              'trains on whole maps or on its own windows (data.finish_crop)')
 
-# %% ../nbs/10_config.ipynb 56
+# %% ../nbs/10_config.ipynb 59
 def _check_finish_lr(t: dict, d: dict):
     "Raise a ConfigError unless trainer.finish_lr is null or a restart the run's finishing phase and schedule allow."
     lr = t['finish_lr']
@@ -321,12 +339,23 @@ def _check_finish_lr(t: dict, d: dict):
     _require(t['schedule'] != 'radiodiff', "trainer.finish_lr: not with schedule 'radiodiff' (its min_lr is a multiplier, not a rate); "
              "use e.g. trainer.schedule=cosine")
 
-# %% ../nbs/10_config.ipynb 59
+# %% ../nbs/10_config.ipynb 62
+def _check_switches(t: dict, d: dict):
+    "Raise a ConfigError naming both keys when two `trainer` switches contradict each other."
+    _require(t['train_discriminator'] or not t['step_idle_discriminator'],
+             'trainer.step_idle_discriminator: true steps the discriminator\'s AdamW (weight decay shrinks it), but trainer.train_discriminator: '
+             'false freezes it; set trainer.step_idle_discriminator=false')
+    if d['finish_size'] is None or not t['finish_ema_restart']: return
+    for key, bad in (('upstream_ema', t['upstream_ema']), ('ema_warmup', not t['ema_warmup'])):
+        _require(not bad, f"trainer.finish_ema_restart: true (the default) restarts the EMA's warm-up at the finishing phase, but trainer.{key}: "
+                 f"{str(t[key]).lower()} has no warm-up to restart; set trainer.finish_ema_restart=false")
+
+# %% ../nbs/10_config.ipynb 65
 def finish_start_step(total_steps: int | None, finish_size: int | None, finish_steps: int | None) -> int | None:
     "First step of the finishing phase (the last `finish_steps` of `total_steps`, on `finish_size` maps); None without one."
     return total_steps - finish_steps if finish_size and finish_steps and total_steps else None
 
-# %% ../nbs/10_config.ipynb 61
+# %% ../nbs/10_config.ipynb 67
 CUDA_GRAPH_MODES = ('reduce-overhead', 'max-autotune')   # torch.compile modes that replay CUDA graphs on a GPU
 
 def validate_config(cfg: dict) -> dict:
@@ -364,11 +393,10 @@ def validate_config(cfg: dict) -> dict:
              f"data.crop: expected null or a multiple of the downsampling factor {f} in (0, data.size={d['size']}], got {d['crop']}")
     _check_finish(d, t['train_num_steps'], f)
     _check_finish_lr(t, d)
+    _check_switches(t, d)
     _require(len(dd['ch_mult']) >= 1 and all(c > 0 for c in dd['ch_mult']), f"model.ddconfig.ch_mult: expected positive integers, got {dd['ch_mult']}")
     for key in ('ch', 'z_channels', 'in_channels', 'out_ch'): _require(dd[key] > 0, f'model.ddconfig.{key}: must be positive, got {dd[key]}')
     _require(m['embed_dim'] > 0, f"model.embed_dim: must be positive, got {m['embed_dim']}")
-    _require(not m['lossconfig']['disc_conditional'], 'model.lossconfig.disc_conditional: true is not supported (a radio map has no '
-             'conditioning image for the discriminator to see); set it to false')
     _require(t['compile'] or t['compile_mode'] == 'default', f"trainer.compile_mode: {t['compile_mode']!r} needs trainer.compile: true")
     _require(t['compile_mode'] not in CUDA_GRAPH_MODES or t['gradient_accumulate_every'] == 1,
              f"trainer.compile_mode: {t['compile_mode']!r} replays CUDA graphs, which PyTorch has been reported to let overwrite one micro-batch's "
@@ -378,7 +406,36 @@ def validate_config(cfg: dict) -> dict:
         raise ConfigError(f"trainer.fp16 is true but trainer.mixed_precision is {t['mixed_precision']!r}; set one of them")
     return cfg
 
-# %% ../nbs/10_config.ipynb 64
+# %% ../nbs/10_config.ipynb 70
+STEP_KEYS = (('trainer', 'warmup_steps'), ('model', 'lossconfig', 'disc_start'), ('data', 'finish_steps'),
+             ('trainer', 'save_and_sample_every'), ('trainer', 'log_freq'))   # the settings counted in steps
+
+def _override_keys(overrides) -> set[str]:
+    "The dotted keys the `section.key=value` overrides set."
+    return {'.'.join(parse_override(text)[0]) for text in overrides or ()}
+
+def scale_steps(cfg: dict, steps: int, fixed=()) -> dict:
+    "A copy of the filled config `cfg` that runs `steps` steps: each of STEP_KEYS (unless in `fixed`) scaled by steps / train_num_steps."
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f'steps: expected a positive number of steps (trainer.train_num_steps), got {steps!r}')
+    cfg, T = copy.deepcopy(cfg), cfg['trainer']['train_num_steps']
+    scaled = lambda v: round(v * steps / T)
+    t, d, loss = cfg['trainer'], cfg['data'], cfg['model']['lossconfig']
+    new = {'trainer.warmup_steps': min(scaled(t['warmup_steps']), steps - 1),
+           'model.lossconfig.disc_start': min(scaled(loss['disc_start']), steps),
+           'data.finish_steps': min(max(scaled(d['finish_steps']), 1), steps) if d['finish_size'] is not None else d['finish_steps'],
+           'trainer.save_and_sample_every': max(scaled(t['save_and_sample_every']), 1),
+           'trainer.log_freq': max(scaled(t['log_freq']), 1)}
+    if T <= 0: new = {}                                   # a bad horizon is validate_config's to report
+    for key, value in new.items():
+        if key in fixed: continue
+        *path, last = key.split('.'); node = cfg
+        for k in path: node = node[k]
+        node[last] = value
+    t['train_num_steps'] = steps
+    return cfg
+
+# %% ../nbs/10_config.ipynb 73
 def parse_override(text: str) -> tuple[list[str], object]:
     "`'a.b.c=value'` -> (['a','b','c'], yaml.safe_load('value'))."
     if '=' not in text: raise ConfigError(f'override {text!r}: expected section.key=value')
@@ -388,7 +445,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
     try: return keys, yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as e: raise ConfigError(f'override {text!r}: value is not valid YAML ({e.__class__.__name__})') from None
 
-# %% ../nbs/10_config.ipynb 66
+# %% ../nbs/10_config.ipynb 75
 def _schema_at(keys: list[str]):
     "The schema entry at `keys`, or a ConfigError listing the valid keys at the first wrong level."
     schema, entry = SCHEMA, None
@@ -401,13 +458,13 @@ def _schema_at(keys: list[str]):
         schema = entry[1] if entry[0] == 'section' else None
     return entry
 
-# %% ../nbs/10_config.ipynb 68
+# %% ../nbs/10_config.ipynb 77
 def apply_overrides(raw: dict, overrides=()) -> dict:
     "A copy of `raw` with each `section.key=value` override set (keys checked against the schema)."
     raw = copy.deepcopy(raw)
     for text in overrides or ():
         keys, value = parse_override(text)
-        _schema_at(keys)
+        if '.'.join(keys) not in UPSTREAM_ONLY: _schema_at(keys)   # those are read, then noted (config_notes)
         node = raw
         for k in keys[:-1]:
             if not isinstance(node.get(k), dict): node[k] = {}
@@ -415,15 +472,33 @@ def apply_overrides(raw: dict, overrides=()) -> dict:
         node[keys[-1]] = value
     return raw
 
-# %% ../nbs/10_config.ipynb 71
-def resolve_config(raw: dict | None, overrides=()) -> dict:
-    "Validated config with defaults filled, from a raw (YAML-loaded) dict and `section.key=value` overrides."
+# %% ../nbs/10_config.ipynb 80
+def _filled(raw: dict | None, overrides=()) -> dict:
+    "The config with overrides applied and defaults filled, not yet validated."
     if raw is None: raw = {}
     if not isinstance(raw, dict): raise ConfigError(f'config: expected a mapping of sections, got {type(raw).__name__}')
-    raw = apply_overrides(unwrap_upstream(raw), overrides)
-    return validate_config(_fill(raw, SCHEMA, ''))
+    return _fill(_pop_upstream_only(apply_overrides(unwrap_upstream(raw), overrides))[0], SCHEMA, '')
 
-# %% ../nbs/10_config.ipynb 73
+def resolve_config(raw: dict | None, overrides=(), steps: int | None = None) -> dict:
+    "Validated config with defaults filled, from a raw (YAML-loaded) dict, `section.key=value` overrides and a run length `steps` (see `scale_steps`)."
+    cfg = _filled(raw, overrides)
+    if steps is not None: cfg = scale_steps(cfg, steps, _override_keys(overrides))
+    return validate_config(cfg)
+
+def config_notes(raw: dict | None, overrides=()) -> list[str]:
+    "A note for each key of upstream's files only (UPSTREAM_ONLY) that `raw` and `overrides` hold: read, and why not used."
+    return _pop_upstream_only(apply_overrides(unwrap_upstream(raw or {}), overrides))[1]
+
+def step_changes(raw: dict | None, overrides=(), steps: int | None = None) -> dict:
+    "`{dotted key: [configured, now]}` for the settings `steps` changed (empty without `steps`)."
+    if steps is None: return {}
+    before = _filled(raw, overrides)
+    after = scale_steps(before, steps, _override_keys(overrides))
+    keys = ['trainer.train_num_steps'] + ['.'.join(k) for k in STEP_KEYS]
+    value = lambda cfg, key: [cfg := cfg[k] for k in key.split('.')][-1]
+    return {k: [value(before, k), value(after, k)] for k in keys if value(before, k) != value(after, k)}
+
+# %% ../nbs/10_config.ipynb 82
 def _yaml_problem(e: yaml.YAMLError) -> str:
     "A YAML error on one line: what is wrong and where."
     mark = getattr(e, 'problem_mark', None)
@@ -445,23 +520,23 @@ def read_yaml(path) -> dict:
         raise ConfigError(f'config file {str(path)!r}: expected a mapping of sections (model, data, trainer), got {type(raw).__name__}')
     return raw or {}
 
-# %% ../nbs/10_config.ipynb 75
-def load_config(path, overrides=()) -> dict:
-    "Read, unwrap, override, fill and validate the YAML config at `path`."
-    try: return resolve_config(read_yaml(path), overrides)
+# %% ../nbs/10_config.ipynb 84
+def load_config(path, overrides=(), steps: int | None = None) -> dict:
+    "Read, unwrap, override, fill and validate the YAML config at `path` (run for `steps` steps if given, see `scale_steps`)."
+    try: return resolve_config(read_yaml(path), overrides, steps)
     except ConfigError as e:
         if str(path) in str(e): raise
         raise ConfigError(f'{path}: {e}') from None
 
-# %% ../nbs/10_config.ipynb 77
+# %% ../nbs/10_config.ipynb 86
 def dump_config(cfg: dict) -> str:
     "The config as YAML text (block style, key order kept)."
     return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
 
-# %% ../nbs/10_config.ipynb 84
+# %% ../nbs/10_config.ipynb 93
 RESUME_MUTABLE = {('trainer', k) for k in ('train_num_steps', 'save_and_sample_every', 'log_freq', 'results_folder',
                                            'resume_milestone', 'skip_nonfinite', 'max_nonfinite_skips', 'tensorboard',
-                                           'sample_maps', 'cpu', 'amp', 'num_threads', 'compile', 'compile_mode', 'cudnn_benchmark',
+                                           'sample_maps', 'cpu', 'num_threads', 'compile', 'compile_mode', 'cudnn_benchmark',
                                            'lr', 'min_lr', 'disc_lr')} | {('data', 'num_workers'), ('data', 'root')}
 
 def config_differences(a: dict, b: dict) -> list[str]:
@@ -481,7 +556,7 @@ def resume_changes(old: dict, new: dict) -> dict:
     return {f'{s}.{k}': [old.get(s, {}).get(k), new.get(s, {}).get(k)] for s, k in sorted(RESUME_MUTABLE)
             if k != 'results_folder' and old.get(s, {}).get(k) != new.get(s, {}).get(k)}
 
-# %% ../nbs/10_config.ipynb 87
+# %% ../nbs/10_config.ipynb 96
 def schema_table(schema: dict = SCHEMA, prefix: str = '') -> list[tuple[str, str, str, str]]:
     "(key, type, default, help) rows for every leaf of `schema`."
     rows = []

@@ -35,7 +35,7 @@ def gray_levels(t) -> torch.Tensor:
 
 # %% ../nbs/09_data.ipynb 8
 PHASES = ('train', 'val', 'test')
-_UPSTREAM_POSITIONS = {'train': (0, 600), 'val': (501, 600), 'test': (600, 699)}  # inclusive, for 700 maps
+_UPSTREAM_POSITIONS = {'train': (0, 600), 'val': (600, 650), 'test': (600, 699)}  # RadioUNet_c's, inclusive, for 700 maps
 
 def _split_ids(phase: str, n_maps: int, seed: int) -> list[int]:
     "Map ids (index + 1) at `phase`'s positions of the seed-shuffled indices, exactly as upstream reads them."
@@ -52,9 +52,9 @@ def leaked_maps(n_maps: int = 700, seed: int = 42) -> list[int]:
     return [m for m in _split_ids('test', n_maps, seed) if m in train]
 
 def radiomapseer_split(phase: str, n_maps: int = 700, seed: int = 42, include_leaked: bool = False) -> list[int]:
-    "Map ids of `phase` in upstream's seed-42 split; test leaves out the map train also holds unless `include_leaked`."
+    "Map ids of `phase` in upstream's seed-42 split; val and test leave out the map train also holds unless `include_leaked`."
     ids = _split_ids(phase, n_maps, seed)
-    if phase == 'test' and not include_leaked: ids = [m for m in ids if m not in set(leaked_maps(n_maps, seed))]
+    if phase != 'train' and not include_leaked: ids = [m for m in ids if m not in set(leaked_maps(n_maps, seed))]
     return ids
 
 # %% ../nbs/09_data.ipynb 11
@@ -123,7 +123,7 @@ def _make_data_info(root: Path) -> dict:
 
 # %% ../nbs/09_data.ipynb 19
 class RadioMapSeer(Dataset):
-    "RadioMapSeer maps of `simulation` for `phase` (upstream split; test held out unless `include_leaked`) or explicit `maps`; items {'image', 'name'[, 'cond']}."
+    "RadioMapSeer maps of `simulation` for `phase` (upstream split; val and test held out unless `include_leaked`) or explicit `maps`; items {'image', 'name'[, 'cond']}."
     def __init__(self, root, simulation='DPM', phase='train', num_tx=None, maps=None, with_cond=False, size=256,
                  include_leaked: bool = False):
         self.root = _check_root(root)
@@ -134,7 +134,7 @@ class RadioMapSeer(Dataset):
         self.gain_dir = self._find_simulation(simulation)
         n = self.n_maps = made.get('n', 700)                  # maps in the whole dataset (the split's size)
         self.maps = [int(m) for m in maps] if maps is not None else radiomapseer_split(phase, n, include_leaked=include_leaked)
-        self.left_out = leaked_maps(n) if maps is None and phase == 'test' and not include_leaked else []  # held out by leaving these out
+        self.left_out = leaked_maps(n) if maps is None and phase != 'train' and not include_leaked else []  # held out by leaving these out
         if not self.maps: raise DataError(f'{self.root}: the list of maps is empty; expected at least one map id')
         self.phase = phase if maps is None else None
         self._check_files()

@@ -193,9 +193,9 @@ def headline_numbers(out) -> list[str]:
 
 # %% ../nbs/19_reproduce.ipynb 33
 def check_training_config(settings: dict) -> dict:
-    "Load the job's training config with its overrides and step count; raise `ConfigError` if it is invalid."
-    steps = [] if settings['steps'] is None else [f"trainer.train_num_steps={int(settings['steps'])}"]
-    return load_config(_config_path(settings['config']), list(settings['overrides']) + steps + [f"trainer.seed={int(settings['seed'])}"])
+    "Load the job's training config with its overrides, seed and step count (scaled as the train pipeline does, `--steps`); raise `ConfigError` if it is invalid."
+    steps = None if settings['steps'] is None else int(settings['steps'])
+    return load_config(_config_path(settings['config']), list(settings['overrides']) + [f"trainer.seed={int(settings['seed'])}"], steps)
 
 def job_record(settings: dict) -> dict:
     "What the job is made from: the resolved training config (overrides, steps, seed applied) and the evaluation settings, as JSON values."

@@ -29,20 +29,21 @@ from .losses import LPIPSWithDiscriminator, load_loss_state_dict
 from .schedules import make_lr_lambda
 from .data import RadioMapSeer, radiomapseer_split, MapFolder
 from .synthetic import SyntheticRadioMaps
-from .config import (load_config, resolve_config, dump_config, config_differences, resume_changes, choose_precision,
-                                  finish_start_step, FINISH_OFF, CUDA_GRAPH_MODES)
+from .config import (load_config, resolve_config, read_yaml, step_changes, config_notes, dump_config, config_differences, resume_changes,
+                                  choose_precision, finish_start_step, FINISH_OFF, CUDA_GRAPH_MODES)
 from .checks import make_output_folder, check_args
 from .run_folder import RunLock, list_checkpoints, resolve_resume, check_run_folder
 from .logs import RunLogs, format_log_line, UPSTREAM_AE_KEYS, UPSTREAM_DISC_KEYS
 
 # %% auto 0
-__all__ = ['UPSTREAM_EMA_AFTER', 'UPSTREAM_EMA_POWER', 'CHECKPOINT_VERSION', 'BatchStream', 'sample_seed', 'posterior_noise',
-           'crop_offsets', 'random_crops', 'CachedDataset', 'build_datasets', 'finish_dataset', 'build_model_and_loss',
-           'ae_parameters', 'build_optimizers', 'AutoencoderStep', 'DiscriminatorStep', 'compile_step',
-           'uses_cuda_graphs', 'world_size', 'GlobalBatchNorm2d', 'global_batchnorm', 'EMA', 'NonFiniteLossError',
-           'SkippedBatch', 'nonfinite_terms', 'rng_state', 'set_rng_state', 'recon_metrics', 'precision_note',
-           'data_feed_note', 'uses_cpu', 'run_precision', 'make_accelerator', 'Trainer', 'world_size_dependence',
-           'load_scheduler', 'host_values', 'sample_grid_png', 'train', 'add_train_args', 'run_train', 'main']
+__all__ = ['MAP_CACHE_BYTES', 'UPSTREAM_EMA_AFTER', 'UPSTREAM_EMA_POWER', 'CHECKPOINT_VERSION', 'BatchStream', 'sample_seed',
+           'posterior_noise', 'crop_offsets', 'random_crops', 'CachedDataset', 'cached', 'build_datasets',
+           'finish_dataset', 'build_model_and_loss', 'ae_parameters', 'build_optimizers', 'AutoencoderStep',
+           'DiscriminatorStep', 'compile_step', 'uses_cuda_graphs', 'world_size', 'GlobalBatchNorm2d',
+           'global_batchnorm', 'EMA', 'NonFiniteLossError', 'SkippedBatch', 'nonfinite_terms', 'rng_state',
+           'set_rng_state', 'recon_metrics', 'precision_note', 'data_feed_note', 'map_cache_note', 'uses_cpu',
+           'run_precision', 'make_accelerator', 'Trainer', 'world_size_dependence', 'load_scheduler', 'host_values',
+           'sample_grid_png', 'train', 'add_train_args', 'run_train', 'main']
 
 # %% ../nbs/13_trainer.ipynb 9
 class BatchStream(Sampler):
@@ -91,13 +92,23 @@ def random_crops(x: torch.Tensor, seed: int, k: int, positions, crop: int) -> to
     return torch.stack([m[..., r:r + crop, c:c + crop] for m, (r, c) in zip(x, corners)])
 
 # %% ../nbs/13_trainer.ipynb 18
+MAP_CACHE_BYTES = 2**30   # the most the map caches hold together: the main process and every DataLoader worker
+
 class CachedDataset(Dataset):
-    "Keep each item of `ds` in memory after its first use."
-    def __init__(self, ds): self.ds, self.cache = ds, {}
+    "Keep up to `capacity` items of `ds` (None: all) in memory after their first use; each process reading them keeps its own."
+    def __init__(self, ds, capacity: int | None = None, map_bytes: int = 0):
+        self.ds, self.cache, self.map_bytes = ds, {}, map_bytes
+        self.capacity = len(ds) if capacity is None else min(capacity, len(ds))
     def __len__(self): return len(self.ds)
     def __getitem__(self, i):
-        if i not in self.cache: self.cache[i] = self.ds[i]
-        return self.cache[i]
+        if i in self.cache: return self.cache[i]
+        item = self.ds[i]
+        if len(self.cache) < self.capacity: self.cache[i] = item
+        return item
+
+def cached(ds, budget: int, map_bytes: int):
+    "`ds` with a cache of as many maps of `map_bytes` as `budget` bytes hold; `ds` itself where not one fits."
+    return CachedDataset(ds, budget // map_bytes, map_bytes) if budget >= map_bytes else ds
 
 # %% ../nbs/13_trainer.ipynb 20
 def build_datasets(data: dict) -> tuple[Dataset, Dataset | None]:
@@ -105,13 +116,15 @@ def build_datasets(data: dict) -> tuple[Dataset, Dataset | None]:
     if data['source'] == 'synthetic':
         make = lambda n, offset: SyntheticRadioMaps(n, seed=data['data_seed'], size=data['size'], offset=offset, **data['synthetic'])
         train, val = make(data['n_maps'], 0), (make(data['val_maps'], data['n_maps']) if data['val_maps'] else None)
-        if (data['n_maps'] + data['val_maps']) * data['size'] ** 2 * 4 < 2**30:
-            train, val = CachedDataset(train), (CachedDataset(val) if val is not None else None)
-        return train, val
+        map_bytes = data['size'] ** 2 * 4
+        val = cached(val, MAP_CACHE_BYTES, map_bytes) if val is not None else None   # read by the main process only
+        left = MAP_CACHE_BYTES - (val.capacity * map_bytes if isinstance(val, CachedDataset) else 0)
+        return cached(train, left // max(data['num_workers'], 1), map_bytes), val    # one cache per data worker
     if data['source'] == 'radiomapseer':
         root, kw = data['root'] or 'RadioMapSeer', dict(simulation=data['simulation'], size=data['size'])
         train = RadioMapSeer(root, phase=data['phase'], num_tx=data['num_tx'], **kw)
-        val = RadioMapSeer(root, maps=radiomapseer_split('test')[:data['val_maps']], num_tx=1, **kw) if data['val_maps'] else None
+        held_out = radiomapseer_split('test', train.n_maps)[:data['val_maps']]   # the split of the folder's own map count, as train's
+        val = RadioMapSeer(root, maps=held_out, num_tx=1, **kw) if data['val_maps'] else None
         return train, val
     if data['root'] is None: raise ConfigError("data.root: required for data.source: folder (a folder of PNG maps)")
     return MapFolder(data['root'], size=data['size']), None
@@ -221,6 +234,7 @@ class EMA:
     def __init__(self, model, decay=0.995, every=10, warmup=True, upstream=False):
         self.ema_model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay, self.every, self.warmup, self.upstream, self.updates = decay, every, warmup, upstream, 0
+        self.initted = not upstream   # upstream's flag: False until its first update after the copy phase (a second copy)
 
     def current_decay(self, step: int = 0) -> float:
         "Decay used by the update after optimizer step `step` (1-based)."
@@ -234,7 +248,9 @@ class EMA:
     def update(self, model, step: int):
         "Update after optimizer step `step` (1-based) when `step` (upstream: `step - 1`) is a multiple of `every`."
         if (step - 1 if self.upstream else step) % self.every: return
-        d = self.current_decay(step)
+        first = self.upstream and not self.initted and step - 1 > UPSTREAM_EMA_AFTER   # upstream copies again, then averages
+        d = 0.0 if first else self.current_decay(step)
+        if first: self.initted = True
         ema = list(self.ema_model.parameters())
         torch._foreach_lerp_(ema, [p.detach().to(e.dtype) for e, p in zip(ema, model.parameters())], 1 - d)        # one launch per chunk of tensors on a GPU, not one per tensor
         for e, b in zip(self.ema_model.buffers(), model.buffers()): e.copy_(b)
@@ -245,7 +261,7 @@ class EMA:
 def state_dict(self: EMA) -> dict:
     "`ema_model.`-prefixed weights plus book-keeping, like upstream's EMA wrapper."
     sd = {f'ema_model.{k}': v for k, v in self.ema_model.state_dict().items()}
-    sd.update(step=torch.tensor(self.updates * self.every), initted=torch.tensor(True), updates=torch.tensor(self.updates))
+    sd.update(step=torch.tensor(self.updates * self.every), initted=torch.tensor(self.initted), updates=torch.tensor(self.updates))
     return sd
 
 @patch
@@ -254,6 +270,11 @@ def load_state_dict(self: EMA, sd: dict, source=None):
     weights = {k: v for k, v in sd.items() if k.startswith('ema_model.')}
     load_upstream_state_dict(self.ema_model, weights, strict=True, source=f'{source} [ema]' if source else 'ema')
     self.updates = int(sd['updates']) if 'updates' in sd else int(sd.get('step', 0)) // self.every
+    copies = UPSTREAM_EMA_AFTER // self.every + 1        # updates of upstream's copy phase (after steps 1, 1 + every, ..., 101)
+    if not self.upstream: self.initted = True
+    elif 'updates' in sd:   # ours; versions before the flag was kept wrote initted=True always: the update count tells
+        self.initted = bool(sd.get('initted', True)) and self.updates > copies
+    else: self.initted = bool(sd['initted']) if 'initted' in sd else self.updates > copies   # upstream's wrapper
 
 # %% ../nbs/13_trainer.ipynb 50
 class NonFiniteLossError(RadioDiffError, FloatingPointError):
@@ -309,6 +330,18 @@ def data_feed_note(device_type: str, d: dict) -> str | None:
     return (f'note: data.num_workers=0 on a GPU: each batch\'s maps are {made} between the steps while the GPU waits; '
             '--set data.num_workers=4 (or more) prepares them ahead')
 
+def _amount(n_bytes: float) -> str:
+    "A byte count in MB (KB below 0.1 MB)."
+    return f'{n_bytes / 2**20:.1f} MB' if n_bytes >= 0.1 * 2**20 else f'{n_bytes / 2**10:.0f} KB'
+
+def map_cache_note(ds, workers: int) -> str | None:
+    "What the training maps' cache will hold (maps, MB), per data worker and in all; None where `ds` has no cache."
+    if not isinstance(ds, CachedDataset): return None
+    n, size = ds.capacity, ds.capacity * ds.map_bytes
+    part = f'all {n} training maps' if n == len(ds) else f'{n} of the {len(ds)} training maps (the others are made again at each use)'
+    where = f'in each of {workers} data workers, {_amount(workers * size)} in all' if workers else 'in this process'
+    return f'map cache: {part}, {_amount(size)} {where}'
+
 def uses_cpu(t: dict) -> bool:
     "Whether a run with `trainer` settings `t` runs on the CPU: `trainer.cpu`, or no CUDA device."
     return t['cpu'] or not torch.cuda.is_available()
@@ -334,8 +367,10 @@ def make_accelerator(t: dict, mixed: str | None = None) -> Accelerator:
 class Trainer:
     "Train an AutoencoderKL with LPIPSWithDiscriminator as configured, on one process or several; see `train`."
     def __init__(self, config: dict, out_dir=None, resume=None, progress=True, stop_at=None, dataset=None,
-                 skip_damaged=False, trust_checkpoint=False):
+                 skip_damaged=False, trust_checkpoint=False, step_changes: dict | None = None, notes=()):
         self.cfg = copy.deepcopy(config); self.t = t = self.cfg['trainer']
+        self.step_changes = step_changes or {}   # what `steps` changed in the config ({key: [configured, now]}), said at start
+        self.notes = list(notes)                 # about the config file (config.config_notes), said at start
         self.out = Path(out_dir if out_dir is not None else t['results_folder'])
         self.progress, self.stop_at, self.skip_damaged, self.trust = progress, stop_at, skip_damaged, trust_checkpoint
         if t['num_threads']: torch.set_num_threads(t['num_threads'])
@@ -447,6 +482,10 @@ def _start(self: Trainer, resume):
         self.logs.line(f'[Precision] {note}')
         if feed := data_feed_note(self.device.type, self.cfg['data']): print(feed, file=sys.stderr); self.logs.line(f'[Data] {feed}')
         if path is not None: self.logs.line(f'[Resume] from {path} at step {self.step}')
+        for n in self.notes: print(f'note: {n}', file=sys.stderr); self.logs.line(f'[Config] {n}')
+        if self.step_changes:
+            scaled = ', '.join(f'{k} {a} -> {b}' for k, a, b in ((k, *v) for k, v in self.step_changes.items()))
+            print(f'steps: {scaled}', file=sys.stderr); self.logs.line(f'[Steps] {scaled}')
         self._record_session(path)
     self._open_stream()
 
@@ -456,7 +495,8 @@ def _record_session(self: Trainer, path):
     changes = resume_changes(self.resumed_config, self.cfg) if self.resumed_config is not None else {}
     for key, (a, b) in changes.items(): self.logs.line(f'[Config] {key}: {a} -> {b} from step {self.step}')
     self.logs.config_history(dict(session=self.session, start_step=self.step, resumed_from=None if path is None else str(path),
-                                  precision=self.precision[0], precision_reason=self.precision[1], changed=changes))
+                                  precision=self.precision[0], precision_reason=self.precision[1], changed=changes,
+                                  steps_scaled=self.step_changes))
 
 @patch
 def _resume_candidates(self: Trainer, resume) -> Path | None:
@@ -494,12 +534,15 @@ def _open_stream(self: Trainer):
     dl = DataLoader(ds, batch_sampler=self.sampler, num_workers=self.cfg['data']['num_workers'], persistent_workers=False,
                     pin_memory=self.device.type == 'cuda', generator=torch.Generator().manual_seed(self.t['seed'] + self.batches_drawn))
     self.batches = iter(dl)
+    if self.main and (note := map_cache_note(ds, self.cfg['data']['num_workers'])):
+        print(note, file=sys.stderr); self.logs.line(f'[Data] {note}')
 
 @patch
 def _enter_finish(self: Trainer):
-    "At the finishing phase's first step: the same batch stream, read from the data.finish_size maps; the EMA's warm-up restarts."
+    "At the finishing phase's first step: the same batch stream, read from the data.finish_size maps; the EMA's warm-up restarts (trainer.finish_ema_restart)."
+    if isinstance(self.train_ds, CachedDataset): self.train_ds.cache.clear()   # the main phase's maps are not read again
     self._open_stream()
-    if self.ema is not None: self.ema.updates = 0   # the average so far holds weights trained at the coarser pixel scale
+    if self.ema is not None and self.t['finish_ema_restart']: self.ema.updates = 0   # the average so far holds weights trained at the coarser pixel scale
     d, b = self.cfg['data'], self.sampler.batch_size
     n, s, c = d['finish_steps'], d['finish_size'], d['finish_crop']
     windows = f', random {c}x{c} windows' if c and c < s else ''
@@ -530,7 +573,7 @@ def _load_optimizer(opt, state, path, name, extra_group: bool):
         raise CheckpointError(f'{path}: {name} does not fit this model ({e}); is it a checkpoint of another architecture?') from None
 
 def load_scheduler(sched, state: dict, path, name) -> bool:
-    "Load a LambdaLR state; one written for one group fewer (upstream: no logvar group) gets the new group's own rate. True if so."
+    "Load a LambdaLR state, every group then at this config's schedule at the stored step; one written for one group fewer (upstream: no logvar group) gets the new group too. True if so."
     inner, state = getattr(sched, 'scheduler', sched), copy.deepcopy(state)
     extra = len(inner.optimizer.param_groups) - len(state.get('base_lrs', []))
     if extra == 1:
@@ -544,9 +587,11 @@ def load_scheduler(sched, state: dict, path, name) -> bool:
     inner.load_state_dict(state)
     if any(abs(a - b) > 1e-12 * max(abs(a), abs(b)) for a, b in zip(inner.base_lrs, ours)):   # trainer.lr changed: the config wins
         print(f'note: {name}: base learning rates {inner.base_lrs} in {path} replaced by the config\'s {ours} from step {inner.last_epoch}', file=sys.stderr)
-        inner.base_lrs = ours
-        inner._last_lr = [b * f(inner.last_epoch) for b, f in zip(ours, inner.lr_lambdas)]
-        for g, lr in zip(inner.optimizer.param_groups, inner._last_lr): g['lr'] = lr
+    # every group at this config's schedule from the resumed step on: a new horizon or floor (allowed on resume) changes
+    # the rate without changing the base rates, and the stored rate is the old schedule's
+    inner.base_lrs = ours
+    inner._last_lr = [b * f(inner.last_epoch) for b, f in zip(ours, inner.lr_lambdas)]
+    for g, lr in zip(inner.optimizer.param_groups, inner._last_lr): g['lr'] = lr
     return extra == 1
 
 # %% ../nbs/13_trainer.ipynb 76
@@ -669,7 +714,10 @@ def _update(self: Trainer, opt, params, logged: tuple, names: list, norm_key: st
 def _update_fp16(self: Trainer, opt, params, vals: dict, names: list, norm_key: str, clip: float) -> dict:
     "The fp16 update: the losses are checked first, as the grad scaler must unscale the gradients before their norm."
     if bad := nonfinite_terms(vals): self._nonfinite(bad, vals, names)
-    norm = float(self.acc.clip_grad_norm_(params, clip))
+    # only `opt`'s gradients: accelerate's clip_grad_norm_ unscales every optimizer, and the other one's gradients would
+    # then count again in this step's scaler.update(), halving the scale twice for one overflow
+    self.acc.unscale_gradients(opt)
+    norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
     opt.step()                                       # on an overflow the scaler skips the update itself
     if not math.isfinite(norm): self._scaler_skipped(opt)
     return vals | {norm_key: norm}
@@ -827,6 +875,7 @@ def train(config,                          # a resolved config dict (`config.loa
           out_dir=None,                    # the run folder (default: trainer.results_folder)
           resume=None,                     # 'latest', a milestone number or a checkpoint path; None: a fresh run
           steps: int | None = None,        # overrides trainer.train_num_steps (the run's length and the schedule's horizon)
+          scale_steps: bool = False,       # with `steps`: scale every setting counted in steps to it as well (`--steps`; config.scale_steps)
           seed: int | None = None,         # overrides trainer.seed
           progress: bool = True,           # a progress bar (process 0)
           overrides=(),                    # 'section.key=value' strings, like `--set`
@@ -836,12 +885,15 @@ def train(config,                          # a resolved config dict (`config.loa
           trust_checkpoint: bool = False,  # read checkpoints with the full unpickler (only a file you vouch for)
          ) -> dict:                        # summary: steps, wall time, last checkpoint, held-out scores
     "Run (or resume) a training job on this process, or on every process of `accelerate launch`."
-    extra = list(overrides or ()) + ([f'trainer.seed={int(seed)}'] if seed is not None else []) \
-            + ([f'trainer.train_num_steps={int(steps)}'] if steps is not None else [])
-    cfg = load_config(config, extra) if isinstance(config, (str, Path)) else resolve_config(config, extra)
+    extra = list(overrides or ()) + ([f'trainer.seed={int(seed)}'] if seed is not None else [])
+    if steps is not None and not scale_steps: extra.append(f'trainer.train_num_steps={int(steps)}')   # the horizon alone
+    steps, path = steps if scale_steps else None, isinstance(config, (str, Path))
+    cfg = load_config(config, extra, steps) if path else resolve_config(config, extra, steps)
+    raw = read_yaml(config) if path else config
+    scaled, notes = step_changes(raw, extra, steps), config_notes(raw, extra)
     if stop_at is not None and stop_at < 0: raise ConfigError(f'stop_at must be >= 0, got {stop_at}')
     return Trainer(cfg, out_dir, resume=resume, progress=progress, stop_at=stop_at, dataset=dataset,
-                   skip_damaged=skip_damaged, trust_checkpoint=trust_checkpoint).fit()
+                   skip_damaged=skip_damaged, trust_checkpoint=trust_checkpoint, step_changes=scaled, notes=notes).fit()
 
 # %% ../nbs/13_trainer.ipynb 129
 def add_train_args(parser: argparse.ArgumentParser):
@@ -853,7 +905,9 @@ def add_train_args(parser: argparse.ArgumentParser):
     parser.add_argument('--resume', default=None, metavar='latest|N|PATH', help='continue from a checkpoint')
     parser.add_argument('--resume-skip-damaged', action='store_true', help='with --resume latest: fall back past an unreadable newest checkpoint')
     parser.add_argument('--trust-checkpoint', action='store_true', help='read checkpoints with the full unpickler (only files you trust)')
-    parser.add_argument('--steps', type=int, default=None, help='override trainer.train_num_steps')
+    parser.add_argument('--steps', type=int, default=None, help='run N steps: trainer.train_num_steps and the settings counted in steps '
+                        '(warm-up, GAN start, finishing phase, checkpoint and log intervals) scaled to N; '
+                        '--set trainer.train_num_steps=N changes the horizon alone')
     parser.add_argument('--stop-at', type=int, default=None, help='stop this session at this step (the schedule keeps its length)')
     parser.add_argument('--seed', type=int, default=None, help='override trainer.seed')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
@@ -870,7 +924,7 @@ def add_train_args(parser: argparse.ArgumentParser):
 def run_train(args) -> int:
     "Run `radiodiff-vae train` from parsed `args`; print the summary as JSON (process 0); return 0."
     if not args.config: raise ConfigError('--config is required (a YAML file such as configs/quickstart.yaml)')
-    s = train(args.config, args.out, resume=args.resume, steps=args.steps, seed=args.seed, progress=not args.no_progress,
+    s = train(args.config, args.out, resume=args.resume, steps=args.steps, scale_steps=True, seed=args.seed, progress=not args.no_progress,
               overrides=args.overrides, stop_at=args.stop_at, skip_damaged=args.resume_skip_damaged,
               trust_checkpoint=args.trust_checkpoint)
     if s.get('log_file'): print(json.dumps(s, indent=1, default=str))

@@ -100,7 +100,7 @@ def test_bad_overrides_and_arguments(capsys, tmp_path, cfg_file):
     fails(capsys, ['train', '--config', path, '--out', out, '--set', 'trainer.nope=1'], 'trainer.nope')
     fails(capsys, ['train', '--config', path, '--out', out, '--set', 'trainer.lr'], 'trainer.lr', 'section.key=value')
     fails(capsys, ['train', '--config', path, '--out', out, '--steps', '-3'], '--steps', '-3')   # checked at parse time (checks.check_args)
-    fails(capsys, ['train', '--config', path, '--out', out, '--steps', '1'], 'disc_start')  # disc_start 2 > 1 step
+    fails(capsys, ['train', '--config', path, '--out', out, '--steps', '1', '--set', 'model.lossconfig.disc_start=2'], 'disc_start')  # set explicitly: 2 > 1 step
     fails(capsys, ['train', '--config', path, '--out', out, '--resume', tmp_path/'nope.pt'], 'nope.pt')
     assert not out.exists()
 

@@ -158,9 +158,15 @@ def test_auto_precision_on_gpus():
 
 @pytest.mark.skipif(not __import__('torch').cuda.is_available(), reason='needs a CUDA GPU')
 def test_auto_precision_on_this_gpu():
+    "auto on this GPU against what is known of it by name (not by the capability rule under test): bf16 on Ampere and later."
     import torch
-    native = torch.cuda.get_device_capability()[0] >= 8
-    assert choose_precision('auto', 'cuda') == (('bf16' if native else 'no'), choose_precision('auto', 'cuda', cuda_bf16=native)[1])
+    name = torch.cuda.get_device_name()
+    known = {'H200': 'bf16', 'H100': 'bf16', 'A100': 'bf16', 'A10': 'bf16', 'L40': 'bf16', 'L4': 'bf16', 'RTX 30': 'bf16', 'RTX 40': 'bf16',
+             'V100': 'no', 'T4': 'no', 'P100': 'no', 'RTX 20': 'no', 'GTX': 'no'}
+    expected = next((mode for model, mode in known.items() if model in name), None)
+    if expected is None: pytest.skip(f'no known bf16 support for {name!r}')
+    why = 'auto: the CUDA GPU computes bf16 natively' if expected == 'bf16' else 'auto: the CUDA GPU has no native bf16 (compute capability < 8), so fp32'
+    assert choose_precision('auto', 'cuda') == (expected, why), name
 
 def test_quickstart_finishes_on_larger_maps():
     "The shipped quickstart ends with its finishing phase (tuning rounds 7-9), and a bad phase is refused with the key named."
@@ -176,3 +182,80 @@ def test_quickstart_finishes_on_larger_maps():
     with pytest.raises(ConfigError, match=r'data.finish_crop: expected null or a multiple of the downsampling factor 4 in \(0, data.finish_size=192\]'):
         load_config(CONFIGS/'quickstart.yaml', ['data.finish_crop=256'])
     assert load_config(CONFIGS/'quickstart.yaml', ['data.finish_size=256', 'data.finish_crop=192'])['data']['finish_crop'] == 192
+
+@pytest.mark.parametrize('sets,keys', [
+    (['trainer.train_discriminator=false', 'trainer.step_idle_discriminator=true'], ('trainer.step_idle_discriminator', 'trainer.train_discriminator')),
+    (['trainer.upstream_ema=true'], ('trainer.finish_ema_restart', 'trainer.upstream_ema')),
+    (['trainer.ema_warmup=false'], ('trainer.finish_ema_restart', 'trainer.ema_warmup'))])
+def test_contradictory_switches_are_refused_at_load(sets, keys):
+    """Switches that contradict each other are refused with one line naming both keys: a frozen discriminator that idle
+    AdamW steps would shrink by weight decay; the EMA warm-up restart of a finishing phase (the quickstart has one) under
+    upstream's EMA or without a warm-up. Before the fix these ran silently."""
+    with pytest.raises(ConfigError) as e: load_config(CONFIGS/'quickstart.yaml', sets)
+    message = str(e.value)
+    assert '\n' not in message and all(k in message for k in keys), message
+    if keys[0] == 'trainer.finish_ema_restart':     # the way out it names works
+        assert load_config(CONFIGS/'quickstart.yaml', sets + ['trainer.finish_ema_restart=false'])['trainer']['finish_ema_restart'] is False
+        assert load_config(CONFIGS/'quickstart.yaml', sets + [f'data.{k}={"null" if k != "finish_steps" else 0}' for k in ('finish_size', 'finish_steps', 'finish_batch_size')])
+    else: assert load_config(CONFIGS/'quickstart.yaml', sets[:1])['trainer']['train_discriminator'] is False
+
+SHIPPED = sorted(p.name for p in CONFIGS.glob('*.yaml'))     # configs/studies/ holds study files and their bases
+
+@pytest.mark.parametrize('name', SHIPPED)
+@pytest.mark.parametrize('steps', [1, 2, 7, 40])
+def test_steps_alone_makes_a_short_run_of_every_shipped_config(name, steps):
+    """`--steps N` (load_config's `steps`): every shipped config loads at a tiny N with no other setting, its step-based
+    settings scaled by N / train_num_steps within the run, and the changes reported. Before, the quickstart at 40 steps
+    failed on trainer.warmup_steps, then on data.finish_steps."""
+    from radiodiff_vae.config import read_yaml, step_changes, STEP_KEYS
+    full = load_config(CONFIGS/name)
+    cfg = load_config(CONFIGS/name, steps=steps)
+    T, t, d, loss = full['trainer']['train_num_steps'], cfg['trainer'], cfg['data'], cfg['model']['lossconfig']
+    assert t['train_num_steps'] == steps
+    assert 0 <= t['warmup_steps'] < steps and 0 <= loss['disc_start'] <= steps
+    assert t['save_and_sample_every'] >= 1 and t['log_freq'] >= 1
+    assert d['finish_steps'] == 0 if d['finish_size'] is None else 1 <= d['finish_steps'] <= steps
+    for section, *path in STEP_KEYS:                       # each scaled by N / T (rounded), within its bounds
+        old = full[section]; new = cfg[section]
+        for k in path: old, new = old[k], new[k]
+        assert abs(new - old * steps / T) <= 1 or new in (0, 1, steps - 1, steps), (path, old, new)
+    changes = step_changes(read_yaml(CONFIGS/name), (), steps)
+    assert changes['trainer.train_num_steps'] == [T, steps]
+    assert all(cfg_value(cfg, k) == new and cfg_value(full, k) == old for k, (old, new) in changes.items())
+    assert load_config(CONFIGS/name, steps=T) == full and step_changes(read_yaml(CONFIGS/name), (), T) == {}
+
+def cfg_value(cfg, dotted):
+    for k in dotted.split('.'): cfg = cfg[k]
+    return cfg
+
+def test_steps_keeps_what_is_set_explicitly_and_the_numbers_of_the_quickstart():
+    qs = load_config(CONFIGS/'quickstart.yaml', steps=40)
+    assert (qs['trainer']['warmup_steps'], qs['model']['lossconfig']['disc_start'], qs['data']['finish_steps'],
+            qs['trainer']['save_and_sample_every'], qs['trainer']['log_freq']) == (2, 35, 4, 20, 1)
+    kept = load_config(CONFIGS/'quickstart.yaml', ['model.lossconfig.disc_start=10', 'trainer.log_freq=5'], steps=40)
+    assert (kept['model']['lossconfig']['disc_start'], kept['trainer']['log_freq'], kept['data']['finish_steps']) == (10, 5, 4)
+    with pytest.raises(ConfigError, match=r'steps: expected a positive number of steps \(trainer.train_num_steps\), got 0'): load_config(CONFIGS/'quickstart.yaml', steps=0)
+
+def test_upstream_only_keys_are_read_and_explained_not_in_the_schema(tmp_path):
+    """Keys that exist only for upstream's files (latent-diffusion's monitor, the loss's unused pixelloss_weight, its
+    disc_conditional, the trainer's amp) load with a note each and are not part of our schema; disc_conditional: true is
+    still refused. Before, they were schema keys: stored, dumped and never read."""
+    from radiodiff_vae.config import config_notes, SCHEMA, UPSTREAM_ONLY
+    ldm = yaml.safe_load((CONFIGS/'first_radio_upstream.yaml').read_text())
+    ldm['model']['monitor'] = 'val/rec_loss'
+    ldm['model']['lossconfig'].update(pixelloss_weight=2.0, disc_conditional=False)
+    (tmp_path/'ldm.yaml').write_text(yaml.safe_dump(ldm))
+    cfg = load_config(tmp_path/'ldm.yaml')
+    assert cfg == load_config(CONFIGS/'first_radio_upstream.yaml')          # read, and nothing of ours changed
+    notes = config_notes(ldm)
+    assert [n.split(':')[0] for n in notes] == ['model.monitor', 'model.lossconfig.pixelloss_weight', 'model.lossconfig.disc_conditional', 'trainer.amp']
+    assert notes[0].startswith('model.monitor: val/rec_loss read and not used (') and notes[-1].startswith('trainer.amp: false read')
+    assert all('\n' not in n and 'not used' in n for n in notes), notes
+    assert config_notes(ldm, ['trainer.amp=true'])[-1].startswith('trainer.amp: true')
+    schema_keys = {r[0] for r in schema_table()}
+    assert not schema_keys & set(UPSTREAM_ONLY) and 'monitor' not in SCHEMA['model'][1]
+    assert not {'monitor', 'pixelloss_weight', 'disc_conditional', 'amp'} & set(dump_config(cfg).replace(':', ' ').split())
+    for name in ('first_radio_upstream.yaml', 'radiodiff.yaml'): assert load_config(CONFIGS/name)
+    with pytest.raises(ConfigError, match='disc_conditional: true is not supported'): load_config(tmp_path/'ldm.yaml', ['model.lossconfig.disc_conditional=true'])
+    stored = dict(cfg); stored['trainer'] = {**cfg['trainer'], 'amp': False}      # a checkpoint's config from before
+    assert resolve_config(stored) == cfg

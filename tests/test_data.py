@@ -31,19 +31,38 @@ def layout(root, maps=(1, 2), num_tx=2, size=16, simulation='DPM', cond=True):
 
 # ---------------------------------------------------------------- split
 
+class RadioUNetC:
+    """The part of upstream's `RadioUNet_c` loader (lib/loaders.py, the loader its VAE training uses) that picks maps,
+    transcribed from its rule, not from our ranges: indices 0..699 shuffled under np.random.seed(42); each phase reads the
+    inclusive positions ind1..ind2 of the shuffled array (train 0, 600; val 600, 650; test 600, 699), item `idx` of a phase
+    is position ind1 + idx // numTx, and its file's map id is the index there + 1."""
+    RANGES = {'train': (0, 600), 'val': (600, 650), 'test': (600, 699)}   # RadioUNet_c's (ind1, ind2) per phase
+
+    def __init__(self, phase, numTx=80):
+        state = np.random.get_state()
+        try:
+            np.random.seed(42)
+            self.maps_inds = np.arange(0, 700, 1, dtype=np.int16)
+            np.random.shuffle(self.maps_inds)
+        finally:
+            np.random.set_state(state)
+        self.ind1, self.ind2 = self.RANGES[phase]
+        self.numTx = numTx
+
+    def __len__(self): return (self.ind2 - self.ind1 + 1) * self.numTx
+
+    def map_id(self, idx):
+        "The map id of item `idx`, as its __getitem__ names the file `{id}_{tx}.png`."
+        return int(self.maps_inds[idx // self.numTx + self.ind1]) + 1
+
+
 def upstream_split():
-    "Upstream's loader, transcribed independently: global seed, shuffle, inclusive position ranges, id = index + 1."
-    state = np.random.get_state()
-    try:
-        np.random.seed(42)
-        inds = np.arange(0, 700, dtype=np.int16)
-        np.random.shuffle(inds)
-    finally:
-        np.random.set_state(state)
-    return {'train': inds[0:601] + 1, 'val': inds[501:601] + 1, 'test': inds[600:700] + 1}
+    "Each phase's map ids in the order upstream's loader reads them (one transmitter per map)."
+    return {phase: np.array([RadioUNetC(phase, 1).map_id(i) for i in range(len(RadioUNetC(phase, 1)))])
+            for phase in ('train', 'val', 'test')}
 
 
-@pytest.mark.parametrize('phase,size', [('train', 601), ('val', 100), ('test', 100)])
+@pytest.mark.parametrize('phase,size', [('train', 601), ('val', 51), ('test', 100)])
 def test_split_matches_upstream(phase, size):
     expected = upstream_split()[phase]
     got = radiomapseer_split(phase, include_leaked=True)
@@ -52,13 +71,17 @@ def test_split_matches_upstream(phase, size):
 
 
 def test_split_first_ids_and_overlap():
+    """Upstream's val and test both start at the position-600 map, which train holds too; by default val (50 maps) and
+    test (99) leave it out and share no map with train. Before the fix val was positions 501-600: 100 training maps."""
     up = upstream_split()
-    for phase in ('train', 'val'):
-        assert radiomapseer_split(phase)[0] == int(up[phase][0])
+    assert radiomapseer_split('train')[0] == int(up['train'][0])
     train, val, test = (set(radiomapseer_split(p, include_leaked=True)) for p in ('train', 'val', 'test'))
-    assert val <= train                          # upstream's val maps are train maps too (positions 501..600)
-    assert train & test == {int(up['train'][600])}   # position 600 is in both
+    leak = {int(up['train'][600])}
+    assert train & val == leak and train & test == leak and val <= test   # position 600 is in all three phases
     assert train | test == set(range(1, 701))
+    held_val = radiomapseer_split('val')
+    assert len(held_val) == 50 and not set(held_val) & set(radiomapseer_split('train'))
+    assert held_val == [int(v) for v in up['val'][1:]] == radiomapseer_split('test')[:50]
 
 
 def test_test_split_leaves_out_the_map_train_also_holds():
@@ -136,7 +159,7 @@ def test_radiomapseer_phase_uses_split(tmp_path):
     ids = radiomapseer_split('val')
     root = layout(tmp_path / 'rms', maps=ids, num_tx=1, size=8, cond=False)
     ds = RadioMapSeer(root, phase='val', num_tx=1, size=8)
-    assert len(ds) == 100 and ds[0]['name'] == f'{ids[0]}_0'
+    assert len(ds) == 50 and ds[0]['name'] == f'{ids[0]}_0' and leaked_maps()[0] not in ds.maps
 
 
 def test_missing_root_and_simulation(tmp_path):

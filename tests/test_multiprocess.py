@@ -106,6 +106,37 @@ def test_resume_two_process_checkpoint_on_one(runs):
     a, b = load(d/'two'/'model-2.pt'), load(d/'two-to-one'/'model-2.pt')
     assert rel_l2(a['model'], b['model']) <= 1e-3 and rel_l2(a['loss'], b['loss']) <= 1e-3
 
+def two_against_one(d, name, sets):
+    "A 6-step run with `sets` on 2 processes (launched through the CLI) and on 1: their records and final checkpoints."
+    sets = ['trainer.train_num_steps=6', 'trainer.save_and_sample_every=3', *sets]
+    r = launch(cli_train(d/'cfg.yaml', d/f'{name}-two', *[a for s in sets for a in ('--set', s)]), d)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    train(load_config(d/'cfg.yaml', sets), d/f'{name}-one', progress=False)
+    return (records(d/f'{name}-one'), records(d/f'{name}-two'), load(d/f'{name}-one'/'model-2.pt'), load(d/f'{name}-two'/'model-2.pt'),
+            next((d/f'{name}-two').glob('*_.log')).read_text())
+
+def assert_same_run(one, two, ca, cb):
+    "The same losses at every step (up to float summation order) and nearly the same weights."
+    assert sorted(one) == sorted(two) == list(range(6))
+    for step in range(6):
+        for k in LOSSES:
+            if one[step].get(k) is None: continue
+            assert abs(one[step][k] - two[step][k]) <= 1e-3 * max(abs(one[step][k]), 1e-3), (step, k, one[step][k], two[step][k])
+    assert rel_l2(ca['model'], cb['model']) <= 1e-3 and rel_l2(ca['ema'], cb['ema']) <= 1e-3
+
+def test_crop_on_two_processes(runs):
+    "data.crop in the main phase: each process cuts its maps' windows by their places in the global batch, so 2 processes train what 1 does."
+    one, two, ca, cb, _ = two_against_one(runs[0], 'crop', ['data.crop=24'])
+    assert_same_run(one, two, ca, cb)
+    train(load_config(runs[0]/'cfg.yaml', ['trainer.train_num_steps=6', 'trainer.save_and_sample_every=3']), runs[0]/'crop-whole', progress=False)
+    assert rel_l2(load(runs[0]/'crop-whole'/'model-2.pt')['model'], cb['model']) > 1e-3     # the windows changed the run
+
+def test_finishing_phase_on_two_processes(runs):
+    "A finishing phase (the last 2 of 6 steps on 64x64 maps, one per process): entered once, at the same step, with the same result as on 1 process."
+    one, two, ca, cb, log = two_against_one(runs[0], 'finish', ['data.finish_size=64', 'data.finish_steps=2', 'data.finish_batch_size=2'])
+    assert_same_run(one, two, ca, cb)
+    assert log.count('[Finish] step 4: the last 2 steps train on the same maps at 64x64, 2 per batch') == 1
+
 WORKER = '''
 import json, sys, torch
 from pathlib import Path

@@ -50,7 +50,7 @@ def test_same_settings_resume_other_settings_refused(run):
     other = _cli('reproduce', '--out', str(out), *TINY[:-1], 'data.n_maps=65', cwd=out.parent)
     assert other.returncode == 2 and 'other settings' in other.stderr and 'Traceback' not in other.stderr
     assert (out/'reproduce.json').read_text() == before
-    bad = _cli('reproduce', '--out', str(out.parent/'bad'), '--steps', '12', '--no-progress', cwd=out.parent)
+    bad = _cli('reproduce', '--out', str(out.parent/'bad'), '--steps', '12', '--set', 'model.lossconfig.disc_start=50', '--no-progress', cwd=out.parent)
     assert bad.returncode == 2 and 'train_num_steps=12' in bad.stderr and 'Traceback' not in bad.stderr
     assert not (out.parent/'bad').exists()
 

@@ -260,8 +260,9 @@ def test_resume_from_faithful_upstream_checkpoint_with_learn_logvar(straight, tm
     t = Trainer(cfg, tmp_path/'cont', resume=str(tmp_path/'model-4.pt'), progress=False)
     try:
         assert t.step == 12 and len(t.opt_ae.param_groups) == 2
-        assert t.opt_ae.param_groups[0]['lr'] == opt_ae['param_groups'][0]['lr']     # upstream's rate continues
-        assert t.opt_ae.param_groups[1]['lr'] == pytest.approx(lr_at(cfg['trainer']['schedule'], 12, 14, base_lr=cfg['trainer']['lr'], min_lr=cfg['trainer']['min_lr'], power=cfg['trainer']['power'], warmup_steps=cfg['trainer']['warmup_steps']))  # logvar group: our schedule at step 12
+        want = lr_at(cfg['trainer']['schedule'], 12, 14, base_lr=cfg['trainer']['lr'], min_lr=cfg['trainer']['min_lr'], power=cfg['trainer']['power'], warmup_steps=cfg['trainer']['warmup_steps'])
+        assert opt_ae['param_groups'][0]['lr'] != pytest.approx(want)     # upstream's own schedule stored another rate
+        assert [g['lr'] for g in t.opt_ae.param_groups] == pytest.approx([want] * 2)   # both groups (logvar's new): the config's schedule at step 12
         s = t.fit()
     finally: t.lock.release()
     assert s['step'] == 14
@@ -348,6 +349,28 @@ def test_fp16_overflow_is_left_to_the_grad_scaler(tmp_path, monkeypatch, skip_no
     assert '[Scaler] step 0: fp16 gradients of the autoencoder overflowed' in log and '[Skip]' not in log
     scale = load(tmp_path/'fp32'/'model-2.pt')['scaler']['scale']
     assert scale < 2.0**24 and not list((tmp_path/'fp32').glob('nonfinite-*.json'))
+
+def test_one_fp16_overflow_halves_the_scale_once(tmp_path, monkeypatch):
+    """A real GradScaler (on the CPU) in the trainer's call order, one overflow injected into the autoencoder's gradients
+    (step 2) and one into the discriminator's (step 4): each halves the scale once, 4 -> 2 -> 1 (a small first scale: this
+    tiny model's own gradients overflow fp16 at 1024), and the [Scaler] line names the scale the run goes on with. Before
+    the fix clipping unscaled both optimizers, so the other one's gradients reached the next update again: 4 -> 1 at
+    step 2, then 1 -> 0.5 at step 4 and -> 0.25 at step 5."""
+    fp16_scaler_on_cpu(monkeypatch, init_scale=4.0)
+    t = Trainer(resolve_config(tiny(**{'model.lossconfig.disc_start': 1, 'trainer.train_num_steps': 6, 'data.val_maps': 0})),
+                tmp_path/'fp16', progress=False)
+    poison = {2: t.ae.encoder.conv_in.weight, 4: t.loss.discriminator.main[0].weight}
+    for step, p in poison.items(): p.register_hook(lambda g, step=step: g * math.inf if t.step == step else g)
+    scales = []
+    try:
+        for _ in range(6):
+            t.train_step(); scales.append(t.acc.scaler.get_scale()); t.step += 1
+    finally: t.logs.close(); t.lock.release()
+    assert scales == [4, 4, 2, 2, 1, 1]
+    lines = [l for l in t.logs.text_path.read_text().splitlines() if '[Scaler]' in l]
+    assert [l[l.index('[Scaler]'):] for l in lines] == [
+        '[Scaler] step 2: fp16 gradients of the autoencoder overflowed; the grad scaler skipped this update and lowered its scale to 2',
+        '[Scaler] step 4: fp16 gradients of the discriminator overflowed; the grad scaler skipped this update and lowered its scale to 1']
 
 def test_gradient_clipping_clips_before_the_step(tmp_path):
     "The gradient the optimizer sees has norm <= grad_clip_norm, while the logged (pre-clip) norm is larger."
@@ -444,6 +467,26 @@ def test_changed_lr_on_resume_takes_effect(straight, tmp_path, capsys):
     finally: t.lock.release()
     assert 'replaced by the config' in capsys.readouterr().err
 
+@pytest.mark.parametrize('change', [{'trainer.train_num_steps': 200}, {'trainer.min_lr': 1e-4}])
+def test_changed_schedule_on_resume_takes_effect_at_the_resumed_step(tmp_path, change):
+    """A cosine run of 100 steps checkpointed at step 60, resumed with 200 steps (or another min_lr; both allowed on
+    resume): every group's rate is the new schedule's at step 60 from the first resumed step. Before the fix the rates
+    were re-derived only when the base rates differed, so step 60 ran at the old schedule's 3.64e-4 instead of 8.05e-4."""
+    base = {'trainer.train_num_steps': 100, 'trainer.save_and_sample_every': 50, 'data.val_maps': 0}
+    t = Trainer(resolve_config(tiny(**base)), tmp_path/'run', progress=False)
+    for _ in range(60): t.sched_ae.step(); t.sched_disc.step()
+    t.step = t.batches_drawn = 60
+    torch.save(t.checkpoint_state(), tmp_path/'step60.pt'); t.logs.close(); t.lock.release()
+    cfg = resolve_config(tiny(**{**base, **change}))
+    r = Trainer(cfg, tmp_path/'resumed', resume=str(tmp_path/'step60.pt'), progress=False)
+    r.logs.close(); r.lock.release()
+    T = cfg['trainer']
+    want = lr_at('cosine', 60, T['train_num_steps'], base_lr=T['lr'], min_lr=T['min_lr'], warmup_steps=T['warmup_steps'])
+    old = lr_at('cosine', 60, 100, base_lr=T['lr'], min_lr=1e-5, warmup_steps=T['warmup_steps'])
+    assert abs(want - old) > 1e-5
+    assert [g['lr'] for g in r.opt_ae.param_groups + r.opt_disc.param_groups] == pytest.approx([want] * 3, rel=1e-12)
+    assert r.sched_ae.get_last_lr() == pytest.approx([want] * 2, rel=1e-12)
+
 def test_changed_lr_in_the_same_folder_takes_effect_and_is_recorded(tmp_path):
     "--resume latest in the same folder with a lower lr: accepted (it was refused), the new rate from the resumed step, the change in config_history.jsonl and the log; a change of the experiment is still refused."
     out = tmp_path/'run'
@@ -486,6 +529,102 @@ def test_upstream_switches(straight, tmp_path):
         t.logs.close(); t.lock.release()
         assert all(torch.equal(v, source[k]) for k, v in t.ae.state_dict().items()), weights
     assert not torch.equal(ck['model']['decoder.conv_out.weight'], ck['ema']['ema_model.decoder.conv_out.weight'])
+
+class UpstreamEMA:
+    """Upstream's EMA wrapper's rule (the `EMA` of the ema-pytorch package its trainer makes with beta=0.995, every
+    10 steps; update_after_step=100, inv_gamma=1, power=2/3, min_value=0), written out independently of ours."""
+    def __init__(self, model, beta=0.995, update_after_step=100, update_every=10, power=2 / 3):
+        self.ema_model, self.beta, self.after, self.every, self.power = copy.deepcopy(model), beta, update_after_step, update_every, power
+        self.step, self.initted = 0, False
+    def copy_from(self, model):
+        for e, p in zip(self.ema_model.parameters(), model.parameters()): e.data.copy_(p.data)
+    def get_current_decay(self):
+        epoch = max(self.step - self.after - 1, 0)
+        return 0.0 if epoch <= 0 else min(max(1 - (1 + epoch) ** -self.power, 0.0), self.beta)
+    def update(self, model):       # called once after every optimizer step
+        step = self.step; self.step += 1
+        if step % self.every: return
+        if step <= self.after: self.copy_from(model); return
+        if not self.initted: self.copy_from(model); self.initted = True
+        decay = self.get_current_decay()
+        for e, p in zip(self.ema_model.parameters(), model.parameters()): e.data.lerp_(p.data, 1 - decay)
+
+def test_upstream_ema_is_upstreams_rule_past_step_111():
+    """trainer.upstream_ema against upstream's rule on a drifting model for 400 steps: equal at every step. Before the fix
+    ours averaged from the step-101 copy at step 111 (decay 0.798) where upstream copies again (its `initted` flag): 2.9
+    apart at step 111. The flag is saved, and a state of an earlier version (which always wrote initted=True) resumed
+    inside the copy phase still copies at step 111."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    ours, ref = tr.EMA(model, 0.995, 10, upstream=True), UpstreamEMA(model)
+    for step in range(1, 401):
+        with torch.no_grad():
+            for p in model.parameters(): p.add_(0.1 + 0.05 * torch.randn_like(p))
+        ours.update(model, step); ref.update(model)
+        gap = max(float((a - b).abs().max()) for a, b in zip(ours.ema_model.parameters(), ref.ema_model.parameters()))
+        assert gap <= 1e-5, (step, gap)
+        if step in (105, 200):          # resume from the saved state; at 105 as an earlier version wrote it
+            sd = ours.state_dict()
+            assert bool(sd['initted']) == (step == 200)
+            if step == 105: sd['initted'] = torch.tensor(True)
+            ours = tr.EMA(model, 0.995, 10, upstream=True); ours.load_state_dict(sd)
+
+def test_radiomapseer_held_out_maps_follow_the_folders_size(tmp_path):
+    """The maps scored at each checkpoint come from the split of the folder's own map count (make_data.json's n), like the
+    training maps. Before the fix they came from the 700-map split: with 20 maps in the folder, ids past 20 (missing files)."""
+    import numpy as np
+    from PIL import Image
+    from radiodiff_vae.data import radiomapseer_split
+    root = tmp_path/'rms'
+    (root/'gain'/'DPM').mkdir(parents=True)
+    for m in range(1, 21): Image.fromarray(np.full((8, 8), m, np.uint8)).save(root/'gain'/'DPM'/f'{m}_0.png')
+    (root/'make_data.json').write_text(json.dumps({'n': 20, 'num_tx': 1}))
+    data = resolve_config({'data': {'source': 'radiomapseer', 'root': str(root), 'size': 8, 'num_tx': 1, 'val_maps': 3}})['data']
+    train_ds, val_ds = tr.build_datasets(data)
+    assert val_ds.maps == radiomapseer_split('test', 20)[:3] and not set(val_ds.maps) & set(train_ds.maps)
+
+def test_map_cache_is_budgeted_across_data_workers(tmp_path, monkeypatch, capsys):
+    """Each DataLoader worker keeps its own map cache: with 4 workers reading every map, the caches together stay within
+    the budget (here 64 KiB: the 12 training maps of 4 KiB fit once, not 4 times), and the start says what they hold.
+    Before the fix every worker cached every map: 4 x 48 KiB."""
+    monkeypatch.setattr(tr, 'MAP_CACHE_BYTES', 2**16, raising=False)
+    data = resolve_config(tiny(**{'data.n_maps': 12, 'data.num_workers': 4}))['data']
+    train_ds, val_ds = tr.build_datasets(data)
+    workers = [copy.deepcopy(train_ds) for _ in range(4)]    # what each worker process gets, then reads every map of
+    for w in workers:
+        for i in range(len(w)): w[i]
+    for _ in range(2): val_ds[0]; val_ds[1]                       # the held-out maps: in the main process only
+    held = sum(len(getattr(ds, 'cache', {})) for ds in workers + [val_ds]) * 32 * 32 * 4
+    assert 0 < held <= 2**16
+    t = Trainer(resolve_config(tiny(**{'data.n_maps': 12, 'data.num_workers': 2})), tmp_path/'run', progress=False)
+    t.logs.close(); t.lock.release()
+    note = 'map cache: 7 of the 12 training maps (the others are made again at each use), 28 KB in each of 2 data workers, 56 KB in all'
+    assert note in capsys.readouterr().err and f'[Data] {note}' in t.logs.text_path.read_text()
+
+def test_quickstart_trains_with_steps_alone(tmp_path, capsys):
+    """`radiodiff-vae train --config configs/quickstart.yaml --steps 6` and nothing else: the warm-up, GAN start, finishing
+    phase, checkpoint and log intervals scaled to 6 steps, printed, and recorded (config.yaml, log, config_history.jsonl).
+    Before, --steps 40 failed on trainer.warmup_steps, then on data.finish_steps."""
+    config = Path(__file__).resolve().parent.parent/'configs'/'quickstart.yaml'
+    assert tr.main(['--config', str(config), '--steps', '6', '--out', str(tmp_path/'qs'), '--no-progress']) == 0
+    scaled = ('trainer.train_num_steps 1188 -> 6, trainer.warmup_steps 60 -> 0, model.lossconfig.disc_start 1050 -> 5, '
+              'data.finish_steps 108 -> 1, trainer.save_and_sample_every 594 -> 3, trainer.log_freq 10 -> 1')
+    assert f'steps: {scaled}' in capsys.readouterr().err
+    out = tmp_path/'qs'
+    assert f'[Steps] {scaled}' in next(out.glob('*.log')).read_text()
+    history = json.loads((out/'config_history.jsonl').read_text().splitlines()[0])
+    assert history['steps_scaled']['model.lossconfig.disc_start'] == [1050, 5]
+    ck = load(out/'model-2.pt')
+    assert ck['step'] == 6 and ck['config']['data']['finish_steps'] == 1 and ck['config']['trainer']['warmup_steps'] == 0
+    assert '[Finish] step 5: the last 1 steps train on the same maps at 192x192, 1 per batch' in next(out.glob('*.log')).read_text()
+
+def test_upstream_only_keys_are_noted_at_start(tmp_path, capsys):
+    "A config holding a key of upstream's files only (latent-diffusion's monitor) trains, and says at start that it is read and not used."
+    train(tiny(**{'model.monitor': 'val/rec_loss', 'trainer.train_num_steps': 1, 'model.lossconfig.disc_start': 1,
+                  'trainer.warmup_steps': 0, 'data.val_maps': 0}), tmp_path/'run', progress=False)
+    note = 'model.monitor: val/rec_loss read and not used ('
+    assert f'note: {note}' in capsys.readouterr().err and f'[Config] {note}' in next((tmp_path/'run').glob('*.log')).read_text()
+    assert 'monitor' not in (tmp_path/'run'/'config.yaml').read_text()
 
 def test_bad_input_is_clear(tmp_path):
     with pytest.raises(ConfigError, match='not found'): train(tmp_path/'nope.yaml', tmp_path/'x')
@@ -542,6 +681,22 @@ def test_wsd_schedule_drives_the_optimizers_and_the_analysis(tmp_path):
     assert want[2:10] == [1e-3] * 8 and want[11] < want[10] < 1e-3      # held, then the last 3 steps fall
     config = load(out/'model-4.pt')['config']
     assert schedule_lr(range(12), training_params(config)) == pytest.approx(want, rel=1e-9)
+
+def test_crop_in_the_main_phase_resumes_to_identical_weights(tmp_path):
+    "data.crop: random 24x24 windows of the 32x32 maps; killed at step 3 and resumed, the windows are replayed: the same weights as straight through, and not those of whole maps."
+    cfg = tiny(**{'data.crop': 24, 'trainer.train_num_steps': 6, 'model.lossconfig.disc_start': 2})
+    sides = []
+    t = Trainer(resolve_config(cfg), tmp_path/'straight', progress=False)
+    t.gen.register_forward_pre_hook(lambda m, args: sides.append(args[0].shape[-1]))
+    t.fit()
+    assert sides == [24] * 6                         # the crop reached the model at every step
+    train(cfg, tmp_path/'b', progress=False, stop_at=3)
+    assert train(cfg, tmp_path/'b', progress=False, resume='latest')['start_step'] == 3
+    whole = train(tiny(**{'trainer.train_num_steps': 6, 'model.lossconfig.disc_start': 2}), tmp_path/'whole', progress=False)
+    a, b, c = (load(tmp_path/n/'model-2.pt') for n in ('straight', 'b', 'whole'))
+    for k in a['model']: assert torch.equal(a['model'][k], b['model'][k]), f'model.{k} differs'
+    for k in a['ema']: assert torch.equal(a['ema'][k], b['ema'][k]), f'ema.{k} differs'
+    assert not torch.equal(a['model']['decoder.conv_out.weight'], c['model']['decoder.conv_out.weight'])
 
 @pytest.fixture(scope='module')
 def finishing(tmp_path_factory):
