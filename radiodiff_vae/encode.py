@@ -103,7 +103,7 @@ def encode_dataset(checkpoint, # a shipped model's name, a release file or a tra
     model = model.to(device); shards = math.ceil(n / shard_size)
     todo = [k for k in range(shards) if not (out/SHARD.format(k)).is_file()]
     done_maps = n - sum(min(shard_size, n - k * shard_size) for k in todo)
-    start, encoded = time.perf_counter(), 0
+    start, cpu_start, encoded = time.perf_counter(), time.process_time(), 0
     with tqdm(total=n, initial=done_maps, desc=f'encode {data}', unit='map', disable=not progress) as bar, torch.no_grad():
         for k in todo:
             idx = range(k * shard_size, min(n, (k + 1) * shard_size))
@@ -118,12 +118,14 @@ def encode_dataset(checkpoint, # a shipped model's name, a release file or a tra
                 raise DataError(f'{data}: maps of different sizes in shard {k} ({sorted({tuple(m.shape[2:]) for m in means})}); encode each size separately')
             meta = {'names': json.dumps(shard_names), 'first_index': str(idx.start), 'weights_sha256': ident['weights_sha256']}
             atomic_write_bytes(out/SHARD.format(k), safetensors_bytes({'mean': torch.cat(means), 'std': torch.cat(stds)}, meta))
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     stats = latent_stats(out, shards) | dict(weights_sha256=ident['weights_sha256'], checkpoint=ident['checkpoint'], weights=ident['weights'],
                                             shards=shards, data=to_jsonable(info))
     atomic_write_text(out/'stats.json', json.dumps(stats, indent=1))
     rate = encoded / elapsed if encoded and elapsed > 0 else None
-    stats['timing'] = dict(encoded_now=encoded, kept=done_maps, seconds=elapsed, maps_per_s=rate)
+    # wall-clock rate, and maps per CPU-second of this process (the rate when the CPU is not shared with other work)
+    stats['timing'] = dict(encoded_now=encoded, kept=done_maps, seconds=elapsed, maps_per_s=rate, cpu_seconds=cpu,
+                           maps_per_cpu_s=encoded / cpu if encoded and cpu > 0 else None)
     return stats
 
 def latent_stats(out, shards: int) -> dict:
@@ -160,7 +162,7 @@ def run_encode(args) -> int:
     s = encode_dataset(args.checkpoint, args.data, args.out, args.weights, args.shard_size, args.batch_size, args.limit,
                        args.device, not args.no_progress)
     t = s['timing']
-    rate = f"{t['maps_per_s']:.2f} maps/s" if t['maps_per_s'] else 'nothing left to encode'
+    rate = f"{t['maps_per_s']:.2f} maps/s, {t['maps_per_cpu_s']:.2f} maps per CPU-second" if t['maps_per_s'] else 'nothing left to encode'
     print(f"encoded {s['count']} maps into {s['shards']} shard(s) in {args.out} ({t['kept']} kept from an earlier run; {rate}); "
           f"scale factor {s['scale_factor']:.4f}")
     return 0
