@@ -136,3 +136,21 @@ def test_build_release_on_a_tiny_run_writes_a_consistent_card(tmp_path, monkeypa
         build_release(tmp_path / 'run', tmp_path / 'repo', select_spec='synthetic:2', card_spec='synthetic:4:1', weights='raw', progress=False)
     assert {p: p.read_bytes() for p in (tmp_path / 'repo').rglob('*') if p.is_file()} == before
     assert load_pretrained(tmp_path / 'repo' / 'models' / 'released.pt').release['chosen_step'] == r['chosen_step']
+
+
+def test_every_card_fact_comes_from_the_runs_config():
+    import yaml
+    from radiodiff_vae.pretrained import card_facts, model_card
+    rec = card_record()
+    assert model_card(rec) == CARD.read_text()
+    cfg = resolve_config(yaml.safe_load((repo_dir() / 'models' / 'released_run' / 'config.yaml').read_text()))
+    cfg['model']['ddconfig']['attn_resolutions'] = [16]
+    cfg['model']['lossconfig']['perceptual_weight'] = 1.0
+    cfg['trainer']['schedule'] = 'constant'
+    cfg['data']['size'] = 128
+    card = model_card(rec | {'card_facts': card_facts(cfg, 'raw')})
+    assert 'the raw (not averaged) weights in float16' in card and 'the EMA weights' not in card
+    assert 'attention in the mid block and at resolutions [16]' in card and 'attention in the mid block only' not in card
+    assert 'LPIPS term with weight 1.0' in card and 'no LPIPS term' not in card.lower()
+    assert 'constant schedule' in card and 'cosine' not in card
+    assert '1x128x128 path-gain map <-> a 3x32x32 latent' in card
