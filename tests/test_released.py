@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -128,13 +129,20 @@ def test_build_release_on_a_tiny_run_writes_a_consistent_card(tmp_path, monkeypa
         assert (tmp_path / 'repo' / 'figures' / name).stat().st_size > 10_000
     with pytest.raises(Exception, match='over the 0.001 MB limit'):
         export_release(tmp_path / 'run' / 'model-2.pt', tmp_path / 'big.pt', max_mb=0.001)
-    # killed while writing a second release: the first stays whole (weights, record and card of the same model)
+    # killed while writing a second release (its card): the first stays whole (weights, record and card of one model).
+    # The second release reuses the first one's checkpoint scores (the slow part) and scores other card maps.
+    scores = {}
+    def cached(run, spec, weights='ema', progress=True):
+        return scores.setdefault((spec, weights), r['selection_table'] if spec == 'synthetic:4' else r['real_table'])
+    r['selection_table'] = pd.DataFrame(r['selection']); r['real_table'] = pd.DataFrame(r['real_curve_table'])
+    monkeypatch.setattr(pretrained, 'checkpoint_scores', cached)
     before = {p: p.read_bytes() for p in (tmp_path / 'repo').rglob('*') if p.is_file()}
     def killed(record): raise KeyboardInterrupt
     monkeypatch.setattr(pretrained, 'model_card', killed)
     with pytest.raises(KeyboardInterrupt):
-        build_release(tmp_path / 'run', tmp_path / 'repo', select_spec='synthetic:2', card_spec='synthetic:4:1', weights='raw', progress=False)
+        build_release(tmp_path / 'run', tmp_path / 'repo', select_spec='synthetic:4', card_spec='synthetic:3:1', progress=False)
     assert {p: p.read_bytes() for p in (tmp_path / 'repo').rglob('*') if p.is_file()} == before
+    assert not list((tmp_path / 'repo').glob('.release-*'))
     assert load_pretrained(tmp_path / 'repo' / 'models' / 'released.pt').release['chosen_step'] == r['chosen_step']
 
 
