@@ -15,6 +15,7 @@ py_versions = '3.10 3.11 3.12 3.13'.split()
 
 requirements = cfg.get('requirements', '').split()
 dev_requirements = cfg.get('dev_requirements', '').split()
+diffusers_requirements = cfg.get('diffusers_requirements', '').split()   # optional: the released model's diffusers folder
 min_python = cfg['min_python']
 lic = licenses[cfg['license'].lower()]
 
@@ -30,7 +31,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=['radiodiff_vae', 'radiodiff_vae.*']),
     include_package_data=True,
     install_requires=requirements,
-    extras_require={'dev': dev_requirements},
+    extras_require={'dev': dev_requirements, 'diffusers': diffusers_requirements},
     dependency_links=cfg.get('dep_links', '').split(),
     python_requires='>=' + cfg['min_python'],
     long_description=open('README.md', encoding='utf-8').read(),

@@ -144,7 +144,9 @@ def real_maps_dir() -> Path:
     "A RadioMapSeer-layout root holding 26 real DPM maps (`gain/DPM/<n>_0.png`)."
     return data_dir()/'radiomaps'
 
-PRETRAINED = {'released': 'models/released.pt'}
+# Shipped models by name: 'released' is the current release; each version keeps its own name (a later release
+# adds 'released-v2' and points 'released' at it, while 'released-v1' still loads the first one).
+PRETRAINED = {'released': 'models/released.pt', 'released-v1': 'models/released.pt'}
 
 def pretrained_path(name: str) -> Path:
     "The weights file of a model shipped in the repository (`'released'`: the card is MODEL.md)."

@@ -25,6 +25,7 @@ from .data import MapFolder, RadioMapSeer, leaked_maps, unscale_gain
 from .synthetic import SyntheticRadioMaps
 from .checks import check_seed, check_map_side, printable_name
 from .config import downsampling_factor, load_config, resolve_config
+from .protocols import protocol_columns, protocol_metrics, protocols_markdown, summarize_protocols
 
 # %% auto 0
 __all__ = ['SSIM_KERNEL_SIZE', 'SSIM_SIGMA', 'METRICS', 'EVAL_BATCH', 'LOSS_TERMS', 'RADIODIFF_PAPER', 'EVALUATION_FILES',
@@ -314,11 +315,13 @@ def evaluate_model(model, loss, dataset, indices, *, batch_size=EVAL_BATCH, devi
             latents["sample"].update(r["z_sample"]); latents["mode"].update(r["z_mode"])
             target = unscale_gain(x).cpu()
             m = {kind: map_metrics(unscale_gain(r[f"x_{kind}"]).cpu(), target) for kind in ("mode", "sample")}
+            protocols = protocol_metrics(unscale_gain(r["x_mode"]).cpu(), target)   # the community's protocols (chapter 17a)
             losses = per_map_losses(loss, x, r["x_sample" if train_on_sample else "x_mode"], r["posterior"], model.get_last_layer())
             for j, (i, item) in enumerate(batch):
                 row = dict(index=i, name=printable_name(item.get("name", str(i))), height=x.shape[-2], width=x.shape[-1])
                 row.update({f"{kind}_{k}": float(v[j]) for kind in ("mode", "sample") for k, v in m[kind].items()})
                 row.update({f"loss_{k}": v[j] for k, v in losses.items()})
+                row.update(protocol_columns(protocols, j))
                 rows.append(row)
             bar.update(len(batch))
     return rows, {k: v.result() for k, v in latents.items()}
@@ -337,7 +340,7 @@ def summarize_rows(rows: list[dict], latents: dict) -> dict:
                 metrics={kind: {k: summarize(df[f"{kind}_{k}"]) for k in METRICS + ("mse",)} for kind in ("mode", "sample")},
                 losses={k: summarize(df[f"loss_{k}"]) for k in LOSS_TERMS},
                 latents=latents, scale_factor=latents.get("sample", {}).get("scale_factor"),
-                typical_map=pick((len(order) - 1) // 2), worst_map=pick(0))
+                typical_map=pick((len(order) - 1) // 2), worst_map=pick(0), protocols=summarize_protocols(df))
 
 # %% ../nbs/17_evaluation.ipynb 53
 def degenerate_notes(per_map, weights: str = "") -> list[str]:
@@ -454,6 +457,8 @@ def markdown_section(summary: dict, figures: dict | None = None) -> str:
                  f"`{s['worst_map']['name']}` ({s['worst_map']['psnr']:.2f} dB). Mean mode RMSE {m['rmse']['mean']:.4g} is {cmp} "
                  f"the {RADIODIFF_PAPER['rmse']} RadioDiff reports for its whole pipeline on the RadioMapSeer test split"
                  + ("." if _like_for_like(data) else " (different maps: for orientation only)."))
+    L += ["", *(protocols_markdown(s["protocols"], f"The community's protocols ({w} weights, posterior mode):") + "\n"
+                for w, s in res.items() if s.get("protocols"))]
     L += [f"- Note: {n}" for n in summary["notes"]]
     for caption, name in (figures or {}).items(): L += ["", f"![{caption}]({name})"]
     return "\n".join(L) + "\n"

@@ -4,27 +4,31 @@
 
 # %% ../nbs/22_pretrained.ipynb 1
 from __future__ import annotations
-import json, os, platform
+import configparser, hashlib, io, json, os, platform, shutil, sys
 from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
-from .core import (DataError, atomic_save_png, atomic_torch_save, atomic_write_text, markdown_table,
-                                pretrained_path, real_maps_dir, to_jsonable)
+from .core import (PRETRAINED, CheckpointError, DataError, atomic_save_png, atomic_torch_save, atomic_write_text,
+                                markdown_table, pretrained_path, real_maps_dir, repo_dir, to_jsonable)
 from .config import read_cpu_flags, resolve_config
-from .model import AutoencoderKL, load_checkpoint, model_from_checkpoint
+from .model import AutoencoderKL, load_checkpoint, model_from_checkpoint, select_state_dict
 from .losses import LPIPSWithDiscriminator
 from .evaluation import dataset_from_spec, evaluate_model, summarize_rows, plot_reconstructions, map_metrics
 from .data import unscale_gain
 from .run_folder import list_checkpoints
 from .logs import read_jsonl
+from .formats import (INPUT_RANGE, derived_files, file_sha256, latent_statistics, model_from_safetensors,
+                                   release_paths, weights_sha256)
 
 # %% auto 0
-__all__ = ['release_state', 'write_release', 'export_release', 'load_pretrained', 'score_model', 'checkpoint_scores',
-           'plot_checkpoint_curves', 'machine_description', 'model_card', 'build_release', 'add_release_args',
-           'run_release']
+__all__ = ['release_state', 'write_release', 'export_release', 'verify_release', 'load_pretrained', 'score_model',
+           'checkpoint_scores', 'plot_checkpoint_curves', 'machine_description', 'card_facts', 'model_card',
+           'check_selection_spec', 'finish_interrupted_release', 'commit_release', 'release_files',
+           'regenerate_release', 'build_release', 'add_release_args', 'run_release']
 
 # %% ../nbs/22_pretrained.ipynb 6
 def release_state(checkpoint, weights: str = 'ema', info: dict | None = None) -> dict:
@@ -35,10 +39,12 @@ def release_state(checkpoint, weights: str = 'ema', info: dict | None = None) ->
     arch = {'ddconfig': dict(model.ddconfig), 'embed_dim': model.embed_dim}
     return {'model': sd, 'config': {'model': arch}, 'release': to_jsonable(info or {})}
 
-def write_release(state: dict, out, max_mb: float = 25.0) -> Path:
-    "Write a `release_state` dict to `out` (atomically); refuse weights over `max_mb` MB."
+def write_release(state: dict, out, # a path (written atomically) or a binary file object
+                  max_mb: float = 25.0) -> Path:
+    "Write a `release_state` dict to `out`; refuse weights over `max_mb` MB."
     mb = sum(v.numel() * v.element_size() for v in state['model'].values()) / 2**20
     if mb > max_mb: raise DataError(f'{out}: the weights take {mb:.1f} MB in float16, over the {max_mb} MB limit')
+    if hasattr(out, 'write'): torch.save(state, out); return out
     return atomic_torch_save(state, Path(out))
 
 def export_release(checkpoint, out, weights: str = 'ema', info: dict | None = None, max_mb: float = 25.0) -> Path:
@@ -46,14 +52,42 @@ def export_release(checkpoint, out, weights: str = 'ema', info: dict | None = No
     return write_release(release_state(checkpoint, weights, info), out, max_mb)
 
 # %% ../nbs/22_pretrained.ipynb 10
-def load_pretrained(name: str = 'released', device='cpu') -> AutoencoderKL:
-    "A shipped autoencoder (`'released'`, see MODEL.md) or a release file, in float32 and eval mode; its record in `.release`."
-    ckpt = load_checkpoint(name)    # the safe loader: tensors and plain values only
+def _record_beside(path: Path) -> tuple[Path, dict] | None:
+    "The release record `<stem>.json` beside a release file, if there is one."
+    rec = Path(path).with_suffix('.json')
+    if not rec.is_file(): return None
+    try: return rec, json.loads(rec.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e: raise CheckpointError(f'{rec}: unreadable release record ({e})') from None
+
+def verify_release(ckpt: dict, path) -> str:
+    "The weights' SHA-256 of a release file, checked against its own record and the JSON beside it; `CheckpointError` if they differ."
+    digest = weights_sha256(select_state_dict(ckpt, 'raw', path))
+    beside = _record_beside(Path(path))
+    claims = [('its own release record', (ckpt.get('release') or {}).get('weights_sha256'))]
+    if beside: claims.append((str(beside[0]), beside[1].get('weights_sha256')))
+    for where, claimed in claims:
+        if claimed and claimed != digest:
+            raise CheckpointError(f'{path}: its weights (sha256 {digest[:16]}) are not the ones {where} describes (sha256 {claimed[:16]}): '
+                                  'the file was edited, or a release was interrupted (rerun `radiodiff-vae release`)')
+    return digest
+
+def load_pretrained(name: str = 'released', # a shipped model's name, a release .pt file or a release .safetensors file
+                    device='cpu', verify: bool = True) -> AutoencoderKL:
+    "A shipped autoencoder (see MODEL.md) or a release file, in float32 and eval mode, its weights' hash checked; its record in `.release`."
+    if str(name).endswith('.safetensors'):
+        model = model_from_safetensors(name)
+        digest = weights_sha256({k: v.half() for k, v in model.state_dict().items()})
+        if verify and model.release.get('weights_sha256') not in (None, digest):
+            raise CheckpointError(f"{name}: its weights (sha256 {digest[:16]}) are not the ones its metadata describes (sha256 {model.release['weights_sha256'][:16]})")
+        return model.to(device)
+    path = pretrained_path(str(name)) if str(name) in PRETRAINED else Path(name)
+    ckpt = load_checkpoint(path)    # the safe loader: tensors and plain values only
+    digest = verify_release(ckpt, path) if verify else None
     model = model_from_checkpoint(ckpt, 'raw', source=name).float().eval().to(device)
-    model.release = ckpt.get('release', {})
+    model.release = dict(ckpt.get('release', {})) | ({'weights_sha256': digest} if digest else {})
     return model
 
-# %% ../nbs/22_pretrained.ipynb 13
+# %% ../nbs/22_pretrained.ipynb 15
 def _eval_loss(cfg: dict) -> LPIPSWithDiscriminator:
     "The run's loss without LPIPS (the scores here need no perceptual term, and its weights may be missing offline)."
     return LPIPSWithDiscriminator(**{**cfg['model']['lossconfig'], 'perceptual_weight': 0.0, 'lpips_pretrained': False})
@@ -65,7 +99,7 @@ def score_model(model, cfg: dict, spec: str, batch_size: int = 4, progress: bool
                                    progress=progress, desc=str(spec))
     return summarize_rows(rows, latents) | {'data': info}, pd.DataFrame(rows)
 
-# %% ../nbs/22_pretrained.ipynb 15
+# %% ../nbs/22_pretrained.ipynb 17
 def checkpoint_scores(run, spec: str, weights: str = 'ema', progress: bool = True) -> pd.DataFrame:
     "One row per checkpoint of `run`: step, mean PSNR of the mode with its 95% interval, mean SSIM, on `spec`."
     ckpts, rows = list_checkpoints(run), []
@@ -79,7 +113,7 @@ def checkpoint_scores(run, spec: str, weights: str = 'ema', progress: bool = Tru
                          psnr_high=p['ci_high'], ssim=s['metrics']['mode']['ssim']['mean'], n_maps=s['n_maps']))
     return pd.DataFrame(rows)
 
-# %% ../nbs/22_pretrained.ipynb 17
+# %% ../nbs/22_pretrained.ipynb 19
 def plot_checkpoint_curves(selection: pd.DataFrame, real: pd.DataFrame, chosen_step: int, machine: str = '') -> Figure:
     "Mean PSNR (95% interval) per checkpoint: held-out synthetic maps (which chose) and real maps (scored afterwards)."
     fig = Figure(figsize=(8, 4.2), layout='constrained'); ax = fig.subplots()
@@ -93,7 +127,7 @@ def plot_checkpoint_curves(selection: pd.DataFrame, real: pd.DataFrame, chosen_s
     ax.grid(alpha=0.3); ax.legend(fontsize=8, loc='lower right')
     return fig
 
-# %% ../nbs/22_pretrained.ipynb 20
+# %% ../nbs/22_pretrained.ipynb 22
 def _training_facts(run: Path) -> dict:
     "Sessions and wall time of a run, from its metrics.jsonl (elapsed_s restarts at every session)."
     rows = [r for r in read_jsonl(run/'metrics.jsonl')[0] if 'elapsed_s' in r]
@@ -109,69 +143,181 @@ def machine_description() -> str:
     flags = sorted(read_cpu_flags() & {'avx512_bf16', 'amx_bf16', 'amx_tile'}) if info else []
     return f"{model}, {os.cpu_count()} logical CPUs, {', '.join(flags) if flags else 'no native bf16'}"
 
-# %% ../nbs/22_pretrained.ipynb 22
+# %% ../nbs/22_pretrained.ipynb 24
 def _ci(s: dict, digits: int = 2) -> str:
     "'mean [low, high]' of a `summarize` result."
     f = f'{{:.{digits}f}}'
     return f"{f.format(s['mean'])} [{f.format(s['ci_low'])}, {f.format(s['ci_high'])}]"
 
+_SCHEDULES = {'cosine': 'cosine', 'poly': 'polynomial', 'wsd': 'warmup-stable-decay', 'constant': 'constant',
+              'radiodiff': "upstream RadioDiff's LambdaLR"}
+
+def card_facts(cfg: dict, # the run's resolved config
+               weights: str, # 'ema' or 'raw': which weights ship
+              ) -> dict:
+    "What the card states about the training and the shipped weights, each from the run's config."
+    t, d, m = cfg['trainer'], cfg['data'], cfg['model']
+    dd, lc = m['ddconfig'], m['lossconfig']
+    side, f = d.get('finish_size') or d['size'], 2 ** (len(dd['ch_mult']) - 1)
+    attn = list(dd.get('attn_resolutions') or [])
+    to_min = f" to {t['min_lr']}" if t['schedule'] in ('cosine', 'poly', 'wsd') else ''
+    warm = f", {t['warmup_steps']} warm-up steps" if t.get('warmup_steps') else ''
+    pw = float(lc.get('perceptual_weight', 0) or 0)
+    return dict(
+        schedule=t['schedule'], schedule_text=f"AdamW lr {t['lr']}, {_SCHEDULES.get(t['schedule'], t['schedule'])} schedule{to_min}{warm}",
+        weights=weights, weights_text=f"the EMA weights (decay {t['ema_decay']})" if weights == 'ema' else 'the raw (not averaged) weights',
+        attention_text='attention in the mid block only' if not attn else f'attention in the mid block and at resolutions {attn}',
+        lpips=pw > 0, lpips_text=(f"LPIPS term with weight {pw}" + (' (ImageNet-trained VGG)' if lc.get('lpips_pretrained') else ' (VGG not pretrained)'))
+                                 if pw > 0 else 'no LPIPS term (perceptual_weight 0)',
+        data_source=d['source'], side=int(side), map_shape=f"{dd['in_channels']}x{side}x{side}",
+        latent_shape=f"{m['embed_dim']}x{side // f}x{side // f}", factor=f)
+
+# %% ../nbs/22_pretrained.ipynb 27
+def _license() -> str:
+    "The repository's license identifier, from settings.ini."
+    cp = configparser.ConfigParser(delimiters=['=']); cp.read(repo_dir()/'settings.ini', encoding='utf-8')
+    return cp['DEFAULT'].get('license', 'unknown')
+
+def _front_matter(r: dict) -> str:
+    "The card's YAML front matter: license, tags, library, datasets, model-index, latent statistics."
+    real, stats = r['metrics']['real']['metrics']['mode'], latent_statistics(r)
+    metric = lambda key, name, digits: {'type': key, 'name': name, 'value': round(float(real[key]['mean']), digits)}
+    fm = {'license': _license(), 'library_name': 'pytorch',
+          'tags': ['radio-map', 'pathloss', 'wireless', 'vae', 'autoencoder', 'latent-diffusion', 'radiodiff', 'first-stage'],
+          'datasets': ['RadioMapSeer'],
+          'model-index': [{'name': f"radiodiff-vae {r['name']}", 'results': [{
+              'task': {'type': 'image-to-image', 'name': 'Radio map reconstruction (first stage: encode, decode)'},
+              'dataset': {'type': 'RadioMapSeer', 'name': f"RadioMapSeer DPM, {r['metrics']['real']['n_maps']} maps of upstream's training split",
+                          'split': 'train'},
+              'metrics': [metric('psnr', 'PSNR (dB), mean of per-map', 2), metric('ssim', 'SSIM, mean of per-map', 4),
+                          metric('nmse', 'NMSE, mean of per-map', 5), metric('rmse', 'RMSE on [0, 1], mean of per-map', 5)]}]}],
+          'radiodiff_vae': {'input_range': INPUT_RANGE, 'map_shape': r['card_facts']['map_shape'], 'latent_shape': r['card_facts']['latent_shape'],
+                            'scale_factor': round(stats['scale_factor'], 6), 'latents_mean': [round(v, 6) for v in stats['latents_mean']],
+                            'latents_std': [round(v, 6) for v in stats['latents_std']], 'weights_sha256': r['weights_sha256']}}
+    return '---\n' + yaml.safe_dump(fm, sort_keys=False, default_flow_style=None, width=120) + '---'
+
+def _pooled_psnr(rows: list[dict]) -> float:
+    "PSNR of the mean per-map MSE (the pooled aggregation; a mean of per-map PSNR is never below it)."
+    return float(10 * np.log10(1 / np.mean([m['mode_mse'] for m in rows])))
+
+# %% ../nbs/22_pretrained.ipynb 28
 def model_card(r: dict) -> str:
-    "MODEL.md from the results `build_release` gathered."
-    dd, t, real, syn = r['architecture']['ddconfig'], r['training'], r['metrics']['real'], r['metrics']['synthetic']
-    lat = r['latents']
-    rows = [(name, s['n_maps'], _ci(s['metrics']['mode']['psnr']), _ci(s['metrics']['mode']['ssim'], 4),
+    "MODEL.md from a release record (models/<name>.json): every fact from the record, nothing fixed."
+    name, facts, dd, t = r['name'], r['card_facts'], r['architecture']['ddconfig'], r['training']
+    real, syn, lat, forms = r['metrics']['real'], r['metrics']['synthetic'], r['latents'], r['forms']
+    p = {k: v.as_posix() for k, v in release_paths(name, '').items()}
+    rows = [(label, s['n_maps'], _ci(s['metrics']['mode']['psnr']), _ci(s['metrics']['mode']['ssim'], 4),
              _ci(s['metrics']['mode']['nmse'], 4), _ci(s['metrics']['mode']['rmse'], 4))
-            for name, s in (('26 real RadioMapSeer maps (DPM), native 256x256', real), (r['synthetic_label'], syn))]
-    target = real['metrics']['mode']['psnr']['mean']
+            for label, s in ((f"{real['n_maps']} real RadioMapSeer maps (DPM), native 256x256", real), (r['synthetic_label'], syn))]
+    psnr, ssim = real['metrics']['mode']['psnr'], real['metrics']['mode']['ssim']['mean']
+    target = r['target']
+    met = psnr['mean'] >= target['psnr'] and ssim >= target['ssim']
+    pooled, sf = _pooled_psnr(r['per_map']['real']), lat['scale_factor']
+    inside = psnr['ci_low'] <= 35 <= psnr['ci_high']
+    synthetic_only = facts['data_source'] == 'synthetic'
     return '\n'.join([
-        '# Model card: radiodiff-vae released first stage', '',
-        f"A KL-regularised VAE-GAN autoencoder for radio maps: a 1x256x256 path-gain map <-> a {r['latent_shape']} latent "
-        f"(downsampling factor {r['factor']}), RadioDiff's first stage narrowed to what a CPU trains in hours. "
-        'Load it with `radiodiff_vae.pretrained.load_pretrained()`; on the command line its name is `released` '
-        '(`radiodiff-vae evaluate --checkpoint released --data real`).', '',
+        _front_matter(r), '',
+        f'# Model card: radiodiff-vae `{name}` first stage', '',
+        f"A KL-regularised VAE-GAN autoencoder for radio maps: a {facts['map_shape']} path-gain map <-> a {facts['latent_shape']} latent "
+        f"(downsampling factor {facts['factor']}), RadioDiff's first stage narrowed to what a CPU trains in hours. "
+        f"Input range {INPUT_RANGE}. Load it with `radiodiff_vae.pretrained.load_pretrained('{name}')`; on the command line its name is "
+        f"`{name}` (`radiodiff-vae evaluate --checkpoint {name} --data real`).", '',
+        '## Use it', '',
+        '```python', 'import torch', 'from radiodiff_vae.pretrained import load_pretrained',
+        f"ae = load_pretrained('{name}')                 # float32, eval mode; checks the weights' sha256 against {p['record']}",
+        f"x = torch.zeros(1, 1, {facts['side']}, {facts['side']})                  # a map: gray / 127.5 - 1",
+        f"z = ae.encode(x).mode() * {sf:.4f}                   # {facts['latent_shape']} latent, scaled for a second stage",
+        f"x_hat = ae.decode(z / {sf:.4f})", f"assert z.shape[1:] == ({', '.join(facts['latent_shape'].split('x'))})", '```', '',
+        '## Use it with diffusers', '',
+        f"`{p['diffusers']}/` is a diffusers `AutoencoderKL` folder (the same float16 weights under diffusers' names; "
+        f"`config.json` carries `scaling_factor` {sf:.4f} and the per-channel `latents_mean` / `latents_std`). "
+        "`scaling_factor` is the pooled 1/std that upstream and latent diffusion multiply by; the per-channel statistics are "
+        "there for pipelines that standardise each channel instead (then scale by 1, not by both).", '',
+        '```python', 'import torch', 'from diffusers import AutoencoderKL',
+        f"vae = AutoencoderKL.from_pretrained('{p['diffusers']}', torch_dtype=torch.float32)",
+        f"x = torch.zeros(1, 1, {facts['side']}, {facts['side']})",
+        'z = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor',
+        'x_hat = vae.decode(z / vae.config.scaling_factor).sample', '```', '',
+        f"A flat file with upstream's key names, `{p['safetensors']}` (float16; its metadata holds the architecture, the scale factor, "
+        "the latent mean and std and the input range), loads with `load_pretrained('" + p['safetensors'] + "')` or any safetensors reader.", '',
+        "## Use it with RadioDiff's second stage", '',
+        f"Upstream's second stage (`train_cond_ldm.py` with `configs/radio_train.yaml`) reads the `.pt` as it is: its `init_from_ckpt` "
+        f"takes the `'model'` entry. `{p['upstream_yaml']}` is the `first_stage:` block to paste under `model:` (make `ckpt_path` "
+        "absolute); its `ddconfig.resolution` is a list, `[256, 256]`, because upstream's encoder and decoder index it "
+        "(an integer raises `TypeError`). Beside the block, on the model, set:", '',
+        '```yaml', f'scale_factor: {sf:.4f}', 'scale_by_std: True', 'default_scale: True', '```', '',
+        f"Why: upstream's `radio_train.yaml` carries `scale_factor: 0.3` for its own autoencoder. With `scale_by_std` and "
+        f"`default_scale`, the configured value is used as it is, so it must be this model's: {sf:.4f} = 1 / the pooled std of its "
+        f"posterior samples on held-out synthetic maps (on the real maps: {r['latents_real']['scale_factor']:.4f}). With "
+        "`default_scale: False` and `scale_factor: 1.0`, upstream instead measures 1 / std on its first training batch. "
+        "The block and the file fit together as upstream reads them:", '',
+        '```python', 'import torch, yaml', f"block = yaml.safe_load(open('{p['upstream_yaml']}'))['first_stage']",
+        "ckpt = torch.load(block['ckpt_path'], map_location='cpu', weights_only=True)",
+        "sd = ckpt['model']                   # init_from_ckpt: 'ema' (prefix ema_model.) if present, else 'model'",
+        "assert block['ddconfig']['resolution'] == [256, 256] and 'encoder.conv_in.weight' in sd", '```', '',
         '## Architecture', '',
         f"Encoder/decoder of latent-diffusion's `AutoencoderKL`: ch {dd['ch']} (upstream 128), ch_mult {dd['ch_mult']}, "
-        f"{dd['num_res_blocks']} residual blocks per level, attention in the mid block only, z_channels {dd['z_channels']}, "
-        f"embed_dim {r['architecture']['embed_dim']}; {r['parameters'] / 1e6:.2f} M parameters. Shipped: the EMA weights in float16 "
-        f"(`models/released.pt`, {r['file_mb']:.1f} MB, loadable with `torch.load(..., weights_only=True)`).", '',
+        f"{dd['num_res_blocks']} residual blocks per level, {facts['attention_text']}, z_channels {dd['z_channels']}, "
+        f"embed_dim {r['architecture']['embed_dim']}; {r['parameters'] / 1e6:.2f} M parameters. Shipped: {facts['weights_text']} in float16 "
+        f"(`{p['weights']}`, {r['file_mb']:.1f} MB, loadable with `torch.load(..., weights_only=True)`).", '',
         '## Training', '',
         f"- Data: {r['data_description']}",
         f"- Steps: {t['steps']}; the checkpoint of step {r['chosen_step']} is released, chosen by mean PSNR on {r['selection_label']} "
-        f"(see the figure below), "
-        f"batch {t['batch_size']}, AdamW lr {t['lr']} cosine to {t['min_lr']}, GAN term from step {t['disc_start']}, "
-        f"EMA decay {t['ema_decay']}, precision {t['precision']}.",
+        f"(see the figure below), batch {t['batch_size']}, {facts['schedule_text']}, GAN term from step {t['disc_start']}, "
+        f"EMA decay {t['ema_decay']}, {facts['lpips_text']}, precision {t['precision']}.",
         f"- Wall time: {t['wall_time_s'] / 3600:.2f} h of training in {t['sessions']} session(s) on {r['machine']}.",
         f"- Commands: `{r['commands']['train']}`, then `{r['commands']['release']}`.", '',
         '## Metrics (posterior mode; mean [95% interval over maps])', '',
         markdown_table(('maps', 'n', 'PSNR (dB)', 'SSIM', 'NMSE', 'RMSE'), rows), '',
-        f"Maps in [0, 1] (gray level / 255), reconstruction clamped to [0, 1]; SSIM with an 11x11 Gaussian window. "
-        f"Target set for this release: >= 33 dB and >= 0.95 SSIM on the real maps; measured {target:.2f} dB, "
-        f"{real['metrics']['mode']['ssim']['mean']:.4f} SSIM: {'met' if target >= 33 and real['metrics']['mode']['ssim']['mean'] >= 0.95 else 'not met'}. "
-        f"RadioDiff's full diffusion pipeline reports about 35 dB PSNR on static maps; a first stage below that caps every "
-        f"pipeline built on it, and this one is {abs(35 - target):.2f} dB {'short of' if target < 35 else 'past'} 35 dB.", '',
-        '![quality per checkpoint](figures/released_checkpoints.png)', '',
-        f"The real maps were scored at every checkpoint only after training ({', '.join(f'{s}: {p:.2f}' for s, p in r['real_curve'])} dB); "
-        'they chose nothing.', '',
-        '![real maps through the released model](figures/released_real_maps.png)', '',
+        f"Maps in [0, 1] (gray level / 255), reconstruction clamped to [0, 1]; SSIM with an 11x11 Gaussian window; means of per-map "
+        f"values (the PSNR of the pooled MSE on the real maps is {pooled:.2f} dB). Target set for this release: >= {target['psnr']} dB "
+        f"and >= {target['ssim']} SSIM on the real maps; measured {psnr['mean']:.2f} dB, {ssim:.4f} SSIM: {'met' if met else 'not met'}.", '',
+        f"**Beside RadioDiff.** RadioDiff reports about 35 dB PSNR for its full pipeline: an end-to-end generation score on its test "
+        f"split. The {psnr['mean']:.2f} dB here is not comparable with it: it is a reconstruction (encode, decode), an upper bound "
+        f"for any pipeline built on this first stage; on other maps ({real['n_maps']} maps of upstream's training split); with "
+        f"another aggregation (mean of per-map PSNR; the pooled MSE gives {pooled:.2f} dB); and 35 dB lies "
+        f"{'inside' if inside else 'outside'} its interval [{psnr['ci_low']:.2f}, {psnr['ci_high']:.2f}]. What it means: a "
+        f"second stage trained on these latents can only add error to this reconstruction, so a pipeline on this first stage "
+        f"would likely score below RadioDiff's 35 dB.", '',
+        f"![quality per checkpoint](figures/{name}_checkpoints.png)", '',
+        f"The real maps were scored at every checkpoint only after training ({', '.join(f'{s}: {v:.2f}' for s, v in r['real_curve'])} dB); "
+        f"they chose nothing: the checkpoint was chosen on `{r['selection_spec']}`.", '',
+        f"![real maps through the released model](figures/{name}_real_maps.png)", '',
         '## Latents for a second stage', '',
         f"On the held-out synthetic maps, per channel: mean {', '.join(f'{v:.3f}' for v in lat['channel_mean'])}; "
         f"std {', '.join(f'{v:.3f}' for v in lat['channel_std'])}. Scale factor (1 / pooled std of posterior samples) "
-        f"**{lat['scale_factor']:.4f}**: a diffusion model on these latents should see `z * {lat['scale_factor']:.4f}`. "
-        f"On the real maps: {r['latents_real']['scale_factor']:.4f}.", '',
+        f"**{sf:.4f}**: a diffusion model on these latents should see `z * {sf:.4f}`. "
+        f"On the real maps: {r['latents_real']['scale_factor']:.4f}. Machine-readable: the front matter above "
+        f"(`radiodiff_vae:`), `{p['record']}` (`latents`) and the metadata of `{p['safetensors']}`.", '',
+        '## Files', '',
+        markdown_table(('file', 'sha256'), [(f'`{p["weights"]}`', f"`{r['file_sha256']}`")] + [(f'`{k}`', f'`{v}`') for k, v in forms.items()]), '',
+        f"Weights sha256 (every tensor's name, dtype, shape and bytes; checked by `load_pretrained`): `{r['weights_sha256']}`. "
+        f"The derived files are regenerated byte for byte from `{p['weights']}` and `{p['record']}` by "
+        f"`radiodiff-vae release --regenerate --name {name}`.", '',
         '## Limitations', '',
-        '- Trained on synthetic maps only (this repository\'s generator: random city blocks, one transmitter, a path-loss '
-        'and shadowing model); it has never seen a RadioMapSeer map. Its real-map scores above are measured, not assumed.',
-        '- DPM simulations only (RadioMapSeer\'s dominant-path model), single-channel 8-bit path gain, 1 m per pixel; '
+        *(['- Trained on synthetic maps only (this repository\'s generator: random city blocks, one transmitter, a path-loss '
+           'and shadowing model); it has never seen a RadioMapSeer map. Its real-map scores above are measured, not assumed.']
+          if synthetic_only else [f"- Trained on data source `{facts['data_source']}`: {r['data_description']}"]),
+        '- Scored on DPM simulations only (RadioMapSeer\'s dominant-path model), single-channel 8-bit path gain; '
         'IRT or other simulators, other resolutions or scales are untested.',
-        '- The 26 real maps are a small sample (intervals above), drawn from upstream\'s training split; they are held out '
+        f"- The {real['n_maps']} real maps are a small sample (intervals above), drawn from upstream's training split; they are held out "
         'from this model only.',
-        f"- No LPIPS term (its VGG weights are a download); {dd['ch']} base channels instead of upstream's 128.", '',
-        f"Measurements: `models/released.json`. Built {r['built']} by `radiodiff-vae release`.", ''])
+        f"- {facts['lpips_text'][0].upper() + facts['lpips_text'][1:]}; {dd['ch']} base channels instead of upstream's 128.", '',
+        f"Measurements: `{p['record']}`. Built {r['built']} by `radiodiff-vae release`.", ''])
 
-# %% ../nbs/22_pretrained.ipynb 25
-def _release_record(run, cfg, model, selection, chosen, real_curve, real, syn, card_spec, select_spec) -> dict:
+# %% ../nbs/22_pretrained.ipynb 31
+def check_selection_spec(spec: str) -> str:
+    "`spec` if it names held-out synthetic maps; the real maps (or any other data) must never choose the checkpoint."
+    if not str(spec).startswith('synthetic:'):
+        raise DataError(f"--select {spec}: the checkpoint is chosen on held-out synthetic maps (synthetic:N[:seed]); "
+                        "the real maps are the test and must never choose it")
+    return spec
+
+def _release_record(run, cfg, model, selection, chosen, real_curve, real, syn, card_spec, select_spec, weights='ema',
+                    name='released', config_path='configs/released.yaml', target=(33.0, 0.95)) -> dict:
     "Everything the card states, as plain values."
-    t, d, f = cfg['trainer'], cfg['data'], 2 ** (len(model.ddconfig['ch_mult']) - 1)
+    t, d = cfg['trainer'], cfg['data']
+    facts = card_facts(cfg, weights)
     sampling = f", each step on random {d['crop']}x{d['crop']} windows" if d.get('crop') else ''
     if d.get('finish_size'):   # a finishing phase (data.finish_size): its maps, windows and batch
         fc = f", random {d['finish_crop']}x{d['finish_crop']} windows" if d.get('finish_crop') else ''
@@ -179,8 +325,8 @@ def _release_record(run, cfg, model, selection, chosen, real_curve, real, syn, c
                      f"{d.get('finish_batch_size') or d['batch_size']} per step")
     sel = dataset_from_spec(select_spec, cfg)[1]
     return dict(
-        architecture={'ddconfig': dict(model.ddconfig), 'embed_dim': model.embed_dim}, factor=f,
-        latent_shape=f"{model.embed_dim}x{256 // f}x{256 // f}", parameters=sum(p.numel() for p in model.parameters()),
+        architecture={'ddconfig': dict(model.ddconfig), 'embed_dim': model.embed_dim}, factor=facts['factor'],
+        latent_shape=facts['latent_shape'], parameters=sum(p.numel() for p in model.parameters()),
         chosen_step=int(chosen.step), machine=machine_description(),
         data_description=f"{d['n_maps']} synthetic {d['size']}x{d['size']} maps (generator seed {d['data_seed']}, maps 0-{d['n_maps'] - 1}"
                          f"{', parameters ' + json.dumps(d['synthetic']) if d['synthetic'] else ', default parameters: 256 m across'}){sampling}; "
@@ -188,37 +334,106 @@ def _release_record(run, cfg, model, selection, chosen, real_curve, real, syn, c
         training=_training_facts(run) | dict(steps=t['train_num_steps'], batch_size=d['batch_size'], lr=t['lr'], min_lr=t['min_lr'],
                                              disc_start=cfg['model']['lossconfig']['disc_start'], ema_decay=t['ema_decay'],
                                              precision=_run_precision(run)),
-        commands=dict(train=f'radiodiff-vae train --config configs/released.yaml --out {run.as_posix()}',
-                      release=f'radiodiff-vae release {run.as_posix()} --out .'),
+        commands=dict(train=f'radiodiff-vae train --config {config_path} --out {run.as_posix()}',
+                      release=f'radiodiff-vae release {run.as_posix()} --out .' + (f' --name {name}' if name != 'released' else '')
+                              + (f' --weights {weights}' if weights != 'ema' else '')),
         selection=selection.to_dict('records'), real_curve=[(int(s), float(p)) for s, p in zip(real_curve.step, real_curve.psnr)],
         real_curve_table=real_curve.to_dict('records'), metrics={'real': real, 'synthetic': syn},
         synthetic_label=f"{syn['n_maps']} held-out synthetic maps ({card_spec}: generator seed {syn['data']['seed']}, never trained on), 256x256",
         selection_label=f"{sel['n']} held-out synthetic maps ({select_spec}: maps {sel['offset']}-{sel['offset'] + sel['n'] - 1} "
                         f"of generator seed {sel['seed']}, after the training and validation maps)",
-        latents=syn['latents']['sample'], latents_real=real['latents']['sample'], built=pd.Timestamp.now().strftime('%Y-%m-%d'))
+        latents=syn['latents']['sample'], latents_real=real['latents']['sample'], built=pd.Timestamp.now().strftime('%Y-%m-%d'),
+        name=name, card_facts=facts, selection_spec=select_spec, card_spec=card_spec,
+        target={'psnr': float(target[0]), 'ssim': float(target[1])})
 
 def _run_precision(run: Path) -> str:
     "The precision of the run's sessions, from config_history.jsonl."
     lines = [json.loads(l) for l in (run/'config_history.jsonl').read_text().splitlines() if l.strip()] if (run/'config_history.jsonl').exists() else []
     return ', '.join(sorted({f"{l['precision']} ({l['precision_reason']})" for l in lines})) or 'unknown'
 
-def _write_release_files(out: Path, r: dict, model, selection, real_curve, real_rows, syn_rows):
-    "models/released.json, MODEL.md and the two figures."
-    (out/'figures').mkdir(parents=True, exist_ok=True)
-    record = r | {'per_map': {'real': real_rows.to_dict('records'), 'synthetic': syn_rows.to_dict('records')}}
-    atomic_write_text(out/'models'/'released.json', json.dumps(to_jsonable(record), indent=1))
-    atomic_write_text(out/'MODEL.md', model_card(r))
-    atomic_save_png(plot_checkpoint_curves(selection, real_curve, r['chosen_step'], r['machine']), out/'figures'/'released_checkpoints.png')
-    real_ds = dataset_from_spec('real')[0]
-    order = real_rows.sort_values('mode_psnr').index
-    picks = {'worst': int(order[0]), 'median': int(order[len(order) // 2]), 'best': int(order[-1])}
-    atomic_save_png(plot_reconstructions(model, real_ds, picks, title='Released model on real RadioMapSeer maps (never trained on)'),
-                    out/'figures'/'released_real_maps.png')
+def _png(fig) -> bytes:
+    "A matplotlib figure as PNG bytes."
+    buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=110); return buf.getvalue()
 
-# %% ../nbs/22_pretrained.ipynb 27
-def build_release(run, out='.', select_spec: str = 'synthetic:32', card_spec: str = 'synthetic:100:1', weights: str = 'ema',
-                  progress: bool = True, machine: str | None = None) -> dict:
-    "Choose a finished run's checkpoint on held-out synthetic maps, ship it in `out` (weights, JSON, MODEL.md, figures)."
+# %% ../nbs/22_pretrained.ipynb 34
+_COMPLETE = 'COMPLETE.json'
+
+def _staging(out: Path, name: str) -> Path: return Path(out)/f'.release-{name}.staging'
+
+def finish_interrupted_release(out, name: str = 'released') -> str | None:
+    "Finish (complete staging) or discard (incomplete) a release of `name` in `out` that was interrupted; say which."
+    staging = _staging(out, name)
+    if not staging.exists(): return None
+    if not (staging/_COMPLETE).is_file():
+        shutil.rmtree(staging); return 'discarded an incomplete release'
+    for rel in json.loads((staging/_COMPLETE).read_text()):
+        src, dst = staging/rel, Path(out)/rel
+        if src.exists(): dst.parent.mkdir(parents=True, exist_ok=True); os.replace(src, dst)
+    shutil.rmtree(staging)
+    return 'finished an interrupted release'
+
+def commit_release(files: dict[str, bytes], # relative path -> bytes: every file of the release
+                   out, name: str = 'released') -> list[Path]:
+    "Write a release's files into `out` as one unit: staged in full first, then moved in by atomic renames."
+    out = Path(out); note = finish_interrupted_release(out, name)
+    if note: print(f'release {name}: {note} in {out}', file=sys.stderr)
+    staging = _staging(out, name)
+    try:
+        for rel, data in files.items():
+            (staging/rel).parent.mkdir(parents=True, exist_ok=True); (staging/rel).write_bytes(data)
+        (staging/_COMPLETE).write_text(json.dumps(sorted(files)))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True); raise
+    finish_interrupted_release(out, name)
+    return [out/rel for rel in files]
+
+# %% ../nbs/22_pretrained.ipynb 37
+def _record_json(record: dict) -> bytes: return json.dumps(to_jsonable(record), indent=1).encode()
+def _sha256(data: bytes) -> str: return hashlib.sha256(data).hexdigest()
+
+def release_files(state: dict, record: dict, name: str = 'released', card='MODEL.md', weights_bytes: bytes | None = None,
+                  figures: dict[str, bytes] | None = None) -> tuple[dict[str, bytes], dict]:
+    "Every file of a release (relative path -> bytes) and its completed record: hashes of the weights and of each derived form."
+    p = {k: v.as_posix() for k, v in release_paths(name, '').items()}
+    digest = weights_sha256(state['model'])
+    if record.get('weights_sha256') not in (None, digest):
+        raise CheckpointError(f"{p['weights']}: its weights (sha256 {digest[:16]}) are not the ones {p['record']} describes "
+                              f"(sha256 {record['weights_sha256'][:16]}); regenerate only from the weights the record was measured on")
+    derived = derived_files(state, record, name)
+    record = dict(record)
+    record.update(name=name, weights_sha256=digest, forms={rel: _sha256(data) for rel, data in sorted(derived.items())})
+    files = {}
+    if weights_bytes is not None:
+        files[p['weights']] = weights_bytes
+        record.update(file_sha256=_sha256(weights_bytes), file_mb=len(weights_bytes) / 2**20)
+    files |= derived | {p['record']: _record_json(record), str(card): model_card(record).encode()} | (figures or {})
+    return files, record
+
+def regenerate_release(name: str = 'released', root='.', card='MODEL.md') -> dict:
+    "Rewrite release `name`'s derived forms, record and card under `root` from its committed `.pt` and `.json` alone."
+    p = release_paths(name, root)
+    if not p['weights'].is_file(): raise CheckpointError(f"{p['weights']}: no such release file")
+    if not p['record'].is_file(): raise DataError(f"{p['record']}: no such release record (the measurements behind the card)")
+    state = load_checkpoint(p['weights'])
+    try: record = json.loads(p['record'].read_text())
+    except (UnicodeDecodeError, ValueError) as e: raise DataError(f"{p['record']}: not a JSON release record ({e})") from None
+    record['file_sha256'] = file_sha256(p['weights'])
+    files, record = release_files(state, record, name, card)
+    commit_release(files, root, name)
+    return record
+
+# %% ../nbs/22_pretrained.ipynb 38
+def build_release(run, # a finished training run folder
+                  out='.', # repository root: writes models/<name>.*, the card and figures/<name>_*.png
+                  select_spec: str = 'synthetic:32', # held-out synthetic maps that choose the checkpoint (never the real maps)
+                  card_spec: str = 'synthetic:100:1', weights: str = 'ema', progress: bool = True, machine: str | None = None,
+                  name: str = 'released', # the release's name (released-v2, ...): every file's path comes from it
+                  card='MODEL.md', # the card's path under `out`
+                  config_path: str = 'configs/released.yaml', # the training config the card's command names
+                  target: tuple = (33.0, 0.95), # the real-map PSNR and SSIM the card checks
+                 ) -> dict:
+    "Choose a finished run's checkpoint on held-out synthetic maps, ship it in `out` as one unit (weights, JSON, card, figures, derived forms)."
+    check_selection_spec(select_spec); release_paths(name)
     run, out = Path(run), Path(out)
     ckpts = list_checkpoints(run)
     if not ckpts: raise DataError(f'{run}: no model-N.pt checkpoints (is it a training run folder?)')
@@ -229,35 +444,53 @@ def build_release(run, out='.', select_spec: str = 'synthetic:32', card_spec: st
     selection = checkpoint_scores(run, select_spec, weights, progress)
     chosen = selection.loc[selection.psnr.idxmax()]
     real_curve = checkpoint_scores(run, 'real', weights, progress)
-    (out/'models').mkdir(parents=True, exist_ok=True)
-    state, path = release_state(chosen.path, weights), out/'models'/'released.pt'
+    state = release_state(chosen.path, weights)
     model = model_from_checkpoint(state, 'raw').float().eval()    # the fp16 weights, as load_pretrained returns them
     real, real_rows = score_model(model, cfg, 'real', progress=progress)
     syn, syn_rows = score_model(model, cfg, card_spec, progress=progress)
-    r = _release_record(run, cfg, model, selection, chosen, real_curve, real, syn, card_spec, select_spec)
+    r = _release_record(run, cfg, model, selection, chosen, real_curve, real, syn, card_spec, select_spec, weights, name, config_path, target)
     r['machine'] = machine or r['machine']
     state['release'] = to_jsonable({k: r[k] for k in ('chosen_step', 'latent_shape', 'built')} |
-                                   {'scale_factor': r['latents']['scale_factor'], 'real_psnr_mean': real['metrics']['mode']['psnr']['mean']})
-    write_release(state, path)
-    r['file_mb'] = path.stat().st_size / 2**20
-    _write_release_files(out, r, model, selection, real_curve, real_rows, syn_rows)
-    return r
+                                   {'scale_factor': r['latents']['scale_factor'], 'real_psnr_mean': real['metrics']['mode']['psnr']['mean'],
+                                    'name': name, 'weights': weights, 'weights_sha256': weights_sha256(state['model'])})
+    buf = io.BytesIO(); write_release(state, buf)
+    order = real_rows.sort_values('mode_psnr').index
+    picks = {'worst': int(order[0]), 'median': int(order[len(order) // 2]), 'best': int(order[-1])}
+    figures = {f'figures/{name}_checkpoints.png': _png(plot_checkpoint_curves(selection, real_curve, r['chosen_step'], r['machine'])),
+               f'figures/{name}_real_maps.png': _png(plot_reconstructions(model, dataset_from_spec('real')[0], picks,
+                                                                         title='Released model on real RadioMapSeer maps (never trained on)'))}
+    record = r | {'per_map': {'real': real_rows.to_dict('records'), 'synthetic': syn_rows.to_dict('records')}}
+    files, record = release_files(state, to_jsonable(record), name, card, buf.getvalue(), figures)
+    commit_release(files, out, name)
+    return record
 
-# %% ../nbs/22_pretrained.ipynb 32
+# %% ../nbs/22_pretrained.ipynb 43
 def add_release_args(parser):
     "Arguments of `radiodiff-vae release`."
-    parser.add_argument('run', help='a finished training run folder (model-N.pt, metrics.jsonl)')
-    parser.add_argument('--out', default='.', help='repository root: writes models/released.pt|json, MODEL.md, figures/released_*.png')
-    parser.add_argument('--select', default='synthetic:32', help='held-out maps that choose the checkpoint (never the real maps)')
+    parser.add_argument('run', nargs='?', default=None, help='a finished training run folder (model-N.pt, metrics.jsonl)')
+    parser.add_argument('--out', default='.', help='repository root: writes models/<name>.*, the card, figures/<name>_*.png')
+    parser.add_argument('--name', default='released', help='the release name: models/<name>.pt, .json, .safetensors, -diffusers/, -upstream.yaml')
+    parser.add_argument('--card', default='MODEL.md', help='the model card, relative to --out')
+    parser.add_argument('--regenerate', action='store_true', help='rewrite the derived forms and the card from models/<name>.pt and .json (no scoring)')
+    parser.add_argument('--select', default='synthetic:32', help='held-out synthetic maps that choose the checkpoint (never the real maps)')
     parser.add_argument('--card-data', default='synthetic:100:1', help="held-out synthetic maps scored on the card beside 'real'")
     parser.add_argument('--weights', choices=('ema', 'raw'), default='ema')
+    parser.add_argument('--config-path', default='configs/released.yaml', help="the training config named in the card's command")
     parser.add_argument('--trained-on', default=None, help="the training machine, for the card (default: this machine's CPU)")
     parser.add_argument('--no-progress', action='store_true')
 
 def run_release(args) -> int:
-    "`radiodiff-vae release`: build the release; print where the card is."
-    r = build_release(args.run, args.out, args.select, args.card_data, args.weights, not args.no_progress, args.trained_on)
+    "`radiodiff-vae release`: build (or regenerate) the release; print where the card is."
+    check_selection_spec(args.select); release_paths(args.name)
+    if args.regenerate:
+        if args.run: raise DataError(f'--regenerate takes no run folder (got {args.run}): it works from models/{args.name}.pt and .json')
+        r = regenerate_release(args.name, args.out, args.card)
+        print(f"regenerated {len(r['forms'])} derived files and {Path(args.out) / args.card} of release {args.name} (weights sha256 {r['weights_sha256'][:16]})")
+        return 0
+    if not args.run: raise DataError('give a finished training run folder, or --regenerate to rebuild the derived files')
+    r = build_release(args.run, args.out, args.select, args.card_data, args.weights, not args.no_progress, args.trained_on,
+                      args.name, args.card, args.config_path)
     real = r['metrics']['real']['metrics']['mode']
     print(f"released step {r['chosen_step']}: real maps {_ci(real['psnr'])} dB PSNR, SSIM {real['ssim']['mean']:.4f}; "
-          f"card: {Path(args.out) / 'MODEL.md'}")
+          f"card: {Path(args.out) / args.card}")
     return 0

@@ -1,10 +1,12 @@
 """The released model (MODEL.md): the shipped weights load safely, match their card, and `released` works as a checkpoint name."""
 import json
 import re
+import shutil
 import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from radiodiff_vae.core import CheckpointError, pretrained_path, repo_dir
 from radiodiff_vae.data import unscale_gain
 from radiodiff_vae.evaluation import dataset_from_spec, map_metrics
 from radiodiff_vae.model import load_checkpoint, reconstruct
+from radiodiff_vae import pretrained
 from radiodiff_vae.pretrained import build_release, export_release, load_pretrained
 from radiodiff_vae.config import resolve_config
 from radiodiff_vae.trainer import train
@@ -55,8 +58,42 @@ def test_the_card_states_the_measured_numbers():
     assert np.isclose(np.mean([m['mode_psnr'] for m in rec['per_map']['real']]), real['psnr']['mean'])
     assert len(rec['per_map']['real']) == 26
     assert load_pretrained().release['chosen_step'] == rec['chosen_step']
-    best_synthetic = max(rec['selection'], key=lambda r: r['psnr'])       # chosen on held-out synthetic maps only
+
+
+def test_the_chosen_step_was_chosen_by_the_recorded_synthetic_maps_not_the_real_ones():
+    rec = card_record()
+    spec, n_real = rec['selection_spec'], rec['metrics']['real']['n_maps']
+    assert spec.startswith('synthetic:') and f'({spec}:' in rec['selection_label']
+    n_spec = int(spec.split(':')[1])
+    assert {r['n_maps'] for r in rec['selection']} == {n_spec} and n_spec != n_real     # scored on those maps, not on the 26 real ones
+    real_by_step = {r['step']: r['psnr'] for r in rec['real_curve_table']}
+    assert all(abs(r['psnr'] - real_by_step[r['step']]) > 1e-6 for r in rec['selection'])   # another curve than the real maps'
+    best_synthetic = max(rec['selection'], key=lambda r: r['psnr'])
     assert best_synthetic['step'] == rec['chosen_step']
+    assert f"chosen on `{spec}`" in CARD.read_text()
+
+
+def test_released_v1_stays_loadable_by_its_own_name():
+    v1, current = load_pretrained('released-v1'), load_pretrained('released')
+    assert v1.release['weights_sha256'] == card_record()['weights_sha256'] == current.release['weights_sha256']
+
+
+def test_a_release_whose_weights_differ_from_its_record_is_refused(tmp_path):
+    models = tmp_path / 'models'; models.mkdir()
+    shutil.copy(RECORD, models / 'released.json')
+    state = torch.load(pretrained_path('released'), weights_only=True)
+    torch.save(state | {'model': {k: v * 1.05 for k, v in state['model'].items()}}, models / 'released.pt')
+    with pytest.raises(CheckpointError, match='are not the ones .*released.json describes'):
+        load_pretrained(models / 'released.pt')
+    torch.save(state, models / 'released.pt')
+    assert load_pretrained(models / 'released.pt').release['weights_sha256'] == card_record()['weights_sha256']
+
+
+def test_release_select_real_is_refused_before_any_work(tmp_path, capsys):
+    assert main(['release', str(tmp_path / 'run'), '--select', 'real', '--out', str(tmp_path / 'repo')]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'must never choose it' in err
+    assert not (tmp_path / 'repo').exists()
 
 
 def test_released_is_a_checkpoint_name_for_evaluate(tmp_path, capsys):
@@ -77,7 +114,7 @@ def test_a_file_that_is_not_a_release_is_refused_by_load_pretrained(tmp_path):
 
 
 @pytest.mark.slow
-def test_build_release_on_a_tiny_run_writes_a_consistent_card(tmp_path):
+def test_build_release_on_a_tiny_run_writes_a_consistent_card(tmp_path, monkeypatch):
     cfg = resolve_config({'model': {'ddconfig': {'resolution': 32, 'ch': 32, 'ch_mult': [1, 2, 4], 'num_res_blocks': 1},
                                     'lossconfig': {'disc_start': 4, 'perceptual_weight': 0.0, 'disc_ndf': 16}},
                           'data': {'source': 'synthetic', 'size': 64, 'crop': 32, 'n_maps': 16, 'val_maps': 4, 'batch_size': 4},
@@ -92,3 +129,36 @@ def test_build_release_on_a_tiny_run_writes_a_consistent_card(tmp_path):
         assert (tmp_path / 'repo' / 'figures' / name).stat().st_size > 10_000
     with pytest.raises(Exception, match='over the 0.001 MB limit'):
         export_release(tmp_path / 'run' / 'model-2.pt', tmp_path / 'big.pt', max_mb=0.001)
+    # killed while writing a second release (its card): the first stays whole (weights, record and card of one model).
+    # The second release reuses the first one's checkpoint scores (the slow part) and scores other card maps.
+    scores = {}
+    def cached(run, spec, weights='ema', progress=True):
+        return scores.setdefault((spec, weights), r['selection_table'] if spec == 'synthetic:4' else r['real_table'])
+    r['selection_table'] = pd.DataFrame(r['selection']); r['real_table'] = pd.DataFrame(r['real_curve_table'])
+    monkeypatch.setattr(pretrained, 'checkpoint_scores', cached)
+    before = {p: p.read_bytes() for p in (tmp_path / 'repo').rglob('*') if p.is_file()}
+    def killed(record): raise KeyboardInterrupt
+    monkeypatch.setattr(pretrained, 'model_card', killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_release(tmp_path / 'run', tmp_path / 'repo', select_spec='synthetic:4', card_spec='synthetic:3:1', progress=False)
+    assert {p: p.read_bytes() for p in (tmp_path / 'repo').rglob('*') if p.is_file()} == before
+    assert not list((tmp_path / 'repo').glob('.release-*'))
+    assert load_pretrained(tmp_path / 'repo' / 'models' / 'released.pt').release['chosen_step'] == r['chosen_step']
+
+
+def test_every_card_fact_comes_from_the_runs_config():
+    import yaml
+    from radiodiff_vae.pretrained import card_facts, model_card
+    rec = card_record()
+    assert model_card(rec) == CARD.read_text()
+    cfg = resolve_config(yaml.safe_load((repo_dir() / 'models' / 'released_run' / 'config.yaml').read_text()))
+    cfg['model']['ddconfig']['attn_resolutions'] = [16]
+    cfg['model']['lossconfig']['perceptual_weight'] = 1.0
+    cfg['trainer']['schedule'] = 'constant'
+    cfg['data']['size'] = 128
+    card = model_card(rec | {'card_facts': card_facts(cfg, 'raw')})
+    assert 'the raw (not averaged) weights in float16' in card and 'the EMA weights' not in card
+    assert 'attention in the mid block and at resolutions [16]' in card and 'attention in the mid block only' not in card
+    assert 'LPIPS term with weight 1.0' in card and 'no LPIPS term' not in card.lower()
+    assert 'constant schedule' in card and 'cosine' not in card
+    assert '1x128x128 path-gain map <-> a 3x32x32 latent' in card
