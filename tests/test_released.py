@@ -90,6 +90,7 @@ def test_a_release_whose_weights_differ_from_its_record_is_refused(tmp_path):
 
 
 def test_release_select_real_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / 'run').mkdir()      # a run folder, so that the shared argument checks pass and --select is what is refused
     assert main(['release', str(tmp_path / 'run'), '--select', 'real', '--out', str(tmp_path / 'repo')]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and 'must never choose it' in err
