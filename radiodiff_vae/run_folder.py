@@ -211,7 +211,7 @@ def check_run_folder(out, cfg: dict, resuming: bool, resume=None) -> str:
                              'pass --resume latest to continue that run, or choose another --out')
     return run_id
 
-# %% ../nbs/11_run_folder.ipynb 43
+# %% ../nbs/11_run_folder.ipynb 44
 def _checkpoint_status(path: Path) -> dict:
     "Whether checkpoint `path` loads as a training checkpoint, and its step."
     try: ckpt = load_checkpoint(path)
@@ -220,7 +220,7 @@ def _checkpoint_status(path: Path) -> dict:
         return {'ok': False, 'error': f'{path}: not a training checkpoint (no step/model entries)'}
     return {'ok': True, 'step': int(ckpt['step'])}
 
-# %% ../nbs/11_run_folder.ipynb 46
+# %% ../nbs/11_run_folder.ipynb 47
 def lock_status(folder) -> dict | None:
     "The lock file of `folder`: its recorded owner and whether a live process holds it (None: no lock file)."
     path = Path(folder)/'.lock'
@@ -230,7 +230,7 @@ def lock_status(folder) -> dict | None:
     finally: os.close(fd)
     return {'owner': read_lock(path) or {}, 'alive': held, 'stale': not held}
 
-# %% ../nbs/11_run_folder.ipynb 48
+# %% ../nbs/11_run_folder.ipynb 49
 def run_health(folder) -> dict:
     "What state run folder `folder` is in: checkpoints (loadable?), newest good one, lock, temp files, NaN diagnostics."
     folder = Path(folder)
@@ -244,7 +244,7 @@ def run_health(folder) -> dict:
             'temp_files': sorted(p.name for p in folder.glob('.*.tmp')), 'diagnostics': sorted(p.name for p in folder.glob('nonfinite-step*.json')),
             'resume': hint}
 
-# %% ../nbs/11_run_folder.ipynb 51
+# %% ../nbs/11_run_folder.ipynb 52
 def remove_temp_files(folder) -> list[str]:
     "Delete leftover `.*.tmp` files of killed writes in run folder `folder` (refused while a live trainer holds it)."
     folder = Path(folder)
