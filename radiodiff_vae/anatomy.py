@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from scipy import ndimage
 from tqdm.auto import tqdm
 from .data import scale_gain, unscale_gain
-from .evaluation import summarize
+from .evaluation import psnr_per_map, summarize
 from .model import reconstruct
 from .synthetic import estimate_transmitter
 
@@ -62,9 +62,9 @@ def reconstruct_gray(model, # an AutoencoderKL (e.g. `load_pretrained()`)
         item = dataset[i]; x = item['image']
         x = scale_gain(x) if isinstance(x, np.ndarray) else torch.as_tensor(x)
         x_hat = reconstruct(model, x[None].float())[0]
-        t, r = unscale_gain(x)[0].numpy() * 255, unscale_gain(x_hat)[0].numpy() * 255
-        targets.append(t); recons.append(r); names.append(str(item['name']))
-        psnr.append(float(10 * np.log10(1 / np.mean(((r - t) / 255) ** 2))))
+        t01, r01 = unscale_gain(x), unscale_gain(x_hat)
+        targets.append(t01[0].numpy() * 255); recons.append(r01[0].numpy() * 255); names.append(str(item['name']))
+        psnr.append(float(psnr_per_map(r01[None], t01[None])[0]))
     return dict(targets=targets, recons=recons, names=names, psnr=np.array(psnr))
 
 # %% ../nbs/22b_anatomy.ipynb 15
