@@ -14,9 +14,9 @@ from .model import load_checkpoint
 from .checks import check_training_memory
 
 # %% auto 0
-__all__ = ['RUN_FOLDER_FILES', 'CKPT_RE', 'read_lock', 'RunLock', 'list_checkpoints', 'latest_checkpoint', 'resolve_resume',
-           'new_run_id', 'checkpoint_record', 'resume_path', 'run_lineage', 'check_run_folder', 'lock_status',
-           'run_health', 'remove_temp_files']
+__all__ = ['RUN_FOLDER_FILES', 'CKPT_RE', 'FAILED_START_RECORDS', 'read_lock', 'RunLock', 'list_checkpoints', 'latest_checkpoint',
+           'resolve_resume', 'new_run_id', 'checkpoint_record', 'resume_path', 'run_lineage', 'set_aside_failed_start',
+           'check_run_folder', 'lock_status', 'run_health', 'remove_temp_files']
 
 # %% ../nbs/11_run_folder.ipynb 5
 RUN_FOLDER_FILES = (   # (file name pattern, written by, read by, what it holds)
@@ -30,6 +30,8 @@ RUN_FOLDER_FILES = (   # (file name pattern, written by, read by, what it holds)
     ('metrics.jsonl', '`logs.RunLogs`', '`logs.read_jsonl`, reproduce (progress)', 'one JSON object per logged step and per milestone (held-out scores)'),
     ('tb', '`logs.RunLogs` (`trainer.tensorboard`)', 'TensorBoard, `logs.read_tensorboard`', 'the same numbers as TensorBoard scalars'),
     ('nonfinite-step*.json', 'trainer, when a loss or gradient is NaN/inf', 'you, `run_health`', 'step, terms, map names of the batch, every loss value, last good checkpoint'),
+    ('failed-start-*', '`check_run_folder`, when a start finds records but no checkpoint', 'you',
+     "the records (metrics.jsonl, text log, config history, TensorBoard, samples) of a start that failed before its first checkpoint, set aside"),
     ('.*.tmp', '`core.atomic_write_bytes`, during a write', 'nobody; `run_health` lists them, `remove_temp_files` deletes them', 'a write that a kill interrupted'),
 )
 
@@ -190,8 +192,20 @@ def _check_horizon(path, cfg: dict):
                           f'--steps); nothing would be trained; pass --steps {step} or more to continue it, or choose another --out for a new run')
 
 # %% ../nbs/11_run_folder.ipynb 38
+FAILED_START_RECORDS = ('config_history.jsonl', 'metrics.jsonl', '*_.log', 'tb', 'sample-*.png', 'nonfinite-step*.json')
+
+def set_aside_failed_start(out) -> Path | None:
+    "Move the records of a start that failed before its first checkpoint into `out/failed-start-N/`; the folder, or None when there were none."
+    out = Path(out)
+    found = sorted({p for pat in FAILED_START_RECORDS for p in out.glob(pat)})
+    if not found or list_checkpoints(out): return None
+    n = 1 + max([int(p.name.rsplit('-', 1)[1]) for p in out.glob('failed-start-*') if p.name.rsplit('-', 1)[1].isdigit()], default=0)
+    (aside := out/f'failed-start-{n}').mkdir()
+    for p in found: p.rename(aside/p.name)
+    return aside
+
 def check_run_folder(out, cfg: dict, resuming: bool, resume=None) -> str:
-    "Refuse (RunFolderError, nothing written) a folder that holds another run, checkpoints a fresh start would overwrite, or a foreign checkpoint; return the run id to write."
+    "Refuse (RunFolderError, nothing written) a folder that holds another run, checkpoints a fresh start would overwrite, or a foreign checkpoint; set aside a failed start's records; return the run id to write."
     out = Path(out)
     if out.exists() and not out.is_dir(): raise RunFolderError(f'{out}: exists and is not a folder')
     check_training_memory(cfg)
@@ -209,9 +223,11 @@ def check_run_folder(out, cfg: dict, resuming: bool, resume=None) -> str:
     if ckpts and not (resuming or path is not None):
         raise RunFolderError(f'{out}: already holds checkpoints ({", ".join(p.name for _, p in ckpts[-3:])}); '
                              'pass --resume latest to continue that run, or choose another --out')
+    if not ckpts and (aside := set_aside_failed_start(out)) is not None:
+        print(f'[Run] {out} held the records of a start that wrote no checkpoint; moved to {aside}')
     return run_id
 
-# %% ../nbs/11_run_folder.ipynb 44
+# %% ../nbs/11_run_folder.ipynb 45
 def _checkpoint_status(path: Path) -> dict:
     "Whether checkpoint `path` loads as a training checkpoint, and its step."
     try: ckpt = load_checkpoint(path)
@@ -220,7 +236,7 @@ def _checkpoint_status(path: Path) -> dict:
         return {'ok': False, 'error': f'{path}: not a training checkpoint (no step/model entries)'}
     return {'ok': True, 'step': int(ckpt['step'])}
 
-# %% ../nbs/11_run_folder.ipynb 47
+# %% ../nbs/11_run_folder.ipynb 48
 def lock_status(folder) -> dict | None:
     "The lock file of `folder`: its recorded owner and whether a live process holds it (None: no lock file)."
     path = Path(folder)/'.lock'
@@ -230,7 +246,7 @@ def lock_status(folder) -> dict | None:
     finally: os.close(fd)
     return {'owner': read_lock(path) or {}, 'alive': held, 'stale': not held}
 
-# %% ../nbs/11_run_folder.ipynb 49
+# %% ../nbs/11_run_folder.ipynb 50
 def run_health(folder) -> dict:
     "What state run folder `folder` is in: checkpoints (loadable?), newest good one, lock, temp files, NaN diagnostics."
     folder = Path(folder)
@@ -244,7 +260,7 @@ def run_health(folder) -> dict:
             'temp_files': sorted(p.name for p in folder.glob('.*.tmp')), 'diagnostics': sorted(p.name for p in folder.glob('nonfinite-step*.json')),
             'resume': hint}
 
-# %% ../nbs/11_run_folder.ipynb 52
+# %% ../nbs/11_run_folder.ipynb 53
 def remove_temp_files(folder) -> list[str]:
     "Delete leftover `.*.tmp` files of killed writes in run folder `folder` (refused while a live trainer holds it)."
     folder = Path(folder)

@@ -146,7 +146,10 @@ def tiny_config():
 def test_the_table_names_every_file_a_run_writes(tmp_path):
     from radiodiff_vae.trainer import train
     out = tmp_path/'run'
+    out.mkdir(); (out/'metrics.jsonl').write_text('{"step": 999, "stale": 1}\n')   # what a start that failed before its first checkpoint leaves
     train(tiny_config(), out, progress=False)
+    assert '"stale"' not in (out/'metrics.jsonl').read_text(), 'the new run appended to the failed start\'s rows'
+    assert '"stale"' in (out/'failed-start-1'/'metrics.jsonl').read_text()
     (out/'.model-3.pt.abcd.tmp').write_bytes(b'')                   # what a killed write leaves
     (out/'nonfinite-step5.json').write_text('{}')                   # what a NaN stop leaves
     with RunLock(out):                                              # what a running trainer holds
