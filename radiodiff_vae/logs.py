@@ -15,10 +15,11 @@ from .config import read_yaml
 
 # %% auto 0
 __all__ = ['ASCTIME', 'LINE_RE', 'NUMBER', 'PAIR', 'PAIR_RE', 'PAIRS_RE', 'MAX_SEGMENT_CHARS', 'RENAMES', 'READERS',
-           'LOG_NAME_RE', 'CONFIG_NAMES', 'UPSTREAM_AE_KEYS', 'UPSTREAM_DISC_KEYS', 'RECORD_FIELDS', 'parse_asctime',
-           'parse_pairs', 'parse_record', 'parse_config_line', 'read_text_log', 'read_jsonl', 'read_csv',
-           'read_tensorboard', 'file_kind', 'find_samples', 'files_of_run', 'order_files', 'find_resumes',
-           'merge_records', 'load_config_file', 'read_run', 'format_log_line', 'asctime', 'RunLogs']
+           'LOG_NAME_RE', 'CONFIG_NAMES', 'UPSTREAM_AE_KEYS', 'UPSTREAM_DISC_KEYS', 'RECORD_FIELDS', 'TRACKERS',
+           'parse_asctime', 'parse_pairs', 'parse_record', 'parse_config_line', 'read_text_log', 'read_jsonl',
+           'read_csv', 'read_tensorboard', 'file_kind', 'find_samples', 'files_of_run', 'order_files', 'find_resumes',
+           'merge_records', 'load_config_file', 'read_run', 'format_log_line', 'asctime', 'flat_hyperparameters',
+           'open_trackers', 'RunLogs']
 
 # %% ../nbs/12_logs.ipynb 5
 ASCTIME = r'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:,\d+)?'
@@ -350,18 +351,52 @@ def _ends_without_newline(path) -> bool:
             f.seek(-1, 2); return f.read(1) != b'\n'
     except OSError: return False
 
-# %% ../nbs/12_logs.ipynb 63
+# %% ../nbs/12_logs.ipynb 64
+TRACKERS = ('tensorboard', 'wandb', 'mlflow', 'comet_ml', 'aim', 'clearml', 'dvclive', 'swanlab', 'trackio')   # accelerate's names
+
+def flat_hyperparameters(config: dict, prefix: str = '') -> dict:
+    "A nested config as `section.key` -> bool/int/float/str (lists and None as text), what trackers store as hyperparameters."
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict): out.update(flat_hyperparameters(v, f'{prefix}{k}.'))
+        else: out[f'{prefix}{k}'] = v if isinstance(v, (bool, int, float, str)) else str(v)
+    return out
+
+def open_trackers(names, # accelerate tracker names other than tensorboard
+                  out, # the run folder (trackers that write files write under out/trackers)
+                  run_name: str, config: dict) -> list:
+    "accelerate's trackers for `names`, started, the config stored; ConfigError for an unknown name or a missing package."
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+    unknown = [n for n in names if n not in TRACKERS or n not in LOGGER_TYPE_TO_CLASS]
+    if unknown: raise ConfigError(f"trainer.log_with: {unknown[0]!r} is not one of accelerate's trackers ({', '.join(TRACKERS)})")
+    available = {str(t) for t in get_available_trackers()}
+    if missing := [n for n in names if n not in available]:
+        raise ConfigError(f"trainer.log_with: {missing[0]!r} needs its package, which is not installed (pip install {missing[0]})")
+    trackers = []
+    for name in names:
+        cls = LOGGER_TYPE_TO_CLASS[name]
+        tracker = cls(run_name, str(Path(out)/'trackers')) if cls.requires_logging_directory else cls(run_name)
+        tracker.start(); tracker.store_init_configuration(flat_hyperparameters(config)); trackers.append(tracker)
+    return trackers
+
+# %% ../nbs/12_logs.ipynb 66
 class RunLogs:
-    "Text log (upstream format), metrics.jsonl and TensorBoard of one session of a run; write errors -> RunFolderError."
-    def __init__(self, out, config: dict, tensorboard=True, session=0):
+    "Text log (upstream format), metrics.jsonl, TensorBoard and other trackers of one session of a run; write errors -> RunFolderError."
+    def __init__(self, out, # the run folder
+                 config: dict, # the resolved config (its repr is the text log's first line)
+                 log_with=('tensorboard',), # trackers (`trainer.log_with`): accelerate's names; True/False: TensorBoard or none
+                 session=0, # how many times the run was resumed before this session
+                 run_name:str|None=None): # the name other trackers give the run (default: the folder's name)
         self.out, self.session = Path(out), session
+        log_with = (('tensorboard',) if log_with else ()) if isinstance(log_with, bool) else tuple(log_with)
         self.text_path = self.out/f"{time.strftime('%Y-%m-%d-%H-%M')}_.log"
         self.metrics_path = self.out/'metrics.jsonl'
         self.torn = {p for p in (self.text_path, self.metrics_path) if _ends_without_newline(p)}
         self.writer = None
-        if tensorboard:
+        if 'tensorboard' in log_with:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.out/'tb'))
+        self.trackers = open_trackers([n for n in log_with if n != 'tensorboard'], self.out, run_name or self.out.name, config)
         self.line(repr(config))
 
     def _append(self, path, text):
@@ -374,15 +409,16 @@ class RunLogs:
         "Append `asctime message` to the text log."
         self._append(self.text_path, f'{asctime():<15} {message}\n')
 
-# %% ../nbs/12_logs.ipynb 65
+# %% ../nbs/12_logs.ipynb 68
 @patch
 def record(self: RunLogs, record: dict):
-    "Append one JSON record (with this session's number) to metrics.jsonl and its floats to TensorBoard."
+    "Append one JSON record (with this session's number) to metrics.jsonl and its floats to TensorBoard and the other trackers."
     record = {**to_jsonable(record), 'session': self.session}
     self._append(self.metrics_path, json.dumps(record) + '\n')
+    scalars = {k: v for k, v in record.items() if isinstance(v, float) and k != 'wall_time'}
     if self.writer is not None:
-        for k, v in record.items():
-            if isinstance(v, float) and k != 'wall_time': self.writer.add_scalar(k, v, record['step'])
+        for k, v in scalars.items(): self.writer.add_scalar(k, v, record['step'])
+    for tracker in self.trackers: tracker.log(scalars, step=record['step'])
 
 @patch
 def config_history(self: RunLogs, entry: dict):
@@ -391,5 +427,7 @@ def config_history(self: RunLogs, entry: dict):
 
 @patch
 def close(self: RunLogs):
-    "Flush and close TensorBoard."
+    "Flush and close TensorBoard and the other trackers."
     if self.writer is not None: self.writer.close(); self.writer = None
+    for tracker in self.trackers: tracker.finish()
+    self.trackers = []

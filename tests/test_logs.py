@@ -173,7 +173,7 @@ def test_round_trip_what_the_writer_writes_the_readers_read(tmp_path):
     rng = np.random.default_rng(0)
     keys = [f'train/{k}' for k in UPSTREAM_AE_KEYS + UPSTREAM_DISC_KEYS]
     written = []
-    logs = RunLogs(tmp_path, CONFIG, tensorboard=True, session=2)
+    logs = RunLogs(tmp_path, CONFIG, log_with=["tensorboard"], session=2)
     for step in range(0, 50, 10):
         values = {k: float(rng.normal() * 10.0 ** rng.integers(-7, 4)) for k in keys}
         values['train/kl_loss'] = float('nan') if step == 20 else values['train/kl_loss']
@@ -208,3 +208,36 @@ def test_round_trip_what_the_writer_writes_the_readers_read(tmp_path):
     assert [r['step'] for r in tb] == [w['step'] for w in written] and not any('wall_time' in r for r in tb)
     for rec, w in zip(tb, written):
         assert rec['lr'] == pytest.approx(w['lr_ae'], rel=1e-6) and rec['train/g_loss'] == pytest.approx(w['train/g_loss'], rel=1e-6)
+
+
+def test_other_trackers_get_the_config_and_the_same_scalars(tmp_path, monkeypatch):
+    "A tracker named in log_with (besides tensorboard) is accelerate's class for it: started, given the flat config, every float record, then finished."
+    import accelerate.tracking as tracking
+    from radiodiff_vae.logs import RunLogs
+    seen = []
+    class Recorder(tracking.GeneralTracker):
+        name, requires_logging_directory = 'mlflow', True
+        def __init__(self, run_name, logging_dir): super().__init__(); seen.append(('init', run_name, logging_dir))
+        @property
+        def tracker(self): return None
+        def start(self): seen.append(('start',))
+        def store_init_configuration(self, values): seen.append(('config', values))
+        def log(self, values, step=None, **kw): seen.append(('log', step, values))
+        def finish(self): seen.append(('finish',))
+    monkeypatch.setitem(tracking.LOGGER_TYPE_TO_CLASS, 'mlflow', Recorder)
+    monkeypatch.setattr(tracking, 'get_available_trackers', lambda: ['mlflow'])
+    logs = RunLogs(tmp_path, {'trainer': {'lr': 1e-4}}, log_with=['mlflow'], run_name='r1')
+    logs.record({'step': 3, 'train/rec_loss': 0.5, 'wall_time': 1.0, 'milestone': 1})
+    logs.close()
+    assert seen == [('init', 'r1', str(tmp_path/'trackers')), ('start',), ('config', {'trainer.lr': 1e-4}),
+                    ('log', 3, {'train/rec_loss': 0.5}), ('finish',)]
+    assert not (tmp_path/'tb').exists()          # tensorboard was not named
+
+
+def test_a_tracker_whose_package_is_missing_stops_with_one_line(tmp_path, monkeypatch):
+    import accelerate.tracking as tracking
+    from radiodiff_vae.core import ConfigError
+    from radiodiff_vae.logs import RunLogs
+    monkeypatch.setattr(tracking, 'get_available_trackers', lambda: [])
+    with pytest.raises(ConfigError, match=r"'wandb' needs its package, which is not installed \(pip install wandb\)"):
+        RunLogs(tmp_path, {}, log_with=['tensorboard', 'wandb'])
