@@ -4,7 +4,7 @@
 
 # %% ../nbs/22_pretrained.ipynb 1
 from __future__ import annotations
-import configparser, hashlib, io, json, os, platform, shutil, sys
+import configparser, hashlib, io, json, os, shutil, sys
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -13,11 +13,12 @@ import yaml
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 from .core import (PRETRAINED, CheckpointError, DataError, atomic_save_png, atomic_torch_save, atomic_write_text,
-                                markdown_table, pretrained_path, real_maps_dir, repo_dir, to_jsonable)
-from .config import read_cpu_flags, resolve_config
+                                machine_info, markdown_table, pretrained_path, real_maps_dir, repo_dir, to_jsonable)
+from .config import resolve_config
 from .model import AutoencoderKL, load_checkpoint, model_from_checkpoint, select_state_dict
 from .losses import LPIPSWithDiscriminator
-from .evaluation import dataset_from_spec, evaluate_model, summarize_rows, plot_reconstructions, map_metrics
+from .data_spec import dataset_from_spec
+from .evaluation import evaluate_model, summarize_rows, plot_reconstructions, map_metrics
 from .data import unscale_gain
 from .run_folder import list_checkpoints
 from .logs import read_jsonl
@@ -137,11 +138,10 @@ def _training_facts(run: Path) -> dict:
     return dict(sessions=len(starts), wall_time_s=float(wall))
 
 def machine_description() -> str:
-    "CPU model, logical CPUs and bf16 flags of this machine, in one line."
-    info = Path('/proc/cpuinfo').read_text() if Path('/proc/cpuinfo').exists() else ''
-    model = next((l.split(':', 1)[1].strip() for l in info.splitlines() if l.startswith('model name')), platform.processor() or 'unknown CPU')
-    flags = sorted(read_cpu_flags() & {'avx512_bf16', 'amx_bf16', 'amx_tile'}) if info else []
-    return f"{model}, {os.cpu_count()} logical CPUs, {', '.join(flags) if flags else 'no native bf16'}"
+    "CPU model, logical CPUs and bf16 flags of this machine, in one line (from `core.machine_info`)."
+    m = machine_info()
+    flags = [f for f in m['cpu_isa'] if f in ('avx512_bf16', 'amx_bf16', 'amx_tile')]
+    return f"{m['cpu']}, {m['logical_cpus']} logical CPUs, {', '.join(flags) if flags else 'no native bf16'}"
 
 # %% ../nbs/22_pretrained.ipynb 24
 def _ci(s: dict, digits: int = 2) -> str:
