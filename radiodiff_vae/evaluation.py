@@ -480,12 +480,12 @@ def remove_stale_outputs(out_dir, keep) -> list[str]:
 
 # %% ../nbs/17_evaluation.ipynb 69
 def evaluate_checkpoint(checkpoint, # model-N.pt: ours or upstream's
-                        data, # a data spec (see the table above) or a Dataset of {'image', 'name'} items
+                        data, # a data spec (see 09b_data_spec) or a Dataset of {'image', 'name'} items
                         out_dir=None, # folder for per_map.csv, summary.json, figures, evaluation.md; None: write nothing
                         use_ema=False, # False: raw weights, True: EMA weights, 'both'
                         batch_size=EVAL_BATCH, # maps per forward pass (a map's numbers do not depend on it)
                         limit=None, # evaluate only the first `limit` maps
-                        device="cpu",
+                        device="cpu", # torch device
                         sample_seed=0, # seed of the posterior samples (per map, batch-independent)
                         progress=True, # show a progress bar
                         config=None, # YAML path or dict for a checkpoint that carries no config (upstream's)
@@ -532,7 +532,8 @@ def _mean(s: dict, fmt: str) -> str:
     text = "n/a" if s["mean"] is None else fmt.format(s["mean"])
     return text + (f" ({s['n_nonfinite']} map(s) left out)" if s["n_nonfinite"] else "")
 
-def run_evaluate(args) -> int:
+def run_evaluate(args, # parsed `radiodiff-vae evaluate` arguments (`add_evaluate_args`)
+                ) -> int:
     "Run `radiodiff-vae evaluate`; print where the results are and the headline numbers."
     kw = dict(use_ema="both" if args.both else bool(args.ema), batch_size=args.batch_size, limit=args.limit,
               device=args.device, sample_seed=args.seed, progress=not args.no_progress, config=args.config,
@@ -552,8 +553,19 @@ def run_evaluate(args) -> int:
     return 0
 
 # %% ../nbs/17_evaluation.ipynb 75
-def evaluate_many(checkpoint, specs, out_dir, use_ema=False, batch_size=EVAL_BATCH, limit=None, device="cpu", sample_seed=0,
-                  progress=True, config=None, trust: bool = False, include_leaked: bool = False) -> dict:
+def evaluate_many(checkpoint, # model-N.pt: ours or upstream's
+                  specs, # data specs (see 09b_data_spec): one subfolder of `out_dir` each
+                  out_dir, # folder of the joint evaluation.md and summary.json
+                  use_ema=False, # False: raw weights, True: EMA weights, 'both'
+                  batch_size=EVAL_BATCH, # maps per forward pass (a map's numbers do not depend on it)
+                  limit=None, # evaluate only the first `limit` maps of each spec
+                  device="cpu", # torch device
+                  sample_seed=0, # seed of the posterior samples (per map, batch-independent)
+                  progress=True, # show a progress bar
+                  config=None, # YAML path or dict for a checkpoint that carries no config (upstream's)
+                  trust: bool = False, # read a checkpoint the safe loader refuses (only a file you trust)
+                  include_leaked: bool = False, # RadioMapSeer test split: keep the map upstream also trains on
+                 ) -> dict:
     "`evaluate_checkpoint` for each data spec into `out_dir/<slug>/`, all checked first; a joint evaluation.md and summary.json."
     specs = [specs] if isinstance(specs, (str, Path)) else list(specs)
     slugs = [spec_slug(s) for s in specs]

@@ -73,7 +73,9 @@ def verify_release(ckpt: dict, path) -> str:
     return digest
 
 def load_pretrained(name: str = 'released', # a shipped model's name, a release .pt file or a release .safetensors file
-                    device='cpu', verify: bool = True) -> AutoencoderKL:
+                    device='cpu', # torch device the model is moved to
+                    verify: bool = True, # check the weights' sha256 against the release record (refuse a file that differs)
+                   ) -> AutoencoderKL:
     "A shipped autoencoder (see MODEL.md) or a release file, in float32 and eval mode, its weights' hash checked; its record in `.release`."
     if str(name).endswith('.safetensors'):
         model = model_from_safetensors(name)
@@ -409,7 +411,10 @@ def release_files(state: dict, record: dict, name: str = 'released', card='MODEL
     files |= derived | {p['record']: _record_json(record), str(card): model_card(record).encode()} | (figures or {})
     return files, record
 
-def regenerate_release(name: str = 'released', root='.', card='MODEL.md') -> dict:
+def regenerate_release(name: str = 'released', # the release's name: models/<name>.pt and .json are read
+                       root='.', # repository root the release lives under
+                       card='MODEL.md', # the card's path under `root`
+                      ) -> dict:
     "Rewrite release `name`'s derived forms, record and card under `root` from its committed `.pt` and `.json` alone."
     p = release_paths(name, root)
     if not p['weights'].is_file(): raise CheckpointError(f"{p['weights']}: no such release file")
@@ -426,7 +431,10 @@ def regenerate_release(name: str = 'released', root='.', card='MODEL.md') -> dic
 def build_release(run, # a finished training run folder
                   out='.', # repository root: writes models/<name>.*, the card and figures/<name>_*.png
                   select_spec: str = 'synthetic:32', # held-out synthetic maps that choose the checkpoint (never the real maps)
-                  card_spec: str = 'synthetic:100:1', weights: str = 'ema', progress: bool = True, machine: str | None = None,
+                  card_spec: str = 'synthetic:100:1', # held-out synthetic maps the card scores beside the real ones
+                  weights: str = 'ema', # which weights ship: 'ema' or 'raw'
+                  progress: bool = True, # show progress bars
+                  machine: str | None = None, # the training machine, for the card (None: this machine's, `machine_description`)
                   name: str = 'released', # the release's name (released-v2, ...): every file's path comes from it
                   card='MODEL.md', # the card's path under `out`
                   config_path: str = 'configs/released.yaml', # the training config the card's command names

@@ -183,7 +183,8 @@ def arm_configs(spec: dict) -> dict:
         configs[arm['label']] = cfg
     return configs
 
-def load_study(path) -> tuple[dict, dict]:
+def load_study(path, # the study file (YAML)
+              ) -> tuple[dict, dict]:
     "Read and check study file `path` completely: (the normalised study, each arm's training config)."
     spec = check_study(read_study_file(path), path)
     return spec, arm_configs(spec)
@@ -200,7 +201,12 @@ def run_plan(spec: dict, out, configs: dict) -> list[dict]:
             for a in spec['arms'] for s in arm_seeds(spec, a)]
 
 # %% ../nbs/21_study.ipynb 31
-def tiny_study_file(folder, steps: int = 4, seeds=(0, 1), arms=None, maps: int = 2) -> Path:
+def tiny_study_file(folder, # where tiny.yaml is written
+                    steps: int = 4, # training steps of every run
+                    seeds=(0, 1), # the seeds of every arm
+                    arms=None, # list of arms ({label, set, note}); None: no GAN against a GAN from half-way
+                    maps: int = 2, # maps per evaluation set
+                   ) -> Path:
     "Write a tiny study (32×32 maps, a small autoencoder, `steps` steps, `maps` maps per evaluation set) into `folder`; return its path."
     tiny = ['model.ddconfig.resolution=32', 'data.size=32', 'data.n_maps=16', 'data.val_maps=2',
             'model.lossconfig.disc_ndf=8', 'trainer.save_and_sample_every={steps*0.5}', 'trainer.log_freq=1', 'trainer.warmup_steps=1',
@@ -285,7 +291,13 @@ def _report_only(out, spec, manifest, configs, runs, echo=print) -> dict:
     echo(f"wrote {Path(out)/'STUDY.md'} from the evidence of the {done} finished of {len(runs)} runs"); return manifest
 
 # %% ../nbs/21_study.ipynb 42
-def study(path, out, jobs: int = 1, progress: bool = True, report_only: bool = False, echo=print) -> dict:
+def study(path, # the study file (YAML), e.g. configs/studies/adversarial.yaml
+          out, # the study folder: created, or resumed when it holds the same study
+          jobs: int = 1, # runs at once, each in its own process with the CPU threads split between them
+          progress: bool = True, # show a progress bar over the runs
+          report_only: bool = False, # only rewrite STUDY.md, the tables and figures from the folder's evidence
+          echo=print, # where the one-line messages go
+         ) -> dict:
     "Run (or resume) study file `path` into folder `out`: train and evaluate the missing runs, then write STUDY.md; return the manifest."
     if not _is_int(jobs) or jobs < 1: raise ConfigError(f'--jobs must be a positive integer, got {jobs!r}')
     spec, configs = load_study(path)                       # every check before anything is written
@@ -331,7 +343,8 @@ def add_study_args(parser):
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
     return parser
 
-def run_study(args) -> int:
+def run_study(args, # parsed `radiodiff-vae study` arguments (`add_study_args`)
+             ) -> int:
     "Run `radiodiff-vae study` from parsed `args`."
     study(args.study, args.out, jobs=args.jobs, progress=not args.no_progress, report_only=args.report_only)
     return 0

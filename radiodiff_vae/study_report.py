@@ -354,7 +354,12 @@ def _display_path(out) -> str:
     except ValueError: return str(out)
 
 # %% ../nbs/21c_study_report.ipynb 37
-def write_report(out, spec: dict, manifest: dict, configs: dict, runs: list[dict]) -> Path:
+def write_report(out, # the study folder, holding results.csv, curves.csv and study.json
+                 spec: dict, # the normalised study (`study.load_study`)
+                 manifest: dict, # study.json's content: sessions and run records
+                 configs: dict, # each arm's resolved training config, by label
+                 runs: list[dict], # the study's runs (`study.run_plan`)
+                ) -> Path:
     "Write arms.csv, paired.csv, ema_vs_raw.csv, the figures and STUDY.md into study folder `out` from its evidence alone (results.csv, curves.csv, study.json)."
     out, primary, arms = Path(out), spec['evaluation']['primary'], [a['label'] for a in spec['arms']]
     df, curves = read_evidence(out)

@@ -71,7 +71,10 @@ def _start_from(run: dict) -> list[str]:
         raise RunFolderError(f"{run['folder']}: starts from {run['init_from']}, which is not trained yet")
     return [f'model.ckpt_path={source}']
 
-def execute_run(run: dict, threads: int | None = None, progress: bool = False) -> dict:
+def execute_run(run: dict, # one entry of `study.run_plan`: folder, config, overrides, steps, seed, evaluation sets
+                threads: int | None = None, # torch threads for this run (None: leave as set)
+                progress: bool = False, # show the training and evaluation progress bars
+               ) -> dict:
     "Train run `run` to its last step (resuming its latest checkpoint) unless done, then evaluate what is missing; return its state."
     if threads: torch.set_num_threads(int(threads))
     folder, state = Path(run['folder']), read_run_state(run['folder'])
