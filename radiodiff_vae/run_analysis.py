@@ -20,7 +20,7 @@ from .loss_analysis import (DWeight, LearningRate, Logvar, LossComposition, MapS
                                          trend, worked_example)
 
 # %% auto 0
-__all__ = ['TREND_KEYS', 'RunAnalysis', 'analyze_run', 'RunData', 'group_inputs', 'display_path', 'load_runs']
+__all__ = ['RunAnalysis', 'analyze_run', 'RunData', 'load_runs']
 
 # %% ../nbs/14b_run_analysis.ipynb 5
 @dataclass
@@ -58,7 +58,7 @@ class RunAnalysis:
     smoothing_restarts: list
 
 # %% ../nbs/14b_run_analysis.ipynb 7
-TREND_KEYS = ('nll_loss', 'rec_loss', 'kl_loss', 'g_loss', 'disc_loss')   # not the total: the gate shifts it
+_TREND_KEYS = ('nll_loss', 'rec_loss', 'kl_loss', 'g_loss', 'disc_loss')   # not the total: the gate shifts it
 
 def _trends(df: pd.DataFrame, ph: Phases, finish: int | None = None) -> list:
     "Trends of the main columns within the last phase (the whole table if there are no phases), before any finishing phase."
@@ -66,7 +66,7 @@ def _trends(df: pd.DataFrame, ph: Phases, finish: int | None = None) -> list:
     rows = (df.index >= last.first_step) & (df.index <= last.last_step) if last else np.ones(len(df), bool)
     if finish is not None and (rows & (df.index < finish)).sum() > 1: rows &= df.index < finish
     out = [trend(df[c].to_numpy(float)[rows], c, last.name if last else 'all logged steps')
-           for c in (column_of(df, k) for k in TREND_KEYS) if c]
+           for c in (column_of(df, k) for k in _TREND_KEYS) if c]
     return [t for t in out if t]
 
 # %% ../nbs/14b_run_analysis.ipynb 9
@@ -112,7 +112,7 @@ class RunData:
         return segmented_ema(values, self.segments(), smoothing)
 
 # %% ../nbs/14b_run_analysis.ipynb 15
-def group_inputs(paths) -> list[tuple[str, list[Path]]]:
+def _group_inputs(paths) -> list[tuple[str, list[Path]]]:
     "Group inputs into runs: each folder is a run; files in the same folder are one run. Returns `(name, paths)`."
     groups, names = {}, []
     for p in map(Path, paths):
@@ -126,7 +126,7 @@ def group_inputs(paths) -> list[tuple[str, list[Path]]]:
         used.add(name); out.append((name, groups[key]))
     return out
 
-def display_path(p) -> str:
+def _display_path(p) -> str:
     "A path as shown in reports: relative to the repository (or the working folder) when inside it."
     p = Path(p).resolve()
     for root in (data_dir().resolve().parent, Path.cwd().resolve()):
@@ -144,9 +144,9 @@ def _read_one(paths, config):
     src = info['config_source']
     if src and src != 'argument':
         path, _, rest = src.partition(' (')
-        info['config_source'] = display_path(path) + (f' ({rest}' if rest else '')
-    for k in ('sources', 'ignored'): info[k] = [display_path(s) for s in info[k]]
-    info['files'] = [dict(f, path=display_path(f['path'])) for f in info['files']]
+        info['config_source'] = _display_path(path) + (f' ({rest}' if rest else '')
+    for k in ('sources', 'ignored'): info[k] = [_display_path(s) for s in info[k]]
+    info['files'] = [dict(f, path=_display_path(f['path'])) for f in info['files']]
     return df, info
 
 def load_runs(inputs, config=None) -> list[RunData]:
@@ -154,7 +154,7 @@ def load_runs(inputs, config=None) -> list[RunData]:
     if config is not None and not isinstance(config, dict) and not Path(config).is_file():
         raise ConfigError(f'--config {config}: no such file (give the YAML/JSON config the run was trained with)')
     runs = []
-    for name, paths in group_inputs(inputs):
+    for name, paths in _group_inputs(inputs):
         df, info = _read_one(paths, config)
         a, table = analyze_run(df, info, name=name)
         runs.append(RunData(name, table, a, [Path(s) for s in info['samples']]))

@@ -13,13 +13,11 @@ from .logs import read_run
 from .study_runs import RUN_STATE, read_run_state
 
 # %% auto 0
-__all__ = ['STAT_KEYS', 'COLUMNS', 'PAIRED_COLUMNS', 'MANIFEST', 'CURVES_CSV', 'CURVE_BOOKKEEPING', 'RESULT_COLUMNS',
-           'CURVE_COLUMNS', 'run_results', 'collect_results', 'summarize_arms', 'paired_difference', 'distinguishable',
-           'compare_with_baseline', 'ema_minus_raw', 'save_manifest', 'read_curves', 'curves_table',
-           'curves_from_table', 'run_record', 'read_evidence', 'save_evidence']
+__all__ = ['MANIFEST', 'summarize_arms', 'paired_difference', 'distinguishable', 'compare_with_baseline', 'ema_minus_raw',
+           'save_manifest', 'curves_from_table', 'read_evidence', 'save_evidence']
 
 # %% ../nbs/21b_study_evidence.ipynb 5
-def run_results(run: dict) -> list[dict]:
+def _run_results(run: dict) -> list[dict]:
     "One row per evaluation set and weights that run `run` finished: metric means over maps, KL per latent element, latent statistics."
     rows, state = [], read_run_state(run['folder'])
     for es in run['sets']:
@@ -34,22 +32,22 @@ def run_results(run: dict) -> list[dict]:
                              scale_factor=z.get('scale_factor'), channel_std=z.get('channel_std')))
     return rows
 
-def collect_results(runs: list[dict]):
-    "`run_results` of every run, as one DataFrame (empty with the right columns when nothing is finished)."
+def _collect_results(runs: list[dict]):
+    "`_run_results` of every run, as one DataFrame (empty with the right columns when nothing is finished)."
     import pandas as pd
     cols = ['arm', 'seed', 'set', 'weights', 'step', 'n_maps', *METRICS, 'kl_per_element', 'latent_std', 'scale_factor', 'channel_std']
-    return pd.DataFrame([row for run in runs for row in run_results(run)], columns=cols)
+    return pd.DataFrame([row for run in runs for row in _run_results(run)], columns=cols)
 
 # %% ../nbs/21b_study_evidence.ipynb 10
-STAT_KEYS = ('n', 'mean', 'std', 'ci_low', 'ci_high')
-COLUMNS = (*METRICS, 'kl_per_element', 'latent_std', 'scale_factor')
+_STAT_KEYS = ('n', 'mean', 'std', 'ci_low', 'ci_high')
+_COLUMNS = (*METRICS, 'kl_per_element', 'latent_std', 'scale_factor')
 
-def summarize_arms(df, columns=COLUMNS):
+def summarize_arms(df, columns=_COLUMNS):
     "Per evaluation set, weights, arm and column: the number of seeds, mean, std and 95% Student-t interval over seeds."
     import pandas as pd
-    rows = [dict(set=st, weights=w, arm=arm, metric=c, **{k: summarize(g[c].astype(float))[k] for k in STAT_KEYS})
+    rows = [dict(set=st, weights=w, arm=arm, metric=c, **{k: summarize(g[c].astype(float))[k] for k in _STAT_KEYS})
             for (st, w, arm), g in df.groupby(['set', 'weights', 'arm'], sort=False) for c in columns]
-    return pd.DataFrame(rows, columns=['set', 'weights', 'arm', 'metric', *STAT_KEYS])
+    return pd.DataFrame(rows, columns=['set', 'weights', 'arm', 'metric', *_STAT_KEYS])
 
 # %% ../nbs/21b_study_evidence.ipynb 13
 def paired_difference(a: dict, b: dict, confidence: float = 0.95) -> dict:
@@ -61,18 +59,18 @@ def paired_difference(a: dict, b: dict, confidence: float = 0.95) -> dict:
     s = summarize(d, confidence)
     t = p = None
     if s['std']: t = s['mean'] / (s['std'] / math.sqrt(len(d))); p = float(2 * stats.t.sf(abs(t), len(d) - 1))
-    return dict(seeds=seeds, diffs=d.tolist(), **{k: s[k] for k in STAT_KEYS}, t=t, p=p)
+    return dict(seeds=seeds, diffs=d.tolist(), **{k: s[k] for k in _STAT_KEYS}, t=t, p=p)
 
 def distinguishable(d: dict) -> bool | None:
     "Whether the interval of difference `d` excludes zero (None without an interval)."
     return None if d['ci_low'] is None else bool(d['ci_low'] > 0 or d['ci_high'] < 0)
 
 # %% ../nbs/21b_study_evidence.ipynb 16
-PAIRED_COLUMNS = ['set', 'weights', 'arm', 'metric', 'seeds', 'diffs', *STAT_KEYS, 't', 'p']
+_PAIRED_COLUMNS = ['set', 'weights', 'arm', 'metric', 'seeds', 'diffs', *_STAT_KEYS, 't', 'p']
 
 def _by_seed(g, column) -> dict: return dict(zip(g['seed'], g[column]))
 
-def compare_with_baseline(df, baseline: str, weights: str, columns=COLUMNS):
+def compare_with_baseline(df, baseline: str, weights: str, columns=_COLUMNS):
     "Per evaluation set, arm (not the baseline) and column: the difference from arm `baseline`, paired by seed, of `weights` weights."
     import pandas as pd
     rows, d = [], df[df.weights == weights]
@@ -81,14 +79,14 @@ def compare_with_baseline(df, baseline: str, weights: str, columns=COLUMNS):
         for arm, ga in g.groupby('arm', sort=False):
             if arm == baseline: continue
             rows += [dict(set=st, weights=weights, arm=arm, metric=c, **paired_difference(_by_seed(ga, c), _by_seed(base, c))) for c in columns]
-    return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
+    return pd.DataFrame(rows, columns=_PAIRED_COLUMNS)
 
 def ema_minus_raw(df, columns=METRICS):
     "Per evaluation set, arm and column: EMA minus raw weights of the same run, paired by seed."
     import pandas as pd
     rows = [dict(set=st, weights='ema-raw', arm=arm, metric=c, **paired_difference(_by_seed(g[g.weights == 'ema'], c), _by_seed(g[g.weights == 'raw'], c)))
             for (st, arm), g in df.groupby(['set', 'arm'], sort=False) for c in columns]
-    return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
+    return pd.DataFrame(rows, columns=_PAIRED_COLUMNS)
 
 # %% ../nbs/21b_study_evidence.ipynb 19
 MANIFEST = 'study.json'
@@ -106,7 +104,7 @@ def _csv(df) -> str:
     return d.to_csv(index=False)
 
 # %% ../nbs/21b_study_evidence.ipynb 22
-def read_curves(runs: list[dict]) -> dict:
+def _read_curves(runs: list[dict]) -> dict:
     "{run key: step-indexed DataFrame of the run's logged values} for the runs that have a readable log."
     out = {}
     for run in runs:
@@ -114,32 +112,32 @@ def read_curves(runs: list[dict]) -> dict:
         except RadioDiffError: continue
     return out
 
-CURVES_CSV = 'curves.csv'
-CURVE_BOOKKEEPING = ('epoch', 'session', 'milestone', 'elapsed_s', 'wall_time', 'timestamp', 'source')
-RESULT_COLUMNS = ['arm', 'seed', 'set', 'weights', 'step', 'n_maps', *METRICS, 'kl_per_element', 'latent_std', 'scale_factor', 'channel_std']
-CURVE_COLUMNS = ['arm', 'seed', 'step', 'name', 'value']
+_CURVES_CSV = 'curves.csv'
+_CURVE_BOOKKEEPING = ('epoch', 'session', 'milestone', 'elapsed_s', 'wall_time', 'timestamp', 'source')
+_RESULT_COLUMNS = ['arm', 'seed', 'set', 'weights', 'step', 'n_maps', *METRICS, 'kl_per_element', 'latent_std', 'scale_factor', 'channel_std']
+_CURVE_COLUMNS = ['arm', 'seed', 'step', 'name', 'value']
 
-def curves_table(runs: list[dict]):
+def _curves_table(runs: list[dict]):
     "One long table of every logged training value of `runs` (arm, seed, step, name, value), from their logs; NaNs left out."
     import pandas as pd
-    logs, parts = read_curves(runs), []
+    logs, parts = _read_curves(runs), []
     for run in runs:
         if run['key'] not in logs: continue
-        wide = logs[run['key']].select_dtypes('number').drop(columns=list(CURVE_BOOKKEEPING), errors='ignore')
+        wide = logs[run['key']].select_dtypes('number').drop(columns=list(_CURVE_BOOKKEEPING), errors='ignore')
         long = wide.stack().rename('value').reset_index()
         long.columns = ['step', 'name', 'value']
-        parts.append(long.assign(arm=run['arm'], seed=run['seed'])[CURVE_COLUMNS])
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=CURVE_COLUMNS)
+        parts.append(long.assign(arm=run['arm'], seed=run['seed'])[_CURVE_COLUMNS])
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=_CURVE_COLUMNS)
 
 def curves_from_table(table, runs: list[dict]) -> dict:
-    "{run key: step-indexed DataFrame of its logged values} from `curves_table`'s long table (what `read_curves` gives)."
+    "{run key: step-indexed DataFrame of its logged values} from `_curves_table`'s long table (what `_read_curves` gives)."
     out = {}
     for (arm, seed), g in table.groupby(['arm', 'seed'], sort=False):
         key = f'{arm}/seed-{seed}'
         if any(r['key'] == key for r in runs): out[key] = g.pivot(index='step', columns='name', values='value').rename_axis(columns=None)
     return out
 
-def run_record(run: dict) -> dict:
+def _run_record(run: dict) -> dict:
     "What study.json keeps of run `run`: status, training and evaluation seconds, the evaluation sets done."
     s = read_run_state(run['folder']); t = s.get('train') or {}
     status = 'done' if t and len(s['eval']) == len(run['sets']) else 'trained' if t else 'started'
@@ -164,7 +162,7 @@ def read_evidence(out):
         if not (out/name).is_file(): return pd.DataFrame(columns=columns)
         exact = {} if int(pd.__version__.split('.')[0]) >= 3 else dict(float_precision='round_trip')   # pandas 3 round-trips by default
         return pd.read_csv(out/name, **exact)
-    results, curves = read('results.csv', RESULT_COLUMNS), read(CURVES_CSV, CURVE_COLUMNS)
+    results, curves = read('results.csv', _RESULT_COLUMNS), read(_CURVES_CSV, _CURVE_COLUMNS)
     if len(results): results['channel_std'] = results['channel_std'].map(lambda v: json.loads(v) if isinstance(v, str) else None)
     return results, curves
 
@@ -183,8 +181,8 @@ def save_evidence(out, runs: list[dict], manifest: dict):
         both = pd.concat(parts, ignore_index=True)
         rank = [order.get(f'{a}/seed-{s}', len(order)) for a, s in zip(both['arm'], both['seed'])]
         return both.assign(_rank=rank).sort_values('_rank', kind='stable').drop(columns='_rank').reset_index(drop=True)
-    atomic_write_text(out/'results.csv', _csv(merged(results, collect_results(present))))
-    atomic_write_text(out/CURVES_CSV, merged(curves, curves_table(present)).to_csv(index=False))
+    atomic_write_text(out/'results.csv', _csv(merged(results, _collect_results(present))))
+    atomic_write_text(out/_CURVES_CSV, merged(curves, _curves_table(present)).to_csv(index=False))
     records, commit = manifest.setdefault('run_records', {}), _commit()
-    for r in present: records[r['key']] = {**run_record(r), 'commit': records.get(r['key'], {}).get('commit') or commit}
+    for r in present: records[r['key']] = {**_run_record(r), 'commit': records.get(r['key'], {}).get('commit') or commit}
     save_manifest(out, manifest)

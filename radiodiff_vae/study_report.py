@@ -14,14 +14,13 @@ from .study_evidence import (_csv, compare_with_baseline, curves_from_table, dis
                                           read_evidence, summarize_arms)
 
 # %% auto 0
-__all__ = ['METRIC_LABELS', 'SHOWN_METRICS', 'CURVES', 'FORMATS', 'SHORT_LABELS', 'POSITIVE', 'plot_arms', 'plot_differences',
-           'plot_rate_distortion', 'plot_latents', 'plot_curves', 'pd_concat_mean', 'fmt_interval', 'verdict',
+__all__ = ['plot_arms', 'plot_differences', 'plot_rate_distortion', 'plot_latents', 'plot_curves', 'fmt_interval', 'verdict',
            'geometric_summary', 'write_report']
 
 # %% ../nbs/21c_study_report.ipynb 5
-METRIC_LABELS = dict(psnr='PSNR (dB)', ssim='SSIM', nmse='NMSE', rmse='RMSE', kl_per_element='KL per latent element',
+_METRIC_LABELS = dict(psnr='PSNR (dB)', ssim='SSIM', nmse='NMSE', rmse='RMSE', kl_per_element='KL per latent element',
                      latent_std='latent std', scale_factor='scale factor 1/std')
-SHOWN_METRICS = ('psnr', 'ssim', 'nmse', 'rmse')
+_SHOWN_METRICS = ('psnr', 'ssim', 'nmse', 'rmse')
 
 def _color(i: int): import matplotlib; return matplotlib.colormaps['tab10'](i % 10)
 
@@ -45,7 +44,7 @@ def _arm_axes(ax, arms):
     ax.set_xticks(range(len(arms)), arms, rotation=30, ha='right', fontsize=8); ax.set_xlim(-0.6, len(arms) - 0.3)
     ax.grid(axis='y', alpha=0.3)
 
-def plot_arms(df, arms: list, sets: dict, weights: str, metrics=SHOWN_METRICS):
+def plot_arms(df, arms: list, sets: dict, weights: str, metrics=_SHOWN_METRICS):
     "Figure: a row per evaluation set, a column per metric; each arm's seeds as dots with the mean and 95% interval."
     from matplotlib.figure import Figure
     fig = Figure(figsize=(3.1 * len(metrics), 2.5 * len(sets) + 0.5), layout='constrained')
@@ -53,13 +52,13 @@ def plot_arms(df, arms: list, sets: dict, weights: str, metrics=SHOWN_METRICS):
     for r, (slug, label) in enumerate(sets.items()):
         for c, m in enumerate(metrics):
             for i, arm in enumerate(arms): _dots(axes[r, c], i, d[(d.set == slug) & (d.arm == arm)][m], _color(i))
-            _arm_axes(axes[r, c], arms); axes[r, c].set_title(METRIC_LABELS[m], fontsize=9)
+            _arm_axes(axes[r, c], arms); axes[r, c].set_title(_METRIC_LABELS[m], fontsize=9)
         _row_label(axes[r, 0], label)
     fig.suptitle(f'{weights} weights, posterior mode: each dot one run (seed), black: mean and 95% interval over seeds', fontsize=9)
     return fig
 
 # %% ../nbs/21c_study_report.ipynb 10
-def plot_differences(paired, arms: list, sets: dict, metrics=SHOWN_METRICS, title: str = '', all_arms: list | None = None):
+def plot_differences(paired, arms: list, sets: dict, metrics=_SHOWN_METRICS, title: str = '', all_arms: list | None = None):
     "Figure: rows = evaluation sets, columns = metrics; per arm the per-seed differences as dots, mean and 95% interval, zero line (colours by `all_arms`)."
     from matplotlib.figure import Figure
     fig = Figure(figsize=(3.1 * len(metrics), 2.4 * len(sets) + 0.5), layout='constrained')
@@ -70,7 +69,7 @@ def plot_differences(paired, arms: list, sets: dict, metrics=SHOWN_METRICS, titl
             for i, arm in enumerate(arms):
                 g = paired[(paired.set == slug) & (paired.arm == arm) & (paired.metric == m)]
                 if len(g): _dots(ax, i, g.iloc[0]['diffs'], _color((all_arms or arms).index(arm)))
-            _arm_axes(ax, arms); ax.set_title(f'Δ {METRIC_LABELS[m]}', fontsize=9)
+            _arm_axes(ax, arms); ax.set_title(f'Δ {_METRIC_LABELS[m]}', fontsize=9)
         _row_label(axes[r, 0], label)
     if title: fig.suptitle(title, fontsize=9)
     return fig
@@ -106,14 +105,14 @@ def plot_latents(df, arms: list, slug: str, label: str, weights: str):
     return fig
 
 # %% ../nbs/21c_study_report.ipynb 17
-CURVES = (('train/rec_loss', 'reconstruction loss (train)', True), ('train/kl_loss', 'KL (train, sum per map)', True),
+_CURVES = (('train/rec_loss', 'reconstruction loss (train)', True), ('train/kl_loss', 'KL (train, sum per map)', True),
           ('val/psnr_ema', 'held-out PSNR, EMA weights (dB)', False), ('train/g_loss', 'generator loss (train)', False),
           ('train/disc_loss', 'discriminator loss (train)', False))
 
 def plot_curves(curves: dict, runs: list[dict], arms: list):
-    "Figure: the training curves of `CURVES` present in the logs; thin lines per run, thick per arm mean."
+    "Figure: the training curves of `_CURVES` present in the logs; thin lines per run, thick per arm mean."
     from matplotlib.figure import Figure
-    panels = [p for p in CURVES if any(p[0] in df.columns and df[p[0]].notna().any() for df in curves.values())]
+    panels = [p for p in _CURVES if any(p[0] in df.columns and df[p[0]].notna().any() for df in curves.values())]
     ncols = min(3, max(len(panels), 1)); nrows = max(1, math.ceil(len(panels) / ncols))
     fig = Figure(figsize=(4.4 * ncols, 3.2 * nrows), layout='constrained')
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
@@ -124,7 +123,7 @@ def plot_curves(curves: dict, runs: list[dict], arms: list):
             few = max((len(s) for s in series), default=0) <= 3      # e.g. held-out scores of a single checkpoint: dots
             for s in series: ax.plot(s.index, s.values, color=_color(i), lw=0.6, alpha=0.35, marker='o' if few else None, ms=3)
             if series:   # the baseline (first arm) dashed and on top: arms that follow it closely would hide it
-                mean = pd_concat_mean(series)
+                mean = _pd_concat_mean(series)
                 ax.plot(mean.index, mean.values, color=_color(i), lw=1.8, label=arm, ls='--' if i == 0 else '-',
                         zorder=3 if i == 0 else 2, marker='D' if few else None, ms=5)
         ax.set_title(title, fontsize=9); ax.set_xlabel('step'); ax.grid(alpha=0.3)
@@ -133,17 +132,17 @@ def plot_curves(curves: dict, runs: list[dict], arms: list):
     fig.suptitle('training curves: thin lines one run each, thick lines the mean of an arm', fontsize=9)
     return fig
 
-def pd_concat_mean(series: list):
+def _pd_concat_mean(series: list):
     "The mean of step-indexed series at the steps all of them have."
     import pandas as pd
     return pd.concat(series, axis=1, join='inner').mean(axis=1)
 
 # %% ../nbs/21c_study_report.ipynb 20
-FORMATS = dict(psnr='{:.2f}', ssim='{:.4f}', nmse='{:.4g}', rmse='{:.4g}', kl_per_element='{:.4g}', latent_std='{:.4g}', scale_factor='{:.4g}')
+_FORMATS = dict(psnr='{:.2f}', ssim='{:.4f}', nmse='{:.4g}', rmse='{:.4g}', kl_per_element='{:.4g}', latent_std='{:.4g}', scale_factor='{:.4g}')
 
 def fmt_interval(row, metric: str, signed: bool = False) -> str:
     "'mean [low, high]' of a row of `summarize_arms` or `compare_with_baseline` ('n/a' without values)."
-    f = FORMATS.get(metric, '{:.4g}').format
+    f = _FORMATS.get(metric, '{:.4g}').format
     if row['mean'] is None or not np.isfinite(row['mean']): return 'n/a'
     def g(v):
         text = f(v)
@@ -198,17 +197,17 @@ def _results_section(spec, arm_stats, sets: dict, primary: str) -> list[str]:
     for slug, label in sets.items():
         a = arm_stats[(arm_stats.set == slug) & (arm_stats.weights == primary)]
         if not len(a): continue
-        rows = [[f'`{arm}`', int(g.iloc[0]['n'])] + [fmt_interval(g[g.metric == m].iloc[0], m) for m in SHOWN_METRICS]
+        rows = [[f'`{arm}`', int(g.iloc[0]['n'])] + [fmt_interval(g[g.metric == m].iloc[0], m) for m in _SHOWN_METRICS]
                 for arm, g in a.groupby('arm', sort=False)]
-        L += [f'**{label}**', '', markdown_table(['arm', 'seeds', *(METRIC_LABELS[m] for m in SHOWN_METRICS)], rows), '']
+        L += [f'**{label}**', '', markdown_table(['arm', 'seeds', *(_METRIC_LABELS[m] for m in _SHOWN_METRICS)], rows), '']
     return L + ['![each run as a dot, mean and 95% interval per arm](metrics.png)', '']
 
 # %% ../nbs/21c_study_report.ipynb 28
-SHORT_LABELS = dict(psnr='PSNR', ssim='SSIM', nmse='NMSE', rmse='RMSE')
+_SHORT_LABELS = dict(psnr='PSNR', ssim='SSIM', nmse='NMSE', rmse='RMSE')
 
 def _seeds_and_intervals(cells: dict) -> str:
     "On how many seeds PSNR moved the way its mean did, and which metrics' intervals exclude zero."
-    psnr, excluding = cells['psnr'], [SHORT_LABELS[m] for m, r in cells.items() if distinguishable(r)]
+    psnr, excluding = cells['psnr'], [_SHORT_LABELS[m] for m, r in cells.items() if distinguishable(r)]
     d = np.asarray(psnr['diffs'] if isinstance(psnr['diffs'], list) else [], float)
     if psnr['ci_low'] is None or not len(d): return verdict(psnr)
     way = 'higher' if psnr['mean'] > 0 else 'lower'
@@ -237,15 +236,15 @@ def _paired_section(spec, paired, sets: dict, primary: str) -> list[str]:
         if not len(p): continue
         rows, psnr_rows = [], []
         for arm, g in p.groupby('arm', sort=False):
-            cells = {m: g[g.metric == m].iloc[0] for m in SHOWN_METRICS}
-            rows.append([f'`{arm}`'] + [fmt_interval(cells[m], m, signed=True) for m in SHOWN_METRICS] + [_seeds_and_intervals(cells)])
-            found += [f"`{arm}` − `{spec['baseline']}`, {METRIC_LABELS[m]} on {label}: {fmt_interval(r, m, signed=True)}"
+            cells = {m: g[g.metric == m].iloc[0] for m in _SHOWN_METRICS}
+            rows.append([f'`{arm}`'] + [fmt_interval(cells[m], m, signed=True) for m in _SHOWN_METRICS] + [_seeds_and_intervals(cells)])
+            found += [f"`{arm}` − `{spec['baseline']}`, {_METRIC_LABELS[m]} on {label}: {fmt_interval(r, m, signed=True)}"
                       for m, r in cells.items() if distinguishable(r)]
             psnr_rows.append(cells['psnr']); psnr_found += bool(distinguishable(cells['psnr'])); psnr_n += 1
         limit = _detection_limit(psnr_rows)
-        L += [f'**{label}**', '', markdown_table(['arm', *(f'Δ {METRIC_LABELS[m]}' for m in SHOWN_METRICS), 'seeds and intervals'], rows), '']
+        L += [f'**{label}**', '', markdown_table(['arm', *(f'Δ {_METRIC_LABELS[m]}' for m in _SHOWN_METRICS), 'seeds and intervals'], rows), '']
         L += [limit, ''] if limit else []
-    n = int(paired.metric.isin(SHOWN_METRICS).sum()) if len(paired) else 0
+    n = int(paired.metric.isin(_SHOWN_METRICS).sum()) if len(paired) else 0
     L += [f'Of the {n} differences above, ' + (f'{len(found)} have a 95% interval that excludes zero:' if found else
           'none has a 95% interval that excludes zero: at this size and number of seeds no arm differs from the baseline by more '
           'than the detection limits above in these metrics.')]
@@ -257,7 +256,7 @@ def _paired_section(spec, paired, sets: dict, primary: str) -> list[str]:
     return L + ['![per-seed differences from the baseline](differences.png)', '']
 
 # %% ../nbs/21c_study_report.ipynb 30
-POSITIVE = ('kl_per_element',)   # reported as a geometric mean with a log-scale interval
+_POSITIVE = ('kl_per_element',)   # reported as a geometric mean with a log-scale interval
 
 def geometric_summary(values, confidence: float = 0.95) -> dict:
     "n, geometric mean and the Student-t interval of log values, back-transformed: an interval of a positive quantity that stays positive."
@@ -268,7 +267,7 @@ def geometric_summary(values, confidence: float = 0.95) -> dict:
 
 def _latent_shift_sentence(p, cols, baseline: str) -> str:
     "The latent statistics that moved measurably, in words (what a second stage trained on these latents would see)."
-    moved = [f"`{arm}` {METRIC_LABELS[c]} {fmt_interval(r, c, signed=True)}" for arm, g in p.groupby('arm', sort=False)
+    moved = [f"`{arm}` {_METRIC_LABELS[c]} {fmt_interval(r, c, signed=True)}" for arm, g in p.groupby('arm', sort=False)
              for c in cols[1:] for r in [g[g.metric == c].iloc[0]] if distinguishable(r)]
     if not moved: return f'No arm moved the latent std or the scale factor measurably from `{baseline}` (every interval includes zero).'
     return ('The latents moved measurably (interval excludes zero): ' + '; '.join(moved) + '. A second (diffusion) stage trained on '
@@ -281,7 +280,7 @@ def _latent_section(spec, arm_stats, paired, slug: str, label: str, primary: str
     cols = ('kl_per_element', 'latent_std', 'scale_factor')
     d = None if df is None else df[(df.set == slug) & (df.weights == primary)]
     def cell(arm, g, c):
-        if c in POSITIVE and d is not None: return fmt_interval(geometric_summary(d[d.arm == arm][c]), c)
+        if c in _POSITIVE and d is not None: return fmt_interval(geometric_summary(d[d.arm == arm][c]), c)
         return fmt_interval(g[g.metric == c].iloc[0], c)
     rows = [[f'`{arm}`'] + [cell(arm, g, c) for c in cols] for arm, g in a.groupby('arm', sort=False)]
     below = [f"`{arm}`" for arm, g in a.groupby('arm', sort=False) for c in cols[1:] for r in [g[g.metric == c].iloc[0]]
@@ -297,13 +296,13 @@ def _latent_section(spec, arm_stats, paired, slug: str, label: str, primary: str
               f'below zero for {kl_t} of {a.arm.nunique()} arms here).' if kl_t else '.') + ' The std and scale factor keep Student-t '
               'intervals: ' + ('they stay above zero for every arm here.' if not below else
               f"they reach zero or below for {', '.join(sorted(set(below)))}: read those as unbounded below."), '']
-    L += [markdown_table(['arm', *(METRIC_LABELS[c] + (' (geometric)' if c in POSITIVE and d is not None else '') for c in cols)], rows), '']
+    L += [markdown_table(['arm', *(_METRIC_LABELS[c] + (' (geometric)' if c in _POSITIVE and d is not None else '') for c in cols)], rows), '']
     p = paired[(paired.set == slug) & paired.metric.isin(cols)] if len(paired) else paired
     if len(p):
         rows = [[f'`{arm}`'] + [fmt_interval(g[g.metric == c].iloc[0], c, signed=True) + (' *' if distinguishable(g[g.metric == c].iloc[0]) else '') for c in cols]
                 for arm, g in p.groupby('arm', sort=False)]
         L += [f"Minus the baseline `{spec['baseline']}`, paired by seed (* : the interval excludes zero):", '',
-              markdown_table(['arm', *(f'Δ {METRIC_LABELS[c]}' for c in cols)], rows), '', _latent_shift_sentence(p, cols, spec['baseline']), '']
+              markdown_table(['arm', *(f'Δ {_METRIC_LABELS[c]}' for c in cols)], rows), '', _latent_shift_sentence(p, cols, spec['baseline']), '']
     return L + ['![rate and distortion of every run](rate_distortion.png)', '', '![scale factor and per-channel std](latents.png)', '']
 
 # %% ../nbs/21c_study_report.ipynb 32
@@ -314,9 +313,9 @@ def _ema_section(ema, sets: dict) -> list[str]:
     for slug, label in sets.items():
         e = ema[ema.set == slug]
         if not len(e): continue
-        rows = [[f'`{arm}`'] + [fmt_interval(g[g.metric == m].iloc[0], m, signed=True) for m in SHOWN_METRICS] + [verdict(g[g.metric == 'psnr'].iloc[0])]
+        rows = [[f'`{arm}`'] + [fmt_interval(g[g.metric == m].iloc[0], m, signed=True) for m in _SHOWN_METRICS] + [verdict(g[g.metric == 'psnr'].iloc[0])]
                 for arm, g in e.groupby('arm', sort=False)]
-        L += [f'**{label}**', '', markdown_table(['arm', *(f'Δ {METRIC_LABELS[m]}' for m in SHOWN_METRICS), 'PSNR difference'], rows), '']
+        L += [f'**{label}**', '', markdown_table(['arm', *(f'Δ {_METRIC_LABELS[m]}' for m in _SHOWN_METRICS), 'PSNR difference'], rows), '']
     return L + ['![EMA minus raw weights, per run](ema_vs_raw.png)', '']
 
 # %% ../nbs/21c_study_report.ipynb 34

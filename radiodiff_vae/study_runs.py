@@ -15,8 +15,8 @@ from .run_folder import latest_checkpoint
 from .reproduce import training_progress, StageProgress
 
 # %% auto 0
-__all__ = ['REAL_NATIVE_SIZE', 'RUN_STATE', 'USE_EMA', 'evaluation_sets', 'read_run_state', 'missing_work', 'execute_run',
-           'threads_per_job', 'execute_runs']
+__all__ = ['REAL_NATIVE_SIZE', 'RUN_STATE', 'evaluation_sets', 'read_run_state', 'missing_work', 'execute_run', 'threads_per_job',
+           'execute_runs']
 
 # %% ../nbs/21a_study_runs.ipynb 5
 REAL_NATIVE_SIZE = 256   # the side of the bundled real maps
@@ -56,7 +56,7 @@ def _save_run_state(folder, state: dict):
     atomic_write_text(Path(folder)/RUN_STATE, json.dumps(to_jsonable(state), indent=1) + '\n')
 
 # %% ../nbs/21a_study_runs.ipynb 10
-USE_EMA = {'raw': False, 'ema': True, 'both': 'both'}
+_USE_EMA = {'raw': False, 'ema': True, 'both': 'both'}
 
 def _data(es: dict):
     "The data of evaluation set `es`: its spec, or the maps themselves when resized or picked from a given index of the stream."
@@ -91,7 +91,7 @@ def execute_run(run: dict, # one entry of `study.run_plan`: folder, config, over
     for es in run['sets']:
         if es['slug'] in state['eval']: continue
         t0 = time.perf_counter()
-        evaluate_checkpoint(checkpoint, _data(es), out_dir=folder/'eval'/es['slug'], use_ema=USE_EMA[run['weights']],
+        evaluate_checkpoint(checkpoint, _data(es), out_dir=folder/'eval'/es['slug'], use_ema=_USE_EMA[run['weights']],
                             batch_size=run['batch_size'], limit=es['limit'], progress=progress)
         state['eval'][es['slug']] = dict(seconds=round(time.perf_counter() - t0, 1), checkpoint=checkpoint.name, label=es['label'])
         _save_run_state(folder, state)
