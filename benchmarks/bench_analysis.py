@@ -48,7 +48,7 @@ def measure_analysis(lines: int = 3000, repeats: int = 3, figures: bool = True, 
                      dpi: int = 110) -> dict:
     "Median wall time of read_run + analyze_run over `repeats`, and of drawing+saving all figures once per repeat."
     from radiodiff_vae.logs import read_run, find_samples
-    from radiodiff_vae.analysis import RunData, analyze_run
+    from radiodiff_vae.run_analysis import RunData, analyze_run
     from radiodiff_vae.figures import save_figures
     from radiodiff_vae.core import machine_info
     import matplotlib; matplotlib.use('Agg')

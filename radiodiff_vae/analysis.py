@@ -4,32 +4,26 @@
 
 # %% ../nbs/14_analysis.ipynb 1
 from __future__ import annotations
-import copy, math, re
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
 from scipy import stats
 from scipy.signal import lfilter
-from .core import ConfigError, data_dir
-from .logs import CONFIG_NAMES, load_config_file, read_run
-from .schedules import DECAY_FRACTION, lr_at
-from .config import SCHEMA, finish_start_step, resolve_config, unwrap_upstream
-from .checks import printable_name
+from .core import ConfigError
+from .logs import CONFIG_NAMES
+from .config import finish_start_step, resolve_config, unwrap_upstream
 
 # %% auto 0
 __all__ = ['PARAM_PATHS', 'PARAM_ALIASES', 'UPSTREAM_HARD_CODED', 'PARAM_DEFAULTS', 'UPSTREAM_TRAINER_KEYS', 'BOOKKEEPING',
-           'RESUME_ORDER', 'DISC_COLUMNS', 'TREND_KEYS', 'find_run_config', 'training_params', 'finish_start',
-           'TrainingLoop', 'training_loop', 'debiased_ema', 'segment_ids', 'segmented_ema', 'value_quantum',
-           'value_steps', 'column_of', 'metric_columns', 'logged_rows', 'sample_milestone', 'sample_distances',
-           'SampleRepeat', 'SampleRepeats', 'sample_repeats', 'ResumeEvidence', 'Resumes', 'resume_evidence',
-           'gate_step', 'GLossShift', 'g_loss_shift', 'DiscriminatorEvidence', 'discriminator_training', 'phase_names',
-           'Phase', 'Phases', 'phases', 'Throughput', 'Coverage', 'coverage', 'Completion', 'completion', 'schedule_lr',
-           'LearningRate', 'print_step', 'learning_rate', 'MapSize', 'pixels_per_image', 'DWeight', 'd_weight_clamp',
-           'Logvar', 'logvar_movement', 'loss_terms', 'WorkedExample', 'worked_example', 'LossComposition',
-           'loss_composition', 'metric_stats', 'Trend', 'trend', 'RunAnalysis', 'analyze_run', 'RunData',
-           'group_inputs', 'display_path', 'load_runs']
+           'RESUME_ORDER', 'DISC_COLUMNS', 'find_run_config', 'training_params', 'finish_start', 'TrainingLoop',
+           'training_loop', 'debiased_ema', 'segment_ids', 'segmented_ema', 'value_quantum', 'value_steps', 'column_of',
+           'metric_columns', 'logged_rows', 'sample_milestone', 'sample_distances', 'SampleRepeat', 'SampleRepeats',
+           'sample_repeats', 'ResumeEvidence', 'Resumes', 'resume_evidence', 'gate_step', 'GLossShift', 'g_loss_shift',
+           'DiscriminatorEvidence', 'discriminator_training', 'phase_names', 'Phase', 'Phases', 'phases', 'Throughput',
+           'Coverage', 'coverage', 'Completion', 'completion']
 
 # %% ../nbs/14_analysis.ipynb 5
 def find_run_config(folder) -> Path | None:
@@ -55,12 +49,6 @@ PARAM_PATHS = {   # where this project's config schema keeps each parameter the 
     'finish_lr': 'trainer.finish_lr',
 }
 
-def _schema_default(path: str):
-    "The config schema's default at a dotted `path` (`trainer.lr`)."
-    node, keys = SCHEMA, path.split('.')
-    for k in keys[:-1]: node = node[k][1]
-    return copy.deepcopy(node[keys[-1]][1])
-
 def _at(config: dict, path: str):
     "(value, found) at a dotted `path` of a nested config."
     node = config
@@ -82,7 +70,8 @@ PARAM_ALIASES = {   # how upstream-style configs spell the same parameters
     'finish_lr': ('finish_lr',),
 }
 UPSTREAM_HARD_CODED = ('schedule', 'min_lr', 'power', 'warmup_steps', 'decay_fraction', 'd_weight_max', 'logvar_init', 'in_channels')
-PARAM_DEFAULTS = {name: _schema_default(PARAM_PATHS[name]) for name in UPSTREAM_HARD_CODED}   # upstream's values, as the schema holds them
+_DEFAULTS = resolve_config(None)   # the resolver's defaults: upstream RadioDiff's configuration
+PARAM_DEFAULTS = {name: _at(_DEFAULTS, PARAM_PATHS[name])[0] for name in UPSTREAM_HARD_CODED}   # upstream's values, as the resolver fills them
 
 def _find_key(config, names):
     "Breadth-first search of nested dicts for the first key in `names`."
@@ -95,26 +84,34 @@ def _find_key(config, names):
     return None, False
 
 # %% ../nbs/14_analysis.ipynb 10
-def training_params(config: dict | None,
-                    own: bool = False,  # the run was written by this project's trainer: read `config` through the resolver
-                   ) -> dict:
-    "The parameters the analysis needs, from a nested config; `_defaulted` lists those the config does not give."
-    resolved = None
-    if own and config:
-        try: resolved = resolve_config(config)
-        except ConfigError: resolved = None   # a config this version no longer accepts: read it by name as below
+def _own_params(config: dict) -> tuple[dict, list]:
+    "A run of this project: each parameter at its schema path of the resolved config, and the names the file does not give."
+    try: resolved = resolve_config(config)
+    except ConfigError: resolved = None   # a config this version no longer accepts: each setting at its path in the file
+    raw, params, defaulted = unwrap_upstream(config), {}, []
+    for name, path in PARAM_PATHS.items():
+        value, found = _at(raw, path)
+        if not found: defaulted.append(name)
+        params[name] = _at(resolved, path)[0] if resolved is not None else value if found else _at(_DEFAULTS, path)[0]
+    return params, defaulted
+
+def _upstream_params(config: dict | None) -> tuple[dict, list]:
+    "An upstream-style config: each parameter by name under its aliases, else the value upstream hard-codes (or None)."
     params, defaulted = {}, []
     for name, aliases in PARAM_ALIASES.items():
-        if resolved is not None:
-            value, found = _at(resolved, PARAM_PATHS[name])[0], _at(unwrap_upstream(config), PARAM_PATHS[name])[1]
-            if not found: defaulted.append(name)
-            params[name] = value; continue
         value, found = _find_key(config, aliases) if config else (None, False)
         if isinstance(value, dict): value = value.get('kind', value.get('name', value.get('type')))
         if not found or value is None:
             value = PARAM_DEFAULTS.get(name)
             if value is not None: defaulted.append(name)
         params[name] = value
+    return params, defaulted
+
+def training_params(config: dict | None, # the run's config, nested as in its file (None: not known)
+                    own: bool = False,  # the run was written by this project's trainer: read `config` through the resolver
+                   ) -> dict:
+    "The parameters the analysis needs, from a nested config; `_defaulted` lists those the config does not give."
+    params, defaulted = _own_params(config) if own and config else _upstream_params(config)
     if isinstance(params['resolution'], int): params['resolution'] = [params['resolution']] * 2
     params['_defaulted'] = defaulted
     return params
@@ -483,397 +480,3 @@ def completion(params: dict, cov: Coverage, samples) -> Completion:
     last = max(ms) if ms else None; last_step = last * int(every) if last is not None and every else None
     done = None if T is None else bool((last_step is not None and last_step >= T) or cov.last_step + (cov.log_interval or 0) >= T)
     return Completion(T, cov.last_step, last, last_step, done)
-
-# %% ../nbs/14_analysis.ipynb 64
-def schedule_lr(steps, params: dict) -> np.ndarray | None:
-    "The learning rate at each step from the config's schedule, or `None` if lr, T or the schedule is missing or unknown."
-    if params.get('lr') is None or params.get('total_steps') is None: return None
-    kw = dict(base_lr=float(params['lr']), min_lr=float(params['min_lr']), power=float(params['power']),
-              warmup_steps=int(params['warmup_steps'] or 0), decay_fraction=float(params['decay_fraction']))
-    if params.get('finish_lr') is not None: kw.update(restart_step=finish_start(params), restart_lr=float(params['finish_lr']))
-    try: return np.array([lr_at(params['schedule'], int(s), int(params['total_steps']), **kw) for s in steps], dtype=float)
-    except ConfigError: return None
-
-# %% ../nbs/14_analysis.ipynb 66
-@dataclass
-class LearningRate:
-    "The logged learning-rate column against the schedule's rate, which is inferred where the log shows nothing."
-    column_present: bool
-    rows: int
-    rows_zero_or_missing: int
-    log_print_step: float | None
-    below_half_print_step: int | None
-    inferred: bool
-    rests_on: str
-    schedule: str | None
-    base_lr: float | None
-    total_steps: int | None
-    min_lr: float | None
-    power: float | None
-    first: float | None = None
-    last: float | None = None
-    floor: float | None = None
-    max_rel_deviation_logged_vs_schedule: float | None = None
-
-def print_step(df: pd.DataFrame) -> float | None:
-    "The log's print step: the finest `value_quantum` of its metric columns, `None` if any has full precision."
-    quanta = [value_quantum(df[c]) for c in metric_columns(df) if np.any(np.nan_to_num(df[c].to_numpy(float)) != 0)]
-    return None if not quanta or any(q is None for q in quanta) else min(quanta)
-
-# %% ../nbs/14_analysis.ipynb 68
-def _lr_basis(params: dict, loop: TrainingLoop) -> str:
-    "What an inferred learning rate rests on: the config's values and the defaulted ones."
-    keys = {'lr': 'lr', 'total_steps': 'train_num_steps', 'min_lr': 'min_lr', 'schedule': 'schedule', 'power': 'power'}
-    given = [f'{keys[k]} {params[k]}' for k in keys if params.get(k) is not None and k not in params['_defaulted']]
-    assumed = [f'{keys[k]} {params[k]}' for k in keys if k in params['_defaulted']]
-    where = "hard-coded in upstream's training script" if loop.name == 'upstream' else 'defaults'
-    return f"the config's {', '.join(given) or 'nothing'}" + (f"; {', '.join(assumed)} ({where})" if assumed else '')
-
-def learning_rate(df: pd.DataFrame, params: dict, loop: TrainingLoop) -> tuple[LearningRate, np.ndarray | None]:
-    "Compare the logged lr with the schedule; infer it from the schedule where the log shows zero or nothing."
-    logged = df['lr'].to_numpy(float) if 'lr' in df else np.full(len(df), np.nan)
-    rows = logged_rows(df, 'lr') if 'lr' in df else np.ones(len(df), bool)
-    bad = (~np.isfinite(logged) | (logged == 0)) & rows; q = print_step(df)
-    sched = schedule_lr(df.index.to_numpy(), params)
-    lr = LearningRate('lr' in df, int(rows.sum()), int(bad.sum()), q, None, sched is not None and bool(bad.any()),
-                      _lr_basis(params, loop), params.get('schedule'), params.get('lr'), params.get('total_steps'),
-                      params.get('min_lr'), params.get('power'))
-    if sched is not None:
-        good = np.isfinite(logged) & (logged != 0) & (sched > 0)
-        lr.first, lr.last = float(sched[0]), float(sched[-1])
-        lr.floor = float(schedule_lr([10 * int(params['total_steps'])], params)[0])
-        lr.below_half_print_step = int((sched < q / 2).sum()) if q else None
-        lr.max_rel_deviation_logged_vs_schedule = float(np.max(np.abs(logged[good] / sched[good] - 1))) if good.any() else None
-    return lr, sched
-
-# %% ../nbs/14_analysis.ipynb 71
-@dataclass
-class MapSize:
-    "Pixels per image implied by `nll_loss`, `rec_loss` and `logvar` (an inference), with rounding bounds."
-    pixels: int
-    median: float
-    rows: int
-    bound_low: float | None
-    bound_high: float | None
-    channels: int
-    square_side: int | None
-    config_resolution: list | None
-    config_pixels: int | None
-    rests_on: str = 'nll_loss = pixels x (rec_loss x exp(-logvar) + logvar), per logged row'
-    finish_from: int | None = None   # rows from this step on (a finishing phase on larger maps) are left out
-
-# %% ../nbs/14_analysis.ipynb 73
-def pixels_per_image(df: pd.DataFrame, params: dict | None = None) -> MapSize | None:
-    "The number of pixels per image implied by `nll_loss`, `rec_loss` and `logvar`, with rounding bounds (before any finishing phase)."
-    start = finish_start(params or {})
-    if start is not None: df = df[df.index < start]
-    c = {k: column_of(df, k) for k in ('nll_loss', 'rec_loss', 'logvar')}
-    if c['nll_loss'] is None or c['rec_loss'] is None: return None
-    nll, rec = df[c['nll_loss']].to_numpy(float), df[c['rec_loss']].to_numpy(float)
-    lv = df[c['logvar']].to_numpy(float) if c['logvar'] else np.zeros(len(df))
-    ok = np.isfinite(nll) & np.isfinite(rec) & np.isfinite(lv) & (rec > 0)
-    denom = rec * np.exp(-lv) + lv; ok &= denom > 0
-    if not ok.any(): return None
-    med = float(np.median(nll[ok] / denom[ok])); lo = hi = None
-    en, er = _rounding_error(nll), _rounding_error(rec); flat = ok & (lv == 0) & (rec > er)
-    if flat.any():
-        lo = float(np.max((nll[flat] - en[flat]) / (rec[flat] + er[flat]))); hi = float(np.min((nll[flat] + en[flat]) / (rec[flat] - er[flat])))
-    n = int(round((lo + hi) / 2 if lo is not None and lo <= hi else med))
-    ch = int((params or {}).get('in_channels') or 1); side = math.isqrt(n // ch); res = (params or {}).get('resolution')
-    return MapSize(n, med, int(ok.sum()), lo, hi, ch, side if side * side * ch == n else None,
-                   list(res) if res else None, int(np.prod(res)) * ch if res else None, finish_from=start)
-
-# %% ../nbs/14_analysis.ipynb 76
-@dataclass
-class DWeight:
-    "How often the logged adaptive weight equals its clamp `d_weight_max x disc_weight`, overall and per phase."
-    column: str
-    clamp: float | None
-    rows: int
-    rows_at_clamp: int | None
-    fraction_at_clamp: float | None
-    fraction_at_clamp_before_gate: float | None
-    fraction_at_clamp_after_gate: float | None
-    min: float
-    max: float
-
-def d_weight_clamp(df: pd.DataFrame, params: dict) -> DWeight | None:
-    "Count the logged steps whose adaptive weight sits at its clamp."
-    col = column_of(df, 'd_weight')
-    if col is None: return None
-    v = df[col].to_numpy(float); fin = np.isfinite(v); w = v[fin]
-    if not len(w): return None
-    if params.get('disc_weight') is None: return DWeight(col, None, len(w), None, None, None, None, float(w.min()), float(w.max()))
-    clamp = float(params['d_weight_max']) * float(params['disc_weight']); q = value_quantum(w) or 0.0
-    at = np.abs(w - clamp) <= max(q / 2, 1e-9 * clamp); dfc = column_of(df, 'disc_factor')
-    on = df[dfc].to_numpy(float)[fin] > 0 if dfc else np.zeros(len(w), bool)
-    part = lambda m: float(at[m].mean()) if m.any() else None
-    return DWeight(col, clamp, len(w), int(at.sum()), float(at.mean()), part(~on), part(on), float(w.min()), float(w.max()))
-
-# %% ../nbs/14_analysis.ipynb 78
-@dataclass
-class Logvar:
-    "Whether the log-variance ever left its first logged value."
-    column: str
-    first: float
-    last: float
-    min: float
-    max: float
-    moved: bool
-    quantum: float | None
-
-def logvar_movement(df: pd.DataFrame) -> Logvar | None:
-    "The log-variance's range over the logged steps."
-    col = column_of(df, 'logvar')
-    if col is None: return None
-    v = df[col].to_numpy(float); v = v[np.isfinite(v)]
-    if not len(v): return None
-    return Logvar(col, float(v[0]), float(v[-1]), float(v.min()), float(v.max()), bool(v.max() > v.min()), value_quantum(v))
-
-# %% ../nbs/14_analysis.ipynb 81
-def loss_terms(df: pd.DataFrame, params: dict) -> pd.DataFrame | None:
-    "Per logged step: `nll`, `kl_term` = kl_weight x kl, `adversarial_term` = d_weight x disc_factor x g, `computed_total`, `logged_total`."
-    c = {k: column_of(df, k) for k in ('total_loss', 'nll_loss', 'kl_loss', 'd_weight', 'disc_factor', 'g_loss')}
-    if any(v is None for v in c.values()) or params.get('kl_weight') is None: return None
-    x = {k: df[v].to_numpy(float) for k, v in c.items()}
-    with np.errstate(invalid='ignore'):   # inf * 0 becomes NaN
-        out = pd.DataFrame({'nll': x['nll_loss'], 'kl_term': float(params['kl_weight']) * x['kl_loss'],
-                            'adversarial_term': x['d_weight'] * x['disc_factor'] * x['g_loss']}, index=df.index)
-    out['computed_total'] = out.sum(axis=1, skipna=False); out['logged_total'] = x['total_loss']
-    return out
-
-# %% ../nbs/14_analysis.ipynb 83
-@dataclass
-class WorkedExample:
-    "One logged row's loss, summed term by term and compared with the logged total."
-    step: int
-    nll: float
-    kl: float
-    kl_weight: float
-    d_weight: float
-    disc_factor: float
-    g_loss: float
-    kl_term: float
-    adversarial_term: float
-    computed_total: float
-    logged_total: float
-
-def worked_example(df: pd.DataFrame, params: dict, step: int | None = None) -> WorkedExample | None:
-    "The loss sum of the row at `step` (default: the first logged step after the gate, else the first row)."
-    terms = loss_terms(df, params)
-    if terms is None or not len(terms): return None
-    step = step if step is not None else (gate_step(df) or int(df.index[0]))
-    r, t = df.loc[step], terms.loc[step]; g = lambda k: float(r[column_of(df, k)])
-    return WorkedExample(int(step), g('nll_loss'), g('kl_loss'), float(params['kl_weight']), g('d_weight'), g('disc_factor'),
-                         g('g_loss'), float(t['kl_term']), float(t['adversarial_term']), float(t['computed_total']), float(t['logged_total']))
-
-# %% ../nbs/14_analysis.ipynb 85
-@dataclass
-class LossComposition:
-    "The KL weight the logged terms imply, and the terms' means before and after the gate (the sign of the total)."
-    implied_kl_weight: float | None
-    implied_kl_weight_p05: float | None
-    implied_kl_weight_p95: float | None
-    kl_weight_resolvable: bool
-    kl_term_median: float | None
-    rounding_error_median: float | None
-    config_kl_weight: float | None
-    mean_before_gate: dict | None    # {'total', 'nll', 'kl_term', 'adversarial_term'}
-    mean_after_gate: dict | None
-    fraction_total_negative_after_gate: float | None
-
-# %% ../nbs/14_analysis.ipynb 87
-def _implied_kl_weight(x: dict, params: dict):
-    "Median and 5th/95th percentiles of (total - nll - adversarial) / kl where the rounding allows, and the sizes compared."
-    with np.errstate(invalid='ignore', divide='ignore'):
-        adv = x['d_weight'] * x['disc_factor'] * x['g_loss']; implied = (x['total_loss'] - x['nll_loss'] - adv) / x['kl_loss']
-    quiet = np.isfinite(implied) & (x['disc_factor'] == 0) & (x['kl_loss'] > 0)   # lambda x g's rounding is large
-    use = quiet if quiet.any() else np.isfinite(implied)
-    err = _rounding_error(x['total_loss']) + _rounding_error(x['nll_loss'])
-    kl_term = np.abs((params.get('kl_weight') if params.get('kl_weight') is not None else implied) * x['kl_loss'])
-    ok = bool(use.any() and np.median(err[use]) < 0.1 * np.median(kl_term[use]))
-    pick = lambda f: float(f(implied[use])) if ok else None
-    return (pick(np.median), pick(lambda v: np.percentile(v, 5)), pick(lambda v: np.percentile(v, 95)), ok,
-            float(np.median(kl_term[use])) if use.any() else None, float(np.median(err[use])) if use.any() else None)
-
-def loss_composition(df: pd.DataFrame, params: dict) -> LossComposition | None:
-    "The implied KL weight and the loss terms' means on each side of the gate."
-    c = {k: column_of(df, k) for k in ('total_loss', 'nll_loss', 'kl_loss', 'd_weight', 'disc_factor', 'g_loss')}
-    if any(v is None for v in c.values()): return None
-    x = {k: df[v].to_numpy(float) for k, v in c.items()}
-    terms, on = loss_terms(df, params), x['disc_factor'] > 0
-    means = lambda m: ({'total': float(np.nanmean(x['total_loss'][m])), **{k: float(np.nanmean(terms[k].to_numpy()[m]))
-                        for k in ('nll', 'kl_term', 'adversarial_term')}} if m.any() and terms is not None else None)
-    return LossComposition(*_implied_kl_weight(x, params), params.get('kl_weight'), means(~on), means(on),
-                           float(np.mean(x['total_loss'][on] < 0)) if on.any() else None)
-
-# %% ../nbs/14_analysis.ipynb 90
-def metric_stats(df: pd.DataFrame) -> dict:
-    "Count, NaN/inf counts, first/final/min/max/mean/std (and their steps) of every metric column."
-    stats_, all_steps = {}, df.index.to_numpy()
-    for c in metric_columns(df):
-        rows = logged_rows(df, c); v = df[c].to_numpy(float)[rows]; steps = all_steps[rows]; fin = np.isfinite(v)
-        s = dict(count=int(len(v)), missing_or_nan=int(np.isnan(v).sum()), pos_inf=int(np.isposinf(v).sum()), neg_inf=int(np.isneginf(v).sum()))
-        if fin.any():
-            f, fs = v[fin], steps[fin]
-            s.update(first=float(f[0]), final=float(f[-1]), final_step=int(fs[-1]), min=float(f.min()), min_step=int(fs[f.argmin()]),
-                     max=float(f.max()), max_step=int(fs[f.argmax()]), mean=float(f.mean()), std=float(f.std()))
-        s['first_nonfinite_step'] = int(steps[~fin][0]) if (~fin).any() and (s['pos_inf'] or s['neg_inf']) else None
-        stats_[c] = s
-    return stats_
-
-# %% ../nbs/14_analysis.ipynb 92
-@dataclass
-class Trend:
-    "Mean of the first and of the last `window` finite values of a column, within one phase."
-    column: str
-    phase: str
-    window: int
-    start_mean: float
-    end_mean: float
-    relative_change: float | None
-
-def trend(values, column: str = '', phase: str = '', fraction: float = 0.1) -> Trend | None:
-    "Compare the mean of the first and last `fraction` of the finite `values`."
-    v = np.asarray(values, float); v = v[np.isfinite(v)]
-    if len(v) < 2: return None
-    k = max(1, int(len(v) * fraction)); a, b = float(v[:k].mean()), float(v[-k:].mean())
-    return Trend(column, phase, k, a, b, (b - a) / abs(a) if a else None)
-
-# %% ../nbs/14_analysis.ipynb 95
-@dataclass
-class RunAnalysis:
-    "Everything derived about one run."
-    name: str
-    inputs: list
-    input_kinds: list
-    rows: int
-    records: int | None
-    skipped_lines: int | None
-    files: list
-    ignored_inputs: list
-    config_source: str | None
-    config: dict | None
-    params: dict
-    loop: TrainingLoop
-    discriminator_trained: bool | None
-    discriminator: DiscriminatorEvidence
-    resumed_from_step: int | None
-    resumes: Resumes
-    phases: Phases
-    coverage: Coverage
-    completion: Completion
-    learning_rate: LearningRate
-    map_size: MapSize | None
-    d_weight: DWeight | None
-    logvar: Logvar | None
-    loss_composition: LossComposition | None
-    worked_example: WorkedExample | None
-    metrics: dict
-    trends: list
-    samples: list
-    sample_repeats: SampleRepeats | None
-    smoothing_restarts: list
-
-# %% ../nbs/14_analysis.ipynb 97
-TREND_KEYS = ('nll_loss', 'rec_loss', 'kl_loss', 'g_loss', 'disc_loss')   # not the total: the gate shifts it
-
-def _trends(df: pd.DataFrame, ph: Phases, finish: int | None = None) -> list:
-    "Trends of the main columns within the last phase (the whole table if there are no phases), before any finishing phase."
-    last = ph.phases[-1] if ph.phases else None
-    rows = (df.index >= last.first_step) & (df.index <= last.last_step) if last else np.ones(len(df), bool)
-    if finish is not None and (rows & (df.index < finish)).sum() > 1: rows &= df.index < finish
-    out = [trend(df[c].to_numpy(float)[rows], c, last.name if last else 'all logged steps')
-           for c in (column_of(df, k) for k in TREND_KEYS) if c]
-    return [t for t in out if t]
-
-# %% ../nbs/14_analysis.ipynb 99
-def analyze_run(df: pd.DataFrame, info: dict, config: dict | None = None, config_source: str | None = None,
-                name: str = 'run') -> tuple[RunAnalysis, pd.DataFrame]:
-    "Every derived quantity of one run, and the table with `lr_inferred` added where the schedule gives it."
-    cfg = config if config is not None else info.get('config'); loop = training_loop(info, cfg)
-    params = training_params(cfg, own=loop.name == 'radiodiff_vae')
-    if params['total_steps'] is None and info.get('total_steps'): params['total_steps'] = info['total_steps']
-    samples = list(info.get('samples') or [])
-    gate, cov = gate_step(df), coverage(df)
-    disc = discriminator_training(df, info, loop, params, gate)
-    ph = phases(df, params, disc.trained)
-    reps = sample_repeats(samples, params.get('save_every'))
-    res = resume_evidence(params, cov.first_step, cov.log_interval, info.get('resumes') or [], reps)
-    lr, sched = learning_rate(df, params, loop); table = df.copy()
-    if sched is not None: table.insert(table.columns.get_loc('lr') + 1 if 'lr' in table else 0, 'lr_inferred', sched)
-    finish = finish_start(params)
-    restarts = sorted({s for s in ph.switch_steps + res.steps + ([finish] if finish else []) if cov.first_step < s <= cov.last_step})
-    a = RunAnalysis(name, list(info.get('sources') or []), list(info.get('kinds') or []), len(df), info.get('records'),
-                    info.get('skipped_lines'), list(info.get('files') or []), list(info.get('ignored') or []),
-                    config_source or info.get('config_source'), cfg, params, loop, disc.trained, disc, res.resumed_from_step, res,
-                    ph, cov, completion(params, cov, samples), lr, pixels_per_image(df, params), d_weight_clamp(df, params),
-                    logvar_movement(df), loss_composition(df, params), worked_example(df, params), metric_stats(df),
-                    _trends(df, ph, finish), [str(s) for s in samples], reps, restarts)
-    return a, table
-
-# %% ../nbs/14_analysis.ipynb 102
-@dataclass
-class RunData:
-    "One run: a name, its step-indexed table (with `lr_inferred`), its analysis and its sample images."
-    name: str
-    table: pd.DataFrame
-    analysis: RunAnalysis
-    samples: list = field(default_factory=list)
-
-    def segments(self) -> np.ndarray:
-        "Segment id of each row: a new segment at every phase boundary and resume."
-        return segment_ids(self.table.index.to_numpy(), self.analysis.smoothing_restarts)
-
-    def smoothed(self, values, smoothing: float = 0.9) -> np.ndarray:
-        "`values` (one per row) smoothed with the average restarted at every segment."
-        return segmented_ema(values, self.segments(), smoothing)
-
-# %% ../nbs/14_analysis.ipynb 105
-def group_inputs(paths) -> list[tuple[str, list[Path]]]:
-    "Group inputs into runs: each folder is a run; files in the same folder are one run. Returns `(name, paths)`."
-    groups, names = {}, []
-    for p in map(Path, paths):
-        key = p.resolve() if p.is_dir() else p.resolve().parent
-        if key not in groups: groups[key] = []; names.append(key)
-        groups[key].append(p)
-    out, used = [], set()
-    for key in names:
-        name = printable_name(key.name) or 'run'; n = 2
-        while name in used: name = f'{printable_name(key.name)}-{n}'; n += 1
-        used.add(name); out.append((name, groups[key]))
-    return out
-
-def display_path(p) -> str:
-    "A path as shown in reports: relative to the repository (or the working folder) when inside it."
-    p = Path(p).resolve()
-    for root in (data_dir().resolve().parent, Path.cwd().resolve()):
-        try: return printable_name(p.relative_to(root))
-        except ValueError: pass
-    return printable_name(p)
-
-# %% ../nbs/14_analysis.ipynb 107
-def _read_one(paths, config):
-    "Read one run; without a config anywhere, use its folder's only YAML file."
-    df, info = read_run(*paths, config=config)
-    if info['config'] is None:
-        found = next((c for p in paths if (c := find_run_config(p)) is not None), None)
-        if found is not None: info['config'], info['config_source'] = load_config_file(found), str(found)
-    src = info['config_source']
-    if src and src != 'argument':
-        path, _, rest = src.partition(' (')
-        info['config_source'] = display_path(path) + (f' ({rest}' if rest else '')
-    for k in ('sources', 'ignored'): info[k] = [display_path(s) for s in info[k]]
-    info['files'] = [dict(f, path=display_path(f['path'])) for f in info['files']]
-    return df, info
-
-def load_runs(inputs, config=None) -> list[RunData]:
-    "Read and analyse each run in `inputs` (`config`: a YAML/JSON file or dict for every run, or `None`)."
-    if config is not None and not isinstance(config, dict) and not Path(config).is_file():
-        raise ConfigError(f'--config {config}: no such file (give the YAML/JSON config the run was trained with)')
-    runs = []
-    for name, paths in group_inputs(inputs):
-        df, info = _read_one(paths, config)
-        a, table = analyze_run(df, info, name=name)
-        runs.append(RunData(name, table, a, [Path(s) for s in info['samples']]))
-    return runs

@@ -185,7 +185,7 @@ def candidate_report(run, # a training run folder (model-N.pt checkpoints)
     from pathlib import Path
     import json
     from radiodiff_vae.core import atomic_save_png, atomic_write_text, to_jsonable
-    from radiodiff_vae.evaluation import dataset_from_spec
+    from radiodiff_vae.data_spec import dataset_from_spec
     from radiodiff_vae.model import load_checkpoint, model_from_checkpoint
     from radiodiff_vae.pretrained import checkpoint_scores, load_pretrained
     out = Path(out); out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,8 @@ import torch
 from tqdm.auto import tqdm
 from .core import CheckpointError, DataError, RunFolderError, atomic_write_bytes, atomic_write_text, to_jsonable
 from .model import AutoencoderKL, load_checkpoint, model_from_checkpoint, select_state_dict
-from .evaluation import dataset_from_spec, _batches
+from .data_spec import dataset_from_spec
+from .evaluation import _batches
 from .formats import safetensors_bytes, weights_sha256
 from .pretrained import verify_release
 

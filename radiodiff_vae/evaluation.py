@@ -12,29 +12,28 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from scipy import stats
-from torch.utils.data import Subset
 from torchmetrics.functional.image import structural_similarity_index_measure, peak_signal_noise_ratio
 from tqdm.auto import tqdm
 from .core import (CheckpointError, ConfigError, DataError, atomic_save_png, atomic_write_text,
-                                markdown_table, real_maps_dir, to_jsonable)
+                                markdown_table, to_jsonable)
 from .distributions import DiagonalGaussianDistribution
 from .perceptual import LPIPSWeightsMissing
 from .losses import LPIPSWithDiscriminator
 from .model import load_checkpoint, model_from_checkpoint, upstream_loss_state_dict
-from .data import MapFolder, RadioMapSeer, leaked_maps, unscale_gain
-from .synthetic import SyntheticRadioMaps
-from .checks import check_seed, check_map_side, printable_name
+from .data import unscale_gain
+from .data_spec import dataset_from_spec, spec_slug
+from .checks import printable_name
 from .config import downsampling_factor, load_config, resolve_config
 from .protocols import protocol_columns, protocol_metrics, protocols_markdown, summarize_protocols
 
 # %% auto 0
 __all__ = ['SSIM_KERNEL_SIZE', 'SSIM_SIGMA', 'METRICS', 'EVAL_BATCH', 'LOSS_TERMS', 'RADIODIFF_PAPER', 'EVALUATION_FILES',
            'mse_per_map', 'nmse_per_map', 'rmse_per_map', 'psnr_per_map', 'ssim_per_map', 'map_metrics', 'summarize',
-           'dataset_from_spec', 'read_checkpoint', 'build_model', 'check_finite_weights', 'build_loss',
-           'per_map_losses', 'posterior_and_reconstructions', 'LatentStats', 'evaluate_model', 'summarize_rows',
-           'degenerate_notes', 'plot_reconstructions', 'plot_psnr_histogram', 'markdown_section', 'prepare_evaluation',
-           'resolve_data', 'evaluate_prepared', 'write_outputs', 'remove_stale_outputs', 'evaluate_checkpoint',
-           'add_evaluate_args', 'run_evaluate', 'spec_slug', 'evaluate_many']
+           'read_checkpoint', 'build_model', 'check_finite_weights', 'build_loss', 'per_map_losses',
+           'posterior_and_reconstructions', 'LatentStats', 'evaluate_model', 'summarize_rows', 'degenerate_notes',
+           'plot_reconstructions', 'plot_psnr_histogram', 'markdown_section', 'prepare_evaluation', 'resolve_data',
+           'evaluate_prepared', 'write_outputs', 'remove_stale_outputs', 'evaluate_checkpoint', 'add_evaluate_args',
+           'run_evaluate', 'evaluate_many']
 
 # %% ../nbs/17_evaluation.ipynb 5
 SSIM_KERNEL_SIZE, SSIM_SIGMA = 11, 1.5
@@ -97,84 +96,7 @@ def summarize(values, confidence=0.95) -> dict:
         out.update(std=std, ci_low=mean - half, ci_high=mean + half)
     return out
 
-# %% ../nbs/17_evaluation.ipynb 20
-def _synthetic_dataset(spec: str, cfg: dict | None):
-    "The `SyntheticRadioMaps` of a `synthetic:N[:SEED[:SIZE]]` spec, held out from `cfg`'s synthetic training maps."
-    parts = spec.split(":")[1:]
-    try: n, seed, size = [int(p) if p != "" else None for p in parts] + [None] * (3 - len(parts))
-    except ValueError: raise DataError(f"data spec {spec!r}: expected synthetic:N[:SEED[:SIZE]] with integers") from None
-    if len(parts) > 3 or n is None or n < 1: raise DataError(f"data spec {spec!r}: expected synthetic:N[:SEED[:SIZE]] with N >= 1")
-    data = (cfg or {}).get("data", {})
-    trained_on = data.get("source") == "synthetic"
-    size = size or (data.get("size") if trained_on else None) or 256
-    params = dict(data.get("synthetic") or {}) if trained_on else {}
-    if seed is None: seed = data.get("data_seed", 0) if trained_on else 0
-    check_seed(seed, f"data spec {spec!r}: SEED"); check_map_side(size, f"data spec {spec!r}: SIZE")   # before any map is made
-    offset = data.get("n_maps", 0) + data.get("val_maps", 0) if trained_on and seed == data.get("data_seed") else 0
-    return SyntheticRadioMaps(n, seed=seed, size=size, offset=offset, **params), dict(
-        kind="synthetic", n=n, seed=seed, size=size, offset=offset, params=params, held_out_from_training=trained_on)
-
 # %% ../nbs/17_evaluation.ipynb 22
-def _leak_note(left_out: list, include_leaked: bool, kept=()) -> str | None:
-    "What the evaluation did about the map that upstream's split puts in both train and test."
-    if left_out: return (f"map(s) {', '.join(map(str, left_out))} left out: upstream's split also trains on them (test position 600); "
-                         "include_leaked=True (--include-leaked) scores upstream's full test split")
-    if include_leaked and kept: return f"includes map(s) {', '.join(map(str, kept))}, which upstream's split also trains on (as upstream's numbers do)"
-    return None
-
-def _map_id(name: str) -> int | None:
-    "The RadioMapSeer map id of a file stem `<map>_<tx>` (None for other names)."
-    head = str(name).split("/")[-1].split("_")[0]
-    return int(head) if head.isdigit() else None
-
-def _partial_radiomapseer(root: Path, simulation: str, include_leaked: bool, missing: str):
-    "Every map found in `root/gain/simulation` (an incomplete test split), less the leaked map's files unless `include_leaked`."
-    folder = MapFolder(root / "gain" / simulation, size=None, recursive=False)
-    leaked = set(leaked_maps())
-    keep = [i for i, n in enumerate(folder.names) if include_leaked or _map_id(n) not in leaked]
-    dropped = sorted({_map_id(n) for i, n in enumerate(folder.names) if i not in set(keep)})
-    kept = sorted({_map_id(folder.names[i]) for i in keep} & leaked)
-    ds = folder if len(keep) == len(folder) else Subset(folder, keep)
-    notes = [f"not a complete RadioMapSeer test split ({missing}); evaluated the {len(ds)} maps found in {root / 'gain' / simulation}",
-             _leak_note(dropped, include_leaked, kept)]
-    return ds, dict(kind="radiomapseer", root=str(root), simulation=simulation, split="test", complete=False,
-                    left_out=dropped, include_leaked=include_leaked, note="; ".join(n for n in notes if n))
-
-def _radiomapseer_dataset(root: Path, simulation: str = "DPM", include_leaked: bool = False):
-    "The RadioMapSeer test split under `root` (held out unless `include_leaked`), or the maps found when it is incomplete."
-    try: ds = RadioMapSeer(root, simulation=simulation, phase="test", size=None, include_leaked=include_leaked)
-    except DataError as e:
-        if "missing" not in str(e): raise
-        return _partial_radiomapseer(root, simulation, include_leaked, str(e).split(": ", 1)[1].split(":")[0])
-    kept = [m for m in leaked_maps(ds.n_maps) if m in ds.maps] if include_leaked else []
-    return ds, dict(kind="radiomapseer", root=str(root), simulation=simulation, split="test", complete=True,
-                    left_out=ds.left_out, include_leaked=include_leaked, note=_leak_note(ds.left_out, include_leaked, kept))
-
-# %% ../nbs/17_evaluation.ipynb 24
-def _real_dataset():
-    "The bundled real maps, described honestly: real RadioMapSeer maps, named by label, from upstream's training split."
-    root = real_maps_dir() / "gain" / "DPM"
-    ds = MapFolder(root, size=None, recursive=False)
-    return ds, dict(kind="real", root=str(root), simulation="DPM", complete=False, note=(
-        f"the {len(ds)} bundled real RadioMapSeer maps: their names are labels, not map ids, and they come from upstream's "
-        "training split, so they are held out only for a model not trained on RadioMapSeer with upstream's split"))
-
-# %% ../nbs/17_evaluation.ipynb 26
-def dataset_from_spec(spec, cfg: dict | None = None, include_leaked: bool = False):
-    "A dataset of maps (items {'image', 'name'}) and a description of it, from a data spec (see the table above)."
-    spec = str(spec)
-    if spec.startswith("synthetic:"): return _synthetic_dataset(spec, cfg)
-    if spec == "real": return _real_dataset()
-    if spec.startswith("folder:"):
-        path = Path(spec[len("folder:"):])
-        return MapFolder(path, size=None), dict(kind="folder", root=str(path))
-    path = Path(spec[len("radiomapseer:"):] if spec.startswith("radiomapseer:") else spec)
-    if not path.exists(): raise DataError(f"data spec {spec!r}: {path} does not exist; expected a folder of maps, "
-                                          "a RadioMapSeer root, 'real' or synthetic:N[:SEED[:SIZE]]")
-    if (path / "gain").is_dir() or spec.startswith("radiomapseer:"): return _radiomapseer_dataset(path, include_leaked=include_leaked)
-    return MapFolder(path, size=None), dict(kind="folder", root=str(path))
-
-# %% ../nbs/17_evaluation.ipynb 30
 def _evaluation_config(ckpt: dict, path: Path, config=None):
     "The resolved config for a checkpoint: `config` (a path or dict) if given, else the checkpoint's, else defaults."
     if config is not None:
@@ -185,7 +107,7 @@ def _evaluation_config(ckpt: dict, path: Path, config=None):
         except ConfigError as e: raise CheckpointError(f"{path}: its stored config is not valid ({e}); pass a config file") from None
     return resolve_config(None), "default (RadioDiff config; the checkpoint carries none)"
 
-# %% ../nbs/17_evaluation.ipynb 32
+# %% ../nbs/17_evaluation.ipynb 24
 def _weights_to_evaluate(use_ema) -> list[str]:
     "`False` -> ['raw'], `True` -> ['ema'], 'both' -> ['raw', 'ema']."
     if use_ema == "both": return ["raw", "ema"]
@@ -213,7 +135,7 @@ def check_finite_weights(model, path, which: str):
     if bad: raise CheckpointError(f"{path}: the {which} weights hold non-finite values ({len(bad)} tensors, e.g. {bad[0][0]}: {bad[0][1]} NaN/inf); "
                                   "nothing to evaluate" + ("; the EMA weights may be intact (--ema)" if which == "raw" else ""))
 
-# %% ../nbs/17_evaluation.ipynb 35
+# %% ../nbs/17_evaluation.ipynb 27
 def build_loss(ckpt: dict, cfg: dict, device="cpu") -> tuple[torch.nn.Module, list[str], float]:
     "The config's `LPIPSWithDiscriminator` with the checkpoint's loss state; notes on what differs; the LPIPS weight used."
     lossconfig, notes = dict(cfg["model"]["lossconfig"]), []
@@ -231,7 +153,7 @@ def build_loss(ckpt: dict, cfg: dict, device="cpu") -> tuple[torch.nn.Module, li
                        "does not fit the lossconfig") + ": fresh values used (logvar = logvar_init; g_loss meaningless)")
     return loss.to(device).eval().requires_grad_(False), notes, perceptual_weight
 
-# %% ../nbs/17_evaluation.ipynb 37
+# %% ../nbs/17_evaluation.ipynb 29
 def per_map_losses(loss, x, x_rec, posterior, last_layer) -> dict:
     "Training loss terms of each map (the batch is split into single maps) -> dict of float lists."
     keys = dict(rec_loss="rec", kl_loss="kl", nll_loss="nll", total_loss="total", g_loss="g")
@@ -243,7 +165,7 @@ def per_map_losses(loss, x, x_rec, posterior, last_layer) -> dict:
         for k, short in keys.items(): out[short].append(float(log[f"eval/{k}"]))
     return out
 
-# %% ../nbs/17_evaluation.ipynb 40
+# %% ../nbs/17_evaluation.ipynb 32
 def _map_noise(shape, index: int, sample_seed: int) -> torch.Tensor:
     "Standard normal noise of `shape` for map `index`: the same for every batch layout."
     return torch.randn(shape, generator=torch.Generator().manual_seed((sample_seed * 1_000_003 + index) % 2**64))   # any seed up to 2**63-1
@@ -257,7 +179,7 @@ def posterior_and_reconstructions(model, x, indices, sample_seed: int = 0) -> di
     return dict(posterior=posterior, z_mode=posterior.mode(), z_sample=z_sample,
                 x_mode=model.decode(posterior.mode()), x_sample=model.decode(z_sample))
 
-# %% ../nbs/17_evaluation.ipynb 43
+# %% ../nbs/17_evaluation.ipynb 35
 class LatentStats:
     "Running per-channel sums of latents -> mean, std per channel and pooled, and the scale factor 1/std."
     def __init__(self): self.sum = self.sumsq = None; self.count = 0
@@ -278,7 +200,7 @@ class LatentStats:
         return dict(channel_mean=mean.tolist(), channel_std=var.sqrt().tolist(), mean=pooled_mean, std=pooled_std,
                     scale_factor=(1 / pooled_std) if pooled_std > 0 else None, elements=self.count * len(self.sum))
 
-# %% ../nbs/17_evaluation.ipynb 46
+# %% ../nbs/17_evaluation.ipynb 38
 EVAL_BATCH = 2   # maps per forward pass by default: the fastest per map on a CPU (see above)
 
 def _check_map(image, name, index, ddconfig):
@@ -302,7 +224,7 @@ def _batches(dataset, indices, batch_size, ddconfig):
         batch.append((i, item))
     if batch: yield batch
 
-# %% ../nbs/17_evaluation.ipynb 48
+# %% ../nbs/17_evaluation.ipynb 40
 def evaluate_model(model, loss, dataset, indices, *, batch_size=EVAL_BATCH, device="cpu", sample_seed=0, train_on_sample=True,
                    progress=True, desc="evaluate") -> tuple[list[dict], dict]:
     "Per-map rows (metrics, losses) and latent statistics of `model` on `dataset[indices]`."
@@ -326,7 +248,7 @@ def evaluate_model(model, loss, dataset, indices, *, batch_size=EVAL_BATCH, devi
             bar.update(len(batch))
     return rows, {k: v.result() for k, v in latents.items()}
 
-# %% ../nbs/17_evaluation.ipynb 51
+# %% ../nbs/17_evaluation.ipynb 43
 LOSS_TERMS = ("rec", "kl", "nll", "total", "g")
 
 def summarize_rows(rows: list[dict], latents: dict) -> dict:
@@ -342,7 +264,7 @@ def summarize_rows(rows: list[dict], latents: dict) -> dict:
                 latents=latents, scale_factor=latents.get("sample", {}).get("scale_factor"),
                 typical_map=pick((len(order) - 1) // 2), worst_map=pick(0), protocols=summarize_protocols(df))
 
-# %% ../nbs/17_evaluation.ipynb 53
+# %% ../nbs/17_evaluation.ipynb 45
 def degenerate_notes(per_map, weights: str = "") -> list[str]:
     "One line per kind of degenerate map in per-map rows (no signal, exact or non-finite reconstruction), naming the maps."
     df, tag, notes = pd.DataFrame(per_map), f"{weights} weights: " if weights else "", []
@@ -356,7 +278,7 @@ def degenerate_notes(per_map, weights: str = "") -> list[str]:
     if exact.any(): notes.append(f"{tag}PSNR infinite for {int(exact.sum())} map(s) reconstructed exactly (MSE 0), left out of the PSNR mean: {names(exact)}")
     return notes
 
-# %% ../nbs/17_evaluation.ipynb 56
+# %% ../nbs/17_evaluation.ipynb 48
 def plot_reconstructions(model, dataset, picks: dict, sample_seed=0, device="cpu", title=""):
     "Figure: rows = picked maps ({label: index}), columns = map, mode and sampled reconstruction, |error|."
     picks = {k: v for k, v in picks.items() if v is not None}
@@ -380,7 +302,7 @@ def plot_reconstructions(model, dataset, picks: dict, sample_seed=0, device="cpu
     if title: fig.suptitle(title, fontsize=10)
     return fig
 
-# %% ../nbs/17_evaluation.ipynb 58
+# %% ../nbs/17_evaluation.ipynb 50
 def plot_psnr_histogram(df, title=""):
     "Figure: histogram of per-map PSNR, mode and sampled reconstructions, one panel per weights."
     groups = list(df.groupby("weights", sort=False))
@@ -397,7 +319,7 @@ def plot_psnr_histogram(df, title=""):
     if title: fig.suptitle(title, fontsize=10)
     return fig
 
-# %% ../nbs/17_evaluation.ipynb 61
+# %% ../nbs/17_evaluation.ipynb 53
 RADIODIFF_PAPER = dict(nmse=0.0049, rmse=0.0190, psnr=35.0, ssim=(0.95, 0.97))
 _FMT = dict(nmse="{:.4g}", rmse="{:.4g}", psnr="{:.2f}", ssim="{:.4f}", mse="{:.4g}", rec="{:.4g}", kl="{:.4g}",
             nll="{:.5g}", total="{:.5g}", g="{:.4g}")
@@ -422,7 +344,7 @@ def _describe_data(d: dict) -> str:
     if d["kind"] == "dataset": return f"the maps of `{d['description']}`"
     return f"the maps in `{d['root']}`"
 
-# %% ../nbs/17_evaluation.ipynb 63
+# %% ../nbs/17_evaluation.ipynb 55
 def _like_for_like(data: dict) -> bool:
     "Whether the maps are the RadioMapSeer test split RadioDiff's numbers were measured on."
     return data["kind"] == "radiomapseer" and bool(data.get("complete"))
@@ -463,7 +385,7 @@ def markdown_section(summary: dict, figures: dict | None = None) -> str:
     for caption, name in (figures or {}).items(): L += ["", f"![{caption}]({name})"]
     return "\n".join(L) + "\n"
 
-# %% ../nbs/17_evaluation.ipynb 66
+# %% ../nbs/17_evaluation.ipynb 58
 def _check_limit(limit, n, data):
     "The indices to evaluate: the first `limit` of `n` maps."
     if n == 0: raise DataError(f"data {data!r}: the dataset is empty; expected at least one map")
@@ -474,7 +396,7 @@ def _training_size(cfg) -> int | None:
     "The map side the model was trained on, from the config's data section."
     return (cfg.get("data") or {}).get("size")
 
-# %% ../nbs/17_evaluation.ipynb 68
+# %% ../nbs/17_evaluation.ipynb 60
 def prepare_evaluation(checkpoint, use_ema=False, config=None, trust: bool = False, device="cpu") -> dict:
     "Read `checkpoint` once; build the models to evaluate and the loss, which every dataset shares."
     weights = _weights_to_evaluate(use_ema)
@@ -496,7 +418,7 @@ def resolve_data(data, cfg: dict, include_leaked: bool = False, limit=None):
     _check_map(first["image"], first.get("name", str(indices[0])), indices[0], cfg["model"]["ddconfig"])
     return dataset, dict(spec=str(data) if isinstance(data, (str, Path)) else None, **info), indices
 
-# %% ../nbs/17_evaluation.ipynb 70
+# %% ../nbs/17_evaluation.ipynb 62
 def evaluate_prepared(setup: dict, dataset, data_info: dict, indices, batch_size=EVAL_BATCH, sample_seed=0, progress=True,
                       settings: dict | None = None) -> dict:
     "Evaluate every model of `setup` on `dataset[indices]` -> {'summary', 'per_map'}; nothing is written."
@@ -521,7 +443,7 @@ def evaluate_prepared(setup: dict, dataset, data_info: dict, indices, batch_size
                    ddconfig=dict(cfg["model"]["ddconfig"]), embed_dim=cfg["model"]["embed_dim"], settings=settings or {})
     return dict(summary=summary, per_map=pd.DataFrame(rows))
 
-# %% ../nbs/17_evaluation.ipynb 72
+# %% ../nbs/17_evaluation.ipynb 64
 def write_outputs(out_dir, summary: dict, per_map, models: dict, dataset, sample_seed=0, device="cpu") -> dict:
     "Write per_map.csv, summary.json, the figures and evaluation.md into `out_dir`; return their paths."
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
@@ -538,7 +460,7 @@ def write_outputs(out_dir, summary: dict, per_map, models: dict, dataset, sample
     atomic_write_text(out / "evaluation.md", markdown_section(summary, figures))
     return {k: out / k for k in ("per_map.csv", "summary.json", "evaluation.md", *figures.values())}
 
-# %% ../nbs/17_evaluation.ipynb 74
+# %% ../nbs/17_evaluation.ipynb 66
 EVALUATION_FILES = ("per_map.csv", "summary.json", "evaluation.md", "psnr_histogram.png")
 
 def _evaluation_file(name: str) -> bool:
@@ -556,14 +478,14 @@ def remove_stale_outputs(out_dir, keep) -> list[str]:
             shutil.rmtree(p); removed.append(p.name + "/")
     return removed
 
-# %% ../nbs/17_evaluation.ipynb 77
+# %% ../nbs/17_evaluation.ipynb 69
 def evaluate_checkpoint(checkpoint, # model-N.pt: ours or upstream's
-                        data, # a data spec (see the table above) or a Dataset of {'image', 'name'} items
+                        data, # a data spec (see 09b_data_spec) or a Dataset of {'image', 'name'} items
                         out_dir=None, # folder for per_map.csv, summary.json, figures, evaluation.md; None: write nothing
                         use_ema=False, # False: raw weights, True: EMA weights, 'both'
                         batch_size=EVAL_BATCH, # maps per forward pass (a map's numbers do not depend on it)
                         limit=None, # evaluate only the first `limit` maps
-                        device="cpu",
+                        device="cpu", # torch device
                         sample_seed=0, # seed of the posterior samples (per map, batch-independent)
                         progress=True, # show a progress bar
                         config=None, # YAML path or dict for a checkpoint that carries no config (upstream's)
@@ -580,7 +502,7 @@ def evaluate_checkpoint(checkpoint, # model-N.pt: ours or upstream's
     out["removed"] = [] if out_dir is None else remove_stale_outputs(out_dir, {p.name for p in out["files"].values()})
     return out
 
-# %% ../nbs/17_evaluation.ipynb 80
+# %% ../nbs/17_evaluation.ipynb 72
 def add_evaluate_args(parser):
     "Arguments of `radiodiff-vae evaluate`."
     parser.add_argument("--checkpoint", required=True, help="model-N.pt (ours or upstream's), or 'released' (the shipped model, MODEL.md)")
@@ -610,7 +532,8 @@ def _mean(s: dict, fmt: str) -> str:
     text = "n/a" if s["mean"] is None else fmt.format(s["mean"])
     return text + (f" ({s['n_nonfinite']} map(s) left out)" if s["n_nonfinite"] else "")
 
-def run_evaluate(args) -> int:
+def run_evaluate(args, # parsed `radiodiff-vae evaluate` arguments (`add_evaluate_args`)
+                ) -> int:
     "Run `radiodiff-vae evaluate`; print where the results are and the headline numbers."
     kw = dict(use_ema="both" if args.both else bool(args.ema), batch_size=args.batch_size, limit=args.limit,
               device=args.device, sample_seed=args.seed, progress=not args.no_progress, config=args.config,
@@ -629,17 +552,20 @@ def run_evaluate(args) -> int:
     print(f"wrote {Path(args.out) / 'evaluation.md'}")
     return 0
 
-# %% ../nbs/17_evaluation.ipynb 83
-def spec_slug(spec) -> str:
-    "A folder name for a data spec: 'real', 'synthetic-64', or the folder's name."
-    spec = str(spec)
-    if spec == "real" or spec.startswith("synthetic:"): return spec.replace(":", "-")
-    name = Path(spec.split(":", 1)[1] if spec.startswith(("folder:", "radiomapseer:")) else spec).name
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "data"
-
-# %% ../nbs/17_evaluation.ipynb 85
-def evaluate_many(checkpoint, specs, out_dir, use_ema=False, batch_size=EVAL_BATCH, limit=None, device="cpu", sample_seed=0,
-                  progress=True, config=None, trust: bool = False, include_leaked: bool = False) -> dict:
+# %% ../nbs/17_evaluation.ipynb 75
+def evaluate_many(checkpoint, # model-N.pt: ours or upstream's
+                  specs, # data specs (see 09b_data_spec): one subfolder of `out_dir` each
+                  out_dir, # folder of the joint evaluation.md and summary.json
+                  use_ema=False, # False: raw weights, True: EMA weights, 'both'
+                  batch_size=EVAL_BATCH, # maps per forward pass (a map's numbers do not depend on it)
+                  limit=None, # evaluate only the first `limit` maps of each spec
+                  device="cpu", # torch device
+                  sample_seed=0, # seed of the posterior samples (per map, batch-independent)
+                  progress=True, # show a progress bar
+                  config=None, # YAML path or dict for a checkpoint that carries no config (upstream's)
+                  trust: bool = False, # read a checkpoint the safe loader refuses (only a file you trust)
+                  include_leaked: bool = False, # RadioMapSeer test split: keep the map upstream also trains on
+                 ) -> dict:
     "`evaluate_checkpoint` for each data spec into `out_dir/<slug>/`, all checked first; a joint evaluation.md and summary.json."
     specs = [specs] if isinstance(specs, (str, Path)) else list(specs)
     slugs = [spec_slug(s) for s in specs]

@@ -10,7 +10,9 @@ import numpy as np
 import matplotlib.pyplot as plt
 from matplotlib import ticker
 from PIL import Image
-from .analysis import RunData, column_of, finish_start, loss_terms, sample_milestone
+from .analysis import column_of, finish_start, sample_milestone
+from .loss_analysis import loss_terms
+from .run_analysis import RunData
 from .core import LogParseError, atomic_write_bytes
 
 # %% auto 0

@@ -4,7 +4,7 @@
 
 # %% ../nbs/22_pretrained.ipynb 1
 from __future__ import annotations
-import configparser, hashlib, io, json, os, platform, shutil, sys
+import configparser, hashlib, io, json, os, shutil, sys
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -13,11 +13,12 @@ import yaml
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 from .core import (PRETRAINED, CheckpointError, DataError, atomic_save_png, atomic_torch_save, atomic_write_text,
-                                markdown_table, pretrained_path, real_maps_dir, repo_dir, to_jsonable)
-from .config import read_cpu_flags, resolve_config
+                                machine_info, markdown_table, pretrained_path, real_maps_dir, repo_dir, to_jsonable)
+from .config import resolve_config
 from .model import AutoencoderKL, load_checkpoint, model_from_checkpoint, select_state_dict
 from .losses import LPIPSWithDiscriminator
-from .evaluation import dataset_from_spec, evaluate_model, summarize_rows, plot_reconstructions, map_metrics
+from .data_spec import dataset_from_spec
+from .evaluation import evaluate_model, summarize_rows, plot_reconstructions, map_metrics
 from .data import unscale_gain
 from .run_folder import list_checkpoints
 from .logs import read_jsonl
@@ -72,7 +73,9 @@ def verify_release(ckpt: dict, path) -> str:
     return digest
 
 def load_pretrained(name: str = 'released', # a shipped model's name, a release .pt file or a release .safetensors file
-                    device='cpu', verify: bool = True) -> AutoencoderKL:
+                    device='cpu', # torch device the model is moved to
+                    verify: bool = True, # check the weights' sha256 against the release record (refuse a file that differs)
+                   ) -> AutoencoderKL:
     "A shipped autoencoder (see MODEL.md) or a release file, in float32 and eval mode, its weights' hash checked; its record in `.release`."
     if str(name).endswith('.safetensors'):
         model = model_from_safetensors(name)
@@ -137,11 +140,10 @@ def _training_facts(run: Path) -> dict:
     return dict(sessions=len(starts), wall_time_s=float(wall))
 
 def machine_description() -> str:
-    "CPU model, logical CPUs and bf16 flags of this machine, in one line."
-    info = Path('/proc/cpuinfo').read_text() if Path('/proc/cpuinfo').exists() else ''
-    model = next((l.split(':', 1)[1].strip() for l in info.splitlines() if l.startswith('model name')), platform.processor() or 'unknown CPU')
-    flags = sorted(read_cpu_flags() & {'avx512_bf16', 'amx_bf16', 'amx_tile'}) if info else []
-    return f"{model}, {os.cpu_count()} logical CPUs, {', '.join(flags) if flags else 'no native bf16'}"
+    "CPU model, logical CPUs and bf16 flags of this machine, in one line (from `core.machine_info`)."
+    m = machine_info()
+    flags = [f for f in m['cpu_isa'] if f in ('avx512_bf16', 'amx_bf16', 'amx_tile')]
+    return f"{m['cpu']}, {m['logical_cpus']} logical CPUs, {', '.join(flags) if flags else 'no native bf16'}"
 
 # %% ../nbs/22_pretrained.ipynb 24
 def _ci(s: dict, digits: int = 2) -> str:
@@ -409,7 +411,10 @@ def release_files(state: dict, record: dict, name: str = 'released', card='MODEL
     files |= derived | {p['record']: _record_json(record), str(card): model_card(record).encode()} | (figures or {})
     return files, record
 
-def regenerate_release(name: str = 'released', root='.', card='MODEL.md') -> dict:
+def regenerate_release(name: str = 'released', # the release's name: models/<name>.pt and .json are read
+                       root='.', # repository root the release lives under
+                       card='MODEL.md', # the card's path under `root`
+                      ) -> dict:
     "Rewrite release `name`'s derived forms, record and card under `root` from its committed `.pt` and `.json` alone."
     p = release_paths(name, root)
     if not p['weights'].is_file(): raise CheckpointError(f"{p['weights']}: no such release file")
@@ -426,7 +431,10 @@ def regenerate_release(name: str = 'released', root='.', card='MODEL.md') -> dic
 def build_release(run, # a finished training run folder
                   out='.', # repository root: writes models/<name>.*, the card and figures/<name>_*.png
                   select_spec: str = 'synthetic:32', # held-out synthetic maps that choose the checkpoint (never the real maps)
-                  card_spec: str = 'synthetic:100:1', weights: str = 'ema', progress: bool = True, machine: str | None = None,
+                  card_spec: str = 'synthetic:100:1', # held-out synthetic maps the card scores beside the real ones
+                  weights: str = 'ema', # which weights ship: 'ema' or 'raw'
+                  progress: bool = True, # show progress bars
+                  machine: str | None = None, # the training machine, for the card (None: this machine's, `machine_description`)
                   name: str = 'released', # the release's name (released-v2, ...): every file's path comes from it
                   card='MODEL.md', # the card's path under `out`
                   config_path: str = 'configs/released.yaml', # the training config the card's command names

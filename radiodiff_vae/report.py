@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from .core import atomic_write_text, markdown_table, to_jsonable
-from .analysis import (PARAM_ALIASES, RunAnalysis, RunData, debiased_ema, load_runs, Coverage, Completion,
-                                    DiscriminatorEvidence, DWeight, LearningRate, LossComposition, Logvar, MapSize, Phases,
-                                    Resumes, SampleRepeats, TrainingLoop, WorkedExample)
+from .analysis import (PARAM_ALIASES, debiased_ema, Coverage, Completion, DiscriminatorEvidence, Phases, Resumes,
+                                    SampleRepeats, TrainingLoop)
+from .loss_analysis import DWeight, LearningRate, LossComposition, Logvar, MapSize, WorkedExample
+from .run_analysis import RunAnalysis, RunData, load_runs
 from .figures import FIGURES, save_figures
 
 # %% auto 0

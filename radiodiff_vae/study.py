@@ -4,34 +4,23 @@
 
 # %% ../nbs/21_study.ipynb 1
 from __future__ import annotations
-import argparse, json, math, os, re, sys, time, traceback
+import argparse, json, re, sys, time
 from pathlib import Path
-import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
-from .core import ConfigError, RadioDiffError, RunFolderError, atomic_save_png, atomic_write_text, markdown_table, to_jsonable, repo_dir
+from .core import ConfigError, RadioDiffError, RunFolderError, atomic_write_text, to_jsonable, repo_dir, machine_info
 from .config import load_config, apply_overrides
-from .trainer import train
-from .evaluation import METRICS, summarize, dataset_from_spec, evaluate_checkpoint
-from .run_folder import latest_checkpoint
-from .synthetic import SyntheticRadioMaps
-from .logs import read_run
-from .reproduce import training_progress, StageProgress, record_differences
+from .reproduce import record_differences
 from .checks import check_args
+from .study_runs import evaluation_sets, execute_runs, missing_work, threads_per_job
+from .study_evidence import MANIFEST, save_evidence, save_manifest
+from .study_report import _minutes, write_report
 
 # %% auto 0
-__all__ = ['STUDY_KEYS', 'REQUIRED_KEYS', 'ARM_KEYS', 'EVALUATION_DEFAULTS', 'LABEL_RE', 'STEPS_RE', 'REAL_NATIVE_SIZE',
-           'RUN_STATE', 'USE_EMA', 'MANIFEST', 'GITIGNORE', 'STAT_KEYS', 'COLUMNS', 'PAIRED_COLUMNS', 'METRIC_LABELS',
-           'SHOWN_METRICS', 'CURVES', 'CURVES_CSV', 'CURVE_BOOKKEEPING', 'RESULT_COLUMNS', 'CURVE_COLUMNS', 'FORMATS',
-           'SHORT_LABELS', 'POSITIVE', 'read_study_file', 'expand_steps', 'arm_steps', 'arm_seeds', 'check_study',
-           'arm_configs', 'load_study', 'ResizedMaps', 'evaluation_sets', 'run_plan', 'read_run_state', 'missing_work',
-           'execute_run', 'tiny_study_file', 'resolved_record', 'study_changes', 'open_study_folder', 'save_manifest',
-           'threads_per_job', 'execute_runs', 'run_results', 'collect_results', 'summarize_arms', 'paired_difference',
-           'distinguishable', 'compare_with_baseline', 'ema_minus_raw', 'plot_arms', 'plot_differences',
-           'plot_rate_distortion', 'plot_latents', 'read_curves', 'plot_curves', 'pd_concat_mean', 'curves_table',
-           'curves_from_table', 'run_record', 'read_evidence', 'save_evidence', 'fmt_interval', 'verdict',
-           'geometric_summary', 'write_report', 'thread_note', 'study', 'add_study_args', 'run_study', 'main']
+__all__ = ['STUDY_KEYS', 'REQUIRED_KEYS', 'ARM_KEYS', 'EVALUATION_DEFAULTS', 'LABEL_RE', 'STEPS_RE', 'GITIGNORE',
+           'read_study_file', 'expand_steps', 'arm_steps', 'arm_seeds', 'check_study', 'arm_configs', 'load_study',
+           'run_plan', 'tiny_study_file', 'resolved_record', 'study_changes', 'open_study_folder', 'thread_note',
+           'study', 'add_study_args', 'run_study', 'main']
 
 # %% ../nbs/21_study.ipynb 6
 STUDY_KEYS = {
@@ -194,46 +183,13 @@ def arm_configs(spec: dict) -> dict:
         configs[arm['label']] = cfg
     return configs
 
-def load_study(path) -> tuple[dict, dict]:
+def load_study(path, # the study file (YAML)
+              ) -> tuple[dict, dict]:
     "Read and check study file `path` completely: (the normalised study, each arm's training config)."
     spec = check_study(read_study_file(path), path)
     return spec, arm_configs(spec)
 
 # %% ../nbs/21_study.ipynb 28
-REAL_NATIVE_SIZE = 256
-
-class ResizedMaps(torch.utils.data.Dataset):
-    "The maps of `dataset` resized to `size`×`size`: area averaging when shrinking, bilinear when enlarging."
-    def __init__(self, dataset, size: int): self.dataset, self.size = dataset, int(size)
-    def __len__(self): return len(self.dataset)
-    def __getitem__(self, i):
-        item = dict(self.dataset[i]); x = item['image'][None].float()
-        shrink = self.size <= min(x.shape[-2:])
-        item['image'] = F.interpolate(x, size=(self.size,) * 2, mode='area' if shrink else 'bilinear', **({} if shrink else dict(align_corners=False)))[0]
-        return item
-    def __repr__(self): return f'{self.dataset!r}, resized to {self.size}x{self.size}'
-
-# %% ../nbs/21_study.ipynb 30
-def evaluation_sets(evaluation: dict, size: int) -> list[dict]:
-    "The sets a run with maps of side `size` is evaluated on: slug, label, data spec, side to resize to (or None), map limit."
-    sets = []
-    if evaluation['synthetic_maps']:
-        side, offset = evaluation.get('synthetic_size') or size, evaluation.get('synthetic_offset')
-        sets.append(dict(slug='synthetic', label=f'held-out synthetic maps, {side}x{side}' + (f', maps {offset}+ of seed 0' if offset is not None else ''),
-                         data=f"synthetic:{evaluation['synthetic_maps']}" + (f':0:{side}' if side != size or offset is not None else ''),
-                         resize=None, limit=None, **({'offset': offset} if offset is not None else {})))
-    if evaluation['real_maps'] != 0:
-        native = REAL_NATIVE_SIZE
-        for side in dict.fromkeys(size if r == 'training' else native for r in evaluation['real_resolutions']):
-            how = ('native = training resolution' if side == size else 'native') if side == native else \
-                  f"training resolution, {'area-averaged down' if side < native else 'bilinear up'} from {native}x{native}"
-            sets.append(dict(slug=f'real-{side}', label=f'real maps, {side}x{side} ({how})', data='real',
-                             resize=None if side == native else side, limit=evaluation['real_maps']))
-    return sets
-
-# %% ../nbs/21_study.ipynb 32
-RUN_STATE = 'study_run.json'
-
 def run_plan(spec: dict, out, configs: dict) -> list[dict]:
     "One entry per arm × seed (arm-major): key, run folder, what to train and what to evaluate it on."
     out = Path(out).resolve()
@@ -244,64 +200,13 @@ def run_plan(spec: dict, out, configs: dict) -> list[dict]:
                  weights=spec['evaluation']['weights'], batch_size=spec['evaluation']['batch_size'])
             for a in spec['arms'] for s in arm_seeds(spec, a)]
 
-# %% ../nbs/21_study.ipynb 35
-def read_run_state(folder) -> dict:
-    "What the study finished in run `folder`: {'train': {...} once trained, 'eval': {slug: {...}}}; empty when unreadable."
-    try: state = json.loads((Path(folder)/RUN_STATE).read_text())
-    except (OSError, ValueError): return {'eval': {}}
-    return state if isinstance(state, dict) and isinstance(state.get('eval'), dict) else {'eval': {}}
-
-def missing_work(run: dict) -> list[str]:
-    "What run `run` still needs: 'train' and one 'eval:<slug>' per evaluation set not done."
-    state = read_run_state(run['folder'])
-    return ([] if state.get('train') else ['train']) + [f"eval:{s['slug']}" for s in run['sets'] if s['slug'] not in state['eval']]
-
-def _save_run_state(folder, state: dict):
-    atomic_write_text(Path(folder)/RUN_STATE, json.dumps(to_jsonable(state), indent=1) + '\n')
-
-# %% ../nbs/21_study.ipynb 37
-USE_EMA = {'raw': False, 'ema': True, 'both': 'both'}
-
-def _data(es: dict):
-    "The data of evaluation set `es`: its spec, or the real maps resized."
-    if es.get('offset') is not None:     # maps far past any training or validation index, as the quickstart's tuning scored them
-        n, seed, size = (int(v) for v in es['data'].split(':')[1:4])
-        return SyntheticRadioMaps(n, seed=seed, size=size, offset=es['offset'])
-    return es['data'] if es['resize'] is None else ResizedMaps(dataset_from_spec(es['data'])[0], es['resize'])
-
-def _start_from(run: dict) -> list[str]:
-    "`model.ckpt_path` of a run that starts from another arm's run: that run's last checkpoint (it must be trained first)."
-    if not run.get('init_from'): return []
-    source = latest_checkpoint(run['init_from']) if Path(run['init_from']).is_dir() else None
-    if source is None or not read_run_state(run['init_from']).get('train'):
-        raise RunFolderError(f"{run['folder']}: starts from {run['init_from']}, which is not trained yet")
-    return [f'model.ckpt_path={source}']
-
-def execute_run(run: dict, threads: int | None = None, progress: bool = False) -> dict:
-    "Train run `run` to its last step (resuming its latest checkpoint) unless done, then evaluate what is missing; return its state."
-    if threads: torch.set_num_threads(int(threads))
-    folder, state = Path(run['folder']), read_run_state(run['folder'])
-    if not state.get('train'):
-        t0, resume = time.perf_counter(), 'latest' if latest_checkpoint(folder) is not None else None
-        s = train(run['config'], folder, resume=resume, steps=run['steps'], seed=run['seed'], progress=progress,
-                  overrides=run['overrides'] + _start_from(run))
-        if s['step'] != run['steps']: raise RunFolderError(f"{folder}: training stopped at step {s['step']} of {run['steps']}")
-        state['train'] = dict(seconds=round(time.perf_counter() - t0, 1), step=s['step'], resumed_from=s['resumed_from'],
-                              threads=torch.get_num_threads(), steps_per_s=s['steps_per_s'], finished=time.strftime('%Y-%m-%d %H:%M:%S'))
-        _save_run_state(folder, state)
-    checkpoint = latest_checkpoint(folder)
-    if checkpoint is None: raise RunFolderError(f'{folder}: trained, but holds no model-N.pt checkpoint to evaluate')
-    for es in run['sets']:
-        if es['slug'] in state['eval']: continue
-        t0 = time.perf_counter()
-        evaluate_checkpoint(checkpoint, _data(es), out_dir=folder/'eval'/es['slug'], use_ema=USE_EMA[run['weights']],
-                            batch_size=run['batch_size'], limit=es['limit'], progress=progress)
-        state['eval'][es['slug']] = dict(seconds=round(time.perf_counter() - t0, 1), checkpoint=checkpoint.name, label=es['label'])
-        _save_run_state(folder, state)
-    return state
-
-# %% ../nbs/21_study.ipynb 41
-def tiny_study_file(folder, steps: int = 4, seeds=(0, 1), arms=None, maps: int = 2) -> Path:
+# %% ../nbs/21_study.ipynb 31
+def tiny_study_file(folder, # where tiny.yaml is written
+                    steps: int = 4, # training steps of every run
+                    seeds=(0, 1), # the seeds of every arm
+                    arms=None, # list of arms ({label, set, note}); None: no GAN against a GAN from half-way
+                    maps: int = 2, # maps per evaluation set
+                   ) -> Path:
     "Write a tiny study (32×32 maps, a small autoencoder, `steps` steps, `maps` maps per evaluation set) into `folder`; return its path."
     tiny = ['model.ddconfig.resolution=32', 'data.size=32', 'data.n_maps=16', 'data.val_maps=2',
             'model.lossconfig.disc_ndf=8', 'trainer.save_and_sample_every={steps*0.5}', 'trainer.log_freq=1', 'trainer.warmup_steps=1',
@@ -314,8 +219,7 @@ def tiny_study_file(folder, steps: int = 4, seeds=(0, 1), arms=None, maps: int =
     path = Path(folder)/'tiny.yaml'; path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(study, sort_keys=False)); return path
 
-# %% ../nbs/21_study.ipynb 45
-MANIFEST = 'study.json'
+# %% ../nbs/21_study.ipynb 34
 GITIGNORE = ('# written by radiodiff-vae study: the run folders (checkpoints, logs, evaluations) stay out of git;\n'
              '# the evidence is kept: STUDY.md, study.json, the CSV tables (results.csv, curves.csv, ...) and the figures\n'
              'runs/\n.lock\n*.tmp\n')
@@ -339,7 +243,7 @@ def study_changes(old: dict, new: dict, old_resolved: dict | None = None, new_re
     return changed + [f"arms ({a['label']}).set" for a in old.get('arms', []) if a['label'] in sets and sets[a['label']] != a['set']] \
                    + [f"arms ({a['label']}).steps" for a in old.get('arms', []) if a['label'] in steps and steps[a['label']] != a.get('steps')]
 
-# %% ../nbs/21_study.ipynb 47
+# %% ../nbs/21_study.ipynb 36
 def open_study_folder(out, spec: dict, configs: dict | None = None) -> dict:
     "The manifest of study folder `out`: created for `spec` (and its arms' resolved `configs`), or reopened when it holds the same study; refuse anything else."
     resolved = resolved_record(configs) if configs is not None else None
@@ -359,597 +263,16 @@ def open_study_folder(out, spec: dict, configs: dict | None = None) -> dict:
     manifest = dict(spec=spec, created=time.strftime('%Y-%m-%d %H:%M:%S'), sessions=[], runs={}, **({'resolved': resolved} if resolved is not None else {}))
     save_manifest(out, manifest); return manifest
 
-def save_manifest(out, manifest: dict):
-    "Write `study.json` atomically."
-    atomic_write_text(Path(out)/MANIFEST, json.dumps(to_jsonable(manifest), indent=1) + '\n')
-
-# %% ../nbs/21_study.ipynb 50
-def threads_per_job(jobs: int, cores: int | None = None) -> int:
-    "Torch threads for each of `jobs` runs at once: the usable cores split evenly, at least one."
-    cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1)
-    return max(1, cores // max(1, jobs))
-
-def _attempt(run: dict, threads: int | None) -> tuple[dict | None, str | None]:
-    "execute_run, returning (state, None) or (None, the error in one line); the traceback goes to the run folder."
-    try: return execute_run(run, threads), None
-    except Exception as e:
-        try: atomic_write_text(Path(run['folder'])/'study_error.txt', traceback.format_exc())
-        except OSError: pass
-        return None, f'{type(e).__name__}: {e}'.splitlines()[0]
-
-# %% ../nbs/21_study.ipynb 52
-def _running_note(runs) -> str:
-    "The training step of each run in `runs`, for the progress bar."
-    return ', '.join(f"{r['key']} {training_progress(r['folder']) or 'starting'}" for r in runs)
-
-def execute_runs(runs: list[dict], jobs: int = 1, progress: bool = True, on_done=None, every: float = 2.0) -> dict:
-    "Execute `runs`, `jobs` at a time; call `on_done(run, state, error)` as each ends; return {key: error} of the failed ones."
-    from tqdm.auto import tqdm
-    failed, bar = {}, tqdm(total=len(runs), desc='study', unit='run', disable=not progress, dynamic_ncols=True)
-    def finish(run, state, error):
-        if error: failed[run['key']] = error
-        if on_done: on_done(run, state, error)
-        bar.update(1)
-    try:
-        if jobs <= 1:
-            for run in runs:
-                bar.set_postfix_str(run['key'])
-                with StageProgress(bar, run['key'], run['folder'], every): result = _attempt(run, None)
-                finish(run, *result)
-        else: _execute_parallel(runs, jobs, bar, finish, every)
-    finally: bar.close()
-    return failed
-
-# %% ../nbs/21_study.ipynb 54
-def _execute_parallel(runs, jobs: int, bar, finish, every: float):
-    "The runs in a pool of `jobs` spawned processes with the threads split between them."
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, wait, FIRST_COMPLETED
-    pool = ProcessPoolExecutor(jobs, mp_context=mp.get_context('spawn'))
-    try:
-        futures = {pool.submit(_attempt, run, threads_per_job(jobs)): run for run in runs}
-        pending = set(futures)
-        while pending:
-            done, pending = wait(pending, timeout=every, return_when=FIRST_COMPLETED)
-            for f in done: finish(futures[f], *f.result())
-            bar.set_postfix_str(_running_note([futures[f] for f in pending if f.running()][:jobs]), refresh=True)
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True); raise
-    pool.shutdown()
-
-# %% ../nbs/21_study.ipynb 59
-def run_results(run: dict) -> list[dict]:
-    "One row per evaluation set and weights that run `run` finished: metric means over maps, KL per latent element, latent statistics."
-    rows, state = [], read_run_state(run['folder'])
-    for es in run['sets']:
-        if es['slug'] not in state['eval']: continue
-        s = json.loads((Path(run['folder'])/'eval'/es['slug']/'summary.json').read_text())
-        for w, r in s['results'].items():
-            z, kl = r['latents'].get('sample') or {}, r['losses']['kl']['mean']
-            per_map = (z.get('elements') or 0) / max(r['n_maps'], 1)
-            rows.append(dict(arm=run['arm'], seed=run['seed'], set=es['slug'], weights=w, step=s['checkpoint']['step'], n_maps=r['n_maps'],
-                             **{k: r['metrics']['mode'][k]['mean'] for k in METRICS},
-                             kl_per_element=kl / per_map if kl is not None and per_map else None, latent_std=z.get('std'),
-                             scale_factor=z.get('scale_factor'), channel_std=z.get('channel_std')))
-    return rows
-
-def collect_results(runs: list[dict]):
-    "`run_results` of every run, as one DataFrame (empty with the right columns when nothing is finished)."
-    import pandas as pd
-    cols = ['arm', 'seed', 'set', 'weights', 'step', 'n_maps', *METRICS, 'kl_per_element', 'latent_std', 'scale_factor', 'channel_std']
-    return pd.DataFrame([row for run in runs for row in run_results(run)], columns=cols)
-
-# %% ../nbs/21_study.ipynb 64
-STAT_KEYS = ('n', 'mean', 'std', 'ci_low', 'ci_high')
-COLUMNS = (*METRICS, 'kl_per_element', 'latent_std', 'scale_factor')
-
-def summarize_arms(df, columns=COLUMNS):
-    "Per evaluation set, weights, arm and column: the number of seeds, mean, std and 95% Student-t interval over seeds."
-    import pandas as pd
-    rows = [dict(set=st, weights=w, arm=arm, metric=c, **{k: summarize(g[c].astype(float))[k] for k in STAT_KEYS})
-            for (st, w, arm), g in df.groupby(['set', 'weights', 'arm'], sort=False) for c in columns]
-    return pd.DataFrame(rows, columns=['set', 'weights', 'arm', 'metric', *STAT_KEYS])
-
-# %% ../nbs/21_study.ipynb 67
-def paired_difference(a: dict, b: dict, confidence: float = 0.95) -> dict:
-    "`a[s] - b[s]` over the seeds `s` both have finite values for: mean, std, Student-t interval, t, two-sided p, the differences."
-    from scipy import stats
-    ok = lambda v: v is not None and np.isfinite(float(v))
-    seeds = sorted(s for s in set(a) & set(b) if ok(a[s]) and ok(b[s]))
-    d = np.array([float(a[s]) - float(b[s]) for s in seeds], dtype=np.float64)
-    s = summarize(d, confidence)
-    t = p = None
-    if s['std']: t = s['mean'] / (s['std'] / math.sqrt(len(d))); p = float(2 * stats.t.sf(abs(t), len(d) - 1))
-    return dict(seeds=seeds, diffs=d.tolist(), **{k: s[k] for k in STAT_KEYS}, t=t, p=p)
-
-def distinguishable(d: dict) -> bool | None:
-    "Whether the interval of difference `d` excludes zero (None without an interval)."
-    return None if d['ci_low'] is None else bool(d['ci_low'] > 0 or d['ci_high'] < 0)
-
-# %% ../nbs/21_study.ipynb 70
-PAIRED_COLUMNS = ['set', 'weights', 'arm', 'metric', 'seeds', 'diffs', *STAT_KEYS, 't', 'p']
-
-def _by_seed(g, column) -> dict: return dict(zip(g['seed'], g[column]))
-
-def compare_with_baseline(df, baseline: str, weights: str, columns=COLUMNS):
-    "Per evaluation set, arm (not the baseline) and column: the difference from arm `baseline`, paired by seed, of `weights` weights."
-    import pandas as pd
-    rows, d = [], df[df.weights == weights]
-    for st, g in d.groupby('set', sort=False):
-        base = g[g.arm == baseline]
-        for arm, ga in g.groupby('arm', sort=False):
-            if arm == baseline: continue
-            rows += [dict(set=st, weights=weights, arm=arm, metric=c, **paired_difference(_by_seed(ga, c), _by_seed(base, c))) for c in columns]
-    return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
-
-def ema_minus_raw(df, columns=METRICS):
-    "Per evaluation set, arm and column: EMA minus raw weights of the same run, paired by seed."
-    import pandas as pd
-    rows = [dict(set=st, weights='ema-raw', arm=arm, metric=c, **paired_difference(_by_seed(g[g.weights == 'ema'], c), _by_seed(g[g.weights == 'raw'], c)))
-            for (st, arm), g in df.groupby(['set', 'arm'], sort=False) for c in columns]
-    return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
-
-# %% ../nbs/21_study.ipynb 73
-METRIC_LABELS = dict(psnr='PSNR (dB)', ssim='SSIM', nmse='NMSE', rmse='RMSE', kl_per_element='KL per latent element',
-                     latent_std='latent std', scale_factor='scale factor 1/std')
-SHOWN_METRICS = ('psnr', 'ssim', 'nmse', 'rmse')
-
-def _color(i: int): import matplotlib; return matplotlib.colormaps['tab10'](i % 10)
-
-def _dots(ax, x: float, values, color, label=None, bar: bool = True):
-    "The values as dots at `x` (spread a little) and (with `bar`) their mean ± 95% interval as a black bar to the right."
-    v = np.asarray([float(u) for u in values if u is not None and np.isfinite(float(u))])
-    if not len(v): return
-    ax.scatter(x + np.linspace(-0.12, 0.12, len(v)) * (len(v) > 1), v, s=16, color=color, alpha=0.85, zorder=3, label=label)
-    if not bar: return
-    s = summarize(v)
-    err = None if s['ci_low'] is None else [[s['mean'] - s['ci_low']], [s['ci_high'] - s['mean']]]
-    ax.errorbar(x + 0.25, s['mean'], yerr=err, fmt='_', color='k', ms=10, capsize=3, lw=1, zorder=4)
-
-# %% ../nbs/21_study.ipynb 76
-def _row_label(ax, label: str):
-    "The evaluation set of a row of panels, as the y label of its first panel."
-    import textwrap
-    ax.set_ylabel(textwrap.fill(label, 34), fontsize=8)
-
-def _arm_axes(ax, arms):
-    ax.set_xticks(range(len(arms)), arms, rotation=30, ha='right', fontsize=8); ax.set_xlim(-0.6, len(arms) - 0.3)
-    ax.grid(axis='y', alpha=0.3)
-
-def plot_arms(df, arms: list, sets: dict, weights: str, metrics=SHOWN_METRICS):
-    "Figure: a row per evaluation set, a column per metric; each arm's seeds as dots with the mean and 95% interval."
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(3.1 * len(metrics), 2.5 * len(sets) + 0.5), layout='constrained')
-    axes, d = fig.subplots(len(sets), len(metrics), squeeze=False), df[df.weights == weights]
-    for r, (slug, label) in enumerate(sets.items()):
-        for c, m in enumerate(metrics):
-            for i, arm in enumerate(arms): _dots(axes[r, c], i, d[(d.set == slug) & (d.arm == arm)][m], _color(i))
-            _arm_axes(axes[r, c], arms); axes[r, c].set_title(METRIC_LABELS[m], fontsize=9)
-        _row_label(axes[r, 0], label)
-    fig.suptitle(f'{weights} weights, posterior mode: each dot one run (seed), black: mean and 95% interval over seeds', fontsize=9)
-    return fig
-
-# %% ../nbs/21_study.ipynb 78
-def plot_differences(paired, arms: list, sets: dict, metrics=SHOWN_METRICS, title: str = '', all_arms: list | None = None):
-    "Figure: rows = evaluation sets, columns = metrics; per arm the per-seed differences as dots, mean and 95% interval, zero line (colours by `all_arms`)."
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(3.1 * len(metrics), 2.4 * len(sets) + 0.5), layout='constrained')
-    axes = fig.subplots(len(sets), len(metrics), squeeze=False)
-    for r, (slug, label) in enumerate(sets.items()):
-        for c, m in enumerate(metrics):
-            ax = axes[r, c]; ax.axhline(0, color='gray', lw=0.8)
-            for i, arm in enumerate(arms):
-                g = paired[(paired.set == slug) & (paired.arm == arm) & (paired.metric == m)]
-                if len(g): _dots(ax, i, g.iloc[0]['diffs'], _color((all_arms or arms).index(arm)))
-            _arm_axes(ax, arms); ax.set_title(f'Δ {METRIC_LABELS[m]}', fontsize=9)
-        _row_label(axes[r, 0], label)
-    if title: fig.suptitle(title, fontsize=9)
-    return fig
-
-# %% ../nbs/21_study.ipynb 81
-def plot_rate_distortion(df, arms: list, slug: str, label: str, weights: str):
-    "Figure: PSNR against KL per latent element (log axis) on evaluation set `slug`, a dot per run, a cross per arm mean."
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(5.6, 4.0), layout='constrained'); ax = fig.subplots()
-    d = df[(df.weights == weights) & (df.set == slug)]
-    for i, arm in enumerate(arms):
-        g = d[d.arm == arm].dropna(subset=['kl_per_element', 'psnr'])
-        if not len(g): continue
-        ax.scatter(g.kl_per_element, g.psnr, color=_color(i), s=18, alpha=0.85, label=arm)
-        ax.scatter([np.exp(np.log(g.kl_per_element.astype(float)).mean())], [g.psnr.mean()], color=_color(i), marker='x', s=70)
-    ax.set_xscale('log'); ax.set_xlabel('KL per latent element (nats)'); ax.set_ylabel('PSNR (dB)'); ax.grid(alpha=0.3)
-    import textwrap
-    ax.legend(fontsize=8); ax.set_title(textwrap.fill(f'rate vs distortion on {label}', 70) + f'\n({weights} weights; dots: runs, crosses: arm means, geometric in KL)', fontsize=9)
-    return fig
-
-def plot_latents(df, arms: list, slug: str, label: str, weights: str):
-    "Figure: the scale factor 1/std of each run, and every latent channel's std, per arm."
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(9, 3.4), layout='constrained'); ax1, ax2 = fig.subplots(1, 2)
-    d = df[(df.weights == weights) & (df.set == slug)]
-    for i, arm in enumerate(arms):
-        g = d[d.arm == arm]
-        _dots(ax1, i, g.scale_factor, _color(i))
-        _dots(ax2, i, [v for stds in g.channel_std.dropna() for v in stds], _color(i), bar=False)
-    for ax, what in ((ax1, 'scale factor 1/std (each dot a run)'), (ax2, 'per-channel std (each dot a channel of a run)')):
-        _arm_axes(ax, arms); ax.set_title(what, fontsize=9)
-    fig.suptitle(f'latents (posterior samples) on {label}, {weights} weights', fontsize=9)
-    return fig
-
-# %% ../nbs/21_study.ipynb 85
-CURVES = (('train/rec_loss', 'reconstruction loss (train)', True), ('train/kl_loss', 'KL (train, sum per map)', True),
-          ('val/psnr_ema', 'held-out PSNR, EMA weights (dB)', False), ('train/g_loss', 'generator loss (train)', False),
-          ('train/disc_loss', 'discriminator loss (train)', False))
-
-def read_curves(runs: list[dict]) -> dict:
-    "{run key: step-indexed DataFrame of the run's logged values} for the runs that have a readable log."
-    out = {}
-    for run in runs:
-        try: out[run['key']] = read_run(run['folder'])[0]
-        except RadioDiffError: continue
-    return out
-
-def plot_curves(curves: dict, runs: list[dict], arms: list):
-    "Figure: the training curves of `CURVES` present in the logs; thin lines per run, thick per arm mean."
-    from matplotlib.figure import Figure
-    panels = [p for p in CURVES if any(p[0] in df.columns and df[p[0]].notna().any() for df in curves.values())]
-    ncols = min(3, max(len(panels), 1)); nrows = max(1, math.ceil(len(panels) / ncols))
-    fig = Figure(figsize=(4.4 * ncols, 3.2 * nrows), layout='constrained')
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax in axes[len(panels):]: ax.axis('off')
-    for ax, (col, title, logy) in zip(axes, panels):
-        for i, arm in enumerate(arms):
-            series = [curves[r['key']][col].dropna() for r in runs if r['arm'] == arm and r['key'] in curves and col in curves[r['key']]]
-            few = max((len(s) for s in series), default=0) <= 3      # e.g. held-out scores of a single checkpoint: dots
-            for s in series: ax.plot(s.index, s.values, color=_color(i), lw=0.6, alpha=0.35, marker='o' if few else None, ms=3)
-            if series:   # the baseline (first arm) dashed and on top: arms that follow it closely would hide it
-                mean = pd_concat_mean(series)
-                ax.plot(mean.index, mean.values, color=_color(i), lw=1.8, label=arm, ls='--' if i == 0 else '-',
-                        zorder=3 if i == 0 else 2, marker='D' if few else None, ms=5)
-        ax.set_title(title, fontsize=9); ax.set_xlabel('step'); ax.grid(alpha=0.3)
-        if logy: ax.set_yscale('log')
-    if panels: axes[0].legend(fontsize=7)
-    fig.suptitle('training curves: thin lines one run each, thick lines the mean of an arm', fontsize=9)
-    return fig
-
-def pd_concat_mean(series: list):
-    "The mean of step-indexed series at the steps all of them have."
-    import pandas as pd
-    return pd.concat(series, axis=1, join='inner').mean(axis=1)
-
-# %% ../nbs/21_study.ipynb 88
-def _csv(df) -> str:
-    "A table as CSV, its list cells (seeds, differences, channel stds) as JSON."
-    d = df.copy()
-    for c in ('diffs', 'seeds', 'channel_std'):
-        if c in d.columns: d[c] = d[c].map(json.dumps)
-    return d.to_csv(index=False)
-
-# %% ../nbs/21_study.ipynb 90
-CURVES_CSV = 'curves.csv'
-CURVE_BOOKKEEPING = ('epoch', 'session', 'milestone', 'elapsed_s', 'wall_time', 'timestamp', 'source')
-RESULT_COLUMNS = ['arm', 'seed', 'set', 'weights', 'step', 'n_maps', *METRICS, 'kl_per_element', 'latent_std', 'scale_factor', 'channel_std']
-CURVE_COLUMNS = ['arm', 'seed', 'step', 'name', 'value']
-
-def curves_table(runs: list[dict]):
-    "One long table of every logged training value of `runs` (arm, seed, step, name, value), from their logs; NaNs left out."
-    import pandas as pd
-    logs, parts = read_curves(runs), []
-    for run in runs:
-        if run['key'] not in logs: continue
-        wide = logs[run['key']].select_dtypes('number').drop(columns=list(CURVE_BOOKKEEPING), errors='ignore')
-        long = wide.stack().rename('value').reset_index()
-        long.columns = ['step', 'name', 'value']
-        parts.append(long.assign(arm=run['arm'], seed=run['seed'])[CURVE_COLUMNS])
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=CURVE_COLUMNS)
-
-def curves_from_table(table, runs: list[dict]) -> dict:
-    "{run key: step-indexed DataFrame of its logged values} from `curves_table`'s long table (what `read_curves` gives)."
-    out = {}
-    for (arm, seed), g in table.groupby(['arm', 'seed'], sort=False):
-        key = f'{arm}/seed-{seed}'
-        if any(r['key'] == key for r in runs): out[key] = g.pivot(index='step', columns='name', values='value').rename_axis(columns=None)
-    return out
-
-def run_record(run: dict) -> dict:
-    "What study.json keeps of run `run`: status, training and evaluation seconds, the evaluation sets done."
-    s = read_run_state(run['folder']); t = s.get('train') or {}
-    status = 'done' if t and len(s['eval']) == len(run['sets']) else 'trained' if t else 'started'
-    return dict(status=status, train_s=t.get('seconds'), steps_per_s=t.get('steps_per_s'), finished=t.get('finished'),
-                eval_s=round(sum(e.get('seconds', 0) for e in s['eval'].values()), 1) if s['eval'] else None, sets=sorted(s['eval']))
-
-def _commit() -> str | None:
-    "The repository's commit (with '+changes' when its tracked files differ from it); None outside git."
-    import subprocess
-    try:
-        head = subprocess.run(['git', 'rev-parse', '--short=12', 'HEAD'], cwd=repo_dir(), capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=repo_dir(), capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError): return None
-    return None if head.returncode else head.stdout.strip() + ('+changes' if dirty.stdout.strip() else '')
-
-# %% ../nbs/21_study.ipynb 91
-def read_evidence(out):
-    "(results, curves) of study folder `out` as DataFrames, read back exactly as written (empty when missing)."
-    import pandas as pd
-    out = Path(out)
-    def read(name, columns):
-        if not (out/name).is_file(): return pd.DataFrame(columns=columns)
-        exact = {} if int(pd.__version__.split('.')[0]) >= 3 else dict(float_precision='round_trip')   # pandas 3 round-trips by default
-        return pd.read_csv(out/name, **exact)
-    results, curves = read('results.csv', RESULT_COLUMNS), read(CURVES_CSV, CURVE_COLUMNS)
-    if len(results): results['channel_std'] = results['channel_std'].map(lambda v: json.loads(v) if isinstance(v, str) else None)
-    return results, curves
-
-def save_evidence(out, runs: list[dict], manifest: dict):
-    "Update results.csv, curves.csv and the run records in study.json from the folders of `runs` that exist; other runs keep theirs."
-    import pandas as pd
-    out = Path(out); results, curves = read_evidence(out)
-    present = [r for r in runs if (Path(r['folder'])/RUN_STATE).is_file()]
-    if not present and (out/'results.csv').is_file(): return
-    keys, order = {r['key'] for r in present}, {r['key']: i for i, r in enumerate(runs)}
-    def merged(old, new):
-        "`old`'s rows of the runs not in `present`, then `new`'s, in the order of `runs`."
-        kept = old[[f'{a}/seed-{s}' not in keys for a, s in zip(old['arm'], old['seed'])]] if len(old) else old
-        parts = [t for t in (kept, new) if len(t)]
-        if not parts: return new
-        both = pd.concat(parts, ignore_index=True)
-        rank = [order.get(f'{a}/seed-{s}', len(order)) for a, s in zip(both['arm'], both['seed'])]
-        return both.assign(_rank=rank).sort_values('_rank', kind='stable').drop(columns='_rank').reset_index(drop=True)
-    atomic_write_text(out/'results.csv', _csv(merged(results, collect_results(present))))
-    atomic_write_text(out/CURVES_CSV, merged(curves, curves_table(present)).to_csv(index=False))
-    records, commit = manifest.setdefault('run_records', {}), _commit()
-    for r in present: records[r['key']] = {**run_record(r), 'commit': records.get(r['key'], {}).get('commit') or commit}
-    save_manifest(out, manifest)
-
-# %% ../nbs/21_study.ipynb 94
-FORMATS = dict(psnr='{:.2f}', ssim='{:.4f}', nmse='{:.4g}', rmse='{:.4g}', kl_per_element='{:.4g}', latent_std='{:.4g}', scale_factor='{:.4g}')
-
-def fmt_interval(row, metric: str, signed: bool = False) -> str:
-    "'mean [low, high]' of a row of `summarize_arms` or `compare_with_baseline` ('n/a' without values)."
-    f = FORMATS.get(metric, '{:.4g}').format
-    if row['mean'] is None or not np.isfinite(row['mean']): return 'n/a'
-    def g(v):
-        text = f(v)
-        if float(text) == 0: return f(0.0)                  # no '-0.00' or '+0.00' for a value that rounds to zero
-        return ('+' if signed and v > 0 else '') + text
-    return g(row['mean']) + ('' if row['ci_low'] is None or not np.isfinite(row['ci_low']) else f" [{g(row['ci_low'])}, {g(row['ci_high'])}]")
-
-def verdict(row) -> str:
-    "A plain statement of whether a paired difference is distinguishable from zero."
-    d = distinguishable(row)
-    if d is None: return f"no interval ({row['n']} paired seed{'s' if row['n'] != 1 else ''})"
-    return f"distinguishable from zero ({row['n']} seeds)" if d else f"not distinguishable from zero ({row['n']} seeds)"
-
-# %% ../nbs/21_study.ipynb 96
-def _size_line(cfg: dict) -> str:
-    "The size of a run in one line: maps, network, latent, batch, training maps."
-    dd, d, t = cfg['model']['ddconfig'], cfg['data'], cfg['trainer']
-    f, s = 2 ** (len(dd['ch_mult']) - 1), d['size']
-    maps = f"{d['n_maps']} synthetic training maps (data_seed {d['data_seed']})" if d['source'] == 'synthetic' else f"{d['source']} maps"
-    return (f"{s}x{s} maps, {maps}, batch {d['batch_size']}; autoencoder ch {dd['ch']}, ch_mult {dd['ch_mult']}, "
-            f"{dd['num_res_blocks']} res block(s) per level, latent {cfg['model']['embed_dim']}x{s // f}x{s // f}; "
-            f"lr {t['lr']:g} ({t['schedule']}), EMA decay {t['ema_decay']:g}")
-
-def _minutes(seconds) -> str: return f'{seconds / 60:.1f} min' if seconds < 5400 else f'{seconds / 3600:.2f} h'
-
-# %% ../nbs/21_study.ipynb 98
-def _setup_section(spec, manifest, configs, runs) -> list[str]:
-    "The set-up: what was run, at what size, with which commands, and how long it took."
-    records = {r['key']: manifest.get('run_records', {}).get(r['key'], {}) for r in runs}
-    done = [k for k, s in records.items() if s.get('status') == 'done']
-    compute = sum((s.get('train_s') or 0) + (s.get('eval_s') or 0) for s in records.values())
-    wall = sum(x.get('wall_s', 0) for x in manifest['sessions'])
-    own = lambda a: ''.join(f' ({k} {v})' for k, v in (('steps', a.get('steps')), ('seeds', ', '.join(map(str, a.get('seeds', []))))) if v)
-    arms = [[f"`{a['label']}`" + (' (baseline)' if a['label'] == spec['baseline'] else '') + own(a), ' '.join(f'`{o}`' for o in a['set']) or '(none)',
-             a['note'], sum(1 for r in runs if r['arm'] == a['label'] and r['key'] in done)] for a in spec['arms']]
-    L = ['## Set-up', '', f"- Base config `{spec['base']}`, for every arm with " + (' '.join(f'`{o}`' for o in spec['overrides']) or 'no overrides')
-         + f"; {spec['steps']} steps; seeds {', '.join(map(str, spec['seeds']))}.",
-         f"- Size: {_size_line(configs[spec['baseline']])}.",
-         f"- Evaluated: the last checkpoint of each run ({spec['evaluation']['weights']} weights), posterior mode, on "
-         + '; '.join(s['label'] + (f" (first {s['limit']})" if s['limit'] else '') for s in runs[0]['sets']) + '.',
-         f"- Time: {len(done)} of {len(runs)} runs finished; training and evaluation summed over runs {_minutes(compute)}; "
-         f"wall time of the study commands {_minutes(wall)}" + (f" (up to {max(x['jobs'] for x in manifest['sessions'])} runs at once)" if manifest['sessions'] else '') + '.',
-         '', markdown_table(['arm', 'overrides', 'note', 'runs finished'], arms), '', 'Commands, one line per session:', '', '```']
-    L += [f"{x['command']}    # {x['started']}, {_minutes(x['wall_s'])}, {x['finished_runs']} run(s) finished; {x['cpus']} CPU(s), "
-          f"{x.get('device', 'CPU only')}, load average {x['load_start']} at the start" for x in manifest['sessions']] + ['```', '']
-    return L
-
-# %% ../nbs/21_study.ipynb 100
-def _results_section(spec, arm_stats, sets: dict, primary: str) -> list[str]:
-    "Per evaluation set, a table of the arms' means and 95% intervals over seeds."
-    L = [f'## Results ({primary} weights)', '', 'Each cell: mean over seeds [95% Student-t interval]; each seed is the mean over the maps of the set.', '']
-    for slug, label in sets.items():
-        a = arm_stats[(arm_stats.set == slug) & (arm_stats.weights == primary)]
-        if not len(a): continue
-        rows = [[f'`{arm}`', int(g.iloc[0]['n'])] + [fmt_interval(g[g.metric == m].iloc[0], m) for m in SHOWN_METRICS]
-                for arm, g in a.groupby('arm', sort=False)]
-        L += [f'**{label}**', '', markdown_table(['arm', 'seeds', *(METRIC_LABELS[m] for m in SHOWN_METRICS)], rows), '']
-    return L + ['![each run as a dot, mean and 95% interval per arm](metrics.png)', '']
-
-# %% ../nbs/21_study.ipynb 102
-SHORT_LABELS = dict(psnr='PSNR', ssim='SSIM', nmse='NMSE', rmse='RMSE')
-
-def _seeds_and_intervals(cells: dict) -> str:
-    "On how many seeds PSNR moved the way its mean did, and which metrics' intervals exclude zero."
-    psnr, excluding = cells['psnr'], [SHORT_LABELS[m] for m, r in cells.items() if distinguishable(r)]
-    d = np.asarray(psnr['diffs'] if isinstance(psnr['diffs'], list) else [], float)
-    if psnr['ci_low'] is None or not len(d): return verdict(psnr)
-    way = 'higher' if psnr['mean'] > 0 else 'lower'
-    return f"PSNR {way} on {int((np.sign(d) == np.sign(psnr['mean'])).sum())} of {len(d)} seeds; excludes zero: {', '.join(excluding) or 'none'}"
-
-def _detection_limit(rows: list, power: float = 0.8) -> str:
-    "What these seeds could not see: per arm, the true PSNR difference a paired t-test on them detects with probability `power`."
-    from scipy import stats
-    mde = sorted((stats.t.ppf(0.975, r['n'] - 1) + stats.t.ppf(power, r['n'] - 1)) * r['std'] / math.sqrt(r['n'])
-                 for r in rows if r['std'] is not None and np.isfinite(r['std']) and r['n'] > 1)
-    if not mde: return ''
-    n, low, high = max(int(r['n']) for r in rows), f'{mde[0]:.2f}', f'{mde[-1]:.2f}'
-    size = f'about {low} dB' if low == high else f'about {low}–{high} dB (by arm)'
-    return (f'Detection limit: with {n} seeds and the seed-to-seed spread of these differences, a true PSNR difference must reach '
-            f'{size} to be detected {power:.0%} of the time; smaller ones are mostly missed, '
-            'so "not distinguishable" is not "no difference".')
-
-def _paired_section(spec, paired, sets: dict, primary: str) -> list[str]:
-    "The differences from the baseline, paired by seed, what each set could detect, and the distinguishable ones, said for what they are."
-    L = [f"## Each arm minus the baseline `{spec['baseline']}`, paired by seed ({primary} weights)", '',
-         'Each cell: mean difference [95% Student-t interval over the paired seeds]. The last column: on how many seeds PSNR moved '
-         'the way its mean did, and which of the four metrics have an interval that excludes zero.', '']
-    found, psnr_found, psnr_n = [], 0, 0
-    for slug, label in sets.items():
-        p = paired[paired.set == slug] if len(paired) else paired
-        if not len(p): continue
-        rows, psnr_rows = [], []
-        for arm, g in p.groupby('arm', sort=False):
-            cells = {m: g[g.metric == m].iloc[0] for m in SHOWN_METRICS}
-            rows.append([f'`{arm}`'] + [fmt_interval(cells[m], m, signed=True) for m in SHOWN_METRICS] + [_seeds_and_intervals(cells)])
-            found += [f"`{arm}` − `{spec['baseline']}`, {METRIC_LABELS[m]} on {label}: {fmt_interval(r, m, signed=True)}"
-                      for m, r in cells.items() if distinguishable(r)]
-            psnr_rows.append(cells['psnr']); psnr_found += bool(distinguishable(cells['psnr'])); psnr_n += 1
-        limit = _detection_limit(psnr_rows)
-        L += [f'**{label}**', '', markdown_table(['arm', *(f'Δ {METRIC_LABELS[m]}' for m in SHOWN_METRICS), 'seeds and intervals'], rows), '']
-        L += [limit, ''] if limit else []
-    n = int(paired.metric.isin(SHOWN_METRICS).sum()) if len(paired) else 0
-    L += [f'Of the {n} differences above, ' + (f'{len(found)} have a 95% interval that excludes zero:' if found else
-          'none has a 95% interval that excludes zero: at this size and number of seeds no arm differs from the baseline by more '
-          'than the detection limits above in these metrics.')]
-    L += [f'- {f}' for f in found] + ['']
-    if n: L += [f'These {n} are not independent tests, so their count is no evidence by itself: the four metrics score the same '
-                'reconstructions (PSNR, NMSE and RMSE all follow from each map\'s squared error) and every evaluation set scores the '
-                f'same runs. On PSNR alone, {psnr_found} of {psnr_n} arm-and-set differences exclude zero; if no arm differed '
-                f'and they were independent, about {psnr_n * 0.05:.1f} would by chance (5% each).', '']
-    return L + ['![per-seed differences from the baseline](differences.png)', '']
-
-# %% ../nbs/21_study.ipynb 104
-POSITIVE = ('kl_per_element',)   # reported as a geometric mean with a log-scale interval
-
-def geometric_summary(values, confidence: float = 0.95) -> dict:
-    "n, geometric mean and the Student-t interval of log values, back-transformed: an interval of a positive quantity that stays positive."
-    v = np.asarray([float(u) for u in values if u is not None and np.isfinite(float(u)) and float(u) > 0])
-    s = summarize(np.log(v), confidence) if len(v) else dict(n=0, mean=None, std=None, ci_low=None, ci_high=None)
-    ex = lambda x: None if x is None else float(np.exp(x))
-    return dict(n=s['n'], mean=ex(s['mean']), std=None, ci_low=ex(s['ci_low']), ci_high=ex(s['ci_high']))
-
-def _latent_shift_sentence(p, cols, baseline: str) -> str:
-    "The latent statistics that moved measurably, in words (what a second stage trained on these latents would see)."
-    moved = [f"`{arm}` {METRIC_LABELS[c]} {fmt_interval(r, c, signed=True)}" for arm, g in p.groupby('arm', sort=False)
-             for c in cols[1:] for r in [g[g.metric == c].iloc[0]] if distinguishable(r)]
-    if not moved: return f'No arm moved the latent std or the scale factor measurably from `{baseline}` (every interval includes zero).'
-    return ('The latents moved measurably (interval excludes zero): ' + '; '.join(moved) + '. A second (diffusion) stage trained on '
-            'these latents sees this shift: it multiplies them by the scale factor.')
-
-def _latent_section(spec, arm_stats, paired, slug: str, label: str, primary: str, df=None) -> list[str]:
-    "KL per latent element (geometric), latent std and scale factor per arm, with their paired differences from the baseline."
-    a = arm_stats[(arm_stats.set == slug) & (arm_stats.weights == primary)]
-    if not len(a): return []
-    cols = ('kl_per_element', 'latent_std', 'scale_factor')
-    d = None if df is None else df[(df.set == slug) & (df.weights == primary)]
-    def cell(arm, g, c):
-        if c in POSITIVE and d is not None: return fmt_interval(geometric_summary(d[d.arm == arm][c]), c)
-        return fmt_interval(g[g.metric == c].iloc[0], c)
-    rows = [[f'`{arm}`'] + [cell(arm, g, c) for c in cols] for arm, g in a.groupby('arm', sort=False)]
-    below = [f"`{arm}`" for arm, g in a.groupby('arm', sort=False) for c in cols[1:] for r in [g[g.metric == c].iloc[0]]
-             if r['ci_low'] is not None and np.isfinite(r['ci_low']) and r['ci_low'] <= 0]
-    kl_t = sum(1 for arm, g in a.groupby('arm', sort=False) for r in [g[g.metric == 'kl_per_element'].iloc[0]]
-               if r['ci_low'] is not None and np.isfinite(r['ci_low']) and r['ci_low'] <= 0)
-    L = [f'## Latents ({label}, {primary} weights)', '', 'KL per latent element: the mean per-map KL of the posterior over the latent elements of a map; '
-         'std: of the posterior samples, pooled over channels; the scale factor 1/std is what a latent-diffusion stage multiplies '
-         'the latents by.', '']
-    if d is not None:
-        L += ['KL cannot be negative and varies by a factor between seeds: its cells are the geometric mean over seeds with the 95% '
-              'Student-t interval of log KL, back-transformed, which stays positive' + (f' (a Student-t interval of KL itself reaches '
-              f'below zero for {kl_t} of {a.arm.nunique()} arms here).' if kl_t else '.') + ' The std and scale factor keep Student-t '
-              'intervals: ' + ('they stay above zero for every arm here.' if not below else
-              f"they reach zero or below for {', '.join(sorted(set(below)))}: read those as unbounded below."), '']
-    L += [markdown_table(['arm', *(METRIC_LABELS[c] + (' (geometric)' if c in POSITIVE and d is not None else '') for c in cols)], rows), '']
-    p = paired[(paired.set == slug) & paired.metric.isin(cols)] if len(paired) else paired
-    if len(p):
-        rows = [[f'`{arm}`'] + [fmt_interval(g[g.metric == c].iloc[0], c, signed=True) + (' *' if distinguishable(g[g.metric == c].iloc[0]) else '') for c in cols]
-                for arm, g in p.groupby('arm', sort=False)]
-        L += [f"Minus the baseline `{spec['baseline']}`, paired by seed (* : the interval excludes zero):", '',
-              markdown_table(['arm', *(f'Δ {METRIC_LABELS[c]}' for c in cols)], rows), '', _latent_shift_sentence(p, cols, spec['baseline']), '']
-    return L + ['![rate and distortion of every run](rate_distortion.png)', '', '![scale factor and per-channel std](latents.png)', '']
-
-# %% ../nbs/21_study.ipynb 106
-def _ema_section(ema, sets: dict) -> list[str]:
-    "EMA minus raw weights of each run, paired by seed, per set and arm."
-    if not len(ema): return []
-    L = ['## EMA minus raw weights, paired by run', '', 'The EMA and the raw weights of the same checkpoint; each cell: mean difference [95% interval].', '']
-    for slug, label in sets.items():
-        e = ema[ema.set == slug]
-        if not len(e): continue
-        rows = [[f'`{arm}`'] + [fmt_interval(g[g.metric == m].iloc[0], m, signed=True) for m in SHOWN_METRICS] + [verdict(g[g.metric == 'psnr'].iloc[0])]
-                for arm, g in e.groupby('arm', sort=False)]
-        L += [f'**{label}**', '', markdown_table(['arm', *(f'Δ {METRIC_LABELS[m]}' for m in SHOWN_METRICS), 'PSNR difference'], rows), '']
-    return L + ['![EMA minus raw weights, per run](ema_vs_raw.png)', '']
-
-# %% ../nbs/21_study.ipynb 108
-def _runs_section(runs, manifest) -> list[str]:
-    "Every run: its status and times, from the run records."
-    rows = []
-    for r in runs:
-        s = manifest.get('run_records', {}).get(r['key'], {})
-        rows.append([f"`{r['arm']}`", r['seed'], s.get('status', 'not started'), f"{s['train_s'] / 60:.1f}" if s.get('train_s') else '',
-                     f"{s['eval_s'] / 60:.1f}" if s.get('eval_s') else '', s.get('commit') or ''])
-    return ['## Runs', '', markdown_table(['arm', 'seed', 'status', 'training (min)', 'evaluation (min)', 'made at commit'], rows), '',
-            'Tables: [results.csv](results.csv) (a row per run, set and weights), [curves.csv](curves.csv) (every logged training '
-            'value of every run, one row each), [arms.csv](arms.csv), [paired.csv](paired.csv), [ema_vs_raw.csv](ema_vs_raw.csv); '
-            'the study, its sessions and runs: [study.json](study.json).', '']
-
-def _regenerate_section(spec, manifest, out) -> list[str]:
-    "How to rebuild this page from the committed files, and the run folders from scratch."
-    path = _display_path(spec.get('path', f'configs/studies/{Path(out).name}.yaml'))
-    command = manifest['sessions'][-1]['command'] if manifest['sessions'] else f'radiodiff-vae study {path} --out {out}'
-    in_git = manifest.get('runs_in_git')
-    L = ['## Regenerating', '', f'The run folders (`runs/`: checkpoints, logs, evaluations) are not in git. This page, the tables and '
-         f'the figures are made from the committed evidence alone (results.csv, curves.csv, study.json):', '', '```',
-         f'radiodiff-vae study {path} --out {out} --report-only', '```', '',
-         'The runs are deterministic for the same code, the same machine type and the same `--jobs` (thread count): at the commit '
-         'that made them (the runs table above), the study\'s own command retrains and re-evaluates every run into `runs/` and '
-         'rewrites these files with the same numbers:', '', '```', command, '```', '']
-    if in_git: L += [f'The run folders of this study were committed once, in {in_git}; `git checkout {in_git} -- {out}/runs` restores them '
-                     'as they were.', '']
-    return L
-
-def _display_path(out) -> str:
-    "An absolute `out` relative to the repository when inside it (how the commands in STUDY.md name it), else as given."
-    if not Path(out).is_absolute(): return str(out)
-    try: return str(Path(out).resolve().relative_to(repo_dir().resolve()))
-    except ValueError: return str(out)
-
-# %% ../nbs/21_study.ipynb 111
-def write_report(out, spec: dict, manifest: dict, configs: dict, runs: list[dict]) -> Path:
-    "Write arms.csv, paired.csv, ema_vs_raw.csv, the figures and STUDY.md into study folder `out` from its evidence alone (results.csv, curves.csv, study.json)."
-    out, primary, arms = Path(out), spec['evaluation']['primary'], [a['label'] for a in spec['arms']]
-    df, curves = read_evidence(out)
-    sets = {s['slug']: s['label'] for r in runs for s in r['sets']}
-    arm_stats, paired, ema = summarize_arms(df), compare_with_baseline(df, spec['baseline'], primary), ema_minus_raw(df) if df.weights.nunique() > 1 else df.iloc[:0]
-    for name, table in (('arms.csv', arm_stats), ('paired.csv', paired), ('ema_vs_raw.csv', ema)): atomic_write_text(out/name, _csv(table))
-    latent = next((s for s in ('synthetic', *sets) if s in sets), None)
-    rd = next((s for s in sets if s.startswith('real-') and s != f'real-{REAL_NATIVE_SIZE}'), next(iter(sets), None))
-    others = [a for a in arms if a != spec['baseline']]
-    atomic_save_png(plot_arms(df, arms, sets, primary), out/'metrics.png')
-    atomic_save_png(plot_differences(paired, others, sets, title=f"each arm minus {spec['baseline']}, paired by seed ({primary} weights): a dot per seed", all_arms=arms), out/'differences.png')
-    atomic_save_png(plot_rate_distortion(df, arms, rd, sets.get(rd, ''), primary), out/'rate_distortion.png')
-    atomic_save_png(plot_latents(df, arms, latent, sets.get(latent, ''), primary), out/'latents.png')
-    if len(ema): atomic_save_png(plot_differences(ema, arms, sets, title='EMA minus raw weights of the same run: a dot per seed'), out/'ema_vs_raw.png')
-    atomic_save_png(plot_curves(curves_from_table(curves, runs), runs, arms), out/'curves.png')
-    L = [f"# Study: {spec['name']}", '', spec['description'], ''] + _setup_section(spec, manifest, configs, runs)
-    L += _results_section(spec, arm_stats, sets, primary) + _paired_section(spec, paired, sets, primary)
-    L += _latent_section(spec, arm_stats, paired, latent, sets.get(latent, ''), primary, df) + _ema_section(ema, sets)
-    L += ['## Training curves', '', '![training curves by arm](curves.png)', ''] + _runs_section(runs, manifest)
-    L += _regenerate_section(spec, manifest, _display_path(out))
-    return atomic_write_text(out/'STUDY.md', '\n'.join(L))
-
-# %% ../nbs/21_study.ipynb 114
+# %% ../nbs/21_study.ipynb 39
 def _command(path, out, jobs) -> str:
     return f"radiodiff-vae study {path} --out {out}" + (f' --jobs {jobs}' if jobs != 1 else '')
 
 def _session(path, out, jobs) -> dict:
-    "The record of one `study` command, completed as runs finish."
-    load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else None
+    "The record of one `study` command, completed as runs finish; the machine as `core.machine_info` describes it."
+    machine = machine_info('cuda' if torch.cuda.is_available() else 'cpu')
     return dict(command=_command(path, out, jobs), started=time.strftime('%Y-%m-%d %H:%M:%S'), jobs=jobs, threads_per_job=threads_per_job(jobs) if jobs > 1 else torch.get_num_threads(),
-                cpus=threads_per_job(1), load_start=None if load is None else round(load, 2), wall_s=0.0, finished_runs=0, failed={},
-                device=f'CUDA ({torch.cuda.get_device_name(0)}) for training' if torch.cuda.is_available() else 'CPU only')
+                cpus=threads_per_job(1), load_start=(machine['load_average'] or [None])[0], wall_s=0.0, finished_runs=0, failed={},
+                device=f"CUDA ({machine['gpu']}) for training" if 'gpu' in machine else 'CPU only', machine=machine)
 
 def thread_note(manifest: dict, session: dict) -> str | None:
     "A note when this session trains with another CPU thread count than earlier sessions that finished runs (results differ in the last digits by thread count)."
@@ -959,7 +282,7 @@ def thread_note(manifest: dict, session: dict) -> str | None:
             f"{session['threads_per_job']} (--jobs {session['jobs']}); float sums differ in their last digits with the thread count, "
             "so these runs are not bit-identical to what the earlier setting gives; study.json records each session's threads")
 
-# %% ../nbs/21_study.ipynb 116
+# %% ../nbs/21_study.ipynb 41
 def _report_only(out, spec, manifest, configs, runs, echo=print) -> dict:
     "`--report-only`: STUDY.md, the tables and figures from the study's evidence alone (no run folder is read)."
     if not (Path(out)/'results.csv').is_file(): raise RunFolderError(f'{out} holds no results.csv: no evidence to report on')
@@ -967,8 +290,14 @@ def _report_only(out, spec, manifest, configs, runs, echo=print) -> dict:
     done = sum(1 for r in runs if manifest.get('run_records', {}).get(r['key'], {}).get('status') == 'done')
     echo(f"wrote {Path(out)/'STUDY.md'} from the evidence of the {done} finished of {len(runs)} runs"); return manifest
 
-# %% ../nbs/21_study.ipynb 117
-def study(path, out, jobs: int = 1, progress: bool = True, report_only: bool = False, echo=print) -> dict:
+# %% ../nbs/21_study.ipynb 42
+def study(path, # the study file (YAML), e.g. configs/studies/adversarial.yaml
+          out, # the study folder: created, or resumed when it holds the same study
+          jobs: int = 1, # runs at once, each in its own process with the CPU threads split between them
+          progress: bool = True, # show a progress bar over the runs
+          report_only: bool = False, # only rewrite STUDY.md, the tables and figures from the folder's evidence
+          echo=print, # where the one-line messages go
+         ) -> dict:
     "Run (or resume) study file `path` into folder `out`: train and evaluate the missing runs, then write STUDY.md; return the manifest."
     if not _is_int(jobs) or jobs < 1: raise ConfigError(f'--jobs must be a positive integer, got {jobs!r}')
     spec, configs = load_study(path)                       # every check before anything is written
@@ -1004,7 +333,7 @@ def study(path, out, jobs: int = 1, progress: bool = True, report_only: bool = F
                                     'STUDY.md covers the finished ones; the same command retries the rest')
     return manifest
 
-# %% ../nbs/21_study.ipynb 121
+# %% ../nbs/21_study.ipynb 46
 def add_study_args(parser):
     "Arguments of `radiodiff-vae study`."
     parser.add_argument('study', metavar='STUDY.yaml', help='study file, e.g. configs/studies/adversarial.yaml')
@@ -1014,7 +343,8 @@ def add_study_args(parser):
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
     return parser
 
-def run_study(args) -> int:
+def run_study(args, # parsed `radiodiff-vae study` arguments (`add_study_args`)
+             ) -> int:
     "Run `radiodiff-vae study` from parsed `args`."
     study(args.study, args.out, jobs=args.jobs, progress=not args.no_progress, report_only=args.report_only)
     return 0
@@ -1025,5 +355,5 @@ def main(argv=None) -> int:
     try: check_args(args); return run_study(args)      # the checks every command shares (checks.ipynb)
     except RadioDiffError as e: print(f'radiodiff-vae study: error: {e}', file=sys.stderr); return 2
 
-# %% ../nbs/21_study.ipynb 123
+# %% ../nbs/21_study.ipynb 48
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())

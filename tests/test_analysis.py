@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from radiodiff_vae.analysis import (analyze_run, debiased_ema, d_weight_clamp, load_runs, logvar_movement, phases,
-                                    pixels_per_image, coverage, training_params)
+from radiodiff_vae.analysis import debiased_ema, phases, coverage, training_params
+from radiodiff_vae.loss_analysis import d_weight_clamp, logvar_movement, pixels_per_image
+from radiodiff_vae.run_analysis import analyze_run, load_runs
 from radiodiff_vae.core import ConfigError, reference_run_dir
 from radiodiff_vae.logs import load_config_file, read_run
 from radiodiff_vae.report import describe_discriminator, describe_throughput, describe_worked_example, statements
@@ -74,7 +75,7 @@ def test_smoothing_restarts_at_the_gate():
     runs_cfg = config(5001)
     a, table = analyze_run(df, {'kinds': ['text']}, runs_cfg)
     assert a.smoothing_restarts == [5100]
-    from radiodiff_vae.analysis import RunData
+    from radiodiff_vae.run_analysis import RunData
     sm = RunData('x', table, a).smoothed(df['train/total_loss'].to_numpy(), 0.9)
     after = df['train/total_loss'][df.index >= 5100].to_numpy()
     m, expected = 0.0, []

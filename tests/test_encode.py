@@ -9,7 +9,8 @@ from radiodiff_vae.cli import main
 from radiodiff_vae.core import repo_dir
 from radiodiff_vae.data import unscale_gain
 from radiodiff_vae.encode import SHARD, read_latents
-from radiodiff_vae.evaluation import dataset_from_spec, map_metrics
+from radiodiff_vae.data_spec import dataset_from_spec
+from radiodiff_vae.evaluation import map_metrics
 from radiodiff_vae.pretrained import load_pretrained
 
 RECORD = json.loads((repo_dir() / 'models' / 'released.json').read_text())

@@ -126,7 +126,8 @@ from radiodiff_vae.cli import main as cli_main
 from radiodiff_vae.config import resolve_config
 from radiodiff_vae.core import CheckpointError, ConfigError, atomic_torch_save, real_maps_dir
 from radiodiff_vae.data import MapFolder, unscale_gain
-from radiodiff_vae.evaluation import evaluate_checkpoint, dataset_from_spec
+from radiodiff_vae.data_spec import dataset_from_spec
+from radiodiff_vae.evaluation import evaluate_checkpoint
 from radiodiff_vae.losses import LPIPSWithDiscriminator
 from radiodiff_vae.model import AutoencoderKL
 

@@ -13,7 +13,8 @@ import torch
 from radiodiff_vae.cli import main
 from radiodiff_vae.core import CheckpointError, pretrained_path, repo_dir
 from radiodiff_vae.data import unscale_gain
-from radiodiff_vae.evaluation import dataset_from_spec, map_metrics
+from radiodiff_vae.data_spec import dataset_from_spec
+from radiodiff_vae.evaluation import map_metrics
 from radiodiff_vae.model import load_checkpoint, reconstruct
 from radiodiff_vae import pretrained
 from radiodiff_vae.pretrained import build_release, export_release, load_pretrained

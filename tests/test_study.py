@@ -11,8 +11,9 @@ import yaml
 from scipy import stats
 
 from radiodiff_vae.core import ConfigError, RunFolderError
-from radiodiff_vae.study import (RUN_STATE, check_study, compare_with_baseline, ema_minus_raw, load_study, open_study_folder,
-                                 paired_difference, read_run_state, run_plan, summarize_arms, tiny_study_file)
+from radiodiff_vae.study import check_study, load_study, open_study_folder, run_plan, tiny_study_file
+from radiodiff_vae.study_runs import RUN_STATE, read_run_state
+from radiodiff_vae.study_evidence import compare_with_baseline, ema_minus_raw, paired_difference, summarize_arms
 from radiodiff_vae.study import main as study_main
 
 ENV = {**os.environ, 'MPLBACKEND': 'Agg'}

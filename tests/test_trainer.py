@@ -670,7 +670,8 @@ def test_checkpoints_load_with_weights_only(straight):
 
 def test_wsd_schedule_drives_the_optimizers_and_the_analysis(tmp_path):
     "A run with `schedule: wsd` steps with lr_at('wsd', ...) at every step, and the log analysis rebuilds that curve from the run's config."
-    from radiodiff_vae.analysis import training_params, schedule_lr
+    from radiodiff_vae.analysis import training_params
+    from radiodiff_vae.loss_analysis import schedule_lr
     kw = dict(base_lr=1e-3, min_lr=1e-5, warmup_steps=2, decay_fraction=0.25)
     out = tmp_path/'wsd'
     train(tiny(**{'trainer.schedule': 'wsd', 'trainer.decay_fraction': 0.25}), out, progress=False)
