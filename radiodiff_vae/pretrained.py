@@ -14,7 +14,8 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 from .core import (PRETRAINED, CheckpointError, DataError, atomic_save_png, atomic_torch_save, atomic_write_text,
                                 markdown_table, pretrained_path, real_maps_dir, repo_dir, to_jsonable)
-from .config import read_cpu_flags, resolve_config
+from .config import resolve_config
+from .distributed import read_cpu_flags
 from .model import AutoencoderKL, load_checkpoint, model_from_checkpoint, select_state_dict
 from .losses import LPIPSWithDiscriminator
 from .evaluation import dataset_from_spec, evaluate_model, summarize_rows, plot_reconstructions, map_metrics
