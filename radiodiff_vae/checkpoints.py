@@ -17,8 +17,8 @@ from .run_folder import list_checkpoints, resolve_resume
 from .distributed import rng_state, set_rng_state
 
 # %% auto 0
-__all__ = ['CHECKPOINT_VERSION', 'checkpoint_state', 'sample_grid_png', 'world_size_dependence', 'load_optimizer',
-           'load_scheduler', 'check_resumable', 'restore', 'resume_checkpoint', 'load_initial_weights']
+__all__ = ['CHECKPOINT_VERSION', 'checkpoint_state', 'sample_grid_png', 'load_optimizer', 'restore', 'resume_checkpoint',
+           'load_initial_weights']
 
 # %% ../nbs/12d_checkpoints.ipynb 6
 CHECKPOINT_VERSION = 2
@@ -42,7 +42,7 @@ def sample_grid_png(x, x_hat) -> bytes:
     return buf.getvalue()
 
 # %% ../nbs/12d_checkpoints.ipynb 10
-def world_size_dependence(cfg: dict) -> list[str]:
+def _world_size_dependence(cfg: dict) -> list[str]:
     "What makes a run of `cfg` depend on its number of processes (empty: nothing)."
     why = [] if cfg['trainer']['sync_batchnorm'] else ["the discriminator's BatchNorm statistics are per process (trainer.sync_batchnorm: false)"]
     if cfg['model']['ddconfig'].get('dropout', 0.0) > 0: why.append('dropout draws from per-process random streams (model.ddconfig.dropout > 0)')
@@ -65,7 +65,7 @@ def load_optimizer(opt, state, path, name, extra_group: bool):
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f'{path}: {name} does not fit this model ({e}); is it a checkpoint of another architecture?') from None
 
-def load_scheduler(sched, state: dict, path, name) -> bool:
+def _load_scheduler(sched, state: dict, path, name) -> bool:
     "Load a LambdaLR state, every group then at this config's schedule at the stored step; one written for one group fewer (upstream: no logvar group) gets the new group too. True if so."
     inner, state = getattr(sched, 'scheduler', sched), copy.deepcopy(state)
     extra = len(inner.optimizer.param_groups) - len(state.get('base_lrs', []))
@@ -88,7 +88,7 @@ def load_scheduler(sched, state: dict, path, name) -> bool:
     return extra == 1
 
 # %% ../nbs/12d_checkpoints.ipynb 15
-def check_resumable(ckpt: dict, path, cfg: dict, world: int, main: bool = True) -> dict:
+def _check_resumable(ckpt: dict, path, cfg: dict, world: int, main: bool = True) -> dict:
     "The config stored in our checkpoint `ckpt`; refused when it is of another architecture, or of another process count where that changes the run."
     try: stored = resolve_config(ckpt['config'])
     except ConfigError as e: raise CheckpointError(f'{path}: its stored config is not valid here ({e})') from None
@@ -97,7 +97,7 @@ def check_resumable(ckpt: dict, path, cfg: dict, world: int, main: bool = True) 
     if arch: raise CheckpointError(f'{path}: checkpoint of another architecture ({", ".join(arch)} differ from the config)')
     if diff and main: print(f'warning: resuming {path} with changed settings: {", ".join(diff)}', file=sys.stderr)
     saved = int(ckpt.get('world_size', world))
-    why = world_size_dependence(cfg) if saved != world else []
+    why = _world_size_dependence(cfg) if saved != world else []
     if why: raise CheckpointError(f'{path}: written by {saved} processes, resumed on {world}, but {"; ".join(why)}: '
                                   f'resume with {saved} processes (accelerate launch --num_processes {saved})')
     return stored
@@ -110,14 +110,14 @@ def restore(tr, path: Path):
         raise CheckpointError(f'{path}: not a training checkpoint (expected keys {list(need)}, found {sorted(map(str, ckpt))}); '
                               'to start from weights only, set model.ckpt_path')
     ours = 'config' in ckpt and 'loss' in ckpt
-    if ours: tr.resumed_config = check_resumable(ckpt, path, tr.cfg, tr.world, tr.main)
+    if ours: tr.resumed_config = _check_resumable(ckpt, path, tr.cfg, tr.world, tr.main)
     load_upstream_state_dict(tr.ae, ckpt['model'], strict=True, source=path)
     load_loss_state_dict(tr.loss, {k: v for k, v in (ckpt['loss'] if ours else upstream_loss_state_dict(ckpt['model'])).items()
                                    if not k.startswith('perceptual')}, source=path)
     load_optimizer(tr.opt_ae, ckpt['opt_ae'], path, 'opt_ae', tr.t['learn_logvar'])
     load_optimizer(tr.opt_disc, ckpt['opt_disc'], path, 'opt_disc', False)
-    fresh = load_scheduler(tr.sched_ae, ckpt['lr_scheduler_ae'], path, 'lr_scheduler_ae')
-    load_scheduler(tr.sched_disc, ckpt['lr_scheduler_disc'], path, 'lr_scheduler_disc')
+    fresh = _load_scheduler(tr.sched_ae, ckpt['lr_scheduler_ae'], path, 'lr_scheduler_ae')
+    _load_scheduler(tr.sched_disc, ckpt['lr_scheduler_disc'], path, 'lr_scheduler_disc')
     if fresh and tr.main: print(f'note: {path} has no logvar parameter group (an upstream checkpoint); '
                                 'the learnable logvar starts with fresh AdamW state at the scheduled rate', file=sys.stderr)
     if tr.ema is not None and isinstance(ckpt.get('ema'), dict): tr.ema.load_state_dict(ckpt['ema'], source=path)

@@ -17,8 +17,8 @@ from .core import ConfigError
 from .config import canonical_precision
 
 # %% auto 0
-__all__ = ['read_cpu_flags', 'choose_precision', 'precision_note', 'run_precision', 'make_accelerator', 'world_size',
-           'GlobalBatchNorm2d', 'global_batchnorm', 'rng_state', 'set_rng_state']
+__all__ = ['read_cpu_flags', 'choose_precision', 'precision_note', 'run_precision', 'make_accelerator', 'GlobalBatchNorm2d',
+           'global_batchnorm', 'rng_state', 'set_rng_state']
 
 # %% ../nbs/12c_distributed.ipynb 5
 def read_cpu_flags(path='/proc/cpuinfo') -> set[str]:
@@ -80,15 +80,15 @@ def make_accelerator(t: dict, mixed: str | None = None) -> Accelerator:
     return acc
 
 # %% ../nbs/12c_distributed.ipynb 15
-def world_size() -> int:
+def _world_size() -> int:
     "Number of processes training together (1 without a process group)."
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     "BatchNorm2d whose training statistics are those of the global batch (every process's share)."
     def forward(self, x):
-        if not (self.training and world_size() > 1): return super().forward(x)
-        n = x.numel() // x.shape[1] * world_size()                    # equal shares on every process
+        if not (self.training and _world_size() > 1): return super().forward(x)
+        n = x.numel() // x.shape[1] * _world_size()                    # equal shares on every process
         mean = differentiable_all_reduce(x.sum((0, 2, 3))) / n
         var = differentiable_all_reduce(((x - mean[:, None, None]) ** 2).sum((0, 2, 3))) / n
         if self.track_running_stats:

@@ -486,7 +486,7 @@ def _scaler_skipped(self: Trainer, opt):
     if self.main: self.logs.line(f'[Scaler] step {self.step}: fp16 gradients of the {net} overflowed; the grad scaler '
                                  f'skipped this update and lowered its scale to {self.acc.scaler.get_scale():g}')
 
-# %% ../nbs/13_trainer.ipynb 65
+# %% ../nbs/13_trainer.ipynb 66
 @patch
 def _idle_disc_step(self: Trainer):
     "Upstream's discriminator update before disc_start: zero gradients, yet AdamW steps (weight decay, moments)."
