@@ -13,10 +13,10 @@ from .schedules import DECAY_FRACTION, wsd_fits
 # %% auto 0
 __all__ = ['DDCONFIG_SCHEMA', 'LOSSCONFIG_SCHEMA', 'MODEL_SCHEMA', 'DATA_SCHEMA', 'TRAINER_SCHEMA', 'SCHEMA',
            'PRECISION_SPELLINGS', 'UPSTREAM_ONLY', 'FINISH_OFF_DATA', 'FINISH_OFF', 'CUDA_GRAPH_MODES', 'STEP_KEYS',
-           'RESUME_MUTABLE', 'canonical_precision', 'read_cpu_flags', 'native_bf16', 'choose_precision', 'check_value',
-           'unwrap_upstream', 'downsampling_factor', 'finish_start_step', 'validate_config', 'scale_steps',
-           'parse_override', 'apply_overrides', 'resolve_config', 'config_notes', 'step_changes', 'read_yaml',
-           'load_config', 'dump_config', 'config_differences', 'resume_changes', 'schema_table']
+           'RESUME_MUTABLE', 'canonical_precision', 'check_value', 'unwrap_upstream', 'downsampling_factor',
+           'finish_start_step', 'validate_config', 'scale_steps', 'parse_override', 'apply_overrides', 'resolve_config',
+           'config_notes', 'step_changes', 'read_yaml', 'load_config', 'dump_config', 'config_differences',
+           'resume_changes', 'schema_table']
 
 # %% ../nbs/10_config.ipynb 7
 DDCONFIG_SCHEMA = {
@@ -142,39 +142,6 @@ def canonical_precision(value, where: str = 'trainer.mixed_precision') -> str:
     raise ConfigError(f'{where}: expected fp32 (also written no, none or false), bf16, fp16 or auto; got {value!r}')
 
 # %% ../nbs/10_config.ipynb 23
-def read_cpu_flags(path='/proc/cpuinfo') -> set[str]:
-    "The CPU feature flags of the first processor in `path` (empty where there is no such file)."
-    try: text = Path(path).read_text(errors='replace')
-    except OSError: return set()
-    line = next((l for l in text.splitlines() if l.split(':')[0].strip() in ('flags', 'Features')), '')
-    return set(line.partition(':')[2].split())
-
-# %% ../nbs/10_config.ipynb 25
-def native_bf16(device_type: str, cpu_flags=None, cuda_bf16: bool | None = None) -> tuple[bool, str]:
-    "Whether `device_type` computes bf16 natively, and why (CPU flags read from /proc/cpuinfo when `cpu_flags` is None)."
-    if device_type == 'cuda':
-        if cuda_bf16 is None:
-            import torch
-            cuda_bf16 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
-        return cuda_bf16, 'the CUDA GPU computes bf16 natively' if cuda_bf16 else 'the CUDA GPU has no native bf16 (compute capability < 8)'
-    if device_type == 'cpu':
-        flags = set(read_cpu_flags() if cpu_flags is None else cpu_flags)
-        found = [f for f in ('amx_bf16', 'avx512_bf16') if f in flags]
-        return bool(found), f'the CPU has {" and ".join(found)}' if found else 'the CPU has neither amx_bf16 nor avx512_bf16'
-    return False, f'no native bf16 known for device {device_type!r}'
-
-# %% ../nbs/10_config.ipynb 27
-def choose_precision(requested, device_type: str, cpu_flags=None, cuda_bf16: bool | None = None) -> tuple[str, str]:
-    "The mode ('no' = fp32, 'bf16' or 'fp16', as accelerate names them) for `requested` on `device_type`, and the reason."
-    mode = canonical_precision('no' if requested is None else requested)
-    if mode == 'fp16' and device_type != 'cuda':
-        raise ConfigError(f'trainer.mixed_precision: fp16 needs a CUDA GPU (this run is on {device_type}); use bf16, auto or fp32')
-    if mode in ('no', 'fp16'): return mode, 'requested'
-    native, why = native_bf16(device_type, cpu_flags, cuda_bf16)
-    if mode == 'bf16': return 'bf16', 'requested' + ('' if native else f'; {why}, so bf16 is emulated and slower than fp32')
-    return ('bf16', f'auto: {why}') if native else ('no', f'auto: {why}, so fp32')
-
-# %% ../nbs/10_config.ipynb 30
 def _as_float(value, where):
     "A float from an int, float or numeric string; else a ConfigError."
     if isinstance(value, bool): raise ConfigError(f'{where}: expected a number, got {value!r}')
@@ -184,7 +151,7 @@ def _as_float(value, where):
         except ValueError: pass
     raise ConfigError(f'{where}: expected a number, got {value!r} ({type(value).__name__})')
 
-# %% ../nbs/10_config.ipynb 32
+# %% ../nbs/10_config.ipynb 25
 def _as_int(value, where):
     "An int from an int, an integral float or a numeric string; else a ConfigError."
     if isinstance(value, bool): raise ConfigError(f'{where}: expected an integer, got {value!r}')
@@ -196,14 +163,14 @@ def _as_int(value, where):
         except ValueError: pass
     raise ConfigError(f'{where}: expected an integer, got {value!r} ({type(value).__name__})')
 
-# %% ../nbs/10_config.ipynb 34
+# %% ../nbs/10_config.ipynb 27
 def _as_list(value, where, item, n=None):
     "A list of `item`-converted values (optionally of length `n`)."
     if not isinstance(value, (list, tuple)): raise ConfigError(f'{where}: expected a list, got {value!r}')
     if n is not None and len(value) != n: raise ConfigError(f'{where}: expected {n} values, got {value!r}')
     return [item(v, f'{where}[{i}]') for i, v in enumerate(value)]
 
-# %% ../nbs/10_config.ipynb 36
+# %% ../nbs/10_config.ipynb 29
 def check_value(kind: str, value, where: str):
     "Convert `value` to the schema type `kind` (see above) or raise a ConfigError naming `where`."
     if kind.endswith('?'):
@@ -232,7 +199,7 @@ def check_value(kind: str, value, where: str):
         raise ConfigError(f'{where}: expected one of {options}, got {value!r}')
     raise TypeError(f'unknown schema type {kind!r}')
 
-# %% ../nbs/10_config.ipynb 39
+# %% ../nbs/10_config.ipynb 32
 def _unwrap(section: dict, where: str, expected: str) -> dict:
     "Flatten `{target, params}` into `params` after checking that `target` names `expected`."
     if not isinstance(section, dict) or 'params' not in section and 'target' not in section: return section
@@ -245,7 +212,7 @@ def _unwrap(section: dict, where: str, expected: str) -> dict:
     if not isinstance(params, dict): raise ConfigError(f'{where}.params: expected a mapping, got {params!r}')
     return dict(params)
 
-# %% ../nbs/10_config.ipynb 41
+# %% ../nbs/10_config.ipynb 34
 def unwrap_upstream(raw: dict) -> dict:
     "Accept latent-diffusion style `target`/`params` wrappers in `model` and `model.lossconfig`."
     raw = copy.deepcopy(raw)
@@ -256,7 +223,7 @@ def unwrap_upstream(raw: dict) -> dict:
         raw['model'] = model
     return raw
 
-# %% ../nbs/10_config.ipynb 44
+# %% ../nbs/10_config.ipynb 37
 UPSTREAM_ONLY = {   # dotted key -> why it is read and not used
     'model.monitor': "latent-diffusion's checkpoint monitor; this trainer keeps every checkpoint and scores held-out maps itself",
     'model.lossconfig.pixelloss_weight': "upstream's loss stores it and never uses it: the pixel term is weighted 1, here as there",
@@ -277,7 +244,7 @@ def _pop_upstream_only(raw: dict) -> tuple[dict, list[str]]:
         notes.append(f'{key}: {yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()} read and not used ({why})')
     return raw, notes
 
-# %% ../nbs/10_config.ipynb 47
+# %% ../nbs/10_config.ipynb 40
 def _fill(raw, schema: dict, where: str) -> dict:
     "Check `raw` against `schema` recursively; return a new dict with defaults for missing keys."
     if raw is None: raw = {}
@@ -294,17 +261,17 @@ def _fill(raw, schema: dict, where: str) -> dict:
         else: out[key] = check_value(kind, raw[key], sub) if key in raw else copy.deepcopy(default)
     return out
 
-# %% ../nbs/10_config.ipynb 50
+# %% ../nbs/10_config.ipynb 43
 def _require(ok: bool, message: str):
     "Raise a ConfigError with `message` unless `ok`."
     if not ok: raise ConfigError(message)
 
-# %% ../nbs/10_config.ipynb 53
+# %% ../nbs/10_config.ipynb 46
 def downsampling_factor(ddconfig: dict) -> int:
     "How much the encoder shrinks each side: 2^(levels-1)."
     return 2 ** (len(ddconfig["ch_mult"]) - 1)
 
-# %% ../nbs/10_config.ipynb 56
+# %% ../nbs/10_config.ipynb 49
 FINISH_OFF_DATA = dict(finish_size=None, finish_steps=0, finish_batch_size=None, finish_crop=None)   # a run without the phase
 FINISH_OFF = ' '.join(f'data.{k}={"null" if v is None else v}' for k, v in FINISH_OFF_DATA.items())   # the same, as --set texts
 
@@ -325,7 +292,7 @@ def _check_finish(d: dict, total_steps: int, f: int):
     _require(d['crop'] is None, f"data.finish_size and data.crop ({d['crop']}) cannot be combined: the finishing phase "
              'trains on whole maps or on its own windows (data.finish_crop)')
 
-# %% ../nbs/10_config.ipynb 59
+# %% ../nbs/10_config.ipynb 52
 def _check_finish_lr(t: dict, d: dict):
     "Raise a ConfigError unless trainer.finish_lr is null or a restart the run's finishing phase and schedule allow."
     lr = t['finish_lr']
@@ -339,7 +306,7 @@ def _check_finish_lr(t: dict, d: dict):
     _require(t['schedule'] != 'radiodiff', "trainer.finish_lr: not with schedule 'radiodiff' (its min_lr is a multiplier, not a rate); "
              "use e.g. trainer.schedule=cosine")
 
-# %% ../nbs/10_config.ipynb 62
+# %% ../nbs/10_config.ipynb 55
 def _check_switches(t: dict, d: dict):
     "Raise a ConfigError naming both keys when two `trainer` switches contradict each other."
     _require(t['train_discriminator'] or not t['step_idle_discriminator'],
@@ -350,12 +317,12 @@ def _check_switches(t: dict, d: dict):
         _require(not bad, f"trainer.finish_ema_restart: true (the default) restarts the EMA's warm-up at the finishing phase, but trainer.{key}: "
                  f"{str(t[key]).lower()} has no warm-up to restart; set trainer.finish_ema_restart=false")
 
-# %% ../nbs/10_config.ipynb 65
+# %% ../nbs/10_config.ipynb 58
 def finish_start_step(total_steps: int | None, finish_size: int | None, finish_steps: int | None) -> int | None:
     "First step of the finishing phase (the last `finish_steps` of `total_steps`, on `finish_size` maps); None without one."
     return total_steps - finish_steps if finish_size and finish_steps and total_steps else None
 
-# %% ../nbs/10_config.ipynb 67
+# %% ../nbs/10_config.ipynb 60
 CUDA_GRAPH_MODES = ('reduce-overhead', 'max-autotune')   # torch.compile modes that replay CUDA graphs on a GPU
 
 def validate_config(cfg: dict) -> dict:
@@ -406,7 +373,7 @@ def validate_config(cfg: dict) -> dict:
         raise ConfigError(f"trainer.fp16 is true but trainer.mixed_precision is {t['mixed_precision']!r}; set one of them")
     return cfg
 
-# %% ../nbs/10_config.ipynb 70
+# %% ../nbs/10_config.ipynb 63
 STEP_KEYS = (('trainer', 'warmup_steps'), ('model', 'lossconfig', 'disc_start'), ('data', 'finish_steps'),
              ('trainer', 'save_and_sample_every'), ('trainer', 'log_freq'))   # the settings counted in steps
 
@@ -435,7 +402,7 @@ def scale_steps(cfg: dict, steps: int, fixed=()) -> dict:
     t['train_num_steps'] = steps
     return cfg
 
-# %% ../nbs/10_config.ipynb 73
+# %% ../nbs/10_config.ipynb 66
 def parse_override(text: str) -> tuple[list[str], object]:
     "`'a.b.c=value'` -> (['a','b','c'], yaml.safe_load('value'))."
     if '=' not in text: raise ConfigError(f'override {text!r}: expected section.key=value')
@@ -445,7 +412,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
     try: return keys, yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as e: raise ConfigError(f'override {text!r}: value is not valid YAML ({e.__class__.__name__})') from None
 
-# %% ../nbs/10_config.ipynb 75
+# %% ../nbs/10_config.ipynb 68
 def _schema_at(keys: list[str]):
     "The schema entry at `keys`, or a ConfigError listing the valid keys at the first wrong level."
     schema, entry = SCHEMA, None
@@ -458,7 +425,7 @@ def _schema_at(keys: list[str]):
         schema = entry[1] if entry[0] == 'section' else None
     return entry
 
-# %% ../nbs/10_config.ipynb 77
+# %% ../nbs/10_config.ipynb 70
 def apply_overrides(raw: dict, overrides=()) -> dict:
     "A copy of `raw` with each `section.key=value` override set (keys checked against the schema)."
     raw = copy.deepcopy(raw)
@@ -472,7 +439,7 @@ def apply_overrides(raw: dict, overrides=()) -> dict:
         node[keys[-1]] = value
     return raw
 
-# %% ../nbs/10_config.ipynb 80
+# %% ../nbs/10_config.ipynb 73
 def _filled(raw: dict | None, overrides=()) -> dict:
     "The config with overrides applied and defaults filled, not yet validated."
     if raw is None: raw = {}
@@ -498,7 +465,7 @@ def step_changes(raw: dict | None, overrides=(), steps: int | None = None) -> di
     value = lambda cfg, key: [cfg := cfg[k] for k in key.split('.')][-1]
     return {k: [value(before, k), value(after, k)] for k in keys if value(before, k) != value(after, k)}
 
-# %% ../nbs/10_config.ipynb 82
+# %% ../nbs/10_config.ipynb 75
 def _yaml_problem(e: yaml.YAMLError) -> str:
     "A YAML error on one line: what is wrong and where."
     mark = getattr(e, 'problem_mark', None)
@@ -520,7 +487,7 @@ def read_yaml(path) -> dict:
         raise ConfigError(f'config file {str(path)!r}: expected a mapping of sections (model, data, trainer), got {type(raw).__name__}')
     return raw or {}
 
-# %% ../nbs/10_config.ipynb 84
+# %% ../nbs/10_config.ipynb 77
 def load_config(path, overrides=(), steps: int | None = None) -> dict:
     "Read, unwrap, override, fill and validate the YAML config at `path` (run for `steps` steps if given, see `scale_steps`)."
     try: return resolve_config(read_yaml(path), overrides, steps)
@@ -528,12 +495,12 @@ def load_config(path, overrides=(), steps: int | None = None) -> dict:
         if str(path) in str(e): raise
         raise ConfigError(f'{path}: {e}') from None
 
-# %% ../nbs/10_config.ipynb 86
+# %% ../nbs/10_config.ipynb 79
 def dump_config(cfg: dict) -> str:
     "The config as YAML text (block style, key order kept)."
     return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
 
-# %% ../nbs/10_config.ipynb 93
+# %% ../nbs/10_config.ipynb 86
 RESUME_MUTABLE = {('trainer', k) for k in ('train_num_steps', 'save_and_sample_every', 'log_freq', 'results_folder',
                                            'resume_milestone', 'skip_nonfinite', 'max_nonfinite_skips', 'tensorboard',
                                            'sample_maps', 'cpu', 'num_threads', 'compile', 'compile_mode', 'cudnn_benchmark',
@@ -556,7 +523,7 @@ def resume_changes(old: dict, new: dict) -> dict:
     return {f'{s}.{k}': [old.get(s, {}).get(k), new.get(s, {}).get(k)] for s, k in sorted(RESUME_MUTABLE)
             if k != 'results_folder' and old.get(s, {}).get(k) != new.get(s, {}).get(k)}
 
-# %% ../nbs/10_config.ipynb 96
+# %% ../nbs/10_config.ipynb 89
 def schema_table(schema: dict = SCHEMA, prefix: str = '') -> list[tuple[str, str, str, str]]:
     "(key, type, default, help) rows for every leaf of `schema`."
     rows = []

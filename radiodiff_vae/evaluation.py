@@ -23,6 +23,7 @@ from .model import load_checkpoint, model_from_checkpoint, upstream_loss_state_d
 from .data import unscale_gain
 from .data_spec import dataset_from_spec, spec_slug
 from .checks import printable_name
+from .stream import posterior_noise
 from .config import downsampling_factor, load_config, resolve_config
 from .protocols import protocol_columns, protocol_metrics, protocols_markdown, summarize_protocols
 
@@ -39,11 +40,11 @@ __all__ = ['SSIM_KERNEL_SIZE', 'SSIM_SIGMA', 'METRICS', 'EVAL_BATCH', 'LOSS_TERM
 SSIM_KERNEL_SIZE, SSIM_SIGMA = 11, 1.5
 METRICS = ("nmse", "rmse", "psnr", "ssim")
 
-def _check_maps(pred, target):
-    "Both `pred` and `target` must be float tensors Bx1xHxW of one shape."
+def _check_maps(pred, target, ssim: bool = True):
+    "Both `pred` and `target` must be float tensors Bx1xHxW of one shape (with `ssim`, no side below the SSIM window)."
     if pred.shape != target.shape or pred.ndim != 4:
         raise DataError(f"metrics need two Bx1xHxW tensors of one shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
-    if min(pred.shape[-2:]) < SSIM_KERNEL_SIZE:
+    if ssim and min(pred.shape[-2:]) < SSIM_KERNEL_SIZE:
         raise DataError(f"maps of {tuple(pred.shape[-2:])} pixels are smaller than the {SSIM_KERNEL_SIZE}x{SSIM_KERNEL_SIZE} SSIM window")
 
 # %% ../nbs/17_evaluation.ipynb 7
@@ -73,12 +74,13 @@ def ssim_per_map(pred, target):
                                               kernel_size=SSIM_KERNEL_SIZE, data_range=1.0, reduction="none").double()
 
 # %% ../nbs/17_evaluation.ipynb 14
-def map_metrics(pred, target, clamp=True) -> dict:
+def map_metrics(pred, target, clamp=True,
+                keys=METRICS + ("mse",)) -> dict:   # the metrics to compute (training's validation: psnr, nmse, rmse)
     "NMSE, RMSE, PSNR, SSIM (and MSE) of each map, for maps Bx1xHxW in [0, 1] -> dict of float64 [B] tensors."
-    _check_maps(pred, target)
+    _check_maps(pred, target, ssim="ssim" in keys)
     if clamp: pred = pred.clamp(0, 1)
-    return dict(nmse=nmse_per_map(pred, target), rmse=rmse_per_map(pred, target), psnr=psnr_per_map(pred, target),
-                ssim=ssim_per_map(pred, target), mse=mse_per_map(pred, target))
+    per_map = dict(nmse=nmse_per_map, rmse=rmse_per_map, psnr=psnr_per_map, ssim=ssim_per_map, mse=mse_per_map)
+    return {k: per_map[k](pred, target) for k in keys}
 
 # %% ../nbs/17_evaluation.ipynb 17
 def summarize(values, confidence=0.95) -> dict:
@@ -166,15 +168,11 @@ def per_map_losses(loss, x, x_rec, posterior, last_layer) -> dict:
     return out
 
 # %% ../nbs/17_evaluation.ipynb 32
-def _map_noise(shape, index: int, sample_seed: int) -> torch.Tensor:
-    "Standard normal noise of `shape` for map `index`: the same for every batch layout."
-    return torch.randn(shape, generator=torch.Generator().manual_seed((sample_seed * 1_000_003 + index) % 2**64))   # any seed up to 2**63-1
-
 @torch.no_grad()
 def posterior_and_reconstructions(model, x, indices, sample_seed: int = 0) -> dict:
     "Posterior, latents (mode, per-map-seeded sample) and both reconstructions of a batch `x` in [-1, 1]."
     posterior = model.encode(x)
-    eps = torch.stack([_map_noise(posterior.mean.shape[1:], int(i), sample_seed) for i in indices]).to(x.device, x.dtype)
+    eps = posterior_noise(sample_seed, indices, posterior.mean.shape[1:]).to(x.device, x.dtype)   # stream.ipynb: map i's noise, in any batch
     z_sample = posterior.mean + posterior.std * eps
     return dict(posterior=posterior, z_mode=posterior.mode(), z_sample=z_sample,
                 x_mode=model.decode(posterior.mode()), x_sample=model.decode(z_sample))

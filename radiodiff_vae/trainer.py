@@ -4,373 +4,54 @@
 
 # %% ../nbs/13_trainer.ipynb 1
 from __future__ import annotations
-import argparse, copy, io, json, math, os, random, re, sys, time, warnings
+import argparse, copy, json, math, re, sys, time, warnings
 from contextlib import nullcontext
 from pathlib import Path
-import numpy as np
 import torch
-import torch.distributed as dist
-import torchvision
-import yaml
 from torch import nn
-from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 from fastcore.basics import patch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, gather_object, reduce
 from tqdm.auto import tqdm
 from . import core
-from .core import (RadioDiffError, ConfigError, DataError, CheckpointError, RunFolderError,
-                   atomic_torch_save, atomic_write_bytes, atomic_write_text, seed_everything)
-from .model import (AutoencoderKL, load_checkpoint, select_state_dict, load_upstream_state_dict,
-                    upstream_loss_state_dict, reconstruct)
-from .losses import LPIPSWithDiscriminator, load_loss_state_dict
+from .core import (RadioDiffError, ConfigError, RunFolderError, atomic_torch_save, atomic_write_bytes,
+                                atomic_write_text, seed_everything)
+from .model import AutoencoderKL, reconstruct
+from .losses import LPIPSWithDiscriminator
 from .schedules import make_lr_lambda
-from .data import RadioMapSeer, radiomapseer_split, MapFolder
-from .synthetic import SyntheticRadioMaps
-from .config import (load_config, resolve_config, read_yaml, step_changes, config_notes, dump_config, config_differences, resume_changes,
-                                  choose_precision, finish_start_step, FINISH_OFF, CUDA_GRAPH_MODES)
+from .data import unscale_gain
+from .config import (load_config, resolve_config, read_yaml, step_changes, config_notes, dump_config, resume_changes,
+                                  finish_start_step, FINISH_OFF, CUDA_GRAPH_MODES)
 from .checks import make_output_folder, check_args
-from .run_folder import RunLock, list_checkpoints, resolve_resume, check_run_folder
+from .run_folder import RunLock, list_checkpoints, check_run_folder
 from .logs import RunLogs, format_log_line, UPSTREAM_AE_KEYS, UPSTREAM_DISC_KEYS
+from .stream import (BatchStream, CachedDataset, batch_seed, posterior_noise, random_crops, build_datasets,
+                                  finish_dataset, data_feed_note, map_cache_note)
+from .ema import EMA
+from .distributed import global_batchnorm, precision_note, run_precision, make_accelerator
+from .checkpoints import checkpoint_state, sample_grid_png, resume_checkpoint, load_initial_weights
+from .evaluation import map_metrics
 
 # %% auto 0
-__all__ = ['MAP_CACHE_BYTES', 'UPSTREAM_EMA_AFTER', 'UPSTREAM_EMA_POWER', 'CHECKPOINT_VERSION', 'BatchStream', 'sample_seed',
-           'posterior_noise', 'crop_offsets', 'random_crops', 'CachedDataset', 'cached', 'build_datasets',
-           'finish_dataset', 'build_model_and_loss', 'ae_parameters', 'build_optimizers', 'AutoencoderStep',
-           'DiscriminatorStep', 'compile_step', 'uses_cuda_graphs', 'world_size', 'GlobalBatchNorm2d',
-           'global_batchnorm', 'EMA', 'NonFiniteLossError', 'SkippedBatch', 'nonfinite_terms', 'rng_state',
-           'set_rng_state', 'recon_metrics', 'precision_note', 'data_feed_note', 'map_cache_note', 'uses_cpu',
-           'run_precision', 'make_accelerator', 'Trainer', 'world_size_dependence', 'load_scheduler', 'host_values',
-           'sample_grid_png', 'train', 'add_train_args', 'run_train', 'main']
+__all__ = ['Trainer', 'build_model_and_loss', 'ae_parameters', 'build_optimizers', 'AutoencoderStep', 'NonFiniteLossError',
+           'train', 'add_train_args', 'run_train', 'main']
 
-# %% ../nbs/13_trainer.ipynb 9
-class BatchStream(Sampler):
-    "Endless index batches for process `rank` of `world`; global batch `k` is a pure function of (seed, k)."
-    def __init__(self, n: int, batch_size: int, seed: int = 0, start: int = 0, rank: int = 0, world: int = 1):
-        if batch_size > n: raise DataError(f'batch_size {batch_size} is larger than the dataset ({n} maps)')
-        if batch_size % world: raise ConfigError(f'data.batch_size {batch_size} must be divisible by the {world} processes')
-        self.n, self.batch_size, self.seed, self.start, self.rank, self.world = n, batch_size, seed, start, rank, world
-        self.per_epoch, self._epoch, self._perm = n // batch_size, None, None
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        "The order of epoch `epoch`."
-        if epoch != self._epoch: self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        return self._perm
-
-    def batch(self, k: int) -> list[int]:
-        "This process's share of global batch `k`."
-        epoch, j = divmod(k, self.per_epoch)
-        idx = self.permutation(epoch)[j * self.batch_size:(j + 1) * self.batch_size]
-        share = self.batch_size // self.world
-        return idx[self.rank * share:(self.rank + 1) * share].tolist()
-
-    def __iter__(self):
-        k = self.start
-        while True:
-            yield self.batch(k); k += 1
-
-# %% ../nbs/13_trainer.ipynb 12
-def sample_seed(seed: int, k: int, i: int) -> int:
-    "A 63-bit seed mixed from (run seed, global batch `k`, position `i` in it)."
-    return int(np.random.SeedSequence([seed % 2**63, k, i]).generate_state(1, np.uint64)[0]) >> 1
-
-def posterior_noise(seed: int, k: int, positions, shape) -> torch.Tensor:
-    "ε ~ N(0, I) of `shape` for each position of global batch `k`: a pure function of (seed, k, position)."
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed(seed, k, i))) for i in positions])
-
-# %% ../nbs/13_trainer.ipynb 15
-def crop_offsets(seed: int, k: int, i: int, size: int, crop: int) -> tuple[int, int]:
-    "Top-left corner (row, col) of the window of sample `i` of global batch `k`."
-    rng = np.random.default_rng(sample_seed(seed + 1, k, i))    # seed + 1: crops independent of the posterior noise
-    return tuple(int(v) for v in rng.integers(0, size - crop + 1, 2))
-
-def random_crops(x: torch.Tensor, seed: int, k: int, positions, crop: int) -> torch.Tensor:
-    "Each map of `x` (B×C×H×W) cut to its crop×crop window (positions: the maps' places in global batch `k`)."
-    corners = [crop_offsets(seed, k, i, x.shape[-1], crop) for i in positions]
-    return torch.stack([m[..., r:r + crop, c:c + crop] for m, (r, c) in zip(x, corners)])
-
-# %% ../nbs/13_trainer.ipynb 18
-MAP_CACHE_BYTES = 2**30   # the most the map caches hold together: the main process and every DataLoader worker
-
-class CachedDataset(Dataset):
-    "Keep up to `capacity` items of `ds` (None: all) in memory after their first use; each process reading them keeps its own."
-    def __init__(self, ds, capacity: int | None = None, map_bytes: int = 0):
-        self.ds, self.cache, self.map_bytes = ds, {}, map_bytes
-        self.capacity = len(ds) if capacity is None else min(capacity, len(ds))
-    def __len__(self): return len(self.ds)
-    def __getitem__(self, i):
-        if i in self.cache: return self.cache[i]
-        item = self.ds[i]
-        if len(self.cache) < self.capacity: self.cache[i] = item
-        return item
-
-def cached(ds, budget: int, map_bytes: int):
-    "`ds` with a cache of as many maps of `map_bytes` as `budget` bytes hold; `ds` itself where not one fits."
-    return CachedDataset(ds, budget // map_bytes, map_bytes) if budget >= map_bytes else ds
-
-# %% ../nbs/13_trainer.ipynb 20
-def build_datasets(data: dict) -> tuple[Dataset, Dataset | None]:
-    "Training and held-out datasets described by the config's `data` section."
-    if data['source'] == 'synthetic':
-        make = lambda n, offset: SyntheticRadioMaps(n, seed=data['data_seed'], size=data['size'], offset=offset, **data['synthetic'])
-        train, val = make(data['n_maps'], 0), (make(data['val_maps'], data['n_maps']) if data['val_maps'] else None)
-        map_bytes = data['size'] ** 2 * 4
-        val = cached(val, MAP_CACHE_BYTES, map_bytes) if val is not None else None   # read by the main process only
-        left = MAP_CACHE_BYTES - (val.capacity * map_bytes if isinstance(val, CachedDataset) else 0)
-        return cached(train, left // max(data['num_workers'], 1), map_bytes), val    # one cache per data worker
-    if data['source'] == 'radiomapseer':
-        root, kw = data['root'] or 'RadioMapSeer', dict(simulation=data['simulation'], size=data['size'])
-        train = RadioMapSeer(root, phase=data['phase'], num_tx=data['num_tx'], **kw)
-        held_out = radiomapseer_split('test', train.n_maps)[:data['val_maps']]   # the split of the folder's own map count, as train's
-        val = RadioMapSeer(root, maps=held_out, num_tx=1, **kw) if data['val_maps'] else None
-        return train, val
-    if data['root'] is None: raise ConfigError("data.root: required for data.source: folder (a folder of PNG maps)")
-    return MapFolder(data['root'], size=data['size']), None
-
-# %% ../nbs/13_trainer.ipynb 23
-def finish_dataset(data: dict) -> Dataset | None:
-    "The training maps at `data.finish_size` for the finishing phase; None when the config has none."
-    if data['finish_size'] is None: return None
-    return build_datasets({**data, 'size': data['finish_size'], 'val_maps': 0})[0]
-
-# %% ../nbs/13_trainer.ipynb 26
-def build_model_and_loss(model_cfg: dict) -> tuple[AutoencoderKL, LPIPSWithDiscriminator]:
-    "The AutoencoderKL and the LPIPSWithDiscriminator of the config's `model` section."
-    ae = AutoencoderKL(copy.deepcopy(model_cfg['ddconfig']), model_cfg['embed_dim'],
-                       gradient_checkpointing=model_cfg['gradient_checkpointing'])
-    return ae, LPIPSWithDiscriminator(**model_cfg['lossconfig'])
-
-def ae_parameters(ae) -> list:
-    "Autoencoder parameters in upstream's optimizer order."
-    return [p for m in (ae.encoder, ae.decoder, ae.quant_conv, ae.post_quant_conv) for p in m.parameters()]
-
-# %% ../nbs/13_trainer.ipynb 28
-def build_optimizers(ae, loss, t: dict, restart_step: int | None = None, fused: bool = False):
-    "AdamW for the autoencoder (+ logvar when `learn_logvar`) and for the discriminator, with LambdaLR schedules (restarted at `restart_step` by `finish_lr`)."
-    groups = [{'params': ae_parameters(ae)}] + ([{'params': [loss.logvar], 'weight_decay': 0.0}] if t['learn_logvar'] else [])
-    kw, disc_lr = dict(betas=tuple(t['betas']), weight_decay=t['weight_decay'], fused=fused or None), t['disc_lr'] or t['lr']
-    opt_ae = torch.optim.AdamW(groups, lr=t['lr'], **kw)
-    opt_disc = torch.optim.AdamW(loss.discriminator.parameters(), lr=disc_lr, **kw)
-    sched = dict(min_lr=t['min_lr'], power=t['power'], warmup_steps=t['warmup_steps'], decay_fraction=t['decay_fraction'])
-    restart = lambda base: {} if t['finish_lr'] is None else dict(restart_step=restart_step, restart_lr=t['finish_lr'] * base / t['lr'])
-    lam = lambda base: make_lr_lambda(t['schedule'], t['train_num_steps'], base, **sched, **restart(base))
-    return (opt_ae, opt_disc, torch.optim.lr_scheduler.LambdaLR(opt_ae, lam(t['lr'])),
-            torch.optim.lr_scheduler.LambdaLR(opt_disc, lam(disc_lr)))
-
-# %% ../nbs/13_trainer.ipynb 32
-class AutoencoderStep(nn.Module):
-    "Forward of the autoencoder update: reconstruction from noise `eps` (None: the posterior mode) and its loss."
-    def __init__(self, ae: AutoencoderKL, loss: LPIPSWithDiscriminator, learn_logvar: bool):
-        super().__init__()
-        self.ae, self.loss_fn = ae, [loss]         # a list: the loss (and its discriminator) is not a submodule
-        if learn_logvar: self.logvar = loss.logvar   # the same Parameter, registered so its gradient is averaged too
-
-    def forward(self, x, eps, step: int, d_weight: bool):
-        post = self.ae.encode(x)
-        x_hat = self.ae.decode(post.mode() if eps is None else post.mean + post.std * eps.to(post.mean))
-        loss, log = self.loss_fn[0].autoencoder_loss(x, x_hat, post, step, last_layer=self.ae.get_last_layer(),
-                                                     split='train', compute_d_weight=d_weight)
-        return loss, log, x_hat.detach()
-
-# %% ../nbs/13_trainer.ipynb 34
-class DiscriminatorStep(nn.Module):
-    "Forward of the discriminator update: its loss on real maps and detached reconstructions."
-    def __init__(self, loss: LPIPSWithDiscriminator):
-        super().__init__()
-        self.discriminator, self.loss_fn = loss.discriminator, [loss]
-
-    def forward(self, x, x_hat, step: int): return self.loss_fn[0].discriminator_loss(x, x_hat, step, split='train')
-
-# %% ../nbs/13_trainer.ipynb 37
-def compile_step(ae: AutoencoderKL, loss: LPIPSWithDiscriminator, mode: str = 'default'):
-    "torch.compile (`mode`), in place, the encoder, the decoder's trunk (not its output layers), the discriminator and LPIPS."
-    kw = dict(dynamic=False, mode=mode)   # dynamic=False: a new batch shape recompiles instead of tracing symbolic
-    ae.encoder.compile(**kw)              # shapes, which inductor failed on here (torch 2.14, CPU)
-    ae.decoder.trunk = torch.compile(ae.decoder.trunk, **kw)
-    loss.discriminator.compile(**kw)
-    if loss.perceptual_loss is not None: loss.perceptual_loss.compile(**kw)
-
-def uses_cuda_graphs(t: dict, device) -> bool:
-    "Whether the compiled step replays CUDA graphs (then each step must say where it begins)."
-    return t['compile'] and t['compile_mode'] in CUDA_GRAPH_MODES and torch.device(device).type == 'cuda'
-
-# %% ../nbs/13_trainer.ipynb 40
-def world_size() -> int:
-    "Number of processes training together (1 without a process group)."
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-class GlobalBatchNorm2d(nn.BatchNorm2d):
-    "BatchNorm2d whose training statistics are those of the global batch (every process's share)."
-    def forward(self, x):
-        if not (self.training and world_size() > 1): return super().forward(x)
-        n = x.numel() // x.shape[1] * world_size()                    # equal shares on every process
-        mean = differentiable_all_reduce(x.sum((0, 2, 3))) / n
-        var = differentiable_all_reduce(((x - mean[:, None, None]) ** 2).sum((0, 2, 3))) / n
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                m = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked)
-                self.running_mean.lerp_(mean, m); self.running_var.lerp_(var * n / max(n - 1, 1), m)
-        y = (x - mean[:, None, None]) * torch.rsqrt(var + self.eps)[:, None, None]
-        return y * self.weight[:, None, None] + self.bias[:, None, None] if self.affine else y
-
-# %% ../nbs/13_trainer.ipynb 42
-def global_batchnorm(module: nn.Module) -> nn.Module:
-    "`module` with every BatchNorm2d replaced (in place) by a GlobalBatchNorm2d with the same weights and statistics."
-    for name, child in module.named_children():
-        if type(child) is nn.BatchNorm2d:
-            new = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
-            new.load_state_dict(child.state_dict()); setattr(module, name, new.to(next(child.buffers()).device))
-        else: global_batchnorm(child)
-    return module
-
-# %% ../nbs/13_trainer.ipynb 45
-UPSTREAM_EMA_AFTER, UPSTREAM_EMA_POWER = 100, 2 / 3   # the defaults of the EMA wrapper upstream's trainer uses
-
-class EMA:
-    "Exponential moving average of a model's parameters (buffers copied); `upstream`: upstream's wrapper's schedule."
-    def __init__(self, model, decay=0.995, every=10, warmup=True, upstream=False):
-        self.ema_model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay, self.every, self.warmup, self.upstream, self.updates = decay, every, warmup, upstream, 0
-        self.initted = not upstream   # upstream's flag: False until its first update after the copy phase (a second copy)
-
-    def current_decay(self, step: int = 0) -> float:
-        "Decay used by the update after optimizer step `step` (1-based)."
-        if self.upstream:   # 0 (a copy) until step 101, then 1 - (1 + e)^(-2/3), e steps later, capped at `decay`
-            e = step - UPSTREAM_EMA_AFTER - 1
-            return 0.0 if e <= 0 else min(self.decay, 1 - (1 + e) ** -UPSTREAM_EMA_POWER)
-        n = self.updates
-        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
-
-    @torch.no_grad()
-    def update(self, model, step: int):
-        "Update after optimizer step `step` (1-based) when `step` (upstream: `step - 1`) is a multiple of `every`."
-        if (step - 1 if self.upstream else step) % self.every: return
-        first = self.upstream and not self.initted and step - 1 > UPSTREAM_EMA_AFTER   # upstream copies again, then averages
-        d = 0.0 if first else self.current_decay(step)
-        if first: self.initted = True
-        ema = list(self.ema_model.parameters())
-        torch._foreach_lerp_(ema, [p.detach().to(e.dtype) for e, p in zip(ema, model.parameters())], 1 - d)        # one launch per chunk of tensors on a GPU, not one per tensor
-        for e, b in zip(self.ema_model.buffers(), model.buffers()): e.copy_(b)
-        self.updates += 1
-
-# %% ../nbs/13_trainer.ipynb 47
-@patch
-def state_dict(self: EMA) -> dict:
-    "`ema_model.`-prefixed weights plus book-keeping, like upstream's EMA wrapper."
-    sd = {f'ema_model.{k}': v for k, v in self.ema_model.state_dict().items()}
-    sd.update(step=torch.tensor(self.updates * self.every), initted=torch.tensor(self.initted), updates=torch.tensor(self.updates))
-    return sd
-
-@patch
-def load_state_dict(self: EMA, sd: dict, source=None):
-    "Load ours or upstream's EMA state (upstream's `ema_model.loss.*` copies are ignored)."
-    weights = {k: v for k, v in sd.items() if k.startswith('ema_model.')}
-    load_upstream_state_dict(self.ema_model, weights, strict=True, source=f'{source} [ema]' if source else 'ema')
-    self.updates = int(sd['updates']) if 'updates' in sd else int(sd.get('step', 0)) // self.every
-    copies = UPSTREAM_EMA_AFTER // self.every + 1        # updates of upstream's copy phase (after steps 1, 1 + every, ..., 101)
-    if not self.upstream: self.initted = True
-    elif 'updates' in sd:   # ours; versions before the flag was kept wrote initted=True always: the update count tells
-        self.initted = bool(sd.get('initted', True)) and self.updates > copies
-    else: self.initted = bool(sd['initted']) if 'initted' in sd else self.updates > copies   # upstream's wrapper
-
-# %% ../nbs/13_trainer.ipynb 50
-class NonFiniteLossError(RadioDiffError, FloatingPointError):
-    "A loss or gradient became NaN/inf during training."
-
-class SkippedBatch(Exception):
-    "Raised inside a step whose batch is skipped (`trainer.skip_nonfinite`); the step catches it."
-
-def nonfinite_terms(values: dict) -> list[str]:
-    "Keys of `values` that are NaN or infinite, the loss components first."
-    order = ['nll_loss', 'rec_loss', 'kl_loss', 'g_loss', 'd_weight', 'logvar', 'disc_loss', 'logits_real', 'logits_fake', 'total_loss']
-    bad = [k for k, v in values.items() if not math.isfinite(float(v))]
-    rank = lambda k: next((i for i, o in enumerate(order) if k.endswith(o)), len(order))
-    return sorted(bad, key=rank)
-
-# %% ../nbs/13_trainer.ipynb 53
-def rng_state() -> dict:
-    "Python, NumPy, torch (and CUDA) RNG states as tensors and plain values."
-    version, mt, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    s = {'python': [version, torch.tensor(mt, dtype=torch.int64), gauss],
-         'numpy': [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-         'torch': torch.get_rng_state()}
-    if torch.cuda.is_available(): s['cuda'] = torch.cuda.get_rng_state_all()
-    return s
-
-def set_rng_state(s: dict):
-    "Restore what `rng_state` returned."
-    version, mt, gauss = s['python']
-    random.setstate((version, tuple(int(v) for v in mt.tolist()), gauss))
-    kind, keys, pos, has_gauss, cached = s['numpy']
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(s['torch'].cpu())
-    if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all([t.cpu() for t in s['cuda']])
-
-# %% ../nbs/13_trainer.ipynb 56
-def recon_metrics(x, x_hat) -> dict:
-    "Mean per-map PSNR (dB), NMSE and RMSE of reconstructions, both mapped from [-1, 1] to [0, 1] (clamped)."
-    a, b = ((x.float() + 1) / 2).clamp(0, 1), ((x_hat.float() + 1) / 2).clamp(0, 1)
-    mse = ((a - b) ** 2).flatten(1).mean(1)
-    nmse = ((a - b) ** 2).flatten(1).sum(1) / (a ** 2).flatten(1).sum(1).clamp_min(1e-12)
-    return {'psnr': (10 * torch.log10(1 / mse.clamp_min(1e-12))).mean().item(), 'nmse': nmse.mean().item(), 'rmse': mse.sqrt().mean().item()}
-
-# %% ../nbs/13_trainer.ipynb 59
-def precision_note(mode: str, reason: str) -> str:
-    "One line saying which arithmetic a run uses and why."
-    return f"precision: {dict(no='fp32', bf16='bf16 autocast', fp16='fp16 autocast')[mode]} ({reason})"
-
-def data_feed_note(device_type: str, d: dict) -> str | None:
-    "A warning when a GPU run would make its maps between the steps (`data.num_workers` 0, the GPU idle meanwhile); else None."
-    if device_type != 'cuda' or d['num_workers'] > 0: return None
-    made = 'generated (about 11 ms of CPU time per 256x256 map)' if d['source'] == 'synthetic' else 'read'
-    return (f'note: data.num_workers=0 on a GPU: each batch\'s maps are {made} between the steps while the GPU waits; '
-            '--set data.num_workers=4 (or more) prepares them ahead')
-
-def _amount(n_bytes: float) -> str:
-    "A byte count in MB (KB below 0.1 MB)."
-    return f'{n_bytes / 2**20:.1f} MB' if n_bytes >= 0.1 * 2**20 else f'{n_bytes / 2**10:.0f} KB'
-
-def map_cache_note(ds, workers: int) -> str | None:
-    "What the training maps' cache will hold (maps, MB), per data worker and in all; None where `ds` has no cache."
-    if not isinstance(ds, CachedDataset): return None
-    n, size = ds.capacity, ds.capacity * ds.map_bytes
-    part = f'all {n} training maps' if n == len(ds) else f'{n} of the {len(ds)} training maps (the others are made again at each use)'
-    where = f'in each of {workers} data workers, {_amount(workers * size)} in all' if workers else 'in this process'
-    return f'map cache: {part}, {_amount(size)} {where}'
-
-def uses_cpu(t: dict) -> bool:
-    "Whether a run with `trainer` settings `t` runs on the CPU: `trainer.cpu`, or no CUDA device."
-    return t['cpu'] or not torch.cuda.is_available()
-
-def run_precision(t: dict) -> tuple[str, str]:
-    "`(mode, reason)` for the `trainer` settings `t` on this machine; unset means fp16 if upstream's `fp16`, else fp32."
-    requested = t['mixed_precision'] if t['mixed_precision'] is not None else ('fp16' if t['fp16'] else 'no')
-    return choose_precision(requested, 'cpu' if uses_cpu(t) else 'cuda')
-
-def make_accelerator(t: dict, mixed: str | None = None) -> Accelerator:
-    "The Accelerator of a run (precision `mixed`, else `run_precision(t)`'s), on the CPU where `uses_cpu(t)`; one schedule step per update."
-    cpu, mixed = uses_cpu(t), mixed or run_precision(t)[0]
-    launched = int(os.environ.get('WORLD_SIZE', '1'))
-    if launched == 1 and not (dist.is_available() and dist.is_initialized()):
-        AcceleratorState._reset_state(True)   # several runs in one process may use different settings
-    acc = Accelerator(mixed_precision=mixed, cpu=cpu, step_scheduler_with_optimizer=False)
-    if acc.num_processes != launched:
-        raise ConfigError(f'launched as {launched} processes, but accelerate sees {acc.num_processes} '
-                          f'({acc.distributed_type}); check the accelerate config (accelerate env)')
-    return acc
-
-# %% ../nbs/13_trainer.ipynb 62
+# %% ../nbs/13_trainer.ipynb 10
 class Trainer:
     "Train an AutoencoderKL with LPIPSWithDiscriminator as configured, on one process or several; see `train`."
-    def __init__(self, config: dict, out_dir=None, resume=None, progress=True, stop_at=None, dataset=None,
-                 skip_damaged=False, trust_checkpoint=False, step_changes: dict | None = None, notes=()):
+    def __init__(self,
+                 config: dict,                      # a resolved config (`config.resolve_config`)
+                 out_dir=None,                      # the run folder (default: trainer.results_folder)
+                 resume=None,                       # 'latest', a milestone number or a checkpoint path; None: a fresh run
+                 progress: bool = True,             # a progress bar (process 0)
+                 stop_at: int | None = None,        # end this session at this step (the schedule keeps its horizon)
+                 dataset=None,                      # a Dataset replacing the configured maps (tests, notebooks)
+                 skip_damaged: bool = False,        # with resume='latest': fall back past an unreadable newest checkpoint
+                 trust_checkpoint: bool = False,    # read checkpoints with the full unpickler (only a file you vouch for)
+                 step_changes: dict | None = None,  # what `steps` changed in the config ({key: [configured, now]}), said at start
+                 notes=()):                         # remarks about the config file (`config.config_notes`), said at start
         self.cfg = copy.deepcopy(config); self.t = t = self.cfg['trainer']
-        self.step_changes = step_changes or {}   # what `steps` changed in the config ({key: [configured, now]}), said at start
-        self.notes = list(notes)                 # about the config file (config.config_notes), said at start
+        self.step_changes, self.notes = step_changes or {}, list(notes)
         self.out = Path(out_dir if out_dir is not None else t['results_folder'])
         self.progress, self.stop_at, self.skip_damaged, self.trust = progress, stop_at, skip_damaged, trust_checkpoint
         if t['num_threads']: torch.set_num_threads(t['num_threads'])
@@ -385,7 +66,115 @@ class Trainer:
             if self.main: self._abandon()
             raise
 
-# %% ../nbs/13_trainer.ipynb 64
+    def train_step(self) -> dict:
+        "One optimisation step (both updates); the logged values (empty when the step is not logged)."
+        gan, logged = self.step >= self.loss.discriminator_iter_start and self.loss.disc_factor > 0, self.step % self.t['log_freq'] == 0
+        train_disc = gan and self.t['train_discriminator']
+        if self.cuda_graphs: torch.compiler.cudagraph_mark_step_begin()   # last step's graph outputs may now be overwritten
+        try:
+            kept, ae_logs, names = self._ae_pass(d_weight=gan or logged)
+            vals = self._update(self.opt_ae, self.ae_params, ae_logs, names, 'grad_norm_ae')
+            if gan or logged:
+                disc_logs = self._disc_pass(kept, train_disc)
+                if train_disc: vals |= self._update(self.opt_disc, self.disc_params, disc_logs, names, 'grad_norm_disc')
+                elif logged: vals |= _host_values(disc_logs)
+            if not gan and self.t['step_idle_discriminator']: self._idle_disc_step()
+        except _SkippedBatch: return {'skipped': True}
+        if not logged: return {}
+        return vals if train_disc else vals | {'grad_norm_disc': float('nan')}   # the discriminator was not updated
+
+    def fit(self) -> dict:
+        "Train until `train_num_steps` (or `stop_at`); return a summary."
+        T = self.t['train_num_steps']
+        stop, start, t0 = min(T, self.stop_at) if self.stop_at is not None else T, self.step, time.time()
+        timer = {'step': self.step, 'time': t0, 'start': t0}
+        bar = tqdm(total=T, initial=self.step, disable=not (self.main and self.progress), dynamic_ncols=True, desc='train')
+        try:
+            while self.step < stop:
+                if self.step == self._finish_start(): self._enter_finish()
+                vals = self.train_step()      # whether a step is logged, skipped or a milestone is the same on every process
+                if vals and 'skipped' not in vals: self._on_main(self._log_step, vals, timer, bar)
+                with warnings.catch_warnings():   # the discriminator's optimizer legitimately skips steps before disc_start
+                    warnings.filterwarnings('ignore', message=re.escape('Detected call of `lr_scheduler.step()`'))
+                    self.sched_ae.step(); self.sched_disc.step()
+                self.step += 1
+                if self.ema is not None: self.ema.update(self.ae, self.step)
+                if self.step % self.t['save_and_sample_every'] == 0: self._on_main(self._write_milestone, checkpoint_state(self))
+                bar.update(1)
+            if self.step == T > start and self.step % self.t['save_and_sample_every']:   # the end is always checkpointed
+                self._on_main(self._write_milestone, checkpoint_state(self))
+        finally:
+            bar.close()
+            if self.main: self.logs.close(); self.lock.release()
+        wall = time.time() - t0
+        return {'out_dir': str(self.out), 'start_step': start, 'step': self.step, 'total_steps': T, 'wall_time_s': wall,
+                'steps_per_s': (self.step - start) / max(wall, 1e-9), 'last_checkpoint': str(self.last_checkpoint) if self.last_checkpoint else None,
+                'log_file': str(self.logs.text_path) if self.main else None, 'val': getattr(self, 'last_val', None),
+                'nonfinite_skips': self.skips, 'resumed_from': str(self.resumed_from) if self.resumed_from else None,
+                'processes': self.world}
+
+# %% ../nbs/13_trainer.ipynb 13
+def build_model_and_loss(model_cfg: dict) -> tuple[AutoencoderKL, LPIPSWithDiscriminator]:
+    "The AutoencoderKL and the LPIPSWithDiscriminator of the config's `model` section."
+    ae = AutoencoderKL(copy.deepcopy(model_cfg['ddconfig']), model_cfg['embed_dim'],
+                       gradient_checkpointing=model_cfg['gradient_checkpointing'])
+    return ae, LPIPSWithDiscriminator(**model_cfg['lossconfig'])
+
+def ae_parameters(ae) -> list:
+    "Autoencoder parameters in upstream's optimizer order."
+    return [p for m in (ae.encoder, ae.decoder, ae.quant_conv, ae.post_quant_conv) for p in m.parameters()]
+
+# %% ../nbs/13_trainer.ipynb 15
+def build_optimizers(ae, loss, t: dict, restart_step: int | None = None, fused: bool = False):
+    "AdamW for the autoencoder (+ logvar when `learn_logvar`) and for the discriminator, with LambdaLR schedules (restarted at `restart_step` by `finish_lr`)."
+    groups = [{'params': ae_parameters(ae)}] + ([{'params': [loss.logvar], 'weight_decay': 0.0}] if t['learn_logvar'] else [])
+    kw, disc_lr = dict(betas=tuple(t['betas']), weight_decay=t['weight_decay'], fused=fused or None), t['disc_lr'] or t['lr']
+    opt_ae = torch.optim.AdamW(groups, lr=t['lr'], **kw)
+    opt_disc = torch.optim.AdamW(loss.discriminator.parameters(), lr=disc_lr, **kw)
+    sched = dict(min_lr=t['min_lr'], power=t['power'], warmup_steps=t['warmup_steps'], decay_fraction=t['decay_fraction'])
+    restart = lambda base: {} if t['finish_lr'] is None else dict(restart_step=restart_step, restart_lr=t['finish_lr'] * base / t['lr'])
+    lam = lambda base: make_lr_lambda(t['schedule'], t['train_num_steps'], base, **sched, **restart(base))
+    return (opt_ae, opt_disc, torch.optim.lr_scheduler.LambdaLR(opt_ae, lam(t['lr'])),
+            torch.optim.lr_scheduler.LambdaLR(opt_disc, lam(disc_lr)))
+
+# %% ../nbs/13_trainer.ipynb 19
+class AutoencoderStep(nn.Module):
+    "Forward of the autoencoder update: reconstruction from noise `eps` (None: the posterior mode) and its loss."
+    def __init__(self, ae: AutoencoderKL, loss: LPIPSWithDiscriminator, learn_logvar: bool):
+        super().__init__()
+        self.ae, self.loss_fn = ae, [loss]         # a list: the loss (and its discriminator) is not a submodule
+        if learn_logvar: self.logvar = loss.logvar   # the same Parameter, registered so its gradient is averaged too
+
+    def forward(self, x, eps, step: int, d_weight: bool):
+        post = self.ae.encode(x)
+        x_hat = self.ae.decode(post.mode() if eps is None else post.mean + post.std * eps.to(post.mean))
+        loss, log = self.loss_fn[0].autoencoder_loss(x, x_hat, post, step, last_layer=self.ae.get_last_layer(),
+                                                     split='train', compute_d_weight=d_weight)
+        return loss, log, x_hat.detach()
+
+# %% ../nbs/13_trainer.ipynb 21
+class _DiscriminatorStep(nn.Module):
+    "Forward of the discriminator update: its loss on real maps and detached reconstructions."
+    def __init__(self, loss: LPIPSWithDiscriminator):
+        super().__init__()
+        self.discriminator, self.loss_fn = loss.discriminator, [loss]
+
+    def forward(self, x, x_hat, step: int): return self.loss_fn[0].discriminator_loss(x, x_hat, step, split='train')
+
+# %% ../nbs/13_trainer.ipynb 24
+def _compile_step(ae: AutoencoderKL, loss: LPIPSWithDiscriminator, mode: str = 'default'):
+    "torch.compile (`mode`), in place, the encoder, the decoder's trunk (not its output layers), the discriminator and LPIPS."
+    kw = dict(dynamic=False, mode=mode)   # dynamic=False: a new batch shape recompiles instead of tracing symbolic
+    ae.encoder.compile(**kw)              # shapes, which inductor failed on here (torch 2.14, CPU)
+    ae.decoder.trunk = torch.compile(ae.decoder.trunk, **kw)
+    loss.discriminator.compile(**kw)
+    if loss.perceptual_loss is not None: loss.perceptual_loss.compile(**kw)
+
+def _uses_cuda_graphs(t: dict, device) -> bool:
+    "Whether the compiled step replays CUDA graphs (then each step must say where it begins)."
+    return t['compile'] and t['compile_mode'] in CUDA_GRAPH_MODES and torch.device(device).type == 'cuda'
+
+# %% ../nbs/13_trainer.ipynb 27
 @patch
 def _finish_start(self: Trainer) -> int | None:
     "First step of the finishing phase (the last data.finish_steps steps, on data.finish_size maps); None without one."
@@ -408,13 +197,13 @@ def _build(self: Trainer, dataset=None):
     self.ae.to(self.device); self.loss.to(self.device)
     self.ae_params = ae_parameters(self.ae) + ([self.loss.logvar] if t['learn_logvar'] else [])
     self.disc_params = list(self.loss.discriminator.parameters())
-    steps = AutoencoderStep(self.ae, self.loss, t['learn_logvar']), DiscriminatorStep(self.loss)
+    steps = AutoencoderStep(self.ae, self.loss, t['learn_logvar']), _DiscriminatorStep(self.loss)
     (self.gen, self.disc, self.opt_ae, self.opt_disc, self.sched_ae,
      self.sched_disc) = self.acc.prepare(*steps, *build_optimizers(self.ae, self.loss, t, restart_step=self._finish_start(), fused=self.device.type == 'cuda'))
     self.disc_eval = steps[1]    # the discriminator pass of a step that does not train it (no gradients)
     self.ema = EMA(self.ae, t['ema_decay'], t['ema_update_every'], t['ema_warmup'], t['upstream_ema']) if self.main else None
-    if t['compile']: compile_step(self.ae, self.loss, t['compile_mode'])   # after the EMA's copy: the EMA model stays eager
-    self.cuda_graphs = uses_cuda_graphs(t, self.device)
+    if t['compile']: _compile_step(self.ae, self.loss, t['compile_mode'])   # after the EMA's copy: the EMA model stays eager
+    self.cuda_graphs = _uses_cuda_graphs(t, self.device)
     if self.device.type == 'cuda': torch.backends.cudnn.benchmark = t['cudnn_benchmark']
     if dataset is not None and self.cfg['data']['finish_size'] is not None:
         raise ConfigError('data.finish_size: a finishing phase needs the configured maps, not a dataset passed to the trainer '
@@ -426,7 +215,7 @@ def _build(self: Trainer, dataset=None):
     self.step, self.batches_drawn, self.skips, self.session = 0, 0, 0, 0
     self.resumed_config = None    # the config stored in the checkpoint this run resumes (ours only)
 
-# %% ../nbs/13_trainer.ipynb 66
+# %% ../nbs/13_trainer.ipynb 28
 @patch
 def _on_main(self: Trainer, fn, *args):
     "Run `fn` on process 0 only; an error it raises is raised on every process."
@@ -463,14 +252,15 @@ def _write(self: Trainer, fn, path, what: str):
         keep = f'; the previous checkpoint {self.last_checkpoint} is intact' if getattr(self, 'last_checkpoint', None) else ''
         raise RunFolderError(f'{path}: cannot write the {what} ({e.strerror or e}){keep}') from None
 
-# %% ../nbs/13_trainer.ipynb 69
+# %% ../nbs/13_trainer.ipynb 29
 @patch
 def _start(self: Trainer, resume):
     "Resume or initialise, then reseed per process, write the config, open the logs and the data stream."
     self.last_checkpoint = (list_checkpoints(self.out) or [(0, None)])[-1][1]
-    path = self._resume_candidates(resume)
+    path = resume_checkpoint(self, resume)   # checkpoints.ipynb
     if path is None:
-        if self.cfg['model']['ckpt_path']: self._init_weights(self.cfg['model']['ckpt_path'])
+        m = self.cfg['model']
+        if m['ckpt_path']: load_initial_weights(self.ae, self.ema, m['ckpt_path'], m['ckpt_weights'], self.trust)
         seed_everything(self.t['seed'] + 1_000_003 * (self.rank + 1))
     self.resumed_from = path
     if self.main:
@@ -499,32 +289,6 @@ def _record_session(self: Trainer, path):
                                   steps_scaled=self.step_changes))
 
 @patch
-def _resume_candidates(self: Trainer, resume) -> Path | None:
-    "Load the checkpoint meant by `resume` (or upstream's `resume_milestone`); with skip_damaged, fall back past damaged ones."
-    if resume in (None, False):
-        m = self.t['resume_milestone']
-        if m > 0 and (self.out/f'model-{m}.pt').is_file(): resume = m   # upstream's implicit resume
-        else: return None
-    path = resolve_resume(self.out, resume)
-    if path is None:
-        if self.main: print(f'{self.out}: no checkpoint to resume; starting a new run', file=sys.stderr)
-        return None
-    fallbacks = [p for _, p in reversed(list_checkpoints(self.out)) if p != path] if str(resume) == 'latest' and self.skip_damaged else []
-    for candidate in [path] + fallbacks:
-        try:
-            self._resume_from(candidate); return candidate
-        except CheckpointError as e:
-            if candidate is ([path] + fallbacks)[-1]: raise
-            if self.main: print(f'warning: skipping damaged checkpoint {candidate} ({e}); trying {fallbacks[0] if candidate is path else "an older one"}', file=sys.stderr)
-
-@patch
-def _init_weights(self: Trainer, path):
-    "Initial autoencoder weights from `model.ckpt_path`."
-    ckpt = load_checkpoint(path, self.trust)
-    load_upstream_state_dict(self.ae, select_state_dict(ckpt, self.cfg['model']['ckpt_weights'], path), strict=True, source=path)
-    if self.ema is not None: self.ema.ema_model.load_state_dict(self.ae.state_dict())
-
-@patch
 def _open_stream(self: Trainer):
     "A DataLoader over this process's share of the reproducible batch stream, from the batch the run has reached."
     d = self.cfg['data']
@@ -548,97 +312,7 @@ def _enter_finish(self: Trainer):
     windows = f', random {c}x{c} windows' if c and c < s else ''
     if self.main: self.logs.line(f'[Finish] step {self.step}: the last {n} steps train on the same maps at {s}x{s}{windows}, {b} per batch')
 
-# %% ../nbs/13_trainer.ipynb 72
-def world_size_dependence(cfg: dict) -> list[str]:
-    "What makes a run of `cfg` depend on its number of processes (empty: nothing)."
-    why = [] if cfg['trainer']['sync_batchnorm'] else ["the discriminator's BatchNorm statistics are per process (trainer.sync_batchnorm: false)"]
-    if cfg['model']['ddconfig'].get('dropout', 0.0) > 0: why.append('dropout draws from per-process random streams (model.ddconfig.dropout > 0)')
-    return why
-
-# %% ../nbs/13_trainer.ipynb 74
-def _load_optimizer(opt, state, path, name, extra_group: bool):
-    "Load an optimizer state; an upstream AE state lacks our logvar group, which then starts fresh."
-    try:
-        if extra_group and len(state['param_groups']) == len(opt.param_groups) - 1:
-            state = copy.deepcopy(state)
-            ids = [i for g in state['param_groups'] for i in g['params']]
-            group = {k: v for k, v in opt.state_dict()['param_groups'][-1].items() if k != 'params'}
-            state['param_groups'].append({**group, 'params': [max(ids, default=-1) + 1]})
-        kernels = [{k: g[k] for k in ('foreach', 'fused')} for g in opt.param_groups]
-        opt.load_state_dict(state)
-        for g, k in zip(opt.param_groups, kernels): g.update(k)   # the kernels are this machine's, not the writer's
-        for p, s in opt.state.items():      # a fused AdamW keeps its step counts beside the weights, the others on the CPU
-            if torch.is_tensor(s.get('step')): s['step'] = s['step'].to(p.device if kernels[0]['fused'] else 'cpu')
-    except (ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise CheckpointError(f'{path}: {name} does not fit this model ({e}); is it a checkpoint of another architecture?') from None
-
-def load_scheduler(sched, state: dict, path, name) -> bool:
-    "Load a LambdaLR state, every group then at this config's schedule at the stored step; one written for one group fewer (upstream: no logvar group) gets the new group too. True if so."
-    inner, state = getattr(sched, 'scheduler', sched), copy.deepcopy(state)
-    extra = len(inner.optimizer.param_groups) - len(state.get('base_lrs', []))
-    if extra == 1:
-        base, step = inner.base_lrs[-1], int(state['last_epoch'])
-        lr = base * inner.lr_lambdas[-1](step)
-        state['base_lrs'] = state['base_lrs'] + [base]; state['_last_lr'] = list(state.get('_last_lr', [])) + [lr]
-        state['lr_lambdas'] = list(state.get('lr_lambdas') or [None]) + [None]
-        inner.optimizer.param_groups[-1]['lr'] = lr
-    elif extra != 0: raise CheckpointError(f"{path}: {name} has {len(state.get('base_lrs', []))} parameter groups, this model {len(inner.optimizer.param_groups)}")
-    ours = list(inner.base_lrs)
-    inner.load_state_dict(state)
-    if any(abs(a - b) > 1e-12 * max(abs(a), abs(b)) for a, b in zip(inner.base_lrs, ours)):   # trainer.lr changed: the config wins
-        print(f'note: {name}: base learning rates {inner.base_lrs} in {path} replaced by the config\'s {ours} from step {inner.last_epoch}', file=sys.stderr)
-    # every group at this config's schedule from the resumed step on: a new horizon or floor (allowed on resume) changes
-    # the rate without changing the base rates, and the stored rate is the old schedule's
-    inner.base_lrs = ours
-    inner._last_lr = [b * f(inner.last_epoch) for b, f in zip(ours, inner.lr_lambdas)]
-    for g, lr in zip(inner.optimizer.param_groups, inner._last_lr): g['lr'] = lr
-    return extra == 1
-
-# %% ../nbs/13_trainer.ipynb 76
-@patch
-def _resume_from(self: Trainer, path: Path):
-    "Restore the full training state from checkpoint `path` (ours or upstream's model-N.pt)."
-    ckpt = load_checkpoint(path, self.trust)   # on the CPU; load_state_dict copies to the device
-    need = ('model', 'opt_ae', 'opt_disc', 'lr_scheduler_ae', 'lr_scheduler_disc', 'step')
-    if any(k not in ckpt for k in need):
-        raise CheckpointError(f'{path}: not a training checkpoint (expected keys {list(need)}, found {sorted(map(str, ckpt))}); '
-                              'to start from weights only, set model.ckpt_path')
-    ours = 'config' in ckpt and 'loss' in ckpt
-    if ours: self._check_resumable(ckpt, path)
-    load_upstream_state_dict(self.ae, ckpt['model'], strict=True, source=path)
-    load_loss_state_dict(self.loss, {k: v for k, v in (ckpt['loss'] if ours else upstream_loss_state_dict(ckpt['model'])).items()
-                                     if not k.startswith('perceptual')}, source=path)
-    _load_optimizer(self.opt_ae, ckpt['opt_ae'], path, 'opt_ae', self.t['learn_logvar'])
-    _load_optimizer(self.opt_disc, ckpt['opt_disc'], path, 'opt_disc', False)
-    fresh = load_scheduler(self.sched_ae, ckpt['lr_scheduler_ae'], path, 'lr_scheduler_ae')
-    load_scheduler(self.sched_disc, ckpt['lr_scheduler_disc'], path, 'lr_scheduler_disc')
-    if fresh and self.main: print(f'note: {path} has no logvar parameter group (an upstream checkpoint); '
-                                  'the learnable logvar starts with fresh AdamW state at the scheduled rate', file=sys.stderr)
-    if self.ema is not None and isinstance(ckpt.get('ema'), dict): self.ema.load_state_dict(ckpt['ema'], source=path)
-    elif self.ema is not None: self.ema.ema_model.load_state_dict(self.ae.state_dict())
-    if self.acc.scaler is not None and ckpt.get('scaler'): self.acc.scaler.load_state_dict(ckpt['scaler'])
-    self.step = int(ckpt['step'])
-    self.batches_drawn = int(ckpt.get('data_state', {}).get('batches_drawn', self.step * self.t['gradient_accumulate_every']))
-    self.skips, self.session = int(ckpt.get('nonfinite_skips', 0)), int(ckpt.get('session', -1)) + 1
-    rngs = ckpt.get('rng')
-    if isinstance(rngs, list) and len(rngs) == self.world and isinstance(rngs[0].get('python'), list): set_rng_state(rngs[self.rank])
-    else: seed_everything(self.t['seed'] + 1_000_003 * (self.rank + 1) + self.step)
-
-@patch
-def _check_resumable(self: Trainer, ckpt: dict, path):
-    "Refuse a checkpoint of another architecture, or of another process count where that changes the run."
-    try: stored = resolve_config(ckpt['config'])
-    except ConfigError as e: raise CheckpointError(f'{path}: its stored config is not valid here ({e})') from None
-    diff, self.resumed_config = config_differences(stored, self.cfg), stored
-    arch = [k for k in diff if k.startswith('model.ddconfig') or k == 'model.embed_dim']
-    if arch: raise CheckpointError(f'{path}: checkpoint of another architecture ({", ".join(arch)} differ from the config)')
-    if diff and self.main: print(f'warning: resuming {path} with changed settings: {", ".join(diff)}', file=sys.stderr)
-    saved = int(ckpt.get('world_size', self.world))
-    why = world_size_dependence(self.cfg) if saved != self.world else []
-    if why: raise CheckpointError(f'{path}: written by {saved} processes, resumed on {self.world}, but {"; ".join(why)}: '
-                                  f'resume with {saved} processes (accelerate launch --num_processes {saved})')
-
-# %% ../nbs/13_trainer.ipynb 79
+# %% ../nbs/13_trainer.ipynb 31
 @patch
 def _next_batch(self: Trainer):
     "This process's share of the next global batch, its posterior noise (None: train on the mode) and its map names."
@@ -651,7 +325,7 @@ def _next_batch(self: Trainer):
     if self.t['sample_posterior']:
         f = self.ae.downsampling_factor
         shape = (self.cfg['model']['embed_dim'], x.shape[-2] // f, x.shape[-1] // f)
-        eps = posterior_noise(self.t['seed'], k, positions, shape).to(self.device, non_blocking=True)   # no wait for the GPU
+        eps = posterior_noise(batch_seed(self.t['seed'], k), positions, shape).to(self.device, non_blocking=True)   # no wait for the GPU
     return x, eps, list(batch.get('name', []))
 
 @patch
@@ -661,12 +335,12 @@ def _mean_logs(self: Trainer, logs: list[dict]) -> tuple[list, torch.Tensor]:
     t = torch.stack([torch.stack([torch.as_tensor(l[k], device=self.device).detach().reshape(()).float() for k in keys]) for l in logs]).mean(0)
     return keys, reduce(t, 'mean')        # equal shares: the global batch's value
 
-def host_values(logged: tuple) -> dict:
+def _host_values(logged: tuple) -> dict:
     "What `_mean_logs` returned, read to the host as a dict of floats."
     keys, values = logged
     return dict(zip(keys, values.tolist()))
 
-# %% ../nbs/13_trainer.ipynb 81
+# %% ../nbs/13_trainer.ipynb 32
 @patch
 def _ae_pass(self: Trainer, d_weight: bool):
     "Forward + backward of the autoencoder loss over the micro-batches (gradients averaged over processes on the last)."
@@ -696,24 +370,107 @@ def _disc_pass(self: Trainer, kept, train: bool) -> tuple[list, torch.Tensor]:
             logs.append(log)
     return self._mean_logs(logs)
 
-# %% ../nbs/13_trainer.ipynb 83
+# %% ../nbs/13_trainer.ipynb 33
+class NonFiniteLossError(RadioDiffError, FloatingPointError):
+    "A loss or gradient became NaN/inf during training."
+
+class _SkippedBatch(Exception):
+    "Raised inside a step whose batch is skipped (`trainer.skip_nonfinite`); the step catches it."
+
+def _nonfinite_terms(values: dict) -> list[str]:
+    "Keys of `values` that are NaN or infinite, the loss components first."
+    order = ['nll_loss', 'rec_loss', 'kl_loss', 'g_loss', 'd_weight', 'logvar', 'disc_loss', 'logits_real', 'logits_fake', 'total_loss']
+    bad = [k for k, v in values.items() if not math.isfinite(float(v))]
+    rank = lambda k: next((i for i, o in enumerate(order) if k.endswith(o)), len(order))
+    return sorted(bad, key=rank)
+
+# %% ../nbs/13_trainer.ipynb 35
 @patch
 def _update(self: Trainer, opt, params, logged: tuple, names: list, norm_key: str) -> dict:
     "Read the losses and the gradient norm (`norm_key`) in one go, clip (before the step: defect 2), step; a non-finite value skips or stops."
     clip = self.t['grad_clip_norm'] if self.t['grad_clip_norm'] is not None else math.inf
-    if self.acc.scaler is not None: return self._update_fp16(opt, params, host_values(logged), names, norm_key, clip)
+    if self.acc.scaler is not None: return self._update_fp16(opt, params, _host_values(logged), names, norm_key, clip)
     keys, values = logged
     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     *losses, host_norm = torch.cat([values, norm.reshape(1).to(values)]).tolist()   # the update's one wait for the device
     vals = dict(zip(keys, losses)) | {norm_key: host_norm}
-    if bad := nonfinite_terms(vals): self._nonfinite(bad, vals, names)
+    if bad := _nonfinite_terms(vals): self._nonfinite(bad, vals, names)
     torch.nn.utils.clip_grads_with_norm_(params, clip, norm); opt.step()
     return vals
 
+# %% ../nbs/13_trainer.ipynb 37
+_VAL_METRICS = ('psnr', 'nmse', 'rmse')   # the held-out scores logged at each milestone: val/psnr, ... (and val/psnr_ema, ...)
+
+def _val_scores(x, x_hat) -> dict:
+    "Mean per-map PSNR (dB), NMSE and RMSE of reconstructions `x_hat` of `x` (both in [-1, 1]), by the evaluation's metrics on [0, 1] maps (clamped)."
+    return {k: float(v.mean()) for k, v in map_metrics(unscale_gain(x_hat), unscale_gain(x), keys=_VAL_METRICS).items()}
+
+# %% ../nbs/13_trainer.ipynb 39
+@patch
+def _write_milestone(self: Trainer, state: dict):
+    "Write sample-{milestone}.png, the held-out scores, then model-{milestone}.pt (process 0); milestone = ceil(step / save_and_sample_every)."
+    milestone, x = -(-self.step // self.t['save_and_sample_every']), self._sample_inputs()   # a final partial interval rounds up
+    recs = {k: reconstruct(m, x) for k, m in ({'': self.ae} | ({'_ema': self.ema.ema_model} if self.ema else {})).items()}
+    png, n = self.out/f'sample-{milestone}.png', self.t['sample_maps'] or 1
+    self._write(lambda: atomic_write_bytes(png, sample_grid_png(x[:n], recs[''][:n])), png, 'sample')
+    if self.val_ds is not None:
+        scores = {f'val/{k}{tag}': v for tag, r in recs.items() for k, v in _val_scores(x, r).items()}
+        self.logs.record({'step': self.step, 'milestone': milestone, **scores, 'wall_time': time.time()})
+        self.last_val = scores
+    path = self.out/f'model-{milestone}.pt'
+    self._write(lambda: atomic_torch_save(state, path), path, 'checkpoint')
+    self.last_checkpoint = path
+    self.logs.line(f'[Checkpoint] step {self.step}: {path.name}')
+
+@patch
+def _sample_inputs(self: Trainer) -> torch.Tensor:
+    "The held-out maps (or the first maps of the training set) used for samples and scores."
+    ds = self.val_ds if self.val_ds is not None else self.train_ds
+    n = len(ds) if self.val_ds is not None else min(len(ds), max(self.t['sample_maps'], 1))
+    return torch.stack([ds[i]['image'] for i in range(n)]).to(self.device)
+
+# %% ../nbs/13_trainer.ipynb 40
+@patch
+def _log_step(self: Trainer, vals: dict, timer: dict, bar=None):
+    "Write the two upstream lines, one metrics record and the progress bar's loss."
+    now = time.time()
+    rate = (self.step - timer['step']) / max(now - timer['time'], 1e-9) if self.step > timer['step'] else float('nan')
+    timer.update(step=self.step, time=now)
+    lr_ae, lr_disc, T = self.opt_ae.param_groups[0]['lr'], self.opt_disc.param_groups[0]['lr'], self.t['train_num_steps']
+    self.logs.line(format_log_line(self.step, T, vals, UPSTREAM_AE_KEYS, lr_ae, decimals=self.t['log_decimals']))
+    self.logs.line(format_log_line(self.step, T, vals, UPSTREAM_DISC_KEYS, lr_ae, decimals=self.t['log_decimals']))
+    self.logs.record({'step': self.step, 'total_steps': T, **vals, 'lr_ae': lr_ae, 'lr_disc': lr_disc,
+                      'wall_time': now, 'elapsed_s': now - timer['start'], 'steps_per_s': rate,
+                      'nonfinite_skips': self.skips, 'epoch': self.batches_drawn // max(self.sampler.per_epoch, 1)})
+    if bar is not None: bar.set_postfix(loss=f"{vals['train/total_loss']:.4g}", rec=f"{vals['train/rec_loss']:.3g}")
+
+# %% ../nbs/13_trainer.ipynb 50
+@patch
+def _nonfinite(self: Trainer, bad: list, values: dict, names: list):
+    "Skip the batch (SkippedBatch, counted) or stop with a diagnostic file (NonFiniteLossError), on every process."
+    self.opt_ae.zero_grad(set_to_none=True); self.opt_disc.zero_grad(set_to_none=True)
+    names = [n for share in gather_object([names]) for n in share] if self.world > 1 else names
+    step, desc = self.step, ', '.join(f'{k} = {values.get(k, "nan")}' for k in bad)
+    if self.t['skip_nonfinite'] and self.skips < self.t['max_nonfinite_skips']:
+        self.skips += 1
+        if self.main: self.logs.line(f'[Skip] step {step}: non-finite {desc}; batch {names}; skipped {self.skips} so far')
+        raise _SkippedBatch()
+    diag = self.out/f'nonfinite-step{step}.json'
+    if self.main:
+        info = {'step': step, 'terms': bad, 'batch': names, 'losses': {k: repr(v) for k, v in values.items()},
+                'last_checkpoint': str(self.last_checkpoint) if self.last_checkpoint else None, 'skipped_before': self.skips}
+        self._write(lambda: atomic_write_text(diag, json.dumps(info, indent=1)), diag, 'diagnostic')
+        self.logs.line(f'[Stop] step {step}: non-finite {desc}; diagnostic {diag.name}')
+    last = f'the last good checkpoint is {self.last_checkpoint}' if self.last_checkpoint else 'no checkpoint was written yet'
+    why = f' (after {self.skips} skipped batches: trainer.max_nonfinite_skips)' if self.t['skip_nonfinite'] else ''
+    raise NonFiniteLossError(f'non-finite loss at step {step}: {desc}{why}; batch {names[:8]}; {last}; diagnostic: {diag}. '
+                             'Resume with --resume latest (perhaps with a lower trainer.lr), or set trainer.skip_nonfinite=true to skip such batches.')
+
+# %% ../nbs/13_trainer.ipynb 53
 @patch
 def _update_fp16(self: Trainer, opt, params, vals: dict, names: list, norm_key: str, clip: float) -> dict:
     "The fp16 update: the losses are checked first, as the grad scaler must unscale the gradients before their norm."
-    if bad := nonfinite_terms(vals): self._nonfinite(bad, vals, names)
+    if bad := _nonfinite_terms(vals): self._nonfinite(bad, vals, names)
     # only `opt`'s gradients: accelerate's clip_grad_norm_ unscales every optimizer, and the other one's gradients would
     # then count again in this step's scaler.update(), halving the scale twice for one overflow
     self.acc.unscale_gradients(opt)
@@ -729,148 +486,14 @@ def _scaler_skipped(self: Trainer, opt):
     if self.main: self.logs.line(f'[Scaler] step {self.step}: fp16 gradients of the {net} overflowed; the grad scaler '
                                  f'skipped this update and lowered its scale to {self.acc.scaler.get_scale():g}')
 
-@patch
-def _nonfinite(self: Trainer, bad: list, values: dict, names: list):
-    "Skip the batch (SkippedBatch, counted) or stop with a diagnostic file (NonFiniteLossError), on every process."
-    self.opt_ae.zero_grad(set_to_none=True); self.opt_disc.zero_grad(set_to_none=True)
-    names = [n for share in gather_object([names]) for n in share] if self.world > 1 else names
-    step, desc = self.step, ', '.join(f'{k} = {values.get(k, "nan")}' for k in bad)
-    if self.t['skip_nonfinite'] and self.skips < self.t['max_nonfinite_skips']:
-        self.skips += 1
-        if self.main: self.logs.line(f'[Skip] step {step}: non-finite {desc}; batch {names}; skipped {self.skips} so far')
-        raise SkippedBatch()
-    diag = self.out/f'nonfinite-step{step}.json'
-    if self.main:
-        info = {'step': step, 'terms': bad, 'batch': names, 'losses': {k: repr(v) for k, v in values.items()},
-                'last_checkpoint': str(self.last_checkpoint) if self.last_checkpoint else None, 'skipped_before': self.skips}
-        self._write(lambda: atomic_write_text(diag, json.dumps(info, indent=1)), diag, 'diagnostic')
-        self.logs.line(f'[Stop] step {step}: non-finite {desc}; diagnostic {diag.name}')
-    last = f'the last good checkpoint is {self.last_checkpoint}' if self.last_checkpoint else 'no checkpoint was written yet'
-    why = f' (after {self.skips} skipped batches: trainer.max_nonfinite_skips)' if self.t['skip_nonfinite'] else ''
-    raise NonFiniteLossError(f'non-finite loss at step {step}: {desc}{why}; batch {names[:8]}; {last}; diagnostic: {diag}. '
-                             'Resume with --resume latest (perhaps with a lower trainer.lr), or set trainer.skip_nonfinite=true to skip such batches.')
-
-# %% ../nbs/13_trainer.ipynb 86
+# %% ../nbs/13_trainer.ipynb 66
 @patch
 def _idle_disc_step(self: Trainer):
     "Upstream's discriminator update before disc_start: zero gradients, yet AdamW steps (weight decay, moments)."
     for p in self.disc_params: p.grad = torch.zeros_like(p)
     self.opt_disc.step(); self.opt_disc.zero_grad(set_to_none=True)
 
-# %% ../nbs/13_trainer.ipynb 88
-@patch
-def train_step(self: Trainer) -> dict:
-    "One optimisation step (both updates); the logged values (empty when the step is not logged)."
-    gan, logged = self.step >= self.loss.discriminator_iter_start and self.loss.disc_factor > 0, self.step % self.t['log_freq'] == 0
-    train_disc = gan and self.t['train_discriminator']
-    if self.cuda_graphs: torch.compiler.cudagraph_mark_step_begin()   # last step's graph outputs may now be overwritten
-    try:
-        kept, ae_logs, names = self._ae_pass(d_weight=gan or logged)
-        vals = self._update(self.opt_ae, self.ae_params, ae_logs, names, 'grad_norm_ae')
-        if gan or logged:
-            disc_logs = self._disc_pass(kept, train_disc)
-            if train_disc: vals |= self._update(self.opt_disc, self.disc_params, disc_logs, names, 'grad_norm_disc')
-            elif logged: vals |= host_values(disc_logs)
-        if not gan and self.t['step_idle_discriminator']: self._idle_disc_step()
-    except SkippedBatch: return {'skipped': True}
-    if not logged: return {}
-    return vals if train_disc else vals | {'grad_norm_disc': float('nan')}   # the discriminator was not updated
-
-# %% ../nbs/13_trainer.ipynb 92
-CHECKPOINT_VERSION = 2
-
-@patch
-def checkpoint_state(self: Trainer) -> dict:
-    "Everything needed to continue this run exactly (call on every process: it gathers their RNG states)."
-    rngs = gather_object([rng_state()]) if self.world > 1 else [rng_state()]
-    return {'step': self.step, 'model': self.ae.state_dict(), 'opt_ae': self.opt_ae.state_dict(),
-            'lr_scheduler_ae': self.sched_ae.state_dict(), 'opt_disc': self.opt_disc.state_dict(),
-            'lr_scheduler_disc': self.sched_disc.state_dict(), 'ema': self.ema.state_dict() if self.ema else None,
-            'scaler': self.acc.scaler.state_dict() if self.acc.scaler is not None else None, 'config': self.cfg,
-            'rng': rngs, 'data_state': {'batches_drawn': self.batches_drawn, 'seed': self.t['seed']},
-            'loss': {k: v for k, v in self.loss.state_dict().items() if not k.startswith('perceptual')},
-            'version': CHECKPOINT_VERSION, 'nonfinite_skips': self.skips, 'session': self.session, 'world_size': self.world,
-            'run_id': getattr(self, 'run_id', None)}   # the lineage (run_folder.ipynb); chosen on process 0
-
-# %% ../nbs/13_trainer.ipynb 94
-def sample_grid_png(x, x_hat) -> bytes:
-    "PNG bytes of a grid: one row per map, input | reconstruction, mapped to [0, 1]."
-    pairs, buf = torch.stack([x, x_hat], 1).flatten(0, 1).float().cpu(), io.BytesIO()
-    torchvision.utils.save_image(((pairs + 1) / 2).clamp(0, 1), buf, nrow=2, padding=2, format='png')
-    return buf.getvalue()
-
-# %% ../nbs/13_trainer.ipynb 96
-@patch
-def _write_milestone(self: Trainer, state: dict):
-    "Write sample-{milestone}.png, the held-out scores, then model-{milestone}.pt (process 0); milestone = ceil(step / save_and_sample_every)."
-    milestone, x = -(-self.step // self.t['save_and_sample_every']), self._sample_inputs()   # a final partial interval rounds up
-    recs = {k: reconstruct(m, x) for k, m in ({'': self.ae} | ({'_ema': self.ema.ema_model} if self.ema else {})).items()}
-    png, n = self.out/f'sample-{milestone}.png', self.t['sample_maps'] or 1
-    self._write(lambda: atomic_write_bytes(png, sample_grid_png(x[:n], recs[''][:n])), png, 'sample')
-    if self.val_ds is not None:
-        scores = {f'val/{k}{tag}': v for tag, r in recs.items() for k, v in recon_metrics(x, r).items()}
-        self.logs.record({'step': self.step, 'milestone': milestone, **scores, 'wall_time': time.time()})
-        self.last_val = scores
-    path = self.out/f'model-{milestone}.pt'
-    self._write(lambda: atomic_torch_save(state, path), path, 'checkpoint')
-    self.last_checkpoint = path
-    self.logs.line(f'[Checkpoint] step {self.step}: {path.name}')
-
-@patch
-def _sample_inputs(self: Trainer) -> torch.Tensor:
-    "The held-out maps (or the first maps of the training set) used for samples and scores."
-    ds = self.val_ds if self.val_ds is not None else self.train_ds
-    n = len(ds) if self.val_ds is not None else min(len(ds), max(self.t['sample_maps'], 1))
-    return torch.stack([ds[i]['image'] for i in range(n)]).to(self.device)
-
-# %% ../nbs/13_trainer.ipynb 99
-@patch
-def _log_step(self: Trainer, vals: dict, timer: dict, bar=None):
-    "Write the two upstream lines, one metrics record and the progress bar's loss."
-    now = time.time()
-    rate = (self.step - timer['step']) / max(now - timer['time'], 1e-9) if self.step > timer['step'] else float('nan')
-    timer.update(step=self.step, time=now)
-    lr_ae, lr_disc, T = self.opt_ae.param_groups[0]['lr'], self.opt_disc.param_groups[0]['lr'], self.t['train_num_steps']
-    self.logs.line(format_log_line(self.step, T, vals, UPSTREAM_AE_KEYS, lr_ae, decimals=self.t['log_decimals']))
-    self.logs.line(format_log_line(self.step, T, vals, UPSTREAM_DISC_KEYS, lr_ae, decimals=self.t['log_decimals']))
-    self.logs.record({'step': self.step, 'total_steps': T, **vals, 'lr_ae': lr_ae, 'lr_disc': lr_disc,
-                      'wall_time': now, 'elapsed_s': now - timer['start'], 'steps_per_s': rate,
-                      'nonfinite_skips': self.skips, 'epoch': self.batches_drawn // max(self.sampler.per_epoch, 1)})
-    if bar is not None: bar.set_postfix(loss=f"{vals['train/total_loss']:.4g}", rec=f"{vals['train/rec_loss']:.3g}")
-
-# %% ../nbs/13_trainer.ipynb 101
-@patch
-def fit(self: Trainer) -> dict:
-    "Train until `train_num_steps` (or `stop_at`); return a summary."
-    T = self.t['train_num_steps']
-    stop, start, t0 = min(T, self.stop_at) if self.stop_at is not None else T, self.step, time.time()
-    timer = {'step': self.step, 'time': t0, 'start': t0}
-    bar = tqdm(total=T, initial=self.step, disable=not (self.main and self.progress), dynamic_ncols=True, desc='train')
-    try:
-        while self.step < stop:
-            if self.step == self._finish_start(): self._enter_finish()
-            vals = self.train_step()      # whether a step is logged, skipped or a milestone is the same on every process
-            if vals and 'skipped' not in vals: self._on_main(self._log_step, vals, timer, bar)
-            with warnings.catch_warnings():   # the discriminator's optimizer legitimately skips steps before disc_start
-                warnings.filterwarnings('ignore', message=re.escape('Detected call of `lr_scheduler.step()`'))
-                self.sched_ae.step(); self.sched_disc.step()
-            self.step += 1
-            if self.ema is not None: self.ema.update(self.ae, self.step)
-            if self.step % self.t['save_and_sample_every'] == 0: self._on_main(self._write_milestone, self.checkpoint_state())
-            bar.update(1)
-        if self.step == T > start and self.step % self.t['save_and_sample_every']:   # the end is always checkpointed
-            self._on_main(self._write_milestone, self.checkpoint_state())
-    finally:
-        bar.close()
-        if self.main: self.logs.close(); self.lock.release()
-    wall = time.time() - t0
-    return {'out_dir': str(self.out), 'start_step': start, 'step': self.step, 'total_steps': T, 'wall_time_s': wall,
-            'steps_per_s': (self.step - start) / max(wall, 1e-9), 'last_checkpoint': str(self.last_checkpoint) if self.last_checkpoint else None,
-            'log_file': str(self.logs.text_path) if self.main else None, 'val': getattr(self, 'last_val', None),
-            'nonfinite_skips': self.skips, 'resumed_from': str(self.resumed_from) if self.resumed_from else None,
-            'processes': self.world}
-
-# %% ../nbs/13_trainer.ipynb 114
+# %% ../nbs/13_trainer.ipynb 69
 def train(config,                          # a resolved config dict (`config.load_config`) or a YAML path
           out_dir=None,                    # the run folder (default: trainer.results_folder)
           resume=None,                     # 'latest', a milestone number or a checkpoint path; None: a fresh run
@@ -895,7 +518,7 @@ def train(config,                          # a resolved config dict (`config.loa
     return Trainer(cfg, out_dir, resume=resume, progress=progress, stop_at=stop_at, dataset=dataset,
                    skip_damaged=skip_damaged, trust_checkpoint=trust_checkpoint, step_changes=scaled, notes=notes).fit()
 
-# %% ../nbs/13_trainer.ipynb 129
+# %% ../nbs/13_trainer.ipynb 84
 def add_train_args(parser: argparse.ArgumentParser):
     "Arguments of `radiodiff-vae train`."
     parser.add_argument('--config', default=None, help='YAML config (e.g. configs/quickstart.yaml); required')
@@ -920,7 +543,7 @@ def add_train_args(parser: argparse.ArgumentParser):
     parser.parse_known_args = parse_known_args
     return parser
 
-# %% ../nbs/13_trainer.ipynb 131
+# %% ../nbs/13_trainer.ipynb 86
 def run_train(args) -> int:
     "Run `radiodiff-vae train` from parsed `args`; print the summary as JSON (process 0); return 0."
     if not args.config: raise ConfigError('--config is required (a YAML file such as configs/quickstart.yaml)')
@@ -937,5 +560,5 @@ def main(argv=None) -> int:
     except RadioDiffError as e:
         print(f'radiodiff-vae train: error: {e}', file=sys.stderr); return 2
 
-# %% ../nbs/13_trainer.ipynb 133
+# %% ../nbs/13_trainer.ipynb 88
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())

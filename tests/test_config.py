@@ -1,8 +1,8 @@
 "Config loading: upstream forms, overrides, type and range errors."
 from pathlib import Path
 import pytest, yaml
-from radiodiff_vae.config import (load_config, resolve_config, dump_config, config_differences, schema_table,
-                                  choose_precision, read_cpu_flags)
+from radiodiff_vae.config import load_config, resolve_config, dump_config, config_differences, schema_table
+from radiodiff_vae.distributed import choose_precision, read_cpu_flags
 from radiodiff_vae.core import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,11 +141,11 @@ def test_auto_precision_on_cpus_with_and_without_native_bf16(flags, expected):
     assert choose_precision('fp32', 'cpu', cpu_flags=flags) == ('no', 'requested')   # fp32 stays one override away
 
 def test_auto_precision_reads_the_cpu_flags_when_not_given(tmp_path, monkeypatch):
-    import radiodiff_vae.config as config
+    from radiodiff_vae import distributed
     info = tmp_path/'cpuinfo'
     info.write_text('processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 amx_bf16 amx_tile\n')
     assert read_cpu_flags(info) >= {'amx_bf16', 'fpu'}
-    monkeypatch.setattr(config, 'read_cpu_flags', lambda path='/proc/cpuinfo': read_cpu_flags(info))
+    monkeypatch.setattr(distributed, "read_cpu_flags", lambda path="/proc/cpuinfo": read_cpu_flags(info))
     assert choose_precision('auto', 'cpu') == ('bf16', 'auto: the CPU has amx_bf16')
     info.write_text('processor\t: 0\nflags\t\t: fpu sse2 avx2\n')
     assert choose_precision('auto', 'cpu')[0] == 'no'

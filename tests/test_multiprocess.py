@@ -4,7 +4,8 @@ process count, a NaN on one process only, and the gradient as the mean (not the 
 import json, os, socket, subprocess, sys
 from pathlib import Path
 import pytest, torch
-from radiodiff_vae.trainer import train, BatchStream
+from radiodiff_vae.trainer import train
+from radiodiff_vae.stream import BatchStream
 from radiodiff_vae.config import load_config
 
 CONFIG = '''

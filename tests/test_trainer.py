@@ -3,8 +3,10 @@ import ast, copy, errno, json, math, os, re, shutil, socket
 from pathlib import Path
 import pytest, torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from radiodiff_vae import trainer as tr
-from radiodiff_vae.trainer import train, Trainer, NonFiniteLossError, list_checkpoints
+from radiodiff_vae import trainer as tr, stream, checkpoints
+from radiodiff_vae.trainer import train, Trainer, NonFiniteLossError
+from radiodiff_vae.run_folder import list_checkpoints
+from radiodiff_vae.ema import EMA
 from radiodiff_vae.config import resolve_config
 from radiodiff_vae.core import RunFolderError, CheckpointError, ConfigError, RadioDiffError
 from radiodiff_vae.schedules import lr_at
@@ -291,10 +293,10 @@ def test_bf16_training_on_cpu(tmp_path):
 
 def test_auto_precision_is_printed_and_recorded(tmp_path, monkeypatch, capsys):
     "mixed_precision: auto follows the CPU's flags (faked both ways); the choice and reason go to stderr, config.yaml and the log."
-    from radiodiff_vae import config as config_module
+    from radiodiff_vae import distributed
     for flags, mode, text in ((['avx2', 'avx512_bf16'], 'bf16', 'precision: bf16 autocast (auto: the CPU has avx512_bf16)'),
                               (['avx2', 'fma'], 'no', 'precision: fp32 (auto: the CPU has neither amx_bf16 nor avx512_bf16, so fp32)')):
-        monkeypatch.setattr(config_module, 'read_cpu_flags', lambda flags=flags: flags)
+        monkeypatch.setattr(distributed, 'read_cpu_flags', lambda flags=flags: flags)
         out = tmp_path/mode
         t = Trainer(resolve_config(tiny(**{'trainer.mixed_precision': 'auto'})), out, progress=False)
         assert t.precision[0] == mode and t.acc.mixed_precision == mode
@@ -430,17 +432,19 @@ def test_fused_adamw_matches_and_resumes_across_kernels(tmp_path):
         fused.step()
         assert all(g['fused'] for g in fused.param_groups) and not any(g['fused'] for g in plain.param_groups)
         for a, b in zip(after_plain, t.ae_params): torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-7)
-        tr._load_optimizer(plain, fused.state_dict(), 'fused.pt', 'opt_ae', extra_group=False)
+        checkpoints.load_optimizer(plain, fused.state_dict(), 'fused.pt', 'opt_ae', extra_group=False)
         assert not any(g['fused'] for g in plain.param_groups)     # the machine's kernel, not the writer's
-        tr._load_optimizer(fused, plain.state_dict(), 'plain.pt', 'opt_ae', extra_group=False)
+        checkpoints.load_optimizer(fused, plain.state_dict(), 'plain.pt', 'opt_ae', extra_group=False)
         assert all(g['fused'] for g in fused.param_groups)
         plain.step(); fused.step()                                  # both still step after the swap
     finally: t.lock.release()
 
 @pytest.mark.parametrize('learn', [True, False])
 def test_logvar_moves_only_when_learnable(tmp_path, learn):
+    # logvar starts at 1, away from its optimum (log of the per-pixel loss, about 0 on these maps), where the
+    # sign of its gradient would be left to the batches' noise
     t = Trainer(resolve_config(tiny(**{'trainer.learn_logvar': learn, 'trainer.train_num_steps': 3, 'model.lossconfig.disc_start': 1, 'trainer.lr': 1e-2,
-                                       'trainer.save_and_sample_every': 3})), tmp_path/'lv', progress=False)
+                                       'trainer.save_and_sample_every': 3, 'model.lossconfig.logvar_init': 1.0})), tmp_path/'lv', progress=False)
     before = t.loss.logvar.detach().clone()
     try: t.fit()
     finally: t.lock.release()
@@ -476,7 +480,7 @@ def test_changed_schedule_on_resume_takes_effect_at_the_resumed_step(tmp_path, c
     t = Trainer(resolve_config(tiny(**base)), tmp_path/'run', progress=False)
     for _ in range(60): t.sched_ae.step(); t.sched_disc.step()
     t.step = t.batches_drawn = 60
-    torch.save(t.checkpoint_state(), tmp_path/'step60.pt'); t.logs.close(); t.lock.release()
+    torch.save(checkpoints.checkpoint_state(t), tmp_path/'step60.pt'); t.logs.close(); t.lock.release()
     cfg = resolve_config(tiny(**{**base, **change}))
     r = Trainer(cfg, tmp_path/'resumed', resume=str(tmp_path/'step60.pt'), progress=False)
     r.logs.close(); r.lock.release()
@@ -556,7 +560,7 @@ def test_upstream_ema_is_upstreams_rule_past_step_111():
     inside the copy phase still copies at step 111."""
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 4)
-    ours, ref = tr.EMA(model, 0.995, 10, upstream=True), UpstreamEMA(model)
+    ours, ref = EMA(model, 0.995, 10, upstream=True), UpstreamEMA(model)
     for step in range(1, 401):
         with torch.no_grad():
             for p in model.parameters(): p.add_(0.1 + 0.05 * torch.randn_like(p))
@@ -567,7 +571,7 @@ def test_upstream_ema_is_upstreams_rule_past_step_111():
             sd = ours.state_dict()
             assert bool(sd['initted']) == (step == 200)
             if step == 105: sd['initted'] = torch.tensor(True)
-            ours = tr.EMA(model, 0.995, 10, upstream=True); ours.load_state_dict(sd)
+            ours = EMA(model, 0.995, 10, upstream=True); ours.load_state_dict(sd)
 
 def test_radiomapseer_held_out_maps_follow_the_folders_size(tmp_path):
     """The maps scored at each checkpoint come from the split of the folder's own map count (make_data.json's n), like the
@@ -580,16 +584,16 @@ def test_radiomapseer_held_out_maps_follow_the_folders_size(tmp_path):
     for m in range(1, 21): Image.fromarray(np.full((8, 8), m, np.uint8)).save(root/'gain'/'DPM'/f'{m}_0.png')
     (root/'make_data.json').write_text(json.dumps({'n': 20, 'num_tx': 1}))
     data = resolve_config({'data': {'source': 'radiomapseer', 'root': str(root), 'size': 8, 'num_tx': 1, 'val_maps': 3}})['data']
-    train_ds, val_ds = tr.build_datasets(data)
+    train_ds, val_ds = stream.build_datasets(data)
     assert val_ds.maps == radiomapseer_split('test', 20)[:3] and not set(val_ds.maps) & set(train_ds.maps)
 
 def test_map_cache_is_budgeted_across_data_workers(tmp_path, monkeypatch, capsys):
     """Each DataLoader worker keeps its own map cache: with 4 workers reading every map, the caches together stay within
     the budget (here 64 KiB: the 12 training maps of 4 KiB fit once, not 4 times), and the start says what they hold.
     Before the fix every worker cached every map: 4 x 48 KiB."""
-    monkeypatch.setattr(tr, 'MAP_CACHE_BYTES', 2**16, raising=False)
+    monkeypatch.setattr(stream, 'MAP_CACHE_BYTES', 2**16)
     data = resolve_config(tiny(**{'data.n_maps': 12, 'data.num_workers': 4}))['data']
-    train_ds, val_ds = tr.build_datasets(data)
+    train_ds, val_ds = stream.build_datasets(data)
     workers = [copy.deepcopy(train_ds) for _ in range(4)]    # what each worker process gets, then reads every map of
     for w in workers:
         for i in range(len(w)): w[i]
@@ -665,7 +669,7 @@ def test_checkpoints_load_with_weights_only(straight):
     out, _ = straight
     for p in out.glob('model-*.pt'):
         ck = torch.load(p, weights_only=True)
-        assert isinstance(ck['rng'][0]['numpy'][1], torch.Tensor) and ck['version'] == tr.CHECKPOINT_VERSION
+        assert isinstance(ck['rng'][0]['numpy'][1], torch.Tensor) and ck['version'] == checkpoints.CHECKPOINT_VERSION
 
 
 def test_wsd_schedule_drives_the_optimizers_and_the_analysis(tmp_path):
