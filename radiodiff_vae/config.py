@@ -12,11 +12,11 @@ from .schedules import DECAY_FRACTION, wsd_fits
 
 # %% auto 0
 __all__ = ['DDCONFIG_SCHEMA', 'LOSSCONFIG_SCHEMA', 'MODEL_SCHEMA', 'DATA_SCHEMA', 'TRAINER_SCHEMA', 'SCHEMA',
-           'PRECISION_SPELLINGS', 'UPSTREAM_ONLY', 'FINISH_OFF_DATA', 'FINISH_OFF', 'CUDA_GRAPH_MODES', 'STEP_KEYS',
-           'RESUME_MUTABLE', 'canonical_precision', 'check_value', 'unwrap_upstream', 'downsampling_factor',
-           'finish_start_step', 'validate_config', 'scale_steps', 'parse_override', 'apply_overrides', 'resolve_config',
-           'config_notes', 'step_changes', 'read_yaml', 'load_config', 'dump_config', 'config_differences',
-           'resume_changes', 'schema_table']
+           'PRECISION_SPELLINGS', 'TRACKERS', 'UPSTREAM_ONLY', 'RENAMED', 'FINISH_OFF_DATA', 'FINISH_OFF',
+           'CUDA_GRAPH_MODES', 'STEP_KEYS', 'RESUME_MUTABLE', 'canonical_precision', 'check_value', 'unwrap_upstream',
+           'downsampling_factor', 'finish_start_step', 'validate_config', 'scale_steps', 'parse_override',
+           'apply_overrides', 'resolve_config', 'config_notes', 'step_changes', 'read_yaml', 'load_config',
+           'dump_config', 'config_differences', 'resume_changes', 'schema_table']
 
 # %% ../nbs/10_config.ipynb 7
 DDCONFIG_SCHEMA = {
@@ -114,7 +114,7 @@ TRAINER_SCHEMA = {
     'num_threads': ('int?', None, 'torch CPU threads (null: torch default; 1 is fastest on a busy machine)'),
     'skip_nonfinite': ('bool', False, 'skip a batch with a NaN/inf loss instead of stopping'),
     'max_nonfinite_skips': ('int', 100, 'stop anyway after this many skipped batches'),
-    'tensorboard': ('bool', True, 'write TensorBoard scalars'),
+    'log_with': ('trackers', ['tensorboard'], "where the scalars go besides metrics.jsonl: tensorboard (tb/) and any of accelerate's trackers (wandb, mlflow, ...: install its package); []: none"),
     'sample_maps': ('int', 4, 'maps shown in sample-N.png'),
     'sync_batchnorm': ('bool', False, "SyncBatchNorm in the discriminator across processes (upstream: per-process BatchNorm)"),
     'train_discriminator': ('bool', True, 'update the discriminator (false: the autoencoder alone is trained)'),
@@ -171,6 +171,16 @@ def _as_list(value, where, item, n=None):
     return [item(v, f'{where}[{i}]') for i, v in enumerate(value)]
 
 # %% ../nbs/10_config.ipynb 29
+TRACKERS = ('tensorboard', 'wandb', 'mlflow', 'comet_ml', 'aim', 'clearml', 'dvclive', 'swanlab', 'trackio')   # accelerate's names
+
+def _as_trackers(value, where) -> list:
+    "A tracker name or a list of them, each one of TRACKERS, as a list without repeats."
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f'{where}: expected a list of tracker names ({", ".join(TRACKERS)}), got {value!r}')
+    if bad := [n for n in names if n not in TRACKERS]: raise ConfigError(f'{where}: {bad[0]!r} is not one of {", ".join(TRACKERS)}')
+    return list(dict.fromkeys(names))
+
 def check_value(kind: str, value, where: str):
     "Convert `value` to the schema type `kind` (see above) or raise a ConfigError naming `where`."
     if kind.endswith('?'):
@@ -193,6 +203,7 @@ def check_value(kind: str, value, where: str):
         if isinstance(value, dict): return dict(value)
         raise ConfigError(f'{where}: expected a mapping, got {value!r}')
     if kind == 'precision': return canonical_precision(value, where)
+    if kind == 'trackers': return _as_trackers(value, where)
     if kind.startswith('choice:'):
         options = kind[7:].split('|')
         if value in options: return value
@@ -231,6 +242,28 @@ UPSTREAM_ONLY = {   # dotted key -> why it is read and not used
     'trainer.amp': "upstream's trainer flag; the precision is trainer.mixed_precision (or upstream's trainer.fp16)",
 }
 
+RENAMED = {   # an older name of a key of ours -> (its key now, how its value reads there)
+    'trainer.tensorboard': ('trainer.log_with', lambda on: ['tensorboard'] if on else []),
+}
+
+def _node(raw: dict, key: str):
+    "The dict holding the last part of dotted `key` in `raw`, or None."
+    *path, _ = key.split('.'); node = raw
+    for k in path: node = node.get(k) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else None
+
+def _rename_older_keys(raw: dict) -> tuple[dict, list[str]]:
+    "`raw` with each RENAMED key moved to its name now (ConfigError when both are given), and a note for each."
+    raw, notes = copy.deepcopy(raw), []
+    for old, (new, convert) in RENAMED.items():
+        node = _node(raw, old)
+        if node is None or old.rsplit('.', 1)[1] not in node: continue
+        value = node.pop(old.rsplit('.', 1)[1]); target = _node(raw, new)
+        if new.rsplit('.', 1)[1] in target: raise ConfigError(f'{old} and {new} are both given: {old} is the older name of {new}; keep {new} only')
+        target[new.rsplit('.', 1)[1]] = convert(value)
+        notes.append(f'{old}: {value!r} read as {new}: {convert(value)!r} (its older name)')
+    return raw, notes
+
 def _pop_upstream_only(raw: dict) -> tuple[dict, list[str]]:
     "`raw` (unwrapped) without the UPSTREAM_ONLY keys, and a note for each one it held; disc_conditional: true is refused."
     raw, notes = copy.deepcopy(raw), []
@@ -244,7 +277,7 @@ def _pop_upstream_only(raw: dict) -> tuple[dict, list[str]]:
         notes.append(f'{key}: {yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()} read and not used ({why})')
     return raw, notes
 
-# %% ../nbs/10_config.ipynb 40
+# %% ../nbs/10_config.ipynb 41
 def _fill(raw, schema: dict, where: str) -> dict:
     "Check `raw` against `schema` recursively; return a new dict with defaults for missing keys."
     if raw is None: raw = {}
@@ -261,17 +294,17 @@ def _fill(raw, schema: dict, where: str) -> dict:
         else: out[key] = check_value(kind, raw[key], sub) if key in raw else copy.deepcopy(default)
     return out
 
-# %% ../nbs/10_config.ipynb 43
+# %% ../nbs/10_config.ipynb 44
 def _require(ok: bool, message: str):
     "Raise a ConfigError with `message` unless `ok`."
     if not ok: raise ConfigError(message)
 
-# %% ../nbs/10_config.ipynb 46
+# %% ../nbs/10_config.ipynb 47
 def downsampling_factor(ddconfig: dict) -> int:
     "How much the encoder shrinks each side: 2^(levels-1)."
     return 2 ** (len(ddconfig["ch_mult"]) - 1)
 
-# %% ../nbs/10_config.ipynb 49
+# %% ../nbs/10_config.ipynb 50
 FINISH_OFF_DATA = dict(finish_size=None, finish_steps=0, finish_batch_size=None, finish_crop=None)   # a run without the phase
 FINISH_OFF = ' '.join(f'data.{k}={"null" if v is None else v}' for k, v in FINISH_OFF_DATA.items())   # the same, as --set texts
 
@@ -292,7 +325,7 @@ def _check_finish(d: dict, total_steps: int, f: int):
     _require(d['crop'] is None, f"data.finish_size and data.crop ({d['crop']}) cannot be combined: the finishing phase "
              'trains on whole maps or on its own windows (data.finish_crop)')
 
-# %% ../nbs/10_config.ipynb 52
+# %% ../nbs/10_config.ipynb 53
 def _check_finish_lr(t: dict, d: dict):
     "Raise a ConfigError unless trainer.finish_lr is null or a restart the run's finishing phase and schedule allow."
     lr = t['finish_lr']
@@ -306,7 +339,7 @@ def _check_finish_lr(t: dict, d: dict):
     _require(t['schedule'] != 'radiodiff', "trainer.finish_lr: not with schedule 'radiodiff' (its min_lr is a multiplier, not a rate); "
              "use e.g. trainer.schedule=cosine")
 
-# %% ../nbs/10_config.ipynb 55
+# %% ../nbs/10_config.ipynb 56
 def _check_switches(t: dict, d: dict):
     "Raise a ConfigError naming both keys when two `trainer` switches contradict each other."
     _require(t['train_discriminator'] or not t['step_idle_discriminator'],
@@ -317,12 +350,12 @@ def _check_switches(t: dict, d: dict):
         _require(not bad, f"trainer.finish_ema_restart: true (the default) restarts the EMA's warm-up at the finishing phase, but trainer.{key}: "
                  f"{str(t[key]).lower()} has no warm-up to restart; set trainer.finish_ema_restart=false")
 
-# %% ../nbs/10_config.ipynb 58
+# %% ../nbs/10_config.ipynb 59
 def finish_start_step(total_steps: int | None, finish_size: int | None, finish_steps: int | None) -> int | None:
     "First step of the finishing phase (the last `finish_steps` of `total_steps`, on `finish_size` maps); None without one."
     return total_steps - finish_steps if finish_size and finish_steps and total_steps else None
 
-# %% ../nbs/10_config.ipynb 60
+# %% ../nbs/10_config.ipynb 61
 CUDA_GRAPH_MODES = ('reduce-overhead', 'max-autotune')   # torch.compile modes that replay CUDA graphs on a GPU
 
 def validate_config(cfg: dict) -> dict:
@@ -373,7 +406,7 @@ def validate_config(cfg: dict) -> dict:
         raise ConfigError(f"trainer.fp16 is true but trainer.mixed_precision is {t['mixed_precision']!r}; set one of them")
     return cfg
 
-# %% ../nbs/10_config.ipynb 63
+# %% ../nbs/10_config.ipynb 64
 STEP_KEYS = (('trainer', 'warmup_steps'), ('model', 'lossconfig', 'disc_start'), ('data', 'finish_steps'),
              ('trainer', 'save_and_sample_every'), ('trainer', 'log_freq'))   # the settings counted in steps
 
@@ -402,7 +435,7 @@ def scale_steps(cfg: dict, steps: int, fixed=()) -> dict:
     t['train_num_steps'] = steps
     return cfg
 
-# %% ../nbs/10_config.ipynb 66
+# %% ../nbs/10_config.ipynb 67
 def parse_override(text: str) -> tuple[list[str], object]:
     "`'a.b.c=value'` -> (['a','b','c'], yaml.safe_load('value'))."
     if '=' not in text: raise ConfigError(f'override {text!r}: expected section.key=value')
@@ -412,7 +445,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
     try: return keys, yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as e: raise ConfigError(f'override {text!r}: value is not valid YAML ({e.__class__.__name__})') from None
 
-# %% ../nbs/10_config.ipynb 68
+# %% ../nbs/10_config.ipynb 69
 def _schema_at(keys: list[str]):
     "The schema entry at `keys`, or a ConfigError listing the valid keys at the first wrong level."
     schema, entry = SCHEMA, None
@@ -425,13 +458,13 @@ def _schema_at(keys: list[str]):
         schema = entry[1] if entry[0] == 'section' else None
     return entry
 
-# %% ../nbs/10_config.ipynb 70
+# %% ../nbs/10_config.ipynb 71
 def apply_overrides(raw: dict, overrides=()) -> dict:
     "A copy of `raw` with each `section.key=value` override set (keys checked against the schema)."
     raw = copy.deepcopy(raw)
     for text in overrides or ():
         keys, value = parse_override(text)
-        if '.'.join(keys) not in UPSTREAM_ONLY: _schema_at(keys)   # those are read, then noted (config_notes)
+        if '.'.join(keys) not in UPSTREAM_ONLY and '.'.join(keys) not in RENAMED: _schema_at(keys)   # those are read, then noted (config_notes)
         node = raw
         for k in keys[:-1]:
             if not isinstance(node.get(k), dict): node[k] = {}
@@ -439,12 +472,12 @@ def apply_overrides(raw: dict, overrides=()) -> dict:
         node[keys[-1]] = value
     return raw
 
-# %% ../nbs/10_config.ipynb 73
+# %% ../nbs/10_config.ipynb 74
 def _filled(raw: dict | None, overrides=()) -> dict:
     "The config with overrides applied and defaults filled, not yet validated."
     if raw is None: raw = {}
     if not isinstance(raw, dict): raise ConfigError(f'config: expected a mapping of sections, got {type(raw).__name__}')
-    return _fill(_pop_upstream_only(apply_overrides(unwrap_upstream(raw), overrides))[0], SCHEMA, '')
+    return _fill(_pop_upstream_only(_rename_older_keys(apply_overrides(unwrap_upstream(raw), overrides))[0])[0], SCHEMA, '')
 
 def resolve_config(raw: dict | None, overrides=(), steps: int | None = None) -> dict:
     "Validated config with defaults filled, from a raw (YAML-loaded) dict, `section.key=value` overrides and a run length `steps` (see `scale_steps`)."
@@ -453,8 +486,9 @@ def resolve_config(raw: dict | None, overrides=(), steps: int | None = None) -> 
     return validate_config(cfg)
 
 def config_notes(raw: dict | None, overrides=()) -> list[str]:
-    "A note for each key of upstream's files only (UPSTREAM_ONLY) that `raw` and `overrides` hold: read, and why not used."
-    return _pop_upstream_only(apply_overrides(unwrap_upstream(raw or {}), overrides))[1]
+    "A note for each key of upstream's files only (UPSTREAM_ONLY) and each older name (RENAMED) that `raw` and `overrides` hold."
+    renamed, notes = _rename_older_keys(apply_overrides(unwrap_upstream(raw or {}), overrides))
+    return notes + _pop_upstream_only(renamed)[1]
 
 def step_changes(raw: dict | None, overrides=(), steps: int | None = None) -> dict:
     "`{dotted key: [configured, now]}` for the settings `steps` changed (empty without `steps`)."
@@ -465,7 +499,7 @@ def step_changes(raw: dict | None, overrides=(), steps: int | None = None) -> di
     value = lambda cfg, key: [cfg := cfg[k] for k in key.split('.')][-1]
     return {k: [value(before, k), value(after, k)] for k in keys if value(before, k) != value(after, k)}
 
-# %% ../nbs/10_config.ipynb 75
+# %% ../nbs/10_config.ipynb 76
 def _yaml_problem(e: yaml.YAMLError) -> str:
     "A YAML error on one line: what is wrong and where."
     mark = getattr(e, 'problem_mark', None)
@@ -487,7 +521,7 @@ def read_yaml(path) -> dict:
         raise ConfigError(f'config file {str(path)!r}: expected a mapping of sections (model, data, trainer), got {type(raw).__name__}')
     return raw or {}
 
-# %% ../nbs/10_config.ipynb 77
+# %% ../nbs/10_config.ipynb 78
 def load_config(path, overrides=(), steps: int | None = None) -> dict:
     "Read, unwrap, override, fill and validate the YAML config at `path` (run for `steps` steps if given, see `scale_steps`)."
     try: return resolve_config(read_yaml(path), overrides, steps)
@@ -495,14 +529,14 @@ def load_config(path, overrides=(), steps: int | None = None) -> dict:
         if str(path) in str(e): raise
         raise ConfigError(f'{path}: {e}') from None
 
-# %% ../nbs/10_config.ipynb 79
+# %% ../nbs/10_config.ipynb 80
 def dump_config(cfg: dict) -> str:
     "The config as YAML text (block style, key order kept)."
     return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
 
-# %% ../nbs/10_config.ipynb 86
+# %% ../nbs/10_config.ipynb 87
 RESUME_MUTABLE = {('trainer', k) for k in ('train_num_steps', 'save_and_sample_every', 'log_freq', 'results_folder',
-                                           'resume_milestone', 'skip_nonfinite', 'max_nonfinite_skips', 'tensorboard',
+                                           'resume_milestone', 'skip_nonfinite', 'max_nonfinite_skips', 'log_with',
                                            'sample_maps', 'cpu', 'num_threads', 'compile', 'compile_mode', 'cudnn_benchmark',
                                            'lr', 'min_lr', 'disc_lr')} | {('data', 'num_workers'), ('data', 'root')}
 
@@ -523,7 +557,7 @@ def resume_changes(old: dict, new: dict) -> dict:
     return {f'{s}.{k}': [old.get(s, {}).get(k), new.get(s, {}).get(k)] for s, k in sorted(RESUME_MUTABLE)
             if k != 'results_folder' and old.get(s, {}).get(k) != new.get(s, {}).get(k)}
 
-# %% ../nbs/10_config.ipynb 89
+# %% ../nbs/10_config.ipynb 90
 def schema_table(schema: dict = SCHEMA, prefix: str = '') -> list[tuple[str, str, str, str]]:
     "(key, type, default, help) rows for every leaf of `schema`."
     rows = []

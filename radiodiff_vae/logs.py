@@ -11,13 +11,13 @@ import numpy as np
 import pandas as pd
 from fastcore.basics import patch
 from .core import ConfigError, LogParseError, RunFolderError, to_jsonable
-from .config import read_yaml
+from .config import TRACKERS, read_yaml
 
 # %% auto 0
 __all__ = ['ASCTIME', 'LINE_RE', 'NUMBER', 'PAIR', 'PAIR_RE', 'PAIRS_RE', 'MAX_SEGMENT_CHARS', 'RENAMES', 'READERS',
-           'LOG_NAME_RE', 'CONFIG_NAMES', 'UPSTREAM_AE_KEYS', 'UPSTREAM_DISC_KEYS', 'RECORD_FIELDS', 'TRACKERS',
-           'parse_asctime', 'parse_pairs', 'parse_record', 'parse_config_line', 'read_text_log', 'read_jsonl',
-           'read_csv', 'read_tensorboard', 'file_kind', 'find_samples', 'files_of_run', 'order_files', 'find_resumes',
+           'LOG_NAME_RE', 'CONFIG_NAMES', 'UPSTREAM_AE_KEYS', 'UPSTREAM_DISC_KEYS', 'RECORD_FIELDS', 'parse_asctime',
+           'parse_pairs', 'parse_record', 'parse_config_line', 'read_text_log', 'read_jsonl', 'read_csv',
+           'read_tensorboard', 'file_kind', 'find_samples', 'files_of_run', 'order_files', 'find_resumes',
            'merge_records', 'load_config_file', 'read_run', 'format_log_line', 'asctime', 'flat_hyperparameters',
            'open_trackers', 'RunLogs']
 
@@ -352,8 +352,6 @@ def _ends_without_newline(path) -> bool:
     except OSError: return False
 
 # %% ../nbs/12_logs.ipynb 64
-TRACKERS = ('tensorboard', 'wandb', 'mlflow', 'comet_ml', 'aim', 'clearml', 'dvclive', 'swanlab', 'trackio')   # accelerate's names
-
 def flat_hyperparameters(config: dict, prefix: str = '') -> dict:
     "A nested config as `section.key` -> bool/int/float/str (lists and None as text), what trackers store as hyperparameters."
     out = {}

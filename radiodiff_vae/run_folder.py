@@ -28,7 +28,7 @@ RUN_FOLDER_FILES = (   # (file name pattern, written by, read by, what it holds)
     ('sample-*.png', 'trainer, before each `model-N.pt`', '`logs.find_samples`, figures, report', 'held-out maps beside their reconstructions'),
     ('*_.log', '`logs.RunLogs`, one file per session', '`logs.read_text_log`, upstream\'s tools', 'upstream-format text log: the config line, two `[Train Step]` lines per logged step, resume/checkpoint/skip/stop lines'),
     ('metrics.jsonl', '`logs.RunLogs`', '`logs.read_jsonl`, reproduce (progress)', 'one JSON object per logged step and per milestone (held-out scores)'),
-    ('tb', '`logs.RunLogs` (`trainer.tensorboard`)', 'TensorBoard, `logs.read_tensorboard`', 'the same numbers as TensorBoard scalars'),
+    ('tb', '`logs.RunLogs` (`trainer.log_with`)', 'TensorBoard, `logs.read_tensorboard`', 'the same numbers as TensorBoard scalars'),
     ('nonfinite-step*.json', 'trainer, when a loss or gradient is NaN/inf', 'you, `run_health`', 'step, terms, map names of the batch, every loss value, last good checkpoint'),
     ('failed-start-*', '`check_run_folder`, when a start finds records but no checkpoint', 'you',
      "the records (metrics.jsonl, text log, config history, TensorBoard, samples) of a start that failed before its first checkpoint, set aside"),

@@ -210,7 +210,7 @@ def tiny_study_file(folder, # where tiny.yaml is written
     "Write a tiny study (32×32 maps, a small autoencoder, `steps` steps, `maps` maps per evaluation set) into `folder`; return its path."
     tiny = ['model.ddconfig.resolution=32', 'data.size=32', 'data.n_maps=16', 'data.val_maps=2',
             'model.lossconfig.disc_ndf=8', 'trainer.save_and_sample_every={steps*0.5}', 'trainer.log_freq=1', 'trainer.warmup_steps=1',
-            'trainer.tensorboard=false', 'trainer.sample_maps=1']
+            'trainer.log_with=[]', 'trainer.sample_maps=1']
     arms = arms or [dict(label='no-gan', set=['model.lossconfig.disc_start={steps}']),
                     dict(label='gan-half', set=['model.lossconfig.disc_start={steps*0.5}'], note='discriminator from half-way')]
     study = dict(description=f'A tiny study: 32x32 maps, ch 32, {steps} steps.', base=str(repo_dir()/'configs'/'studies'/'quickstart_batch8.yaml'),

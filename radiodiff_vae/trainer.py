@@ -268,7 +268,7 @@ def _start(self: Trainer, resume):
         print(note, file=sys.stderr)
         text = f'# session {self.session}: {note}\n' + dump_config(self.cfg)
         self._write(lambda: atomic_write_text(self.out/'config.yaml', text), self.out/'config.yaml', 'config')
-        self.logs = RunLogs(self.out, self.cfg, self.t['tensorboard'], self.session)
+        self.logs = RunLogs(self.out, self.cfg, self.t['log_with'], self.session)
         self.logs.line(f'[Precision] {note}')
         if feed := data_feed_note(self.device.type, self.cfg['data']): print(feed, file=sys.stderr); self.logs.line(f'[Data] {feed}')
         if path is not None: self.logs.line(f'[Resume] from {path} at step {self.step}')
