@@ -499,7 +499,7 @@ def step_changes(raw: dict | None, overrides=(), steps: int | None = None) -> di
     value = lambda cfg, key: [cfg := cfg[k] for k in key.split('.')][-1]
     return {k: [value(before, k), value(after, k)] for k in keys if value(before, k) != value(after, k)}
 
-# %% ../nbs/10_config.ipynb 76
+# %% ../nbs/10_config.ipynb 77
 def _yaml_problem(e: yaml.YAMLError) -> str:
     "A YAML error on one line: what is wrong and where."
     mark = getattr(e, 'problem_mark', None)
@@ -521,7 +521,7 @@ def read_yaml(path) -> dict:
         raise ConfigError(f'config file {str(path)!r}: expected a mapping of sections (model, data, trainer), got {type(raw).__name__}')
     return raw or {}
 
-# %% ../nbs/10_config.ipynb 78
+# %% ../nbs/10_config.ipynb 79
 def load_config(path, overrides=(), steps: int | None = None) -> dict:
     "Read, unwrap, override, fill and validate the YAML config at `path` (run for `steps` steps if given, see `scale_steps`)."
     try: return resolve_config(read_yaml(path), overrides, steps)
@@ -529,12 +529,12 @@ def load_config(path, overrides=(), steps: int | None = None) -> dict:
         if str(path) in str(e): raise
         raise ConfigError(f'{path}: {e}') from None
 
-# %% ../nbs/10_config.ipynb 80
+# %% ../nbs/10_config.ipynb 81
 def dump_config(cfg: dict) -> str:
     "The config as YAML text (block style, key order kept)."
     return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
 
-# %% ../nbs/10_config.ipynb 87
+# %% ../nbs/10_config.ipynb 88
 RESUME_MUTABLE = {('trainer', k) for k in ('train_num_steps', 'save_and_sample_every', 'log_freq', 'results_folder',
                                            'resume_milestone', 'skip_nonfinite', 'max_nonfinite_skips', 'log_with',
                                            'sample_maps', 'cpu', 'num_threads', 'compile', 'compile_mode', 'cudnn_benchmark',
@@ -557,7 +557,7 @@ def resume_changes(old: dict, new: dict) -> dict:
     return {f'{s}.{k}': [old.get(s, {}).get(k), new.get(s, {}).get(k)] for s, k in sorted(RESUME_MUTABLE)
             if k != 'results_folder' and old.get(s, {}).get(k) != new.get(s, {}).get(k)}
 
-# %% ../nbs/10_config.ipynb 90
+# %% ../nbs/10_config.ipynb 91
 def schema_table(schema: dict = SCHEMA, prefix: str = '') -> list[tuple[str, str, str, str]]:
     "(key, type, default, help) rows for every leaf of `schema`."
     rows = []

@@ -303,7 +303,8 @@ def model_card(r: dict) -> str:
         '- Scored on DPM simulations only (RadioMapSeer\'s dominant-path model), single-channel 8-bit path gain; '
         'IRT or other simulators, other resolutions or scales are untested.',
         f"- The {real['n_maps']} real maps are a small sample (intervals above), drawn from upstream's training split; they are held out "
-        'from this model only.',
+        "from this model's training and choices, but the synthetic generator's propagation defaults were calibrated against "
+        'their summary statistics (gray levels, gain against distance), so one earlier decision did look at them.',
         f"- {facts['lpips_text'][0].upper() + facts['lpips_text'][1:]}; {dd['ch']} base channels instead of upstream's 128.", '',
         f"Measurements: `{p['record']}`. Built {r['built']} by `radiodiff-vae release`.", ''])
 
