@@ -544,7 +544,7 @@ def tiny_config(*overrides: str, # `section.key=value` settings on top of the ti
     "The resolved config of a seconds-sized CPU run (32x32 synthetic maps, ch 32, 4 steps), with `overrides` applied."
     return resolve_config(_TINY, overrides)
 
-# %% ../nbs/10_config.ipynb 96
+# %% ../nbs/10_config.ipynb 97
 RESUME_MUTABLE = {('trainer', k) for k in ('train_num_steps', 'save_and_sample_every', 'log_freq', 'results_folder',
                                            'resume_milestone', 'skip_nonfinite', 'max_nonfinite_skips', 'tensorboard',
                                            'sample_maps', 'cpu', 'num_threads', 'compile', 'compile_mode', 'cudnn_benchmark',
@@ -567,7 +567,7 @@ def resume_changes(old: dict, new: dict) -> dict:
     return {f'{s}.{k}': [old.get(s, {}).get(k), new.get(s, {}).get(k)] for s, k in sorted(RESUME_MUTABLE)
             if k != 'results_folder' and old.get(s, {}).get(k) != new.get(s, {}).get(k)}
 
-# %% ../nbs/10_config.ipynb 99
+# %% ../nbs/10_config.ipynb 100
 def schema_table(schema: dict = SCHEMA, prefix: str = '') -> list[tuple[str, str, str, str]]:
     "(key, type, default, help) rows for every leaf of `schema`."
     rows = []
