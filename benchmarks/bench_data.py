@@ -1,20 +1,8 @@
-"""Data throughput: synthetic map generation, and PNG loading through a DataLoader (issue 3).
-
-Measures, in maps per second:
-  * `generate`: `synthetic.generate_radio_map` in this process, one core (CPU time of this process, so other
-    processes on a shared machine do not count against it; the wall-clock rate is reported too);
-  * `load_png[w]`: one epoch of a RadioMapSeer-layout folder (written first with `make-data`, or `--folder`)
-    through `torch.utils.data.DataLoader(num_workers=w)`, wall clock, after one untimed pass that warms the
-    OS file cache (with workers, persistent ones, timed on the second epoch so that their start-up is excluded);
-  * `synthetic_loader[w]`: the on-the-fly `SyntheticRadioMaps` dataset through the same DataLoader.
-
-    python benchmarks/bench_data.py                          # 256x256, workers 0 1 2, prints a table and JSON
-    python benchmarks/bench_data.py --n-generate 20 --n-load 32 --size 64 --json out.json
-
-A benchmark aggregator can import `measure_data_throughput` (runpy.run_path or importlib) and call it.
+"""Data throughput (issue 3): synthetic map generation, PNG loading and on-the-fly synthesis through a DataLoader, in maps
+per second. What each figure is: benchmarks/README.md.
 """
 from __future__ import annotations
-import argparse, json, os, sys, tempfile, time
+import argparse, json, sys, tempfile, time
 from pathlib import Path
 
 import torch
@@ -59,18 +47,6 @@ def measure_data_throughput(n_generate: int = 100, size: int = 256, n_load: int 
     return result
 
 
-def _report(r: dict) -> str:
-    "A short human-readable table of `measure_data_throughput`'s result."
-    g = r['generate']
-    lines = [f"maps {r['size']}x{r['size']}, batch {r['batch_size']}, {r['machine'].get('cpus')} CPUs, "
-             f"load average {r['machine'].get('load_average_1min') or (r['machine'].get('load_average') or ['?'])[0]}",
-             f"generate (one core)        {g['maps_per_s_cpu']:8.1f} maps/s CPU time   {g['maps_per_s_wall']:8.1f} maps/s wall"]
-    for key, label in (('load_png', 'PNG loading'), ('synthetic_loader', 'on-the-fly synthetic')):
-        if key in r:
-            for w, v in r[key]['maps_per_s'].items(): lines.append(f"{label:22s} workers={w}  {v:8.1f} maps/s wall")
-    return '\n'.join(lines)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--n-generate', type=int, default=100, help='maps generated for the generation rate')
@@ -85,7 +61,6 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     r = measure_data_throughput(a.n_generate, a.size, a.n_load, tuple(a.workers), a.batch_size, a.folder, a.seed,
                                 synthetic_loader=not a.no_synthetic_loader)
-    print(_report(r))
     print(json.dumps(r, indent=1))
     if a.json: Path(a.json).write_text(json.dumps(r, indent=1))
     return 0

@@ -1,19 +1,8 @@
-"""Whole-loop training throughput at full size on a GPU: eager vs compiled, fp32 vs bf16, several batch sizes.
-
-Each (variant, batch) runs in its own process (a failure or a slow compile cannot take the others with it): a
-`Trainer` on `configs/radiodiff.yaml` (upstream's architecture, ch 128) fed 256x256 synthetic maps, generated ahead
-by `--workers` DataLoader worker processes as a real run loads its maps (0: in the training process, between the
-steps, with the GPU idle meanwhile: about 11 ms of host time per map on a 2-core AMD EPYC), the GAN term on
-from step 0, LPIPS on with randomly initialised VGG weights (the same work as the pretrained ones, which this
-offline machine cannot download), trained for `warmup + steps` steps by `fit()` (EMA, schedules and logging
-included, as in the original run). Throughput is read from the run's own `metrics.jsonl`: steps between the first
-logged step after the warm-up and the last, over their wall-clock time. The first step's logged losses of every
-variant are kept, so compiled and eager runs can be compared (same seed: same weights, batch and noise).
-
-    python benchmarks/bench_gpu.py --out benchmarks/results/gpu.json
+"""Whole-loop training throughput at full size on a GPU: eager vs compiled, fp32 vs bf16, several batch sizes, each
+(variant, batch) in its own process. What a run is and how its rate is read: benchmarks/README.md.
 """
 from __future__ import annotations
-import argparse, json, os, platform, subprocess, sys, tempfile, time
+import argparse, json, subprocess, sys, tempfile, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,7 +90,7 @@ def main(argv=None) -> int:
     ap.add_argument('--timeout', type=float, default=300, help='seconds per variant')
     ap.add_argument('--config', default='configs/radiodiff.yaml', help='base config (a smaller one for a smoke test)')
     ap.add_argument('--size', type=int, default=256, help='map size')
-    ap.add_argument('--workers', type=int, default=min(8, max(1, (os.cpu_count() or 2) - 4)),
+    ap.add_argument('--workers', type=int, default=min(8, max(1, machine()['logical_cpus'] - 4)),
                     help='DataLoader workers generating the maps ahead of the steps (default: min(8, CPUs - 4))')
     ap.add_argument('--profile', type=int, default=0, help='after the timed steps, profile this many more (torch.profiler)')
     ap.add_argument('--out', type=Path, default=None)

@@ -1,23 +1,8 @@
-"""Time one VAE-GAN training step three ways on the same weights and batch (issue 8).
-
-(a) `upstream`: RadioDiff's train_vae.py loop rebuilt from our modules (the reading copy of it opens the trainer
-    notebook, nbs/13_trainer.ipynb; this one is instrumented for timing): the discriminator pass runs the
-    whole autoencoder forward again (fresh posterior sample, LPIPS/NLL/KL recomputed and thrown away),
-    the adaptive GAN weight is always computed, both losses are divided by 2
-    (gradient_accumulate_every=2) and the gradients are clipped after the optimizer steps.
-(b) `ours`: our trainer's step: one forward serves both passes (detached reconstruction for D), clipping
-    before each optimizer step, the adaptive weight only while the GAN term is on (or on logged steps).
-(c) `ours` plus one user option each: channels_last, bf16 autocast, gradient checkpointing.
-
-Every variant starts from a deep copy of the same weights and optimizer state and sees the same batch;
-timing interleaves the variants step by step so that load from other processes hits all of them alike.
-Peak resident memory is measured per variant in a fresh subprocess.
-
-    python benchmarks/bench_step.py --size quickstart           # prints JSON
-    python benchmarks/bench_step.py --size tiny --steps 2 --warmup 1
+"""Time one VAE-GAN training step three ways on the same weights and batch (issue 8): (a) upstream's loop rebuilt from our
+modules, (b) our `Trainer.train_step`, (c) (b) with one option each. What each is and how it is measured: benchmarks/README.md.
 """
 from __future__ import annotations
-import argparse, contextlib, copy, json, os, resource, statistics, subprocess, sys, time, warnings
+import argparse, contextlib, copy, json, statistics, subprocess, sys, time, warnings
 from pathlib import Path
 
 import torch
@@ -42,37 +27,20 @@ SIZES = {
 
 
 # ----------------------------------------------------------------------------------------------- machine
-def cpu_has_bf16() -> bool:
-    "Whether the CPU computes bf16 natively (AVX-512 BF16 or AMX); elsewhere torch emulates it, slowly."
-    return machine_info()['cpu_bf16']
-
 def sync(device: str):
     if device.startswith('cuda'): torch.cuda.synchronize()
 
-def _best_time(fn, device, reps: int) -> list[float]:
-    "Wall times of `reps` calls of `fn` after one warm-up call."
-    fn(); sync(device)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter(); fn(); sync(device); times.append(time.perf_counter() - t0)
-    return times
-
-def measure_peaks(device: str = 'cpu', reps: int = 5, matmul_n: int = 2048, conv_shape=(2, 128, 128, 128)) -> dict:
-    "GFLOP/s of a large fp32 matmul and a large fp32 3x3 convolution (contiguous and channels_last): the machine's peak."
-    n = matmul_n if device == 'cpu' else 8192
+def measure_peaks(device: str = 'cpu', reps: int = 5) -> dict:
+    "GFLOP/s of a large fp32 matmul and a large 3x3 convolution (best of `reps`, contiguous and channels_last): the machine's peak."
+    n = 2048 if device == 'cpu' else 8192
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    mm = 2 * n**3 / min(_best_time(lambda: a @ b, device, reps)) / 1e9
-    bsz, c, h, w = conv_shape if device == 'cpu' else (8, 256, 128, 128)
-    x, wt = torch.randn(bsz, c, h, w, device=device), torch.randn(c, c, 3, 3, device=device)
-    conv_flops = 2 * bsz * c * h * w * c * 9
-    res = dict(matmul=dict(n=n, gflops=mm), conv3x3=dict(shape=[bsz, c, h, w], flops=conv_flops))
-    for fmt in ('contiguous', 'channels_last'):
-        mf = torch.channels_last if fmt == 'channels_last' else torch.contiguous_format
-        xx, ww = x.contiguous(memory_format=mf), wt.contiguous(memory_format=mf)
-        with torch.no_grad():
-            res['conv3x3'][fmt] = conv_flops / min(_best_time(lambda: F.conv2d(xx, ww, padding=1), device, reps)) / 1e9
-    res['conv_peak_gflops'] = max(res['conv3x3']['contiguous'], res['conv3x3']['channels_last'])
-    return res
+    a @ b; sync(device)
+    def mm():
+        t0 = time.perf_counter(); a @ b; sync(device); return 2 * n**3 / (time.perf_counter() - t0) / 1e9
+    shape = (2, 128, 128, 128) if device == 'cpu' else (8, 256, 128, 128)
+    conv = {fmt: max(conv_peak_once(device, shape, fmt == 'channels_last') for _ in range(reps)) for fmt in ('contiguous', 'channels_last')}
+    return dict(matmul=dict(n=n, gflops=max(mm() for _ in range(reps))), conv3x3=dict(shape=list(shape), **conv),
+                conv_peak_gflops=max(conv.values()))
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -120,31 +88,30 @@ def trainer_config(cfg: dict, variant: str, device: str) -> dict:
     return resolve_config(c)
 
 class StepState:
-    "One variant: a real `Trainer` (model, loss, optimizers, batch stream) and the variant's options."
-    def __init__(self, trainer, variant: str, folder):
-        self.tr, self.variant, self.folder = trainer, variant, folder
-        self.device = str(trainer.device)
+    "One variant: a real `Trainer` (model, loss, optimizers, batch stream) and the variant's options, set through public hooks."
+    def __init__(self, trainer, variant: str, folder, x):
+        self.tr, self.variant, self.folder, self.device = trainer, variant, folder, str(trainer.device)
+        self.model, self.loss, self.x = trainer.ae, trainer.loss, x.to(trainer.device)
         self.channels_last, self.bf16 = variant.endswith('channels_last'), variant.endswith('bf16')
+        self.marks, self.batch = {}, None
+        trainer.gen.register_forward_pre_hook(self._batch_in)      # the autoencoder pass: its batch and posterior noise
+        trainer.disc.register_forward_pre_hook(self._disc_starts)  # the discriminator pass begins: the AE/D time split
 
-    @property
-    def model(self): return self.tr.ae
+    def _batch_in(self, module, args):
+        x, eps, *rest = args
+        self.batch = x, eps
+        if self.channels_last: return (x.contiguous(memory_format=torch.channels_last), eps, *rest)   # the trainer's batches are contiguous
 
-    @property
-    def loss(self): return self.tr.loss
+    def _disc_starts(self, module, args):
+        sync(self.device); self.marks.setdefault('disc', time.perf_counter())
 
     def autocast(self):
         return torch.autocast(self.device.split(':')[0], dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
-    def next_batch(self):
-        "The trainer's next batch and its posterior noise (a function of seed, batch and position, as in `ours`)."
-        x, eps, _ = self.tr._next_batch()
-        return (x.contiguous(memory_format=torch.channels_last) if self.channels_last else x), eps
-
     def close(self):
-        "Release the trainer's run folder (lock, log files)."
+        "Release the trainer's run folder (its lock and log files: what `fit()` releases at its end)."
         import shutil
-        if getattr(self.tr, 'logs', None) is not None: self.tr.logs.close()
-        self.tr.lock.release()
+        self.tr.logs.close(); self.tr.lock.release()
         shutil.rmtree(self.folder, ignore_errors=True)
 
 def build_state(cfg: dict, variant: str, x, device: str = 'cpu') -> StepState:
@@ -152,11 +119,9 @@ def build_state(cfg: dict, variant: str, x, device: str = 'cpu') -> StepState:
     import tempfile
     from radiodiff_vae.trainer import Trainer
     folder = tempfile.mkdtemp(prefix=f'bench-{variant}-')
-    tr = Trainer(trainer_config(cfg, variant, device), folder, progress=False, dataset=FixedMaps(x))
-    tr.ema = None   # EMA is not part of the timed step (upstream updates it every 10 steps, ours in fit())
-    st = StepState(tr, variant, folder)
+    st = StepState(Trainer(trainer_config(cfg, variant, device), folder, progress=False, dataset=FixedMaps(x)), variant, folder, x)
     if st.channels_last:
-        tr.ae.to(memory_format=torch.channels_last); tr.loss.to(memory_format=torch.channels_last)
+        st.tr.ae.to(memory_format=torch.channels_last); st.tr.loss.to(memory_format=torch.channels_last)
     return st
 
 
@@ -173,16 +138,18 @@ def phase_step(cfg: dict, phase: str, logged: bool = False) -> int:
     if phase == 'gan_off' and s >= int(cfg['lossconfig']['disc_start']): raise ValueError('disc_start too small for a GAN-off step')
     return s
 
-def upstream_step(st: StepState, global_step: int) -> dict:
-    "(a) RadioDiff's train_vae.py step: AE pass, then a D pass that runs the AE forward again; losses / 2; clip after the steps."
+def upstream_step(st: StepState, global_step: int, batch=None) -> dict:
+    """(a) RadioDiff's train_vae.py step: AE pass, then a D pass that runs the AE forward again; losses / 2; clip after the steps.
+    `batch`: (x, eps) to use (the batch and noise our step saw, to compare losses); else the benchmark batch and a fresh sample."""
     from radiodiff_vae.nll import reconstruction_loss, nll_loss, batch_sum
     model, loss, tr = st.model, st.loss, st.tr
-    x, eps = st.next_batch()
+    x, eps = batch if batch is not None else (st.x, None)
+    if st.channels_last: x = x.contiguous(memory_format=torch.channels_last)
     t0 = time.perf_counter()
     tr.opt_ae.zero_grad(set_to_none=True)
     with st.autocast():
-        post = model.encode(x)    # upstream's model(x), with the trainer's noise so that (a) and (b) can be compared
-        rec = model.decode(post.mean + post.std * eps if eps is not None else post.mode())
+        post = model.encode(x)    # upstream's model(x); with `eps`, the noise our step drew
+        rec = model.decode(post.mean + post.std * eps if eps is not None else post.sample())
         ae_loss, ae_log = loss(x, rec, post, 0, global_step, last_layer=model.get_last_layer(), split='train')
     (ae_loss / 2).backward()      # gradient_accumulate_every = 2 divided each pass's loss
     ae_log = _floats(ae_log)
@@ -203,44 +170,33 @@ def upstream_step(st: StepState, global_step: int) -> dict:
     return dict(ae_log=ae_log, d_log=d_log, t_ae=t1 - t0, t_disc=time.perf_counter() - t1)
 
 def ours_step(st: StepState, global_step: int) -> dict:
-    "(b)/(c) our trainer's own `Trainer.train_step` (its AE pass and D pass timed apart)."
-    tr, marks = st.tr, {}
-    disc_pass = type(tr)._disc_pass
-    def timed_disc_pass(*a, **k):
-        sync(st.device); marks['disc'] = time.perf_counter()
-        return disc_pass(tr, *a, **k)
-    tr._disc_pass = timed_disc_pass
-    if st.channels_last:   # the trainer's batches are contiguous: hand it channels_last ones
-        next_batch = type(tr)._next_batch
-        def cl_batch():
-            x, eps, names = next_batch(tr)
-            return x.contiguous(memory_format=torch.channels_last), eps, names
-        tr._next_batch = cl_batch
-    tr.step = global_step
+    "(b)/(c) our trainer's own `Trainer.train_step` (its AE pass and D pass timed apart: the split is the D pass's first forward)."
+    st.marks.clear(); st.tr.step = global_step
     t0 = time.perf_counter()
-    try: vals = tr.train_step()
-    finally: del tr._disc_pass; tr.__dict__.pop('_next_batch', None)
+    vals = st.tr.train_step()
     sync(st.device); t2 = time.perf_counter()
-    t1 = marks.get('disc', t2)
-    ae_log = {k: v for k, v in vals.items() if k.startswith('train/') and k.split('/')[1] not in ('disc_loss', 'logits_real', 'logits_fake')}
-    d_log = {k: v for k, v in vals.items() if k.split('/')[-1] in ('disc_loss', 'logits_real', 'logits_fake')}
-    return dict(ae_log=ae_log, d_log=d_log, t_ae=t1 - t0, t_disc=t2 - t1)
+    t1 = st.marks.get('disc', t2)
+    is_d = lambda k: k.split('/')[-1] in ('disc_loss', 'logits_real', 'logits_fake')
+    return dict(ae_log={k: v for k, v in vals.items() if k.startswith('train/') and not is_d(k)},
+                d_log={k: v for k, v in vals.items() if is_d(k)}, t_ae=t1 - t0, t_disc=t2 - t1)
 
-def run_step(variant: str, st: StepState, global_step: int, seed: int = 0) -> dict:
+def run_step(variant: str, st: StepState, global_step: int, seed: int = 0, batch=None) -> dict:
     "One step of `variant`; the global RNG (posterior noise) seeded with `seed` first."
     torch.manual_seed(seed)
-    return (upstream_step if variant == 'upstream' else ours_step)(st, global_step)
+    return upstream_step(st, global_step, batch) if variant == 'upstream' else ours_step(st, global_step)
 
 
 # ----------------------------------------------------------------------------------------------- measurements
 def compare_losses(cfg: dict, x, device: str = 'cpu', seed: int = 0) -> dict:
-    "AE-pass losses of (a) and (b) on fresh, identical weights, the same batch and noise, per phase (logged steps)."
+    "AE-pass losses of (a) and (b) on fresh, identical weights, the batch and noise our step drew, per phase (logged steps)."
     out = {}
     for phase in PHASES:
-        gs, logs = phase_step(cfg, phase, logged=True), {}
-        for v in ('upstream', 'ours'):
+        gs, logs, batch = phase_step(cfg, phase, logged=True), {}, None
+        for v in ('ours', 'upstream'):
             st = build_state(cfg, v, x, device)
-            try: logs[v] = _floats(run_step(v, st, gs, seed=seed)['ae_log'])
+            try:
+                logs[v] = _floats(run_step(v, st, gs, seed=seed, batch=batch)['ae_log'])
+                batch = st.batch
             finally: st.close()
         la, lb = logs['upstream'], logs['ours']
         keys = [k for k in la if k in lb and not k.endswith('d_weight_clamped')]
@@ -256,11 +212,12 @@ def count_flops(variant: str, st: StepState, global_step: int) -> int:
         run_step(variant, st, global_step)
     return int(fc.get_total_flops())
 
-def conv_peak_once(device: str = 'cpu', shape=None) -> float:
-    "GFLOP/s of one warm channels_last 3x3 convolution: the peak sampled between timed steps, under the same load."
+def conv_peak_once(device: str = 'cpu', shape=None, channels_last: bool = True) -> float:
+    "GFLOP/s of one warm 3x3 convolution (channels_last: the peak sampled between timed steps, under the same load)."
     bsz, c, h, w = shape or ((2, 128, 128, 128) if device == 'cpu' else (8, 256, 128, 128))
-    x = torch.randn(bsz, c, h, w, device=device).contiguous(memory_format=torch.channels_last)
-    wt = torch.randn(c, c, 3, 3, device=device).contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(bsz, c, h, w, device=device).contiguous(memory_format=fmt)
+    wt = torch.randn(c, c, 3, 3, device=device).contiguous(memory_format=fmt)
     with torch.no_grad():
         F.conv2d(x, wt, padding=1); sync(device)
         t0 = time.perf_counter(); F.conv2d(x, wt, padding=1); sync(device)
@@ -315,10 +272,6 @@ def derive(timing: dict) -> None:
             r['floor_s'] = r['useful_flops'] / (peak * 1e9) if peak else None
             r['ratio_to_floor'] = r['median_s'] / r['floor_s'] if r['floor_s'] else None
 
-def peak_rss_mb() -> float:
-    "Peak resident set size of this process so far, MiB (Linux: ru_maxrss is in KiB)."
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
 class RssSampler:
     "Highest resident set size seen by a background thread sampling every `interval` s (torch ops release the GIL)."
     def __init__(self, interval: float = 0.002):
@@ -347,7 +300,7 @@ def memory_worker(size: str, variant: str, device: str = 'cpu') -> dict:
     # it reports the benchmark process's RSS, not the variant's
     out = dict(variant=variant, size=size, rss_after_build_mb=after_build, peak_rss_build_mb=peak_build,
                peak_rss_mb=max(peak_build, sampler.peak / 2**20), peak_rss_steps_mb=sampler.peak / 2**20,
-               step_increment_mb=sampler.peak / 2**20 - after_build, ru_maxrss_inherited_mb=peak_rss_mb())
+               step_increment_mb=sampler.peak / 2**20 - after_build)
     if device.startswith('cuda'): out['peak_cuda_mb'] = torch.cuda.max_memory_allocated() / 2**20
     return out
 
@@ -390,24 +343,10 @@ def bf16_deviation(size: str = 'quickstart', steps: int = 50, device: str = 'cpu
                 final={k: rows[-1][k] for k in keys}, first={k: rows[0][k] for k in keys},
                 rec_loss_curve=[row['rec_loss'] for row in rows])
 
-def profile_step(size: str, variant: str = 'ours', phase: str = 'gan_on', device: str = 'cpu', top: int = 15) -> str:
-    "torch.profiler table (self time) of one step of `variant` after a warm-up step: where the time goes."
-    from torch.profiler import profile, ProfilerActivity
-    cfg = bench_config(size)
-    st = build_state(cfg, variant, real_batch(cfg['batch_size'], cfg['map_size']), device)
-    gs = phase_step(cfg, phase)
-    try:
-        run_step(variant, st, gs)
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith('cuda') else [])
-        with profile(activities=acts) as prof: run_step(variant, st, gs, seed=1)
-    finally: st.close()
-    for key in (('self_device_time_total', 'self_cuda_time_total') if device.startswith('cuda') else ()) + ('self_cpu_time_total',):
-        try: return prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=40)
-        except (AttributeError, KeyError, ValueError): continue
-
 def available_variants(device: str) -> list[str]:
     "All variants, bf16 only where the hardware computes it natively (CPU: AVX-512 BF16/AMX; CUDA: bf16 support)."
-    bf16_ok = torch.cuda.is_bf16_supported() if device.startswith('cuda') else cpu_has_bf16()
+    m = machine_info(device)
+    bf16_ok = m['gpu_bf16'] if device.startswith('cuda') else m['cpu_bf16']
     return [v for v in VARIANTS if v != 'ours+bf16' or bf16_ok]
 
 def run_benchmark(size: str, warmup: int = 1, steps: int = 5, variants=None, device: str = 'cpu', memory: bool = True,
@@ -427,7 +366,7 @@ def run_benchmark(size: str, warmup: int = 1, steps: int = 5, variants=None, dev
     out['timing'] = time_variants(cfg, x, variants, warmup, steps, device)
     derive(out['timing'])
     if memory: out['memory'] = measure_memory(size, variants, device)
-    out['machine']['load_average_end'] = list(os.getloadavg()) if hasattr(os, 'getloadavg') else None
+    out['machine']['load_average_end'] = machine_info(device)['load_average']
     out['seconds'] = time.time() - started
     return out
 
@@ -441,7 +380,6 @@ def main(argv=None):
     p.add_argument('--variants', nargs='*', default=None, choices=list(VARIANTS))
     p.add_argument('--no-memory', action='store_true', help='skip the per-variant peak-memory subprocesses')
     p.add_argument('--bf16-steps', type=int, default=0, help='also run the fp32-vs-bf16 loss deviation over N quickstart steps')
-    p.add_argument('--profile', action='store_true', help='also print a torch.profiler table of our step')
     p.add_argument('--out', default=None, help='write the JSON here too')
     p.add_argument('--memory-worker', default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -449,7 +387,6 @@ def main(argv=None):
         print(json.dumps(memory_worker(a.size, a.memory_worker, a.device))); return 0
     res = run_benchmark(a.size, a.warmup, a.steps, a.variants, a.device, memory=not a.no_memory)
     if a.bf16_steps: res['bf16_deviation'] = bf16_deviation(a.size if a.size != 'full' else 'quickstart', a.bf16_steps, a.device)
-    if a.profile: res['profile'] = profile_step(a.size, device=a.device)
     text = json.dumps(res, indent=1, default=str)
     if a.out: Path(a.out).write_text(text)
     print(text)

@@ -1,16 +1,8 @@
-"""Run every benchmark of the project and regenerate benchmarks/RESULTS.md (issue 8).
-
-    python benchmarks/run_all.py            # quickstart-size step benchmark + bf16 deviation + data + log analysis (~15-25 min here)
-    python benchmarks/run_all.py --full     # also the full-size (ch 128, 256x256, batch 2, LPIPS) step benchmark (~1 h on 2 cores)
-    python benchmarks/run_all.py --render   # only rewrite RESULTS.md from the stored results
-    python benchmarks/run_all.py --device cuda --results-dir $OUT   # on a GPU machine: full + quickstart + bf16, on CUDA
-
-Each part stores its raw figures as JSON in benchmarks/results/ (with the command, date and machine), and
-RESULTS.md is rendered from all stored parts, so a default run keeps the last full-size and GPU figures
-(their dates and machines are printed beside them).
+"""Run the benchmarks (step, bf16 deviation, data; `--full`: full size; `--device cuda`: on a GPU) and regenerate
+benchmarks/RESULTS.md from every stored part in benchmarks/results/ (`--render`: only that). Commands: benchmarks/README.md.
 """
 from __future__ import annotations
-import argparse, datetime, json, os, runpy, shlex, subprocess, sys, time
+import argparse, datetime, json, os, shlex, subprocess, sys, time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -42,31 +34,6 @@ def load(results_dir: Path, name: str) -> dict | None:
     for r in (part, part.get('full'), part.get('quickstart')):
         if isinstance(r, dict) and isinstance(r.get('timing'), dict): bench_step.derive(r['timing'])
     return part
-
-def call_in_subprocess(script: Path, function: str, kwargs: dict, timeout: float = 3600) -> dict:
-    "Run `function(**kwargs)` of another benchmark script in a child process (its thread settings stay there); its JSON result."
-    code = (f"import json, runpy, sys; m = runpy.run_path({str(script)!r}); r = m[{function!r}](**json.loads(sys.argv[1])); "
-            "print('@@RESULT@@' + json.dumps(r, default=str))")
-    p = subprocess.run([sys.executable, '-c', code, json.dumps(kwargs)], capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    lines = [l for l in p.stdout.splitlines() if l.startswith('@@RESULT@@')]
-    if p.returncode != 0 or not lines:
-        raise RuntimeError(f'{script.name}:{function} failed (exit {p.returncode}): {p.stderr[-2000:]}')
-    return json.loads(lines[-1][len('@@RESULT@@'):])
-
-def find_main_job(runs: Path = REPO / 'runs') -> dict | None:
-    "Wall time of the main job (`radiodiff-vae reproduce`) from the newest runs/*/reproduce.json; `complete` says whether every planned stage is done."
-    manifests = sorted(runs.glob('*/reproduce.json'), key=lambda p: p.stat().st_mtime) if runs.is_dir() else []
-    for path in reversed(manifests):
-        try: m = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError): continue
-        done = {k: v['seconds'] for k, v in m.get('stages', {}).items() if v.get('status') == 'done' and v.get('seconds') is not None}
-        try:
-            from radiodiff_vae.reproduce import plan, job_settings
-            expected = [st['name'] for st in plan(path.parent, job_settings(**m.get('settings', {})))]
-        except Exception: expected = None
-        return dict(source=str(path.relative_to(REPO)), seconds=sum(done.values()) if done else None, stages=done,
-                    planned=expected, complete=expected is not None and all(n in done for n in expected), settings=m.get('settings'))
-    return None
 
 # ----------------------------------------------------------------------------------------------- rendering
 def _f(v, fmt='{:.3g}', none='n/a'):
@@ -226,10 +193,10 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
     "RESULTS.md from the stored parts."
     quick, full = load(results_dir, 'step_quickstart'), load(results_dir, 'step_full')
     bf16, gpu = load(results_dir, 'bf16_deviation'), load(results_dir, 'gpu')
-    data, analysis, main_job = load(results_dir, 'data'), load(results_dir, 'analysis'), load(results_dir, 'main_job')
+    data, main_job = load(results_dir, 'data'), load(results_dir, 'main_job')
     machine = (full or quick or {}).get('machine')
     out = ['# Benchmark results', '',
-           'Regenerate: `python benchmarks/run_all.py` (quickstart step, bf16 deviation, data, log analysis; ~15-25 min on the 2-core CPU) '
+           'Regenerate: `python benchmarks/run_all.py` (quickstart step, bf16 deviation, data; ~15-25 min on the 2-core CPU) '
            'and `python benchmarks/run_all.py --full` (adds the full-size step, about an hour here); the GPU and native-bf16 CPU parts come from the '
            'commands printed in their sections, run on those machines (benchmarks/README.md). Each part below names the command, date and machine that produced it; '
            'raw figures are in `benchmarks/results/*.json`. Method: `benchmarks/README.md`.', '']
@@ -249,9 +216,7 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
     out += _gpu_section(gpu)
     out += _gpu_compiled_section(load(results_dir, 'gpu_compiled'))
     out += _gpu_compiled_section(load(results_dir, 'gpu_loop'), 'with the step reading the device once per update (2026-11-30 code)')
-    out += _profile_section(full or quick)
-    out += _data_section(data) + _analysis_section(analysis) + _main_job_section(main_job) + _machine_kinds_section(results_dir)
-    out += _notes()
+    out += _data_section(data) + _main_job_section(main_job)
     return '\n'.join(out) + '\n'
 
 def _speed_section(gpu: dict | None, loop: dict | None) -> list[str]:
@@ -301,10 +266,6 @@ def _gpu_section(gpu: dict | None) -> list[str]:
     if gpu.get('profile'): lines += ['GPU profile of our step (full size, GAN on):', '', '```', gpu['profile'], '```', '']
     return lines
 
-def _profile_section(r: dict | None) -> list[str]:
-    if not r or not r.get('profile'): return []
-    return [f"## Where the time goes: torch.profiler, our step, {r['size']} size, GAN on", '', '```', r['profile'], '```', '']
-
 def _data_section(d: dict | None) -> list[str]:
     if d is None: return ['## Data throughput', '', 'Not measured (benchmarks/bench_data.py missing or failed).', '']
     if 'error' in d: return ['## Data throughput', '', f"Failed: {d['error']}", '']
@@ -315,30 +276,10 @@ def _data_section(d: dict | None) -> list[str]:
         if key in d: lines.append(f"- {label}: " + ', '.join(f"{w} workers {v:.1f} maps/s" for w, v in d[key]['maps_per_s'].items()))
     return lines + ['']
 
-def _load_average(a: dict) -> float:
-    "The 1-minute load average a timing recorded: the old field, or the machine record's (a string machine has none)."
-    if 'load_avg_1min' in a: return a['load_avg_1min']
-    m = a.get('machine')
-    return ((m.get('load_average') if isinstance(m, dict) else None) or [float('nan')])[0]
-
-def _analysis_section(a: dict | None) -> list[str]:
-    if a is None: return ['## Log analysis', '', 'Not measured (benchmarks/bench_analysis.py missing or failed).', '']
-    if 'error' in a: return ['## Log analysis', '', f"Failed: {a['error']}", '']
-    lines = ['## Log analysis (benchmarks/bench_analysis.py)', '', f"`{a['command']}` — {a['date_utc']}; load average {_load_average(a):.1f}.", '']
-    if 'parse_derive_s' in a:
-        lines.append(f"- parse + derive a {a['record_lines']:,}-line upstream log ({a['logged_steps']:,} logged steps): median {a['parse_derive_s']:.2f} s wall "
-                     f"({a['parse_derive_cpu_s']:.2f} s CPU) over {a['repeats']} repeats; budget {a['parse_derive_budget_s']:.0f} s")
-        if a.get('figures_s') is not None:
-            lines.append(f"- draw and save all {len(a['figures'])} figures: median {a['figures_s']:.1f} s wall ({a['figures_cpu_s']:.1f} s CPU); budget {a['figures_budget_s']:.0f} s")
-        lines.append(f"- within budget: {'yes' if a.get('within_budget') else 'no'}")
-    else:
-        lines += ['```json', json.dumps({k: v for k, v in a.items() if k not in ('command', 'date_utc')}, indent=1, default=str)[:3000], '```']
-    return lines + ['']
-
 def _main_job_section(m: dict | None) -> list[str]:
-    how = ('Run `radiodiff-vae reproduce --out runs/<name>` (its `reproduce.json` records each stage\'s seconds), then '
-           '`python benchmarks/run_all.py --render`; or pass the figure with `--main-job-seconds S`.')
-    if m is None: return ['## Main job wall time', '', 'No main-job run found in runs/. ' + how, '']
+    how = ('Run `radiodiff-vae reproduce --out runs/<name>` (its `reproduce.json` records each stage\'s seconds), copy its figures '
+           'into `benchmarks/results/main_job.json`, then `python benchmarks/run_all.py --render`.')
+    if m is None: return ['## Main job wall time', '', 'No main-job record stored. ' + how, '']
     if m.get('source', '').startswith('given'):
         return ['## Main job wall time', '', f"{m['seconds'] / 60:.1f} min ({m['source']}).", '']
     state = 'complete' if m.get('complete') else f"**not finished** when read ({len(m.get('stages') or {})} of {len(m.get('planned') or []) or '?'} stages done)"
@@ -396,86 +337,34 @@ def _machine_name(mc: dict) -> str:
     isa = mc.get('cpu_isa') or mc.get('isa') or []
     return f"{mc.get('cpu', '?')}, {mc.get('logical_cpus', '?')} logical CPUs ({', '.join(isa)})"
 
-def _machine_kinds_section(results_dir: Path) -> list[str]:
-    "One row per machine kind measured: where the figures for it are, with the date."
-    rows = []
-    for name in ('step_full', 'step_quickstart', 'cpu_bf16', 'gpu', 'gpu_compiled', 'gpu_loop', 'quickstart_tuning', 'main_job'):
-        path = results_dir / f'{name}.json'
-        if not path.exists(): continue
-        r = json.loads(path.read_text())   # raw, not load(): only the machine and command are read, and load() re-derives step timings
-        mc = r.get('machine') or (r.get('full') or r.get('quickstart') or {}).get('machine') or {}
-        where = mc.get('gpu') or r.get('where') or _machine_name(mc)
-        date = r.get('date_utc') or r.get('updated_utc') or '?'
-        rows.append(f"| {where} | `{name}.json` | {date} | `{(r.get('command') or 'the tuning rounds (configs/studies/tuning/, QUICKSTART_TUNING.md)')[:160]}` |")
-    if not rows: return []
-    return (['## Machines measured', '', '| machine | part | date | command |', '|---|---|---|---|'] + rows +
-            ['', 'Quickstart tuning, bf16 vs fp32 step costs and the bf16 quality check on the AMD EPYC with AVX-512 BF16: '
-             '[QUICKSTART_TUNING.md](QUICKSTART_TUNING.md).', ''])
-
-def _notes() -> list[str]:
-    return ['## Notes', '',
-            '- (a) is upstream\'s train_vae.py step rebuilt from our modules: the discriminator pass runs the autoencoder forward again with a fresh '
-            'posterior sample and recomputes LPIPS/NLL/KL (thrown away), the adaptive weight is always computed, both losses are divided by 2, and the '
-            'gradients are clipped after the optimizer steps. (b) is `radiodiff_vae.trainer.Trainer.train_step` itself (one forward, detached '
-            'reconstruction for D, no D pass while the GAN term is off on unlogged steps, D weights frozen during the AE backward, clip before each step, '
-            'adaptive weight only with the GAN on or on logged steps). Timed steps are unlogged steps; EMA and the LR-scheduler step are outside both.',
-            '- Every variant is a fresh trainer from the same seed (identical weights), fed the same bundled real RadioMapSeer maps; the variants run '
-            'interleaved, one step each in turn, so that load from other processes on this shared machine falls on all of them alike. Ratios are '
-            'therefore more trustworthy than absolute times; the load average is printed with each part.',
-            '- FLOPs: `torch.utils.flop_counter.FlopCounterMode` over one whole step (forward, backward, adaptive-weight autograd); it counts matmuls '
-            'and convolutions only (GroupNorm, SiLU, the optimizer are memory-bound and uncounted). The "useful" FLOPs of every ours+option variant are '
-            'our step\'s (checkpointing\'s recomputation is not useful work).',
-            '- Peak memory: each variant alone in a fresh subprocess (build, one GAN-off and one GAN-on step); the highest RSS sampled every 2 ms during '
-            'the two steps (it includes the process baseline: Python, torch, weights, optimizer state), and the part the steps add on top of the RSS after building. '
-            '`ru_maxrss` is not used: on Linux a child process keeps its parent\'s high-water mark across fork and exec, so in the '
-            'worker it reports the benchmark process\'s own RSS (kept in the JSON as `ru_maxrss_inherited_mb`).',
-            '']
-
-
 # ----------------------------------------------------------------------------------------------- running
 def run_cpu(args, command: str):
     rd = Path(args.results_dir)
     if not args.skip_step:
         print('[run_all] quickstart step benchmark', flush=True)
         r = bench_step.run_benchmark('quickstart', warmup=2, steps=args.quick_steps)
-        if not args.full: r['profile'] = bench_step.profile_step('quickstart')
         save(rd, 'step_quickstart', r, command); render_to(rd)
         if args.bf16_steps > 0:
             print('[run_all] bf16 deviation', flush=True)
             save(rd, 'bf16_deviation', bench_step.bf16_deviation('quickstart', args.bf16_steps), command); render_to(rd)
-    elif args.bf16_steps > 0 and args.only_bf16:
-        save(rd, 'bf16_deviation', bench_step.bf16_deviation('quickstart', args.bf16_steps), command); render_to(rd)
-        return
     if args.full:
         print('[run_all] full-size step benchmark', flush=True)
         r = bench_step.run_benchmark('full', warmup=1, steps=args.full_steps)
-        r['profile'] = bench_step.profile_step('full')
         save(rd, 'step_full', r, command); render_to(rd)
     if not args.skip_data:
-        for name, script, fn, kw in (('data', HERE / 'bench_data.py', 'measure_data_throughput', {}),
-                                     ('analysis', HERE / 'bench_analysis.py', 'measure_analysis', {})):
-            if not script.exists(): print(f'[run_all] {script.name} not found: skipped', flush=True); continue
-            print(f'[run_all] {script.name}', flush=True)
-            try: res = call_in_subprocess(script, fn, kw)
-            except (RuntimeError, subprocess.TimeoutExpired) as e: res = {'error': str(e)[-1500:]}
-            save(rd, name, res if isinstance(res, dict) else {'result': res}, command)
-    mj = find_main_job()
-    if args.main_job_seconds is not None: mj = dict(source='given with --main-job-seconds', seconds=args.main_job_seconds, complete=True)
-    if mj: save(rd, 'main_job', mj, command)
+        print('[run_all] bench_data.py', flush=True)
+        tmp = rd / '.data.json.tmp'   # its own process: bench_data sets torch to one thread
+        p = subprocess.run([sys.executable, str(HERE / 'bench_data.py'), '--json', str(tmp)], capture_output=True, text=True, cwd=REPO)
+        save(rd, 'data', json.loads(tmp.read_text()) if p.returncode == 0 else {'error': p.stderr[-1500:]}, command)
+        tmp.unlink(missing_ok=True)
 
 def run_gpu(args, command: str):
-    "Full size (fp32 + bf16 + channels_last + checkpointing), quickstart, bf16 deviation, profile: one gpu.json."
-    dev = args.device
-    out = dict(full=bench_step.run_benchmark('full', warmup=3, steps=args.gpu_steps, device=dev))
-    print(json.dumps({v: r['median_s'] for v, r in out['full']['timing']['gan_on']['variants'].items()}), flush=True)
-    save(Path(args.results_dir), 'gpu', out, command)
-    out['bf16_deviation'] = bench_step.bf16_deviation('quickstart', args.bf16_steps, dev)
-    save(Path(args.results_dir), 'gpu', out, command)
-    out['quickstart'] = bench_step.run_benchmark('quickstart', warmup=3, steps=args.gpu_steps, device=dev, memory=False)
-    save(Path(args.results_dir), 'gpu', out, command)
-    try: out['profile'] = bench_step.profile_step('full', device=dev)
-    except Exception as e: out['profile'] = f'profile failed: {type(e).__name__}: {e}'
-    save(Path(args.results_dir), 'gpu', out, command)
+    "Full size (fp32 + bf16 + channels_last + checkpointing), quickstart, bf16 deviation: one gpu.json (bench_gpu.py profiles the loop)."
+    dev, out = args.device, {}
+    for key, measure in (('full', lambda: bench_step.run_benchmark('full', warmup=3, steps=args.gpu_steps, device=dev)),
+                         ('bf16_deviation', lambda: bench_step.bf16_deviation('quickstart', args.bf16_steps, dev)),
+                         ('quickstart', lambda: bench_step.run_benchmark('quickstart', warmup=3, steps=args.gpu_steps, device=dev, memory=False))):
+        out[key] = measure(); save(Path(args.results_dir), 'gpu', out, command)   # each part kept as soon as it is measured
 
 def render_to(results_dir: Path):
     "Write RESULTS.md next to the stored parts' default location (only for the repository's results folder)."
@@ -493,10 +382,8 @@ def main(argv=None) -> int:
     p.add_argument('--gpu-steps', type=int, default=20)
     p.add_argument('--bf16-steps', type=int, default=50, help='quickstart steps of the fp32-vs-bf16 loss deviation (0: skip)')
     p.add_argument('--skip-step', action='store_true', help='skip the quickstart step benchmark and bf16 deviation')
-    p.add_argument('--skip-data', action='store_true', help='skip bench_data / bench_analysis')
-    p.add_argument('--only-bf16', action='store_true', help='with --skip-step: only the bf16 deviation')
+    p.add_argument('--skip-data', action='store_true', help='skip bench_data')
     p.add_argument('--note', action='append', default=None, help='a line for the "Status of these figures" section (repeatable; replaces the stored notes)')
-    p.add_argument('--main-job-seconds', type=float, default=None, help="the main job's wall time, if measured elsewhere")
     a = p.parse_args(argv)
     command = 'python benchmarks/run_all.py ' + ' '.join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     t0 = time.time()

@@ -120,6 +120,21 @@ def execute_notebook(rel: Path, run_flags: set[str], pkg: str, timeout: int, all
     return dst, False, time.time() - t0
 
 
+def execute_all(rels: list[Path], run_flags: set[str], pkg: str, timeout: int, allow_errors: bool, jobs: int = 1):
+    "Yield `(rel, execute_notebook(rel, ...))` as each notebook is done, `jobs` kernels at a time (one process each)."
+    if jobs <= 1 or len(rels) <= 1:
+        for rel in rels: yield rel, execute_notebook(rel, run_flags, pkg, timeout, allow_errors)
+        return
+    import concurrent.futures, multiprocessing
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('fork')) as pool:
+        futures = {pool.submit(execute_notebook, rel, run_flags, pkg, timeout, allow_errors): rel for rel in rels}
+        try:
+            for f in concurrent.futures.as_completed(futures): yield futures[f], f.result()
+        except BaseException:
+            for f in futures: f.cancel()
+            raise
+
+
 # ---------------------------------------------------------------- 2. nbdev processing
 def mixed_import_cells(path: Path) -> list[int]:
     """Indices of code cells that hold an import and other statements, in a notebook that exports.
@@ -397,7 +412,7 @@ def write_mkdocs_yml(nav: list) -> Path:
     return path
 
 
-def build_site(run_flags: set[str], timeout: int, allow_errors: bool, strict: bool, reuse_executed=False) -> dict:
+def build_site(run_flags: set[str], timeout: int, allow_errors: bool, strict: bool, reuse_executed=False, jobs: int = 1) -> dict:
     t_start = time.time()
     os.environ['MPLBACKEND'] = 'module://matplotlib_inline.backend_inline'  # kernels inherit: figures inline
     if MARKDOWN.exists(): shutil.rmtree(MARKDOWN)
@@ -415,11 +430,10 @@ def build_site(run_flags: set[str], timeout: int, allow_errors: bool, strict: bo
                   f' other {len(dropped)} lines (from {dropped[0][:60]!r}): move them to a cell of their own',
                   file=sys.stderr, flush=True)
     timings, executed, procs, failed = {}, {}, {}, {}
-    for rel in rels:
-        t0 = time.time()
-        exe, cached, secs = execute_notebook(rel, run_flags, pkg, timeout, allow_errors)
-        print(f'{"cached  " if cached else "executed"} {rel} ({time.time() - t0:.1f} s)', flush=True)
-        timings[str(rel)] = round(time.time() - t0, 1); executed[rel] = exe
+    for rel, (exe, cached, secs) in execute_all(rels, run_flags, pkg, timeout, allow_errors, jobs):
+        print(f'{"cached  " if cached else "executed"} {rel} ({secs:.1f} s)', flush=True)
+        timings[str(rel)] = round(secs, 1); executed[rel] = exe
+    executed = {rel: executed[rel] for rel in rels}   # notebook order (the navigation's)
     nbdev_problems = {}
     deps = max(p.stat().st_mtime for p in [ROOT / 'settings.ini', *(ROOT / settings()['lib_path']).rglob('*.py')])
     for rel, exe in executed.items():
@@ -507,10 +521,12 @@ def main(argv=None):
     ap.add_argument('--reuse-executed', action='store_true',
                     help='reuse executed notebooks whose cells are unchanged even if the package changed (drafts)')
     ap.add_argument('--strict', action='store_true', help='pass --strict to mkdocs (warnings are errors)')
+    ap.add_argument('--jobs', type=int, default=min(4, os.cpu_count() or 1),
+                    help='notebooks executed at once, each in its own kernel (default: the logical CPUs, at most 4)')
     a = ap.parse_args(argv)
     try:
         if a.readme: build_readme(); print('wrote README.md from nbs/index.ipynb'); return 0
-        build_site(set(a.flags.split()), a.timeout, a.allow_errors, a.strict, a.reuse_executed); return 0
+        build_site(set(a.flags.split()), a.timeout, a.allow_errors, a.strict, a.reuse_executed, a.jobs); return 0
     except DocsBuildError as e:
         print(f'error: {e}', file=sys.stderr); return 2
 

@@ -16,7 +16,7 @@ __all__ = ['DDCONFIG_SCHEMA', 'LOSSCONFIG_SCHEMA', 'MODEL_SCHEMA', 'DATA_SCHEMA'
            'CUDA_GRAPH_MODES', 'STEP_KEYS', 'RESUME_MUTABLE', 'canonical_precision', 'check_value', 'unwrap_upstream',
            'downsampling_factor', 'finish_start_step', 'validate_config', 'scale_steps', 'parse_override',
            'apply_overrides', 'resolve_config', 'config_notes', 'step_changes', 'read_yaml', 'load_config',
-           'dump_config', 'config_differences', 'resume_changes', 'schema_table']
+           'dump_config', 'tiny_config', 'config_differences', 'resume_changes', 'schema_table']
 
 # %% ../nbs/10_config.ipynb 7
 DDCONFIG_SCHEMA = {
@@ -464,7 +464,9 @@ def apply_overrides(raw: dict, overrides=()) -> dict:
     raw = copy.deepcopy(raw)
     for text in overrides or ():
         keys, value = parse_override(text)
-        if '.'.join(keys) not in UPSTREAM_ONLY and '.'.join(keys) not in RENAMED: _schema_at(keys)   # those are read, then noted (config_notes)
+        if '.'.join(keys) in RENAMED:                                 # an older name sets the key it became
+            new, convert = RENAMED['.'.join(keys)]; keys, value = new.split('.'), convert(value)
+        if '.'.join(keys) not in UPSTREAM_ONLY: _schema_at(keys)   # those are read, then noted (config_notes)
         node = raw
         for k in keys[:-1]:
             if not isinstance(node.get(k), dict): node[k] = {}
@@ -535,6 +537,17 @@ def dump_config(cfg: dict) -> str:
     return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
 
 # %% ../nbs/10_config.ipynb 88
+_TINY = {'model': {'ddconfig': {'resolution': 32, 'ch': 32, 'ch_mult': [1, 2], 'num_res_blocks': 1},
+                   'lossconfig': {'disc_start': 2, 'disc_ndf': 8, 'perceptual_weight': 0.0, 'lpips_pretrained': False}},
+         'data': {'source': 'synthetic', 'size': 32, 'n_maps': 8, 'batch_size': 2, 'val_maps': 0},
+         'trainer': {'train_num_steps': 4, 'save_and_sample_every': 2, 'log_freq': 1, 'num_threads': 1, 'log_with': []}}
+
+def tiny_config(*overrides: str, # `section.key=value` settings on top of the tiny run, as the CLI's `--set` takes them
+               ) -> dict:
+    "The resolved config of a seconds-sized CPU run (32x32 synthetic maps, ch 32, 4 steps), with `overrides` applied."
+    return resolve_config(_TINY, overrides)
+
+# %% ../nbs/10_config.ipynb 92
 RESUME_MUTABLE = {('trainer', k) for k in ('train_num_steps', 'save_and_sample_every', 'log_freq', 'results_folder',
                                            'resume_milestone', 'skip_nonfinite', 'max_nonfinite_skips', 'log_with',
                                            'sample_maps', 'cpu', 'num_threads', 'compile', 'compile_mode', 'cudnn_benchmark',
@@ -557,7 +570,7 @@ def resume_changes(old: dict, new: dict) -> dict:
     return {f'{s}.{k}': [old.get(s, {}).get(k), new.get(s, {}).get(k)] for s, k in sorted(RESUME_MUTABLE)
             if k != 'results_folder' and old.get(s, {}).get(k) != new.get(s, {}).get(k)}
 
-# %% ../nbs/10_config.ipynb 91
+# %% ../nbs/10_config.ipynb 95
 def schema_table(schema: dict = SCHEMA, prefix: str = '') -> list[tuple[str, str, str, str]]:
     "(key, type, default, help) rows for every leaf of `schema`."
     rows = []

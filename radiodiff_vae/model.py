@@ -213,7 +213,7 @@ class Decoder(nn.Module):
         h = self.conv_out(swish(self.norm_out(h)))
         return torch.tanh(h) if self.tanh_out else h
 
-# %% ../nbs/07_model.ipynb 22
+# %% ../nbs/07_model.ipynb 23
 DEFAULT_DDCONFIG = dict(double_z=True, z_channels=3, resolution=[320, 320], in_channels=1, out_ch=1, ch=128,
                         ch_mult=[1, 2, 4], num_res_blocks=2, attn_resolutions=[], dropout=0.0)
 DEFAULT_EMBED_DIM = 3
@@ -266,7 +266,7 @@ class AutoencoderKL(nn.Module):
         "The decoder's last conv weight (the adaptive GAN weight is computed there)."
         return self.decoder.conv_out.weight
 
-# %% ../nbs/07_model.ipynb 29
+# %% ../nbs/07_model.ipynb 30
 logger = logging.getLogger(__name__)
 MODEL_PREFIXES = ('encoder.', 'decoder.', 'quant_conv.', 'post_quant_conv.')
 _WRAPPER_PREFIXES = ('module.', '_orig_mod.', 'model.')
@@ -297,7 +297,7 @@ def _prefix_counts(keys) -> str:
     c = Counter(k.split('.', 1)[0] + ('.*' if '.' in k else '') for k in keys)
     return ', '.join(f'{p} ({n})' for p, n in c.items())
 
-# %% ../nbs/07_model.ipynb 31
+# %% ../nbs/07_model.ipynb 32
 def infer_ddconfig(sd: dict) -> dict:
     "The architecture (`ddconfig` + `embed_dim`) a model state dict appears to have, from its tensor names and shapes."
     sd = _split_ema(_strip_wrappers(dict(sd)))[0]
@@ -312,7 +312,7 @@ def infer_ddconfig(sd: dict) -> dict:
     except (KeyError, IndexError, ValueError, AttributeError) as e:
         return {'error': f'cannot infer the architecture ({type(e).__name__}: {e})'}
 
-# %% ../nbs/07_model.ipynb 33
+# %% ../nbs/07_model.ipynb 34
 def load_upstream_state_dict(model: AutoencoderKL, sd: dict, strict: bool = True, source=None) -> dict:
     "Load an upstream/our/EMA state dict into `model`; ignore (and report) loss copies; strict: raise `CheckpointError` on any mismatch."
     where = f'{source}: ' if source is not None else ''
@@ -347,14 +347,14 @@ def _mismatch_message(model, sd, report) -> str:
     ours = dict(ch=dd['ch'], ch_mult=list(dd['ch_mult']), num_res_blocks=dd['num_res_blocks'], z_channels=dd['z_channels'], embed_dim=model.embed_dim)
     return '; '.join(parts) + f'. Model: {ours}; checkpoint looks like: {infer_ddconfig(sd)}. Pass the matching ddconfig/embed_dim.'
 
-# %% ../nbs/07_model.ipynb 35
+# %% ../nbs/07_model.ipynb 36
 def upstream_loss_state_dict(sd: dict) -> dict:
     "The `loss.` entries of an upstream state dict (logvar, discriminator), prefix removed, LPIPS tensors excluded."
     if isinstance(sd.get('model'), dict): sd = sd['model']
     sd = _strip_wrappers(dict(sd))
     return {k[len('loss.'):]: v for k, v in sd.items() if k.startswith('loss.') and not k.startswith('loss.perceptual_loss.')}
 
-# %% ../nbs/07_model.ipynb 38
+# %% ../nbs/07_model.ipynb 39
 def _refused_object(e: Exception) -> str | None:
     "What the safe unpickler refused, from its error (e.g. 'the global os.system'); None if it is not such a refusal."
     text = str(e)
@@ -364,7 +364,7 @@ def _refused_object(e: Exception) -> str | None:
     m = re.search(r'WeightsUnpickler error: ([^\n]*)', text)
     return (m.group(1).split('. ')[0].strip().rstrip('.') if m else 'an object outside tensors and plain Python values')
 
-# %% ../nbs/07_model.ipynb 40
+# %% ../nbs/07_model.ipynb 41
 def unreadable_reason(path, error: Exception) -> str:
     "Why torch could not read checkpoint `path`, in one whole sentence (torch's own message advises the unsafe loader for any bytes it cannot parse)."
     with open(path, 'rb') as f: head = f.read(4)
@@ -376,7 +376,7 @@ def unreadable_reason(path, error: Exception) -> str:
         return f'not a readable torch checkpoint: an old-format (pickle) file that ends or breaks early ({type(error).__name__})'
     return f"not a readable torch checkpoint: its {size} bytes are neither the zip archive torch.save writes nor a pickle"
 
-# %% ../nbs/07_model.ipynb 41
+# %% ../nbs/07_model.ipynb 42
 def load_checkpoint(path, trust: bool = False, map_location='cpu') -> dict:
     "Read checkpoint `path` (or a shipped model's name, e.g. `'released'`) with the safe unpickler; `trust=True` allows any pickle."
     path = pretrained_path(str(path)) if str(path) in PRETRAINED else Path(path)
@@ -392,7 +392,7 @@ def load_checkpoint(path, trust: bool = False, map_location='cpu') -> dict:
     if not isinstance(ckpt, dict): raise CheckpointError(f'{path}: holds a {type(ckpt).__name__}, expected a dict with model weights')
     return ckpt
 
-# %% ../nbs/07_model.ipynb 48
+# %% ../nbs/07_model.ipynb 49
 def _config_architecture(ckpt: dict):
     "(ddconfig, embed_dim) recorded in a checkpoint's `config` (ours: config.model.ddconfig; also top-level or upstream `params`)."
     cfg = ckpt.get('config')
@@ -418,7 +418,7 @@ def select_state_dict(ckpt: dict, weights: str = 'raw', source=None) -> dict:
     if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()): return ckpt
     raise CheckpointError(f"{where}no model weights found; expected a 'model', 'ema' or 'state_dict' entry (top-level keys: {sorted(map(str, ckpt))[:20]})")
 
-# %% ../nbs/07_model.ipynb 51
+# %% ../nbs/07_model.ipynb 52
 def model_from_checkpoint(checkpoint, weights: str = 'raw', trust: bool = False,
                           ddconfig: dict | None = None, # architecture (default: the checkpoint's config, else upstream's)
                           embed_dim: int | None = None, # latent channels (same default rule)
@@ -433,7 +433,7 @@ def model_from_checkpoint(checkpoint, weights: str = 'raw', trust: bool = False,
     model.load_report = load_upstream_state_dict(model, select_state_dict(ckpt, weights, source), source=source)
     return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
 
-# %% ../nbs/07_model.ipynb 53
+# %% ../nbs/07_model.ipynb 54
 @classmethod
 def _from_checkpoint(cls, path, use_ema: bool = False, ddconfig: dict | None = None, embed_dim: int | None = None,
                      map_location='cpu', gradient_checkpointing: bool = False, trust: bool = False) -> AutoencoderKL:
@@ -447,7 +447,7 @@ def save_autoencoder(model: AutoencoderKL, path, **extra) -> Path:
     cfg = {'model': {'ddconfig': copy.deepcopy(model.ddconfig), 'embed_dim': model.embed_dim}}
     return atomic_torch_save({'model': model.state_dict(), 'config': cfg, **extra}, Path(path))
 
-# %% ../nbs/07_model.ipynb 57
+# %% ../nbs/07_model.ipynb 58
 @torch.no_grad()
 def reconstruct(ae: AutoencoderKL, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
     "Decode the posterior mode (or, `sample=True`, a sample drawn with `generator`) of `x`, in eval mode, without gradients."

@@ -30,6 +30,14 @@ def test_losses_of_our_step_equal_the_recreation_of_upstreams_step(tiny_result):
     assert on['ours']['train/disc_factor'] == 1.0 and on['ours']['train/d_weight'] > 0
 
 
+def test_the_step_benchmark_replaces_nothing_of_the_trainer():
+    "bench_step drives the trainer through its public API: no method or attribute of a Trainer is assigned or deleted."
+    import re
+    source = (BENCH / 'bench_step.py').read_text()
+    assert not re.findall(r'\b(?:tr|self\.tr|st\.tr|trainer)\.(?!step\b)\w+\s*=(?!=)', source)
+    assert not re.findall(r'\b(?:tr|self\.tr|st\.tr|trainer)\._\w+', source) and 'del tr' not in source
+
+
 def test_timing_and_flops_are_consistent(tiny_result):
     "Every variant timed in both phases; upstream does more FLOPs (second forward, adaptive weight), checkpointing recomputes."
     for phase in bench_step.PHASES:
@@ -176,7 +184,8 @@ def test_one_machine_record():
     from radiodiff_vae.core import machine_info
     assert bench_step.machine_info is machine_info
     scripts = [p for p in BENCH.glob('*.py')]
-    assert not [p.name for p in scripts if '/proc/cpuinfo' in p.read_text() or 'platform.python_version' in p.read_text()]
+    readers = ('/proc/cpuinfo', 'platform.', 'os.getloadavg', 'os.cpu_count', 'is_bf16_supported', 'get_device_name')
+    assert not [(p.name, r) for p in scripts for r in readers if r in p.read_text()]
     same = lambda m: {k: v for k, v in m.items() if k != 'load_average'}
     assert same(bench_gpu.machine()) == same(machine_info('cuda' if torch.cuda.is_available() else 'cpu'))
     assert 'machine_info()' in (BENCH / 'bench_data.py').read_text()

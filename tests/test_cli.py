@@ -5,17 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest, yaml
 from radiodiff_vae.cli import main
+from radiodiff_vae.config import tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY_DD = dict(double_z=True, z_channels=3, resolution=32, in_channels=1, out_ch=1, ch=32, ch_mult=[1, 2],
-               num_res_blocks=1, attn_resolutions=[], dropout=0.0)
-
-def tiny_config(**trainer):
-    return {'model': {'embed_dim': 3, 'ddconfig': dict(TINY_DD),
-                      'lossconfig': dict(disc_start=2, disc_ndf=8, perceptual_weight=0.0, lpips_pretrained=False)},
-            'data': dict(source='synthetic', size=32, n_maps=8, batch_size=2, val_maps=0),
-            'trainer': dict(train_num_steps=4, save_and_sample_every=2, log_freq=1, num_threads=1, tensorboard=False, **trainer)}
-
 def snapshot(folder) -> dict:
     folder = Path(folder)
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob('*')) if p.is_file()}
@@ -133,7 +125,7 @@ def checkpoint(tmp_path_factory):
     import torch
     from radiodiff_vae.model import AutoencoderKL, save_autoencoder
     torch.manual_seed(0)
-    return save_autoencoder(AutoencoderKL(dict(TINY_DD), 3), tmp_path_factory.mktemp('ckpt')/'model-1.pt')
+    return save_autoencoder(AutoencoderKL(tiny_config()['model']['ddconfig'], 3), tmp_path_factory.mktemp('ckpt')/'model-1.pt')
 
 def test_bad_evaluation_data(capsys, tmp_path, checkpoint):
     empty = tmp_path/'empty'; empty.mkdir()

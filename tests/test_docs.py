@@ -223,6 +223,28 @@ def test_notebook_order_and_scratch_notebooks_left_out():
     assert Path('index.ipynb') in rels and Path('00_core.ipynb') in rels
 
 
+def test_notebooks_run_in_parallel_kernels_and_a_failing_one_stops_the_build(monkeypatch):
+    "`--jobs 2` (the default on 2 CPUs): two notebooks run at once, each in its own kernel; every one comes back, and a failing one raises."
+    monkeypatch.setitem(sys.modules, 'build_docs', bd)      # the worker processes find the executing function by name
+    folder = ROOT / 'build' / 'test-parallel'; shutil.rmtree(folder, ignore_errors=True); folder.mkdir(parents=True)
+    monkeypatch.setattr(bd, 'NBS', folder); monkeypatch.setattr(bd, 'EXECUTED', folder / 'executed')
+    try:
+        for name, code in (('a.ipynb', 'import os, time; time.sleep(2); os.getpid()'), ('b.ipynb', 'import os, time; time.sleep(2); os.getpid()'),
+                           ('bad.ipynb', 'raise ValueError("boom")')):
+            nb = nbformat.v4.new_notebook(); nb.cells = [nbformat.v4.new_code_cell(code)]; nbformat.write(nb, folder / name)
+        t0 = time.time()
+        done = dict(bd.execute_all([Path('a.ipynb'), Path('b.ipynb')], set(), 'test', 120, False, jobs=2))
+        both = time.time() - t0
+        assert set(done) == {Path('a.ipynb'), Path('b.ipynb')} and not any(cached for _, cached, _ in done.values())
+        secs = [s for _, _, s in done.values()]
+        assert both < sum(secs), (both, secs)                  # at the same time, not one after the other
+        pids = {nbformat.read(exe, as_version=4).cells[0].outputs[0]['data']['text/plain'] for exe, _, _ in done.values()}
+        assert len(pids) == 2
+        with pytest.raises(bd.DocsBuildError, match='bad.ipynb: execution failed'):
+            list(bd.execute_all([Path('a.ipynb'), Path('bad.ipynb')], set(), 'other', 120, False, jobs=2))
+    finally: shutil.rmtree(folder, ignore_errors=True)
+
+
 # ------------------------------------------------------------------ the site in a browser
 def _free_port():
     with socket.socket() as s:

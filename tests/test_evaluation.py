@@ -123,7 +123,7 @@ import pandas as pd
 import yaml
 
 from radiodiff_vae.cli import main as cli_main
-from radiodiff_vae.config import resolve_config
+from radiodiff_vae.config import resolve_config, tiny_config
 from radiodiff_vae.core import CheckpointError, ConfigError, atomic_torch_save, real_maps_dir
 from radiodiff_vae.data import MapFolder, unscale_gain
 from radiodiff_vae.data_spec import dataset_from_spec
@@ -131,9 +131,8 @@ from radiodiff_vae.evaluation import evaluate_checkpoint
 from radiodiff_vae.losses import LPIPSWithDiscriminator
 from radiodiff_vae.model import AutoencoderKL
 
-TINY = dict(model=dict(ddconfig=dict(ch=32, ch_mult=[1, 1, 1], num_res_blocks=1, resolution=32),
-                       lossconfig=dict(perceptual_weight=0.0, lpips_pretrained=False, disc_ndf=8, disc_start=100, logvar_init=0.3)),
-            data=dict(source="synthetic", size=32, n_maps=20, val_maps=4, data_seed=3))
+TINY = tiny_config("model.ddconfig.ch_mult=[1,1,1]", "model.lossconfig.logvar_init=0.3", "data.n_maps=20", "data.val_maps=4",
+                   "data.data_seed=3")
 
 
 def _tiny_checkpoint(path, cfg_raw=TINY, with_config=True, with_ema=True, seed=0):

@@ -5,24 +5,21 @@ from pathlib import Path
 import numpy as np
 import pytest, torch, yaml
 from radiodiff_vae.core import CheckpointError, RunFolderError, RadioDiffError
-from radiodiff_vae.config import resolve_config
+from radiodiff_vae.config import resolve_config, tiny_config
 from radiodiff_vae.trainer import train, NonFiniteLossError
 from radiodiff_vae.run_folder import RunLock, read_lock
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMING = {'wall_time', 'elapsed_s', 'steps_per_s', 'session', 'timestamp', 'source'}  # differ between sessions by nature
 
-def tiny_config(steps=4, every=2, disc_start=2, **trainer):
-    "A seconds-sized run: ch 32, one downsampling, 32x32 synthetic maps, batch 2, no LPIPS."
-    return {'model': {'embed_dim': 3,
-                      'ddconfig': dict(double_z=True, z_channels=3, resolution=32, in_channels=1, out_ch=1, ch=32,
-                                       ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0),
-                      'lossconfig': dict(disc_start=disc_start, kl_weight=1e-6,
-                                         disc_weight=0.5, disc_ndf=8, perceptual_weight=0.0, lpips_pretrained=False)},
-            'data': dict(source='synthetic', size=32, n_maps=16, data_seed=0, batch_size=2, val_maps=2),
-            'trainer': dict(lr=1e-3, train_num_steps=steps, save_and_sample_every=every, log_freq=1, schedule='cosine',
-                            warmup_steps=2, learn_logvar=True, ema_decay=0.99, ema_update_every=1, seed=0,
-                            num_threads=1, tensorboard=False, **trainer)}
+# a seconds-sized run (tiny_config: ch 32, one downsampling, 32x32 synthetic maps, batch 2, no LPIPS) on 16 maps
+RUN = ('data.n_maps=16', 'data.val_maps=2', 'trainer.lr=1e-3', 'trainer.schedule=cosine', 'trainer.warmup_steps=2',
+       'trainer.learn_logvar=true', 'trainer.ema_decay=0.99', 'trainer.ema_update_every=1')
+
+def tiny_run(steps=4, every=2, disc_start=2, **trainer):
+    "The run of `steps` steps, a checkpoint every `every`, the GAN from `disc_start`, `trainer` keys changed."
+    return tiny_config(*RUN, f'trainer.train_num_steps={steps}', f'trainer.save_and_sample_every={every}',
+                       f'model.lossconfig.disc_start={disc_start}', *(f'trainer.{k}={json.dumps(v)}' for k, v in trainer.items()))
 
 def snapshot(folder) -> dict:
     "name -> sha256 of every file under `folder` (what a failed command must leave untouched)."
@@ -112,7 +109,7 @@ def test_sigkill_at_random_moments_resumes_bit_exactly(tmp_path):
     # 24 steps: every kill below is triggered by a step or checkpoint at most ~step 16, so no session can finish
     # before its kill lands (with 16 steps and a random delay of up to 0.4 s, one sometimes did)
     steps, every = 24, 4
-    cfg = tiny_config(steps, every, disc_start=8)
+    cfg = tiny_run(steps, every, disc_start=8)
     cfg_path = tmp_path/'tiny.yaml'
     cfg_path.write_text(yaml.safe_dump(cfg))
     base, killed = tmp_path/'uninterrupted', tmp_path/'killed'
@@ -178,7 +175,7 @@ def test_sigkill_at_random_moments_resumes_bit_exactly(tmp_path):
 def finished_run(tmp_path_factory):
     "A finished 4-step run with model-1.pt (step 2) and model-2.pt (step 4), copied per test."
     out = tmp_path_factory.mktemp('finished')/'run'
-    train(tiny_config(4, 2), out, progress=False)
+    train(tiny_run(4, 2), out, progress=False)
     return out
 
 @pytest.fixture
@@ -196,7 +193,7 @@ def damage(path, how):
 def test_damaged_newest_checkpoint_is_named_and_nothing_changes(run_copy, how, capsys):
     damage(run_copy/'model-2.pt', how)
     before = snapshot(run_copy)
-    with pytest.raises(CheckpointError, match='model-2.pt'): train(tiny_config(6, 2), run_copy, resume='latest', progress=False)
+    with pytest.raises(CheckpointError, match='model-2.pt'): train(tiny_run(6, 2), run_copy, resume='latest', progress=False)
     assert snapshot(run_copy) == before                         # no log, no config, no lock, nothing overwritten
     from radiodiff_vae.model import AutoencoderKL
     with pytest.raises(CheckpointError, match='model-2.pt'): AutoencoderKL.from_checkpoint(run_copy/'model-2.pt')
@@ -205,18 +202,18 @@ def test_skip_damaged_only_when_asked(run_copy, capsys):
     damage(run_copy/'model-2.pt', 'truncated')
     damaged = (run_copy/'model-2.pt').read_bytes()
     # asked: falls back to model-1.pt, says so, and (stopping before milestone 2) leaves the damaged file for inspection
-    s = train(tiny_config(4, 2), run_copy, resume='latest', skip_damaged=True, stop_at=3, progress=False)
+    s = train(tiny_run(4, 2), run_copy, resume='latest', skip_damaged=True, stop_at=3, progress=False)
     assert Path(s['resumed_from']).name == 'model-1.pt' and s['start_step'] == 2 and s['step'] == 3
     err = capsys.readouterr().err
     assert 'model-2.pt' in err and 'skipping' in err
     assert (run_copy/'model-2.pt').read_bytes() == damaged
     # a damaged checkpoint named explicitly is never skipped
     with pytest.raises(CheckpointError, match='model-2.pt'):
-        train(tiny_config(4, 2), run_copy, resume=2, skip_damaged=True, progress=False)
+        train(tiny_run(4, 2), run_copy, resume=2, skip_damaged=True, progress=False)
 
 def test_checkpoint_of_another_architecture(run_copy, tmp_path):
     from radiodiff_vae.model import AutoencoderKL
-    other = tiny_config(4, 2); other['model']['ddconfig']['ch_mult'] = [1, 1, 2]
+    other = tiny_run(4, 2); other['model']['ddconfig']['ch_mult'] = [1, 1, 2]
     # resuming it under another architecture: named, refused, nothing written in the new folder
     with pytest.raises(CheckpointError, match=r'model-2\.pt.*another architecture'):
         train(other, tmp_path/'new', resume=run_copy/'model-2.pt', progress=False)
@@ -226,7 +223,7 @@ def test_checkpoint_of_another_architecture(run_copy, tmp_path):
     # a fresh start into a folder that holds another run is refused before anything is written
     before = snapshot(run_copy)
     with pytest.raises(RunFolderError, match='different run'): train(other, run_copy, resume='latest', progress=False)
-    with pytest.raises(RunFolderError, match='already holds checkpoints'): train(tiny_config(4, 2), run_copy, progress=False)
+    with pytest.raises(RunFolderError, match='already holds checkpoints'): train(tiny_run(4, 2), run_copy, progress=False)
     assert snapshot(run_copy) == before
 
 def nan_at(monkeypatch, step: int, term='train/nll_loss', value=float('nan')):
@@ -242,7 +239,7 @@ def nan_at(monkeypatch, step: int, term='train/nll_loss', value=float('nan')):
 def test_nonfinite_loss_stops_with_diagnostic(tmp_path, monkeypatch):
     out = tmp_path/'run'
     nan_at(monkeypatch, 3)
-    with pytest.raises(NonFiniteLossError) as e: train(tiny_config(6, 2), out, progress=False)
+    with pytest.raises(NonFiniteLossError) as e: train(tiny_run(6, 2), out, progress=False)
     msg = str(e.value)
     assert 'step 3' in msg and 'nll_loss' in msg and 'model-1.pt' in msg and '\n' not in msg
     diag = json.loads((out/'nonfinite-step3.json').read_text())
@@ -253,13 +250,13 @@ def test_nonfinite_loss_stops_with_diagnostic(tmp_path, monkeypatch):
     assert good['step'] == 2 and all(torch.isfinite(v).all() for v in good['model'].values())
     # recovery: resume from the last good checkpoint (the fault is gone) and finish
     monkeypatch.undo()
-    s = train(tiny_config(6, 2), out, resume='latest', progress=False)
+    s = train(tiny_run(6, 2), out, resume='latest', progress=False)
     assert s['step'] == 6 and Path(s['resumed_from']).name == 'model-1.pt'
 
 def test_nonfinite_batches_can_be_skipped_and_are_counted(tmp_path, monkeypatch):
     out = tmp_path/'run'
     nan_at(monkeypatch, 3, 'train/kl_loss', float('inf'))
-    s = train(tiny_config(4, 2, skip_nonfinite=True), out, progress=False)
+    s = train(tiny_run(4, 2, skip_nonfinite=True), out, progress=False)
     assert s['step'] == 4 and s['nonfinite_skips'] == 1 and load_ckpt(out/'model-2.pt')['nonfinite_skips'] == 1
     recs = train_records(out)
     assert [r['step'] for r in recs if 'milestone' not in r] == [0, 1, 2]     # step 3 was skipped, not logged
@@ -269,7 +266,7 @@ def test_nonfinite_batches_can_be_skipped_and_are_counted(tmp_path, monkeypatch)
     # the limit: stop anyway after max_nonfinite_skips
     nan_at(monkeypatch, 1)
     with pytest.raises(NonFiniteLossError, match='max_nonfinite_skips'):
-        train(tiny_config(4, 2, skip_nonfinite=True, max_nonfinite_skips=0), tmp_path/'run2', progress=False)
+        train(tiny_run(4, 2, skip_nonfinite=True, max_nonfinite_skips=0), tmp_path/'run2', progress=False)
 
 def failing_fsync(monkeypatch, name: str):
     "A full disk for files named `name`: fsync of their temporary file raises ENOSPC."
@@ -282,12 +279,12 @@ def failing_fsync(monkeypatch, name: str):
 def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(run_copy, monkeypatch):
     good = (run_copy/'model-2.pt').read_bytes()
     failing_fsync(monkeypatch, 'model-3.pt')
-    with pytest.raises(RunFolderError) as e: train(tiny_config(6, 2), run_copy, resume='latest', progress=False)
+    with pytest.raises(RunFolderError) as e: train(tiny_run(6, 2), run_copy, resume='latest', progress=False)
     assert 'model-3.pt' in str(e.value) and 'No space left' in str(e.value) and 'model-2.pt is intact' in str(e.value)
     assert (run_copy/'model-2.pt').read_bytes() == good
     assert not (run_copy/'model-3.pt').exists() and not list(run_copy.glob('.model-*')) and not (run_copy/'.lock').exists()
     monkeypatch.undo()     # space freed: the run continues from the intact checkpoint
-    assert train(tiny_config(6, 2), run_copy, resume='latest', progress=False)['step'] == 6
+    assert train(tiny_run(6, 2), run_copy, resume='latest', progress=False)['step'] == 6
 
 def test_unwritable_log_is_a_clear_error(run_copy, monkeypatch):
     import builtins
@@ -298,7 +295,7 @@ def test_unwritable_log_is_a_clear_error(run_copy, monkeypatch):
     monkeypatch.setattr(builtins, 'open', open_)     # wherever the log writer lives
     before = {n: (run_copy/n).read_bytes() for n in ('model-1.pt', 'model-2.pt')}
     with pytest.raises(RunFolderError, match=r'metrics\.jsonl.*Read-only file system'):
-        train(tiny_config(6, 2), run_copy, resume='latest', progress=False)
+        train(tiny_run(6, 2), run_copy, resume='latest', progress=False)
     assert all((run_copy/n).read_bytes() == b for n, b in before.items()) and not (run_copy/'model-3.pt').exists()
 
 def _hold_lock(folder, ready):
@@ -314,22 +311,22 @@ def test_second_trainer_on_the_same_folder_is_refused(run_copy):
         assert ready.wait(60)
         before = snapshot(run_copy)
         with pytest.raises(RunFolderError, match=rf'in use by another trainer \(pid {holder.pid}'):
-            train(tiny_config(6, 2), run_copy, resume='latest', progress=False)
+            train(tiny_run(6, 2), run_copy, resume='latest', progress=False)
         assert snapshot(run_copy) == before
     finally:
         os.kill(holder.pid, signal.SIGKILL); holder.join(30)
     # the owner was killed: its lock file stays but nobody holds it, so it is taken over, and released at the end
     assert read_lock(run_copy/'.lock')['pid'] == holder.pid
-    s = train(tiny_config(6, 2), run_copy, resume='latest', stop_at=5, progress=False)
+    s = train(tiny_run(6, 2), run_copy, resume='latest', stop_at=5, progress=False)
     assert s['step'] == 5 and not (run_copy/'.lock').exists()
 
 def test_torn_log_line_does_not_swallow_the_next_record(tmp_path):
     """A kill in the middle of a log write leaves a last line without its newline; the resumed session must start
     a new line, or its first record (here step 4, whose only copy it is) is glued to the fragment and lost."""
     out = tmp_path/'run'
-    train(tiny_config(6, 2), out, stop_at=4, progress=False)
+    train(tiny_run(6, 2), out, stop_at=4, progress=False)
     with open(out/'metrics.jsonl', 'a') as f: f.write('{"step": 4, "total_steps": 6, "train/total_loss": 12')
-    train(tiny_config(6, 2), out, resume='latest', progress=False)
+    train(tiny_run(6, 2), out, resume='latest', progress=False)
     from radiodiff_vae.logs import read_run
     df, info = read_run(out)
     assert df.index[df['train/total_loss'].notna()].tolist() == list(range(6)) and info['skipped_lines'] == 1
@@ -339,7 +336,7 @@ def test_torn_log_line_does_not_swallow_the_next_record(tmp_path):
 # never continued into a folder that holds a run; a start that wrote no checkpoint holds no run
 
 def _seeded(seed, steps=4, every=2):
-    cfg = tiny_config(steps, every); cfg['trainer']['seed'] = seed
+    cfg = tiny_run(steps, every); cfg['trainer']['seed'] = seed
     return cfg
 
 def test_foreign_checkpoint_is_refused_and_overwrites_nothing(run_copy, tmp_path):
@@ -353,7 +350,7 @@ def test_foreign_checkpoint_is_refused_and_overwrites_nothing(run_copy, tmp_path
     assert snapshot(run_copy) == before                                   # no checkpoint, log or metrics row touched
     # a copy of this run's own checkpoint, kept elsewhere, continues this run
     shutil.copy(run_copy/'model-1.pt', tmp_path/'kept.pt')
-    s = train(tiny_config(4, 2), run_copy, resume=tmp_path/'kept.pt', progress=False)
+    s = train(tiny_run(4, 2), run_copy, resume=tmp_path/'kept.pt', progress=False)
     assert s['step'] == 4 and load_ckpt(run_copy/'model-2.pt')['run_id'] == mine['run_id']
     # continuing another run's checkpoint in a new folder is a new run (a branch), with its own id
     branch = tmp_path/'branch'
@@ -365,15 +362,15 @@ def test_foreign_checkpoint_is_refused_and_overwrites_nothing(run_copy, tmp_path
 @pytest.mark.parametrize('bad', ['data.batch_size=100000', 'data.size=63', 'trainer.seed=-3'])
 def test_failed_start_does_not_block_the_corrected_rerun(tmp_path, bad):
     out = tmp_path/'run'
-    with pytest.raises(RadioDiffError): train(tiny_config(4, 2), out, overrides=[bad], progress=False)
+    with pytest.raises(RadioDiffError): train(tiny_run(4, 2), out, overrides=[bad], progress=False)
     assert not list(out.glob('model-*.pt'))
-    s = train(tiny_config(4, 2), out, resume='latest', stop_at=2, progress=False)
+    s = train(tiny_run(4, 2), out, resume='latest', stop_at=2, progress=False)
     assert s['step'] == 2 and (out/'model-1.pt').exists()
-    s = train(tiny_config(4, 2), tmp_path/'run2', progress=False, overrides=['trainer.lr=2e-3'], stop_at=0)   # folder made, nothing trained
-    assert train(tiny_config(4, 2), tmp_path/'run2', stop_at=1, progress=False)['step'] == 1              # another config, no checkpoint: accepted
+    s = train(tiny_run(4, 2), tmp_path/'run2', progress=False, overrides=['trainer.lr=2e-3'], stop_at=0)   # folder made, nothing trained
+    assert train(tiny_run(4, 2), tmp_path/'run2', stop_at=1, progress=False)['step'] == 1              # another config, no checkpoint: accepted
 
 def test_resume_with_fewer_steps_than_done_is_refused(run_copy):
     before = snapshot(run_copy)
     with pytest.raises(RadioDiffError, match=r'model-2\.pt.*step 4.*train_num_steps=3'):
-        train(tiny_config(3, 2), run_copy, resume='latest', progress=False)
+        train(tiny_run(3, 2), run_copy, resume='latest', progress=False)
     assert snapshot(run_copy) == before                                  # config.yaml not rewritten

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from radiodiff_vae.adaptive import adopt_weight, calculate_adaptive_weight
+from radiodiff_vae.config import tiny_config
 from radiodiff_vae.core import CheckpointError, ConfigError, RadioDiffError
 from radiodiff_vae.discriminator import (ActNorm, NLayerDiscriminator, get_disc_loss, hinge_d_loss, vanilla_d_loss,
                                          weights_init)
@@ -247,9 +248,7 @@ def test_lpips_loads_backbone_from_hub_cache(tmp_path, monkeypatch, no_download)
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    ddconfig = dict(double_z=True, z_channels=3, resolution=32, in_channels=1, out_ch=1, ch=32, ch_mult=[1, 2],
-                    num_res_blocks=1, attn_resolutions=[], dropout=0.0)
-    return AutoencoderKL(ddconfig, embed_dim=3), torch.rand(2, 1, 32, 32) * 2 - 1
+    return AutoencoderKL(tiny_config()['model']['ddconfig'], embed_dim=3), torch.rand(2, 1, 32, 32) * 2 - 1
 
 
 LOG_KEYS = ["train/total_loss", "train/logvar", "train/kl_loss", "train/nll_loss", "train/rec_loss", "train/d_weight",

@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from radiodiff_vae.config import tiny_config
 from radiodiff_vae.core import CheckpointError, ConfigError
 from radiodiff_vae.distributions import DiagonalGaussianDistribution
 from radiodiff_vae.model import (DEFAULT_DDCONFIG, DEFAULT_EMBED_DIM, MODEL_PREFIXES, AttnBlock, AutoencoderKL,
                                  load_checkpoint, load_upstream_state_dict, model_from_checkpoint, reconstruct,
                                  save_autoencoder, upstream_loss_state_dict)
 
-TINY = dict(double_z=True, z_channels=3, resolution=[32, 32], in_channels=1, out_ch=1, ch=32, ch_mult=[1, 2],
-            num_res_blocks=1, attn_resolutions=[16], dropout=0.0)
+TINY = tiny_config('model.ddconfig.attn_resolutions=[16]')['model']['ddconfig']   # with one attention block
 
 
 @pytest.fixture

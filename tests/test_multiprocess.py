@@ -14,7 +14,7 @@ model:
   lossconfig: {disc_start: 2, perceptual_weight: 0.0, lpips_pretrained: false, disc_ndf: 8}
 data: {source: synthetic, size: 32, n_maps: 32, val_maps: 2, batch_size: 4}
 trainer: {lr: 0.001, min_lr: 0.00001, schedule: cosine, train_num_steps: 10, save_and_sample_every: 5, log_freq: 1,
-          ema_update_every: 1, tensorboard: false, num_threads: 1, learn_logvar: true, sync_batchnorm: true}
+          ema_update_every: 1, log_with: [], num_threads: 1, learn_logvar: true, sync_batchnorm: true}
 '''
 LOSSES = ('train/total_loss', 'train/rec_loss', 'train/nll_loss', 'train/kl_loss', 'train/g_loss', 'train/d_weight',
           'train/disc_loss', 'train/logits_real', 'train/logits_fake', 'grad_norm_ae')

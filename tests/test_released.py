@@ -17,8 +17,8 @@ from radiodiff_vae.data_spec import dataset_from_spec
 from radiodiff_vae.evaluation import map_metrics
 from radiodiff_vae.model import load_checkpoint, reconstruct
 from radiodiff_vae import pretrained
-from radiodiff_vae.pretrained import build_release, export_release, load_pretrained
-from radiodiff_vae.config import resolve_config
+from radiodiff_vae.pretrained import build_release, export_release, load_pretrained, score_model
+from radiodiff_vae.config import resolve_config, tiny_config
 from radiodiff_vae.trainer import train
 
 CARD, RECORD = repo_dir() / 'MODEL.md', repo_dir() / 'models' / 'released.json'
@@ -117,11 +117,16 @@ def test_a_file_that_is_not_a_release_is_refused_by_load_pretrained(tmp_path):
 
 @pytest.mark.slow
 def test_build_release_on_a_tiny_run_writes_a_consistent_card(tmp_path, monkeypatch):
-    cfg = resolve_config({'model': {'ddconfig': {'resolution': 32, 'ch': 32, 'ch_mult': [1, 2, 4], 'num_res_blocks': 1},
-                                    'lossconfig': {'disc_start': 4, 'perceptual_weight': 0.0, 'disc_ndf': 16}},
-                          'data': {'source': 'synthetic', 'size': 64, 'crop': 32, 'n_maps': 16, 'val_maps': 4, 'batch_size': 4},
-                          'trainer': {'train_num_steps': 8, 'save_and_sample_every': 4, 'log_freq': 4, 'lr': 1e-3, 'min_lr': 1e-5,
-                                      'schedule': 'cosine', 'ema_update_every': 1, 'tensorboard': False}})
+    # f = 8 (ch_mult [1, 2, 4, 4]): the mid block's attention on a real 256x256 map spans 32x32 latent positions, not
+    # 64x64 (16x less work in each of the 26 real maps' scorings; what is checked does not depend on the architecture)
+    cfg = tiny_config('model.ddconfig.ch_mult=[1,2,4,4]', 'model.lossconfig.disc_start=4', 'model.lossconfig.disc_ndf=16',
+                      'data.size=64', 'data.crop=32', 'data.n_maps=16', 'data.val_maps=4', 'data.batch_size=4',
+                      'trainer.train_num_steps=8', 'trainer.save_and_sample_every=4', 'trainer.log_freq=4', 'trainer.lr=1e-3',
+                      'trainer.min_lr=1e-5', 'trainer.schedule=cosine', 'trainer.ema_update_every=1', 'trainer.num_threads=null')
+    scored = {}
+    def recorded(model, cfg, spec, **kw):           # the last scores per data spec: the chosen model's, at the end
+        scored[spec] = score_model(model, cfg, spec, **kw); return scored[spec]
+    monkeypatch.setattr(pretrained, 'score_model', recorded)
     train(cfg, tmp_path / 'run', progress=False)
     r = build_release(tmp_path / 'run', tmp_path / 'repo', select_spec='synthetic:4', card_spec='synthetic:4:1', progress=False)
     card = (tmp_path / 'repo' / 'MODEL.md').read_text()
@@ -132,12 +137,13 @@ def test_build_release_on_a_tiny_run_writes_a_consistent_card(tmp_path, monkeypa
     with pytest.raises(Exception, match='over the 0.001 MB limit'):
         export_release(tmp_path / 'run' / 'model-2.pt', tmp_path / 'big.pt', max_mb=0.001)
     # killed while writing a second release (its card): the first stays whole (weights, record and card of one model).
-    # The second release reuses the first one's checkpoint scores (the slow part) and scores other card maps.
+    # The second release reuses the first one's scores (the slow part: 26 real maps per model) and scores other card maps.
     scores = {}
     def cached(run, spec, weights='ema', progress=True):
         return scores.setdefault((spec, weights), r['selection_table'] if spec == 'synthetic:4' else r['real_table'])
     r['selection_table'] = pd.DataFrame(r['selection']); r['real_table'] = pd.DataFrame(r['real_curve_table'])
     monkeypatch.setattr(pretrained, 'checkpoint_scores', cached)
+    monkeypatch.setattr(pretrained, 'score_model', lambda model, cfg, spec, **kw: scored['real'] if spec == 'real' else score_model(model, cfg, spec, **kw))
     before = {p: p.read_bytes() for p in (tmp_path / 'repo').rglob('*') if p.is_file()}
     def killed(record): raise KeyboardInterrupt
     monkeypatch.setattr(pretrained, 'model_card', killed)

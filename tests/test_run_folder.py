@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest, torch
 
 import radiodiff_vae.run_folder as rf
+from radiodiff_vae.config import tiny_config
 from radiodiff_vae.core import CheckpointError, RunFolderError
 from radiodiff_vae.run_folder import (RUN_FOLDER_FILES, RunLock, read_lock, lock_status, list_checkpoints,
                                       latest_checkpoint, resolve_resume, run_health, remove_temp_files)
@@ -134,20 +135,17 @@ def test_run_health_and_temp_files(tmp_path):
     assert remove_temp_files(tmp_path) == ['.model-3.pt.x1.tmp'] and run_health(tmp_path)['temp_files'] == []
 
 
-def tiny_config():
-    return {'model': {'embed_dim': 3,
-                      'ddconfig': dict(double_z=True, z_channels=3, resolution=16, in_channels=1, out_ch=1, ch=32,
-                                       ch_mult=[1], num_res_blocks=1, attn_resolutions=[], dropout=0.0),
-                      'lossconfig': dict(disc_start=1, disc_ndf=8, disc_num_layers=2, perceptual_weight=0.0, lpips_pretrained=False)},
-            'data': dict(source='synthetic', size=16, n_maps=4, batch_size=2, val_maps=1),
-            'trainer': dict(lr=1e-3, train_num_steps=2, save_and_sample_every=1, log_freq=1, seed=0, num_threads=1, tensorboard=True)}
+# two steps on 16x16 maps, a checkpoint at each, TensorBoard on: every file a run can write, in seconds
+RUN = tiny_config('model.ddconfig.resolution=16', 'model.ddconfig.ch_mult=[1]', 'model.lossconfig.disc_start=1',
+                  'model.lossconfig.disc_num_layers=2', 'data.size=16', 'data.n_maps=4', 'data.val_maps=1', 'trainer.lr=1e-3',
+                  'trainer.train_num_steps=2', 'trainer.save_and_sample_every=1', 'trainer.log_with=[tensorboard]')
 
 
 def test_the_table_names_every_file_a_run_writes(tmp_path):
     from radiodiff_vae.trainer import train
     out = tmp_path/'run'
     out.mkdir(); (out/'metrics.jsonl').write_text('{"step": 999, "stale": 1}\n')   # what a start that failed before its first checkpoint leaves
-    train(tiny_config(), out, progress=False)
+    train(RUN, out, progress=False)
     assert '"stale"' not in (out/'metrics.jsonl').read_text(), 'the new run appended to the failed start\'s rows'
     assert '"stale"' in (out/'failed-start-1'/'metrics.jsonl').read_text()
     (out/'.model-3.pt.abcd.tmp').write_bytes(b'')                   # what a killed write leaves

@@ -7,26 +7,23 @@ from radiodiff_vae import trainer as tr, stream, checkpoints
 from radiodiff_vae.trainer import train, Trainer, NonFiniteLossError
 from radiodiff_vae.run_folder import list_checkpoints
 from radiodiff_vae.ema import EMA
-from radiodiff_vae.config import resolve_config
+from radiodiff_vae.config import resolve_config, tiny_config
 from radiodiff_vae.core import RunFolderError, CheckpointError, ConfigError, RadioDiffError
 from radiodiff_vae.schedules import lr_at
 
-TINY = {'model': {'ddconfig': {'ch': 32, 'ch_mult': [1, 2], 'num_res_blocks': 1, 'resolution': 32},
-                  'lossconfig': {'disc_start': 6, 'perceptual_weight': 0.0, 'lpips_pretrained': False, 'disc_ndf': 8}},
-        'data': {'source': 'synthetic', 'size': 32, 'n_maps': 24, 'val_maps': 2, 'batch_size': 4},
-        'trainer': {'lr': 1e-3, 'min_lr': 1e-5, 'schedule': 'cosine', 'warmup_steps': 2, 'train_num_steps': 12,
-                    'save_and_sample_every': 3, 'log_freq': 1, 'ema_update_every': 1, 'learn_logvar': True,
-                    'tensorboard': False, 'num_threads': 1}}
+# a 12-step run: warm-up 2, GAN from step 6, checkpoints every 3 steps, 24 maps, batch 4, cosine schedule
+TINY_RUN = ('model.lossconfig.disc_start=6', 'data.n_maps=24', 'data.val_maps=2', 'data.batch_size=4', 'trainer.lr=1e-3',
+            'trainer.min_lr=1e-5', 'trainer.schedule=cosine', 'trainer.warmup_steps=2', 'trainer.train_num_steps=12',
+            'trainer.save_and_sample_every=3', 'trainer.ema_update_every=1', 'trainer.learn_logvar=true')
+TINY = tiny_config(*TINY_RUN)
 
 def tiny(**changes):
-    "TINY with dotted-key changes, e.g. tiny(**{'trainer.seed': 3})."
-    cfg = copy.deepcopy(TINY)
-    for key, value in changes.items():
-        node = cfg
-        *path, last = key.split('.')
-        for k in path: node = node.setdefault(k, {})
-        node[last] = value
-    return cfg
+    "TINY with dotted-key changes, e.g. tiny(**{'trainer.seed': 3}) (values as Python objects; JSON is YAML)."
+    return tiny_config(*TINY_RUN, *(f'{key}={json.dumps(value)}' for key, value in changes.items()))
+
+def with_raw(section, key, value):
+    "TINY with `section.key` set to `value` unchecked: for what train itself must refuse or note."
+    return TINY | {section: TINY[section] | {key: value}}
 
 def snapshot(folder):
     "name -> (size, mtime) of every file under `folder`."
@@ -36,7 +33,7 @@ def snapshot(folder):
 def straight(tmp_path_factory):
     "An uninterrupted 12-step run (TensorBoard on)."
     out = tmp_path_factory.mktemp('runs')/'straight'
-    summary = train(tiny(**{'trainer.tensorboard': True}), out, progress=False)
+    summary = train(tiny(**{'trainer.log_with': ['tensorboard']}), out, progress=False)
     return out, summary
 
 def load(path): return torch.load(path, map_location='cpu', weights_only=True)   # checkpoints hold tensors and plain values only
@@ -62,7 +59,7 @@ def test_checkpoint_has_upstream_and_our_keys(straight):
     ck = load(out/'model-4.pt')
     upstream = {'model', 'opt_ae', 'opt_disc', 'lr_scheduler_ae', 'lr_scheduler_disc', 'ema', 'scaler', 'step'}
     assert upstream | {'config', 'rng', 'data_state', 'loss', 'version'} <= set(ck)
-    assert ck['config'] == resolve_config(TINY | {'trainer': TINY['trainer'] | {'tensorboard': True}})
+    assert ck['config'] == resolve_config(TINY | {'trainer': TINY['trainer'] | {'log_with': ['tensorboard']}})
     assert all(k.startswith('ema_model.') for k in ck['ema'] if k not in ('step', 'initted', 'updates'))
     assert 'logvar' in ck['loss'] and any(k.startswith('discriminator.') for k in ck['loss'])
     assert sorted(p.name for p in out.glob('sample-*.png')) == [f'sample-{i}.png' for i in range(1, 5)]
@@ -117,7 +114,7 @@ def test_other_run_in_folder_is_refused_untouched(straight):
     with pytest.raises(RunFolderError, match='model.ddconfig.ch'):
         train(tiny(**{'model.ddconfig.ch': 64}), out, progress=False, resume='latest')
     with pytest.raises(RunFolderError, match='--resume latest'):
-        train(TINY | {'trainer': TINY['trainer'] | {'tensorboard': True}}, out, progress=False)
+        train(TINY | {'trainer': TINY['trainer'] | {'log_with': ['tensorboard']}}, out, progress=False)
     assert snapshot(out) == before
 
 def test_checkpoint_of_another_architecture(straight, tmp_path):
@@ -132,9 +129,9 @@ def test_damaged_latest_checkpoint(straight, tmp_path):
     (run/'model-4.pt').write_bytes(b'\x00garbage')
     before = snapshot(run)
     with pytest.raises(CheckpointError, match='model-4.pt'):
-        train(TINY | {'trainer': TINY['trainer'] | {'tensorboard': True}}, run, progress=False, resume='latest')
+        train(TINY | {'trainer': TINY['trainer'] | {'log_with': ['tensorboard']}}, run, progress=False, resume='latest')
     assert snapshot(run) == before
-    s = train(TINY | {'trainer': TINY['trainer'] | {'tensorboard': True}}, run, progress=False, resume='latest',
+    s = train(TINY | {'trainer': TINY['trainer'] | {'log_with': ['tensorboard']}}, run, progress=False, resume='latest',
               skip_damaged=True, stop_at=9)
     assert s['resumed_from'].endswith('model-3.pt') and s['step'] == 9
 
@@ -624,16 +621,16 @@ def test_quickstart_trains_with_steps_alone(tmp_path, capsys):
 
 def test_upstream_only_keys_are_noted_at_start(tmp_path, capsys):
     "A config holding a key of upstream's files only (latent-diffusion's monitor) trains, and says at start that it is read and not used."
-    train(tiny(**{'model.monitor': 'val/rec_loss', 'trainer.train_num_steps': 1, 'model.lossconfig.disc_start': 1,
-                  'trainer.warmup_steps': 0, 'data.val_maps': 0}), tmp_path/'run', progress=False)
+    cfg = tiny(**{'trainer.train_num_steps': 1, 'model.lossconfig.disc_start': 1, 'trainer.warmup_steps': 0, 'data.val_maps': 0})
+    train(cfg | {'model': cfg['model'] | {'monitor': 'val/rec_loss'}}, tmp_path/'run', progress=False)
     note = 'model.monitor: val/rec_loss read and not used ('
     assert f'note: {note}' in capsys.readouterr().err and f'[Config] {note}' in next((tmp_path/'run').glob('*.log')).read_text()
     assert 'monitor' not in (tmp_path/'run'/'config.yaml').read_text()
 
 def test_bad_input_is_clear(tmp_path):
     with pytest.raises(ConfigError, match='not found'): train(tmp_path/'nope.yaml', tmp_path/'x')
-    with pytest.raises(ConfigError, match='trainer.lrate'): train(tiny(**{'trainer.lrate': 1}), tmp_path/'x')
-    with pytest.raises(ConfigError, match='trainer.lr'): train(tiny(**{'trainer.lr': 'fast'}), tmp_path/'x')
+    with pytest.raises(ConfigError, match='trainer.lrate'): train(with_raw('trainer', 'lrate', 1), tmp_path/'x')
+    with pytest.raises(ConfigError, match='trainer.lr'): train(with_raw('trainer', 'lr', 'fast'), tmp_path/'x')
     with pytest.raises(CheckpointError, match='model-7.pt'): train(TINY, tmp_path/'x', resume=7, progress=False)
     assert not (tmp_path/'x').exists()
 
