@@ -36,7 +36,7 @@ from .evaluation import map_metrics
 __all__ = ['Trainer', 'build_model_and_loss', 'ae_parameters', 'build_optimizers', 'AutoencoderStep', 'NonFiniteLossError',
            'train', 'add_train_args', 'run_train', 'main']
 
-# %% ../nbs/13_trainer.ipynb 15
+# %% ../nbs/13_trainer.ipynb 16
 class Trainer:
     "Train an AutoencoderKL with LPIPSWithDiscriminator as configured, on one process or several; see `train`."
     def __init__(self,
@@ -113,7 +113,7 @@ class Trainer:
                 'nonfinite_skips': self.skips, 'resumed_from': str(self.resumed_from) if self.resumed_from else None,
                 'processes': self.world}
 
-# %% ../nbs/13_trainer.ipynb 18
+# %% ../nbs/13_trainer.ipynb 19
 def build_model_and_loss(model_cfg: dict) -> tuple[AutoencoderKL, LPIPSWithDiscriminator]:
     "The AutoencoderKL and the LPIPSWithDiscriminator of the config's `model` section."
     ae = AutoencoderKL(copy.deepcopy(model_cfg['ddconfig']), model_cfg['embed_dim'],
@@ -124,7 +124,7 @@ def ae_parameters(ae) -> list:
     "Autoencoder parameters in upstream's optimizer order."
     return [p for m in (ae.encoder, ae.decoder, ae.quant_conv, ae.post_quant_conv) for p in m.parameters()]
 
-# %% ../nbs/13_trainer.ipynb 20
+# %% ../nbs/13_trainer.ipynb 21
 def build_optimizers(ae, loss, t: dict, restart_step: int | None = None, fused: bool = False):
     "AdamW for the autoencoder (+ logvar when `learn_logvar`) and for the discriminator, with LambdaLR schedules (restarted at `restart_step` by `finish_lr`)."
     groups = [{'params': ae_parameters(ae)}] + ([{'params': [loss.logvar], 'weight_decay': 0.0}] if t['learn_logvar'] else [])
@@ -137,7 +137,7 @@ def build_optimizers(ae, loss, t: dict, restart_step: int | None = None, fused: 
     return (opt_ae, opt_disc, torch.optim.lr_scheduler.LambdaLR(opt_ae, lam(t['lr'])),
             torch.optim.lr_scheduler.LambdaLR(opt_disc, lam(disc_lr)))
 
-# %% ../nbs/13_trainer.ipynb 24
+# %% ../nbs/13_trainer.ipynb 25
 class AutoencoderStep(nn.Module):
     "Forward of the autoencoder update: reconstruction from noise `eps` (None: the posterior mode) and its loss."
     def __init__(self, ae: AutoencoderKL, loss: LPIPSWithDiscriminator, learn_logvar: bool):
@@ -152,7 +152,7 @@ class AutoencoderStep(nn.Module):
                                                      split='train', compute_d_weight=d_weight)
         return loss, log, x_hat.detach()
 
-# %% ../nbs/13_trainer.ipynb 26
+# %% ../nbs/13_trainer.ipynb 27
 class _DiscriminatorStep(nn.Module):
     "Forward of the discriminator update: its loss on real maps and detached reconstructions."
     def __init__(self, loss: LPIPSWithDiscriminator):
@@ -161,7 +161,7 @@ class _DiscriminatorStep(nn.Module):
 
     def forward(self, x, x_hat, step: int): return self.loss_fn[0].discriminator_loss(x, x_hat, step, split='train')
 
-# %% ../nbs/13_trainer.ipynb 29
+# %% ../nbs/13_trainer.ipynb 30
 def _compile_step(ae: AutoencoderKL, loss: LPIPSWithDiscriminator, mode: str = 'default'):
     "torch.compile (`mode`), in place, the encoder, the decoder's trunk (not its output layers), the discriminator and LPIPS."
     kw = dict(dynamic=False, mode=mode)   # dynamic=False: a new batch shape recompiles instead of tracing symbolic
@@ -174,7 +174,7 @@ def _uses_cuda_graphs(t: dict, device) -> bool:
     "Whether the compiled step replays CUDA graphs (then each step must say where it begins)."
     return t['compile'] and t['compile_mode'] in CUDA_GRAPH_MODES and torch.device(device).type == 'cuda'
 
-# %% ../nbs/13_trainer.ipynb 32
+# %% ../nbs/13_trainer.ipynb 33
 @patch
 def _finish_start(self: Trainer) -> int | None:
     "First step of the finishing phase (the last data.finish_steps steps, on data.finish_size maps); None without one."
@@ -215,7 +215,7 @@ def _build(self: Trainer, dataset=None):
     self.step, self.batches_drawn, self.skips, self.session = 0, 0, 0, 0
     self.resumed_config = None    # the config stored in the checkpoint this run resumes (ours only)
 
-# %% ../nbs/13_trainer.ipynb 33
+# %% ../nbs/13_trainer.ipynb 34
 @patch
 def _on_main(self: Trainer, fn, *args):
     "Run `fn` on process 0 only; an error it raises is raised on every process."
@@ -252,7 +252,7 @@ def _write(self: Trainer, fn, path, what: str):
         keep = f'; the previous checkpoint {self.last_checkpoint} is intact' if getattr(self, 'last_checkpoint', None) else ''
         raise RunFolderError(f'{path}: cannot write the {what} ({e.strerror or e}){keep}') from None
 
-# %% ../nbs/13_trainer.ipynb 34
+# %% ../nbs/13_trainer.ipynb 35
 @patch
 def _start(self: Trainer, resume):
     "Resume or initialise, then reseed per process, write the config, open the logs and the data stream."
@@ -312,7 +312,7 @@ def _enter_finish(self: Trainer):
     windows = f', random {c}x{c} windows' if c and c < s else ''
     if self.main: self.logs.line(f'[Finish] step {self.step}: the last {n} steps train on the same maps at {s}x{s}{windows}, {b} per batch')
 
-# %% ../nbs/13_trainer.ipynb 36
+# %% ../nbs/13_trainer.ipynb 37
 @patch
 def _next_batch(self: Trainer):
     "This process's share of the next global batch, its posterior noise (None: train on the mode) and its map names."
@@ -340,7 +340,7 @@ def _host_values(logged: tuple) -> dict:
     keys, values = logged
     return dict(zip(keys, values.tolist()))
 
-# %% ../nbs/13_trainer.ipynb 37
+# %% ../nbs/13_trainer.ipynb 38
 @patch
 def _ae_pass(self: Trainer, d_weight: bool):
     "Forward + backward of the autoencoder loss over the micro-batches (gradients averaged over processes on the last)."
@@ -370,7 +370,7 @@ def _disc_pass(self: Trainer, kept, train: bool) -> tuple[list, torch.Tensor]:
             logs.append(log)
     return self._mean_logs(logs)
 
-# %% ../nbs/13_trainer.ipynb 38
+# %% ../nbs/13_trainer.ipynb 39
 class NonFiniteLossError(RadioDiffError, FloatingPointError):
     "A loss or gradient became NaN/inf during training."
 
@@ -384,7 +384,7 @@ def _nonfinite_terms(values: dict) -> list[str]:
     rank = lambda k: next((i for i, o in enumerate(order) if k.endswith(o)), len(order))
     return sorted(bad, key=rank)
 
-# %% ../nbs/13_trainer.ipynb 40
+# %% ../nbs/13_trainer.ipynb 41
 @patch
 def _update(self: Trainer, opt, params, logged: tuple, names: list, norm_key: str) -> dict:
     "Read the losses and the gradient norm (`norm_key`) in one go, clip (before the step: defect 2), step; a non-finite value skips or stops."
@@ -398,14 +398,14 @@ def _update(self: Trainer, opt, params, logged: tuple, names: list, norm_key: st
     torch.nn.utils.clip_grads_with_norm_(params, clip, norm); opt.step()
     return vals
 
-# %% ../nbs/13_trainer.ipynb 42
+# %% ../nbs/13_trainer.ipynb 43
 _VAL_METRICS = ('psnr', 'nmse', 'rmse')   # the held-out scores logged at each milestone: val/psnr, ... (and val/psnr_ema, ...)
 
 def _val_scores(x, x_hat) -> dict:
     "Mean per-map PSNR (dB), NMSE and RMSE of reconstructions `x_hat` of `x` (both in [-1, 1]), by the evaluation's metrics on [0, 1] maps (clamped)."
     return {k: float(v.mean()) for k, v in map_metrics(unscale_gain(x_hat), unscale_gain(x), keys=_VAL_METRICS).items()}
 
-# %% ../nbs/13_trainer.ipynb 44
+# %% ../nbs/13_trainer.ipynb 45
 @patch
 def _write_milestone(self: Trainer, state: dict):
     "Write sample-{milestone}.png, the held-out scores, then model-{milestone}.pt (process 0); milestone = ceil(step / save_and_sample_every)."
@@ -429,7 +429,7 @@ def _sample_inputs(self: Trainer) -> torch.Tensor:
     n = len(ds) if self.val_ds is not None else min(len(ds), max(self.t['sample_maps'], 1))
     return torch.stack([ds[i]['image'] for i in range(n)]).to(self.device)
 
-# %% ../nbs/13_trainer.ipynb 45
+# %% ../nbs/13_trainer.ipynb 46
 @patch
 def _log_step(self: Trainer, vals: dict, timer: dict, bar=None):
     "Write the two upstream lines, one metrics record and the progress bar's loss."
@@ -444,7 +444,7 @@ def _log_step(self: Trainer, vals: dict, timer: dict, bar=None):
                       'nonfinite_skips': self.skips, 'epoch': self.batches_drawn // max(self.sampler.per_epoch, 1)})
     if bar is not None: bar.set_postfix(loss=f"{vals['train/total_loss']:.4g}", rec=f"{vals['train/rec_loss']:.3g}")
 
-# %% ../nbs/13_trainer.ipynb 55
+# %% ../nbs/13_trainer.ipynb 56
 @patch
 def _nonfinite(self: Trainer, bad: list, values: dict, names: list):
     "Skip the batch (SkippedBatch, counted) or stop with a diagnostic file (NonFiniteLossError), on every process."
@@ -466,7 +466,7 @@ def _nonfinite(self: Trainer, bad: list, values: dict, names: list):
     raise NonFiniteLossError(f'non-finite loss at step {step}: {desc}{why}; batch {names[:8]}; {last}; diagnostic: {diag}. '
                              'Resume with --resume latest (perhaps with a lower trainer.lr), or set trainer.skip_nonfinite=true to skip such batches.')
 
-# %% ../nbs/13_trainer.ipynb 58
+# %% ../nbs/13_trainer.ipynb 59
 @patch
 def _update_fp16(self: Trainer, opt, params, vals: dict, names: list, norm_key: str, clip: float) -> dict:
     "The fp16 update: the losses are checked first, as the grad scaler must unscale the gradients before their norm."
@@ -486,14 +486,14 @@ def _scaler_skipped(self: Trainer, opt):
     if self.main: self.logs.line(f'[Scaler] step {self.step}: fp16 gradients of the {net} overflowed; the grad scaler '
                                  f'skipped this update and lowered its scale to {self.acc.scaler.get_scale():g}')
 
-# %% ../nbs/13_trainer.ipynb 71
+# %% ../nbs/13_trainer.ipynb 72
 @patch
 def _idle_disc_step(self: Trainer):
     "Upstream's discriminator update before disc_start: zero gradients, yet AdamW steps (weight decay, moments)."
     for p in self.disc_params: p.grad = torch.zeros_like(p)
     self.opt_disc.step(); self.opt_disc.zero_grad(set_to_none=True)
 
-# %% ../nbs/13_trainer.ipynb 74
+# %% ../nbs/13_trainer.ipynb 75
 def train(config,                          # a resolved config dict (`config.load_config`) or a YAML path
           out_dir=None,                    # the run folder (default: trainer.results_folder)
           resume=None,                     # 'latest', a milestone number or a checkpoint path; None: a fresh run
@@ -518,7 +518,7 @@ def train(config,                          # a resolved config dict (`config.loa
     return Trainer(cfg, out_dir, resume=resume, progress=progress, stop_at=stop_at, dataset=dataset,
                    skip_damaged=skip_damaged, trust_checkpoint=trust_checkpoint, step_changes=scaled, notes=notes).fit()
 
-# %% ../nbs/13_trainer.ipynb 89
+# %% ../nbs/13_trainer.ipynb 90
 def add_train_args(parser: argparse.ArgumentParser):
     "Arguments of `radiodiff-vae train`."
     parser.add_argument('--config', default=None, help='YAML config (e.g. configs/quickstart.yaml); required')
@@ -543,7 +543,7 @@ def add_train_args(parser: argparse.ArgumentParser):
     parser.parse_known_args = parse_known_args
     return parser
 
-# %% ../nbs/13_trainer.ipynb 91
+# %% ../nbs/13_trainer.ipynb 92
 def run_train(args) -> int:
     "Run `radiodiff-vae train` from parsed `args`; print the summary as JSON (process 0); return 0."
     if not args.config: raise ConfigError('--config is required (a YAML file such as configs/quickstart.yaml)')
@@ -560,5 +560,5 @@ def main(argv=None) -> int:
     except RadioDiffError as e:
         print(f'radiodiff-vae train: error: {e}', file=sys.stderr); return 2
 
-# %% ../nbs/13_trainer.ipynb 93
+# %% ../nbs/13_trainer.ipynb 94
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())
