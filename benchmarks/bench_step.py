@@ -82,7 +82,7 @@ def trainer_config(cfg: dict, variant: str, device: str) -> dict:
     c['data'].update(batch_size=cfg['batch_size'], size=cfg['map_size'], num_workers=0,
                      **FINISH_OFF_DATA)   # one map size: a config's finishing phase is not timed here
     c['trainer'].update(cfg['trainer'])
-    c['trainer'].update(tensorboard=False, cpu=not device.startswith('cuda'), fp16=False,
+    c['trainer'].update(log_with=[], cpu=not device.startswith('cuda'), fp16=False,
                         mixed_precision='bf16' if variant.endswith('bf16') else 'no',   # accelerate autocasts the prepared steps
                         gradient_accumulate_every=1)
     return resolve_config(c)
