@@ -213,17 +213,18 @@ def check_run_folder(out, cfg: dict, resuming: bool, resume=None) -> str:
     path = resume_path(out, cfg, resume)
     run_id = run_lineage(out, path, ckpts)
     if path is not None: _check_horizon(path, cfg)
-    if stored.exists() and ckpts:          # a start that wrote no checkpoint holds no run
-        try: old = resolve_config(read_yaml(stored))
+    diff = None
+    if stored.exists():
+        try: diff = config_differences(resolve_config(read_yaml(stored)), cfg)
         except ConfigError as e:
-            raise RunFolderError(f'{stored}: unreadable run config ({e}); this folder is not a run of this trainer, choose another --out') from None
-        diff = config_differences(old, cfg)
+            if ckpts: raise RunFolderError(f'{stored}: unreadable run config ({e}); this folder is not a run of this trainer, choose another --out') from None
+    if ckpts:                              # a start that wrote no checkpoint holds no run
         if diff: raise RunFolderError(f'{out}: holds a different run ({", ".join(diff[:6])}{" ..." if len(diff) > 6 else ""} differ from '
                                       f'{stored}); choose another --out, or use that run\'s config to resume it')
     if ckpts and not (resuming or path is not None):
         raise RunFolderError(f'{out}: already holds checkpoints ({", ".join(p.name for _, p in ckpts[-3:])}); '
                              'pass --resume latest to continue that run, or choose another --out')
-    if not ckpts and (aside := set_aside_failed_start(out)) is not None:
+    if not ckpts and diff != [] and (aside := set_aside_failed_start(out)) is not None:   # another config's records (a killed start of this one: kept)
         print(f'[Run] {out} held the records of a start that wrote no checkpoint; moved to {aside}')
     return run_id
 
