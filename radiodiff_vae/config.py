@@ -256,11 +256,11 @@ def _rename_older_keys(raw: dict) -> tuple[dict, list[str]]:
     "`raw` with each RENAMED key moved to its name now (ConfigError when both are given), and a note for each."
     raw, notes = copy.deepcopy(raw), []
     for old, (new, convert) in RENAMED.items():
-        node = _node(raw, old)
-        if node is None or old.rsplit('.', 1)[1] not in node: continue
-        value = node.pop(old.rsplit('.', 1)[1]); target = _node(raw, new)
-        if new.rsplit('.', 1)[1] in target: raise ConfigError(f'{old} and {new} are both given: {old} is the older name of {new}; keep {new} only')
-        target[new.rsplit('.', 1)[1]] = convert(value)
+        node, old_key, new_key = _node(raw, old), old.rsplit('.', 1)[1], new.rsplit('.', 1)[1]
+        if node is None or old_key not in node: continue
+        value = node.pop(old_key); target = _node(raw, new)
+        if new_key in target: raise ConfigError(f'{old} and {new} are both given: {old} is the older name of {new}; keep {new} only')
+        target[new_key] = convert(value)
         notes.append(f'{old}: {value!r} read as {new}: {convert(value)!r} (its older name)')
     return raw, notes
 
@@ -268,9 +268,8 @@ def _pop_upstream_only(raw: dict) -> tuple[dict, list[str]]:
     "`raw` (unwrapped) without the UPSTREAM_ONLY keys, and a note for each one it held; disc_conditional: true is refused."
     raw, notes = copy.deepcopy(raw), []
     for key, why in UPSTREAM_ONLY.items():
-        *path, last = key.split('.'); node = raw
-        for k in path: node = node.get(k) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or last not in node: continue
+        node, last = _node(raw, key), key.rsplit('.', 1)[1]
+        if node is None or last not in node: continue
         value = node.pop(last)
         if key == 'model.lossconfig.disc_conditional' and value not in (False, None):
             raise ConfigError(f'{key}: true is not supported (a radio map has no conditioning image for the discriminator to see); set it to false')
