@@ -28,7 +28,7 @@ def run_one(variant: str, batch: int, warmup: int, steps: int, log_every: int, c
                  f'trainer.train_num_steps={total}', f'trainer.save_and_sample_every={10 * total}',
                  f'trainer.log_freq={log_every}', 'trainer.log_with=[]', f'trainer.mixed_precision={precision}',
                  f'trainer.compile={str(mode is not None).lower()}', f"trainer.compile_mode={mode or 'default'}",
-                 'trainer.sample_maps=2', 'trainer.warmup_steps=0', *FINISH_OFF.split(), 'trainer.finish_lr=null',  # one map size
+                 'trainer.sample_maps=2', 'trainer.warmup_steps=0', FINISH_OFF,  # one map size
                  *extra]
     cfg = load_config(ROOT / config, overrides)
     out = Path(tempfile.mkdtemp()) / 'run'

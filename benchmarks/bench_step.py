@@ -74,13 +74,13 @@ class FixedMaps(torch.utils.data.Dataset):
 
 def trainer_config(cfg: dict, variant: str, device: str) -> dict:
     "The trainer config of `variant`: the size's config, in-memory data, no TensorBoard, checkpointing when asked."
-    from radiodiff_vae.config import load_config, resolve_config, FINISH_OFF_DATA
+    from radiodiff_vae.config import load_config, resolve_config
     c = load_config(REPO / cfg['config'])
     c['model']['ddconfig'], c['model']['lossconfig'] = copy.deepcopy(cfg['ddconfig']), copy.deepcopy(cfg['lossconfig'])
     c['model']['gradient_checkpointing'] = variant.endswith('checkpointing')
     c['model']['ckpt_path'] = None
     c['data'].update(batch_size=cfg['batch_size'], size=cfg['map_size'], num_workers=0,
-                     **FINISH_OFF_DATA)   # one map size: a config's finishing phase is not timed here
+                     finish=None)   # one map size: a config's finishing phase is not timed here
     c['trainer'].update(cfg['trainer'])
     c['trainer'].update(log_with=[], cpu=not device.startswith('cuda'), fp16=False,
                         mixed_precision='bf16' if variant.endswith('bf16') else 'no',   # accelerate autocasts the prepared steps

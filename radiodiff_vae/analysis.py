@@ -45,8 +45,7 @@ PARAM_PATHS = {   # where this project's config schema keeps each parameter the 
     'batch_size': 'data.batch_size', 'resolution': 'model.ddconfig.resolution', 'in_channels': 'model.ddconfig.in_channels',
     'save_every': 'trainer.save_and_sample_every', 'log_freq': 'trainer.log_freq',
     'gradient_accumulate_every': 'trainer.gradient_accumulate_every', 'resume_milestone': 'trainer.resume_milestone',
-    'train_discriminator': 'trainer.train_discriminator', 'finish_size': 'data.finish_size', 'finish_steps': 'data.finish_steps',
-    'finish_lr': 'trainer.finish_lr',
+    'train_discriminator': 'trainer.train_discriminator', 'finish': 'data.finish',
 }
 
 def _at(config: dict, path: str):
@@ -66,8 +65,7 @@ PARAM_ALIASES = {   # how upstream-style configs spell the same parameters
     'perceptual_weight': ('perceptual_weight',), 'batch_size': ('batch_size',), 'resolution': ('resolution',),
     'in_channels': ('in_channels',), 'save_every': ('save_and_sample_every', 'save_every'), 'log_freq': ('log_freq', 'log_every'),
     'gradient_accumulate_every': ('gradient_accumulate_every',), 'resume_milestone': ('resume_milestone',),
-    'train_discriminator': ('train_discriminator',), 'finish_size': ('finish_size',), 'finish_steps': ('finish_steps',),
-    'finish_lr': ('finish_lr',),
+    'train_discriminator': ('train_discriminator',), 'finish': ('finish',),
 }
 UPSTREAM_HARD_CODED = ('schedule', 'min_lr', 'power', 'warmup_steps', 'decay_fraction', 'd_weight_max', 'logvar_init', 'in_channels')
 _DEFAULTS = resolve_config(None)   # the resolver's defaults: upstream RadioDiff's configuration
@@ -118,8 +116,8 @@ def training_params(config: dict | None, # the run's config, nested as in its fi
 
 # %% ../nbs/14_analysis.ipynb 13
 def finish_start(params: dict) -> int | None:
-    "First step of the run's finishing phase on `finish_size` maps (its last `finish_steps` steps); None without one."
-    return finish_start_step(params.get('total_steps'), params.get('finish_size'), params.get('finish_steps'))
+    "First step of the run's finishing phase (its last `finish['steps']` steps); None without one."
+    return finish_start_step(params.get('total_steps'), params.get('finish'))
 
 # %% ../nbs/14_analysis.ipynb 16
 UPSTREAM_TRAINER_KEYS = frozenset({'gradient_accumulate_every', 'lr', 'min_lr', 'train_num_steps', 'save_and_sample_every',

@@ -103,7 +103,8 @@ def check_training_memory(cfg: dict, where: str = 'data.size'):
     import torch
     on_gpu = not cfg['trainer']['cpu'] and torch.cuda.is_available()
     device_memory = torch.cuda.mem_get_info()[0] if on_gpu else None      # the activations live on the GPU there
-    for size, batch, key in ((d['size'], d['batch_size'], 'data.size'), (d['finish_size'], d['finish_batch_size'] or d['batch_size'], 'data.finish_size')):
+    fin = d.get('finish') or {}
+    for size, batch, key in ((d['size'], d['batch_size'], 'data.size'), (fin.get('size'), fin.get('batch_size') or d['batch_size'], 'data.finish.size')):
         if size is None: continue
         if d['source'] == 'synthetic': check_map_side(size, f'{key}={size}')
         check_memory(2.0 * batch * float(size) ** 2 * ch * 4, f'a batch of {batch} maps of {size}x{size} through {ch} channels'

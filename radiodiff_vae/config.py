@@ -12,11 +12,11 @@ from .schedules import DECAY_FRACTION, wsd_fits
 
 # %% auto 0
 __all__ = ['DDCONFIG_SCHEMA', 'LOSSCONFIG_SCHEMA', 'MODEL_SCHEMA', 'DATA_SCHEMA', 'TRAINER_SCHEMA', 'SCHEMA',
-           'PRECISION_SPELLINGS', 'TRACKERS', 'UPSTREAM_ONLY', 'RENAMED', 'FINISH_OFF_DATA', 'FINISH_OFF',
-           'CUDA_GRAPH_MODES', 'STEP_KEYS', 'RESUME_MUTABLE', 'canonical_precision', 'check_value', 'unwrap_upstream',
-           'downsampling_factor', 'finish_start_step', 'validate_config', 'scale_steps', 'parse_override',
-           'apply_overrides', 'resolve_config', 'config_notes', 'step_changes', 'read_yaml', 'load_config',
-           'dump_config', 'tiny_config', 'config_differences', 'resume_changes', 'schema_table']
+           'PRECISION_SPELLINGS', 'TRACKERS', 'FINISH_FIELDS', 'UPSTREAM_ONLY', 'RENAMED', 'FINISH_OFF',
+           'OLD_FINISH_KEYS', 'CUDA_GRAPH_MODES', 'STEP_KEYS', 'RESUME_MUTABLE', 'canonical_precision', 'check_value',
+           'unwrap_upstream', 'downsampling_factor', 'finish_start_step', 'validate_config', 'scale_steps',
+           'parse_override', 'apply_overrides', 'resolve_config', 'config_notes', 'step_changes', 'read_yaml',
+           'load_config', 'dump_config', 'tiny_config', 'config_differences', 'resume_changes', 'schema_table']
 
 # %% ../nbs/10_config.ipynb 7
 DDCONFIG_SCHEMA = {
@@ -70,10 +70,8 @@ DATA_SCHEMA = {
     'num_tx': ('int', 80, 'RadioMapSeer transmitters per map'),
     'size': ('int', 256, 'map side in pixels'),
     'crop': ('int?', None, 'train on a random crop×crop window of each map (null: the whole map); held-out maps stay whole'),
-    'finish_size': ('int?', None, 'train the last data.finish_steps steps on the same whole maps at this side (finer pixels); null: off'),
-    'finish_steps': ('int', 0, 'steps at the end of training on data.finish_size maps (0 when finish_size is null)'),
-    'finish_batch_size': ('int?', None, 'maps per step in the finishing phase (null: data.batch_size)'),
-    'finish_crop': ('int?', None, 'finishing phase: train on random finish_crop×finish_crop windows of the finish_size maps (null: whole maps)'),
+    'finish': ('finish?', None, 'a last phase on the same whole maps at a finer pixel: {size, steps, batch_size} '
+                                '(batch_size null: data.batch_size); null: none'),
     'n_maps': ('int', 1000, 'synthetic: number of training maps'),
     'data_seed': ('int', 0, 'synthetic: seed of the map generator'),
     'synthetic': ('dict', {}, 'synthetic: extra generate_radio_map parameters'),
@@ -122,8 +120,6 @@ TRAINER_SCHEMA = {
     'compile_mode': ('choice:default|reduce-overhead|max-autotune|max-autotune-no-cudagraphs', 'default',
                      "torch.compile's mode with trainer.compile (reduce-overhead: replay CUDA graphs, fewer kernel launches; GPU)"),
     'cudnn_benchmark': ('bool', True, "let cuDNN time its convolution algorithms for each new shape and keep the fastest (GPU)"),
-    'finish_lr': ('float?', None, 'restart the lr at the finishing phase (data.finish_steps): a cosine from this peak to min_lr; null: no restart'),
-    'finish_ema_restart': ('bool', True, "restart the EMA's warm-up (trainer.ema_warmup) at the finishing phase's first step; false: the average goes on"),
 }
 
 # %% ../nbs/10_config.ipynb 17
@@ -181,6 +177,17 @@ def _as_trackers(value, where) -> list:
     if bad := [n for n in names if n not in TRACKERS]: raise ConfigError(f'{where}: {bad[0]!r} is not one of {", ".join(TRACKERS)}')
     return list(dict.fromkeys(names))
 
+FINISH_FIELDS = ('size', 'steps', 'batch_size')   # data.finish: the phase's map side, its steps, its maps per step
+
+def _as_finish(value, where) -> dict:
+    "A finishing phase `{size, steps, batch_size}`: size and steps integers, batch_size an integer or null."
+    if not isinstance(value, dict): raise ConfigError(f'{where}: expected null or a mapping {{size: S, steps: N, batch_size: B}}, got {value!r}')
+    if bad := [k for k in value if k not in FINISH_FIELDS]: raise ConfigError(f'{where}: unknown field {bad[0]!r}; expected size, steps and batch_size')
+    if missing := [k for k in ('size', 'steps') if value.get(k) is None]: raise ConfigError(f'{where}.{missing[0]}: missing; expected {{size: S, steps: N, batch_size: B}}')
+    b = value.get('batch_size')
+    return dict(size=_as_int(value['size'], f'{where}.size'), steps=_as_int(value['steps'], f'{where}.steps'),
+                batch_size=None if b is None else _as_int(b, f'{where}.batch_size'))
+
 def check_value(kind: str, value, where: str):
     "Convert `value` to the schema type `kind` (see above) or raise a ConfigError naming `where`."
     if kind.endswith('?'):
@@ -204,6 +211,7 @@ def check_value(kind: str, value, where: str):
         raise ConfigError(f'{where}: expected a mapping, got {value!r}')
     if kind == 'precision': return canonical_precision(value, where)
     if kind == 'trackers': return _as_trackers(value, where)
+    if kind == 'finish': return _as_finish(value, where)
     if kind.startswith('choice:'):
         options = kind[7:].split('|')
         if value in options: return value
@@ -304,39 +312,44 @@ def downsampling_factor(ddconfig: dict) -> int:
     return 2 ** (len(ddconfig["ch_mult"]) - 1)
 
 # %% ../nbs/10_config.ipynb 50
-FINISH_OFF_DATA = dict(finish_size=None, finish_steps=0, finish_batch_size=None, finish_crop=None)   # a run without the phase
-FINISH_OFF = ' '.join(f'data.{k}={"null" if v is None else v}' for k, v in FINISH_OFF_DATA.items())   # the same, as --set texts
+FINISH_OFF = 'data.finish=null'   # a run without the phase, as a --set text
 
 def _check_finish(d: dict, total_steps: int, f: int):
-    "Raise a ConfigError unless data.finish_size / data.finish_steps describe a phase that fits the run (f: downsampling factor)."
-    size, steps, batch, crop = d['finish_size'], d['finish_steps'], d['finish_batch_size'], d['finish_crop']
-    if size is None:
-        _require(steps == 0, f'data.finish_steps: {steps} steps but data.finish_size is null; set data.finish_size (e.g. 128) or data.finish_steps=0')
-        _require(batch is None, f'data.finish_batch_size: {batch} but data.finish_size is null; set data.finish_size or data.finish_batch_size=null')
-        _require(crop is None, f'data.finish_crop: {crop} but data.finish_size is null; set data.finish_size or data.finish_crop=null')
-        return
-    _require(batch is None or batch > 0, f'data.finish_batch_size: expected a positive integer or null (data.batch_size), got {batch}')
-    _require(size > 0 and size % f == 0, f'data.finish_size: expected a positive multiple of the downsampling factor {f}, got {size}')
-    _require(crop is None or (0 < crop <= size and crop % f == 0),
-             f'data.finish_crop: expected null or a multiple of the downsampling factor {f} in (0, data.finish_size={size}], got {crop}')
-    _require(0 < steps <= total_steps, f'data.finish_steps: expected 1..trainer.train_num_steps={total_steps} with data.finish_size set, got {steps}; '
-             f'set e.g. --set data.finish_steps={max(1, total_steps // 6)}, or {FINISH_OFF} for no finishing phase')
-    _require(d['crop'] is None, f"data.finish_size and data.crop ({d['crop']}) cannot be combined: the finishing phase "
-             'trains on whole maps or on its own windows (data.finish_crop)')
+    "Raise a ConfigError unless `data.finish` is null or a phase that fits the run (f: downsampling factor)."
+    fin = d['finish']
+    if fin is None: return
+    _require(fin['size'] > 0 and fin['size'] % f == 0, f"data.finish.size: expected a positive multiple of the downsampling factor {f}, got {fin['size']}")
+    _require(fin['batch_size'] is None or fin['batch_size'] > 0,
+             f"data.finish.batch_size: expected a positive integer or null (data.batch_size), got {fin['batch_size']}")
+    _require(0 < fin['steps'] <= total_steps, f"data.finish.steps: expected 1..trainer.train_num_steps={total_steps}, got {fin['steps']}; "
+             f"set e.g. --set data.finish.steps={max(1, total_steps // 6)}, or {FINISH_OFF} for no finishing phase")
+    _require(d['crop'] is None, f"data.finish and data.crop ({d['crop']}) cannot be combined: the finishing phase trains on whole maps")
 
 # %% ../nbs/10_config.ipynb 53
-def _check_finish_lr(t: dict, d: dict):
-    "Raise a ConfigError unless trainer.finish_lr is null or a restart the run's finishing phase and schedule allow."
-    lr = t['finish_lr']
-    if lr is None: return
-    _require(d['finish_size'] is not None, f'trainer.finish_lr: {lr} restarts the rate at the finishing phase, but data.finish_size is null; '
-             'set data.finish_size and data.finish_steps, or trainer.finish_lr=null')
-    _require(lr >= t['min_lr'], f"trainer.finish_lr: must be >= trainer.min_lr={t['min_lr']}, got {lr}")
-    disc = lr * (t['disc_lr'] or t['lr']) / t['lr']    # the discriminator restarts at the same fraction of its own rate
-    _require(disc >= t['min_lr'], f"trainer.finish_lr: {lr} restarts the discriminator at {disc:.3g} (trainer.disc_lr scaled alike), "
-             f"below trainer.min_lr={t['min_lr']}; raise trainer.finish_lr or trainer.disc_lr")
-    _require(t['schedule'] != 'radiodiff', "trainer.finish_lr: not with schedule 'radiodiff' (its min_lr is a multiplier, not a rate); "
-             "use e.g. trainer.schedule=cosine")
+OLD_FINISH_KEYS = {'data.finish_size': 'size', 'data.finish_steps': 'steps', 'data.finish_batch_size': 'batch_size',
+                   'data.finish_crop': None, 'trainer.finish_lr': None, 'trainer.finish_ema_restart': None}   # older spellings of data.finish
+_DROPPED = {'data.finish_crop': (None, "random windows of the phase's maps lost to whole maps on every seed (tuning round 9)"),
+            'trainer.finish_lr': (None, 'a learning-rate restart at the phase lost on every seed (tuning round 8)'),
+            'trainer.finish_ema_restart': (True, "the EMA's warm-up restarts at the phase wherever it has one")}
+
+def _merge_finish_keys(raw: dict) -> tuple[dict, list[str]]:
+    "`raw` with the older finishing-phase keys read into `data.finish` (a lost variant refused), and a note."
+    raw, found = copy.deepcopy(raw), {}
+    for key in OLD_FINISH_KEYS:
+        node, last = _node(raw, key), key.rsplit('.', 1)[1]
+        if node is not None and last in node: found[key] = node.pop(last)
+    if not found: return raw, []
+    for key, (kept, why) in _DROPPED.items():
+        _require(found.get(key, kept) == kept, f"{key}: {found.get(key)!r} is no longer a setting ({why}); remove it")
+    if not isinstance(raw.get('data'), dict): raw['data'] = {}
+    fields = {OLD_FINISH_KEYS[k]: v for k, v in found.items() if OLD_FINISH_KEYS[k]}
+    fin = fields if 'size' in fields and fields['size'] is None else dict(raw['data'].get('finish') or {}) | fields   # a null size: off
+    if fin.get('size') is None:
+        _require(not fin.get('steps') and fin.get('batch_size') is None,
+                 f"data.finish_steps / data.finish_batch_size: {fields} without data.finish_size; set data.finish=null or give its size")
+        fin = None
+    raw['data']['finish'] = fin
+    return raw, [f"{', '.join(f'{k}: {v!r}' for k, v in found.items())} read as data.finish: {fin!r} (its older spelling)"]
 
 # %% ../nbs/10_config.ipynb 56
 def _check_switches(t: dict, d: dict):
@@ -344,15 +357,13 @@ def _check_switches(t: dict, d: dict):
     _require(t['train_discriminator'] or not t['step_idle_discriminator'],
              'trainer.step_idle_discriminator: true steps the discriminator\'s AdamW (weight decay shrinks it), but trainer.train_discriminator: '
              'false freezes it; set trainer.step_idle_discriminator=false')
-    if d['finish_size'] is None or not t['finish_ema_restart']: return
-    for key, bad in (('upstream_ema', t['upstream_ema']), ('ema_warmup', not t['ema_warmup'])):
-        _require(not bad, f"trainer.finish_ema_restart: true (the default) restarts the EMA's warm-up at the finishing phase, but trainer.{key}: "
-                 f"{str(t[key]).lower()} has no warm-up to restart; set trainer.finish_ema_restart=false")
 
 # %% ../nbs/10_config.ipynb 59
-def finish_start_step(total_steps: int | None, finish_size: int | None, finish_steps: int | None) -> int | None:
-    "First step of the finishing phase (the last `finish_steps` of `total_steps`, on `finish_size` maps); None without one."
-    return total_steps - finish_steps if finish_size and finish_steps and total_steps else None
+def finish_start_step(total_steps: int | None, # the run's trainer.train_num_steps (None: unknown)
+                      finish: dict | None, # the run's data.finish
+                     ) -> int | None:
+    "First step of the finishing phase (the last `finish['steps']` of `total_steps`); None without one."
+    return total_steps - finish['steps'] if finish and total_steps else None
 
 # %% ../nbs/10_config.ipynb 61
 CUDA_GRAPH_MODES = ('reduce-overhead', 'max-autotune')   # torch.compile modes that replay CUDA graphs on a GPU
@@ -391,7 +402,6 @@ def validate_config(cfg: dict) -> dict:
     _require(d['crop'] is None or (0 < d['crop'] <= d['size'] and d['crop'] % f == 0),
              f"data.crop: expected null or a multiple of the downsampling factor {f} in (0, data.size={d['size']}], got {d['crop']}")
     _check_finish(d, t['train_num_steps'], f)
-    _check_finish_lr(t, d)
     _check_switches(t, d)
     _require(len(dd['ch_mult']) >= 1 and all(c > 0 for c in dd['ch_mult']), f"model.ddconfig.ch_mult: expected positive integers, got {dd['ch_mult']}")
     for key in ('ch', 'z_channels', 'in_channels', 'out_ch'): _require(dd[key] > 0, f'model.ddconfig.{key}: must be positive, got {dd[key]}')
@@ -406,7 +416,7 @@ def validate_config(cfg: dict) -> dict:
     return cfg
 
 # %% ../nbs/10_config.ipynb 64
-STEP_KEYS = (('trainer', 'warmup_steps'), ('model', 'lossconfig', 'disc_start'), ('data', 'finish_steps'),
+STEP_KEYS = (('trainer', 'warmup_steps'), ('model', 'lossconfig', 'disc_start'), ('data', 'finish', 'steps'),
              ('trainer', 'save_and_sample_every'), ('trainer', 'log_freq'))   # the settings counted in steps
 
 def _override_keys(overrides) -> set[str]:
@@ -422,9 +432,9 @@ def scale_steps(cfg: dict, steps: int, fixed=()) -> dict:
     t, d, loss = cfg['trainer'], cfg['data'], cfg['model']['lossconfig']
     new = {'trainer.warmup_steps': min(scaled(t['warmup_steps']), steps - 1),
            'model.lossconfig.disc_start': min(scaled(loss['disc_start']), steps),
-           'data.finish_steps': min(max(scaled(d['finish_steps']), 1), steps) if d['finish_size'] is not None else d['finish_steps'],
            'trainer.save_and_sample_every': max(scaled(t['save_and_sample_every']), 1),
            'trainer.log_freq': max(scaled(t['log_freq']), 1)}
+    if d['finish'] is not None: new['data.finish.steps'] = min(max(scaled(d['finish']['steps']), 1), steps)
     if T <= 0: new = {}                                   # a bad horizon is validate_config's to report
     for key, value in new.items():
         if key in fixed: continue
@@ -445,6 +455,8 @@ def parse_override(text: str) -> tuple[list[str], object]:
     except yaml.YAMLError as e: raise ConfigError(f'override {text!r}: value is not valid YAML ({e.__class__.__name__})') from None
 
 # %% ../nbs/10_config.ipynb 69
+_FINISH_FIELDS_SCHEMA = {k: ('int?', None, f'data.finish.{k}') for k in FINISH_FIELDS}   # an override may set one field
+
 def _schema_at(keys: list[str]):
     "The schema entry at `keys`, or a ConfigError listing the valid keys at the first wrong level."
     schema, entry = SCHEMA, None
@@ -454,7 +466,7 @@ def _schema_at(keys: list[str]):
             valid = ', '.join(schema) if schema else '(none: not a section)'
             raise ConfigError(f"override {'.'.join(keys)!r}: unknown key {'.'.join(keys[:i+1])!r}; valid keys in {where}: {valid}")
         entry = schema[k]
-        schema = entry[1] if entry[0] == 'section' else None
+        schema = entry[1] if entry[0] == 'section' else _FINISH_FIELDS_SCHEMA if entry[0] == 'finish?' else None
     return entry
 
 # %% ../nbs/10_config.ipynb 71
@@ -465,10 +477,10 @@ def apply_overrides(raw: dict, overrides=()) -> dict:
         keys, value = parse_override(text)
         if '.'.join(keys) in RENAMED:                                 # an older name sets the key it became
             new, convert = RENAMED['.'.join(keys)]; keys, value = new.split('.'), convert(value)
-        if '.'.join(keys) not in UPSTREAM_ONLY: _schema_at(keys)   # those are read, then noted (config_notes)
+        if '.'.join(keys) not in UPSTREAM_ONLY and '.'.join(keys) not in OLD_FINISH_KEYS: _schema_at(keys)   # read, then noted (config_notes)
         node = raw
         for k in keys[:-1]:
-            if not isinstance(node.get(k), dict): node[k] = {}
+            if not isinstance(node.get(k), dict): node[k] = {}   # also a phase set field by field on data.finish: null
             node = node[k]
         node[keys[-1]] = value
     return raw
@@ -478,7 +490,7 @@ def _filled(raw: dict | None, overrides=()) -> dict:
     "The config with overrides applied and defaults filled, not yet validated."
     if raw is None: raw = {}
     if not isinstance(raw, dict): raise ConfigError(f'config: expected a mapping of sections, got {type(raw).__name__}')
-    return _fill(_pop_upstream_only(_rename_older_keys(apply_overrides(unwrap_upstream(raw), overrides))[0])[0], SCHEMA, '')
+    return _fill(_pop_upstream_only(_merge_finish_keys(_rename_older_keys(apply_overrides(unwrap_upstream(raw), overrides))[0])[0])[0], SCHEMA, '')
 
 def resolve_config(raw: dict | None, overrides=(), steps: int | None = None) -> dict:
     "Validated config with defaults filled, from a raw (YAML-loaded) dict, `section.key=value` overrides and a run length `steps` (see `scale_steps`)."
@@ -489,7 +501,8 @@ def resolve_config(raw: dict | None, overrides=(), steps: int | None = None) -> 
 def config_notes(raw: dict | None, overrides=()) -> list[str]:
     "A note for each key of upstream's files only (UPSTREAM_ONLY) and each older name (RENAMED) that `raw` and `overrides` hold."
     renamed, notes = _rename_older_keys(apply_overrides(unwrap_upstream(raw or {}), overrides))
-    return notes + _pop_upstream_only(renamed)[1]
+    merged, finish_notes = _merge_finish_keys(renamed)
+    return notes + finish_notes + _pop_upstream_only(merged)[1]
 
 def step_changes(raw: dict | None, overrides=(), steps: int | None = None) -> dict:
     "`{dotted key: [configured, now]}` for the settings `steps` changed (empty without `steps`)."
@@ -497,7 +510,7 @@ def step_changes(raw: dict | None, overrides=(), steps: int | None = None) -> di
     before = _filled(raw, overrides)
     after = scale_steps(before, steps, _override_keys(overrides))
     keys = ['trainer.train_num_steps'] + ['.'.join(k) for k in STEP_KEYS]
-    value = lambda cfg, key: [cfg := cfg[k] for k in key.split('.')][-1]
+    value = lambda cfg, key: [cfg := (cfg or {}).get(k) for k in key.split('.')][-1]   # None where there is no finishing phase
     return {k: [value(before, k), value(after, k)] for k in keys if value(before, k) != value(after, k)}
 
 # %% ../nbs/10_config.ipynb 77

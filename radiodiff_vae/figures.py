@@ -75,7 +75,7 @@ def phase_marker(ax, run: RunData, color='0.25', label: bool = True, shade: bool
     for step in run.analysis.resumes.steps:
         if x.min() <= step <= x.max():
             ax.axvline(step, color=color, ls=':', lw=1.3, label=f'resumed from step {step:,}' if label else None)
-    finish, side = finish_start(run.analysis.params), run.analysis.params.get('finish_size')
+    finish, side = finish_start(run.analysis.params), (run.analysis.params.get('finish') or {}).get('size')
     if finish is not None and x.min() <= finish <= x.max():
         ax.axvline(finish, color=color, ls='-.', lw=1.3, label=f'finishing phase from step {finish:,}: {side}x{side} maps' if label else None)
     if ph.gate_step is None: return None

@@ -24,7 +24,6 @@ def schedule_lr(steps, params: dict) -> np.ndarray | None:
     if params.get('lr') is None or params.get('total_steps') is None: return None
     kw = dict(base_lr=float(params['lr']), min_lr=float(params['min_lr']), power=float(params['power']),
               warmup_steps=int(params['warmup_steps'] or 0), decay_fraction=float(params['decay_fraction']))
-    if params.get('finish_lr') is not None: kw.update(restart_step=finish_start(params), restart_lr=float(params['finish_lr']))
     try: return np.array([lr_at(params['schedule'], int(s), int(params['total_steps']), **kw) for s in steps], dtype=float)
     except ConfigError: return None
 

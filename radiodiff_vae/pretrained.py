@@ -160,7 +160,7 @@ def card_facts(cfg: dict, # the run's resolved config
     "What the card states about the training and the shipped weights, each from the run's config."
     t, d, m = cfg['trainer'], cfg['data'], cfg['model']
     dd, lc = m['ddconfig'], m['lossconfig']
-    side, f = d.get('finish_size') or d['size'], 2 ** (len(dd['ch_mult']) - 1)
+    side, f = (d.get('finish') or {}).get('size') or d['size'], 2 ** (len(dd['ch_mult']) - 1)
     attn = list(dd.get('attn_resolutions') or [])
     to_min = f" to {t['min_lr']}" if t['schedule'] in ('cosine', 'poly', 'wsd') else ''
     warm = f", {t['warmup_steps']} warm-up steps" if t.get('warmup_steps') else ''
@@ -322,10 +322,9 @@ def _release_record(run, cfg, model, selection, chosen, real_curve, real, syn, c
     t, d = cfg['trainer'], cfg['data']
     facts = card_facts(cfg, weights)
     sampling = f", each step on random {d['crop']}x{d['crop']} windows" if d.get('crop') else ''
-    if d.get('finish_size'):   # a finishing phase (data.finish_size): its maps, windows and batch
-        fc = f", random {d['finish_crop']}x{d['finish_crop']} windows" if d.get('finish_crop') else ''
-        sampling += (f"; the last {d['finish_steps']} steps on the same maps at {d['finish_size']}x{d['finish_size']}{fc}, "
-                     f"{d.get('finish_batch_size') or d['batch_size']} per step")
+    if fin := d.get('finish'):   # a finishing phase: its maps and batch
+        sampling += (f"; the last {fin['steps']} steps on the same maps at {fin['size']}x{fin['size']}, "
+                     f"{fin['batch_size'] or d['batch_size']} per step")
     sel = dataset_from_spec(select_spec, cfg)[1]
     return dict(
         architecture={'ddconfig': dict(model.ddconfig), 'embed_dim': model.embed_dim}, factor=facts['factor'],

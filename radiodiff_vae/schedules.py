@@ -66,23 +66,10 @@ def _wsd_lr(step, total_steps, base_lr, min_lr, warmup_steps, decay_fraction):
     return base_lr if left >= decay_steps else min_lr + (base_lr - min_lr) * left / decay_steps
 
 # %% ../nbs/08_schedules.ipynb 13
-def _check_restart(restart_step, restart_lr, total_steps, min_lr):
-    "Raise a clear error unless a restart at `restart_step` with peak `restart_lr` fits the run."
-    if restart_step is None and restart_lr is None: return
-    if restart_step is None or restart_lr is None:
-        raise ConfigError(f"a restart needs both restart_step and restart_lr, got {restart_step!r} and {restart_lr!r}")
-    if not 0 <= restart_step < total_steps:
-        raise ConfigError(f"restart_step must be in [0, total_steps={total_steps}), got {restart_step!r}")
-    if not restart_lr >= min_lr: raise ConfigError(f"restart_lr ({restart_lr}) must be >= min_lr ({min_lr})")
-
 def lr_multiplier(kind: str, step: int, total_steps: int, *, base_lr: float, min_lr: float = 5e-7,
-                  power: float = 0.95, warmup_steps: int = 0, decay_fraction: float = DECAY_FRACTION,
-                  restart_step: int | None = None, restart_lr: float | None = None) -> float:
-    "Factor that multiplies `base_lr` at `step` for schedule `kind` (one of `SCHEDULES`), restarted at `restart_step` if given."
+                  power: float = 0.95, warmup_steps: int = 0, decay_fraction: float = DECAY_FRACTION) -> float:
+    "Factor that multiplies `base_lr` at `step` for schedule `kind` (one of `SCHEDULES`)."
     _check(kind, step, total_steps, base_lr, min_lr, warmup_steps, decay_fraction)
-    _check_restart(restart_step, restart_lr, total_steps, min_lr)
-    if restart_step is not None and step >= restart_step:
-        return _cosine_lr(step - restart_step, total_steps - restart_step, restart_lr, min_lr, 0) / base_lr
     if kind == "radiodiff": return _radiodiff_multiplier(step, total_steps, min_lr, power)
     if kind == "constant": return 1.0
     if kind == "poly": return _poly_lr(step, total_steps, base_lr, min_lr, power) / base_lr

@@ -105,9 +105,9 @@ def build_datasets(data: dict) -> tuple[Dataset, Dataset | None]:
 
 # %% ../nbs/12a_stream.ipynb 20
 def finish_dataset(data: dict) -> Dataset | None:
-    "The training maps at `data.finish_size` for the finishing phase; None when the config has none."
-    if data['finish_size'] is None: return None
-    return build_datasets({**data, 'size': data['finish_size'], 'val_maps': 0})[0]
+    "The training maps at `data.finish`'s side for the finishing phase; None when the config has none."
+    if data['finish'] is None: return None
+    return build_datasets({**data, 'size': data['finish']['size'], 'val_maps': 0})[0]
 
 # %% ../nbs/12a_stream.ipynb 23
 def data_feed_note(device_type: str, d: dict) -> str | None:

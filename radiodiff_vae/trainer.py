@@ -125,19 +125,18 @@ def ae_parameters(ae) -> list:
     return [p for m in (ae.encoder, ae.decoder, ae.quant_conv, ae.post_quant_conv) for p in m.parameters()]
 
 # %% ../nbs/13_trainer.ipynb 21
-def build_optimizers(ae, loss, t: dict, restart_step: int | None = None, fused: bool = False):
-    "AdamW for the autoencoder (+ logvar when `learn_logvar`) and for the discriminator, with LambdaLR schedules (restarted at `restart_step` by `finish_lr`)."
+def build_optimizers(ae, loss, t: dict, fused: bool = False):
+    "AdamW for the autoencoder (+ logvar when `learn_logvar`) and for the discriminator, with LambdaLR schedules."
     groups = [{'params': ae_parameters(ae)}] + ([{'params': [loss.logvar], 'weight_decay': 0.0}] if t['learn_logvar'] else [])
     kw, disc_lr = dict(betas=tuple(t['betas']), weight_decay=t['weight_decay'], fused=fused or None), t['disc_lr'] or t['lr']
     opt_ae = torch.optim.AdamW(groups, lr=t['lr'], **kw)
     opt_disc = torch.optim.AdamW(loss.discriminator.parameters(), lr=disc_lr, **kw)
     sched = dict(min_lr=t['min_lr'], power=t['power'], warmup_steps=t['warmup_steps'], decay_fraction=t['decay_fraction'])
-    restart = lambda base: {} if t['finish_lr'] is None else dict(restart_step=restart_step, restart_lr=t['finish_lr'] * base / t['lr'])
-    lam = lambda base: make_lr_lambda(t['schedule'], t['train_num_steps'], base, **sched, **restart(base))
+    lam = lambda base: make_lr_lambda(t['schedule'], t['train_num_steps'], base, **sched)
     return (opt_ae, opt_disc, torch.optim.lr_scheduler.LambdaLR(opt_ae, lam(t['lr'])),
             torch.optim.lr_scheduler.LambdaLR(opt_disc, lam(disc_lr)))
 
-# %% ../nbs/13_trainer.ipynb 25
+# %% ../nbs/13_trainer.ipynb 24
 class AutoencoderStep(nn.Module):
     "Forward of the autoencoder update: reconstruction from noise `eps` (None: the posterior mode) and its loss."
     def __init__(self, ae: AutoencoderKL, loss: LPIPSWithDiscriminator, learn_logvar: bool):
@@ -152,7 +151,7 @@ class AutoencoderStep(nn.Module):
                                                      split='train', compute_d_weight=d_weight)
         return loss, log, x_hat.detach()
 
-# %% ../nbs/13_trainer.ipynb 27
+# %% ../nbs/13_trainer.ipynb 26
 class _DiscriminatorStep(nn.Module):
     "Forward of the discriminator update: its loss on real maps and detached reconstructions."
     def __init__(self, loss: LPIPSWithDiscriminator):
@@ -161,7 +160,7 @@ class _DiscriminatorStep(nn.Module):
 
     def forward(self, x, x_hat, step: int): return self.loss_fn[0].discriminator_loss(x, x_hat, step, split='train')
 
-# %% ../nbs/13_trainer.ipynb 30
+# %% ../nbs/13_trainer.ipynb 29
 def _compile_step(ae: AutoencoderKL, loss: LPIPSWithDiscriminator, mode: str = 'default'):
     "torch.compile (`mode`), in place, the encoder, the decoder's trunk (not its output layers), the discriminator and LPIPS."
     kw = dict(dynamic=False, mode=mode)   # dynamic=False: a new batch shape recompiles instead of tracing symbolic
@@ -174,12 +173,11 @@ def _uses_cuda_graphs(t: dict, device) -> bool:
     "Whether the compiled step replays CUDA graphs (then each step must say where it begins)."
     return t['compile'] and t['compile_mode'] in CUDA_GRAPH_MODES and torch.device(device).type == 'cuda'
 
-# %% ../nbs/13_trainer.ipynb 33
+# %% ../nbs/13_trainer.ipynb 32
 @patch
 def _finish_start(self: Trainer) -> int | None:
-    "First step of the finishing phase (the last data.finish_steps steps, on data.finish_size maps); None without one."
-    d = self.cfg['data']
-    return finish_start_step(self.t['train_num_steps'], d['finish_size'], d['finish_steps'])
+    "First step of the finishing phase (the last `data.finish.steps` steps); None without one."
+    return finish_start_step(self.t['train_num_steps'], self.cfg['data']['finish'])
 
 @patch
 def _finishing(self: Trainer) -> bool:
@@ -199,23 +197,23 @@ def _build(self: Trainer, dataset=None):
     self.disc_params = list(self.loss.discriminator.parameters())
     steps = AutoencoderStep(self.ae, self.loss, t['learn_logvar']), _DiscriminatorStep(self.loss)
     (self.gen, self.disc, self.opt_ae, self.opt_disc, self.sched_ae,
-     self.sched_disc) = self.acc.prepare(*steps, *build_optimizers(self.ae, self.loss, t, restart_step=self._finish_start(), fused=self.device.type == 'cuda'))
+     self.sched_disc) = self.acc.prepare(*steps, *build_optimizers(self.ae, self.loss, t, fused=self.device.type == 'cuda'))
     self.disc_eval = steps[1]    # the discriminator pass of a step that does not train it (no gradients)
     self.ema = EMA(self.ae, t['ema_decay'], t['ema_update_every'], t['ema_warmup'], t['upstream_ema']) if self.main else None
     if t['compile']: _compile_step(self.ae, self.loss, t['compile_mode'])   # after the EMA's copy: the EMA model stays eager
     self.cuda_graphs = _uses_cuda_graphs(t, self.device)
     if self.device.type == 'cuda': torch.backends.cudnn.benchmark = t['cudnn_benchmark']
-    if dataset is not None and self.cfg['data']['finish_size'] is not None:
-        raise ConfigError('data.finish_size: a finishing phase needs the configured maps, not a dataset passed to the trainer '
+    if dataset is not None and self.cfg['data']['finish'] is not None:
+        raise ConfigError('data.finish: a finishing phase needs the configured maps, not a dataset passed to the trainer '
                           f'(set {FINISH_OFF} to train on that dataset alone)')
     self.train_ds, self.val_ds = (dataset, None) if dataset is not None else build_datasets(self.cfg['data'])
     self.finish_ds = finish_dataset(self.cfg['data'])
-    if (fb := self.cfg['data']['finish_batch_size']) and fb % self.world:   # found now, not at the phase's first step
-        raise ConfigError(f'data.finish_batch_size {fb} must be divisible by the {self.world} processes')
+    if (fb := (self.cfg['data']['finish'] or {}).get('batch_size')) and fb % self.world:   # found now, not at the phase's first step
+        raise ConfigError(f'data.finish.batch_size {fb} must be divisible by the {self.world} processes')
     self.step, self.batches_drawn, self.skips, self.session = 0, 0, 0, 0
     self.resumed_config = None    # the config stored in the checkpoint this run resumes (ours only)
 
-# %% ../nbs/13_trainer.ipynb 34
+# %% ../nbs/13_trainer.ipynb 33
 @patch
 def _on_main(self: Trainer, fn, *args):
     "Run `fn` on process 0 only; an error it raises is raised on every process."
@@ -252,7 +250,7 @@ def _write(self: Trainer, fn, path, what: str):
         keep = f'; the previous checkpoint {self.last_checkpoint} is intact' if getattr(self, 'last_checkpoint', None) else ''
         raise RunFolderError(f'{path}: cannot write the {what} ({e.strerror or e}){keep}') from None
 
-# %% ../nbs/13_trainer.ipynb 35
+# %% ../nbs/13_trainer.ipynb 34
 @patch
 def _start(self: Trainer, resume):
     "Resume or initialise, then reseed per process, write the config, open the logs and the data stream."
@@ -292,7 +290,7 @@ def _record_session(self: Trainer, path):
 def _open_stream(self: Trainer):
     "A DataLoader over this process's share of the reproducible batch stream, from the batch the run has reached."
     d = self.cfg['data']
-    ds, batch = (self.finish_ds, d['finish_batch_size'] or d['batch_size']) if self._finishing() else (self.train_ds, d['batch_size'])
+    ds, batch = (self.finish_ds, d['finish']['batch_size'] or d['batch_size']) if self._finishing() else (self.train_ds, d['batch_size'])
     self.sampler = BatchStream(len(ds), batch, self.t['seed'], self.batches_drawn, self.rank, self.world)
     # its own generator: creating the iterator must not draw from the global torch RNG (exact resume)
     dl = DataLoader(ds, batch_sampler=self.sampler, num_workers=self.cfg['data']['num_workers'], persistent_workers=False,
@@ -303,23 +301,22 @@ def _open_stream(self: Trainer):
 
 @patch
 def _enter_finish(self: Trainer):
-    "At the finishing phase's first step: the same batch stream, read from the data.finish_size maps; the EMA's warm-up restarts (trainer.finish_ema_restart)."
+    "At the finishing phase's first step: the same batch stream, read from the `data.finish` maps; the EMA's warm-up restarts where it has one."
     if isinstance(self.train_ds, CachedDataset): self.train_ds.cache.clear()   # the main phase's maps are not read again
     self._open_stream()
-    if self.ema is not None and self.t['finish_ema_restart']: self.ema.updates = 0   # the average so far holds weights trained at the coarser pixel scale
-    d, b = self.cfg['data'], self.sampler.batch_size
-    n, s, c = d['finish_steps'], d['finish_size'], d['finish_crop']
-    windows = f', random {c}x{c} windows' if c and c < s else ''
-    if self.main: self.logs.line(f'[Finish] step {self.step}: the last {n} steps train on the same maps at {s}x{s}{windows}, {b} per batch')
+    if self.ema is not None and self.ema.warmup and not self.ema.upstream:
+        self.ema.updates = 0   # the average so far holds weights trained at the coarser pixel scale
+    n, s, b = self.cfg['data']['finish']['steps'], self.cfg['data']['finish']['size'], self.sampler.batch_size
+    if self.main: self.logs.line(f'[Finish] step {self.step}: the last {n} steps train on the same maps at {s}x{s}, {b} per batch')
 
-# %% ../nbs/13_trainer.ipynb 37
+# %% ../nbs/13_trainer.ipynb 36
 @patch
 def _next_batch(self: Trainer):
     "This process's share of the next global batch, its posterior noise (None: train on the mode) and its map names."
     k, (rank, batch) = self.batches_drawn, (self.rank, next(self.batches))
     self.batches_drawn += 1
     x = batch['image'].to(self.device, non_blocking=True)
-    positions, crop = range(rank * len(x), (rank + 1) * len(x)), self.cfg['data']['finish_crop' if self._finishing() else 'crop']
+    positions, crop = range(rank * len(x), (rank + 1) * len(x)), None if self._finishing() else self.cfg['data']['crop']
     if crop and crop < x.shape[-1]: x = random_crops(x, self.t['seed'], k, positions, crop)
     eps = None
     if self.t['sample_posterior']:
@@ -340,7 +337,7 @@ def _host_values(logged: tuple) -> dict:
     keys, values = logged
     return dict(zip(keys, values.tolist()))
 
-# %% ../nbs/13_trainer.ipynb 38
+# %% ../nbs/13_trainer.ipynb 37
 @patch
 def _ae_pass(self: Trainer, d_weight: bool):
     "Forward + backward of the autoencoder loss over the micro-batches (gradients averaged over processes on the last)."
@@ -370,7 +367,7 @@ def _disc_pass(self: Trainer, kept, train: bool) -> tuple[list, torch.Tensor]:
             logs.append(log)
     return self._mean_logs(logs)
 
-# %% ../nbs/13_trainer.ipynb 39
+# %% ../nbs/13_trainer.ipynb 38
 class NonFiniteLossError(RadioDiffError, FloatingPointError):
     "A loss or gradient became NaN/inf during training."
 
@@ -384,7 +381,7 @@ def _nonfinite_terms(values: dict) -> list[str]:
     rank = lambda k: next((i for i, o in enumerate(order) if k.endswith(o)), len(order))
     return sorted(bad, key=rank)
 
-# %% ../nbs/13_trainer.ipynb 41
+# %% ../nbs/13_trainer.ipynb 40
 @patch
 def _update(self: Trainer, opt, params, logged: tuple, names: list, norm_key: str) -> dict:
     "Read the losses and the gradient norm (`norm_key`) in one go, clip (before the step: defect 2), step; a non-finite value skips or stops."
@@ -398,14 +395,14 @@ def _update(self: Trainer, opt, params, logged: tuple, names: list, norm_key: st
     torch.nn.utils.clip_grads_with_norm_(params, clip, norm); opt.step()
     return vals
 
-# %% ../nbs/13_trainer.ipynb 43
+# %% ../nbs/13_trainer.ipynb 42
 _VAL_METRICS = ('psnr', 'nmse', 'rmse')   # the held-out scores logged at each milestone: val/psnr, ... (and val/psnr_ema, ...)
 
 def _val_scores(x, x_hat) -> dict:
     "Mean per-map PSNR (dB), NMSE and RMSE of reconstructions `x_hat` of `x` (both in [-1, 1]), by the evaluation's metrics on [0, 1] maps (clamped)."
     return {k: float(v.mean()) for k, v in map_metrics(unscale_gain(x_hat), unscale_gain(x), keys=_VAL_METRICS).items()}
 
-# %% ../nbs/13_trainer.ipynb 45
+# %% ../nbs/13_trainer.ipynb 44
 @patch
 def _write_milestone(self: Trainer, state: dict):
     "Write sample-{milestone}.png, the held-out scores, then model-{milestone}.pt (process 0); milestone = ceil(step / save_and_sample_every)."
@@ -429,7 +426,7 @@ def _sample_inputs(self: Trainer) -> torch.Tensor:
     n = len(ds) if self.val_ds is not None else min(len(ds), max(self.t['sample_maps'], 1))
     return torch.stack([ds[i]['image'] for i in range(n)]).to(self.device)
 
-# %% ../nbs/13_trainer.ipynb 46
+# %% ../nbs/13_trainer.ipynb 45
 @patch
 def _log_step(self: Trainer, vals: dict, timer: dict, bar=None):
     "Write the two upstream lines, one metrics record and the progress bar's loss."
@@ -444,7 +441,7 @@ def _log_step(self: Trainer, vals: dict, timer: dict, bar=None):
                       'nonfinite_skips': self.skips, 'epoch': self.batches_drawn // max(self.sampler.per_epoch, 1)})
     if bar is not None: bar.set_postfix(loss=f"{vals['train/total_loss']:.4g}", rec=f"{vals['train/rec_loss']:.3g}")
 
-# %% ../nbs/13_trainer.ipynb 56
+# %% ../nbs/13_trainer.ipynb 55
 @patch
 def _nonfinite(self: Trainer, bad: list, values: dict, names: list):
     "Skip the batch (SkippedBatch, counted) or stop with a diagnostic file (NonFiniteLossError), on every process."
@@ -466,7 +463,7 @@ def _nonfinite(self: Trainer, bad: list, values: dict, names: list):
     raise NonFiniteLossError(f'non-finite loss at step {step}: {desc}{why}; batch {names[:8]}; {last}; diagnostic: {diag}. '
                              'Resume with --resume latest (perhaps with a lower trainer.lr), or set trainer.skip_nonfinite=true to skip such batches.')
 
-# %% ../nbs/13_trainer.ipynb 59
+# %% ../nbs/13_trainer.ipynb 58
 @patch
 def _update_fp16(self: Trainer, opt, params, vals: dict, names: list, norm_key: str, clip: float) -> dict:
     "The fp16 update: the losses are checked first, as the grad scaler must unscale the gradients before their norm."
@@ -486,14 +483,14 @@ def _scaler_skipped(self: Trainer, opt):
     if self.main: self.logs.line(f'[Scaler] step {self.step}: fp16 gradients of the {net} overflowed; the grad scaler '
                                  f'skipped this update and lowered its scale to {self.acc.scaler.get_scale():g}')
 
-# %% ../nbs/13_trainer.ipynb 72
+# %% ../nbs/13_trainer.ipynb 69
 @patch
 def _idle_disc_step(self: Trainer):
     "Upstream's discriminator update before disc_start: zero gradients, yet AdamW steps (weight decay, moments)."
     for p in self.disc_params: p.grad = torch.zeros_like(p)
     self.opt_disc.step(); self.opt_disc.zero_grad(set_to_none=True)
 
-# %% ../nbs/13_trainer.ipynb 75
+# %% ../nbs/13_trainer.ipynb 72
 def train(config,                          # a resolved config dict (`config.load_config`) or a YAML path
           out_dir=None,                    # the run folder (default: trainer.results_folder)
           resume=None,                     # 'latest', a milestone number or a checkpoint path; None: a fresh run
@@ -518,7 +515,7 @@ def train(config,                          # a resolved config dict (`config.loa
     return Trainer(cfg, out_dir, resume=resume, progress=progress, stop_at=stop_at, dataset=dataset,
                    skip_damaged=skip_damaged, trust_checkpoint=trust_checkpoint, step_changes=scaled, notes=notes).fit()
 
-# %% ../nbs/13_trainer.ipynb 90
+# %% ../nbs/13_trainer.ipynb 87
 def add_train_args(parser: argparse.ArgumentParser):
     "Arguments of `radiodiff-vae train`."
     parser.add_argument('--config', default=None, help='YAML config (e.g. configs/quickstart.yaml); required')
@@ -543,7 +540,7 @@ def add_train_args(parser: argparse.ArgumentParser):
     parser.parse_known_args = parse_known_args
     return parser
 
-# %% ../nbs/13_trainer.ipynb 92
+# %% ../nbs/13_trainer.ipynb 89
 def run_train(args) -> int:
     "Run `radiodiff-vae train` from parsed `args`; print the summary as JSON (process 0); return 0."
     if not args.config: raise ConfigError('--config is required (a YAML file such as configs/quickstart.yaml)')
@@ -560,5 +557,5 @@ def main(argv=None) -> int:
     except RadioDiffError as e:
         print(f'radiodiff-vae train: error: {e}', file=sys.stderr); return 2
 
-# %% ../nbs/13_trainer.ipynb 94
+# %% ../nbs/13_trainer.ipynb 91
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())

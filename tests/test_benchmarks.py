@@ -102,6 +102,10 @@ def test_results_render_the_stored_gpu_and_native_bf16_parts(tmp_path):
 # Searched arms the study files leave out, and why: two arms that differ from `fp32_b2_1100_f128x100(_wsd)` by a version of
 # the code (the EMA kept across the finishing phase), not by a setting.
 NOT_STUDIES = {'fp32_b2_1100_f128x100_ema_kept', 'fp32_b2_1100_f128x100_ema_kept_wsd'}
+# ... and four arms whose setting lost and was removed (a learning-rate restart at the finishing phase, round 8; windows
+# of 256x256 maps as the phase, round 9): the study files say so in their headers.
+DROPPED = {'fp32_b2_900_f128x150_flr2e-4', 'fp32_b2_900_f128x150_flr4e-4', 'fp32_b2_858_f256c192b1x108', 'fp32_b2_913_f256c160b1x163'}
+OLD_FINISH = {'data.finish_size': 'size', 'data.finish_steps': 'steps', 'data.finish_batch_size': 'batch_size'}   # data.finish's older spelling
 
 
 def _config_value(cfg: dict, key: str):
@@ -130,15 +134,20 @@ def test_tuning_study_files_resolve_to_the_settings_the_tuning_ran():
             assert arm_seeds(spec, a) == (after_choice[a['label']] if f.stem.endswith('_real') else seeds), (f.name, a['label'])
             for key, value in settings.items():
                 if key == 'trainer.save_and_sample_every' or key.startswith('_'): continue    # one checkpoint, at the end: the one scored
+                if key in ('data.finish_crop', 'trainer.finish_lr'): assert value is None, (f.name, a['label'], key); continue
+                if key in OLD_FINISH:
+                    field = OLD_FINISH[key]
+                    assert (configs[a['label']]['data']['finish'] or {}).get(field, 0 if field == 'steps' else None) == value, (f.name, a['label'], key)
+                    continue
                 assert _config_value(configs[a['label']], key) == json.loads(json.dumps(value)), (f.name, a['label'], key)
-            if 'data.finish_steps' not in settings: assert configs[a['label']]['data']['finish_steps'] == 0, (f.name, a['label'])
+            if 'data.finish_steps' not in settings: assert configs[a['label']]['data']['finish'] is None, (f.name, a['label'])
             assert a.get('init_from') == settings.get('_init_from'), (f.name, a['label'])     # the probes start from the base's runs
             if a.get('init_from'): assert configs[a['label']]['model']['ckpt_weights'] == 'ema'
             seen.add(a['label'])
         assert spec['evaluation']['synthetic_offset'] == r['heldout']['offset'] and spec['evaluation']['synthetic_size'] == r['heldout']['size']
         assert spec['evaluation']['synthetic_maps'] == r['heldout']['n']
         assert (spec['evaluation']['real_maps'] == 0) != ('guard' in f.stem or f.stem.endswith('_real')), f.name   # real maps: checks only
-    assert set(r['search']) - seen == NOT_STUDIES
+    assert set(r['search']) - seen == NOT_STUDIES | DROPPED
 
 
 def test_gpu_loop_benchmark_runs_on_a_small_config_and_renders(tmp_path):

@@ -52,12 +52,8 @@ def _with(section, key, value, sub=None):
     (cfg[section][sub] if sub else cfg[section])[key] = value
     return cfg
 
-def _finishing(size, steps, **data):
-    cfg = tiny_config(); cfg['data'].update(finish_size=size, finish_steps=steps, **data)
-    return cfg
-
-def _finish_lr(lr, size=64, steps=3):
-    cfg = _finishing(size, steps); cfg['trainer']['finish_lr'] = lr
+def _finishing(**finish):
+    cfg = tiny_config(); cfg['data']['finish'] = finish
     return cfg
 
 CONFIG_CASES = {
@@ -69,12 +65,10 @@ CONFIG_CASES = {
     'zero batch': (_with('data', 'batch_size', 0), ['data.batch_size']),
     'disc_start past the end': (_with('model', 'disc_start', 99, 'lossconfig'), ['model.lossconfig.disc_start', '99']),
     'bad choice': (_with('trainer', 'schedule', 'linear'), ['trainer.schedule', 'linear']),
-    'finishing phase longer than the run': (_finishing(64, 9), ['data.finish_steps', 'got 9', '--set data.finish_steps=']),
-    'finishing steps without a size': (_finishing(None, 3), ['data.finish_steps', 'data.finish_size is null']),
-    'finishing batch size without a size': (_finishing(None, 0, finish_batch_size=1), ['data.finish_batch_size', 'data.finish_size is null']),
-    'finishing batch size zero': (_finishing(64, 3, finish_batch_size=0), ['data.finish_batch_size', 'positive integer']),
-    'finishing lr without a phase': (_finish_lr(2e-4, None, 0), ['trainer.finish_lr', 'data.finish_size is null']),
-    'finishing lr under the floor': (_finish_lr(1e-9), ['trainer.finish_lr', 'trainer.min_lr']),
+    'finishing phase longer than the run': (_finishing(size=64, steps=9), ['data.finish.steps', 'got 9', '--set data.finish.steps=']),
+    'finishing steps without a size': (_finishing(steps=3), ['data.finish.size', 'missing']),
+    'finishing batch size zero': (_finishing(size=64, steps=3, batch_size=0), ['data.finish.batch_size', 'positive integer']),
+    'finishing phase on windows': (_finishing(size=64, steps=3, crop=32), ['data.finish', "unknown field 'crop'"]),
     'not yaml': ('model: [unclosed\n  - x: {', ['not valid YAML']),
     'not a mapping': ('- just\n- a list\n', ['expected a mapping']),
 }

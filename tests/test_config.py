@@ -171,33 +171,43 @@ def test_auto_precision_on_this_gpu():
 def test_quickstart_finishes_on_larger_maps():
     "The shipped quickstart ends with its finishing phase (tuning rounds 7-9), and a bad phase is refused with the key named."
     qs = load_config(CONFIGS/'quickstart.yaml')
-    d = qs['data']
-    assert (d['finish_size'], d['finish_steps'], d['finish_batch_size'], qs['trainer']['train_num_steps']) == (192, 108, 1, 1188)
-    with pytest.raises(ConfigError, match='data.finish_steps'):
-        load_config(CONFIGS/'quickstart.yaml', ['data.finish_steps=1189'])
-    with pytest.raises(ConfigError, match='data.finish_batch_size'):
-        load_config(CONFIGS/'quickstart.yaml', ['data.finish_batch_size=0'])
-    with pytest.raises(ConfigError, match='data.finish_size'):
-        load_config(CONFIGS/'quickstart.yaml', ['data.finish_size=130'])
-    with pytest.raises(ConfigError, match=r'data.finish_crop: expected null or a multiple of the downsampling factor 4 in \(0, data.finish_size=192\]'):
-        load_config(CONFIGS/'quickstart.yaml', ['data.finish_crop=256'])
-    assert load_config(CONFIGS/'quickstart.yaml', ['data.finish_size=256', 'data.finish_crop=192'])['data']['finish_crop'] == 192
+    assert (qs['data']['finish'], qs['trainer']['train_num_steps']) == ({'size': 192, 'steps': 108, 'batch_size': 1}, 1188)
+    with pytest.raises(ConfigError, match='data.finish.steps'):
+        load_config(CONFIGS/'quickstart.yaml', ['data.finish.steps=1189'])
+    with pytest.raises(ConfigError, match='data.finish.batch_size'):
+        load_config(CONFIGS/'quickstart.yaml', ['data.finish.batch_size=0'])
+    with pytest.raises(ConfigError, match='data.finish.size'):
+        load_config(CONFIGS/'quickstart.yaml', ['data.finish.size=130'])
+    assert load_config(CONFIGS/'quickstart.yaml', ['data.finish.size=256'])['data']['finish'] == {'size': 256, 'steps': 108, 'batch_size': 1}
+    assert load_config(CONFIGS/'quickstart.yaml', ['data.finish=null'])['data']['finish'] is None     # off: one setting
+
+def test_the_finishing_phase_is_one_key_and_its_older_spelling_still_loads():
+    """issue 29: the phase was four data keys and two trainer keys, and turning it off took four settings. Now it is
+    `data.finish`; configs and run folders written with the older keys load into it, with a note, and the variants that
+    lost (windows, a learning-rate restart) are refused naming the tuning round."""
+    from radiodiff_vae.config import config_notes, read_yaml
+    qs = load_config(CONFIGS/'quickstart.yaml')
+    assert 'finish' in qs['data'] and not any(k.startswith('finish_') for k in [*qs['data'], *qs['trainer']])
+    old = ['data.finish_size=192', 'data.finish_steps=108', 'data.finish_batch_size=1', 'data.finish_crop=null',
+           'trainer.finish_lr=null', 'trainer.finish_ema_restart=true']
+    assert load_config(CONFIGS/'quickstart.yaml', old) == qs
+    assert load_config(CONFIGS/'quickstart.yaml', ['data.finish_size=null', 'data.finish_steps=0'])['data']['finish'] is None
+    notes = config_notes(read_yaml(CONFIGS/'quickstart.yaml'), old)
+    assert len(notes) == 1 and "read as data.finish: {'size': 192, 'steps': 108, 'batch_size': 1}" in notes[0], notes
+    with pytest.raises(ConfigError, match=r"trainer.finish_lr: '2e-4' is no longer a setting \(a learning-rate restart at the phase lost on every seed \(tuning round 8\)\)"):
+        load_config(CONFIGS/'quickstart.yaml', ['trainer.finish_lr=2e-4'])
+    with pytest.raises(ConfigError, match='data.finish_crop: 192 is no longer a setting'):
+        load_config(CONFIGS/'quickstart.yaml', ['data.finish_crop=192'])
 
 @pytest.mark.parametrize('sets,keys', [
-    (['trainer.train_discriminator=false', 'trainer.step_idle_discriminator=true'], ('trainer.step_idle_discriminator', 'trainer.train_discriminator')),
-    (['trainer.upstream_ema=true'], ('trainer.finish_ema_restart', 'trainer.upstream_ema')),
-    (['trainer.ema_warmup=false'], ('trainer.finish_ema_restart', 'trainer.ema_warmup'))])
+    (['trainer.train_discriminator=false', 'trainer.step_idle_discriminator=true'], ('trainer.step_idle_discriminator', 'trainer.train_discriminator'))])
 def test_contradictory_switches_are_refused_at_load(sets, keys):
     """Switches that contradict each other are refused with one line naming both keys: a frozen discriminator that idle
-    AdamW steps would shrink by weight decay; the EMA warm-up restart of a finishing phase (the quickstart has one) under
-    upstream's EMA or without a warm-up. Before the fix these ran silently."""
+    AdamW steps would shrink by weight decay. Before the fix this ran silently."""
     with pytest.raises(ConfigError) as e: load_config(CONFIGS/'quickstart.yaml', sets)
     message = str(e.value)
     assert '\n' not in message and all(k in message for k in keys), message
-    if keys[0] == 'trainer.finish_ema_restart':     # the way out it names works
-        assert load_config(CONFIGS/'quickstart.yaml', sets + ['trainer.finish_ema_restart=false'])['trainer']['finish_ema_restart'] is False
-        assert load_config(CONFIGS/'quickstart.yaml', sets + [f'data.{k}={"null" if k != "finish_steps" else 0}' for k in ('finish_size', 'finish_steps', 'finish_batch_size')])
-    else: assert load_config(CONFIGS/'quickstart.yaml', sets[:1])['trainer']['train_discriminator'] is False
+    assert load_config(CONFIGS/'quickstart.yaml', sets[:1])['trainer']['train_discriminator'] is False
 
 SHIPPED = sorted(p.name for p in CONFIGS.glob('*.yaml'))     # configs/studies/ holds study files and their bases
 
@@ -214,10 +224,11 @@ def test_steps_alone_makes_a_short_run_of_every_shipped_config(name, steps):
     assert t['train_num_steps'] == steps
     assert 0 <= t['warmup_steps'] < steps and 0 <= loss['disc_start'] <= steps
     assert t['save_and_sample_every'] >= 1 and t['log_freq'] >= 1
-    assert d['finish_steps'] == 0 if d['finish_size'] is None else 1 <= d['finish_steps'] <= steps
+    assert d['finish'] is None or 1 <= d['finish']['steps'] <= steps
     for section, *path in STEP_KEYS:                       # each scaled by N / T (rounded), within its bounds
         old = full[section]; new = cfg[section]
-        for k in path: old, new = old[k], new[k]
+        for k in path: old, new = (old or {}).get(k), (new or {}).get(k)
+        if old is None: continue                           # no finishing phase
         assert abs(new - old * steps / T) <= 1 or new in (0, 1, steps - 1, steps), (path, old, new)
     changes = step_changes(read_yaml(CONFIGS/name), (), steps)
     assert changes['trainer.train_num_steps'] == [T, steps]
@@ -230,10 +241,11 @@ def cfg_value(cfg, dotted):
 
 def test_steps_keeps_what_is_set_explicitly_and_the_numbers_of_the_quickstart():
     qs = load_config(CONFIGS/'quickstart.yaml', steps=40)
-    assert (qs['trainer']['warmup_steps'], qs['model']['lossconfig']['disc_start'], qs['data']['finish_steps'],
+    assert (qs['trainer']['warmup_steps'], qs['model']['lossconfig']['disc_start'], qs['data']['finish']['steps'],
             qs['trainer']['save_and_sample_every'], qs['trainer']['log_freq']) == (2, 35, 4, 20, 1)
     kept = load_config(CONFIGS/'quickstart.yaml', ['model.lossconfig.disc_start=10', 'trainer.log_freq=5'], steps=40)
-    assert (kept['model']['lossconfig']['disc_start'], kept['trainer']['log_freq'], kept['data']['finish_steps']) == (10, 5, 4)
+    assert (kept['model']['lossconfig']['disc_start'], kept['trainer']['log_freq'], kept['data']['finish']['steps']) == (10, 5, 4)
+    assert load_config(CONFIGS/'quickstart.yaml', ['data.finish.steps=7'], steps=40)['data']['finish']['steps'] == 7   # a field set explicitly: kept
     with pytest.raises(ConfigError, match=r'steps: expected a positive number of steps \(trainer.train_num_steps\), got 0'): load_config(CONFIGS/'quickstart.yaml', steps=0)
 
 def test_upstream_only_keys_are_read_and_explained_not_in_the_schema(tmp_path):

@@ -134,7 +134,7 @@ def test_crop_on_two_processes(runs):
 
 def test_finishing_phase_on_two_processes(runs):
     "A finishing phase (the last 2 of 6 steps on 64x64 maps, one per process): entered once, at the same step, with the same result as on 1 process."
-    one, two, ca, cb, log = two_against_one(runs[0], 'finish', ['data.finish_size=64', 'data.finish_steps=2', 'data.finish_batch_size=2'])
+    one, two, ca, cb, log = two_against_one(runs[0], 'finish', ['data.finish={size: 64, steps: 2, batch_size: 2}'])
     assert_same_run(one, two, ca, cb)
     assert log.count('[Finish] step 4: the last 2 steps train on the same maps at 64x64, 2 per batch') == 1
 

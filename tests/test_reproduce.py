@@ -7,7 +7,7 @@ import pytest
 TINY = ['--steps', '12', '--eval-synthetic-maps', '4', '--eval-limit', '4', '--no-progress',
         '--set', 'trainer.save_and_sample_every=6', '--set', 'trainer.log_freq=2',
         '--set', 'model.lossconfig.disc_start=6', '--set', 'trainer.warmup_steps=2',
-        '--set', 'data.finish_steps=2', '--set', 'data.n_maps=64']   # n_maps last: a test replaces it
+        '--set', 'data.finish.steps=2', '--set', 'data.n_maps=64']   # n_maps last: a test replaces it
 
 
 def _cli(*args, cwd):
@@ -80,7 +80,7 @@ def test_settings_are_compared_resolved_not_as_text(tmp_path, monkeypatch):
     monkeypatch.setattr(rp, 'run_stage', lambda stage, out, progress=True: ran.append(stage['name']) or 0.0)
     monkeypatch.setattr(rp, 'resolve_params', lambda stage, out: stage['params'])
     cfg = tmp_path/'cfg.yaml'; shutil.copy(repo_dir()/'configs'/'quickstart.yaml', cfg)
-    sets = ['trainer.log_freq=2', 'trainer.warmup_steps=2', 'model.lossconfig.disc_start=6', 'data.finish_steps=2']
+    sets = ['trainer.log_freq=2', 'trainer.warmup_steps=2', 'model.lossconfig.disc_start=6', 'data.finish.steps=2']
     out = tmp_path/'job'
     (tmp_path/'sub').mkdir()
     rp.reproduce(out, progress=False, config=str(cfg), steps=12, overrides=sets)
