@@ -555,7 +555,7 @@ class UpstreamEMA:
         for e, p in zip(self.ema_model.parameters(), model.parameters()): e.data.lerp_(p.data, 1 - decay)
 
 def test_upstream_ema_is_upstreams_rule_past_step_111():
-    """trainer.upstream_ema against upstream's rule on a drifting model for 400 steps: equal at every step. Before the fix
+    """trainer.upstream_faithful's EMA against upstream's rule on a drifting model for 400 steps: equal at every step. Before the fix
     ours averaged from the step-101 copy at step 111 (decay 0.798) where upstream copies again (its `initted` flag): 2.9
     apart at step 111. The flag is saved, and a state of an earlier version (which always wrote initted=True) resumed
     inside the copy phase still copies at step 111."""
