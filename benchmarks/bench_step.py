@@ -72,17 +72,16 @@ class FixedMaps(torch.utils.data.Dataset):
     def __len__(self): return len(self.x)
     def __getitem__(self, i): return {'image': self.x[i], 'name': f'bench-{i}'}
 
-def trainer_config(cfg: dict, variant: str, device: str) -> dict:
-    "The trainer config of `variant`: the size's config, in-memory data, no TensorBoard, checkpointing when asked."
+def trainer_config(cfg: dict, variant: str) -> dict:
+    "The trainer config of `variant`: the size's config, in-memory data, no TensorBoard."
     from radiodiff_vae.config import load_config, resolve_config
     c = load_config(REPO / cfg['config'])
     c['model']['ddconfig'], c['model']['lossconfig'] = copy.deepcopy(cfg['ddconfig']), copy.deepcopy(cfg['lossconfig'])
-    c['model']['gradient_checkpointing'] = variant.endswith('checkpointing')
     c['model']['ckpt_path'] = None
     c['data'].update(batch_size=cfg['batch_size'], size=cfg['map_size'], num_workers=0,
                      finish=None)   # one map size: a config's finishing phase is not timed here
     c['trainer'].update(cfg['trainer'])
-    c['trainer'].update(log_with=[], cpu=not device.startswith('cuda'), fp16=False,
+    c['trainer'].update(log_with=[],
                         mixed_precision='bf16' if variant.endswith('bf16') else 'no',   # accelerate autocasts the prepared steps
                         gradient_accumulate_every=1)
     return resolve_config(c)
@@ -119,9 +118,13 @@ def build_state(cfg: dict, variant: str, x, device: str = 'cpu') -> StepState:
     import tempfile
     from radiodiff_vae.trainer import Trainer
     folder = tempfile.mkdtemp(prefix=f'bench-{variant}-')
-    st = StepState(Trainer(trainer_config(cfg, variant, device), folder, progress=False, dataset=FixedMaps(x)), variant, folder, x)
+    tr = Trainer(trainer_config(cfg, variant), folder, progress=False, dataset=FixedMaps(x))
+    if tr.device.type != torch.device(device).type:   # the trainer takes a GPU wherever one is visible
+        raise RuntimeError(f'bench_step: --device {device}, but the trainer runs on {tr.device}; for the CPU hide the GPUs (CUDA_VISIBLE_DEVICES=)')
+    st = StepState(tr, variant, folder, x)
     if st.channels_last:
         st.tr.ae.to(memory_format=torch.channels_last); st.tr.loss.to(memory_format=torch.channels_last)
+    st.tr.ae.gradient_checkpointing = variant.endswith('checkpointing')   # the model's option (no trainer setting)
     return st
 
 

@@ -17,13 +17,13 @@ from .logs import CONFIG_NAMES
 from .config import finish_start_step, resolve_config, unwrap_upstream
 
 # %% auto 0
-__all__ = ['PARAM_PATHS', 'PARAM_ALIASES', 'UPSTREAM_HARD_CODED', 'PARAM_DEFAULTS', 'UPSTREAM_TRAINER_KEYS', 'BOOKKEEPING',
-           'RESUME_ORDER', 'DISC_COLUMNS', 'find_run_config', 'training_params', 'finish_start', 'TrainingLoop',
-           'training_loop', 'debiased_ema', 'segment_ids', 'segmented_ema', 'value_quantum', 'value_steps', 'column_of',
-           'metric_columns', 'logged_rows', 'sample_milestone', 'sample_distances', 'SampleRepeat', 'SampleRepeats',
-           'sample_repeats', 'ResumeEvidence', 'Resumes', 'resume_evidence', 'gate_step', 'GLossShift', 'g_loss_shift',
-           'DiscriminatorEvidence', 'discriminator_training', 'phase_names', 'Phase', 'Phases', 'phases', 'Throughput',
-           'Coverage', 'coverage', 'Completion', 'completion']
+__all__ = ['PARAM_PATHS', 'PARAM_ALIASES', 'UPSTREAM_HARD_CODED', 'CONSTANTS', 'PARAM_DEFAULTS', 'UPSTREAM_TRAINER_KEYS',
+           'BOOKKEEPING', 'RESUME_ORDER', 'DISC_COLUMNS', 'find_run_config', 'training_params', 'finish_start',
+           'TrainingLoop', 'training_loop', 'debiased_ema', 'segment_ids', 'segmented_ema', 'value_quantum',
+           'value_steps', 'column_of', 'metric_columns', 'logged_rows', 'sample_milestone', 'sample_distances',
+           'SampleRepeat', 'SampleRepeats', 'sample_repeats', 'ResumeEvidence', 'Resumes', 'resume_evidence',
+           'gate_step', 'GLossShift', 'g_loss_shift', 'DiscriminatorEvidence', 'discriminator_training', 'phase_names',
+           'Phase', 'Phases', 'phases', 'Throughput', 'Coverage', 'coverage', 'Completion', 'completion']
 
 # %% ../nbs/14_analysis.ipynb 5
 def find_run_config(folder) -> Path | None:
@@ -40,11 +40,11 @@ PARAM_PATHS = {   # where this project's config schema keeps each parameter the 
     'lr': 'trainer.lr', 'total_steps': 'trainer.train_num_steps', 'schedule': 'trainer.schedule', 'min_lr': 'trainer.min_lr',
     'power': 'trainer.power', 'warmup_steps': 'trainer.warmup_steps', 'decay_fraction': 'trainer.decay_fraction',
     'disc_start': 'model.lossconfig.disc_start', 'disc_weight': 'model.lossconfig.disc_weight',
-    'kl_weight': 'model.lossconfig.kl_weight', 'd_weight_max': 'model.lossconfig.d_weight_max',
+    'kl_weight': 'model.lossconfig.kl_weight',
     'logvar_init': 'model.lossconfig.logvar_init', 'perceptual_weight': 'model.lossconfig.perceptual_weight',
     'batch_size': 'data.batch_size', 'resolution': 'model.ddconfig.resolution', 'in_channels': 'model.ddconfig.in_channels',
     'save_every': 'trainer.save_and_sample_every', 'log_freq': 'trainer.log_freq',
-    'gradient_accumulate_every': 'trainer.gradient_accumulate_every', 'resume_milestone': 'trainer.resume_milestone',
+    'gradient_accumulate_every': 'trainer.gradient_accumulate_every',
     'train_discriminator': 'trainer.train_discriminator', 'finish': 'data.finish',
 }
 
@@ -69,7 +69,8 @@ PARAM_ALIASES = {   # how upstream-style configs spell the same parameters
 }
 UPSTREAM_HARD_CODED = ('schedule', 'min_lr', 'power', 'warmup_steps', 'decay_fraction', 'd_weight_max', 'logvar_init', 'in_channels')
 _DEFAULTS = resolve_config(None)   # the resolver's defaults: upstream RadioDiff's configuration
-PARAM_DEFAULTS = {name: _at(_DEFAULTS, PARAM_PATHS[name])[0] for name in UPSTREAM_HARD_CODED}   # upstream's values, as the resolver fills them
+CONSTANTS = {'d_weight_max': 1e4}   # what upstream hard-codes and this trainer keeps fixed (no key): the clamp of the adaptive weight
+PARAM_DEFAULTS = {name: _at(_DEFAULTS, PARAM_PATHS[name])[0] if name in PARAM_PATHS else CONSTANTS[name] for name in UPSTREAM_HARD_CODED}   # upstream's values, as the resolver fills them
 
 def _find_key(config, names):
     "Breadth-first search of nested dicts for the first key in `names`."
@@ -91,7 +92,7 @@ def _own_params(config: dict) -> tuple[dict, list]:
         value, found = _at(raw, path)
         if not found: defaulted.append(name)
         params[name] = _at(resolved, path)[0] if resolved is not None else value if found else _at(_DEFAULTS, path)[0]
-    return params, defaulted
+    return params | CONSTANTS, defaulted
 
 def _upstream_params(config: dict | None) -> tuple[dict, list]:
     "An upstream-style config: each parameter by name under its aliases, else the value upstream hard-codes (or None)."

@@ -44,9 +44,7 @@ def sample_grid_png(x, x_hat) -> bytes:
 # %% ../nbs/12d_checkpoints.ipynb 10
 def _world_size_dependence(cfg: dict) -> list[str]:
     "What makes a run of `cfg` depend on its number of processes (empty: nothing)."
-    why = [] if cfg['trainer']['sync_batchnorm'] else ["the discriminator's BatchNorm statistics are per process (trainer.sync_batchnorm: false)"]
-    if cfg['model']['ddconfig'].get('dropout', 0.0) > 0: why.append('dropout draws from per-process random streams (model.ddconfig.dropout > 0)')
-    return why
+    return ['dropout draws from per-process random streams (model.ddconfig.dropout > 0)'] if cfg['model']['ddconfig'].get('dropout', 0.0) > 0 else []
 
 # %% ../nbs/12d_checkpoints.ipynb 12
 def load_optimizer(opt, state, path, name, extra_group: bool):
@@ -131,11 +129,8 @@ def restore(tr, path: Path):
     else: seed_everything(tr.t['seed'] + 1_000_003 * (tr.rank + 1) + tr.step)
 
 def resume_checkpoint(tr, resume) -> Path | None:
-    "Restore trainer `tr` from the checkpoint meant by `resume` (or upstream's `resume_milestone`), falling back past damaged ones with `tr.skip_damaged`; the path, or None for a fresh run."
-    if resume in (None, False):
-        m = tr.t['resume_milestone']
-        if m > 0 and (tr.out/f'model-{m}.pt').is_file(): resume = m   # upstream's implicit resume
-        else: return None
+    "Restore trainer `tr` from the checkpoint meant by `resume`, falling back past damaged ones with `tr.skip_damaged`; the path, or None for a fresh run."
+    if resume in (None, False): return None
     path = resolve_resume(tr.out, resume)
     if path is None:
         if tr.main: print(f'{tr.out}: no checkpoint to resume; starting a new run', file=sys.stderr)
@@ -148,8 +143,9 @@ def resume_checkpoint(tr, resume) -> Path | None:
             if candidate is ([path] + fallbacks)[-1]: raise
             if tr.main: print(f'warning: skipping damaged checkpoint {candidate} ({e}); trying {fallbacks[0] if candidate is path else "an older one"}', file=sys.stderr)
 
-def load_initial_weights(ae, ema, path, which: str, trust: bool = False):
-    "Autoencoder weights (and the EMA's copy) from `model.ckpt_path` `path`: its raw or EMA weights (`which`, `model.ckpt_weights`)."
+def load_initial_weights(ae, ema, path, trust: bool = False):
+    "Autoencoder weights (and the EMA's copy) from `model.ckpt_path` `path`: its EMA weights where it holds them (as upstream), else its weights."
     ckpt = load_checkpoint(path, trust)
+    which = 'ema' if isinstance(ckpt.get('ema'), dict) else 'raw'
     load_upstream_state_dict(ae, select_state_dict(ckpt, which, path), strict=True, source=path)
     if ema is not None: ema.ema_model.load_state_dict(ae.state_dict())

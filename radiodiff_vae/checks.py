@@ -101,7 +101,7 @@ def check_training_memory(cfg: dict, where: str = 'data.size'):
     "Refuse a training config whose batch cannot fit in memory, the GPU's free memory where it trains on one (a lower bound of the need; see above)."
     d, ch = cfg['data'], cfg['model']['ddconfig']['ch']
     import torch
-    on_gpu = not cfg['trainer']['cpu'] and torch.cuda.is_available()
+    on_gpu = torch.cuda.is_available()
     device_memory = torch.cuda.mem_get_info()[0] if on_gpu else None      # the activations live on the GPU there
     fin = d.get('finish') or {}
     for size, batch, key in ((d['size'], d['batch_size'], 'data.size'), (fin.get('size'), fin.get('batch_size') or d['batch_size'], 'data.finish.size')):

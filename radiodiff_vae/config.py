@@ -12,15 +12,15 @@ from .schedules import DECAY_FRACTION, wsd_fits
 
 # %% auto 0
 __all__ = ['DDCONFIG_SCHEMA', 'LOSSCONFIG_SCHEMA', 'MODEL_SCHEMA', 'DATA_SCHEMA', 'TRAINER_SCHEMA', 'SCHEMA',
-           'PRECISION_SPELLINGS', 'TRACKERS', 'FINISH_FIELDS', 'UPSTREAM_ONLY', 'RENAMED', 'FINISH_OFF',
-           'OLD_FINISH_KEYS', 'CUDA_GRAPH_MODES', 'STEP_KEYS', 'RESUME_MUTABLE', 'canonical_precision', 'check_value',
-           'unwrap_upstream', 'downsampling_factor', 'finish_start_step', 'validate_config', 'scale_steps',
-           'parse_override', 'apply_overrides', 'resolve_config', 'config_notes', 'step_changes', 'read_yaml',
-           'load_config', 'dump_config', 'tiny_config', 'config_differences', 'resume_changes', 'schema_table']
+           'PRECISION_SPELLINGS', 'COMPILE_MODES', 'TRACKERS', 'FINISH_FIELDS', 'ANY_VALUE', 'UPSTREAM_KEYS', 'RENAMED',
+           'RETIRED', 'UPSTREAM_SWITCHES', 'FINISH_OFF', 'OLD_FINISH_KEYS', 'CUDA_GRAPH_MODES', 'STEP_KEYS',
+           'OLDER_KEYS', 'RESUME_MUTABLE', 'canonical_precision', 'check_value', 'unwrap_upstream',
+           'downsampling_factor', 'finish_start_step', 'validate_config', 'scale_steps', 'parse_override',
+           'apply_overrides', 'resolve_config', 'config_notes', 'step_changes', 'read_yaml', 'load_config',
+           'dump_config', 'tiny_config', 'config_differences', 'resume_changes', 'schema_table']
 
 # %% ../nbs/10_config.ipynb 7
 DDCONFIG_SCHEMA = {
-    'double_z': ('bool', True, 'encoder outputs mean and log-variance (2·z_channels)'),
     'z_channels': ('int', 3, 'channels of the latent z'),
     'resolution': ('resolution', [320, 320], 'nominal input size; the network is fully convolutional'),
     'in_channels': ('int', 1, 'channels of the input maps'),
@@ -37,16 +37,12 @@ LOSSCONFIG_SCHEMA = {
     'disc_start': ('int', 50001, 'step at which the GAN terms switch on'),
     'logvar_init': ('float', 0.0, 'initial value of the scalar log-variance'),
     'kl_weight': ('float', 1.0e-6, 'weight of the KL term'),
-    'disc_num_layers': ('int', 3, 'PatchGAN layers'),
     'disc_in_channels': ('int', 1, 'discriminator input channels'),
-    'disc_factor': ('float', 1.0, 'GAN factor once active'),
     'disc_weight': ('float', 0.5, 'scale of the adaptive weight'),
     'perceptual_weight': ('float', 1.0, 'weight of LPIPS (needs VGG weights)'),
-    'use_actnorm': ('bool', False, 'ActNorm instead of BatchNorm in the discriminator'),
     'disc_loss': ('choice:hinge|vanilla', 'hinge', 'discriminator loss'),
     'disc_ndf': ('int', 64, 'discriminator base width'),
     'lpips_pretrained': ('bool', True, 'load the pretrained VGG backbone for LPIPS'),
-    'd_weight_max': ('float', 1.0e4, 'clamp of the adaptive weight before disc_weight'),
 }
 
 # %% ../nbs/10_config.ipynb 11
@@ -54,14 +50,11 @@ MODEL_SCHEMA = {
     'embed_dim': ('int', 3, 'latent channels after quant_conv'),
     'ddconfig': ('section', DDCONFIG_SCHEMA, 'encoder/decoder architecture'),
     'lossconfig': ('section', LOSSCONFIG_SCHEMA, 'LPIPSWithDiscriminator parameters'),
-    'ckpt_path': ('str?', None, 'initial autoencoder weights (ours or upstream model-N.pt)'),
-    'ckpt_weights': ('choice:raw|ema', 'raw', 'which weights of ckpt_path initialise the autoencoder (upstream: ema)'),
-    'gradient_checkpointing': ('bool', False, 'trade compute for memory in the autoencoder'),
+    'ckpt_path': ('str?', None, 'initial autoencoder weights (ours or upstream model-N.pt): its EMA weights where it holds them, as upstream'),
 }
 
 # %% ../nbs/10_config.ipynb 13
 DATA_SCHEMA = {
-    'name': ('str', 'radio', "upstream dataset name ('radio' = RadioMapSeer)"),
     'batch_size': ('int', 2, 'maps per optimizer step, over all processes (split between them)'),
     'source': ('choice:radiomapseer|synthetic|folder', 'radiomapseer', 'where the maps come from'),
     'root': ('str?', None, "RadioMapSeer root (null: 'RadioMapSeer/' like upstream) or image folder"),
@@ -88,13 +81,10 @@ TRAINER_SCHEMA = {
     'save_and_sample_every': ('int', 5000, 'checkpoint + sample image interval'),
     'log_freq': ('int', 100, 'log interval (steps)'),
     'results_folder': ('str', './results', 'output folder (--out overrides)'),
-    'fp16': ('bool', False, "upstream flag: same as mixed_precision: fp16"),
-    'resume_milestone': ('int', 0, 'upstream: resume from model-N.pt if it exists (0: no)'),
     'schedule': ('choice:radiodiff|poly|cosine|constant|wsd', 'radiodiff', 'learning-rate schedule kind'),
     'power': ('float', 0.95, 'polynomial decay power'),
     'warmup_steps': ('int', 0, 'linear warm-up steps (cosine, wsd)'),
     'decay_fraction': ('float', DECAY_FRACTION, 'wsd: the last fraction of the steps, over which the lr falls linearly to min_lr'),
-    'disc_lr': ('float?', None, 'discriminator lr (null: same as lr)'),
     'betas': ('floats', [0.9, 0.999], 'AdamW betas'),
     'weight_decay': ('float', 0.01, 'AdamW weight decay (not applied to logvar)'),
     'learn_logvar': ('bool', False, 'put the loss log-variance into the AE optimizer (upstream: no)'),
@@ -102,24 +92,18 @@ TRAINER_SCHEMA = {
     'ema_decay': ('float', 0.995, 'EMA decay of the autoencoder weights'),
     'ema_update_every': ('int', 10, 'steps between EMA updates'),
     'ema_warmup': ('bool', True, 'use min(decay, (1+n)/(10+n)) for the n-th update'),
-    'upstream_ema': ('bool', False, "upstream's EMA wrapper: a copy of the weights up to step 101 and again at step 111, then decay min(ema_decay, 1-(1+e)^(-2/3))"),
-    'step_idle_discriminator': ('bool', False, "upstream: step the discriminator's AdamW with zero gradients before disc_start (weight decay shrinks it)"),
-    'log_decimals': ('int?', None, "decimals of the losses in the text log (upstream: 5, as '%.5f'); null: 6 significant digits"),
-    'sample_posterior': ('bool', True, 'train on z ~ q(z|x) (False: the posterior mode)'),
+    'upstream_faithful': ('bool', False, "upstream's trainer where it differs from ours: its EMA wrapper (a copy of the weights up to step 101 "
+                          "and again at 111, then decay min(ema_decay, 1-(1+e)^(-2/3))), AdamW steps of the idle discriminator before "
+                          "disc_start (weight decay shrinks it), losses logged with 5 decimals ('%.5f')"),
     'seed': ('int', 0, 'seed of weights, noise and data order'),
-    'mixed_precision': ('precision?', None, "fp32 (stored as 'no'), bf16, fp16 or auto (see choose_precision); null: fp16 if trainer.fp16 else fp32"),
-    'cpu': ('bool', False, 'force the CPU even where a GPU exists'),
+    'mixed_precision': ('precision?', None, "fp32 (stored as 'no'), bf16, fp16 or auto (see choose_precision); null: fp32 (upstream's trainer.fp16: true reads as fp16)"),
     'num_threads': ('int?', None, 'torch CPU threads (null: torch default; 1 is fastest on a busy machine)'),
-    'skip_nonfinite': ('bool', False, 'skip a batch with a NaN/inf loss instead of stopping'),
-    'max_nonfinite_skips': ('int', 100, 'stop anyway after this many skipped batches'),
+    'max_nonfinite_skips': ('int', 0, 'a NaN/inf loss stops the run with a diagnostic (0), or skips its batch up to this many times'),
     'log_with': ('trackers', ['tensorboard'], "where the scalars go besides metrics.jsonl: tensorboard (tb/) and any of accelerate's trackers (wandb, mlflow, ...: install its package); []: none"),
-    'sample_maps': ('int', 4, 'maps shown in sample-N.png'),
-    'sync_batchnorm': ('bool', False, "SyncBatchNorm in the discriminator across processes (upstream: per-process BatchNorm)"),
     'train_discriminator': ('bool', True, 'update the discriminator (false: the autoencoder alone is trained)'),
-    'compile': ('bool', False, 'torch.compile the autoencoder, discriminator and LPIPS (worth it on GPUs)'),
-    'compile_mode': ('choice:default|reduce-overhead|max-autotune|max-autotune-no-cudagraphs', 'default',
-                     "torch.compile's mode with trainer.compile (reduce-overhead: replay CUDA graphs, fewer kernel launches; GPU)"),
-    'cudnn_benchmark': ('bool', True, "let cuDNN time its convolution algorithms for each new shape and keep the fastest (GPU)"),
+    'compile': ('compile?', None, "torch.compile the autoencoder, discriminator and LPIPS in this mode (worth it on GPUs): default, "
+                                "reduce-overhead or max-autotune (both replay CUDA graphs: fewer kernel launches), "
+                                "max-autotune-no-cudagraphs; true means default; null: eager"),
 }
 
 # %% ../nbs/10_config.ipynb 17
@@ -167,6 +151,7 @@ def _as_list(value, where, item, n=None):
     return [item(v, f'{where}[{i}]') for i, v in enumerate(value)]
 
 # %% ../nbs/10_config.ipynb 29
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')   # torch.compile's modes
 TRACKERS = ('tensorboard', 'wandb', 'mlflow', 'comet_ml', 'aim', 'clearml', 'dvclive', 'swanlab', 'trackio')   # accelerate's names
 
 def _as_trackers(value, where) -> list:
@@ -212,6 +197,10 @@ def check_value(kind: str, value, where: str):
     if kind == 'precision': return canonical_precision(value, where)
     if kind == 'trackers': return _as_trackers(value, where)
     if kind == 'finish': return _as_finish(value, where)
+    if kind == 'compile':
+        if isinstance(value, bool): return 'default' if value else None
+        if value in COMPILE_MODES: return value
+        raise ConfigError(f'{where}: expected null (eager), true (= default) or one of {list(COMPILE_MODES)}, got {value!r}')
     if kind.startswith('choice:'):
         options = kind[7:].split('|')
         if value in options: return value
@@ -243,16 +232,43 @@ def unwrap_upstream(raw: dict) -> dict:
     return raw
 
 # %% ../nbs/10_config.ipynb 37
-UPSTREAM_ONLY = {   # dotted key -> why it is read and not used
-    'model.monitor': "latent-diffusion's checkpoint monitor; this trainer keeps every checkpoint and scores held-out maps itself",
-    'model.lossconfig.pixelloss_weight': "upstream's loss stores it and never uses it: the pixel term is weighted 1, here as there",
-    'model.lossconfig.disc_conditional': 'a conditional discriminator; a radio map has no conditioning image to show it',
-    'trainer.amp': "upstream's trainer flag; the precision is trainer.mixed_precision (or upstream's trainer.fp16)",
+ANY_VALUE = 'any value'   # a key read and not used, whatever its value
+
+UPSTREAM_KEYS = {   # key -> (what upstream does with it, what this trainer does, the values that load: ANY_VALUE, a tuple, or None for a schema key)
+    'model.monitor': ("latent-diffusion's checkpoint monitor (PyTorch Lightning)",
+                      'read and not used: every checkpoint is kept and held-out maps are scored at each', ANY_VALUE),
+    'model.ddconfig.double_z': ('true: the encoder outputs the mean and the log-variance of q(z|x)', 'the same; only true loads', (True,)),
+    'model.lossconfig.pixelloss_weight': ('stored and never used: the pixel term is weighted 1', 'read and not used: weighted 1 here too', ANY_VALUE),
+    'model.lossconfig.disc_conditional': ('false: a discriminator that also sees a conditioning image', 'only false loads: a radio map has no conditioning image', (False,)),
+    'model.lossconfig.disc_num_layers': ("3: the PatchGAN discriminator's layers", 'the same; only 3 loads', (3,)),
+    'model.lossconfig.disc_factor': ('1.0: scale of the GAN term once it is on', 'the same; only 1.0 loads (model.lossconfig.disc_weight scales the term)', (1.0,)),
+    'model.lossconfig.use_actnorm': ('false: ActNorm instead of BatchNorm in the discriminator', 'only false loads: BatchNorm', (False,)),
+    'model.lossconfig.disc_loss': ('hinge (its default) or vanilla', 'the same, a setting (the golden tests compare vanilla)', None),
+    'data.name': ("the dataset's name, 'radio'", 'read and not used: data.source says where the maps come from', ANY_VALUE),
+    'trainer.amp': ('a flag its trainer never reads', 'read and not used: the precision is trainer.mixed_precision', ANY_VALUE),
+    'trainer.fp16': ('true: fp16 mixed precision', 'true reads as trainer.mixed_precision: fp16 (refused beside another mixed_precision)', (True, False)),
+    'trainer.resume_milestone': ('N > 0: resume from model-N.pt in the results folder, if it is there', 'read and not used: pass --resume N (or latest)', ANY_VALUE),
+    'trainer.upstream_faithful': ("(our key) its EMA wrapper, the idle discriminator's AdamW steps, the losses logged with 5 decimals",
+                                  "true: all three as upstream does; false (the default): ours (EMA warm-up, no idle steps, 6 significant digits)", None),
 }
 
 RENAMED = {   # an older name of a key of ours -> (its key now, how its value reads there)
     'trainer.tensorboard': ('trainer.log_with', lambda on: ['tensorboard'] if on else []),
 }
+
+RETIRED = {   # an older key of ours -> (the value it held unless set, which loads; what the run does now)
+    'model.lossconfig.d_weight_max': (1e4, "the adaptive weight is clamped at upstream's 1e4"),
+    'model.gradient_checkpointing': (False, 'activations are kept for the backward pass'),
+    'model.ckpt_weights': (ANY_VALUE, 'model.ckpt_path initialises the autoencoder from its EMA weights where it holds them (as upstream), else from its weights'),
+    'trainer.sample_posterior': (True, 'the autoencoder trains on z ~ q(z|x), as upstream'),
+    'trainer.disc_lr': (None, 'the discriminator learns at trainer.lr, as upstream'),
+    'trainer.cpu': (False, 'a run uses the GPU where one is visible; CUDA_VISIBLE_DEVICES= hides it'),
+    'trainer.sample_maps': (ANY_VALUE, 'sample-N.png shows up to 4 maps'),
+    'trainer.cudnn_benchmark': (ANY_VALUE, 'on a GPU, cuDNN times its convolution algorithms for each new shape and keeps the fastest'),
+    'trainer.sync_batchnorm': (ANY_VALUE, "the discriminator's BatchNorm statistics are those of the global batch on any number of processes"),
+}
+
+UPSTREAM_SWITCHES = {'upstream_ema': (False, True), 'step_idle_discriminator': (False, True), 'log_decimals': (None, 5)}   # older trainer keys -> (ours, upstream's): now trainer.upstream_faithful
 
 def _node(raw: dict, key: str):
     "The dict holding the last part of dotted `key` in `raw`, or None."
@@ -260,31 +276,104 @@ def _node(raw: dict, key: str):
     for k in path: node = node.get(k) if isinstance(node, dict) else None
     return node if isinstance(node, dict) else None
 
+def _pop(raw: dict, key: str):
+    "`(True, value)` after removing dotted `key` from `raw`, or `(False, None)` where it is absent."
+    node, last = _node(raw, key), key.rsplit('.', 1)[1]
+    return (True, node.pop(last)) if node is not None and last in node else (False, None)
+
+def _same(a, b) -> bool:
+    "Equal values of the same kind (true is not 1)."
+    return isinstance(a, bool) == isinstance(b, bool) and a == b
+
+def _yaml(value) -> str:
+    "`value` as YAML writes it, on one line."
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()
+
+
+# %% ../nbs/10_config.ipynb 39
 def _rename_older_keys(raw: dict) -> tuple[dict, list[str]]:
     "`raw` with each RENAMED key moved to its name now (ConfigError when both are given), and a note for each."
     raw, notes = copy.deepcopy(raw), []
     for old, (new, convert) in RENAMED.items():
-        node, old_key, new_key = _node(raw, old), old.rsplit('.', 1)[1], new.rsplit('.', 1)[1]
-        if node is None or old_key not in node: continue
-        value = node.pop(old_key); target = _node(raw, new)
+        found, value = _pop(raw, old)
+        if not found: continue
+        target, new_key = _node(raw, new), new.rsplit('.', 1)[1]
         if new_key in target: raise ConfigError(f'{old} and {new} are both given: {old} is the older name of {new}; keep {new} only')
         target[new_key] = convert(value)
         notes.append(f'{old}: {value!r} read as {new}: {convert(value)!r} (its older name)')
     return raw, notes
 
-def _pop_upstream_only(raw: dict) -> tuple[dict, list[str]]:
-    "`raw` (unwrapped) without the UPSTREAM_ONLY keys, and a note for each one it held; disc_conditional: true is refused."
-    raw, notes = copy.deepcopy(raw), []
-    for key, why in UPSTREAM_ONLY.items():
-        node, last = _node(raw, key), key.rsplit('.', 1)[1]
-        if node is None or last not in node: continue
-        value = node.pop(last)
-        if key == 'model.lossconfig.disc_conditional' and value not in (False, None):
-            raise ConfigError(f'{key}: true is not supported (a radio map has no conditioning image for the discriminator to see); set it to false')
-        notes.append(f'{key}: {yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()} read and not used ({why})')
+def _read_upstream_keys(raw: dict) -> tuple[dict, list[str]]:
+    "`raw` without the UPSTREAM_KEYS outside the schema (trainer.fp16: true set as mixed_precision), and the notes; a value this trainer does not implement is refused."
+    raw, notes, same = copy.deepcopy(raw), [], []
+    for key, (_, ours, loads) in UPSTREAM_KEYS.items():
+        if loads is None: continue
+        found, value = _pop(raw, key)
+        if not found: continue
+        if loads is not ANY_VALUE and not any(_same(value, v) for v in loads):
+            raise ConfigError(f"{key}: {_yaml(value)} is not supported; {ours} (upstream's file sets {_yaml(loads[0])})")
+        if key == 'trainer.fp16' and value:
+            mp = raw['trainer'].get('mixed_precision')
+            if mp is not None and canonical_precision(mp) != 'fp16':
+                raise ConfigError(f'trainer.fp16 is true but trainer.mixed_precision is {mp!r}; set one of them')
+            raw['trainer']['mixed_precision'] = 'fp16'
+            notes.append('trainer.fp16: true read as trainer.mixed_precision: fp16')
+        elif loads is ANY_VALUE and not (key == 'trainer.resume_milestone' and value == 0): notes.append(f'{key}: {_yaml(value)} {ours}')
+        else: same.append(f'{key}: {_yaml(value)}')
+    if same: notes.insert(0, f"keys of upstream's files read at the value this trainer implements: {', '.join(same)}")
     return raw, notes
 
-# %% ../nbs/10_config.ipynb 41
+
+# %% ../nbs/10_config.ipynb 42
+def _merge_upstream_switches(t: dict, dropped: list, notes: list):
+    "Replace the older trainer keys of UPSTREAM_SWITCHES in `t` by trainer.upstream_faithful (all at upstream's values) or nothing (all at ours); a mix is refused."
+    given = {k: t.pop(k) for k in UPSTREAM_SWITCHES if k in t}
+    if not given: return
+    values = {k: given.get(k, ours) for k, (ours, _) in UPSTREAM_SWITCHES.items()}
+    if all(_same(values[k], ours) for k, (ours, _) in UPSTREAM_SWITCHES.items()):
+        dropped += [f'trainer.{k}' for k in given]; return
+    if not all(_same(values[k], up) for k, (_, up) in UPSTREAM_SWITCHES.items()):
+        shown = ', '.join(f'trainer.{k}: {_yaml(v)}' for k, v in values.items())
+        raise ConfigError(f"{shown}: these older keys are now one switch, trainer.upstream_faithful (true: upstream_ema true, step_idle_discriminator "
+                          "true, log_decimals 5; false: false, false, null), and this mix of them is not supported; remove them and set "
+                          "trainer.upstream_faithful=true or false")
+    if t.get('upstream_faithful') is False: raise ConfigError('trainer.upstream_faithful is false but the older trainer.upstream_ema, '
+                                                              'step_idle_discriminator and log_decimals are set as upstream; keep one of them')
+    t['upstream_faithful'] = True
+    notes.append('trainer.upstream_ema, step_idle_discriminator, log_decimals (all as upstream) read as trainer.upstream_faithful: true')
+
+def _merge_pairs(t: dict, dropped: list, notes: list):
+    "trainer.skip_nonfinite into trainer.max_nonfinite_skips, trainer.compile_mode into trainer.compile."
+    if 'skip_nonfinite' in t:
+        skip = t.pop('skip_nonfinite')
+        if not isinstance(skip, bool): raise ConfigError(f'trainer.skip_nonfinite: expected true or false, got {skip!r} (it is now trainer.max_nonfinite_skips: N, 0 to stop at once)')
+        t['max_nonfinite_skips'] = t.get('max_nonfinite_skips', 100) if skip else 0   # 100: its default then
+        if skip: notes.append(f"trainer.skip_nonfinite: true read as trainer.max_nonfinite_skips: {_yaml(t['max_nonfinite_skips'])} (the batches it may skip)")
+        else: dropped.append('trainer.skip_nonfinite')
+    if 'compile_mode' in t:
+        mode, on = t.pop('compile_mode'), t.get('compile', False)
+        if mode not in COMPILE_MODES: raise ConfigError(f'trainer.compile_mode: expected one of {list(COMPILE_MODES)}, got {mode!r} (it is now the value of trainer.compile)')
+        if on in (False, None):
+            if mode != 'default': raise ConfigError(f"trainer.compile_mode: {mode!r} needs trainer.compile; set trainer.compile={mode} instead of both")
+        elif on is True: t['compile'] = mode
+        elif on != mode: raise ConfigError(f'trainer.compile: {on!r} and trainer.compile_mode: {mode!r} disagree; keep trainer.compile={on} only')
+        if on is True: notes.append(f'trainer.compile_mode: {mode} read as trainer.compile: {mode}')
+        else: dropped.append('trainer.compile_mode')
+
+def _read_retired_keys(raw: dict) -> tuple[dict, list[str]]:
+    "`raw` with the RETIRED keys dropped (ConfigError for a value that would change the run) and the merged ones in their key now; the notes."
+    raw, notes, dropped = copy.deepcopy(raw), [], []
+    for key, (kept, now) in RETIRED.items():
+        found, value = _pop(raw, key)
+        if not found: continue
+        if kept is not ANY_VALUE and not _same(value, kept): raise ConfigError(f'{key}: {_yaml(value)} is no longer a setting ({now}); remove {key}')
+        dropped.append(key)
+    if isinstance(t := raw.get('trainer'), dict): _merge_upstream_switches(t, dropped, notes); _merge_pairs(t, dropped, notes)
+    if dropped: notes.insert(0, f"older keys read and dropped (this trainer does what they said): {', '.join(dropped)}")
+    return raw, notes
+
+
+# %% ../nbs/10_config.ipynb 48
 def _fill(raw, schema: dict, where: str) -> dict:
     "Check `raw` against `schema` recursively; return a new dict with defaults for missing keys."
     if raw is None: raw = {}
@@ -301,17 +390,17 @@ def _fill(raw, schema: dict, where: str) -> dict:
         else: out[key] = check_value(kind, raw[key], sub) if key in raw else copy.deepcopy(default)
     return out
 
-# %% ../nbs/10_config.ipynb 44
+# %% ../nbs/10_config.ipynb 51
 def _require(ok: bool, message: str):
     "Raise a ConfigError with `message` unless `ok`."
     if not ok: raise ConfigError(message)
 
-# %% ../nbs/10_config.ipynb 47
+# %% ../nbs/10_config.ipynb 54
 def downsampling_factor(ddconfig: dict) -> int:
     "How much the encoder shrinks each side: 2^(levels-1)."
     return 2 ** (len(ddconfig["ch_mult"]) - 1)
 
-# %% ../nbs/10_config.ipynb 50
+# %% ../nbs/10_config.ipynb 57
 FINISH_OFF = 'data.finish=null'   # a run without the phase, as a --set text
 
 def _check_finish(d: dict, total_steps: int, f: int):
@@ -325,7 +414,7 @@ def _check_finish(d: dict, total_steps: int, f: int):
              f"set e.g. --set data.finish.steps={max(1, total_steps // 6)}, or {FINISH_OFF} for no finishing phase")
     _require(d['crop'] is None, f"data.finish and data.crop ({d['crop']}) cannot be combined: the finishing phase trains on whole maps")
 
-# %% ../nbs/10_config.ipynb 53
+# %% ../nbs/10_config.ipynb 60
 OLD_FINISH_KEYS = {'data.finish_size': 'size', 'data.finish_steps': 'steps', 'data.finish_batch_size': 'batch_size',
                    'data.finish_crop': None, 'trainer.finish_lr': None, 'trainer.finish_ema_restart': None}   # older spellings of data.finish
 _DROPPED = {'data.finish_crop': (None, "random windows of the phase's maps lost to whole maps on every seed (tuning round 9)"),
@@ -351,21 +440,21 @@ def _merge_finish_keys(raw: dict) -> tuple[dict, list[str]]:
     raw['data']['finish'] = fin
     return raw, [f"{', '.join(f'{k}: {v!r}' for k, v in found.items())} read as data.finish: {fin!r} (its older spelling)"]
 
-# %% ../nbs/10_config.ipynb 56
+# %% ../nbs/10_config.ipynb 63
 def _check_switches(t: dict, d: dict):
     "Raise a ConfigError naming both keys when two `trainer` switches contradict each other."
-    _require(t['train_discriminator'] or not t['step_idle_discriminator'],
-             'trainer.step_idle_discriminator: true steps the discriminator\'s AdamW (weight decay shrinks it), but trainer.train_discriminator: '
-             'false freezes it; set trainer.step_idle_discriminator=false')
+    _require(t['train_discriminator'] or not t['upstream_faithful'],
+             "trainer.upstream_faithful: true steps the idle discriminator's AdamW as upstream does (weight decay shrinks it), but "
+             'trainer.train_discriminator: false freezes it; set trainer.upstream_faithful=false')
 
-# %% ../nbs/10_config.ipynb 59
+# %% ../nbs/10_config.ipynb 66
 def finish_start_step(total_steps: int | None, # the run's trainer.train_num_steps (None: unknown)
                       finish: dict | None, # the run's data.finish
                      ) -> int | None:
     "First step of the finishing phase (the last `finish['steps']` of `total_steps`); None without one."
     return total_steps - finish['steps'] if finish and total_steps else None
 
-# %% ../nbs/10_config.ipynb 61
+# %% ../nbs/10_config.ipynb 68
 CUDA_GRAPH_MODES = ('reduce-overhead', 'max-autotune')   # torch.compile modes that replay CUDA graphs on a GPU
 
 def validate_config(cfg: dict) -> dict:
@@ -379,18 +468,17 @@ def validate_config(cfg: dict) -> dict:
         _require(0 <= value <= 2**63 - 1, f'{key}: expected an integer seed from 0 to 2**63-1, got {value}')
     _require(t['lr'] > 0, f"trainer.lr: must be > 0, got {t['lr']}")
     _require(t['min_lr'] >= 0, f"trainer.min_lr: must be >= 0, got {t['min_lr']}")
-    _require(t['disc_lr'] is None or t['disc_lr'] > 0, f"trainer.disc_lr: must be > 0 or null, got {t['disc_lr']}")
     _require(0 <= t['ema_decay'] < 1, f"trainer.ema_decay: must be in [0, 1), got {t['ema_decay']}")
     _require(t['grad_clip_norm'] is None or t['grad_clip_norm'] > 0, f"trainer.grad_clip_norm: must be > 0 or null, got {t['grad_clip_norm']}")
     _require(len(t['betas']) == 2 and all(0 <= b < 1 for b in t['betas']), f"trainer.betas: expected two values in [0, 1), got {t['betas']}")
     _require(t['num_threads'] is None or t['num_threads'] > 0, f"trainer.num_threads: must be positive or null, got {t['num_threads']}")
-    for key in ('warmup_steps', 'resume_milestone', 'max_nonfinite_skips', 'sample_maps'):
+    for key in ('warmup_steps', 'max_nonfinite_skips'):
         _require(t[key] >= 0, f'trainer.{key}: must be >= 0, got {t[key]}')
     _require(t['warmup_steps'] < t['train_num_steps'], f"trainer.warmup_steps: must be < trainer.train_num_steps={t['train_num_steps']}, got {t['warmup_steps']}")
     _require(t['schedule'] != 'wsd' or wsd_fits(t['train_num_steps'], t['warmup_steps'], t['decay_fraction']),
              f"trainer.decay_fraction: must be in (0, 1] and leave room for trainer.warmup_steps={t['warmup_steps']} in "
              f"trainer.train_num_steps={t['train_num_steps']}, got {t['decay_fraction']}")
-    _require(t['schedule'] not in ('poly', 'cosine', 'wsd') or t['min_lr'] <= min(t['lr'], t['disc_lr'] or t['lr']),
+    _require(t['schedule'] not in ('poly', 'cosine', 'wsd') or t['min_lr'] <= t['lr'],
              f"trainer.min_lr: for schedule {t['schedule']!r} it is an absolute learning rate and must be <= trainer.lr, got {t['min_lr']} > {t['lr']}")
     disc_start = m['lossconfig']['disc_start']
     _require(disc_start >= 0, f'model.lossconfig.disc_start: must be >= 0, got {disc_start}')
@@ -406,16 +494,13 @@ def validate_config(cfg: dict) -> dict:
     _require(len(dd['ch_mult']) >= 1 and all(c > 0 for c in dd['ch_mult']), f"model.ddconfig.ch_mult: expected positive integers, got {dd['ch_mult']}")
     for key in ('ch', 'z_channels', 'in_channels', 'out_ch'): _require(dd[key] > 0, f'model.ddconfig.{key}: must be positive, got {dd[key]}')
     _require(m['embed_dim'] > 0, f"model.embed_dim: must be positive, got {m['embed_dim']}")
-    _require(t['compile'] or t['compile_mode'] == 'default', f"trainer.compile_mode: {t['compile_mode']!r} needs trainer.compile: true")
-    _require(t['compile_mode'] not in CUDA_GRAPH_MODES or t['gradient_accumulate_every'] == 1,
-             f"trainer.compile_mode: {t['compile_mode']!r} replays CUDA graphs, which PyTorch has been reported to let overwrite one micro-batch's "
+    _require(t['compile'] not in CUDA_GRAPH_MODES or t['gradient_accumulate_every'] == 1,
+             f"trainer.compile: {t['compile']!r} replays CUDA graphs, which PyTorch has been reported to let overwrite one micro-batch's "
              f"gradients with the next one's (github.com/pytorch/pytorch/issues/96693 and /169545); with trainer.gradient_accumulate_every="
-             f"{t['gradient_accumulate_every']} use trainer.compile_mode=default")
-    if t['fp16'] and t['mixed_precision'] not in (None, 'fp16'):
-        raise ConfigError(f"trainer.fp16 is true but trainer.mixed_precision is {t['mixed_precision']!r}; set one of them")
+             f"{t['gradient_accumulate_every']} use trainer.compile=default")
     return cfg
 
-# %% ../nbs/10_config.ipynb 64
+# %% ../nbs/10_config.ipynb 71
 STEP_KEYS = (('trainer', 'warmup_steps'), ('model', 'lossconfig', 'disc_start'), ('data', 'finish', 'steps'),
              ('trainer', 'save_and_sample_every'), ('trainer', 'log_freq'))   # the settings counted in steps
 
@@ -444,7 +529,7 @@ def scale_steps(cfg: dict, steps: int, fixed=()) -> dict:
     t['train_num_steps'] = steps
     return cfg
 
-# %% ../nbs/10_config.ipynb 67
+# %% ../nbs/10_config.ipynb 74
 def parse_override(text: str) -> tuple[list[str], object]:
     "`'a.b.c=value'` -> (['a','b','c'], yaml.safe_load('value'))."
     if '=' not in text: raise ConfigError(f'override {text!r}: expected section.key=value')
@@ -454,7 +539,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
     try: return keys, yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as e: raise ConfigError(f'override {text!r}: value is not valid YAML ({e.__class__.__name__})') from None
 
-# %% ../nbs/10_config.ipynb 69
+# %% ../nbs/10_config.ipynb 76
 _FINISH_FIELDS_SCHEMA = {k: ('int?', None, f'data.finish.{k}') for k in FINISH_FIELDS}   # an override may set one field
 
 def _schema_at(keys: list[str]):
@@ -469,7 +554,10 @@ def _schema_at(keys: list[str]):
         schema = entry[1] if entry[0] == 'section' else _FINISH_FIELDS_SCHEMA if entry[0] == 'finish?' else None
     return entry
 
-# %% ../nbs/10_config.ipynb 71
+# %% ../nbs/10_config.ipynb 78
+OLDER_KEYS = ({k for k, v in UPSTREAM_KEYS.items() if v[2] is not None} | set(RETIRED)
+              | {f'trainer.{k}' for k in (*UPSTREAM_SWITCHES, 'skip_nonfinite', 'compile_mode')} | set(OLD_FINISH_KEYS))   # read and translated, not in the schema
+
 def apply_overrides(raw: dict, overrides=()) -> dict:
     "A copy of `raw` with each `section.key=value` override set (keys checked against the schema)."
     raw = copy.deepcopy(raw)
@@ -477,7 +565,7 @@ def apply_overrides(raw: dict, overrides=()) -> dict:
         keys, value = parse_override(text)
         if '.'.join(keys) in RENAMED:                                 # an older name sets the key it became
             new, convert = RENAMED['.'.join(keys)]; keys, value = new.split('.'), convert(value)
-        if '.'.join(keys) not in UPSTREAM_ONLY and '.'.join(keys) not in OLD_FINISH_KEYS: _schema_at(keys)   # read, then noted (config_notes)
+        if '.'.join(keys) not in OLDER_KEYS: _schema_at(keys)   # those are read, then noted (config_notes)
         node = raw
         for k in keys[:-1]:
             if not isinstance(node.get(k), dict): node[k] = {}   # also a phase set field by field on data.finish: null
@@ -485,12 +573,20 @@ def apply_overrides(raw: dict, overrides=()) -> dict:
         node[keys[-1]] = value
     return raw
 
-# %% ../nbs/10_config.ipynb 74
+# %% ../nbs/10_config.ipynb 81
+def _translated(raw: dict | None, overrides=()) -> tuple[dict, list[str]]:
+    "`raw` unwrapped and overridden, with the keys of upstream's files and the older keys of ours read into the schema's; the notes about them."
+    raw, notes = _rename_older_keys(apply_overrides(unwrap_upstream(raw or {}), overrides))
+    raw, more = _read_upstream_keys(raw)
+    raw, retired = _read_retired_keys(raw)
+    raw, finish = _merge_finish_keys(raw)
+    return raw, notes + more + retired + finish
+
 def _filled(raw: dict | None, overrides=()) -> dict:
     "The config with overrides applied and defaults filled, not yet validated."
     if raw is None: raw = {}
     if not isinstance(raw, dict): raise ConfigError(f'config: expected a mapping of sections, got {type(raw).__name__}')
-    return _fill(_pop_upstream_only(_merge_finish_keys(_rename_older_keys(apply_overrides(unwrap_upstream(raw), overrides))[0])[0])[0], SCHEMA, '')
+    return _fill(_translated(raw, overrides)[0], SCHEMA, '')
 
 def resolve_config(raw: dict | None, overrides=(), steps: int | None = None) -> dict:
     "Validated config with defaults filled, from a raw (YAML-loaded) dict, `section.key=value` overrides and a run length `steps` (see `scale_steps`)."
@@ -499,10 +595,8 @@ def resolve_config(raw: dict | None, overrides=(), steps: int | None = None) -> 
     return validate_config(cfg)
 
 def config_notes(raw: dict | None, overrides=()) -> list[str]:
-    "A note for each key of upstream's files only (UPSTREAM_ONLY) and each older name (RENAMED) that `raw` and `overrides` hold."
-    renamed, notes = _rename_older_keys(apply_overrides(unwrap_upstream(raw or {}), overrides))
-    merged, finish_notes = _merge_finish_keys(renamed)
-    return notes + finish_notes + _pop_upstream_only(merged)[1]
+    "A note for the keys of upstream's files (UPSTREAM_KEYS) and the older keys of ours (RENAMED, RETIRED, the merged ones) that `raw` and `overrides` hold."
+    return _translated(raw, overrides)[1]
 
 def step_changes(raw: dict | None, overrides=(), steps: int | None = None) -> dict:
     "`{dotted key: [configured, now]}` for the settings `steps` changed (empty without `steps`)."
@@ -513,7 +607,7 @@ def step_changes(raw: dict | None, overrides=(), steps: int | None = None) -> di
     value = lambda cfg, key: [cfg := (cfg or {}).get(k) for k in key.split('.')][-1]   # None where there is no finishing phase
     return {k: [value(before, k), value(after, k)] for k in keys if value(before, k) != value(after, k)}
 
-# %% ../nbs/10_config.ipynb 77
+# %% ../nbs/10_config.ipynb 84
 def _yaml_problem(e: yaml.YAMLError) -> str:
     "A YAML error on one line: what is wrong and where."
     mark = getattr(e, 'problem_mark', None)
@@ -535,7 +629,7 @@ def read_yaml(path) -> dict:
         raise ConfigError(f'config file {str(path)!r}: expected a mapping of sections (model, data, trainer), got {type(raw).__name__}')
     return raw or {}
 
-# %% ../nbs/10_config.ipynb 79
+# %% ../nbs/10_config.ipynb 86
 def load_config(path, overrides=(), steps: int | None = None) -> dict:
     "Read, unwrap, override, fill and validate the YAML config at `path` (run for `steps` steps if given, see `scale_steps`)."
     try: return resolve_config(read_yaml(path), overrides, steps)
@@ -543,12 +637,12 @@ def load_config(path, overrides=(), steps: int | None = None) -> dict:
         if str(path) in str(e): raise
         raise ConfigError(f'{path}: {e}') from None
 
-# %% ../nbs/10_config.ipynb 81
+# %% ../nbs/10_config.ipynb 88
 def dump_config(cfg: dict) -> str:
     "The config as YAML text (block style, key order kept)."
     return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
 
-# %% ../nbs/10_config.ipynb 88
+# %% ../nbs/10_config.ipynb 95
 _TINY = {'model': {'ddconfig': {'resolution': 32, 'ch': 32, 'ch_mult': [1, 2], 'num_res_blocks': 1},
                    'lossconfig': {'disc_start': 2, 'disc_ndf': 8, 'perceptual_weight': 0.0, 'lpips_pretrained': False}},
          'data': {'source': 'synthetic', 'size': 32, 'n_maps': 8, 'batch_size': 2, 'val_maps': 0},
@@ -559,11 +653,9 @@ def tiny_config(*overrides: str, # `section.key=value` settings on top of the ti
     "The resolved config of a seconds-sized CPU run (32x32 synthetic maps, ch 32, 4 steps), with `overrides` applied."
     return resolve_config(_TINY, overrides)
 
-# %% ../nbs/10_config.ipynb 92
+# %% ../nbs/10_config.ipynb 99
 RESUME_MUTABLE = {('trainer', k) for k in ('train_num_steps', 'save_and_sample_every', 'log_freq', 'results_folder',
-                                           'resume_milestone', 'skip_nonfinite', 'max_nonfinite_skips', 'log_with',
-                                           'sample_maps', 'cpu', 'num_threads', 'compile', 'compile_mode', 'cudnn_benchmark',
-                                           'lr', 'min_lr', 'disc_lr')} | {('data', 'num_workers'), ('data', 'root')}
+                                           'max_nonfinite_skips', 'log_with', 'num_threads', 'compile', 'lr', 'min_lr')} | {('data', 'num_workers'), ('data', 'root')}
 
 def config_differences(a: dict, b: dict) -> list[str]:
     "Dotted keys whose values differ between resolved configs `a` and `b`, ignoring RESUME_MUTABLE keys."
@@ -582,7 +674,7 @@ def resume_changes(old: dict, new: dict) -> dict:
     return {f'{s}.{k}': [old.get(s, {}).get(k), new.get(s, {}).get(k)] for s, k in sorted(RESUME_MUTABLE)
             if k != 'results_folder' and old.get(s, {}).get(k) != new.get(s, {}).get(k)}
 
-# %% ../nbs/10_config.ipynb 95
+# %% ../nbs/10_config.ipynb 102
 def schema_table(schema: dict = SCHEMA, prefix: str = '') -> list[tuple[str, str, str, str]]:
     "(key, type, default, help) rows for every leaf of `schema`."
     rows = []

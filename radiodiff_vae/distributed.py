@@ -58,18 +58,13 @@ def precision_note(mode: str, reason: str) -> str:
     "One line saying which arithmetic a run uses and why."
     return f"precision: {dict(no='fp32', bf16='bf16 autocast', fp16='fp16 autocast')[mode]} ({reason})"
 
-def _uses_cpu(t: dict) -> bool:
-    "Whether a run with `trainer` settings `t` runs on the CPU: `trainer.cpu`, or no CUDA device."
-    return t['cpu'] or not torch.cuda.is_available()
-
 def run_precision(t: dict) -> tuple[str, str]:
-    "`(mode, reason)` for the `trainer` settings `t` on this machine; unset means fp16 if upstream's `fp16`, else fp32."
-    requested = t['mixed_precision'] if t['mixed_precision'] is not None else ('fp16' if t['fp16'] else 'no')
-    return choose_precision(requested, 'cpu' if _uses_cpu(t) else 'cuda')
+    "`(mode, reason)` for the `trainer` settings `t` on this machine (a CUDA GPU where one is visible); unset means fp32."
+    return choose_precision(t['mixed_precision'] or 'no', 'cuda' if torch.cuda.is_available() else 'cpu')
 
 def make_accelerator(t: dict, mixed: str | None = None) -> Accelerator:
-    "The Accelerator of a run (precision `mixed`, else `run_precision(t)`'s), on the CPU where `trainer.cpu` is set or there is no CUDA device; one schedule step per update."
-    cpu, mixed = _uses_cpu(t), mixed or run_precision(t)[0]
+    "The Accelerator of a run (precision `mixed`, else `run_precision(t)`'s), on a CUDA GPU where one is visible (CUDA_VISIBLE_DEVICES= hides them); one schedule step per update."
+    cpu, mixed = not torch.cuda.is_available(), mixed or run_precision(t)[0]
     launched = int(os.environ.get('WORLD_SIZE', '1'))
     if launched == 1 and not (dist.is_available() and dist.is_initialized()):
         AcceleratorState._reset_state(True)   # several runs in one process may use different settings

@@ -421,7 +421,7 @@ def evaluate_prepared(setup: dict, dataset, data_info: dict, indices, batch_size
                       settings: dict | None = None) -> dict:
     "Evaluate every model of `setup` on `dataset[indices]` -> {'summary', 'per_map'}; nothing is written."
     cfg, notes = setup["cfg"], list(setup["notes"]) + ([data_info["note"]] if data_info.get("note") else [])
-    train_on_sample = bool(cfg.get("trainer", {}).get("sample_posterior", True))
+    train_on_sample = True   # the trainer's loss is computed on z ~ q(z|x), as upstream's
     rows, results = [], {}
     for w, model in setup["models"].items():
         r, latents = evaluate_model(model, setup["loss"], dataset, indices, batch_size=int(batch_size), device=setup["device"],

@@ -142,7 +142,7 @@ def diffusers_files(state: dict, record: dict, name: str) -> dict[str, bytes]:
 # %% ../nbs/22a_formats.ipynb 20
 def upstream_first_stage(state: dict, name: str) -> dict:
     "The `first_stage` block of upstream RadioDiff's second-stage config for release `name`."
-    arch = _architecture(state); dd = dict(arch['ddconfig'])
+    arch = _architecture(state); dd = {'double_z': True, **arch['ddconfig']}   # upstream's files write double_z (our schema has only that value)
     res = dd['resolution']
     dd['resolution'] = [res, res] if isinstance(res, int) else list(res)
     return {'embed_dim': arch['embed_dim'],

@@ -335,7 +335,7 @@ RECORD_FIELDS = {
     'wall_time': 'UNIX time of the record (read back also as `timestamp`)',
     'elapsed_s': 'seconds since this session started',
     'steps_per_s': 'optimizer steps per second since the previous record',
-    'nonfinite_skips': 'batches skipped so far for a NaN/inf loss (trainer.skip_nonfinite)',
+    'nonfinite_skips': 'batches skipped so far for a NaN/inf loss (trainer.max_nonfinite_skips)',
     'epoch': 'passes over the training set so far',
     'milestone': 'held-out records only: the checkpoint number N of model-N.pt',
     'session': 'how many times the run was resumed before this record (added by the writer)',

@@ -15,7 +15,7 @@ from .checks import check_training_memory
 
 # %% auto 0
 __all__ = ['RUN_FOLDER_FILES', 'CKPT_RE', 'FAILED_START_RECORDS', 'read_lock', 'RunLock', 'list_checkpoints', 'latest_checkpoint',
-           'resolve_resume', 'new_run_id', 'checkpoint_record', 'resume_path', 'run_lineage', 'set_aside_failed_start',
+           'resolve_resume', 'new_run_id', 'checkpoint_record', 'run_lineage', 'set_aside_failed_start',
            'check_run_folder', 'lock_status', 'run_health', 'remove_temp_files']
 
 # %% ../nbs/11_run_folder.ipynb 5
@@ -157,12 +157,6 @@ def checkpoint_record(path) -> dict:
             'step': int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else None}
 
 # %% ../nbs/11_run_folder.ipynb 37
-def resume_path(out, cfg: dict, resume) -> Path | None:
-    "The checkpoint a start resumes: `resume` resolved, or upstream's implicit `trainer.resume_milestone` in `out`; None for a fresh start."
-    if resume not in (None, False): return resolve_resume(out, resume)
-    m = cfg['trainer']['resume_milestone']
-    return Path(out)/f'model-{m}.pt' if m > 0 and (Path(out)/f'model-{m}.pt').is_file() else None
-
 def _folder_run_id(ckpts) -> str | None:
     "The run id of the newest readable checkpoint among `ckpts` (None: none recorded)."
     for _, p in reversed(ckpts):
@@ -210,7 +204,7 @@ def check_run_folder(out, cfg: dict, resuming: bool, resume=None) -> str:
     if out.exists() and not out.is_dir(): raise RunFolderError(f'{out}: exists and is not a folder')
     check_training_memory(cfg)
     ckpts, stored = list_checkpoints(out), out/'config.yaml'
-    path = resume_path(out, cfg, resume)
+    path = resolve_resume(out, resume) if resume not in (None, False) else None   # the checkpoint this start resumes
     run_id = run_lineage(out, path, ckpts)
     if path is not None: _check_horizon(path, cfg)
     diff = None

@@ -161,10 +161,6 @@ def check_study(raw: dict, path) -> dict:
                 seeds=list(seeds), baseline=raw['baseline'], arms=arms, evaluation=_check_evaluation(raw.get('evaluation'), path))
 
 # %% ../nbs/21_study.ipynb 25
-def _init_overrides(arm: dict) -> list[str]:
-    "The overrides of an arm that starts from another arm's runs (their path is known only when those runs exist)."
-    return ['model.ckpt_weights=ema'] if arm.get('init_from') else []
-
 def arm_configs(spec: dict) -> dict:
     "Each arm's resolved training config (with the first seed), by label; a ConfigError naming the study file and the key otherwise."
     path = spec['path']
@@ -175,7 +171,7 @@ def arm_configs(spec: dict) -> dict:
     configs = {}
     for i, arm in enumerate(spec['arms']):
         steps, seeds = arm_steps(spec, arm), arm_seeds(spec, arm)
-        try: cfg = load_config(spec['base_path'], spec['overrides'] + arm['set'] + _init_overrides(arm) + [f'trainer.train_num_steps={steps}', f'trainer.seed={seeds[0]}'])
+        try: cfg = load_config(spec['base_path'], spec['overrides'] + arm['set'] + [f'trainer.train_num_steps={steps}', f'trainer.seed={seeds[0]}'])
         except ConfigError as e: raise _fail(path, f"arms[{i}] ({arm['label']}): base + overrides + set", str(e)) from None
         every = cfg['trainer']['save_and_sample_every']
         if steps % every: raise _fail(path, 'steps', f"{steps} is not a multiple of trainer.save_and_sample_every={every} "
@@ -194,7 +190,7 @@ def run_plan(spec: dict, out, configs: dict) -> list[dict]:
     "One entry per arm × seed (arm-major): key, run folder, what to train and what to evaluate it on."
     out = Path(out).resolve()
     return [dict(key=f"{a['label']}/seed-{s}", arm=a['label'], seed=s, folder=str(out/'runs'/a['label']/f'seed-{s}'),
-                 config=spec['base_path'], overrides=spec['overrides'] + a['set'] + _init_overrides(a), steps=arm_steps(spec, a),
+                 config=spec['base_path'], overrides=spec['overrides'] + a['set'], steps=arm_steps(spec, a),
                  **({'init_from': str(out/'runs'/a['init_from']/f'seed-{s}')} if a.get('init_from') else {}),
                  sets=evaluation_sets(spec['evaluation'], configs[a['label']]['data']['size']),
                  weights=spec['evaluation']['weights'], batch_size=spec['evaluation']['batch_size'])
@@ -210,7 +206,7 @@ def tiny_study_file(folder, # where tiny.yaml is written
     "Write a tiny study (32×32 maps, a small autoencoder, `steps` steps, `maps` maps per evaluation set) into `folder`; return its path."
     tiny = ['model.ddconfig.resolution=32', 'data.size=32', 'data.n_maps=16', 'data.val_maps=2',
             'model.lossconfig.disc_ndf=8', 'trainer.save_and_sample_every={steps*0.5}', 'trainer.log_freq=1', 'trainer.warmup_steps=1',
-            'trainer.log_with=[]', 'trainer.sample_maps=1']
+            'trainer.log_with=[]']
     arms = arms or [dict(label='no-gan', set=['model.lossconfig.disc_start={steps}']),
                     dict(label='gan-half', set=['model.lossconfig.disc_start={steps*0.5}'], note='discriminator from half-way')]
     study = dict(description=f'A tiny study: 32x32 maps, ch 32, {steps} steps.', base=str(repo_dir()/'configs'/'studies'/'quickstart_batch8.yaml'),

@@ -33,8 +33,8 @@ from .checkpoints import checkpoint_state, sample_grid_png, resume_checkpoint, l
 from .evaluation import map_metrics
 
 # %% auto 0
-__all__ = ['Trainer', 'build_model_and_loss', 'ae_parameters', 'build_optimizers', 'AutoencoderStep', 'NonFiniteLossError',
-           'train', 'add_train_args', 'run_train', 'main']
+__all__ = ['SAMPLE_MAPS', 'Trainer', 'build_model_and_loss', 'ae_parameters', 'build_optimizers', 'AutoencoderStep',
+           'NonFiniteLossError', 'train', 'add_train_args', 'run_train', 'main']
 
 # %% ../nbs/13_trainer.ipynb 16
 class Trainer:
@@ -78,7 +78,7 @@ class Trainer:
                 disc_logs = self._disc_pass(kept, train_disc)
                 if train_disc: vals |= self._update(self.opt_disc, self.disc_params, disc_logs, names, 'grad_norm_disc')
                 elif logged: vals |= _host_values(disc_logs)
-            if not gan and self.t['step_idle_discriminator']: self._idle_disc_step()
+            if not gan and self.t['upstream_faithful']: self._idle_disc_step()
         except _SkippedBatch: return {'skipped': True}
         if not logged: return {}
         return vals if train_disc else vals | {'grad_norm_disc': float('nan')}   # the discriminator was not updated
@@ -116,8 +116,7 @@ class Trainer:
 # %% ../nbs/13_trainer.ipynb 19
 def build_model_and_loss(model_cfg: dict) -> tuple[AutoencoderKL, LPIPSWithDiscriminator]:
     "The AutoencoderKL and the LPIPSWithDiscriminator of the config's `model` section."
-    ae = AutoencoderKL(copy.deepcopy(model_cfg['ddconfig']), model_cfg['embed_dim'],
-                       gradient_checkpointing=model_cfg['gradient_checkpointing'])
+    ae = AutoencoderKL(copy.deepcopy(model_cfg['ddconfig']), model_cfg['embed_dim'])
     return ae, LPIPSWithDiscriminator(**model_cfg['lossconfig'])
 
 def ae_parameters(ae) -> list:
@@ -128,13 +127,11 @@ def ae_parameters(ae) -> list:
 def build_optimizers(ae, loss, t: dict, fused: bool = False):
     "AdamW for the autoencoder (+ logvar when `learn_logvar`) and for the discriminator, with LambdaLR schedules."
     groups = [{'params': ae_parameters(ae)}] + ([{'params': [loss.logvar], 'weight_decay': 0.0}] if t['learn_logvar'] else [])
-    kw, disc_lr = dict(betas=tuple(t['betas']), weight_decay=t['weight_decay'], fused=fused or None), t['disc_lr'] or t['lr']
-    opt_ae = torch.optim.AdamW(groups, lr=t['lr'], **kw)
-    opt_disc = torch.optim.AdamW(loss.discriminator.parameters(), lr=disc_lr, **kw)
+    kw = dict(lr=t['lr'], betas=tuple(t['betas']), weight_decay=t['weight_decay'], fused=fused or None)
+    opt_ae, opt_disc = torch.optim.AdamW(groups, **kw), torch.optim.AdamW(loss.discriminator.parameters(), **kw)
     sched = dict(min_lr=t['min_lr'], power=t['power'], warmup_steps=t['warmup_steps'], decay_fraction=t['decay_fraction'])
-    lam = lambda base: make_lr_lambda(t['schedule'], t['train_num_steps'], base, **sched)
-    return (opt_ae, opt_disc, torch.optim.lr_scheduler.LambdaLR(opt_ae, lam(t['lr'])),
-            torch.optim.lr_scheduler.LambdaLR(opt_disc, lam(disc_lr)))
+    lam = make_lr_lambda(t['schedule'], t['train_num_steps'], t['lr'], **sched)
+    return opt_ae, opt_disc, torch.optim.lr_scheduler.LambdaLR(opt_ae, lam), torch.optim.lr_scheduler.LambdaLR(opt_disc, lam)
 
 # %% ../nbs/13_trainer.ipynb 24
 class AutoencoderStep(nn.Module):
@@ -171,7 +168,7 @@ def _compile_step(ae: AutoencoderKL, loss: LPIPSWithDiscriminator, mode: str = '
 
 def _uses_cuda_graphs(t: dict, device) -> bool:
     "Whether the compiled step replays CUDA graphs (then each step must say where it begins)."
-    return t['compile'] and t['compile_mode'] in CUDA_GRAPH_MODES and torch.device(device).type == 'cuda'
+    return t['compile'] in CUDA_GRAPH_MODES and torch.device(device).type == 'cuda'
 
 # %% ../nbs/13_trainer.ipynb 32
 @patch
@@ -191,7 +188,7 @@ def _build(self: Trainer, dataset=None):
     t = self.t
     seed_everything(t['seed'])
     self.ae, self.loss = build_model_and_loss(self.cfg['model'])
-    if t['sync_batchnorm']: global_batchnorm(self.loss.discriminator)
+    global_batchnorm(self.loss.discriminator)   # the global batch's statistics: a run does not depend on its process count
     self.ae.to(self.device); self.loss.to(self.device)
     self.ae_params = ae_parameters(self.ae) + ([self.loss.logvar] if t['learn_logvar'] else [])
     self.disc_params = list(self.loss.discriminator.parameters())
@@ -199,10 +196,10 @@ def _build(self: Trainer, dataset=None):
     (self.gen, self.disc, self.opt_ae, self.opt_disc, self.sched_ae,
      self.sched_disc) = self.acc.prepare(*steps, *build_optimizers(self.ae, self.loss, t, fused=self.device.type == 'cuda'))
     self.disc_eval = steps[1]    # the discriminator pass of a step that does not train it (no gradients)
-    self.ema = EMA(self.ae, t['ema_decay'], t['ema_update_every'], t['ema_warmup'], t['upstream_ema']) if self.main else None
-    if t['compile']: _compile_step(self.ae, self.loss, t['compile_mode'])   # after the EMA's copy: the EMA model stays eager
+    self.ema = EMA(self.ae, t['ema_decay'], t['ema_update_every'], t['ema_warmup'], t['upstream_faithful']) if self.main else None
+    if t['compile']: _compile_step(self.ae, self.loss, t['compile'])   # after the EMA's copy: the EMA model stays eager
     self.cuda_graphs = _uses_cuda_graphs(t, self.device)
-    if self.device.type == 'cuda': torch.backends.cudnn.benchmark = t['cudnn_benchmark']
+    if self.device.type == 'cuda': torch.backends.cudnn.benchmark = True   # fixed shapes: cuDNN's timing is paid once per map size
     if dataset is not None and self.cfg['data']['finish'] is not None:
         raise ConfigError('data.finish: a finishing phase needs the configured maps, not a dataset passed to the trainer '
                           f'(set {FINISH_OFF} to train on that dataset alone)')
@@ -232,8 +229,7 @@ def _claim_folder(self: Trainer, resume):
     "Lock the output folder and check that it may be used for this run."
     make_output_folder(self.out)   # the check every command shares (checks.ipynb)
     self.lock.acquire()
-    implicit = self.t['resume_milestone'] > 0 and (self.out/f"model-{self.t['resume_milestone']}.pt").is_file()
-    try: self.run_id = check_run_folder(self.out, self.cfg, resuming=resume not in (None, False) or implicit, resume=resume)
+    try: self.run_id = check_run_folder(self.out, self.cfg, resuming=resume not in (None, False), resume=resume)
     except BaseException: self._abandon(); raise
 
 @patch
@@ -258,7 +254,7 @@ def _start(self: Trainer, resume):
     path = resume_checkpoint(self, resume)   # checkpoints.ipynb
     if path is None:
         m = self.cfg['model']
-        if m['ckpt_path']: load_initial_weights(self.ae, self.ema, m['ckpt_path'], m['ckpt_weights'], self.trust)
+        if m['ckpt_path']: load_initial_weights(self.ae, self.ema, m['ckpt_path'], self.trust)
         seed_everything(self.t['seed'] + 1_000_003 * (self.rank + 1))
     self.resumed_from = path
     if self.main:
@@ -312,17 +308,15 @@ def _enter_finish(self: Trainer):
 # %% ../nbs/13_trainer.ipynb 36
 @patch
 def _next_batch(self: Trainer):
-    "This process's share of the next global batch, its posterior noise (None: train on the mode) and its map names."
+    "This process's share of the next global batch, its posterior noise and its map names."
     k, (rank, batch) = self.batches_drawn, (self.rank, next(self.batches))
     self.batches_drawn += 1
     x = batch['image'].to(self.device, non_blocking=True)
     positions, crop = range(rank * len(x), (rank + 1) * len(x)), None if self._finishing() else self.cfg['data']['crop']
     if crop and crop < x.shape[-1]: x = random_crops(x, self.t['seed'], k, positions, crop)
-    eps = None
-    if self.t['sample_posterior']:
-        f = self.ae.downsampling_factor
-        shape = (self.cfg['model']['embed_dim'], x.shape[-2] // f, x.shape[-1] // f)
-        eps = posterior_noise(batch_seed(self.t['seed'], k), positions, shape).to(self.device, non_blocking=True)   # no wait for the GPU
+    f = self.ae.downsampling_factor
+    shape = (self.cfg['model']['embed_dim'], x.shape[-2] // f, x.shape[-1] // f)
+    eps = posterior_noise(batch_seed(self.t['seed'], k), positions, shape).to(self.device, non_blocking=True)   # no wait for the GPU
     return x, eps, list(batch.get('name', []))
 
 @patch
@@ -372,7 +366,7 @@ class NonFiniteLossError(RadioDiffError, FloatingPointError):
     "A loss or gradient became NaN/inf during training."
 
 class _SkippedBatch(Exception):
-    "Raised inside a step whose batch is skipped (`trainer.skip_nonfinite`); the step catches it."
+    "Raised inside a step whose batch is skipped (`trainer.max_nonfinite_skips`); the step catches it."
 
 def _nonfinite_terms(values: dict) -> list[str]:
     "Keys of `values` that are NaN or infinite, the loss components first."
@@ -403,12 +397,14 @@ def _val_scores(x, x_hat) -> dict:
     return {k: float(v.mean()) for k, v in map_metrics(unscale_gain(x_hat), unscale_gain(x), keys=_VAL_METRICS).items()}
 
 # %% ../nbs/13_trainer.ipynb 44
+SAMPLE_MAPS = 4   # maps shown in sample-N.png (input | reconstruction)
+
 @patch
 def _write_milestone(self: Trainer, state: dict):
     "Write sample-{milestone}.png, the held-out scores, then model-{milestone}.pt (process 0); milestone = ceil(step / save_and_sample_every)."
     milestone, x = -(-self.step // self.t['save_and_sample_every']), self._sample_inputs()   # a final partial interval rounds up
     recs = {k: reconstruct(m, x) for k, m in ({'': self.ae} | ({'_ema': self.ema.ema_model} if self.ema else {})).items()}
-    png, n = self.out/f'sample-{milestone}.png', self.t['sample_maps'] or 1
+    png, n = self.out/f'sample-{milestone}.png', SAMPLE_MAPS
     self._write(lambda: atomic_write_bytes(png, sample_grid_png(x[:n], recs[''][:n])), png, 'sample')
     if self.val_ds is not None:
         scores = {f'val/{k}{tag}': v for tag, r in recs.items() for k, v in _val_scores(x, r).items()}
@@ -423,7 +419,7 @@ def _write_milestone(self: Trainer, state: dict):
 def _sample_inputs(self: Trainer) -> torch.Tensor:
     "The held-out maps (or the first maps of the training set) used for samples and scores."
     ds = self.val_ds if self.val_ds is not None else self.train_ds
-    n = len(ds) if self.val_ds is not None else min(len(ds), max(self.t['sample_maps'], 1))
+    n = len(ds) if self.val_ds is not None else min(len(ds), SAMPLE_MAPS)
     return torch.stack([ds[i]['image'] for i in range(n)]).to(self.device)
 
 # %% ../nbs/13_trainer.ipynb 45
@@ -434,8 +430,9 @@ def _log_step(self: Trainer, vals: dict, timer: dict, bar=None):
     rate = (self.step - timer['step']) / max(now - timer['time'], 1e-9) if self.step > timer['step'] else float('nan')
     timer.update(step=self.step, time=now)
     lr_ae, lr_disc, T = self.opt_ae.param_groups[0]['lr'], self.opt_disc.param_groups[0]['lr'], self.t['train_num_steps']
-    self.logs.line(format_log_line(self.step, T, vals, UPSTREAM_AE_KEYS, lr_ae, decimals=self.t['log_decimals']))
-    self.logs.line(format_log_line(self.step, T, vals, UPSTREAM_DISC_KEYS, lr_ae, decimals=self.t['log_decimals']))
+    decimals = 5 if self.t['upstream_faithful'] else None   # upstream's '%.5f'; ours: 6 significant digits
+    self.logs.line(format_log_line(self.step, T, vals, UPSTREAM_AE_KEYS, lr_ae, decimals=decimals))
+    self.logs.line(format_log_line(self.step, T, vals, UPSTREAM_DISC_KEYS, lr_ae, decimals=decimals))
     self.logs.record({'step': self.step, 'total_steps': T, **vals, 'lr_ae': lr_ae, 'lr_disc': lr_disc,
                       'wall_time': now, 'elapsed_s': now - timer['start'], 'steps_per_s': rate,
                       'nonfinite_skips': self.skips, 'epoch': self.batches_drawn // max(self.sampler.per_epoch, 1)})
@@ -448,7 +445,7 @@ def _nonfinite(self: Trainer, bad: list, values: dict, names: list):
     self.opt_ae.zero_grad(set_to_none=True); self.opt_disc.zero_grad(set_to_none=True)
     names = [n for share in gather_object([names]) for n in share] if self.world > 1 else names
     step, desc = self.step, ', '.join(f'{k} = {values.get(k, "nan")}' for k in bad)
-    if self.t['skip_nonfinite'] and self.skips < self.t['max_nonfinite_skips']:
+    if self.skips < self.t['max_nonfinite_skips']:
         self.skips += 1
         if self.main: self.logs.line(f'[Skip] step {step}: non-finite {desc}; batch {names}; skipped {self.skips} so far')
         raise _SkippedBatch()
@@ -459,9 +456,9 @@ def _nonfinite(self: Trainer, bad: list, values: dict, names: list):
         self._write(lambda: atomic_write_text(diag, json.dumps(info, indent=1)), diag, 'diagnostic')
         self.logs.line(f'[Stop] step {step}: non-finite {desc}; diagnostic {diag.name}')
     last = f'the last good checkpoint is {self.last_checkpoint}' if self.last_checkpoint else 'no checkpoint was written yet'
-    why = f' (after {self.skips} skipped batches: trainer.max_nonfinite_skips)' if self.t['skip_nonfinite'] else ''
+    why = f' (after {self.skips} skipped batches: trainer.max_nonfinite_skips)' if self.t['max_nonfinite_skips'] else ''
     raise NonFiniteLossError(f'non-finite loss at step {step}: {desc}{why}; batch {names[:8]}; {last}; diagnostic: {diag}. '
-                             'Resume with --resume latest (perhaps with a lower trainer.lr), or set trainer.skip_nonfinite=true to skip such batches.')
+                             'Resume with --resume latest (perhaps with a lower trainer.lr), or set trainer.max_nonfinite_skips=N to skip up to N such batches.')
 
 # %% ../nbs/13_trainer.ipynb 58
 @patch

@@ -256,17 +256,17 @@ def test_nonfinite_loss_stops_with_diagnostic(tmp_path, monkeypatch):
 def test_nonfinite_batches_can_be_skipped_and_are_counted(tmp_path, monkeypatch):
     out = tmp_path/'run'
     nan_at(monkeypatch, 3, 'train/kl_loss', float('inf'))
-    s = train(tiny_run(4, 2, skip_nonfinite=True), out, progress=False)
+    s = train(tiny_run(4, 2, max_nonfinite_skips=100), out, progress=False)
     assert s['step'] == 4 and s['nonfinite_skips'] == 1 and load_ckpt(out/'model-2.pt')['nonfinite_skips'] == 1
     recs = train_records(out)
     assert [r['step'] for r in recs if 'milestone' not in r] == [0, 1, 2]     # step 3 was skipped, not logged
     skips = [l for p in out.glob('*.log') for l in p.read_text().splitlines() if '[Skip]' in l]
     assert len(skips) == 1 and 'step 3' in skips[0] and 'kl_loss' in skips[0], skips    # names the step and the term
     assert all(torch.isfinite(v).all() for v in load_ckpt(out/'model-2.pt')['model'].values())
-    # the limit: stop anyway after max_nonfinite_skips
+    # the limit: max_nonfinite_skips=0 (the default) stops at the first
     nan_at(monkeypatch, 1)
     with pytest.raises(NonFiniteLossError, match='max_nonfinite_skips'):
-        train(tiny_run(4, 2, skip_nonfinite=True, max_nonfinite_skips=0), tmp_path/'run2', progress=False)
+        train(tiny_run(4, 2, max_nonfinite_skips=0), tmp_path/'run2', progress=False)
 
 def failing_fsync(monkeypatch, name: str):
     "A full disk for files named `name`: fsync of their temporary file raises ENOSPC."

@@ -14,7 +14,7 @@ model:
   lossconfig: {disc_start: 2, perceptual_weight: 0.0, lpips_pretrained: false, disc_ndf: 8}
 data: {source: synthetic, size: 32, n_maps: 32, val_maps: 2, batch_size: 4}
 trainer: {lr: 0.001, min_lr: 0.00001, schedule: cosine, train_num_steps: 10, save_and_sample_every: 5, log_freq: 1,
-          ema_update_every: 1, log_with: [], num_threads: 1, learn_logvar: true, sync_batchnorm: true}
+          ema_update_every: 1, log_with: [], num_threads: 1, learn_logvar: true}
 '''
 LOSSES = ('train/total_loss', 'train/rec_loss', 'train/nll_loss', 'train/kl_loss', 'train/g_loss', 'train/d_weight',
           'train/disc_loss', 'train/logits_real', 'train/logits_fake', 'grad_norm_ae')
@@ -67,7 +67,7 @@ def test_cli_launch_writes_once(runs):
     assert ck['world_size'] == 2 and len(ck['rng']) == 2 and ck['data_state']['batches_drawn'] == 10 and ck['step'] == 10
 
 def test_world_size_invariance(runs):
-    "1 process with batch 4 = 2 processes with 2 maps each: losses and weights, GAN on from step 2 (sync_batchnorm)."
+    "1 process with batch 4 = 2 processes with 2 maps each: losses and weights, GAN on from step 2 (BatchNorm over the global batch)."
     d, r = runs
     assert r.returncode == 0, r.stderr[-3000:]
     one = train(load_config(d/'cfg.yaml'), d/'one', progress=False)
@@ -100,7 +100,7 @@ def test_exact_resume_on_two_processes(runs):
     assert b['session'] == 1
 
 def test_resume_two_process_checkpoint_on_one(runs):
-    "Where the run does not depend on the process count (sync_batchnorm), 2 -> 1 process continues the same run."
+    "The run does not depend on the process count (BatchNorm over the global batch): 2 -> 1 process continues the same run."
     d, _ = runs
     s = train(load_config(d/'cfg.yaml'), d/'two-to-one', resume=str(d/'two'/'model-1.pt'), progress=False)
     assert s['start_step'] == 5 and s['step'] == 10

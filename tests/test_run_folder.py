@@ -135,9 +135,8 @@ def test_run_health_and_temp_files(tmp_path):
     assert remove_temp_files(tmp_path) == ['.model-3.pt.x1.tmp'] and run_health(tmp_path)['temp_files'] == []
 
 
-# two steps on 16x16 maps, a checkpoint at each, TensorBoard on: every file a run can write, in seconds
-RUN = tiny_config('model.ddconfig.resolution=16', 'model.ddconfig.ch_mult=[1]', 'model.lossconfig.disc_start=1',
-                  'model.lossconfig.disc_num_layers=2', 'data.size=16', 'data.n_maps=4', 'data.val_maps=1', 'trainer.lr=1e-3',
+# two steps on 32x32 maps, a checkpoint at each, TensorBoard on: every file a run can write, in seconds
+RUN = tiny_config('model.ddconfig.ch_mult=[1]', 'model.lossconfig.disc_start=1', 'data.n_maps=4', 'data.val_maps=1', 'trainer.lr=1e-3',
                   'trainer.train_num_steps=2', 'trainer.save_and_sample_every=1', 'trainer.log_with=[tensorboard]')
 
 

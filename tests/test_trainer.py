@@ -162,7 +162,7 @@ def test_nan_stops_with_step_term_and_diagnostic(tmp_path):
     with pytest.raises(NonFiniteLossError) as e:
         train(cfg, out, progress=False, dataset=PoisonedMaps(clean=8))
     msg = str(e.value)
-    assert 'step 2' in msg and 'train/nll_loss' in msg and 'model-1.pt' in msg and 'skip_nonfinite' in msg
+    assert 'step 2' in msg and 'train/nll_loss' in msg and 'model-1.pt' in msg and 'trainer.max_nonfinite_skips=N' in msg
     diag = json.loads((out/'nonfinite-step2.json').read_text())
     assert diag['step'] == 2 and diag['terms'][0] == 'train/nll_loss' and len(diag['batch']) == 4 and 'train/rec_loss' in diag['losses']
     assert [m for m, _ in list_checkpoints(out)] == [1] and load(out/'model-1.pt')['step'] == 2
@@ -170,8 +170,9 @@ def test_nan_stops_with_step_term_and_diagnostic(tmp_path):
     assert '[Stop] step 2' in next(out.glob('*_.log')).read_text()
 
 def test_skip_nonfinite_counts_skips(tmp_path):
+    "trainer.max_nonfinite_skips: N > 0 skips a NaN batch (before issue 29 it also needed trainer.skip_nonfinite: true)."
     out = tmp_path/'skip'
-    cfg = tiny(**{'trainer.skip_nonfinite': True, 'trainer.train_num_steps': 6, 'trainer.save_and_sample_every': 6, 'model.lossconfig.disc_start': 3, 'data.val_maps': 0})
+    cfg = tiny(**{'trainer.max_nonfinite_skips': 100, 'trainer.train_num_steps': 6, 'trainer.save_and_sample_every': 6, 'model.lossconfig.disc_start': 3, 'data.val_maps': 0})
     s = train(cfg, out, progress=False, dataset=PoisonedMaps(at={5, 14}))   # draws 5 and 14: steps 1 and 3
     assert s['step'] == 6 and s['nonfinite_skips'] == 2
     log = next(out.glob('*_.log')).read_text()
@@ -301,7 +302,7 @@ def test_auto_precision_is_printed_and_recorded(tmp_path, monkeypatch, capsys):
         assert text in capsys.readouterr().err
         assert (out/'config.yaml').read_text().splitlines()[0] == f'# session 0: {text}'
         assert f'[Precision] {text}' in next(out.glob('*.log')).read_text()
-        assert resolve_config(tiny())['trainer']['mixed_precision'] is None     # unset: upstream's fp16 flag decides (fp32)
+        assert resolve_config(tiny())['trainer']['mixed_precision'] is None     # unset: fp32 (upstream's fp16: true reads as fp16)
 
 @pytest.mark.parametrize('mode,lpips', [('default', False), ('reduce-overhead', True)])
 def test_compiled_step_equals_eager_on_cpu(tmp_path, mode, lpips):
@@ -309,7 +310,7 @@ def test_compiled_step_equals_eager_on_cpu(tmp_path, mode, lpips):
     changes = {'trainer.train_num_steps': 2, 'trainer.save_and_sample_every': 2, 'model.lossconfig.disc_start': 1, 'trainer.warmup_steps': 1,
                'model.lossconfig.perceptual_weight': 1.0 if lpips else 0.0}
     eager = mixed_precision_run(tmp_path/'eager', 'fp32', **changes)
-    compiled = mixed_precision_run(tmp_path/'compiled', 'fp32', **changes, **{'trainer.compile': True, 'trainer.compile_mode': mode})
+    compiled = mixed_precision_run(tmp_path/'compiled', 'fp32', **changes, **{'trainer.compile': mode})
     keys = ('train/total_loss', 'train/nll_loss', 'train/rec_loss', 'train/kl_loss', 'train/g_loss', 'train/d_weight', 'train/disc_loss', 'train/logits_real')
     for e, c in zip(eager, compiled, strict=True):
         for k in keys:
@@ -319,8 +320,8 @@ def test_compiled_step_equals_eager_on_cpu(tmp_path, mode, lpips):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='fp16 needs a CUDA GPU (the config refuses fp16 on the CPU)')
 def test_fp16_training_with_skip_nonfinite_on_gpu(tmp_path):
-    "fp16 with the grad scaler and trainer.skip_nonfinite: 4 steps run (the scaler may skip overflowing steps itself)."
-    recs = mixed_precision_run(tmp_path, 'fp16', **{'trainer.skip_nonfinite': True})
+    "fp16 with the grad scaler and trainer.max_nonfinite_skips: 4 steps run (the scaler may skip overflowing steps itself)."
+    recs = mixed_precision_run(tmp_path, 'fp16', **{'trainer.max_nonfinite_skips': 100})
     assert [r['step'] for r in recs] == [0, 1, 2, 3] and all(math.isfinite(r['train/nll_loss']) for r in recs)
 
 def fp16_scaler_on_cpu(monkeypatch, init_scale=2.0**24):
@@ -339,7 +340,7 @@ def test_fp16_overflow_is_left_to_the_grad_scaler(tmp_path, monkeypatch, skip_no
     the discriminator's check: the run stopped ("non-finite loss at step 0: grad_norm_ae = nan") or, with
     skip_nonfinite, skipped the batch."""
     fp16_scaler_on_cpu(monkeypatch)
-    recs = mixed_precision_run(tmp_path, 'fp32', **{'trainer.skip_nonfinite': skip_nonfinite})
+    recs = mixed_precision_run(tmp_path, 'fp32', **{'trainer.max_nonfinite_skips': 100 if skip_nonfinite else 0})
     assert [r['step'] for r in recs] == [0, 1, 2, 3]
     g = torch.tensor([r['train/g_loss'] for r in recs])
     assert torch.equal(g.half().double(), g.double())                        # autocast really ran in fp16
@@ -508,13 +509,14 @@ def test_changed_lr_in_the_same_folder_takes_effect_and_is_recorded(tmp_path):
     assert any('[Config] trainer.lr: 0.001 -> 0.0002 from step 6' in p.read_text() for p in out.glob('*.log'))
 
 def test_upstream_switches(straight, tmp_path):
-    "The four upstream details behind switches: idle discriminator steps, EMA copy phase, EMA init weights, %.5f losses."
+    """trainer.upstream_faithful, one switch for upstream's three details: idle discriminator steps, the EMA's copy phase,
+    %.5f losses (before issue 29 three keys). And model.ckpt_path initialises from the EMA weights where the checkpoint
+    holds them, as upstream (before: from its raw weights unless model.ckpt_weights=ema)."""
     out, _ = straight
     common = {'trainer.train_num_steps': 3, 'trainer.save_and_sample_every': 3, 'model.lossconfig.disc_start': 3}
     params = {}
     for idle in (False, True):
-        t = Trainer(resolve_config(tiny(**common, **{'trainer.step_idle_discriminator': idle, 'trainer.upstream_ema': idle,
-                                                      'trainer.log_decimals': 5 if idle else None})), tmp_path/f'idle{idle}', progress=False)
+        t = Trainer(resolve_config(tiny(**common, **{'trainer.upstream_faithful': idle})), tmp_path/f'idle{idle}', progress=False)
         before = [p.detach().clone() for p in t.disc_params]
         t.fit(); t.lock.release()
         params[idle] = [(b, p.detach()) for b, p in zip(before, t.disc_params)]
@@ -525,10 +527,12 @@ def test_upstream_switches(straight, tmp_path):
     line = next(l for l in next((tmp_path/'idleTrue').glob('*.log')).read_text().splitlines() if '[Train Step] 0/3' in l)
     assert re.search(r'train/total_loss: -?\d+\.\d{5}, ', line), line
     ck = load(out/'model-4.pt')
-    for weights, source in (('raw', ck['model']), ('ema', {k[len('ema_model.'):]: v for k, v in ck['ema'].items() if k.startswith('ema_model.')})):
-        t = Trainer(resolve_config(tiny(**{'model.ckpt_path': str(out/'model-4.pt'), 'model.ckpt_weights': weights})), tmp_path/f'init-{weights}', progress=False)
+    torch.save({'model': ck['model']}, tmp_path/'weights-only.pt')
+    ema = {k[len('ema_model.'):]: v for k, v in ck['ema'].items() if k.startswith('ema_model.')}
+    for path, source in ((out/'model-4.pt', ema), (tmp_path/'weights-only.pt', ck['model'])):
+        t = Trainer(resolve_config(tiny(**{'model.ckpt_path': str(path)})), tmp_path/f'init-{path.stem}', progress=False)
         t.logs.close(); t.lock.release()
-        assert all(torch.equal(v, source[k]) for k, v in t.ae.state_dict().items()), weights
+        assert all(torch.equal(v, source[k]) for k, v in t.ae.state_dict().items()), path
     assert not torch.equal(ck['model']['decoder.conv_out.weight'], ck['ema']['ema_model.decoder.conv_out.weight'])
 
 class UpstreamEMA:
@@ -551,7 +555,7 @@ class UpstreamEMA:
         for e, p in zip(self.ema_model.parameters(), model.parameters()): e.data.lerp_(p.data, 1 - decay)
 
 def test_upstream_ema_is_upstreams_rule_past_step_111():
-    """trainer.upstream_ema against upstream's rule on a drifting model for 400 steps: equal at every step. Before the fix
+    """trainer.upstream_faithful's EMA against upstream's rule on a drifting model for 400 steps: equal at every step. Before the fix
     ours averaged from the step-101 copy at step 111 (decay 0.798) where upstream copies again (its `initted` flag): 2.9
     apart at step 111. The flag is saved, and a state of an earlier version (which always wrote initted=True) resumed
     inside the copy phase still copies at step 111."""
@@ -623,7 +627,7 @@ def test_upstream_only_keys_are_noted_at_start(tmp_path, capsys):
     "A config holding a key of upstream's files only (latent-diffusion's monitor) trains, and says at start that it is read and not used."
     cfg = tiny(**{'trainer.train_num_steps': 1, 'model.lossconfig.disc_start': 1, 'trainer.warmup_steps': 0, 'data.val_maps': 0})
     train(cfg | {'model': cfg['model'] | {'monitor': 'val/rec_loss'}}, tmp_path/'run', progress=False)
-    note = 'model.monitor: val/rec_loss read and not used ('
+    note = 'model.monitor: val/rec_loss read and not used: '
     assert f'note: {note}' in capsys.readouterr().err and f'[Config] {note}' in next((tmp_path/'run').glob('*.log')).read_text()
     assert 'monitor' not in (tmp_path/'run'/'config.yaml').read_text()
 
@@ -642,13 +646,15 @@ def test_cli_exit_codes(tmp_path, capsys):
     assert 'trainer.bogus' in capsys.readouterr().err
 
 def test_checkpoint_of_another_process_count(straight, tmp_path):
-    "A checkpoint of 2 processes resumes on 1 only where the run does not depend on the count (sync_batchnorm)."
+    """A checkpoint of 2 processes resumes on 1: the discriminator's BatchNorm uses the global batch (before issue 29 only
+    with trainer.sync_batchnorm: true); dropout, which draws per process, is still refused."""
     out, _ = straight
     ck = load(out/'model-2.pt'); ck['world_size'] = 2; torch.save(ck, tmp_path/'two.pt')
-    with pytest.raises(CheckpointError, match=r'written by 2 processes, resumed on 1.*sync_batchnorm.*--num_processes 2'):
-        train(TINY, tmp_path/'a', resume=str(tmp_path/'two.pt'), progress=False)
-    s = train(tiny(**{'trainer.sync_batchnorm': True}), tmp_path/'b', resume=str(tmp_path/'two.pt'), progress=False, stop_at=7)
+    s = train(TINY, tmp_path/'b', resume=str(tmp_path/'two.pt'), progress=False, stop_at=7)
     assert s['start_step'] == 6 and s['step'] == 7
+    ck['config']['model']['ddconfig']['dropout'] = 0.1; torch.save(ck, tmp_path/'two-dropout.pt')
+    with pytest.raises(CheckpointError, match=r'written by 2 processes, resumed on 1.*dropout.*--num_processes 2'):
+        train(tiny(**{'model.ddconfig.dropout': 0.1}), tmp_path/'a', resume=str(tmp_path/'two-dropout.pt'), progress=False)
 
 def test_frozen_discriminator(tmp_path):
     "trainer.train_discriminator: false: the discriminator's weights never move, the GAN term is still on."
