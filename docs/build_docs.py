@@ -4,7 +4,8 @@ Steps (each notebook of `nbs/`, sorted by name, skipping names that start with `
 
 1. execute it top to bottom in a fresh Jupyter kernel (nbclient, working directory `nbs/`), cells flagged
    with a test flag of `settings.ini` (`#| slow`) excepted unless `--flags` names it; executed copies are
-   cached in `build/docs/executed/`, keyed on the notebook's cells and the package's source;
+   cached in `build/docs/executed/`, keyed on the notebook's cells and the package's source (the README's test
+   command, `python docs/nbdev_test_keep.py`, fills that cache from nbdev_test's own run of the notebooks);
    the papermill pipelines (`nbs/pipelines/`) are documented unexecuted (they are jobs, run them with papermill);
 2. process it with nbdev's own processors (what `nbdev_proc_nbs` runs: applies the `#|` directives,
    renders `show_doc` for every exported function and class) into `build/docs/proc/`;
@@ -85,15 +86,25 @@ def cell_flags(cell) -> set[str]:
     return flags
 
 
+def skipped_flags(run_flags: set[str]) -> set[str]:
+    "The test flags of `settings.ini` (`tst_flags`) whose cells are not run: all but `run_flags` (as `nbdev_test --flags`)."
+    return set(settings().get('tst_flags', '').split()) - set(run_flags)
+
+
+def cache_key(nb, skip_flags: set[str], allow_errors: bool, pkg: str) -> tuple[str, str]:
+    "`(cells, key)`: digest of the notebook's cells and run options, and that digest combined with the package's (`pkg`)."
+    cells = hashlib.sha256(json.dumps([CACHE_VERSION, sorted(skip_flags), allow_errors,
+                                       [(c.cell_type, c.source) for c in nb.cells]]).encode()).hexdigest()
+    return cells, hashlib.sha256((cells + pkg).encode()).hexdigest()
+
+
 def execute_notebook(rel: Path, run_flags: set[str], pkg: str, timeout: int, allow_errors: bool) -> tuple[Path, bool, float]:
     "Execute nbs/`rel` into build/docs/executed/`rel` unless an executed copy with the same key exists."
     from nbclient import NotebookClient
     src, dst = NBS / rel, EXECUTED / rel
     nb = nbformat.read(src, as_version=4)
-    skip_flags = set(settings().get('tst_flags', '').split()) - run_flags
-    cells = hashlib.sha256(json.dumps([CACHE_VERSION, sorted(skip_flags), allow_errors,
-                                       [(c.cell_type, c.source) for c in nb.cells]]).encode()).hexdigest()
-    key = hashlib.sha256((cells + pkg).encode()).hexdigest()
+    skip_flags = skipped_flags(run_flags)
+    cells, key = cache_key(nb, skip_flags, allow_errors, pkg)
     if dst.exists():
         old = nbformat.read(dst, as_version=4).metadata.get('docs_build', {})
         if old.get('key') == key or (pkg == 'any' and old.get('cells') == cells): return dst, True, 0.0
@@ -379,7 +390,9 @@ class Converter:
                 raw = data[kind]
                 files[name] = raw.encode() if ext == 'svg' else base64.b64decode(raw)
                 alt = ANSI.sub('', data.get('text/plain', 'figure')).replace('[', '').replace(']', '').replace('\n', ' ')
-                res.append(f'![{alt[:80]}]({name}){{ .nb-figure }}\n' if not self.readme else f'![{alt[:80]}]({name})\n')
+                width = (o.get('metadata') or {}).get(kind, {}).get('width')  # a 'retina' PNG: twice its display size
+                size = f' width="{int(width)}"' if isinstance(width, (int, float)) else ''
+                res.append(f'![{alt[:80]}]({name}){{ .nb-figure{size} }}\n' if not self.readme else f'![{alt[:80]}]({name})\n')
             elif 'text/html' in data:
                 html = data['text/html'] if isinstance(data['text/html'], str) else ''.join(data['text/html'])
                 res.append(f'<div class="nb-output nb-html" markdown="0">\n{html.strip()}\n</div>\n')

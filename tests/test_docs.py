@@ -1,7 +1,8 @@
 """The docs site: README generation, the notebook-to-page converter, and the built site in a headless browser.
 
 The browser test builds the site once per session with `python docs/build_docs.py --reuse-executed` (a notebook runs
-in a fresh kernel unless build/docs/executed/ holds a copy executed from the same cells), serves site/ on 127.0.0.1
+in a fresh kernel unless build/docs/executed/ holds a copy executed from the same cells: after the README's test
+command, `python docs/nbdev_test_keep.py`, it holds nbdev_test's run of every notebook), serves site/ on 127.0.0.1
 and drives Debian's Chromium through selenium + chromedriver. On every page it checks the title, images, links and
 what a reader must not see (PAGE_CHECKS_JS: TeX left as text, maths cut off or wider than its column, Markdown
 lists left as text). Screenshots go to $DOCS_SCREENSHOTS (default build/docs/screenshots/).
@@ -245,6 +246,52 @@ def test_notebooks_run_in_parallel_kernels_and_a_failing_one_stops_the_build(mon
     finally: shutil.rmtree(folder, ignore_errors=True)
 
 
+def test_nbdev_test_keep_saves_what_nbdev_test_ran_and_the_docs_build_reuses_it(tmp_path):
+    """docs/nbdev_test_keep.py (the README's test command): nbdev's own `test_nb` runs each notebook; one that passes is
+    written with its outputs under the key the docs build looks up (flagged cells not run, marked), one that fails is not;
+    the command itself (forked workers) leaves copies of real notebooks that the docs build takes as executed."""
+    folder, executed = tmp_path / 'nbs', tmp_path / 'executed'
+    folder.mkdir()
+    cells = {'good.ipynb': [nbformat.v4.new_markdown_cell('# Good\n> A notebook that passes'),
+                            nbformat.v4.new_code_cell('x = 6 * 7\nprint("printed", x)'),
+                            nbformat.v4.new_code_cell('#| slow\nraise SystemExit("a slow cell ran")'),
+                            nbformat.v4.new_code_cell('import matplotlib.pyplot as plt\nfig = plt.figure(figsize=(2, 1)); plt.plot([0, x])')],
+             'bad.ipynb': [nbformat.v4.new_code_cell('raise ValueError("boom")')]}
+    for name, cs in cells.items():
+        nb = nbformat.v4.new_notebook(); nb.cells = cs; nbformat.write(nb, folder / name)
+    driver = f"""
+import importlib.util, sys
+from pathlib import Path
+spec = importlib.util.spec_from_file_location('keep', {str(ROOT / 'docs' / 'nbdev_test_keep.py')!r})
+keep = importlib.util.module_from_spec(spec); spec.loader.exec_module(keep)
+import nbdev.test
+keep.bd.NBS, keep.bd.EXECUTED = Path({str(folder)!r}), Path({str(executed)!r})
+nbdev.test.CaptureShell = keep.KeepingShell
+print([nbdev.test.test_nb(keep.bd.NBS / n, skip_flags=['slow'], showerr=False)[0] for n in ('good.ipynb', 'bad.ipynb')])
+"""
+    r = subprocess.run([sys.executable, '-c', driver], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith('[True, False]'), r.stdout + r.stderr
+    assert not (executed / 'bad.ipynb').exists()
+    kept = nbformat.read(executed / 'good.ipynb', as_version=4)
+    code = [c for c in kept.cells if c.cell_type == 'code']
+    assert [c.source for c in code] == [c.source for c in cells['good.ipynb'] if c.cell_type == 'code']  # as saved
+    assert code[0].outputs[0].text == 'printed 42\n'
+    assert code[1].outputs == [] and code[1].metadata.get('docs_skipped')
+    assert any('image/png' in o.get('data', {}) for o in code[2].outputs)
+    nb = nbformat.read(folder / 'good.ipynb', as_version=4)
+    assert kept.metadata['docs_build']['key'] == bd.cache_key(nb, bd.skipped_flags(set()), False, bd.package_digest())[1]
+    md, files = bd.Converter({}).convert(kept, 'good.md')
+    assert 'printed 42' in md and 'slow cell: not run' in md and len(files) == 1 and 'width="' in md
+
+    r = subprocess.run([sys.executable, str(ROOT / 'docs' / 'nbdev_test_keep.py'), '--path', 'nbs', '--file_glob', '0[01]_*.ipynb'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and 'Success.' in r.stdout, r.stdout + r.stderr
+    for rel in (Path('00_core.ipynb'), Path('01_distributions.ipynb')):
+        assert nbformat.read(bd.EXECUTED / rel, as_version=4).metadata['docs_build']['by'] == 'nbdev_test'
+        _, cached, _ = bd.execute_notebook(rel, set(), bd.package_digest(), 60, False)
+        assert cached, f'the docs build would execute {rel} again'
+
+
 # ------------------------------------------------------------------ the site in a browser
 def _free_port():
     with socket.socket() as s:
@@ -272,7 +319,8 @@ def built_site():
         return info
     t0 = time.time()
     # --reuse-executed: a notebook whose cells are unchanged keeps its executed copy (build/docs/executed/) even if the
-    # package changed since, so only edited notebooks run again (a fresh checkout executes all: minutes on 2 cores);
+    # package changed since, so only edited notebooks run again (a fresh checkout executes all, minutes on 2 cores, unless
+    # `python docs/nbdev_test_keep.py` ran first: the README's test command, which keeps nbdev_test's executed copies);
     # what is checked here is the site, not the outputs (`nbdev_test` checks those; `make docs` re-executes all)
     r = subprocess.run([sys.executable, str(ROOT / 'docs' / 'build_docs.py'), '--reuse-executed'], cwd=ROOT, capture_output=True,
                        text=True, timeout=3600)
