@@ -373,7 +373,7 @@ def _read_retired_keys(raw: dict) -> tuple[dict, list[str]]:
     return raw, notes
 
 
-# %% ../nbs/10_config.ipynb 48
+# %% ../nbs/10_config.ipynb 50
 def _fill(raw, schema: dict, where: str) -> dict:
     "Check `raw` against `schema` recursively; return a new dict with defaults for missing keys."
     if raw is None: raw = {}
@@ -390,17 +390,17 @@ def _fill(raw, schema: dict, where: str) -> dict:
         else: out[key] = check_value(kind, raw[key], sub) if key in raw else copy.deepcopy(default)
     return out
 
-# %% ../nbs/10_config.ipynb 51
+# %% ../nbs/10_config.ipynb 53
 def _require(ok: bool, message: str):
     "Raise a ConfigError with `message` unless `ok`."
     if not ok: raise ConfigError(message)
 
-# %% ../nbs/10_config.ipynb 54
+# %% ../nbs/10_config.ipynb 56
 def downsampling_factor(ddconfig: dict) -> int:
     "How much the encoder shrinks each side: 2^(levels-1)."
     return 2 ** (len(ddconfig["ch_mult"]) - 1)
 
-# %% ../nbs/10_config.ipynb 57
+# %% ../nbs/10_config.ipynb 59
 FINISH_OFF = 'data.finish=null'   # a run without the phase, as a --set text
 
 def _check_finish(d: dict, total_steps: int, f: int):
@@ -414,7 +414,7 @@ def _check_finish(d: dict, total_steps: int, f: int):
              f"set e.g. --set data.finish.steps={max(1, total_steps // 6)}, or {FINISH_OFF} for no finishing phase")
     _require(d['crop'] is None, f"data.finish and data.crop ({d['crop']}) cannot be combined: the finishing phase trains on whole maps")
 
-# %% ../nbs/10_config.ipynb 60
+# %% ../nbs/10_config.ipynb 62
 OLD_FINISH_KEYS = {'data.finish_size': 'size', 'data.finish_steps': 'steps', 'data.finish_batch_size': 'batch_size',
                    'data.finish_crop': None, 'trainer.finish_lr': None, 'trainer.finish_ema_restart': None}   # older spellings of data.finish
 _DROPPED = {'data.finish_crop': (None, "random windows of the phase's maps lost to whole maps on every seed (tuning round 9)"),
@@ -440,21 +440,21 @@ def _merge_finish_keys(raw: dict) -> tuple[dict, list[str]]:
     raw['data']['finish'] = fin
     return raw, [f"{', '.join(f'{k}: {v!r}' for k, v in found.items())} read as data.finish: {fin!r} (its older spelling)"]
 
-# %% ../nbs/10_config.ipynb 63
+# %% ../nbs/10_config.ipynb 65
 def _check_switches(t: dict, d: dict):
     "Raise a ConfigError naming both keys when two `trainer` switches contradict each other."
     _require(t['train_discriminator'] or not t['upstream_faithful'],
              "trainer.upstream_faithful: true steps the idle discriminator's AdamW as upstream does (weight decay shrinks it), but "
              'trainer.train_discriminator: false freezes it; set trainer.upstream_faithful=false')
 
-# %% ../nbs/10_config.ipynb 66
+# %% ../nbs/10_config.ipynb 68
 def finish_start_step(total_steps: int | None, # the run's trainer.train_num_steps (None: unknown)
                       finish: dict | None, # the run's data.finish
                      ) -> int | None:
     "First step of the finishing phase (the last `finish['steps']` of `total_steps`); None without one."
     return total_steps - finish['steps'] if finish and total_steps else None
 
-# %% ../nbs/10_config.ipynb 68
+# %% ../nbs/10_config.ipynb 70
 CUDA_GRAPH_MODES = ('reduce-overhead', 'max-autotune')   # torch.compile modes that replay CUDA graphs on a GPU
 
 def validate_config(cfg: dict) -> dict:
@@ -500,7 +500,7 @@ def validate_config(cfg: dict) -> dict:
              f"{t['gradient_accumulate_every']} use trainer.compile=default")
     return cfg
 
-# %% ../nbs/10_config.ipynb 71
+# %% ../nbs/10_config.ipynb 73
 STEP_KEYS = (('trainer', 'warmup_steps'), ('model', 'lossconfig', 'disc_start'), ('data', 'finish', 'steps'),
              ('trainer', 'save_and_sample_every'), ('trainer', 'log_freq'))   # the settings counted in steps
 
@@ -529,7 +529,7 @@ def scale_steps(cfg: dict, steps: int, fixed=()) -> dict:
     t['train_num_steps'] = steps
     return cfg
 
-# %% ../nbs/10_config.ipynb 74
+# %% ../nbs/10_config.ipynb 76
 def parse_override(text: str) -> tuple[list[str], object]:
     "`'a.b.c=value'` -> (['a','b','c'], yaml.safe_load('value'))."
     if '=' not in text: raise ConfigError(f'override {text!r}: expected section.key=value')
@@ -539,7 +539,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
     try: return keys, yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as e: raise ConfigError(f'override {text!r}: value is not valid YAML ({e.__class__.__name__})') from None
 
-# %% ../nbs/10_config.ipynb 76
+# %% ../nbs/10_config.ipynb 78
 _FINISH_FIELDS_SCHEMA = {k: ('int?', None, f'data.finish.{k}') for k in FINISH_FIELDS}   # an override may set one field
 
 def _schema_at(keys: list[str]):
@@ -554,7 +554,7 @@ def _schema_at(keys: list[str]):
         schema = entry[1] if entry[0] == 'section' else _FINISH_FIELDS_SCHEMA if entry[0] == 'finish?' else None
     return entry
 
-# %% ../nbs/10_config.ipynb 78
+# %% ../nbs/10_config.ipynb 80
 OLDER_KEYS = ({k for k, v in UPSTREAM_KEYS.items() if v[2] is not None} | set(RETIRED)
               | {f'trainer.{k}' for k in (*UPSTREAM_SWITCHES, 'skip_nonfinite', 'compile_mode')} | set(OLD_FINISH_KEYS))   # read and translated, not in the schema
 
@@ -573,7 +573,7 @@ def apply_overrides(raw: dict, overrides=()) -> dict:
         node[keys[-1]] = value
     return raw
 
-# %% ../nbs/10_config.ipynb 81
+# %% ../nbs/10_config.ipynb 83
 def _translated(raw: dict | None, overrides=()) -> tuple[dict, list[str]]:
     "`raw` unwrapped and overridden, with the keys of upstream's files and the older keys of ours read into the schema's; the notes about them."
     raw, notes = _rename_older_keys(apply_overrides(unwrap_upstream(raw or {}), overrides))
@@ -607,7 +607,7 @@ def step_changes(raw: dict | None, overrides=(), steps: int | None = None) -> di
     value = lambda cfg, key: [cfg := (cfg or {}).get(k) for k in key.split('.')][-1]   # None where there is no finishing phase
     return {k: [value(before, k), value(after, k)] for k in keys if value(before, k) != value(after, k)}
 
-# %% ../nbs/10_config.ipynb 84
+# %% ../nbs/10_config.ipynb 86
 def _yaml_problem(e: yaml.YAMLError) -> str:
     "A YAML error on one line: what is wrong and where."
     mark = getattr(e, 'problem_mark', None)
@@ -629,7 +629,7 @@ def read_yaml(path) -> dict:
         raise ConfigError(f'config file {str(path)!r}: expected a mapping of sections (model, data, trainer), got {type(raw).__name__}')
     return raw or {}
 
-# %% ../nbs/10_config.ipynb 86
+# %% ../nbs/10_config.ipynb 88
 def load_config(path, overrides=(), steps: int | None = None) -> dict:
     "Read, unwrap, override, fill and validate the YAML config at `path` (run for `steps` steps if given, see `scale_steps`)."
     try: return resolve_config(read_yaml(path), overrides, steps)
@@ -637,12 +637,12 @@ def load_config(path, overrides=(), steps: int | None = None) -> dict:
         if str(path) in str(e): raise
         raise ConfigError(f'{path}: {e}') from None
 
-# %% ../nbs/10_config.ipynb 88
+# %% ../nbs/10_config.ipynb 90
 def dump_config(cfg: dict) -> str:
     "The config as YAML text (block style, key order kept)."
     return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
 
-# %% ../nbs/10_config.ipynb 95
+# %% ../nbs/10_config.ipynb 97
 _TINY = {'model': {'ddconfig': {'resolution': 32, 'ch': 32, 'ch_mult': [1, 2], 'num_res_blocks': 1},
                    'lossconfig': {'disc_start': 2, 'disc_ndf': 8, 'perceptual_weight': 0.0, 'lpips_pretrained': False}},
          'data': {'source': 'synthetic', 'size': 32, 'n_maps': 8, 'batch_size': 2, 'val_maps': 0},
@@ -653,7 +653,7 @@ def tiny_config(*overrides: str, # `section.key=value` settings on top of the ti
     "The resolved config of a seconds-sized CPU run (32x32 synthetic maps, ch 32, 4 steps), with `overrides` applied."
     return resolve_config(_TINY, overrides)
 
-# %% ../nbs/10_config.ipynb 99
+# %% ../nbs/10_config.ipynb 101
 RESUME_MUTABLE = {('trainer', k) for k in ('train_num_steps', 'save_and_sample_every', 'log_freq', 'results_folder',
                                            'max_nonfinite_skips', 'log_with', 'num_threads', 'compile', 'lr', 'min_lr')} | {('data', 'num_workers'), ('data', 'root')}
 
@@ -674,7 +674,7 @@ def resume_changes(old: dict, new: dict) -> dict:
     return {f'{s}.{k}': [old.get(s, {}).get(k), new.get(s, {}).get(k)] for s, k in sorted(RESUME_MUTABLE)
             if k != 'results_folder' and old.get(s, {}).get(k) != new.get(s, {}).get(k)}
 
-# %% ../nbs/10_config.ipynb 102
+# %% ../nbs/10_config.ipynb 104
 def schema_table(schema: dict = SCHEMA, prefix: str = '') -> list[tuple[str, str, str, str]]:
     "(key, type, default, help) rows for every leaf of `schema`."
     rows = []
