@@ -92,7 +92,7 @@ def _own_params(config: dict) -> tuple[dict, list]:
         value, found = _at(raw, path)
         if not found: defaulted.append(name)
         params[name] = _at(resolved, path)[0] if resolved is not None else value if found else _at(_DEFAULTS, path)[0]
-    return params | CONSTANTS, defaulted
+    return params | CONSTANTS | {'resume_milestone': None}, defaulted   # upstream's implicit resume: no key of ours
 
 def _upstream_params(config: dict | None) -> tuple[dict, list]:
     "An upstream-style config: each parameter by name under its aliases, else the value upstream hard-codes (or None)."

@@ -326,3 +326,13 @@ def test_pipeline_notebook_runs_with_papermill(tmp_path):
     doc = json.loads((out / 'training_analysis.json').read_text())
     assert doc['rows'] == 12 and doc['smoothing'] == 0.5 and doc['phases']['disc_start'] == 401
     assert (out / 'figure_5_dashboard.png').stat().st_size > 10_000
+
+
+def test_own_run_params_name_every_parameter_the_report_lists():
+    """A run of this trainer (read through the resolver) gives every parameter the report's table lists, the ones that
+    have no key of ours (upstream's clamp of the adaptive weight, its implicit resume) included. Issue 29's cut first
+    dropped them from our runs' parameters: the main job's analyze stage stopped on a KeyError."""
+    from radiodiff_vae.analysis import training_params, PARAM_ALIASES
+    from radiodiff_vae.config import tiny_config
+    p = training_params(tiny_config(), own=True)
+    assert set(PARAM_ALIASES) <= set(p) and (p['d_weight_max'], p['resume_milestone']) == (1e4, None)
