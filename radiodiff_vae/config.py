@@ -8,16 +8,17 @@ import copy
 from pathlib import Path
 import yaml
 from .core import ConfigError
+from .config_values import FINISH_FIELDS, check_value, _require
+from .older_keys import (UPSTREAM_KEYS, RENAMED, RETIRED, UPSTREAM_SWITCHES, OLD_FINISH_KEYS, _rename_older_keys,
+                                      _read_upstream_keys, _read_retired_keys, _merge_finish_keys)
 from .schedules import DECAY_FRACTION, wsd_fits
 
 # %% auto 0
-__all__ = ['DDCONFIG_SCHEMA', 'LOSSCONFIG_SCHEMA', 'MODEL_SCHEMA', 'DATA_SCHEMA', 'TRAINER_SCHEMA', 'SCHEMA',
-           'PRECISION_SPELLINGS', 'COMPILE_MODES', 'TRACKERS', 'FINISH_FIELDS', 'ANY_VALUE', 'UPSTREAM_KEYS', 'RENAMED',
-           'RETIRED', 'UPSTREAM_SWITCHES', 'FINISH_OFF', 'OLD_FINISH_KEYS', 'CUDA_GRAPH_MODES', 'STEP_KEYS',
-           'OLDER_KEYS', 'RESUME_MUTABLE', 'canonical_precision', 'check_value', 'unwrap_upstream',
-           'downsampling_factor', 'finish_start_step', 'validate_config', 'scale_steps', 'parse_override',
-           'apply_overrides', 'resolve_config', 'config_notes', 'step_changes', 'read_yaml', 'load_config',
-           'dump_config', 'tiny_config', 'config_differences', 'resume_changes', 'schema_table']
+__all__ = ['DDCONFIG_SCHEMA', 'LOSSCONFIG_SCHEMA', 'MODEL_SCHEMA', 'DATA_SCHEMA', 'TRAINER_SCHEMA', 'SCHEMA', 'FINISH_OFF',
+           'CUDA_GRAPH_MODES', 'STEP_KEYS', 'OLDER_KEYS', 'RESUME_MUTABLE', 'unwrap_upstream', 'downsampling_factor',
+           'finish_start_step', 'validate_config', 'scale_steps', 'parse_override', 'apply_overrides', 'resolve_config',
+           'config_notes', 'step_changes', 'read_yaml', 'load_config', 'dump_config', 'tiny_config',
+           'config_differences', 'resume_changes', 'schema_table']
 
 # %% ../nbs/10_config.ipynb 7
 DDCONFIG_SCHEMA = {
@@ -112,102 +113,6 @@ SCHEMA = {'model': ('section', MODEL_SCHEMA, 'autoencoder and loss'),
           'trainer': ('section', TRAINER_SCHEMA, 'optimisation and book-keeping')}
 
 # %% ../nbs/10_config.ipynb 20
-PRECISION_SPELLINGS = {'fp32': 'no', 'no': 'no', 'none': 'no', 'float32': 'no', 'bf16': 'bf16', 'bfloat16': 'bf16',
-                       'fp16': 'fp16', 'float16': 'fp16', 'auto': 'auto'}
-
-def canonical_precision(value, where: str = 'trainer.mixed_precision') -> str:
-    "'no' (fp32), 'bf16', 'fp16' or 'auto' for any accepted spelling of `value`; else a ConfigError naming `where`."
-    if value is False: return 'no'
-    if isinstance(value, str) and value.strip().lower() in PRECISION_SPELLINGS: return PRECISION_SPELLINGS[value.strip().lower()]
-    raise ConfigError(f'{where}: expected fp32 (also written no, none or false), bf16, fp16 or auto; got {value!r}')
-
-# %% ../nbs/10_config.ipynb 23
-def _as_float(value, where):
-    "A float from an int, float or numeric string; else a ConfigError."
-    if isinstance(value, bool): raise ConfigError(f'{where}: expected a number, got {value!r}')
-    if isinstance(value, (int, float)): return float(value)
-    if isinstance(value, str):
-        try: return float(value)
-        except ValueError: pass
-    raise ConfigError(f'{where}: expected a number, got {value!r} ({type(value).__name__})')
-
-# %% ../nbs/10_config.ipynb 25
-def _as_int(value, where):
-    "An int from an int, an integral float or a numeric string; else a ConfigError."
-    if isinstance(value, bool): raise ConfigError(f'{where}: expected an integer, got {value!r}')
-    if isinstance(value, int): return value
-    if isinstance(value, (float, str)):
-        try:
-            f = float(value)
-            if f.is_integer(): return int(f)
-        except ValueError: pass
-    raise ConfigError(f'{where}: expected an integer, got {value!r} ({type(value).__name__})')
-
-# %% ../nbs/10_config.ipynb 27
-def _as_list(value, where, item, n=None):
-    "A list of `item`-converted values (optionally of length `n`)."
-    if not isinstance(value, (list, tuple)): raise ConfigError(f'{where}: expected a list, got {value!r}')
-    if n is not None and len(value) != n: raise ConfigError(f'{where}: expected {n} values, got {value!r}')
-    return [item(v, f'{where}[{i}]') for i, v in enumerate(value)]
-
-# %% ../nbs/10_config.ipynb 29
-COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')   # torch.compile's modes
-TRACKERS = ('tensorboard', 'wandb', 'mlflow', 'comet_ml', 'aim', 'clearml', 'dvclive', 'swanlab', 'trackio')   # accelerate's names
-
-def _as_trackers(value, where) -> list:
-    "A tracker name or a list of them, each one of TRACKERS, as a list without repeats."
-    names = [value] if isinstance(value, str) else value
-    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
-        raise ConfigError(f'{where}: expected a list of tracker names ({", ".join(TRACKERS)}), got {value!r}')
-    if bad := [n for n in names if n not in TRACKERS]: raise ConfigError(f'{where}: {bad[0]!r} is not one of {", ".join(TRACKERS)}')
-    return list(dict.fromkeys(names))
-
-FINISH_FIELDS = ('size', 'steps', 'batch_size')   # data.finish: the phase's map side, its steps, its maps per step
-
-def _as_finish(value, where) -> dict:
-    "A finishing phase `{size, steps, batch_size}`: size and steps integers, batch_size an integer or null."
-    if not isinstance(value, dict): raise ConfigError(f'{where}: expected null or a mapping {{size: S, steps: N, batch_size: B}}, got {value!r}')
-    if bad := [k for k in value if k not in FINISH_FIELDS]: raise ConfigError(f'{where}: unknown field {bad[0]!r}; expected size, steps and batch_size')
-    if missing := [k for k in ('size', 'steps') if value.get(k) is None]: raise ConfigError(f'{where}.{missing[0]}: missing; expected {{size: S, steps: N, batch_size: B}}')
-    b = value.get('batch_size')
-    return dict(size=_as_int(value['size'], f'{where}.size'), steps=_as_int(value['steps'], f'{where}.steps'),
-                batch_size=None if b is None else _as_int(b, f'{where}.batch_size'))
-
-def check_value(kind: str, value, where: str):
-    "Convert `value` to the schema type `kind` (see above) or raise a ConfigError naming `where`."
-    if kind.endswith('?'):
-        if value is None: return None
-        kind = kind[:-1]
-    elif value is None: raise ConfigError(f'{where}: expected {kind}, got null')
-    if kind == 'int': return _as_int(value, where)
-    if kind == 'float': return _as_float(value, where)
-    if kind == 'bool':
-        if isinstance(value, bool): return value
-        raise ConfigError(f'{where}: expected true or false, got {value!r}')
-    if kind == 'str':
-        if isinstance(value, str): return value
-        raise ConfigError(f'{where}: expected a string, got {value!r} ({type(value).__name__})')
-    if kind == 'ints': return _as_list(value, where, _as_int)
-    if kind == 'floats': return _as_list(value, where, _as_float)
-    if kind == 'resolution':
-        return _as_int(value, where) if not isinstance(value, (list, tuple)) else _as_list(value, where, _as_int, 2)
-    if kind == 'dict':
-        if isinstance(value, dict): return dict(value)
-        raise ConfigError(f'{where}: expected a mapping, got {value!r}')
-    if kind == 'precision': return canonical_precision(value, where)
-    if kind == 'trackers': return _as_trackers(value, where)
-    if kind == 'finish': return _as_finish(value, where)
-    if kind == 'compile':
-        if isinstance(value, bool): return 'default' if value else None
-        if value in COMPILE_MODES: return value
-        raise ConfigError(f'{where}: expected null (eager), true (= default) or one of {list(COMPILE_MODES)}, got {value!r}')
-    if kind.startswith('choice:'):
-        options = kind[7:].split('|')
-        if value in options: return value
-        raise ConfigError(f'{where}: expected one of {options}, got {value!r}')
-    raise TypeError(f'unknown schema type {kind!r}')
-
-# %% ../nbs/10_config.ipynb 32
 def _unwrap(section: dict, where: str, expected: str) -> dict:
     "Flatten `{target, params}` into `params` after checking that `target` names `expected`."
     if not isinstance(section, dict) or 'params' not in section and 'target' not in section: return section
@@ -220,7 +125,7 @@ def _unwrap(section: dict, where: str, expected: str) -> dict:
     if not isinstance(params, dict): raise ConfigError(f'{where}.params: expected a mapping, got {params!r}')
     return dict(params)
 
-# %% ../nbs/10_config.ipynb 34
+# %% ../nbs/10_config.ipynb 22
 def unwrap_upstream(raw: dict) -> dict:
     "Accept latent-diffusion style `target`/`params` wrappers in `model` and `model.lossconfig`."
     raw = copy.deepcopy(raw)
@@ -231,149 +136,7 @@ def unwrap_upstream(raw: dict) -> dict:
         raw['model'] = model
     return raw
 
-# %% ../nbs/10_config.ipynb 37
-ANY_VALUE = 'any value'   # a key read and not used, whatever its value
-
-UPSTREAM_KEYS = {   # key -> (what upstream does with it, what this trainer does, the values that load: ANY_VALUE, a tuple, or None for a schema key)
-    'model.monitor': ("latent-diffusion's checkpoint monitor (PyTorch Lightning)",
-                      'read and not used: every checkpoint is kept and held-out maps are scored at each', ANY_VALUE),
-    'model.ddconfig.double_z': ('true: the encoder outputs the mean and the log-variance of q(z|x)', 'the same; only true loads', (True,)),
-    'model.lossconfig.pixelloss_weight': ('stored and never used: the pixel term is weighted 1', 'read and not used: weighted 1 here too', ANY_VALUE),
-    'model.lossconfig.disc_conditional': ('false: a discriminator that also sees a conditioning image', 'only false loads: a radio map has no conditioning image', (False,)),
-    'model.lossconfig.disc_num_layers': ("3: the PatchGAN discriminator's layers", 'the same; only 3 loads', (3,)),
-    'model.lossconfig.disc_factor': ('1.0: scale of the GAN term once it is on', 'the same; only 1.0 loads (model.lossconfig.disc_weight scales the term)', (1.0,)),
-    'model.lossconfig.use_actnorm': ('false: ActNorm instead of BatchNorm in the discriminator', 'only false loads: BatchNorm', (False,)),
-    'model.lossconfig.disc_loss': ('hinge (its default) or vanilla', 'the same, a setting (the golden tests compare vanilla)', None),
-    'data.name': ("the dataset's name, 'radio'", 'read and not used: data.source says where the maps come from', ANY_VALUE),
-    'trainer.amp': ('a flag its trainer never reads', 'read and not used: the precision is trainer.mixed_precision', ANY_VALUE),
-    'trainer.fp16': ('true: fp16 mixed precision', 'true reads as trainer.mixed_precision: fp16 (refused beside another mixed_precision)', (True, False)),
-    'trainer.resume_milestone': ('N > 0: resume from model-N.pt in the results folder, if it is there', 'read and not used: pass --resume N (or latest)', ANY_VALUE),
-    'trainer.upstream_faithful': ("(our key) its EMA wrapper, the idle discriminator's AdamW steps, the losses logged with 5 decimals",
-                                  "true: all three as upstream does; false (the default): ours (EMA warm-up, no idle steps, 6 significant digits)", None),
-}
-
-RENAMED = {   # an older name of a key of ours -> (its key now, how its value reads there)
-    'trainer.tensorboard': ('trainer.log_with', lambda on: ['tensorboard'] if on else []),
-}
-
-RETIRED = {   # an older key of ours -> (the value it held unless set, which loads; what the run does now)
-    'model.lossconfig.d_weight_max': (1e4, "the adaptive weight is clamped at upstream's 1e4"),
-    'model.gradient_checkpointing': (False, 'activations are kept for the backward pass'),
-    'model.ckpt_weights': (ANY_VALUE, 'model.ckpt_path initialises the autoencoder from its EMA weights where it holds them (as upstream), else from its weights'),
-    'trainer.sample_posterior': (True, 'the autoencoder trains on z ~ q(z|x), as upstream'),
-    'trainer.disc_lr': (None, 'the discriminator learns at trainer.lr, as upstream'),
-    'trainer.cpu': (False, 'a run uses the GPU where one is visible; CUDA_VISIBLE_DEVICES= hides it'),
-    'trainer.sample_maps': (ANY_VALUE, 'sample-N.png shows up to 4 maps'),
-    'trainer.cudnn_benchmark': (ANY_VALUE, 'on a GPU, cuDNN times its convolution algorithms for each new shape and keeps the fastest'),
-    'trainer.sync_batchnorm': (ANY_VALUE, "the discriminator's BatchNorm statistics are those of the global batch on any number of processes"),
-}
-
-UPSTREAM_SWITCHES = {'upstream_ema': (False, True), 'step_idle_discriminator': (False, True), 'log_decimals': (None, 5)}   # older trainer keys -> (ours, upstream's): now trainer.upstream_faithful
-
-def _node(raw: dict, key: str):
-    "The dict holding the last part of dotted `key` in `raw`, or None."
-    *path, _ = key.split('.'); node = raw
-    for k in path: node = node.get(k) if isinstance(node, dict) else None
-    return node if isinstance(node, dict) else None
-
-def _pop(raw: dict, key: str):
-    "`(True, value)` after removing dotted `key` from `raw`, or `(False, None)` where it is absent."
-    node, last = _node(raw, key), key.rsplit('.', 1)[1]
-    return (True, node.pop(last)) if node is not None and last in node else (False, None)
-
-def _same(a, b) -> bool:
-    "Equal values of the same kind (true is not 1)."
-    return isinstance(a, bool) == isinstance(b, bool) and a == b
-
-def _yaml(value) -> str:
-    "`value` as YAML writes it, on one line."
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()
-
-
-# %% ../nbs/10_config.ipynb 39
-def _rename_older_keys(raw: dict) -> tuple[dict, list[str]]:
-    "`raw` with each RENAMED key moved to its name now (ConfigError when both are given), and a note for each."
-    raw, notes = copy.deepcopy(raw), []
-    for old, (new, convert) in RENAMED.items():
-        found, value = _pop(raw, old)
-        if not found: continue
-        target, new_key = _node(raw, new), new.rsplit('.', 1)[1]
-        if new_key in target: raise ConfigError(f'{old} and {new} are both given: {old} is the older name of {new}; keep {new} only')
-        target[new_key] = convert(value)
-        notes.append(f'{old}: {value!r} read as {new}: {convert(value)!r} (its older name)')
-    return raw, notes
-
-def _read_upstream_keys(raw: dict) -> tuple[dict, list[str]]:
-    "`raw` without the UPSTREAM_KEYS outside the schema (trainer.fp16: true set as mixed_precision), and the notes; a value this trainer does not implement is refused."
-    raw, notes, same = copy.deepcopy(raw), [], []
-    for key, (_, ours, loads) in UPSTREAM_KEYS.items():
-        if loads is None: continue
-        found, value = _pop(raw, key)
-        if not found: continue
-        if loads is not ANY_VALUE and not any(_same(value, v) for v in loads):
-            raise ConfigError(f"{key}: {_yaml(value)} is not supported; {ours} (upstream's file sets {_yaml(loads[0])})")
-        if key == 'trainer.fp16' and value:
-            mp = raw['trainer'].get('mixed_precision')
-            if mp is not None and canonical_precision(mp) != 'fp16':
-                raise ConfigError(f'trainer.fp16 is true but trainer.mixed_precision is {mp!r}; set one of them')
-            raw['trainer']['mixed_precision'] = 'fp16'
-            notes.append('trainer.fp16: true read as trainer.mixed_precision: fp16')
-        elif loads is ANY_VALUE and not (key == 'trainer.resume_milestone' and value == 0): notes.append(f'{key}: {_yaml(value)} {ours}')
-        else: same.append(f'{key}: {_yaml(value)}')
-    if same: notes.insert(0, f"keys of upstream's files read at the value this trainer implements: {', '.join(same)}")
-    return raw, notes
-
-
-# %% ../nbs/10_config.ipynb 42
-def _merge_upstream_switches(t: dict, dropped: list, notes: list):
-    "Replace the older trainer keys of UPSTREAM_SWITCHES in `t` by trainer.upstream_faithful (all at upstream's values) or nothing (all at ours); a mix is refused."
-    given = {k: t.pop(k) for k in UPSTREAM_SWITCHES if k in t}
-    if not given: return
-    values = {k: given.get(k, ours) for k, (ours, _) in UPSTREAM_SWITCHES.items()}
-    if all(_same(values[k], ours) for k, (ours, _) in UPSTREAM_SWITCHES.items()):
-        dropped += [f'trainer.{k}' for k in given]; return
-    if not all(_same(values[k], up) for k, (_, up) in UPSTREAM_SWITCHES.items()):
-        shown = ', '.join(f'trainer.{k}: {_yaml(v)}' for k, v in values.items())
-        raise ConfigError(f"{shown}: these older keys are now one switch, trainer.upstream_faithful (true: upstream_ema true, step_idle_discriminator "
-                          "true, log_decimals 5; false: false, false, null), and this mix of them is not supported; remove them and set "
-                          "trainer.upstream_faithful=true or false")
-    if t.get('upstream_faithful') is False: raise ConfigError('trainer.upstream_faithful is false but the older trainer.upstream_ema, '
-                                                              'step_idle_discriminator and log_decimals are set as upstream; keep one of them')
-    t['upstream_faithful'] = True
-    notes.append('trainer.upstream_ema, step_idle_discriminator, log_decimals (all as upstream) read as trainer.upstream_faithful: true')
-
-def _merge_pairs(t: dict, dropped: list, notes: list):
-    "trainer.skip_nonfinite into trainer.max_nonfinite_skips, trainer.compile_mode into trainer.compile."
-    if 'skip_nonfinite' in t:
-        skip = t.pop('skip_nonfinite')
-        if not isinstance(skip, bool): raise ConfigError(f'trainer.skip_nonfinite: expected true or false, got {skip!r} (it is now trainer.max_nonfinite_skips: N, 0 to stop at once)')
-        t['max_nonfinite_skips'] = t.get('max_nonfinite_skips', 100) if skip else 0   # 100: its default then
-        if skip: notes.append(f"trainer.skip_nonfinite: true read as trainer.max_nonfinite_skips: {_yaml(t['max_nonfinite_skips'])} (the batches it may skip)")
-        else: dropped.append('trainer.skip_nonfinite')
-    if 'compile_mode' in t:
-        mode, on = t.pop('compile_mode'), t.get('compile', False)
-        if mode not in COMPILE_MODES: raise ConfigError(f'trainer.compile_mode: expected one of {list(COMPILE_MODES)}, got {mode!r} (it is now the value of trainer.compile)')
-        if on in (False, None):
-            if mode != 'default': raise ConfigError(f"trainer.compile_mode: {mode!r} needs trainer.compile; set trainer.compile={mode} instead of both")
-        elif on is True: t['compile'] = mode
-        elif on != mode: raise ConfigError(f'trainer.compile: {on!r} and trainer.compile_mode: {mode!r} disagree; keep trainer.compile={on} only')
-        if on is True: notes.append(f'trainer.compile_mode: {mode} read as trainer.compile: {mode}')
-        else: dropped.append('trainer.compile_mode')
-
-def _read_retired_keys(raw: dict) -> tuple[dict, list[str]]:
-    "`raw` with the RETIRED keys dropped (ConfigError for a value that would change the run) and the merged ones in their key now; the notes."
-    raw, notes, dropped = copy.deepcopy(raw), [], []
-    for key, (kept, now) in RETIRED.items():
-        found, value = _pop(raw, key)
-        if not found: continue
-        if kept is not ANY_VALUE and not _same(value, kept): raise ConfigError(f'{key}: {_yaml(value)} is no longer a setting ({now}); remove {key}')
-        dropped.append(key)
-    if isinstance(t := raw.get('trainer'), dict): _merge_upstream_switches(t, dropped, notes); _merge_pairs(t, dropped, notes)
-    if dropped: notes.insert(0, f"older keys read and dropped (this trainer does what they said): {', '.join(dropped)}")
-    return raw, notes
-
-
-# %% ../nbs/10_config.ipynb 50
+# %% ../nbs/10_config.ipynb 25
 def _fill(raw, schema: dict, where: str) -> dict:
     "Check `raw` against `schema` recursively; return a new dict with defaults for missing keys."
     if raw is None: raw = {}
@@ -390,17 +153,12 @@ def _fill(raw, schema: dict, where: str) -> dict:
         else: out[key] = check_value(kind, raw[key], sub) if key in raw else copy.deepcopy(default)
     return out
 
-# %% ../nbs/10_config.ipynb 53
-def _require(ok: bool, message: str):
-    "Raise a ConfigError with `message` unless `ok`."
-    if not ok: raise ConfigError(message)
-
-# %% ../nbs/10_config.ipynb 56
+# %% ../nbs/10_config.ipynb 29
 def downsampling_factor(ddconfig: dict) -> int:
     "How much the encoder shrinks each side: 2^(levels-1)."
     return 2 ** (len(ddconfig["ch_mult"]) - 1)
 
-# %% ../nbs/10_config.ipynb 59
+# %% ../nbs/10_config.ipynb 32
 FINISH_OFF = 'data.finish=null'   # a run without the phase, as a --set text
 
 def _check_finish(d: dict, total_steps: int, f: int):
@@ -414,47 +172,21 @@ def _check_finish(d: dict, total_steps: int, f: int):
              f"set e.g. --set data.finish.steps={max(1, total_steps // 6)}, or {FINISH_OFF} for no finishing phase")
     _require(d['crop'] is None, f"data.finish and data.crop ({d['crop']}) cannot be combined: the finishing phase trains on whole maps")
 
-# %% ../nbs/10_config.ipynb 62
-OLD_FINISH_KEYS = {'data.finish_size': 'size', 'data.finish_steps': 'steps', 'data.finish_batch_size': 'batch_size',
-                   'data.finish_crop': None, 'trainer.finish_lr': None, 'trainer.finish_ema_restart': None}   # older spellings of data.finish
-_DROPPED = {'data.finish_crop': (None, "random windows of the phase's maps lost to whole maps on every seed (tuning round 9)"),
-            'trainer.finish_lr': (None, 'a learning-rate restart at the phase lost on every seed (tuning round 8)'),
-            'trainer.finish_ema_restart': (True, "the EMA's warm-up restarts at the phase wherever it has one")}
-
-def _merge_finish_keys(raw: dict) -> tuple[dict, list[str]]:
-    "`raw` with the older finishing-phase keys read into `data.finish` (a lost variant refused), and a note."
-    raw, found = copy.deepcopy(raw), {}
-    for key in OLD_FINISH_KEYS:
-        node, last = _node(raw, key), key.rsplit('.', 1)[1]
-        if node is not None and last in node: found[key] = node.pop(last)
-    if not found: return raw, []
-    for key, (kept, why) in _DROPPED.items():
-        _require(found.get(key, kept) == kept, f"{key}: {found.get(key)!r} is no longer a setting ({why}); remove it")
-    if not isinstance(raw.get('data'), dict): raw['data'] = {}
-    fields = {OLD_FINISH_KEYS[k]: v for k, v in found.items() if OLD_FINISH_KEYS[k]}
-    fin = fields if 'size' in fields and fields['size'] is None else dict(raw['data'].get('finish') or {}) | fields   # a null size: off
-    if fin.get('size') is None:
-        _require(not fin.get('steps') and fin.get('batch_size') is None,
-                 f"data.finish_steps / data.finish_batch_size: {fields} without data.finish_size; set data.finish=null or give its size")
-        fin = None
-    raw['data']['finish'] = fin
-    return raw, [f"{', '.join(f'{k}: {v!r}' for k, v in found.items())} read as data.finish: {fin!r} (its older spelling)"]
-
-# %% ../nbs/10_config.ipynb 65
+# %% ../nbs/10_config.ipynb 35
 def _check_switches(t: dict, d: dict):
     "Raise a ConfigError naming both keys when two `trainer` switches contradict each other."
     _require(t['train_discriminator'] or not t['upstream_faithful'],
              "trainer.upstream_faithful: true steps the idle discriminator's AdamW as upstream does (weight decay shrinks it), but "
              'trainer.train_discriminator: false freezes it; set trainer.upstream_faithful=false')
 
-# %% ../nbs/10_config.ipynb 68
+# %% ../nbs/10_config.ipynb 38
 def finish_start_step(total_steps: int | None, # the run's trainer.train_num_steps (None: unknown)
                       finish: dict | None, # the run's data.finish
                      ) -> int | None:
     "First step of the finishing phase (the last `finish['steps']` of `total_steps`); None without one."
     return total_steps - finish['steps'] if finish and total_steps else None
 
-# %% ../nbs/10_config.ipynb 70
+# %% ../nbs/10_config.ipynb 40
 CUDA_GRAPH_MODES = ('reduce-overhead', 'max-autotune')   # torch.compile modes that replay CUDA graphs on a GPU
 
 def validate_config(cfg: dict) -> dict:
@@ -500,7 +232,7 @@ def validate_config(cfg: dict) -> dict:
              f"{t['gradient_accumulate_every']} use trainer.compile=default")
     return cfg
 
-# %% ../nbs/10_config.ipynb 73
+# %% ../nbs/10_config.ipynb 43
 STEP_KEYS = (('trainer', 'warmup_steps'), ('model', 'lossconfig', 'disc_start'), ('data', 'finish', 'steps'),
              ('trainer', 'save_and_sample_every'), ('trainer', 'log_freq'))   # the settings counted in steps
 
@@ -529,7 +261,7 @@ def scale_steps(cfg: dict, steps: int, fixed=()) -> dict:
     t['train_num_steps'] = steps
     return cfg
 
-# %% ../nbs/10_config.ipynb 76
+# %% ../nbs/10_config.ipynb 46
 def parse_override(text: str) -> tuple[list[str], object]:
     "`'a.b.c=value'` -> (['a','b','c'], yaml.safe_load('value'))."
     if '=' not in text: raise ConfigError(f'override {text!r}: expected section.key=value')
@@ -539,7 +271,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
     try: return keys, yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as e: raise ConfigError(f'override {text!r}: value is not valid YAML ({e.__class__.__name__})') from None
 
-# %% ../nbs/10_config.ipynb 78
+# %% ../nbs/10_config.ipynb 48
 _FINISH_FIELDS_SCHEMA = {k: ('int?', None, f'data.finish.{k}') for k in FINISH_FIELDS}   # an override may set one field
 
 def _schema_at(keys: list[str]):
@@ -554,7 +286,7 @@ def _schema_at(keys: list[str]):
         schema = entry[1] if entry[0] == 'section' else _FINISH_FIELDS_SCHEMA if entry[0] == 'finish?' else None
     return entry
 
-# %% ../nbs/10_config.ipynb 80
+# %% ../nbs/10_config.ipynb 50
 OLDER_KEYS = ({k for k, v in UPSTREAM_KEYS.items() if v[2] is not None} | set(RETIRED)
               | {f'trainer.{k}' for k in (*UPSTREAM_SWITCHES, 'skip_nonfinite', 'compile_mode')} | set(OLD_FINISH_KEYS))   # read and translated, not in the schema
 
@@ -573,7 +305,7 @@ def apply_overrides(raw: dict, overrides=()) -> dict:
         node[keys[-1]] = value
     return raw
 
-# %% ../nbs/10_config.ipynb 83
+# %% ../nbs/10_config.ipynb 53
 def _translated(raw: dict | None, overrides=()) -> tuple[dict, list[str]]:
     "`raw` unwrapped and overridden, with the keys of upstream's files and the older keys of ours read into the schema's; the notes about them."
     raw, notes = _rename_older_keys(apply_overrides(unwrap_upstream(raw or {}), overrides))
@@ -607,7 +339,7 @@ def step_changes(raw: dict | None, overrides=(), steps: int | None = None) -> di
     value = lambda cfg, key: [cfg := (cfg or {}).get(k) for k in key.split('.')][-1]   # None where there is no finishing phase
     return {k: [value(before, k), value(after, k)] for k in keys if value(before, k) != value(after, k)}
 
-# %% ../nbs/10_config.ipynb 86
+# %% ../nbs/10_config.ipynb 56
 def _yaml_problem(e: yaml.YAMLError) -> str:
     "A YAML error on one line: what is wrong and where."
     mark = getattr(e, 'problem_mark', None)
@@ -629,7 +361,7 @@ def read_yaml(path) -> dict:
         raise ConfigError(f'config file {str(path)!r}: expected a mapping of sections (model, data, trainer), got {type(raw).__name__}')
     return raw or {}
 
-# %% ../nbs/10_config.ipynb 88
+# %% ../nbs/10_config.ipynb 58
 def load_config(path, overrides=(), steps: int | None = None) -> dict:
     "Read, unwrap, override, fill and validate the YAML config at `path` (run for `steps` steps if given, see `scale_steps`)."
     try: return resolve_config(read_yaml(path), overrides, steps)
@@ -637,12 +369,12 @@ def load_config(path, overrides=(), steps: int | None = None) -> dict:
         if str(path) in str(e): raise
         raise ConfigError(f'{path}: {e}') from None
 
-# %% ../nbs/10_config.ipynb 90
+# %% ../nbs/10_config.ipynb 60
 def dump_config(cfg: dict) -> str:
     "The config as YAML text (block style, key order kept)."
     return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
 
-# %% ../nbs/10_config.ipynb 97
+# %% ../nbs/10_config.ipynb 67
 _TINY = {'model': {'ddconfig': {'resolution': 32, 'ch': 32, 'ch_mult': [1, 2], 'num_res_blocks': 1},
                    'lossconfig': {'disc_start': 2, 'disc_ndf': 8, 'perceptual_weight': 0.0, 'lpips_pretrained': False}},
          'data': {'source': 'synthetic', 'size': 32, 'n_maps': 8, 'batch_size': 2, 'val_maps': 0},
@@ -653,7 +385,7 @@ def tiny_config(*overrides: str, # `section.key=value` settings on top of the ti
     "The resolved config of a seconds-sized CPU run (32x32 synthetic maps, ch 32, 4 steps), with `overrides` applied."
     return resolve_config(_TINY, overrides)
 
-# %% ../nbs/10_config.ipynb 101
+# %% ../nbs/10_config.ipynb 71
 RESUME_MUTABLE = {('trainer', k) for k in ('train_num_steps', 'save_and_sample_every', 'log_freq', 'results_folder',
                                            'max_nonfinite_skips', 'log_with', 'num_threads', 'compile', 'lr', 'min_lr')} | {('data', 'num_workers'), ('data', 'root')}
 
@@ -674,7 +406,7 @@ def resume_changes(old: dict, new: dict) -> dict:
     return {f'{s}.{k}': [old.get(s, {}).get(k), new.get(s, {}).get(k)] for s, k in sorted(RESUME_MUTABLE)
             if k != 'results_folder' and old.get(s, {}).get(k) != new.get(s, {}).get(k)}
 
-# %% ../nbs/10_config.ipynb 104
+# %% ../nbs/10_config.ipynb 74
 def schema_table(schema: dict = SCHEMA, prefix: str = '') -> list[tuple[str, str, str, str]]:
     "(key, type, default, help) rows for every leaf of `schema`."
     rows = []

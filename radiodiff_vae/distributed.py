@@ -14,7 +14,7 @@ from torch.distributed.nn.functional import all_reduce as differentiable_all_red
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from .core import ConfigError
-from .config import canonical_precision
+from .config_values import canonical_precision
 
 # %% auto 0
 __all__ = ['read_cpu_flags', 'choose_precision', 'precision_note', 'run_precision', 'make_accelerator', 'GlobalBatchNorm2d',

@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 from fastcore.basics import patch
 from .core import ConfigError, LogParseError, RunFolderError, to_jsonable
-from .config import TRACKERS, read_yaml
+from .config import read_yaml
+from .config_values import TRACKERS
 
 # %% auto 0
 __all__ = ['ASCTIME', 'LINE_RE', 'NUMBER', 'PAIR', 'PAIR_RE', 'PAIRS_RE', 'MAX_SEGMENT_CHARS', 'RENAMES', 'READERS',
