@@ -9,7 +9,7 @@ from .core import ConfigError
 # %% auto 0
 __all__ = ['PRECISION_SPELLINGS', 'COMPILE_MODES', 'TRACKERS', 'FINISH_FIELDS', 'canonical_precision', 'check_value']
 
-# %% ../nbs/09c_config_values.ipynb 5
+# %% ../nbs/09c_config_values.ipynb 6
 PRECISION_SPELLINGS = {'fp32': 'no', 'no': 'no', 'none': 'no', 'float32': 'no', 'bf16': 'bf16', 'bfloat16': 'bf16',
                        'fp16': 'fp16', 'float16': 'fp16', 'auto': 'auto'}
 
@@ -19,7 +19,7 @@ def canonical_precision(value, where: str = 'trainer.mixed_precision') -> str:
     if isinstance(value, str) and value.strip().lower() in PRECISION_SPELLINGS: return PRECISION_SPELLINGS[value.strip().lower()]
     raise ConfigError(f'{where}: expected fp32 (also written no, none or false), bf16, fp16 or auto; got {value!r}')
 
-# %% ../nbs/09c_config_values.ipynb 8
+# %% ../nbs/09c_config_values.ipynb 9
 def _as_float(value, where):
     "A float from an int, float or numeric string; else a ConfigError."
     if isinstance(value, bool): raise ConfigError(f'{where}: expected a number, got {value!r}')
@@ -29,7 +29,7 @@ def _as_float(value, where):
         except ValueError: pass
     raise ConfigError(f'{where}: expected a number, got {value!r} ({type(value).__name__})')
 
-# %% ../nbs/09c_config_values.ipynb 10
+# %% ../nbs/09c_config_values.ipynb 11
 def _as_int(value, where):
     "An int from an int, an integral float or a numeric string; else a ConfigError."
     if isinstance(value, bool): raise ConfigError(f'{where}: expected an integer, got {value!r}')
@@ -41,14 +41,14 @@ def _as_int(value, where):
         except ValueError: pass
     raise ConfigError(f'{where}: expected an integer, got {value!r} ({type(value).__name__})')
 
-# %% ../nbs/09c_config_values.ipynb 12
+# %% ../nbs/09c_config_values.ipynb 13
 def _as_list(value, where, item, n=None):
     "A list of `item`-converted values (optionally of length `n`)."
     if not isinstance(value, (list, tuple)): raise ConfigError(f'{where}: expected a list, got {value!r}')
     if n is not None and len(value) != n: raise ConfigError(f'{where}: expected {n} values, got {value!r}')
     return [item(v, f'{where}[{i}]') for i, v in enumerate(value)]
 
-# %% ../nbs/09c_config_values.ipynb 14
+# %% ../nbs/09c_config_values.ipynb 15
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')   # torch.compile's modes
 TRACKERS = ('tensorboard', 'wandb', 'mlflow', 'comet_ml', 'aim', 'clearml', 'dvclive', 'swanlab', 'trackio')   # accelerate's names
 
@@ -105,7 +105,7 @@ def check_value(kind: str, value, where: str):
         raise ConfigError(f'{where}: expected one of {options}, got {value!r}')
     raise TypeError(f'unknown schema type {kind!r}')
 
-# %% ../nbs/09c_config_values.ipynb 17
+# %% ../nbs/09c_config_values.ipynb 18
 def _require(ok: bool, message: str):
     "Raise a ConfigError with `message` unless `ok`."
     if not ok: raise ConfigError(message)

@@ -12,7 +12,7 @@ from .config_values import COMPILE_MODES, canonical_precision, _require
 # %% auto 0
 __all__ = ['ANY_VALUE', 'UPSTREAM_KEYS', 'RENAMED', 'RETIRED', 'UPSTREAM_SWITCHES', 'OLD_FINISH_KEYS']
 
-# %% ../nbs/09d_older_keys.ipynb 5
+# %% ../nbs/09d_older_keys.ipynb 6
 ANY_VALUE = 'any value'   # a key read and not used, whatever its value
 
 UPSTREAM_KEYS = {   # key -> (what upstream does with it, what this trainer does, the values that load: ANY_VALUE, a tuple, or None for a schema key)
@@ -71,7 +71,7 @@ def _yaml(value) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()
 
 
-# %% ../nbs/09d_older_keys.ipynb 7
+# %% ../nbs/09d_older_keys.ipynb 8
 def _rename_older_keys(raw: dict) -> tuple[dict, list[str]]:
     "`raw` with each RENAMED key moved to its name now (ConfigError when both are given), and a note for each."
     raw, notes = copy.deepcopy(raw), []
@@ -105,7 +105,7 @@ def _read_upstream_keys(raw: dict) -> tuple[dict, list[str]]:
     return raw, notes
 
 
-# %% ../nbs/09d_older_keys.ipynb 10
+# %% ../nbs/09d_older_keys.ipynb 11
 def _merge_upstream_switches(t: dict, dropped: list, notes: list):
     "Replace the older trainer keys of UPSTREAM_SWITCHES in `t` by trainer.upstream_faithful (all at upstream's values) or nothing (all at ours); a mix is refused."
     given = {k: t.pop(k) for k in UPSTREAM_SWITCHES if k in t}
@@ -154,7 +154,7 @@ def _read_retired_keys(raw: dict) -> tuple[dict, list[str]]:
     return raw, notes
 
 
-# %% ../nbs/09d_older_keys.ipynb 18
+# %% ../nbs/09d_older_keys.ipynb 19
 OLD_FINISH_KEYS = {'data.finish_size': 'size', 'data.finish_steps': 'steps', 'data.finish_batch_size': 'batch_size',
                    'data.finish_crop': None, 'trainer.finish_lr': None, 'trainer.finish_ema_restart': None}   # older spellings of data.finish
 _DROPPED = {'data.finish_crop': (None, "random windows of the phase's maps lost to whole maps on every seed (tuning round 9)"),
