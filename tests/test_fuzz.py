@@ -223,9 +223,8 @@ def GOOD_CHECKPOINT() -> bytes:
     if not _GOOD:
         import io as _io, torch
         from radiodiff_vae.model import AutoencoderKL
-        from radiodiff_vae.config import resolve_config
-        cfg = resolve_config({'model': {'ddconfig': {'ch': 32, 'ch_mult': [1, 2], 'num_res_blocks': 1, 'resolution': 32},
-                                        'lossconfig': {'perceptual_weight': 0.0, 'lpips_pretrained': False, 'disc_ndf': 8}}})
+        from radiodiff_vae.config import tiny_config
+        cfg = tiny_config()
         buf = _io.BytesIO(); torch.save({'model': AutoencoderKL(cfg['model']['ddconfig'], 3).state_dict(), 'config': cfg, 'step': 1}, buf)
         _GOOD.append(buf.getvalue())
     return _GOOD[0]
@@ -233,10 +232,8 @@ def GOOD_CHECKPOINT() -> bytes:
 def workspace(root: Path) -> dict:
     "Inputs a command may be pointed at: good and bad configs, logs, checkpoints, study files, folders."
     from radiodiff_vae.study import tiny_study_file
-    tiny = {'model': {'ddconfig': {'ch': 32, 'ch_mult': [1, 2], 'num_res_blocks': 1, 'resolution': 32},
-                      'lossconfig': {'disc_start': 2, 'perceptual_weight': 0.0, 'lpips_pretrained': False, 'disc_ndf': 8}},
-            'data': {'source': 'synthetic', 'size': 32, 'n_maps': 8, 'val_maps': 0}, 'trainer': {'train_num_steps': 4, 'save_and_sample_every': 2}}
-    files = {'cfg.yaml': yaml.safe_dump(tiny), 'bad.yaml': 'model: [', 'empty.yaml': '', 'list.yaml': '- 1\n',
+    from radiodiff_vae.config import tiny_config
+    files = {'cfg.yaml': yaml.safe_dump(tiny_config()), 'bad.yaml': 'model: [', 'empty.yaml': '', 'list.yaml': '- 1\n',
              'run/r_.log': '2025-01-01 00:00:01,000 [Train Step] 1/9: train/total_loss: 1.0, train/rec_loss: 0.5, \n',
              'garbage.pt': 'not a checkpoint', 'afile': 'in the way'}
     for name, text in files.items():
