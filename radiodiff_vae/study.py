@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import yaml
 from .core import ConfigError, RadioDiffError, RunFolderError, atomic_write_text, to_jsonable, repo_dir, machine_info
-from .config import load_config, apply_overrides
+from .config import load_config, apply_overrides, resolve_config
 from .reproduce import record_differences
 from .checks import check_args
 from .study_runs import evaluation_sets, execute_runs, missing_work, threads_per_job
@@ -226,13 +226,18 @@ def resolved_record(configs: dict) -> dict:
     for cfg in out.values(): cfg.get('trainer', {}).pop('seed', None)
     return out
 
+def _as_today(cfg: dict) -> dict:
+    "An arm's resolved config as recorded (perhaps by an earlier version, with keys since retired), read by today's resolver; itself where it no longer resolves."
+    try: return resolve_config(cfg)
+    except ConfigError: return cfg
+
 def study_changes(old: dict, new: dict, old_resolved: dict | None = None, new_resolved: dict | None = None) -> list[str]:
     "The keys in which study `new` differs from `old` in a way that would change finished runs (added arms or seeds do not); by resolved configs where both are recorded."
     filled = lambda spec: {**spec, 'evaluation': {**EVALUATION_DEFAULTS, **(spec.get('evaluation') or {})}}   # keys added since
     old, new = filled(old), filled(new)
     if old_resolved is not None and new_resolved is not None:
         return (['evaluation'] if old.get('evaluation') != new.get('evaluation') else []) + [
-            f'arm {label}: {d}' for label in old_resolved if label in new_resolved for d in record_differences(old_resolved[label], new_resolved[label])]
+            f'arm {label}: {d}' for label in old_resolved if label in new_resolved for d in record_differences(_as_today(old_resolved[label]), _as_today(new_resolved[label]))]
     changed = [k for k in ('base', 'overrides', 'steps', 'evaluation') if old.get(k) != new.get(k)]
     sets = {a['label']: a['set'] for a in new['arms']}
     steps = {a['label']: a.get('steps') for a in new['arms']}

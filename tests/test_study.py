@@ -294,3 +294,20 @@ def test_a_resumed_study_says_when_the_thread_count_changes():
     manifest = {'sessions': [{'threads_per_job': 2, 'finished_runs': 1}]}
     note = thread_note(manifest, {'threads_per_job': 1, 'jobs': 2})
     assert '2 CPU thread(s)' in note and '--jobs 2' in note
+
+
+def test_a_study_recorded_before_the_config_cut_reopens():
+    """issue 29: a study folder records its arms' resolved configs; one written before the config's keys were cut (85
+    keys) reopens and reports with today's resolver, the translation alone changing nothing. Before the fix every
+    retired key was a difference and `--report-only` on the finishing study refused its own folder."""
+    import copy
+    from radiodiff_vae.config import tiny_config
+    from radiodiff_vae.study import study_changes
+    new = tiny_config(); new['trainer'].pop('seed')
+    old = copy.deepcopy(new); del old['data']['finish']
+    old['trainer'].update(cpu=False, sample_maps=4, upstream_ema=False, finish_lr=None)
+    old['data'].update(finish_size=None, finish_steps=0, finish_batch_size=None, finish_crop=None)
+    spec = {'arms': [], 'evaluation': {}}
+    assert study_changes(spec, spec, {'a': old}, {'a': new}) == []
+    other = copy.deepcopy(old); other['trainer']['lr'] = 0.5
+    assert any('trainer.lr' in d for d in study_changes(spec, spec, {'a': other}, {'a': new}))
