@@ -221,6 +221,10 @@ def test_report_only_without_evidence_is_refused(tmp_path, capsys):
     assert 'holds no results.csv' in capsys.readouterr().err
 
 
+# every study folder the repository tracks, each with its study file under configs/studies
+COMMITTED_STUDIES = ['adversarial', 'finishing', 'kl_weight', 'logvar_ema']
+
+
 def test_committed_studies_keep_evidence_not_run_folders():
     "Each committed study tracks at most 60 files, none under runs/, and holds the evidence its report is rebuilt from."
     import subprocess
@@ -229,19 +233,20 @@ def test_committed_studies_keep_evidence_not_run_folders():
     if listed.returncode: pytest.skip('not a git checkout')
     files = listed.stdout.split()
     studies = sorted({f.split('/')[1] for f in files})
-    assert studies == ['adversarial', 'kl_weight', 'logvar_ema']
+    assert studies == COMMITTED_STUDIES, 'a committed study folder must also be in the rebuild test below'
     for name in studies:
         mine = [f for f in files if f.split('/')[1] == name]
         assert len(mine) <= 60, (name, len(mine))
         assert not [f for f in mine if '/runs/' in f], name
         for needed in ('STUDY.md', 'study.json', 'results.csv', 'paired.csv', 'curves.csv', 'metrics.png', 'curves.png'):
             assert f'studies/{name}/{needed}' in mine, (name, needed)
+        assert (root/'configs'/'studies'/f'{name}.yaml').exists(), name
         md = (root/'studies'/name/'STUDY.md').read_text()
         assert f'radiodiff-vae study configs/studies/{name}.yaml --out studies/{name} --report-only' in md
 
 
 @pytest.mark.slow   # three reports: about 40 s each on the shared 2-core machine
-@pytest.mark.parametrize('name', ['adversarial', 'kl_weight', 'logvar_ema'])
+@pytest.mark.parametrize('name', COMMITTED_STUDIES)
 def test_committed_study_reports_rebuild_unchanged(name, tmp_path):
     "--report-only on a copy of a committed study folder reproduces its STUDY.md and tables byte for byte."
     import shutil
