@@ -46,6 +46,13 @@ def release_paths(name: str = 'released', # the release's name: its files are mo
     return dict(weights=m/f'{name}.pt', record=m/f'{name}.json', safetensors=m/f'{name}.safetensors',
                 diffusers=m/f'{name}-diffusers', upstream_yaml=m/f'{name}-upstream.yaml')
 
+def _record_beside(path: Path) -> tuple[Path, dict] | None:
+    "The release record `<stem>.json` beside a release file, if there is one."
+    rec = Path(path).with_suffix('.json')
+    if not rec.is_file(): return None
+    try: return rec, json.loads(rec.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e: raise CheckpointError(f'{rec}: unreadable release record ({e})') from None
+
 DERIVED_FORMS = ('safetensors', 'diffusers', 'upstream_yaml')
 
 # %% ../nbs/22a_formats.ipynb 12

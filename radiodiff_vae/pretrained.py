@@ -23,7 +23,9 @@ from .data import unscale_gain
 from .run_folder import list_checkpoints
 from .logs import read_jsonl
 from .formats import (INPUT_RANGE, derived_files, file_sha256, latent_statistics, model_from_safetensors,
-                                   release_paths, weights_sha256)
+                                   release_paths, weights_sha256, _record_beside)
+from .release_comparison import (baseline_record, compare_with_release, anatomy_files, _lineage_lines,
+                                              _comparison_lines)
 
 # %% auto 0
 __all__ = ['release_state', 'write_release', 'export_release', 'verify_release', 'load_pretrained', 'score_model',
@@ -53,13 +55,6 @@ def export_release(checkpoint, out, weights: str = 'ema', info: dict | None = No
     return write_release(release_state(checkpoint, weights, info), out, max_mb)
 
 # %% ../nbs/22_pretrained.ipynb 10
-def _record_beside(path: Path) -> tuple[Path, dict] | None:
-    "The release record `<stem>.json` beside a release file, if there is one."
-    rec = Path(path).with_suffix('.json')
-    if not rec.is_file(): return None
-    try: return rec, json.loads(rec.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e: raise CheckpointError(f'{rec}: unreadable release record ({e})') from None
-
 def verify_release(ckpt: dict, path) -> str:
     "The weights' SHA-256 of a release file, checked against its own record and the JSON beside it; `CheckpointError` if they differ."
     digest = weights_sha256(select_state_dict(ckpt, 'raw', path))
@@ -117,15 +112,20 @@ def checkpoint_scores(run, spec: str, weights: str = 'ema', progress: bool = Tru
     return pd.DataFrame(rows)
 
 # %% ../nbs/22_pretrained.ipynb 19
-def plot_checkpoint_curves(selection: pd.DataFrame, real: pd.DataFrame, chosen_step: int, machine: str = '') -> Figure:
+def plot_checkpoint_curves(selection: pd.DataFrame, real: pd.DataFrame, chosen_step: int, machine: str = '',
+                           baseline_curve=None, # an earlier release's real-map scores per checkpoint, [(step, psnr), ...]
+                           step_offset: int = 0, # steps of the earlier run this one continued from: its steps are drawn after them
+                           baseline: str = 'earlier release') -> Figure:
     "Mean PSNR (95% interval) per checkpoint: held-out synthetic maps (which chose) and real maps (scored afterwards)."
     fig = Figure(figsize=(8, 4.2), layout='constrained'); ax = fig.subplots()
     for df, label, color in ((selection, 'held-out synthetic maps (chooses the checkpoint)', 'C0'),
                              (real, 'real RadioMapSeer maps (scored after training)', 'C3')):
-        ax.fill_between(df.step, df.psnr_low, df.psnr_high, color=color, alpha=0.15)
-        ax.plot(df.step, df.psnr, 'o-', color=color, label=f'{label}, n={int(df.n_maps.iloc[0])}')
-    ax.axvline(chosen_step, color='k', ls=':', lw=1, label=f'released: step {chosen_step}')
-    ax.set(xlabel='training step', ylabel='PSNR of the posterior mode (dB), mean and 95% interval',
+        ax.fill_between(df.step + step_offset, df.psnr_low, df.psnr_high, color=color, alpha=0.15)
+        ax.plot(df.step + step_offset, df.psnr, 'o-', color=color, label=f'{label}, n={int(df.n_maps.iloc[0])}')
+    if baseline_curve: ax.plot(*zip(*baseline_curve), 's--', color='grey', label=f'{baseline}, real maps (its own run)')
+    ax.axvline(chosen_step + step_offset, color='k', ls=':', lw=1, label=f'released: step {chosen_step}')
+    ax.set(xlabel='training step' + (f' (this run continues {baseline} after its step {step_offset})' if step_offset else ''),
+           ylabel='PSNR of the posterior mode (dB), mean and 95% interval',
            title='Released model: quality per checkpoint' + (f'\n{machine}' if machine else ''))
     ax.grid(alpha=0.3); ax.legend(fontsize=8, loc='lower right')
     return fig
@@ -263,6 +263,7 @@ def model_card(r: dict) -> str:
         f"embed_dim {r['architecture']['embed_dim']}; {r['parameters'] / 1e6:.2f} M parameters. Shipped: {facts['weights_text']} in float16 "
         f"(`{p['weights']}`, {r['file_mb']:.1f} MB, loadable with `torch.load(..., weights_only=True)`).", '',
         '## Training', '',
+        *_lineage_lines(r),
         f"- Data: {r['data_description']}",
         f"- Steps: {t['steps']}; the checkpoint of step {r['chosen_step']} is released, chosen by mean PSNR on {r['selection_label']} "
         f"(see the figure below), batch {t['batch_size']}, {facts['schedule_text']}, GAN term from step {t['disc_start']}, "
@@ -279,12 +280,15 @@ def model_card(r: dict) -> str:
         f"for any pipeline built on this first stage; on other maps ({real['n_maps']} maps of upstream's training split); with "
         f"another aggregation (mean of per-map PSNR; the pooled MSE gives {pooled:.2f} dB); and 35 dB lies "
         f"{'inside' if inside else 'outside'} its interval [{psnr['ci_low']:.2f}, {psnr['ci_high']:.2f}]. What it means: a "
-        f"second stage trained on these latents can only add error to this reconstruction, so a pipeline on this first stage "
-        f"would likely score below RadioDiff's 35 dB.", '',
+        f"second stage trained on these latents can only add error to this reconstruction, " + (
+        f"so a pipeline on this first stage would likely score below RadioDiff's 35 dB." if psnr['ci_low'] <= 35 else
+        f"so this first stage caps a pipeline built on it near {psnr['mean']:.1f} dB: above RadioDiff's 35 dB, short of the 40 dB "
+        "that would leave room for the best generators reported since."), '',
         f"![quality per checkpoint](figures/{name}_checkpoints.png)", '',
         f"The real maps were scored at every checkpoint only after training ({', '.join(f'{s}: {v:.2f}' for s, v in r['real_curve'])} dB); "
         f"they chose nothing: the checkpoint was chosen on `{r['selection_spec']}`.", '',
         f"![real maps through the released model](figures/{name}_real_maps.png)", '',
+        *_comparison_lines(r),
         '## Latents for a second stage', '',
         f"On the held-out synthetic maps, per channel: mean {', '.join(f'{v:.3f}' for v in lat['channel_mean'])}; "
         f"std {', '.join(f'{v:.3f}' for v in lat['channel_std'])}. Scale factor (1 / pooled std of posterior samples) "
@@ -345,7 +349,7 @@ def _release_record(run, cfg, model, selection, chosen, real_curve, real, syn, c
         selection_label=f"{sel['n']} held-out synthetic maps ({select_spec}: maps {sel['offset']}-{sel['offset'] + sel['n'] - 1} "
                         f"of generator seed {sel['seed']}, after the training and validation maps)",
         latents=syn['latents']['sample'], latents_real=real['latents']['sample'], built=pd.Timestamp.now().strftime('%Y-%m-%d'),
-        name=name, card_facts=facts, selection_spec=select_spec, card_spec=card_spec,
+        name=name, card_facts=facts, selection_spec=select_spec, card_spec=card_spec, lineage=cfg['model'].get('ckpt_path'),
         target={'psnr': float(target[0]), 'ssim': float(target[1])})
 
 def _run_precision(run: Path) -> str:
@@ -439,6 +443,8 @@ def build_release(run, # a finished training run folder
                   card='MODEL.md', # the card's path under `out`
                   config_path: str = 'configs/released.yaml', # the training config the card's command names
                   target: tuple = (33.0, 0.95), # the real-map PSNR and SSIM the card checks
+                  baseline: str | None = None, # an earlier release the card compares with on the same real maps ('released-v1')
+                  anatomy=None, # an `anatomy.candidate_report` folder on this run's chosen checkpoint: where the errors sit
                  ) -> dict:
     "Choose a finished run's checkpoint on held-out synthetic maps, ship it in `out` as one unit (weights, JSON, card, figures, derived forms)."
     check_selection_spec(select_spec); release_paths(name)
@@ -458,13 +464,24 @@ def build_release(run, # a finished training run folder
     syn, syn_rows = score_model(model, cfg, card_spec, progress=progress)
     r = _release_record(run, cfg, model, selection, chosen, real_curve, real, syn, card_spec, select_spec, weights, name, config_path, target)
     r['machine'] = machine or r['machine']
+    if baseline:
+        base, base_path = baseline_record(baseline), pretrained_path(baseline) if baseline in PRETRAINED else Path(baseline)
+        continued = bool(r['lineage']) and Path(r['lineage']).resolve() == base_path.resolve()
+        r['comparison'] = compare_with_release(real_rows, base, baseline) | {'step_offset': base['training']['steps'] if continued else 0}
+        r['commands']['release'] += f' --baseline {baseline}' + (f' --anatomy {Path(anatomy).as_posix()}' if anatomy else '')
+    anatomy_figures = {}
+    if anatomy:
+        anatomy_figures, found = anatomy_files(anatomy, r['chosen_step'], name)
+        r['anatomy'] = dict(profiles=found['profiles'], largest_gap=max(abs(found['psnr'][n] - p) for n, p in zip(real_rows.name, real_rows.mode_psnr)))
     state['release'] = to_jsonable({k: r[k] for k in ('chosen_step', 'latent_shape', 'built')} |
                                    {'scale_factor': r['latents']['scale_factor'], 'real_psnr_mean': real['metrics']['mode']['psnr']['mean'],
                                     'name': name, 'weights': weights, 'weights_sha256': weights_sha256(state['model'])})
     buf = io.BytesIO(); write_release(state, buf)
     order = real_rows.sort_values('mode_psnr').index
     picks = {'worst': int(order[0]), 'median': int(order[len(order) // 2]), 'best': int(order[-1])}
-    figures = {f'figures/{name}_checkpoints.png': _png(plot_checkpoint_curves(selection, real_curve, r['chosen_step'], r['machine'])),
+    c = r.get('comparison') or {}
+    curves = plot_checkpoint_curves(selection, real_curve, r['chosen_step'], r['machine'], c.get('baseline_real_curve'), c.get('step_offset', 0), baseline or '')
+    figures = anatomy_figures | {f'figures/{name}_checkpoints.png': _png(curves),
                f'figures/{name}_real_maps.png': _png(plot_reconstructions(model, dataset_from_spec('real')[0], picks,
                                                                          title='Released model on real RadioMapSeer maps (never trained on)'))}
     record = r | {'per_map': {'real': real_rows.to_dict('records'), 'synthetic': syn_rows.to_dict('records')}}
@@ -484,6 +501,9 @@ def add_release_args(parser):
     parser.add_argument('--card-data', default='synthetic:100:1', help="held-out synthetic maps scored on the card beside 'real'")
     parser.add_argument('--weights', choices=('ema', 'raw'), default='ema')
     parser.add_argument('--config-path', default='configs/released.yaml', help="the training config named in the card's command")
+    parser.add_argument('--baseline', default=None, help="an earlier release the card compares with on the same real maps (e.g. released-v1)")
+    parser.add_argument('--anatomy', default=None, help='a candidate-report folder on the chosen checkpoint (where the errors sit; needs --baseline)')
+    parser.add_argument('--target-psnr', type=float, default=33.0, help="the real-map PSNR (dB) the card checks the release against")
     parser.add_argument('--trained-on', default=None, help="the training machine, for the card (default: this machine's CPU)")
     parser.add_argument('--no-progress', action='store_true')
 
@@ -496,8 +516,9 @@ def run_release(args) -> int:
         print(f"regenerated {len(r['forms'])} derived files and {Path(args.out) / args.card} of release {args.name} (weights sha256 {r['weights_sha256'][:16]})")
         return 0
     if not args.run: raise DataError('give a finished training run folder, or --regenerate to rebuild the derived files')
+    if args.anatomy and not args.baseline: raise DataError('--anatomy needs --baseline: the error profiles are drawn beside the earlier release')
     r = build_release(args.run, args.out, args.select, args.card_data, args.weights, not args.no_progress, args.trained_on,
-                      args.name, args.card, args.config_path)
+                      args.name, args.card, args.config_path, (args.target_psnr, 0.95), args.baseline, args.anatomy)
     real = r['metrics']['real']['metrics']['mode']
     print(f"released step {r['chosen_step']}: real maps {_ci(real['psnr'])} dB PSNR, SSIM {real['ssim']['mean']:.4f}; "
           f"card: {Path(args.out) / args.card}")
