@@ -17,8 +17,7 @@ VARIANTS = ('upstream', 'ours', 'ours+channels_last', 'ours+bf16', 'ours+checkpo
 PHASES = ('gan_off', 'gan_on')
 # what each size is: the config file it comes from and what the benchmark changes in it
 SIZES = {
-    'tiny': dict(config='configs/quickstart.yaml', batch_size=2, map_size=32,
-                 ddconfig=dict(ch=32, ch_mult=[1, 2], num_res_blocks=1, resolution=32), loss=dict(disc_ndf=8)),
+    'tiny': dict(config='configs/quickstart.yaml', tiny_model=True),   # tiny_config()'s model, maps and batch on the quickstart's training
     'quickstart': dict(config='configs/quickstart.yaml'),
     # upstream's full size; LPIPS on with a *random* VGG16 backbone (same FLOPs; the pretrained weights
     # must be downloaded and are not available offline)
@@ -46,10 +45,13 @@ def measure_peaks(device: str = 'cpu', reps: int = 5) -> dict:
 # ----------------------------------------------------------------------------------------------- setup
 def bench_config(size: str) -> dict:
     "The model/loss/batch settings of `size` (tiny, quickstart, full), from the project's config files."
-    from radiodiff_vae.config import load_config
+    from radiodiff_vae.config import load_config, tiny_config
     if size not in SIZES: raise ValueError(f'size {size!r}: expected one of {", ".join(SIZES)}')
-    spec = SIZES[size]
-    cfg = load_config(REPO / spec['config'])
+    spec, cfg = SIZES[size], load_config(REPO / SIZES[size]['config'])
+    if spec.get('tiny_model'):
+        t = tiny_config()
+        spec = {**spec, 'ddconfig': t['model']['ddconfig'], 'loss': {'disc_ndf': t['model']['lossconfig']['disc_ndf']},
+                'batch_size': t['data']['batch_size'], 'map_size': t['data']['size']}
     ddconfig = {**cfg['model']['ddconfig'], **spec.get('ddconfig', {})}
     lossconfig = {**cfg['model']['lossconfig'], **spec.get('loss', {})}
     return dict(size=size, config=spec['config'], ddconfig=ddconfig, embed_dim=cfg['model']['embed_dim'],

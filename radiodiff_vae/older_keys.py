@@ -155,11 +155,11 @@ def _read_retired_keys(raw: dict) -> tuple[dict, list[str]]:
 
 
 # %% ../nbs/09d_older_keys.ipynb 19
-OLD_FINISH_KEYS = {'data.finish_size': 'size', 'data.finish_steps': 'steps', 'data.finish_batch_size': 'batch_size',
-                   'data.finish_crop': None, 'trainer.finish_lr': None, 'trainer.finish_ema_restart': None}   # older spellings of data.finish
-_DROPPED = {'data.finish_crop': (None, "random windows of the phase's maps lost to whole maps on every seed (tuning round 9)"),
-            'trainer.finish_lr': (None, 'a learning-rate restart at the phase lost on every seed (tuning round 8)'),
-            'trainer.finish_ema_restart': (True, "the EMA's warm-up restarts at the phase wherever it has one")}
+OLD_FINISH_KEYS = {   # older spellings of data.finish: the field each becomes, or (the one value still read, why) for a dropped one
+    'data.finish_size': 'size', 'data.finish_steps': 'steps', 'data.finish_batch_size': 'batch_size',
+    'data.finish_crop': (None, "random windows of the phase's maps lost to whole maps on every seed (tuning round 9)"),
+    'trainer.finish_lr': (None, 'a learning-rate restart at the phase lost on every seed (tuning round 8)'),
+    'trainer.finish_ema_restart': (True, "the EMA's warm-up restarts at the phase wherever it has one")}
 
 def _merge_finish_keys(raw: dict) -> tuple[dict, list[str]]:
     "`raw` with the older finishing-phase keys read into `data.finish` (a lost variant refused), and a note."
@@ -168,10 +168,10 @@ def _merge_finish_keys(raw: dict) -> tuple[dict, list[str]]:
         node, last = _node(raw, key), key.rsplit('.', 1)[1]
         if node is not None and last in node: found[key] = node.pop(last)
     if not found: return raw, []
-    for key, (kept, why) in _DROPPED.items():
+    for key, (kept, why) in ((k, v) for k, v in OLD_FINISH_KEYS.items() if isinstance(v, tuple)):
         _require(found.get(key, kept) == kept, f"{key}: {found.get(key)!r} is no longer a setting ({why}); remove it")
     if not isinstance(raw.get('data'), dict): raw['data'] = {}
-    fields = {OLD_FINISH_KEYS[k]: v for k, v in found.items() if OLD_FINISH_KEYS[k]}
+    fields = {OLD_FINISH_KEYS[k]: v for k, v in found.items() if isinstance(OLD_FINISH_KEYS[k], str)}
     fin = fields if 'size' in fields and fields['size'] is None else dict(raw['data'].get('finish') or {}) | fields   # a null size: off
     if fin.get('size') is None:
         _require(not fin.get('steps') and fin.get('batch_size') is None,

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from .core import ConfigError, DataError
 from .data import RadioMapSeer, radiomapseer_split, MapFolder
-from .synthetic import SyntheticRadioMaps
+from .data_spec import dataset_from_spec
 
 # %% auto 0
 __all__ = ['MAP_CACHE_BYTES', 'BatchStream', 'batch_seed', 'posterior_noise', 'random_crops', 'CachedDataset', 'build_datasets',
@@ -88,7 +88,7 @@ def _cached(ds, budget: int, map_bytes: int):
 def build_datasets(data: dict) -> tuple[Dataset, Dataset | None]:
     "Training and held-out datasets described by the config's `data` section."
     if data['source'] == 'synthetic':
-        make = lambda n, offset: SyntheticRadioMaps(n, seed=data['data_seed'], size=data['size'], offset=offset, **data['synthetic'])
+        make = lambda n, offset: dataset_from_spec(f'synthetic:{n}', {'data': data}, offset=offset)[0]   # the factory of every job's maps
         train, val = make(data['n_maps'], 0), (make(data['val_maps'], data['n_maps']) if data['val_maps'] else None)
         map_bytes = data['size'] ** 2 * 4
         val = _cached(val, MAP_CACHE_BYTES, map_bytes) if val is not None else None   # read by the main process only

@@ -6,16 +6,11 @@ from pathlib import Path
 import pytest, torch
 from radiodiff_vae.trainer import train
 from radiodiff_vae.stream import BatchStream
-from radiodiff_vae.config import load_config
+from radiodiff_vae.config import load_config, tiny_config, dump_config
 
-CONFIG = '''
-model:
-  ddconfig: {ch: 32, ch_mult: [1, 2], num_res_blocks: 1, resolution: 32}
-  lossconfig: {disc_start: 2, perceptual_weight: 0.0, lpips_pretrained: false, disc_ndf: 8}
-data: {source: synthetic, size: 32, n_maps: 32, val_maps: 2, batch_size: 4}
-trainer: {lr: 0.001, min_lr: 0.00001, schedule: cosine, train_num_steps: 10, save_and_sample_every: 5, log_freq: 1,
-          ema_update_every: 1, log_with: [], num_threads: 1, learn_logvar: true}
-'''
+SETS = ('data.n_maps=32', 'data.val_maps=2', 'data.batch_size=4', 'trainer.lr=0.001', 'trainer.min_lr=0.00001', 'trainer.schedule=cosine',
+        'trainer.train_num_steps=10', 'trainer.save_and_sample_every=5', 'trainer.ema_update_every=1', 'trainer.learn_logvar=true')
+CONFIG = dump_config(tiny_config(*SETS))   # the tiny run, 32 maps of 32x32 in batches of 4, 10 steps, the GAN on from step 2
 LOSSES = ('train/total_loss', 'train/rec_loss', 'train/nll_loss', 'train/kl_loss', 'train/g_loss', 'train/d_weight',
           'train/disc_loss', 'train/logits_real', 'train/logits_fake', 'grad_norm_ae')
 

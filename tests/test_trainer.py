@@ -588,6 +588,18 @@ def test_radiomapseer_held_out_maps_follow_the_folders_size(tmp_path):
     train_ds, val_ds = stream.build_datasets(data)
     assert val_ds.maps == radiomapseer_split('test', 20)[:3] and not set(val_ds.maps) & set(train_ds.maps)
 
+def test_trainer_maps_are_the_data_spec_factorys(tmp_path):
+    """The trainer's synthetic training and held-out maps are, tensor for tensor, the maps `dataset_from_spec` gives for
+    `synthetic:n_maps` from map 0 and `synthetic:val_maps` from map n_maps (one factory: a seed, side or generator setting
+    read differently by the trainer than by evaluation and studies would fail here)."""
+    from radiodiff_vae.data_spec import dataset_from_spec
+    cfg = tiny(**{'data.n_maps': 5, 'data.val_maps': 2, 'data.data_seed': 11, 'data.synthetic': {'park_prob': 0.3, 'tx_lo': 0.3}})
+    t = Trainer(cfg, tmp_path/'run', progress=False)
+    t.logs.close(); t.lock.release()
+    for ds, spec, offset in ((t.train_ds, 'synthetic:5', 0), (t.val_ds, 'synthetic:2', 5)):
+        ref = dataset_from_spec(spec, cfg, offset=offset)[0]
+        assert len(ds) == len(ref) and all(a['name'] == b['name'] and torch.equal(a['image'], b['image']) for a, b in zip(ds, ref))
+
 def test_map_cache_is_budgeted_across_data_workers(tmp_path, monkeypatch, capsys):
     """Each DataLoader worker keeps its own map cache: with 4 workers reading every map, the caches together stay within
     the budget (here 64 KiB: the 12 training maps of 4 KiB fit once, not 4 times), and the start says what they hold.
