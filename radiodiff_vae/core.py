@@ -144,11 +144,11 @@ def real_maps_dir() -> Path:
     "A RadioMapSeer-layout root holding 26 real DPM maps (`gain/DPM/<n>_0.png`)."
     return data_dir()/'radiomaps'
 
-# Shipped models by name: 'released' is the current release; each version keeps its own name (a later release
-# adds 'released-v2' and points 'released' at it, while 'released-v1' still loads the first one).
-PRETRAINED = {'released': 'models/released.pt', 'released-v1': 'models/released.pt'}
+# Shipped models by name: 'released' is the current release; each version keeps its own name and files, so a
+# later release adds its name and points 'released' at it while the earlier ones still load by theirs.
+PRETRAINED = {'released': 'models/released-v2.pt', 'released-v2': 'models/released-v2.pt', 'released-v1': 'models/released-v1.pt'}
 
 def pretrained_path(name: str) -> Path:
-    "The weights file of a model shipped in the repository (`'released'`: the card is MODEL.md)."
+    "The weights file of a model shipped in the repository (`'released'`: the current one, its card MODEL.md)."
     if name not in PRETRAINED: raise KeyError(f'{name!r}: no such shipped model; expected one of {sorted(PRETRAINED)}')
     return repo_dir()/PRETRAINED[name]

@@ -8,13 +8,13 @@ import hashlib, json, re, struct
 from pathlib import Path
 import torch
 import yaml
-from .core import CheckpointError, DataError, atomic_write_bytes, atomic_write_text
+from .core import PRETRAINED, CheckpointError, DataError, pretrained_path, atomic_write_bytes, atomic_write_text
 
 # %% auto 0
-__all__ = ['DERIVED_FORMS', 'INPUT_RANGE', 'weights_sha256', 'file_sha256', 'release_paths', 'safetensors_bytes',
-           'latent_statistics', 'flat_safetensors', 'diffusers_key', 'diffusers_state_dict', 'diffusers_config',
-           'diffusers_files', 'upstream_first_stage', 'upstream_yaml', 'derived_files', 'write_files',
-           'model_from_safetensors']
+__all__ = ['DERIVED_FORMS', 'INPUT_RANGE', 'weights_sha256', 'file_sha256', 'release_paths', 'release_record',
+           'safetensors_bytes', 'latent_statistics', 'flat_safetensors', 'diffusers_key', 'diffusers_state_dict',
+           'diffusers_config', 'diffusers_files', 'upstream_first_stage', 'upstream_yaml', 'derived_files',
+           'write_files', 'model_from_safetensors']
 
 # %% ../nbs/22a_formats.ipynb 6
 def _tensor_bytes(t: torch.Tensor) -> bytes:
@@ -52,6 +52,14 @@ def _record_beside(path: Path) -> tuple[Path, dict] | None:
     if not rec.is_file(): return None
     try: return rec, json.loads(rec.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e: raise CheckpointError(f'{rec}: unreadable release record ({e})') from None
+
+def release_record(name, # a shipped model's name ('released', 'released-v1', ...) or a release `.pt` file
+                  ) -> dict:
+    "The release record (the `.json` beside the weights) of a shipped model or a release file: what its card states."
+    path = pretrained_path(str(name)) if str(name) in PRETRAINED else Path(name)
+    found = _record_beside(path)
+    if found is None: raise DataError(f"{path.with_suffix('.json')}: no release record for {str(name)!r}")
+    return found[1]
 
 DERIVED_FORMS = ('safetensors', 'diffusers', 'upstream_yaml')
 

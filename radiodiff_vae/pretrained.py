@@ -23,8 +23,8 @@ from .data import unscale_gain
 from .run_folder import list_checkpoints
 from .logs import read_jsonl
 from .formats import (INPUT_RANGE, derived_files, file_sha256, latent_statistics, model_from_safetensors,
-                                   release_paths, weights_sha256, _record_beside)
-from .release_comparison import (baseline_record, compare_with_release, anatomy_files, _lineage_lines,
+                                   release_paths, release_record, weights_sha256, _record_beside)
+from .release_comparison import (compare_with_release, anatomy_files, _lineage_lines,
                                               _comparison_lines)
 
 # %% auto 0
@@ -342,7 +342,9 @@ def _release_record(run, cfg, model, selection, chosen, real_curve, real, syn, c
                                              precision=_run_precision(run)),
         commands=dict(train=f'radiodiff-vae train --config {config_path} --out {run.as_posix()}',
                       release=f'radiodiff-vae release {run.as_posix()} --out .' + (f' --name {name}' if name != 'released' else '')
-                              + (f' --weights {weights}' if weights != 'ema' else '')),
+                              + (f' --weights {weights}' if weights != 'ema' else '')
+                              + (f' --config-path {config_path}' if config_path != 'configs/released.yaml' else '')
+                              + (f' --target-psnr {target[0]:g}' if float(target[0]) != 33.0 else '')),
         selection=selection.to_dict('records'), real_curve=[(int(s), float(p)) for s, p in zip(real_curve.step, real_curve.psnr)],
         real_curve_table=real_curve.to_dict('records'), metrics={'real': real, 'synthetic': syn},
         synthetic_label=f"{syn['n_maps']} held-out synthetic maps ({card_spec}: generator seed {syn['data']['seed']}, never trained on), 256x256",
@@ -465,8 +467,8 @@ def build_release(run, # a finished training run folder
     r = _release_record(run, cfg, model, selection, chosen, real_curve, real, syn, card_spec, select_spec, weights, name, config_path, target)
     r['machine'] = machine or r['machine']
     if baseline:
-        base, base_path = baseline_record(baseline), pretrained_path(baseline) if baseline in PRETRAINED else Path(baseline)
-        continued = bool(r['lineage']) and Path(r['lineage']).resolve() == base_path.resolve()
+        base, at = release_record(baseline), lambda p: (pretrained_path(p) if p in PRETRAINED else Path(p)).resolve()
+        continued = bool(r['lineage']) and at(r['lineage']) == at(baseline)    # the run started from the baseline's weights
         r['comparison'] = compare_with_release(real_rows, base, baseline) | {'step_offset': base['training']['steps'] if continued else 0}
         r['commands']['release'] += f' --baseline {baseline}' + (f' --anatomy {Path(anatomy).as_posix()}' if anatomy else '')
     anatomy_figures = {}

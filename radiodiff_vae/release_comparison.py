@@ -8,24 +8,16 @@ import json
 from pathlib import Path
 import numpy as np
 import pandas as pd
-from .core import PRETRAINED, DataError, markdown_table, pretrained_path
+from .core import DataError, markdown_table
 from .evaluation import summarize
-from .formats import _record_beside
+from .formats import release_record
 
 # %% auto 0
-__all__ = ['baseline_record', 'compare_with_release', 'anatomy_files']
+__all__ = ['compare_with_release', 'anatomy_files']
 
 # %% ../nbs/22c_release_comparison.ipynb 7
-def baseline_record(baseline, # an earlier release: a shipped name ('released-v1') or its `.pt` file
-                   ) -> dict:
-    "The record (the `.json` beside the weights) of an earlier release, which a new release is compared with."
-    path = pretrained_path(str(baseline)) if str(baseline) in PRETRAINED else Path(baseline)
-    found = _record_beside(path)
-    if found is None: raise DataError(f"{path.with_suffix('.json')}: no release record for the baseline {str(baseline)!r} (its per-map scores are compared)")
-    return found[1]
-
 def compare_with_release(rows: pd.DataFrame, # the new model's per-map rows on the real maps (`score_model`)
-                         baseline: dict, # the earlier release's record (`baseline_record`)
+                         baseline: dict, # the earlier release's record (`formats.release_record`)
                          label: str, # the earlier release's name, as users load it
                         ) -> dict:
     "Both releases' per-map PSNR on the same real maps and the paired difference new - earlier: mean, 95% interval, maps improved."
@@ -61,7 +53,7 @@ def _lineage_lines(r: dict) -> list[str]:
     return [f"- Start: the weights of `{r['lineage']}`."] if r.get('lineage') else []
 
 def _profile_rows(profiles: list[dict], by: str) -> list[tuple]:
-    "(distance bin, mean |error| per model) rows of one error profile, bins with pixels only."
+    "(distance bin, mean |error| per model, in the order the models first appear) rows of one error profile, bins with pixels only."
     models = list(dict.fromkeys(p['model'] for p in profiles))
     bins = sorted({(p['low'], p['high']) for p in profiles if p['by'] == by and p['pixels'] > 0})
     err = {(p['model'], p['low'], p['high']): p['mean_abs_error'] for p in profiles if p['by'] == by}
@@ -81,10 +73,10 @@ def _comparison_lines(r: dict) -> list[str]:
              f"model; `{b}`'s scores are those of its record. Like-for-like in maps and protocol, not in training: see the lineage above.", '',
              markdown_table(('map', f'`{b}` (dB)', f'`{name}` (dB)', 'difference (dB)'), rows), '']
     if a:
-        models = ', '.join(f'`{m}`' for m in dict.fromkeys(x['model'] for x in a['profiles']))
+        models = ', '.join(f"`{name if m == 'candidate' else m}`" for m in dict.fromkeys(x['model'] for x in a['profiles']))
         lines += ['### Where the errors sit', '',
                   f"Mean absolute error in gray levels (0-255), pooled over the {p['maps']} real maps, by distance to the transmitter (the "
-                  f"brightest pixel) and to the nearest building; columns {models} (`candidate`: this release). Measured on the chosen "
+                  f"brightest pixel) and to the nearest building, for {models}. Measured on this release's chosen "
                   f"checkpoint's weights in float32; the shipped float16 weights score within {a['largest_gap']:.3f} dB of them on every map.", '',
                   markdown_table(('distance to the transmitter', *models.split(', ')), _profile_rows(a['profiles'], 'transmitter')), '',
                   markdown_table(('distance to a building', *models.split(', ')), _profile_rows(a['profiles'], 'building')), '',

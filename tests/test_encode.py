@@ -6,14 +6,15 @@ import numpy as np
 import torch
 
 from radiodiff_vae.cli import main
-from radiodiff_vae.core import repo_dir
+from radiodiff_vae.core import pretrained_path, repo_dir
+from radiodiff_vae.formats import release_record
 from radiodiff_vae.data import unscale_gain
 from radiodiff_vae.encode import SHARD, read_latents
 from radiodiff_vae.data_spec import dataset_from_spec
 from radiodiff_vae.evaluation import map_metrics
 from radiodiff_vae.pretrained import load_pretrained
 
-RECORD = json.loads((repo_dir() / 'models' / 'released.json').read_text())
+RECORD = release_record('released')
 
 
 def test_encode_the_26_real_maps_and_decode_them_back_as_evaluate_scored_them(tmp_path, capsys):
@@ -54,7 +55,7 @@ def test_bad_input_gets_one_line_and_exit_2(tmp_path, capsys):
     one_line_error(['--checkpoint', 'released', '--data', str(tmp_path / 'nowhere'), '--out', str(tmp_path / 'c')], 'does not exist')
     assert not any((tmp_path / d).exists() for d in 'abc')
     other = tmp_path / 'other.pt'
-    state = torch.load(repo_dir() / 'models' / 'released.pt', weights_only=True)
+    state = torch.load(pretrained_path('released'), weights_only=True)
     torch.save({'model': {k: v * 1.01 for k, v in state['model'].items()}, 'config': state['config']}, other)
     out = tmp_path / 'lat'
     assert main(['encode', '--checkpoint', 'released', '--data', 'real', '--out', str(out), '--limit', '2', '--no-progress']) == 0

@@ -1,4 +1,4 @@
-"""The released model (MODEL.md): the shipped weights load safely, match their card, and `released` works as a checkpoint name."""
+"""The released models (MODEL.md: the current one, v2; MODEL-v1.md): the shipped weights load safely, match their cards, v2 beats v1 on the same maps, and `released` works as a checkpoint name."""
 import json
 import re
 import shutil
@@ -15,18 +15,20 @@ from radiodiff_vae.core import CheckpointError, pretrained_path, repo_dir
 from radiodiff_vae.data import unscale_gain
 from radiodiff_vae.data_spec import dataset_from_spec
 from radiodiff_vae.evaluation import map_metrics
+from radiodiff_vae.formats import release_record
 from radiodiff_vae.model import load_checkpoint, reconstruct
 from radiodiff_vae import pretrained
 from radiodiff_vae.pretrained import build_release, export_release, load_pretrained, score_model
 from radiodiff_vae.config import resolve_config, tiny_config
 from radiodiff_vae.trainer import train
 
-CARD, RECORD = repo_dir() / 'MODEL.md', repo_dir() / 'models' / 'released.json'
+CARD, RECORD = repo_dir() / 'MODEL.md', pretrained_path('released').with_suffix('.json')    # the current release
+RELEASES = {'released-v2': ('MODEL.md', 'released-v2_run'), 'released-v1': ('MODEL-v1.md', 'released_run')}   # card, run logs
 SUBSET = range(8)
 
 
-def card_record() -> dict:
-    return json.loads(RECORD.read_text())
+def card_record(name: str = 'released') -> dict:
+    return release_record(name)
 
 
 def test_released_weights_load_with_the_safe_loader_in_fp16_under_25_mb():
@@ -40,29 +42,32 @@ def test_released_weights_load_with_the_safe_loader_in_fp16_under_25_mb():
     assert model.encode(torch.zeros(1, 1, 256, 256)).mode().shape == (1, 3, 64, 64)
 
 
-def test_released_real_map_psnr_matches_the_card_within_0_1_db_on_a_subset():
-    model, real = load_pretrained(), dataset_from_spec('real')[0]
+@pytest.mark.parametrize('name', RELEASES)
+def test_released_real_map_psnr_matches_the_card_within_0_1_db_on_a_subset(name):
+    model, real = load_pretrained(name), dataset_from_spec('real')[0]
     x = torch.stack([real[i]['image'] for i in SUBSET])
     psnr = map_metrics(unscale_gain(reconstruct(model, x)), unscale_gain(x))['psnr'].numpy()
-    per_map = card_record()['per_map']['real']
+    per_map = card_record(name)['per_map']['real']
     assert [real[i]['name'] for i in SUBSET] == [per_map[i]['name'] for i in SUBSET]
     card_subset = np.array([per_map[i]['mode_psnr'] for i in SUBSET])
     assert abs(psnr.mean() - card_subset.mean()) < 0.1
     np.testing.assert_allclose(psnr, card_subset, atol=0.1)
 
 
-def test_the_card_states_the_measured_numbers():
-    rec, card = card_record(), CARD.read_text()
+@pytest.mark.parametrize('name', RELEASES)
+def test_the_card_states_the_measured_numbers(name):
+    rec, card = card_record(name), (repo_dir() / RELEASES[name][0]).read_text()
     real = rec['metrics']['real']['metrics']['mode']
     assert f"{real['psnr']['mean']:.2f} [{real['psnr']['ci_low']:.2f}, {real['psnr']['ci_high']:.2f}]" in card
     assert f"{rec['latents']['scale_factor']:.4f}" in card
     assert np.isclose(np.mean([m['mode_psnr'] for m in rec['per_map']['real']]), real['psnr']['mean'])
     assert len(rec['per_map']['real']) == 26
-    assert load_pretrained().release['chosen_step'] == rec['chosen_step']
+    assert load_pretrained(name).release['chosen_step'] == rec['chosen_step']
 
 
-def test_the_chosen_step_was_chosen_by_the_recorded_synthetic_maps_not_the_real_ones():
-    rec = card_record()
+@pytest.mark.parametrize('name', RELEASES)
+def test_the_chosen_step_was_chosen_by_the_recorded_synthetic_maps_not_the_real_ones(name):
+    rec = card_record(name)
     spec, n_real = rec['selection_spec'], rec['metrics']['real']['n_maps']
     assert spec.startswith('synthetic:') and f'({spec}:' in rec['selection_label']
     n_spec = int(spec.split(':')[1])
@@ -71,20 +76,34 @@ def test_the_chosen_step_was_chosen_by_the_recorded_synthetic_maps_not_the_real_
     assert all(abs(r['psnr'] - real_by_step[r['step']]) > 1e-6 for r in rec['selection'])   # another curve than the real maps'
     best_synthetic = max(rec['selection'], key=lambda r: r['psnr'])
     assert best_synthetic['step'] == rec['chosen_step']
-    assert f"chosen on `{spec}`" in CARD.read_text()
+    assert f"chosen on `{spec}`" in (repo_dir() / RELEASES[name][0]).read_text()
 
 
 def test_released_v1_stays_loadable_by_its_own_name():
-    v1, current = load_pretrained('released-v1'), load_pretrained('released')
-    assert v1.release['weights_sha256'] == card_record()['weights_sha256'] == current.release['weights_sha256']
+    v1, v2, current = load_pretrained('released-v1'), load_pretrained('released-v2'), load_pretrained('released')
+    assert v1.release['weights_sha256'] == card_record('released-v1')['weights_sha256'] != current.release['weights_sha256']
+    assert v2.release['weights_sha256'] == card_record('released-v2')['weights_sha256'] == current.release['weights_sha256']
+
+
+def test_v2_beats_v1_on_the_real_maps_held_out_from_every_choice():
+    "Issue 32's bar: paired over the same maps, interval above zero, mean >= 36.5 dB; v1's side is v1's own record."
+    c, v1 = card_record('released-v2')['comparison'], card_record('released-v1')
+    assert c['baseline'] == 'released-v1' and c['paired']['ci_low'] > 0 and c['new_mean'] >= 36.5
+    assert [m['baseline'] for m in c['per_map']] == [m['mode_psnr'] for m in v1['per_map']['real']]
+    assert [m['new'] for m in c['per_map']] == [m['mode_psnr'] for m in card_record('released-v2')['per_map']['real']]
+    assert f"paired difference {c['paired']['mean']:+.2f} dB [{c['paired']['ci_low']:+.2f}, {c['paired']['ci_high']:+.2f}]" in CARD.read_text()
 
 
 def test_a_release_whose_weights_differ_from_its_record_is_refused(tmp_path):
     models = tmp_path / 'models'; models.mkdir()
     shutil.copy(RECORD, models / 'released.json')
     state = torch.load(pretrained_path('released'), weights_only=True)
-    torch.save(state | {'model': {k: v * 1.05 for k, v in state['model'].items()}}, models / 'released.pt')
-    with pytest.raises(CheckpointError, match='are not the ones .*released.json describes'):
+    edited = state | {'model': {k: v * 1.05 for k, v in state['model'].items()}}
+    torch.save(edited, models / 'released.pt')
+    with pytest.raises(CheckpointError, match='are not the ones its own release record describes'):
+        load_pretrained(models / 'released.pt')
+    torch.save(edited | {'release': {k: v for k, v in state['release'].items() if k != 'weights_sha256'}}, models / 'released.pt')
+    with pytest.raises(CheckpointError, match='are not the ones .*released.json describes'):     # the record beside it
         load_pretrained(models / 'released.pt')
     torch.save(state, models / 'released.pt')
     assert load_pretrained(models / 'released.pt').release['weights_sha256'] == card_record()['weights_sha256']
@@ -164,12 +183,13 @@ def test_build_release_on_a_tiny_run_writes_a_consistent_card(tmp_path, monkeypa
     assert load_pretrained(tmp_path / 'repo' / 'models' / 'released.pt').release['chosen_step'] == r['chosen_step']
 
 
-def test_every_card_fact_comes_from_the_runs_config():
+@pytest.mark.parametrize('name', RELEASES)
+def test_every_card_fact_comes_from_the_runs_config(name):
     import yaml
     from radiodiff_vae.pretrained import card_facts, model_card
-    rec = card_record()
-    assert model_card(rec) == CARD.read_text()
-    cfg = resolve_config(yaml.safe_load((repo_dir() / 'models' / 'released_run' / 'config.yaml').read_text()))
+    rec = card_record(name)
+    assert model_card(rec) == (repo_dir() / RELEASES[name][0]).read_text()
+    cfg = resolve_config(yaml.safe_load((repo_dir() / 'models' / RELEASES[name][1] / 'config.yaml').read_text()))
     cfg['model']['ddconfig']['attn_resolutions'] = [16]
     cfg['model']['lossconfig']['perceptual_weight'] = 1.0
     cfg['trainer']['schedule'] = 'constant'
