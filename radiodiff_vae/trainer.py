@@ -22,7 +22,7 @@ from .schedules import make_lr_lambda
 from .data import unscale_gain
 from .config import (load_config, resolve_config, read_yaml, step_changes, config_notes, dump_config, resume_changes,
                                   finish_start_step, FINISH_OFF, CUDA_GRAPH_MODES)
-from .checks import make_output_folder, check_args
+from .checks import make_output_folder, check_args, check_training_memory
 from .run_folder import RunLock, list_checkpoints, check_run_folder
 from .logs import RunLogs, format_log_line, UPSTREAM_AE_KEYS, UPSTREAM_DISC_KEYS
 from .stream import (BatchStream, CachedDataset, batch_seed, posterior_noise, random_crops, build_datasets,
@@ -203,6 +203,7 @@ def _build(self: Trainer, dataset=None):
     if dataset is not None and self.cfg['data']['finish'] is not None:
         raise ConfigError('data.finish: a finishing phase needs the configured maps, not a dataset passed to the trainer '
                           f'(set {FINISH_OFF} to train on that dataset alone)')
+    check_training_memory(self.cfg)    # before any map is made, so that a map side too large is named by its config key
     self.train_ds, self.val_ds = (dataset, None) if dataset is not None else build_datasets(self.cfg['data'])
     self.finish_ds = finish_dataset(self.cfg['data'])
     if (fb := (self.cfg['data']['finish'] or {}).get('batch_size')) and fb % self.world:   # found now, not at the phase's first step
