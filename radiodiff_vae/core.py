@@ -13,7 +13,7 @@ import torch
 __all__ = ['CPU_ISA', 'PRETRAINED', 'RadioDiffError', 'ConfigError', 'DataError', 'CheckpointError', 'LogParseError',
            'RunFolderError', 'atomic_write_bytes', 'atomic_write_text', 'atomic_torch_save', 'atomic_save_png',
            'seed_everything', 'to_jsonable', 'markdown_table', 'machine_info', 'repo_dir', 'shared_dir', 'data_dir',
-           'reference_run_dir', 'real_maps_dir', 'pretrained_path']
+           'reference_run_dir', 'real_maps_dir', 'pretrained_path', 'shipped_or_path']
 
 # %% ../nbs/00_core.ipynb 5
 class RadioDiffError(Exception):
@@ -152,3 +152,7 @@ def pretrained_path(name: str) -> Path:
     "The weights file of a model shipped in the repository (`'released'`: the current one, its card MODEL.md)."
     if name not in PRETRAINED: raise KeyError(f'{name!r}: no such shipped model; expected one of {sorted(PRETRAINED)}')
     return repo_dir()/PRETRAINED[name]
+
+def shipped_or_path(name) -> Path:
+    "The file a checkpoint argument names: a shipped model's weights for its name ('released', ...), else the path as given."
+    return pretrained_path(str(name)) if str(name) in PRETRAINED else Path(name)

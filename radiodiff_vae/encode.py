@@ -51,8 +51,8 @@ def encoder_from_checkpoint(checkpoint, # a shipped model's name, a release file
     if weights == 'auto': weights = 'raw' if is_release or not isinstance(ckpt.get('ema'), dict) else 'ema'
     if is_release and weights == 'ema': raise CheckpointError(f'{checkpoint}: a release file holds one set of weights; drop --weights ema')
     if is_release:
-        from radiodiff_vae.core import PRETRAINED, pretrained_path
-        verify_release(ckpt, pretrained_path(str(checkpoint)) if str(checkpoint) in PRETRAINED else Path(checkpoint))
+        from radiodiff_vae.core import shipped_or_path
+        verify_release(ckpt, shipped_or_path(checkpoint))
     model = model_from_checkpoint(ckpt, weights, source=checkpoint).float().eval()
     ident = dict(checkpoint=str(checkpoint), weights=weights, weights_sha256=weights_sha256(select_state_dict(ckpt, weights, checkpoint)),
                  ddconfig=dict(model.ddconfig), embed_dim=model.embed_dim)

@@ -8,7 +8,7 @@ import hashlib, json, re, struct
 from pathlib import Path
 import torch
 import yaml
-from .core import PRETRAINED, CheckpointError, DataError, pretrained_path, atomic_write_bytes, atomic_write_text
+from .core import CheckpointError, DataError, shipped_or_path, atomic_write_bytes, atomic_write_text
 
 # %% auto 0
 __all__ = ['DERIVED_FORMS', 'INPUT_RANGE', 'weights_sha256', 'file_sha256', 'release_paths', 'release_record',
@@ -56,7 +56,7 @@ def _record_beside(path: Path) -> tuple[Path, dict] | None:
 def release_record(name, # a shipped model's name ('released', 'released-v1', ...) or a release `.pt` file
                   ) -> dict:
     "The release record (the `.json` beside the weights) of a shipped model or a release file: what its card states."
-    path = pretrained_path(str(name)) if str(name) in PRETRAINED else Path(name)
+    path = shipped_or_path(name)
     found = _record_beside(path)
     if found is None: raise DataError(f"{path.with_suffix('.json')}: no release record for {str(name)!r}")
     return found[1]

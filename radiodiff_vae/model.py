@@ -11,7 +11,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from .core import PRETRAINED, CheckpointError, ConfigError, DataError, atomic_torch_save, pretrained_path
+from .core import CheckpointError, ConfigError, DataError, atomic_torch_save, shipped_or_path
 from .distributions import DiagonalGaussianDistribution
 
 # %% auto 0
@@ -379,7 +379,7 @@ def unreadable_reason(path, error: Exception) -> str:
 # %% ../nbs/07_model.ipynb 42
 def load_checkpoint(path, trust: bool = False, map_location='cpu') -> dict:
     "Read checkpoint `path` (or a shipped model's name, e.g. `'released'`) with the safe unpickler; `trust=True` allows any pickle."
-    path = pretrained_path(str(path)) if str(path) in PRETRAINED else Path(path)
+    path = shipped_or_path(path)
     if not path.exists(): raise CheckpointError(f'{path}: no such checkpoint file')
     if path.is_dir(): raise CheckpointError(f'{path}: is a folder; expected a checkpoint file such as model-30.pt')
     if path.stat().st_size == 0: raise CheckpointError(f'{path}: empty file (0 bytes), probably an interrupted save')

@@ -12,8 +12,8 @@ import torch
 import yaml
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
-from .core import (PRETRAINED, CheckpointError, DataError, atomic_save_png, atomic_torch_save, atomic_write_text,
-                                machine_info, markdown_table, pretrained_path, real_maps_dir, repo_dir, to_jsonable)
+from .core import (CheckpointError, DataError, atomic_save_png, atomic_torch_save, atomic_write_text,
+                                machine_info, markdown_table, pretrained_path, real_maps_dir, repo_dir, shipped_or_path, to_jsonable)
 from .config import resolve_config
 from .model import AutoencoderKL, load_checkpoint, model_from_checkpoint, select_state_dict
 from .losses import LPIPSWithDiscriminator
@@ -78,7 +78,7 @@ def load_pretrained(name: str = 'released', # a shipped model's name, a release 
         if verify and model.release.get('weights_sha256') not in (None, digest):
             raise CheckpointError(f"{name}: its weights (sha256 {digest[:16]}) are not the ones its metadata describes (sha256 {model.release['weights_sha256'][:16]})")
         return model.to(device)
-    path = pretrained_path(str(name)) if str(name) in PRETRAINED else Path(name)
+    path = shipped_or_path(name)
     ckpt = load_checkpoint(path)    # the safe loader: tensors and plain values only
     digest = verify_release(ckpt, path) if verify else None
     model = model_from_checkpoint(ckpt, 'raw', source=name).float().eval().to(device)
@@ -281,7 +281,7 @@ def model_card(r: dict) -> str:
         f"another aggregation (mean of per-map PSNR; the pooled MSE gives {pooled:.2f} dB); and 35 dB lies "
         f"{'inside' if inside else 'outside'} its interval [{psnr['ci_low']:.2f}, {psnr['ci_high']:.2f}]. What it means: a "
         f"second stage trained on these latents can only add error to this reconstruction, " + (
-        f"so a pipeline on this first stage would likely score below RadioDiff's 35 dB." if psnr['ci_low'] <= 35 else
+        "so a pipeline on this first stage would likely score below RadioDiff's 35 dB." if psnr['ci_low'] <= 35 else
         f"so this first stage caps a pipeline built on it near {psnr['mean']:.1f} dB: above RadioDiff's 35 dB, short of the 40 dB "
         "that would leave room for the best generators reported since."), '',
         f"![quality per checkpoint](figures/{name}_checkpoints.png)", '',
@@ -467,8 +467,8 @@ def build_release(run, # a finished training run folder
     r = _release_record(run, cfg, model, selection, chosen, real_curve, real, syn, card_spec, select_spec, weights, name, config_path, target)
     r['machine'] = machine or r['machine']
     if baseline:
-        base, at = release_record(baseline), lambda p: (pretrained_path(p) if p in PRETRAINED else Path(p)).resolve()
-        continued = bool(r['lineage']) and at(r['lineage']) == at(baseline)    # the run started from the baseline's weights
+        base = release_record(baseline)
+        continued = bool(r['lineage']) and shipped_or_path(r['lineage']).resolve() == shipped_or_path(baseline).resolve()    # the run started from the baseline's weights
         r['comparison'] = compare_with_release(real_rows, base, baseline) | {'step_offset': base['training']['steps'] if continued else 0}
         r['commands']['release'] += f' --baseline {baseline}' + (f' --anatomy {Path(anatomy).as_posix()}' if anatomy else '')
     anatomy_figures = {}
