@@ -11,14 +11,14 @@ from matplotlib.figure import Figure
 from scipy import ndimage
 from tqdm.auto import tqdm
 from .data import scale_gain, unscale_gain
-from .evaluation import psnr_per_map, summarize
+from .evaluation import paired_difference, psnr_per_map
 from .model import reconstruct
 from .synthetic import estimate_transmitter
 
 # %% auto 0
 __all__ = ['TX_EDGES', 'BUILDING_EDGES', 'distance_to_transmitter', 'distance_to_buildings', 'binned_error', 'reconstruct_gray',
-           'error_profiles', 'paired_difference', 'plot_error_profiles', 'plot_worst_maps', 'compare_models',
-           'candidate_markdown', 'candidate_report']
+           'error_profiles', 'plot_error_profiles', 'plot_worst_maps', 'compare_models', 'candidate_markdown',
+           'candidate_report']
 
 # %% ../nbs/22b_anatomy.ipynb 6
 def distance_to_transmitter(gain, # H×W gray map (uint8) or any array whose brightest pixel is the transmitter
@@ -79,15 +79,6 @@ def error_profiles(rec:dict, # from `reconstruct_gray`
                       binned_error(errors, d_b, building_edges).assign(by='building')], ignore_index=True)
 
 # %% ../nbs/22b_anatomy.ipynb 19
-def paired_difference(psnr_a, # per-map PSNR of model A (baseline)
-                      psnr_b, # per-map PSNR of model B, the same maps in the same order
-                      confidence:float=0.95) -> dict:
-    "Mean, interval and counts of the per-map difference B - A; how many maps B wins."
-    a, b = np.asarray(psnr_a, float), np.asarray(psnr_b, float)
-    if a.shape != b.shape: raise ValueError(f'paired_difference: {a.size} maps against {b.size}: pair the same maps')
-    return summarize(b - a, confidence) | dict(wins=int((b > a).sum()), maps=int(a.size))
-
-# %% ../nbs/22b_anatomy.ipynb 22
 def plot_error_profiles(profiles:dict, # label -> frame from `error_profiles`
                         title:str='') -> Figure:
     "Mean absolute error by distance to the transmitter and to the nearest building, one line per model."
@@ -115,7 +106,7 @@ def plot_worst_maps(rec:dict, # from `reconstruct_gray`
     fig.suptitle(title, fontsize=9); fig.tight_layout()
     return fig
 
-# %% ../nbs/22b_anatomy.ipynb 26
+# %% ../nbs/22b_anatomy.ipynb 23
 def compare_models(baseline, # the model compared against, e.g. `load_pretrained('released-v1')`
                    candidate, # the model under test
                    dataset, # the maps both reconstruct (items {'image', 'name'})
@@ -128,7 +119,7 @@ def compare_models(baseline, # the model compared against, e.g. `load_pretrained
     return dict(per_map=per_map, paired=paired_difference(a['psnr'], b['psnr']), recs=recs,
                 profiles={k: error_profiles(r) for k, r in recs.items()})
 
-# %% ../nbs/22b_anatomy.ipynb 29
+# %% ../nbs/22b_anatomy.ipynb 26
 def _plot_curves(selection, real_curve, chosen_step, baseline_curve=None, step_offset=0, title='') -> Figure:
     "PSNR per checkpoint: the candidate on the choosing and the comparison maps; the baseline's comparison curve if given."
     fig = Figure(figsize=(8, 4.2), layout='constrained'); ax = fig.subplots()
@@ -141,7 +132,7 @@ def _plot_curves(selection, real_curve, chosen_step, baseline_curve=None, step_o
            ylabel='PSNR of the posterior mode (dB)', title=title); ax.grid(alpha=.3); ax.legend(fontsize=8)
     return fig
 
-# %% ../nbs/22b_anatomy.ipynb 30
+# %% ../nbs/22b_anatomy.ipynb 27
 def candidate_markdown(record:dict, selection, comparison_curve, profiles:dict) -> str:
     "The candidate's report: the choice, the paired comparison with its interval, the curves and where the errors sit."
     p, b = record['paired'], record['baseline']
@@ -172,7 +163,7 @@ Where the candidate errs (mean |error| in gray levels, pooled over the maps): {t
 Tables: `selection.csv`, `comparison_curve.csv`, `per_map.csv`, `error_profiles.csv`; the record: `comparison.json`.
 """
 
-# %% ../nbs/22b_anatomy.ipynb 32
+# %% ../nbs/22b_anatomy.ipynb 29
 def candidate_report(run, # a training run folder (model-N.pt checkpoints)
                      out, # folder for REPORT.md, the tables and the figures
                      baseline:str='released', # the shipped model compared against (a name `load_pretrained` knows)

@@ -30,11 +30,11 @@ from .protocols import protocol_columns, protocol_metrics, protocols_markdown, s
 # %% auto 0
 __all__ = ['SSIM_KERNEL_SIZE', 'SSIM_SIGMA', 'METRICS', 'EVAL_BATCH', 'LOSS_TERMS', 'RADIODIFF_PAPER', 'EVALUATION_FILES',
            'mse_per_map', 'nmse_per_map', 'rmse_per_map', 'psnr_per_map', 'ssim_per_map', 'map_metrics', 'summarize',
-           'read_checkpoint', 'build_model', 'check_finite_weights', 'build_loss', 'per_map_losses',
-           'posterior_and_reconstructions', 'LatentStats', 'evaluate_model', 'summarize_rows', 'degenerate_notes',
-           'plot_reconstructions', 'plot_psnr_histogram', 'markdown_section', 'prepare_evaluation', 'resolve_data',
-           'evaluate_prepared', 'write_outputs', 'remove_stale_outputs', 'evaluate_checkpoint', 'add_evaluate_args',
-           'run_evaluate', 'evaluate_many']
+           'paired_difference', 'read_checkpoint', 'build_model', 'check_finite_weights', 'build_loss',
+           'per_map_losses', 'posterior_and_reconstructions', 'LatentStats', 'evaluate_model', 'summarize_rows',
+           'degenerate_notes', 'plot_reconstructions', 'plot_psnr_histogram', 'markdown_section', 'prepare_evaluation',
+           'resolve_data', 'evaluate_prepared', 'write_outputs', 'remove_stale_outputs', 'evaluate_checkpoint',
+           'add_evaluate_args', 'run_evaluate', 'evaluate_many']
 
 # %% ../nbs/17_evaluation.ipynb 5
 SSIM_KERNEL_SIZE, SSIM_SIGMA = 11, 1.5
@@ -98,7 +98,16 @@ def summarize(values, confidence=0.95) -> dict:
         out.update(std=std, ci_low=mean - half, ci_high=mean + half)
     return out
 
-# %% ../nbs/17_evaluation.ipynb 22
+# %% ../nbs/17_evaluation.ipynb 20
+def paired_difference(psnr_a, # per-map PSNR of model A (baseline)
+                      psnr_b, # per-map PSNR of model B, the same maps in the same order
+                      confidence:float=0.95) -> dict:
+    "Mean, interval and counts of the per-map difference B - A; how many maps B wins."
+    a, b = np.asarray(psnr_a, float), np.asarray(psnr_b, float)
+    if a.shape != b.shape: raise ValueError(f'paired_difference: {a.size} maps against {b.size}: pair the same maps')
+    return summarize(b - a, confidence) | dict(wins=int((b > a).sum()), maps=int(a.size))
+
+# %% ../nbs/17_evaluation.ipynb 25
 def _evaluation_config(ckpt: dict, path: Path, config=None):
     "The resolved config for a checkpoint: `config` (a path or dict) if given, else the checkpoint's, else defaults."
     if config is not None:
@@ -109,7 +118,7 @@ def _evaluation_config(ckpt: dict, path: Path, config=None):
         except ConfigError as e: raise CheckpointError(f"{path}: its stored config is not valid ({e}); pass a config file") from None
     return resolve_config(None), "default (RadioDiff config; the checkpoint carries none)"
 
-# %% ../nbs/17_evaluation.ipynb 24
+# %% ../nbs/17_evaluation.ipynb 27
 def _weights_to_evaluate(use_ema) -> list[str]:
     "`False` -> ['raw'], `True` -> ['ema'], 'both' -> ['raw', 'ema']."
     if use_ema == "both": return ["raw", "ema"]
@@ -137,7 +146,7 @@ def check_finite_weights(model, path, which: str):
     if bad: raise CheckpointError(f"{path}: the {which} weights hold non-finite values ({len(bad)} tensors, e.g. {bad[0][0]}: {bad[0][1]} NaN/inf); "
                                   "nothing to evaluate" + ("; the EMA weights may be intact (--ema)" if which == "raw" else ""))
 
-# %% ../nbs/17_evaluation.ipynb 27
+# %% ../nbs/17_evaluation.ipynb 30
 def build_loss(ckpt: dict, cfg: dict, device="cpu") -> tuple[torch.nn.Module, list[str], float]:
     "The config's `LPIPSWithDiscriminator` with the checkpoint's loss state; notes on what differs; the LPIPS weight used."
     lossconfig, notes = dict(cfg["model"]["lossconfig"]), []
@@ -155,7 +164,7 @@ def build_loss(ckpt: dict, cfg: dict, device="cpu") -> tuple[torch.nn.Module, li
                        "does not fit the lossconfig") + ": fresh values used (logvar = logvar_init; g_loss meaningless)")
     return loss.to(device).eval().requires_grad_(False), notes, perceptual_weight
 
-# %% ../nbs/17_evaluation.ipynb 29
+# %% ../nbs/17_evaluation.ipynb 32
 def per_map_losses(loss, x, x_rec, posterior, last_layer) -> dict:
     "Training loss terms of each map (the batch is split into single maps) -> dict of float lists."
     keys = dict(rec_loss="rec", kl_loss="kl", nll_loss="nll", total_loss="total", g_loss="g")
@@ -167,7 +176,7 @@ def per_map_losses(loss, x, x_rec, posterior, last_layer) -> dict:
         for k, short in keys.items(): out[short].append(float(log[f"eval/{k}"]))
     return out
 
-# %% ../nbs/17_evaluation.ipynb 32
+# %% ../nbs/17_evaluation.ipynb 35
 @torch.no_grad()
 def posterior_and_reconstructions(model, x, indices, sample_seed: int = 0) -> dict:
     "Posterior, latents (mode, per-map-seeded sample) and both reconstructions of a batch `x` in [-1, 1]."
@@ -177,7 +186,7 @@ def posterior_and_reconstructions(model, x, indices, sample_seed: int = 0) -> di
     return dict(posterior=posterior, z_mode=posterior.mode(), z_sample=z_sample,
                 x_mode=model.decode(posterior.mode()), x_sample=model.decode(z_sample))
 
-# %% ../nbs/17_evaluation.ipynb 35
+# %% ../nbs/17_evaluation.ipynb 38
 class LatentStats:
     "Running per-channel sums of latents -> mean, std per channel and pooled, and the scale factor 1/std."
     def __init__(self): self.sum = self.sumsq = None; self.count = 0
@@ -198,7 +207,7 @@ class LatentStats:
         return dict(channel_mean=mean.tolist(), channel_std=var.sqrt().tolist(), mean=pooled_mean, std=pooled_std,
                     scale_factor=(1 / pooled_std) if pooled_std > 0 else None, elements=self.count * len(self.sum))
 
-# %% ../nbs/17_evaluation.ipynb 38
+# %% ../nbs/17_evaluation.ipynb 41
 EVAL_BATCH = 2   # maps per forward pass by default: the fastest per map on a CPU (see above)
 
 def _check_map(image, name, index, ddconfig):
@@ -222,7 +231,7 @@ def _batches(dataset, indices, batch_size, ddconfig):
         batch.append((i, item))
     if batch: yield batch
 
-# %% ../nbs/17_evaluation.ipynb 40
+# %% ../nbs/17_evaluation.ipynb 43
 def evaluate_model(model, loss, dataset, indices, *, batch_size=EVAL_BATCH, device="cpu", sample_seed=0, train_on_sample=True,
                    progress=True, desc="evaluate") -> tuple[list[dict], dict]:
     "Per-map rows (metrics, losses) and latent statistics of `model` on `dataset[indices]`."
@@ -246,7 +255,7 @@ def evaluate_model(model, loss, dataset, indices, *, batch_size=EVAL_BATCH, devi
             bar.update(len(batch))
     return rows, {k: v.result() for k, v in latents.items()}
 
-# %% ../nbs/17_evaluation.ipynb 43
+# %% ../nbs/17_evaluation.ipynb 46
 LOSS_TERMS = ("rec", "kl", "nll", "total", "g")
 
 def summarize_rows(rows: list[dict], latents: dict) -> dict:
@@ -262,7 +271,7 @@ def summarize_rows(rows: list[dict], latents: dict) -> dict:
                 latents=latents, scale_factor=latents.get("sample", {}).get("scale_factor"),
                 typical_map=pick((len(order) - 1) // 2), worst_map=pick(0), protocols=summarize_protocols(df))
 
-# %% ../nbs/17_evaluation.ipynb 45
+# %% ../nbs/17_evaluation.ipynb 48
 def degenerate_notes(per_map, weights: str = "") -> list[str]:
     "One line per kind of degenerate map in per-map rows (no signal, exact or non-finite reconstruction), naming the maps."
     df, tag, notes = pd.DataFrame(per_map), f"{weights} weights: " if weights else "", []
@@ -276,7 +285,7 @@ def degenerate_notes(per_map, weights: str = "") -> list[str]:
     if exact.any(): notes.append(f"{tag}PSNR infinite for {int(exact.sum())} map(s) reconstructed exactly (MSE 0), left out of the PSNR mean: {names(exact)}")
     return notes
 
-# %% ../nbs/17_evaluation.ipynb 48
+# %% ../nbs/17_evaluation.ipynb 51
 def plot_reconstructions(model, dataset, picks: dict, sample_seed=0, device="cpu", title=""):
     "Figure: rows = picked maps ({label: index}), columns = map, mode and sampled reconstruction, |error|."
     picks = {k: v for k, v in picks.items() if v is not None}
@@ -300,7 +309,7 @@ def plot_reconstructions(model, dataset, picks: dict, sample_seed=0, device="cpu
     if title: fig.suptitle(title, fontsize=10)
     return fig
 
-# %% ../nbs/17_evaluation.ipynb 50
+# %% ../nbs/17_evaluation.ipynb 53
 def plot_psnr_histogram(df, title=""):
     "Figure: histogram of per-map PSNR, mode and sampled reconstructions, one panel per weights."
     groups = list(df.groupby("weights", sort=False))
@@ -317,7 +326,7 @@ def plot_psnr_histogram(df, title=""):
     if title: fig.suptitle(title, fontsize=10)
     return fig
 
-# %% ../nbs/17_evaluation.ipynb 53
+# %% ../nbs/17_evaluation.ipynb 56
 RADIODIFF_PAPER = dict(nmse=0.0049, rmse=0.0190, psnr=35.0, ssim=(0.95, 0.97))
 _FMT = dict(nmse="{:.4g}", rmse="{:.4g}", psnr="{:.2f}", ssim="{:.4f}", mse="{:.4g}", rec="{:.4g}", kl="{:.4g}",
             nll="{:.5g}", total="{:.5g}", g="{:.4g}")
@@ -342,7 +351,7 @@ def _describe_data(d: dict) -> str:
     if d["kind"] == "dataset": return f"the maps of `{d['description']}`"
     return f"the maps in `{d['root']}`"
 
-# %% ../nbs/17_evaluation.ipynb 55
+# %% ../nbs/17_evaluation.ipynb 58
 def _like_for_like(data: dict) -> bool:
     "Whether the maps are the RadioMapSeer test split RadioDiff's numbers were measured on."
     return data["kind"] == "radiomapseer" and bool(data.get("complete"))
@@ -383,7 +392,7 @@ def markdown_section(summary: dict, figures: dict | None = None) -> str:
     for caption, name in (figures or {}).items(): L += ["", f"![{caption}]({name})"]
     return "\n".join(L) + "\n"
 
-# %% ../nbs/17_evaluation.ipynb 58
+# %% ../nbs/17_evaluation.ipynb 61
 def _check_limit(limit, n, data):
     "The indices to evaluate: the first `limit` of `n` maps."
     if n == 0: raise DataError(f"data {data!r}: the dataset is empty; expected at least one map")
@@ -394,7 +403,7 @@ def _training_size(cfg) -> int | None:
     "The map side the model was trained on, from the config's data section."
     return (cfg.get("data") or {}).get("size")
 
-# %% ../nbs/17_evaluation.ipynb 60
+# %% ../nbs/17_evaluation.ipynb 63
 def prepare_evaluation(checkpoint, use_ema=False, config=None, trust: bool = False, device="cpu") -> dict:
     "Read `checkpoint` once; build the models to evaluate and the loss, which every dataset shares."
     weights = _weights_to_evaluate(use_ema)
@@ -416,7 +425,7 @@ def resolve_data(data, cfg: dict, include_leaked: bool = False, limit=None):
     _check_map(first["image"], first.get("name", str(indices[0])), indices[0], cfg["model"]["ddconfig"])
     return dataset, dict(spec=str(data) if isinstance(data, (str, Path)) else None, **info), indices
 
-# %% ../nbs/17_evaluation.ipynb 62
+# %% ../nbs/17_evaluation.ipynb 65
 def evaluate_prepared(setup: dict, dataset, data_info: dict, indices, batch_size=EVAL_BATCH, sample_seed=0, progress=True,
                       settings: dict | None = None) -> dict:
     "Evaluate every model of `setup` on `dataset[indices]` -> {'summary', 'per_map'}; nothing is written."
@@ -441,7 +450,7 @@ def evaluate_prepared(setup: dict, dataset, data_info: dict, indices, batch_size
                    ddconfig=dict(cfg["model"]["ddconfig"]), embed_dim=cfg["model"]["embed_dim"], settings=settings or {})
     return dict(summary=summary, per_map=pd.DataFrame(rows))
 
-# %% ../nbs/17_evaluation.ipynb 64
+# %% ../nbs/17_evaluation.ipynb 67
 def write_outputs(out_dir, summary: dict, per_map, models: dict, dataset, sample_seed=0, device="cpu") -> dict:
     "Write per_map.csv, summary.json, the figures and evaluation.md into `out_dir`; return their paths."
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
@@ -458,7 +467,7 @@ def write_outputs(out_dir, summary: dict, per_map, models: dict, dataset, sample
     atomic_write_text(out / "evaluation.md", markdown_section(summary, figures))
     return {k: out / k for k in ("per_map.csv", "summary.json", "evaluation.md", *figures.values())}
 
-# %% ../nbs/17_evaluation.ipynb 66
+# %% ../nbs/17_evaluation.ipynb 69
 EVALUATION_FILES = ("per_map.csv", "summary.json", "evaluation.md", "psnr_histogram.png")
 
 def _evaluation_file(name: str) -> bool:
@@ -476,7 +485,7 @@ def remove_stale_outputs(out_dir, keep) -> list[str]:
             shutil.rmtree(p); removed.append(p.name + "/")
     return removed
 
-# %% ../nbs/17_evaluation.ipynb 69
+# %% ../nbs/17_evaluation.ipynb 72
 def evaluate_checkpoint(checkpoint, # model-N.pt: ours or upstream's
                         data, # a data spec (see 09b_data_spec) or a Dataset of {'image', 'name'} items
                         out_dir=None, # folder for per_map.csv, summary.json, figures, evaluation.md; None: write nothing
@@ -500,7 +509,7 @@ def evaluate_checkpoint(checkpoint, # model-N.pt: ours or upstream's
     out["removed"] = [] if out_dir is None else remove_stale_outputs(out_dir, {p.name for p in out["files"].values()})
     return out
 
-# %% ../nbs/17_evaluation.ipynb 72
+# %% ../nbs/17_evaluation.ipynb 75
 def add_evaluate_args(parser):
     "Arguments of `radiodiff-vae evaluate`."
     parser.add_argument("--checkpoint", required=True, help="model-N.pt (ours or upstream's), or 'released' (the shipped model, MODEL.md)")
@@ -550,7 +559,7 @@ def run_evaluate(args, # parsed `radiodiff-vae evaluate` arguments (`add_evaluat
     print(f"wrote {Path(args.out) / 'evaluation.md'}")
     return 0
 
-# %% ../nbs/17_evaluation.ipynb 75
+# %% ../nbs/17_evaluation.ipynb 78
 def evaluate_many(checkpoint, # model-N.pt: ours or upstream's
                   specs, # data specs (see 09b_data_spec): one subfolder of `out_dir` each
                   out_dir, # folder of the joint evaluation.md and summary.json

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from .core import DataError, markdown_table
-from .evaluation import summarize
+from .evaluation import paired_difference
 from .formats import release_record
 
 # %% auto 0
@@ -20,13 +20,13 @@ def compare_with_release(rows: pd.DataFrame, # the new model's per-map rows on t
                          baseline: dict, # the earlier release's record (`formats.release_record`)
                          label: str, # the earlier release's name, as users load it
                         ) -> dict:
-    "Both releases' per-map PSNR on the same real maps and the paired difference new - earlier: mean, 95% interval, maps improved."
+    "Both releases' per-map PSNR on the same real maps and the paired difference new - earlier (`evaluation.paired_difference`)."
     old = {m['name']: float(m['mode_psnr']) for m in baseline['per_map']['real']}
     if set(old) != set(rows['name']):
         raise DataError(f"{label}: its record scores other real maps ({len(old)}) than the new model ({len(rows)}); compare on the same maps")
-    per_map = [dict(name=n, baseline=old[n], new=float(p), difference=float(p) - old[n]) for n, p in zip(rows['name'], rows['mode_psnr'])]
-    d = np.array([m['difference'] for m in per_map])
-    return dict(baseline=label, per_map=per_map, paired=summarize(d) | dict(improved=int((d > 0).sum()), maps=len(d)),
+    before, new = [old[n] for n in rows['name']], [float(p) for p in rows['mode_psnr']]
+    per_map = [dict(name=n, baseline=b, new=p, difference=p - b) for n, b, p in zip(rows['name'], before, new)]
+    return dict(baseline=label, per_map=per_map, paired=paired_difference(before, new),
                 baseline_mean=float(np.mean(list(old.values()))), new_mean=float(rows['mode_psnr'].mean()),
                 baseline_real_curve=baseline['real_curve'], baseline_steps=int(baseline['training']['steps']))
 
@@ -69,7 +69,7 @@ def _comparison_lines(r: dict) -> list[str]:
     lines = [f'## Against `{b}`', '',
              f"The same {p['maps']} real maps, the same code and protocol (posterior mode, per-map PSNR): `{b}` {c['baseline_mean']:.2f} dB, "
              f"`{name}` {c['new_mean']:.2f} dB; paired difference {p['mean']:+.2f} dB [{p['ci_low']:+.2f}, {p['ci_high']:+.2f}] (95% Student-t "
-             f"over maps), better on {p['improved']} of {p['maps']} maps: {verdict} `{b}` on these maps. The maps chose nothing for either "
+             f"over maps), better on {p['wins']} of {p['maps']} maps: {verdict} `{b}` on these maps. The maps chose nothing for either "
              f"model; `{b}`'s scores are those of its record. Like-for-like in maps and protocol, not in training: see the lineage above.", '',
              markdown_table(('map', f'`{b}` (dB)', f'`{name}` (dB)', 'difference (dB)'), rows), '']
     if a:
