@@ -282,8 +282,8 @@ def model_card(r: dict) -> str:
         f"{'inside' if inside else 'outside'} its interval [{psnr['ci_low']:.2f}, {psnr['ci_high']:.2f}]. What it means: a "
         f"second stage trained on these latents can only add error to this reconstruction, " + (
         "so a pipeline on this first stage would likely score below RadioDiff's 35 dB." if psnr['ci_low'] <= 35 else
-        f"so this first stage caps a pipeline built on it near {psnr['mean']:.1f} dB: above RadioDiff's 35 dB, short of the 40 dB "
-        "that would leave room for the best generators reported since."), '',
+        f"so this first stage caps a pipeline built on it near {psnr['mean']:.1f} dB, above RadioDiff's reported 35 dB (a bound "
+        "set beside an end-to-end score: not a like-for-like comparison)."), '',
         f"![quality per checkpoint](figures/{name}_checkpoints.png)", '',
         f"The real maps were scored at every checkpoint only after training ({', '.join(f'{s}: {v:.2f}' for s, v in r['real_curve'])} dB); "
         f"they chose nothing: the checkpoint was chosen on `{r['selection_spec']}`.", '',
